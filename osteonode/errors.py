@@ -1,0 +1,39 @@
+"""The one small error hierarchy of osteonode.
+
+Each class maps to one reaction of the node:
+
+* :class:`InputRejected` -> a C-STORE failure status (PS3.4 Annex B.2.3),
+* :class:`NotEvaluable` -> an SR that says "not evaluable" with the reason,
+* :class:`DeliveryFailed` -> a retry with back-off, then the result stays in the outbox.
+"""
+
+from __future__ import annotations
+
+
+class OsteonodeError(Exception):
+    """Base class of every error osteonode raises on purpose."""
+
+
+class InputRejected(OsteonodeError):
+    """An instance or series we refuse.
+
+    Parameters
+    ----------
+    message : str
+        Human-readable reason, free of patient identifiers.
+    status : int
+        The C-STORE status to answer with (PS3.4 B.2.3), e.g. ``0xA900``
+        (data set does not match SOP class) or ``0xC210`` (cannot understand).
+    """
+
+    def __init__(self, message: str, status: int = 0xC210) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class NotEvaluable(OsteonodeError):
+    """A series that cannot be analysed; the message is the reason reported in the SR."""
+
+
+class DeliveryFailed(OsteonodeError):
+    """A result could not be delivered to a destination (association or C-STORE status)."""

@@ -1,0 +1,177 @@
+"""DICOM CT series -> 3-D volume in HU with its geometry.
+
+Arrays are ``(z, y, x)`` numpy arrays: ``z`` is the slice index along the
+slice normal, ``y`` the DICOM row index, ``x`` the DICOM column index.
+Physical space is DICOM patient space (LPS, mm). SimpleITK images are
+``(x, y, z)``; :meth:`Volume.to_sitk` does the conversion.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import SimpleITK as sitk
+
+from osteonode.errors import NotEvaluable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """A CT volume in Hounsfield units with its patient-space geometry.
+
+    Attributes
+    ----------
+    hu : numpy.ndarray
+        ``(z, y, x)`` float32 array in HU.
+    affine : numpy.ndarray
+        ``(4, 4)`` matrix mapping homogeneous voxel indices ``(z, y, x, 1)`` to
+        LPS coordinates in mm (the convention of :class:`highdicom.Volume`).
+    """
+
+    hu: np.ndarray
+    affine: np.ndarray
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing ``(sz, sy, sx)`` in mm."""
+        sz, sy, sx = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return float(sz), float(sy), float(sx)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Array shape ``(z, y, x)``."""
+        return tuple(self.hu.shape)  # type: ignore[return-value]
+
+    def index_direction(self, axis: int) -> np.ndarray:
+        """Unit LPS vector along array axis ``axis`` (0 = z, 1 = y, 2 = x)."""
+        v = self.affine[:3, axis]
+        return v / np.linalg.norm(v)
+
+    def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
+        """Return ``array`` (default: the HU array) as a SimpleITK image on this grid.
+
+        Parameters
+        ----------
+        array : numpy.ndarray, optional
+            ``(z, y, x)`` array of this volume's shape, e.g. a label map.
+
+        Returns
+        -------
+        SimpleITK.Image
+            Image indexed ``(x, y, z)`` with LPS origin, spacing ``(sx, sy, sz)``
+            and direction; NIfTI writing converts it to RAS correctly.
+
+        Raises
+        ------
+        ValueError
+            If ``array`` does not have this volume's shape.
+        """
+        array = self.hu if array is None else array
+        if array.shape != self.hu.shape:
+            raise ValueError(f"array shape {array.shape} != volume shape {self.hu.shape}")
+        image = sitk.GetImageFromArray(array)
+        sz, sy, sx = self.spacing
+        image.SetSpacing((sx, sy, sz))
+        image.SetOrigin(tuple(float(v) for v in self.affine[:3, 3]))
+        cols = [self.index_direction(a) for a in (2, 1, 0)]  # x, y, z unit vectors
+        image.SetDirection(tuple(float(v) for v in np.stack(cols, axis=1).ravel()))
+        return image
+
+    @classmethod
+    def from_sitk(cls, image: sitk.Image) -> "Volume":
+        """Build a volume from a SimpleITK image whose values are HU."""
+        hu = sitk.GetArrayFromImage(image).astype(np.float32)
+        direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
+        sx, sy, sz = image.GetSpacing()
+        affine = np.eye(4)
+        affine[:3, 0] = direction[:, 2] * sz
+        affine[:3, 1] = direction[:, 1] * sy
+        affine[:3, 2] = direction[:, 0] * sx
+        affine[:3, 3] = image.GetOrigin()
+        return cls(hu=hu, affine=affine)
+
+
+@dataclass(frozen=True)
+class Series:
+    """One loaded CT series: the volume and the source datasets' headers.
+
+    Attributes
+    ----------
+    volume : Volume
+        The HU volume.
+    hd_volume : highdicom.Volume
+        The same volume as highdicom holds it, used to place SEG frames exactly
+        on the source grid.
+    datasets : list of pydicom.Dataset
+        The source instances without pixel data, in file order.
+    """
+
+    volume: Volume
+    hd_volume: hd.Volume
+    datasets: list[pydicom.Dataset]
+
+    @property
+    def study_instance_uid(self) -> str:
+        return str(self.datasets[0].StudyInstanceUID)
+
+    @property
+    def series_instance_uid(self) -> str:
+        return str(self.datasets[0].SeriesInstanceUID)
+
+
+def load_series(paths: Iterable[Path]) -> Series:
+    """Load a CT series of single-frame or Enhanced CT instances into HU.
+
+    Handles any patient orientation and any slice order, and every transfer
+    syntax that pydicom's installed decoders support (JPEG 2000, JPEG-LS,
+    RLE, JPEG lossless, uncompressed).
+
+    Parameters
+    ----------
+    paths : iterable of pathlib.Path
+        Files of one series (PS3.10 format).
+
+    Returns
+    -------
+    Series
+        Volume ``(z, y, x)`` in HU (modality LUT / rescale applied) plus headers.
+
+    Raises
+    ------
+    NotEvaluable
+        No files, mixed series, no patient geometry, irregular slice spacing,
+        gantry tilt, or pixel data that cannot be decoded. The message is the
+        reason reported in the SR.
+    """
+    datasets = [pydicom.dcmread(p) for p in sorted(paths)]
+    if not datasets:
+        raise NotEvaluable("the series holds no instances")
+    if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) != 1:
+        raise NotEvaluable("the instances belong to more than one series")
+    try:
+        if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1)) > 1:
+            hd_volume = hd.Image.from_dataset(datasets[0]).get_volume(dtype=np.float32)
+        else:
+            hd_volume = hd.get_volume_from_series(datasets, dtype=np.float32)
+    except (ValueError, RuntimeError, AttributeError, KeyError) as exc:
+        # highdicom raises ValueError for irregular spacing, tilt and missing geometry;
+        # pydicom raises RuntimeError/ValueError when no decoder handles the pixel data.
+        raise NotEvaluable(f"the series cannot be assembled into a volume: {exc}") from exc
+    hu = np.asarray(hd_volume.array, dtype=np.float32)
+    if hu.ndim != 3:
+        raise NotEvaluable(f"the series is not a single-channel volume (array shape {hu.shape})")
+    for ds in datasets:
+        if "PixelData" in ds:
+            del ds.PixelData
+    log.info("loaded series: %d instance(s), volume %s, spacing %s mm",
+             len(datasets), hu.shape, tuple(round(s, 3) for s in Volume(hu, hd_volume.affine).spacing))
+    return Series(volume=Volume(hu=hu, affine=np.asarray(hd_volume.affine, dtype=float)),
+                  hd_volume=hd_volume, datasets=datasets)
