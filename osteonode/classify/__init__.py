@@ -1,0 +1,1 @@
+"""Bone-status classification: threshold rules and (later) trained models."""

@@ -1,0 +1,181 @@
+"""The one configuration model of osteonode.
+
+Sources, highest priority first: ``OSTEONODE_*`` environment variables
+(nested keys with ``__``, e.g. ``OSTEONODE_DISPATCH__MAX_RETRIES``), then
+the TOML file named by ``--config`` or ``OSTEONODE_CONFIG``, then the
+embedded defaults. ``deploy/osteonode.example.toml`` documents every key.
+The model is immutable: pass it down, never keep a global copy.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+from pynetdicom._validators import validate_ae
+
+CONFIG_ENV = "OSTEONODE_CONFIG"
+DEFAULT_DATA_DIR = Path("osteonode-data")
+
+
+def _check_ae_title(value: str) -> str:
+    """Validate an AE title with pynetdicom's rules (PS3.5 6.2, VR AE)."""
+    ok, why = validate_ae(value)
+    if not ok:
+        raise ValueError(f"invalid AE title {value!r}: {why}")
+    if not value.strip():
+        raise ValueError("invalid AE title: must not be empty or only spaces")
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Destination(_Strict):
+    """A DICOM node that receives the results (C-STORE SCP)."""
+
+    name: str = Field(min_length=1, description="label used in logs")
+    ae_title: AETitle
+    host: str = Field(min_length=1)
+    port: Port
+
+
+class DispatchSettings(_Strict):
+    """How results are sent to the destinations."""
+
+    max_retries: int = Field(default=8, ge=0, description="retries per destination before giving up")
+    retry_backoff_s: float = Field(default=5.0, gt=0, description="first retry delay; doubles each retry")
+    retry_backoff_max_s: float = Field(default=600.0, gt=0)
+    timeout_s: float = Field(default=30.0, gt=0, description="association and DIMSE timeout")
+
+
+class AnalysisSettings(_Strict):
+    """What the pipeline does with a series."""
+
+    segmentation: Literal["builtin"] = "builtin"
+    skip_not_evaluable: bool = Field(
+        default=False, description="true: a series that cannot be analysed gets no SR at all")
+
+
+class Settings(BaseSettings):
+    """Effective configuration of one node (ingest, queue, worker, dispatch)."""
+
+    model_config = SettingsConfigDict(env_prefix="OSTEONODE_", env_nested_delimiter="__",
+                                      extra="forbid", frozen=True)
+
+    ae_title: AETitle = "OSTEONODE"
+    bind_address: str = "0.0.0.0"
+    port: Port = 11112
+    allowed_calling_ae_titles: list[AETitle] = Field(
+        default_factory=list, description="empty list: any calling AE title may associate")
+    spool_dir: Path = DEFAULT_DATA_DIR / "spool"
+    outbox_dir: Path = DEFAULT_DATA_DIR / "outbox"
+    queue_dir: Path = Field(default=DEFAULT_DATA_DIR / "queue",
+                            description="on-disk queue of the embedded broker")
+    quiet_period_s: float = Field(default=10.0, gt=0)
+    broker_url: str | None = Field(default=None, description="redis://...; absent: embedded queue")
+    destinations: list[Destination] = Field(default_factory=list)
+    dispatch: DispatchSettings = DispatchSettings()
+    analysis: AnalysisSettings = AnalysisSettings()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.broker_url is not None and not self.broker_url.startswith(("redis://", "rediss://")):
+            raise ValueError(f"broker_url must be redis://… or absent (embedded queue), got {self.broker_url!r}")
+        names = [d.name for d in self.destinations]
+        if len(set(names)) != len(names):
+            raise ValueError("destination names must be unique")
+        return self
+
+    @property
+    def embedded_broker(self) -> bool:
+        """True when no broker URL is set: the on-disk queue in ``queue_dir`` is used."""
+        return self.broker_url is None
+
+    def directories(self) -> dict[str, Path]:
+        """The directories the node writes to, by key."""
+        dirs = {"spool_dir": self.spool_dir, "outbox_dir": self.outbox_dir}
+        if self.embedded_broker:
+            dirs["queue_dir"] = self.queue_dir
+        return dirs
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings
+                                   ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml_file = os.environ.get(CONFIG_ENV)
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; ``str()`` lists every problem, one per line."""
+
+
+def load_settings(path: Path | None = None, *, require_dirs: bool | None = None) -> Settings:
+    """Load and validate the configuration.
+
+    Parameters
+    ----------
+    path : pathlib.Path, optional
+        TOML file; defaults to ``$OSTEONODE_CONFIG``; with neither, the
+        embedded defaults (plus environment) are used.
+    require_dirs : bool, optional
+        Whether the configured directories must already exist. Defaults to
+        True when a config file is used (an admin's typo must not silently
+        create a new spool) and False for embedded defaults, whose
+        directories :func:`ensure_dirs` creates.
+
+    Returns
+    -------
+    Settings
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, invalid TOML, unknown key, bad AE title, port out of
+        range, missing directory; the message lists each error with its key.
+    """
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        os.environ[CONFIG_ENV] = str(path)
+    config_file = os.environ.get(CONFIG_ENV)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid configuration"
+                          + (f" in {config_file}" if config_file else "") + ":\n  "
+                          + "\n  ".join(lines)) from None
+    except (OSError, ValueError) as exc:  # unreadable file, TOML syntax error
+        raise ConfigError(f"cannot read configuration {config_file}: {exc}") from None
+    if require_dirs is None:
+        require_dirs = bool(config_file)
+    if require_dirs:
+        missing = [f"{key}: directory does not exist: {p}" for key, p in settings.directories().items()
+                   if not p.is_dir()]
+        if missing:
+            raise ConfigError("invalid configuration:\n  " + "\n  ".join(missing))
+    return settings
+
+
+def ensure_dirs(settings: Settings) -> None:
+    """Create the node's directories (used for the embedded defaults)."""
+    for p in settings.directories().values():
+        p.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,152 @@
+"""The node's Storage and Verification SCP (pynetdicom).
+
+Handlers are plain functions bound to pynetdicom events; they return a
+status and never raise (PS3.4 B.2.3 C-STORE statuses, PS3.7 9.1.1).
+Association policy (PS3.8): only CT Image Storage, Enhanced CT Image
+Storage, Legacy Converted Enhanced CT Image Storage and Verification are
+accepted; other abstract syntaxes are rejected at association. When
+``allowed_calling_ae_titles`` is set, other callers are rejected with
+"calling AE title not recognized".
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from pydicom.uid import (
+    CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
+    EnhancedCTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessP14,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    LegacyConvertedEnhancedCTImageStorage,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from osteonode.config import Settings
+from osteonode.errors import InputRejected
+from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, check_uid, write_instance
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+ACCEPTED_TRANSFER_SYNTAXES = [
+    ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+    JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
+    JPEGLosslessSV1, JPEGLosslessP14, JPEGBaseline8Bit, JPEGExtended12Bit,
+]
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused: Out of Resources
+STATUS_CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3 Error: Cannot understand (pynetdicom's decode failure code)
+
+#: Called with (study_uid, series_uid) after an instance is safely on disk.
+OnStored = Callable[[str, str], None]
+
+
+def handle_echo(event: evt.Event) -> int:
+    """C-ECHO: always success (PS3.7 9.3.5)."""
+    return STATUS_SUCCESS
+
+
+def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = None) -> int:
+    """C-STORE: check the data set, write it durably to the spool, then answer.
+
+    Returns
+    -------
+    int
+        0x0000 once the file is fsynced under its final name; 0xA900 when the
+        data set does not match its SOP class (wrong class, missing or bad
+        UIDs, pixel data that does not decode); 0xC210 when it cannot be
+        parsed at all; 0xA700 when it cannot be written to disk.
+    """
+    caller = event.assoc.requestor.ae_title
+    try:
+        study_uid, series_uid, sop_uid = _check_dataset(event)
+    except InputRejected as exc:
+        log.warning("C-STORE from %s refused (0x%04X): %s", caller, exc.status, exc)
+        return exc.status
+    except Exception as exc:  # noqa: BLE001 - a DIMSE handler must answer with a status, never raise
+        log.warning("C-STORE from %s refused (0x%04X): data set cannot be decoded (%s)",
+                    caller, STATUS_CANNOT_UNDERSTAND, type(exc).__name__)
+        return STATUS_CANNOT_UNDERSTAND
+    try:
+        write_instance(spool, study_uid, series_uid, sop_uid, event.encoded_dataset())
+    except OSError as exc:
+        log.error("C-STORE from %s refused (0x%04X): spool write failed: %s",
+                  caller, STATUS_OUT_OF_RESOURCES, exc.strerror)
+        return STATUS_OUT_OF_RESOURCES
+    if on_stored is not None:
+        on_stored(study_uid, series_uid)
+    return STATUS_SUCCESS
+
+
+def _check_dataset(event: evt.Event) -> tuple[str, str, str]:
+    """Decode the request's data set and check it against its SOP class.
+
+    Returns ``(study_uid, series_uid, sop_instance_uid)``; raises InputRejected.
+    """
+    ds = event.dataset
+    context_class = event.context.abstract_syntax
+    if ds.get("SOPClassUID") != context_class:
+        raise InputRejected("SOP Class UID in the data set differs from the presentation context",
+                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+    sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
+    if sop_uid != event.request.AffectedSOPInstanceUID:
+        raise InputRejected("SOP Instance UID differs from the C-STORE request's Affected SOP Instance UID",
+                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+    study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
+    series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
+    if "PixelData" not in ds:
+        raise InputRejected("the data set has no Pixel Data", status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+    ds.file_meta = event.file_meta
+    try:
+        ds.pixel_array  # decodes: catches truncated or corrupt pixel data before we accept it
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:
+        raise InputRejected(f"pixel data cannot be decoded ({type(exc).__name__})",
+                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from exc
+    return study_uid, series_uid, sop_uid
+
+
+def make_ae(settings: Settings) -> AE:
+    """Build the Application Entity with the node's association policy."""
+    ae = AE(ae_title=settings.ae_title)
+    for sop_class in ACCEPTED_SOP_CLASSES:
+        ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+    ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    if settings.allowed_calling_ae_titles:
+        ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
+    ae.maximum_pdu_size = 0  # no limit on what we receive
+    return ae
+
+
+def start_scp(settings: Settings, on_stored: OnStored | None = None) -> ThreadedAssociationServer:
+    """Start the SCP in background threads and return the server (call ``.shutdown()``).
+
+    Raises
+    ------
+    OSError
+        If the port cannot be bound.
+    """
+    ae = make_ae(settings)
+    handlers = [
+        (evt.EVT_C_ECHO, handle_echo),
+        (evt.EVT_C_STORE, handle_store, [settings.spool_dir, on_stored]),
+    ]
+    server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers)
+    log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind_address, settings.port)
+    return server
+

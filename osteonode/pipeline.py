@@ -1,0 +1,132 @@
+"""The analysis pipeline for one CT series: plain functions, no services.
+
+select -> load -> segment -> measure -> classify -> encode. Used both by the
+Celery worker and by ``osteonode analyze``. Outputs written to ``out_dir``:
+
+* ``result.json`` - :class:`~osteonode.result.AnalysisResult` (format in README.md),
+* ``labels.nii.gz`` - vertebral bodies, VerSe IDs, on the source CT grid,
+* ``seg.dcm`` - DICOM Segmentation (when the series was evaluable),
+* ``sr.dcm`` - Comprehensive 3D SR, TID 1500 (always, also when not evaluable).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import pydicom
+import SimpleITK as sitk
+
+from osteonode.anatomy import REQUIRED_LEVELS
+from osteonode.classify.rules import classify_l1_hu
+from osteonode.config import AnalysisSettings
+from osteonode.dicom_out import build_seg, build_sr, write_dataset
+from osteonode.errors import NotEvaluable
+from osteonode.measure.hu import measure_levels
+from osteonode.result import AnalysisResult
+from osteonode.segment import Backend, SpineSegmentation
+from osteonode.segment.spine import segment_spine
+from osteonode.series import check_series
+from osteonode.volume import Series, load_series
+
+log = logging.getLogger(__name__)
+
+RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE = "result.json", "labels.nii.gz", "seg.dcm", "sr.dcm"
+
+
+def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettings | None = None,
+                  backend: Backend = segment_spine) -> AnalysisResult:
+    """Analyse one CT series and write the outputs to ``out_dir``.
+
+    Parameters
+    ----------
+    files : sequence of pathlib.Path
+        The series' PS3.10 files.
+    out_dir : pathlib.Path
+        Output folder; created if missing; existing outputs are replaced.
+    settings : AnalysisSettings, optional
+        Analysis options (defaults when omitted).
+    backend : callable
+        Segmentation backend ``(Volume) -> SpineSegmentation``.
+
+    Returns
+    -------
+    AnalysisResult
+        ``status == "not_evaluable"`` with a reason when the series cannot be
+        analysed; the SR then says so.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``files`` is empty.
+    pydicom.errors.InvalidDicomError
+        If a file is not DICOM at all (the spool never holds such files).
+    """
+    if not files:
+        raise FileNotFoundError("no DICOM files to analyse")
+    settings = settings or AnalysisSettings()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in (RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE):
+        (out_dir / name).unlink(missing_ok=True)
+    timings: dict[str, float] = {}
+    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(files)]
+    study_uid = str(headers[0].get("StudyInstanceUID", ""))
+    series_uid = str(headers[0].get("SeriesInstanceUID", ""))
+    series: Series | None = None
+    segmentation: SpineSegmentation | None = None
+    try:
+        with _timed(timings, "select"):
+            check_series(headers)
+        with _timed(timings, "load"):
+            series = load_series(files)
+        with _timed(timings, "segment"):
+            segmentation = backend(series.volume)
+        with _timed(timings, "measure"):
+            levels = measure_levels(series.volume, segmentation)
+        missing = [name for name in REQUIRED_LEVELS if name not in levels]
+        if segmentation.not_evaluable_reason:
+            raise NotEvaluable(segmentation.not_evaluable_reason)
+        if missing:
+            raise NotEvaluable(f"{', '.join(missing)} could not be identified and measured "
+                               f"(levels measured: {', '.join(levels) or 'none'})")
+        with _timed(timings, "classify"):
+            bone_status = classify_l1_hu(levels)
+        result = AnalysisResult(status="ok", study_instance_uid=study_uid, series_instance_uid=series_uid,
+                                labelling_method=segmentation.method, levels=levels,
+                                bone_status=bone_status, timings_s=timings)
+    except NotEvaluable as exc:
+        result = AnalysisResult.not_evaluable(
+            str(exc), study_uid, series_uid, timings_s=timings,
+            labelling_method=segmentation.method if segmentation else "")
+    with _timed(timings, "encode"):
+        _write_outputs(out_dir, headers, series, segmentation, result)
+    result.timings_s.update(timings)
+    result.write(out_dir / RESULT_JSON)
+    log.info("analysis %s in %.1f s%s", result.status, sum(timings.values()),
+             f": {result.reason}" if result.reason else "")
+    return result
+
+
+def _write_outputs(out_dir: Path, headers: Sequence[pydicom.Dataset], series: Series | None,
+                   segmentation: SpineSegmentation | None, result: AnalysisResult) -> None:
+    seg = None
+    if series is not None and segmentation is not None:
+        sitk.WriteImage(series.volume.to_sitk(segmentation.bodies), str(out_dir / LABELS_NIFTI),
+                        useCompression=True)
+    if result.status == "ok" and series is not None and segmentation is not None:
+        seg = build_seg(series, segmentation)
+        write_dataset(seg, out_dir / SEG_FILE)
+    sr = build_sr(headers, result, seg)
+    write_dataset(sr, out_dir / SR_FILE)
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = round(time.perf_counter() - start, 3)

@@ -1,0 +1,54 @@
+"""The Celery application.
+
+JSON serialisation only, late acks, explicit time limits. The broker is
+Redis when ``broker_url`` is configured, otherwise kombu's filesystem
+transport on ``queue_dir`` (durable, no server), with the same tasks.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from osteonode.config import Settings
+
+#: Longest expected analysis; hard limit kills a stuck job.
+ANALYSIS_TIME_LIMIT_S = 1800
+
+app = Celery("osteonode", include=["worker.tasks"])
+app.conf.update(
+    task_serializer="json",
+    accept_content=["json"],
+    result_serializer="json",
+    task_ignore_result=True,
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    worker_prefetch_multiplier=1,
+    task_time_limit=ANALYSIS_TIME_LIMIT_S,
+    task_soft_time_limit=ANALYSIS_TIME_LIMIT_S - 60,
+    broker_connection_retry_on_startup=True,
+    worker_hijack_root_logger=False,
+)
+
+
+def configure(settings: Settings) -> Celery:
+    """Point the app at the configured broker and return it."""
+    if settings.embedded_broker:
+        queue = settings.queue_dir.resolve()
+        for sub in ("messages", "processed"):
+            (queue / sub).mkdir(parents=True, exist_ok=True)
+        app.conf.update(
+            broker_url="filesystem://",
+            broker_transport_options={
+                "data_folder_in": str(queue / "messages"),
+                "data_folder_out": str(queue / "messages"),
+                "processed_folder": str(queue / "processed"),
+                "store_processed": False,
+            },
+        )
+    else:
+        app.conf.update(
+            broker_url=settings.broker_url,
+            # visibility timeout longer than the longest job, so a running job is not redelivered
+            broker_transport_options={"visibility_timeout": 2 * ANALYSIS_TIME_LIMIT_S},
+        )
+    return app
