@@ -116,11 +116,7 @@ class Settings(BaseSettings):
     def settings_customise_sources(cls, settings_cls, init_settings, env_settings,
                                    dotenv_settings, file_secret_settings
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml_file = os.environ.get(CONFIG_ENV)
-        if toml_file:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
-        return tuple(sources)
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
 
 
 class ConfigError(ValueError):
@@ -151,13 +147,14 @@ def load_settings(path: Path | None = None, *, require_dirs: bool | None = None)
         Unreadable file, invalid TOML, unknown key, bad AE title, port out of
         range, missing directory; the message lists each error with its key.
     """
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        os.environ[CONFIG_ENV] = str(path)
-    config_file = os.environ.get(CONFIG_ENV)
+    config_file = path or (Path(os.environ[CONFIG_ENV]) if os.environ.get(CONFIG_ENV) else None)
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"config file not found: {config_file}")
+    cls = Settings
+    if config_file is not None:
+        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
     try:
-        settings = Settings()
+        settings = cls()
     except ValidationError as exc:
         lines = [f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in exc.errors()]
         raise ConfigError("invalid configuration"

@@ -106,17 +106,17 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def watch(spool: Path, quiet_period_s: float, enqueue: Enqueue, stop: threading.Event,
-          poll_interval_s: float = 1.0) -> None:
+          poll_interval_s: float = 1.0, retry_on: tuple[type[Exception], ...] = (OSError,)) -> None:
     """Poll the spool until ``stop`` is set, enqueueing each series once it is complete.
 
-    A failure to enqueue (broker down) is logged and retried at the next poll;
-    the series stays due because it was not marked.
+    An enqueue error of a type in ``retry_on`` (broker down) is logged and
+    retried at the next poll; the series stays due because it was not marked.
     """
     while not stop.is_set():
         for job in find_due_series(spool, quiet_period_s):
             try:
                 enqueue(job)
-            except OSError as exc:  # kombu/redis connection errors derive from OSError
+            except retry_on as exc:
                 log.error("job %s: cannot enqueue (%s); will retry", job.job_id, exc)
                 continue
             mark_enqueued(spool, job)

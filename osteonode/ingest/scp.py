@@ -26,7 +26,7 @@ from pydicom.uid import (
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
-    JPEGLosslessP14,
+    JPEGLossless,
     JPEGLosslessSV1,
     JPEGLSLossless,
     JPEGLSNearLossless,
@@ -47,7 +47,7 @@ ACCEPTED_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedE
 ACCEPTED_TRANSFER_SYNTAXES = [
     ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
     JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
-    JPEGLosslessSV1, JPEGLosslessP14, JPEGBaseline8Bit, JPEGExtended12Bit,
+    JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit,
 ]
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused: Out of Resources

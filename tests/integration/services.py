@@ -14,9 +14,16 @@ Plain helpers and classes (no pytest fixtures here; see ``conftest.py``):
 
 Every service is a context manager and has ``start()`` / ``stop()``.
 ``stop()`` is idempotent and always ends the process
-(``terminate()``, ``wait(timeout)``, then ``kill()``); on Linux the child is
-also asked to receive SIGTERM if the test process itself dies
-(``PR_SET_PDEATHSIG``), so a killed pytest leaves no orphans behind.
+(``terminate()``, ``wait(timeout)``, then ``kill()``); ``stop(background=True)``
+sends SIGTERM at once and does the wait/kill in a thread that
+:func:`reap_stopping` joins (the fixtures use it: Orthanc takes ~3.5 s to shut
+down gracefully). On Linux the child also gets SIGTERM if the test process
+itself dies (``PR_SET_PDEATHSIG``), so a killed pytest leaves no orphans.
+
+Readiness means "this very process listens on its port(s)" (checked through
+``/proc``), plus ``PING``/``GET /system`` for Redis/Orthanc, so a foreign
+process that grabbed the same free port is never mistaken for the service.
+A start-up that fails with "address already in use" is retried on new ports.
 
 When a service fails to start, or a REST call to Orthanc fails, the raised
 :class:`ServiceError` carries the tail of that service's log file.
@@ -39,7 +46,6 @@ import sys
 import threading
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
@@ -70,8 +76,8 @@ def free_port(host: str = LOOPBACK) -> int:
 
     Binds port 0 and reads back the port the kernel picked. There is an
     unavoidable window between closing this socket and the service binding
-    the port; the service classes retry with a new port when their process
-    exits during start-up (see :meth:`ManagedProcess.start`).
+    the port; the service classes retry with new ports when a start-up fails
+    with "address already in use" (see :meth:`ManagedProcess.start`).
     """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -143,27 +149,59 @@ def tail(path: Path, n_lines: int = 40) -> str:
     return "\n".join(lines[-n_lines:])
 
 
+def _listening_inodes(port: int) -> set[str] | None:
+    """Socket inodes in LISTEN state on ``port`` (any address), from ``/proc/net/tcp{,6}``.
+
+    None when ``/proc/net/tcp`` does not exist (not Linux).
+    """
+    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
+    if not tables[0].exists():
+        return None
+    want_port = f"{port:04X}"
+    inodes: set[str] = set()
+    for table in tables:
+        try:
+            rows = table.read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and local.rsplit(":", 1)[1] == want_port:  # 0A = LISTEN
+                inodes.add(inode)
+    return inodes
+
+
+def process_listens_on(pid: int, port: int) -> bool:
+    """True if process ``pid`` itself holds a listening socket on ``port`` (Linux).
+
+    Stronger than :func:`port_is_listening`: a different process that happens
+    to listen on the same port (lost free-port race) does not count. Falls
+    back to :func:`port_is_listening` where ``/proc`` is unavailable.
+    """
+    inodes = _listening_inodes(port)
+    if inodes is None:
+        return port_is_listening(port)
+    if not inodes:
+        return False
+    fd_dir = Path(f"/proc/{pid}/fd")
+    try:
+        links = [os.readlink(fd_dir / fd) for fd in os.listdir(fd_dir)]
+    except OSError:
+        return False
+    return any(link == f"socket:[{inode}]" for link in links for inode in inodes)
+
+
 def port_is_listening(port: int, host: str = LOOPBACK) -> bool:
-    """True if something listens on ``host:port``.
+    """True if something listens on ``port``.
 
     On Linux this reads ``/proc/net/tcp{,6}`` so it never opens a connection
     (a bare TCP connect makes DICOM peers log a failed association). Elsewhere
-    it falls back to a TCP connect.
+    it falls back to a TCP connect to ``host:port``.
     """
-    tables = [Path("/proc/net/tcp"), Path("/proc/net/tcp6")]
-    if tables[0].exists():
-        want_port = f"{port:04X}"
-        for table in tables:
-            try:
-                rows = table.read_text().splitlines()[1:]
-            except OSError:
-                continue
-            for row in rows:
-                fields = row.split()
-                local, state = fields[1], fields[3]
-                if state == "0A" and local.rsplit(":", 1)[1] == want_port:  # 0A = LISTEN
-                    return True
-        return False
+    inodes = _listening_inodes(port)
+    if inodes is not None:
+        return bool(inodes)
     try:
         with socket.create_connection((host, port), timeout=0.5):
             return True
@@ -250,8 +288,8 @@ class ManagedProcess:
     """
 
     name = "service"
-    #: How often start() retries with fresh ports when the process dies early
-    #: (normally because another process grabbed the port in the meantime).
+    #: How many times start() launches with fresh ports when the attempt fails and
+    #: its log says "already in use" (another process took the free port first).
     start_attempts = 3
 
     def __init__(self, workdir: Path, *, startup_timeout_s: float = 30.0) -> None:
@@ -261,6 +299,7 @@ class ManagedProcess:
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None
         self._log_file = None
+        self._log_offset = 0
 
     # -- to implement -------------------------------------------------------------
     def _pick_ports(self) -> None:
@@ -298,17 +337,26 @@ class ManagedProcess:
                 return self
             except ServiceError as exc:
                 last_error = exc
-                exited = self.proc is not None and self.proc.poll() is not None
                 self.stop()
-                if not exited:  # hung rather than crashed: a retry will not help
-                    break
+                if "already in use" not in self._attempt_log().lower():
+                    break  # not a lost port race: a retry will not help
         assert last_error is not None
         raise last_error
+
+    def _attempt_log(self) -> str:
+        """The log written since the latest launch."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
 
     def _launch(self) -> None:
         cmd = self._command()
         require_tool(cmd[0])
         self._log_file = open(self.log_path, "ab")
+        self._log_offset = self._log_file.tell()
         self._log_file.write(f"\n=== {time.strftime('%H:%M:%S')} $ {' '.join(cmd)}\n".encode())
         self._log_file.flush()
         self.proc = subprocess.Popen(
@@ -600,8 +648,10 @@ class OrthancServer(ManagedProcess):
         return cmd
 
     def _is_ready(self) -> bool:
-        system = self._request("GET", "/system", timeout_s=1.0, log_errors=False)
-        return bool(system) and port_is_listening(self.dicom_port)
+        pid = self.proc.pid
+        if not (process_listens_on(pid, self.http_port) and process_listens_on(pid, self.dicom_port)):
+            return False
+        return bool(self._request("GET", "/system", timeout_s=2.0, log_errors=False))
 
     # -- REST ---------------------------------------------------------------------
     def _request(
@@ -821,7 +871,7 @@ class StoreSCP(ManagedProcess):
         ]  # fmt: skip
 
     def _is_ready(self) -> bool:
-        return port_is_listening(self.port)
+        return process_listens_on(self.proc.pid, self.port)
 
     def files(self) -> list[Path]:
         """Received files, sorted by name (hidden/temporary files excluded)."""

@@ -1,0 +1,3 @@
+from osteonode.cli import app
+
+app()

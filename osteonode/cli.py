@@ -1,0 +1,168 @@
+"""Command line: ``osteonode serve | worker | analyze | send | demo | config check``."""
+
+from __future__ import annotations
+
+import json
+import os
+import logging
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from osteonode import __version__
+from osteonode.config import CONFIG_ENV, ConfigError, Destination, Settings, ensure_dirs, load_settings
+
+log = logging.getLogger(__name__)
+
+app = typer.Typer(help="osteonode: opportunistic bone-health screening DICOM node.",
+                  no_args_is_help=True, add_completion=False)
+config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", envvar="OSTEONODE_CONFIG",
+                                                   help="TOML config file (default: embedded defaults).")]
+
+
+@app.callback()
+def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+          version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
+    if version:
+        typer.echo(__version__)
+        raise typer.Exit()
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _settings(config: Path | None) -> Settings:
+    if config is not None:
+        # tasks running in this process and child worker processes read the same file
+        os.environ[CONFIG_ENV] = str(config.resolve())
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
+    if config is None:
+        ensure_dirs(settings)
+    return settings
+
+
+@config_app.command("check")
+def config_check(file: Annotated[Path, typer.Argument(help="TOML config file to validate.")]) -> None:
+    """Validate FILE and print the effective configuration (exit 2 on errors)."""
+    settings = _settings(file)
+    typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+
+
+@app.command()
+def serve(config: ConfigOpt = None) -> None:
+    """Run the DICOM listener; with the embedded queue, also the worker, in this process."""
+    from kombu.exceptions import OperationalError
+
+    from osteonode.ingest.completion import SeriesJob, watch
+    from osteonode.ingest.scp import start_scp
+    from worker.app import configure
+    from worker.tasks import analyze_series
+
+    settings = _settings(config)
+    celery_app = configure(settings)
+
+    def enqueue(job: SeriesJob) -> None:
+        analyze_series.apply_async(args=[job.model_dump(mode="json")])
+
+    server = start_scp(settings)
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch, name="series-completion", daemon=True,
+                               args=(settings.spool_dir, settings.quiet_period_s, enqueue, stop),
+                               kwargs={"retry_on": (OSError, OperationalError)})
+    watcher.start()
+    try:
+        if settings.embedded_broker:
+            log.info("embedded queue in %s: running the worker in this process", settings.queue_dir)
+            celery_app.worker_main(["worker", "--pool=solo", "--loglevel=INFO", "--without-heartbeat",
+                                    "--without-mingle", "--without-gossip"])
+        else:
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            stop.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.set()
+        server.shutdown()
+        watcher.join(timeout=5)
+        log.info("node stopped")
+
+
+@app.command()
+def worker(config: ConfigOpt = None,
+           concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1) -> None:
+    """Run a Celery worker for the configured broker (Redis in production)."""
+    from worker.app import configure
+
+    settings = _settings(config)
+    configure(settings).worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}"])
+
+
+@app.command()
+def analyze(input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
+                                                      help="Folder holding one DICOM CT series.")],
+            out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+            config: ConfigOpt = None) -> None:
+    """Run the whole pipeline on one series on disk, without any service."""
+    from osteonode.pipeline import analyze_files
+
+    settings = load_settings(config, require_dirs=False) if config else Settings()
+    files = [p for p in sorted(input_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
+    result = analyze_files(files, out, settings.analysis)
+    typer.echo(result.model_dump_json(indent=2))
+    if result.status != "ok":
+        raise typer.Exit(3)
+
+
+@app.command()
+def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM files or folders.")],
+         to: Annotated[Optional[str], typer.Option(help="Name of a configured destination.")] = None,
+         host: Annotated[Optional[str], typer.Option(help="Peer host (instead of --to).")] = None,
+         port: Annotated[Optional[int], typer.Option(help="Peer port.")] = None,
+         called_aet: Annotated[str, typer.Option(help="Peer AE title.")] = "ANY-SCP",
+         config: ConfigOpt = None) -> None:
+    """C-STORE files (e.g. an outbox entry) to a configured destination or to HOST:PORT."""
+    from osteonode.dispatch import send_files
+    from osteonode.errors import DeliveryFailed
+
+    settings = load_settings(config, require_dirs=False) if config else Settings()
+    if host is not None and port is not None:
+        destinations = [Destination(name=f"{host}:{port}", ae_title=called_aet, host=host, port=port)]
+    elif to is not None:
+        destinations = [d for d in settings.destinations if d.name == to]
+        if not destinations:
+            typer.echo(f"no destination named {to!r} in the configuration", err=True)
+            raise typer.Exit(2)
+    else:
+        destinations = list(settings.destinations)
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.dcm")))]
+    try:
+        for destination in destinations:
+            send_files(files, destination, calling_ae_title=settings.ae_title,
+                       timeout_s=settings.dispatch.timeout_s)
+            typer.echo(f"sent {len(files)} file(s) to {destination.name}")
+    except DeliveryFailed as exc:
+        typer.echo(f"delivery failed: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def demo(ct: Annotated[Optional[Path], typer.Option(help="NIfTI CT or DICOM folder (default: the shared example CT).")] = None,
+         workdir: Annotated[Path, typer.Option(help="Scratch folder (replaced).")] = Path("osteonode-demo"),
+         timeout_s: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 600.0) -> None:
+    """Start a node on embedded defaults, send it a CT, and print what comes back to the PACS."""
+    from osteonode.demo import DEFAULT_CT, run_demo
+
+    ct = ct or DEFAULT_CT
+    if not ct.exists():
+        typer.echo(f"CT not found: {ct} (pass --ct)", err=True)
+        raise typer.Exit(2)
+    result = run_demo(ct, workdir, timeout_s)
+    raise typer.Exit(0 if result.status == "ok" else 3)

@@ -1,0 +1,113 @@
+"""The SCP on a live loopback association: dcmtk as sender, bad input answered correctly."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from osteonode.config import Settings
+from osteonode.ingest.scp import start_scp
+from osteonode.ingest.spool import instance_files
+from services import dcmtk_env, free_port, require_tool
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def node(tmp_path):
+    settings = Settings(ae_title="OSTEONODE", bind_address="127.0.0.1", port=free_port(),
+                        allowed_calling_ae_titles=["STORESCU", "TESTSCU", "ECHOSCU"],
+                        spool_dir=tmp_path / "spool", outbox_dir=tmp_path / "outbox", queue_dir=tmp_path / "q")
+    server = start_scp(settings)
+    yield settings
+    server.shutdown()
+
+
+def _echo_ok(settings, calling="ECHOSCU") -> bool:
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", settings.port, ae_title=settings.ae_title)
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return status.Status == 0x0000
+
+
+def _dcmtk(tool: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([require_tool(f"/usr/bin/{tool}"), *args], env=dcmtk_env(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dcmtk_echo_and_store_land_in_spool(node, abdomen_series, j2k_series):
+    assert _dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "OSTEONODE", "127.0.0.1", str(node.port)).returncode == 0
+    for series, options in ((abdomen_series, []), (j2k_series, ["--propose-j2k-lossless"])):
+        run = _dcmtk("storescu", *options, "-aet", "STORESCU", "-aec", "OSTEONODE", "127.0.0.1", str(node.port),
+                     *map(str, series))
+        assert run.returncode == 0, run.stderr
+        uid = pydicom.dcmread(series[0], stop_before_pixels=True)
+        stored = instance_files(node.spool_dir / uid.StudyInstanceUID / uid.SeriesInstanceUID)
+        assert len(stored) == len(series)
+        # the encoded data set is kept as sent: JPEG 2000 stays JPEG 2000
+        back = pydicom.dcmread(stored[0])
+        assert back.file_meta.TransferSyntaxUID == uid.file_meta.TransferSyntaxUID
+        assert back.SOPInstanceUID == stored[0].stem
+
+
+def test_bad_input_is_answered_and_the_node_keeps_running(node, abdomen_series, tmp_path):
+    # 1. truncated file: sent raw (not decodable) -> failure status, nothing spooled
+    truncated = tmp_path / "truncated.dcm"
+    data = abdomen_series[0].read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEONODE")
+    assert assoc.is_established
+    # only the CT context is accepted: other SOP classes are refused at association
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    assert accepted == {CTImageStorage}
+    previous = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        status = assoc.send_c_store(truncated)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = previous
+    assert status.Status in (0xA900, 0xC210), hex(status.Status)
+    # 2. an MR instance: no accepted context, so the SCU cannot even send it
+    mr = pydicom.dcmread(abdomen_series[0])
+    mr.SOPClassUID = MRImageStorage
+    with pytest.raises(ValueError, match="No presentation context"):
+        assoc.send_c_store(mr)
+    assoc.release()
+    # dcmtk agrees: storescu of an MR file fails with no accepted context
+    mr.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    mr_path = tmp_path / "mr.dcm"
+    mr.save_as(mr_path, enforce_file_format=True)
+    run = _dcmtk("storescu", "-aet", "STORESCU", "-aec", "OSTEONODE", "127.0.0.1", str(node.port), str(mr_path))
+    assert run.returncode != 0 and "no presentation context" in (run.stdout + run.stderr).lower()
+    # 3. unknown calling AE title -> association rejected
+    assert not _echo_ok(node, calling="INTRUDER")
+    run = _dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "OSTEONODE", "127.0.0.1", str(node.port))
+    assert run.returncode != 0 and "rejected" in (run.stdout + run.stderr).lower()
+    # nothing bad reached the spool, and the node still answers
+    assert not list(node.spool_dir.rglob("*.dcm"))
+    assert _echo_ok(node)
+
+
+def test_dataset_whose_pixel_data_is_short_is_refused(node, abdomen_series):
+    ds = pydicom.dcmread(abdomen_series[0])
+    ds.PixelData = ds.PixelData[:1000]
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEONODE")
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    assert status.Status == 0xA900
+    assert not list(node.spool_dir.rglob("*.dcm"))

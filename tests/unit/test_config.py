@@ -1,0 +1,77 @@
+"""Config validation: every error an admin can make gets a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from osteonode.config import ConfigError, load_settings
+
+
+@pytest.fixture(autouse=True)
+def _no_env_config(monkeypatch):
+    for var in ("OSTEONODE_CONFIG", "OSTEONODE_PORT", "OSTEONODE_AE_TITLE"):
+        monkeypatch.delenv(var, raising=False)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    for sub in ("spool", "outbox", "queue"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    path = tmp_path / "node.toml"
+    path.write_text(f'spool_dir = "{tmp_path}/spool"\noutbox_dir = "{tmp_path}/outbox"\n'
+                    f'queue_dir = "{tmp_path}/queue"\n' + text, encoding="utf-8")
+    return path
+
+
+def test_valid_file_gives_typed_settings(tmp_path):
+    path = _write(tmp_path, 'ae_title = "BONE"\nport = 4242\nallowed_calling_ae_titles = ["PACS"]\n'
+                            'quiet_period_s = 3.5\nbroker_url = "redis://localhost:6379/0"\n'
+                            '[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "10.0.0.5"\nport = 4242\n')
+    s = load_settings(path)
+    assert (s.ae_title, s.port, s.quiet_period_s) == ("BONE", 4242, 3.5)
+    assert s.allowed_calling_ae_titles == ["PACS"]
+    assert s.destinations[0].ae_title == "ORTHANC" and not s.embedded_broker
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('ae_title = "ABCDEFGHIJKLMNOPQ"', "ae_title: Value error, invalid AE title 'ABCDEFGHIJKLMNOPQ': must not exceed 16"),
+    ('ae_title = "BAD\\\\AE"', "must not contain control characters or backslashes"),
+    ('ae_title = "   "', "must not be empty"),
+    ("port = 70000", "port: Input should be less than or equal to 65535"),
+    ("port = 0", "port: Input should be greater than or equal to 1"),
+    ("colour = 1", "colour: Extra inputs are not permitted"),
+    ('broker_url = "amqp://x"', "broker_url must be redis://"),
+    ('[[destinations]]\nname = "p"\nae_title = "X"\nhost = "h"\nport = 99999', "destinations.0.port"),
+])
+def test_invalid_values_are_named_in_the_error(tmp_path, line, expected):
+    with pytest.raises(ConfigError) as err:
+        load_settings(_write(tmp_path, line + "\n"))
+    assert expected in str(err.value)
+
+
+def test_missing_directory_is_an_error(tmp_path):
+    path = _write(tmp_path, "")
+    (tmp_path / "outbox").rmdir()
+    with pytest.raises(ConfigError, match="outbox_dir: directory does not exist"):
+        load_settings(path)
+
+
+def test_toml_syntax_error_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read configuration"):
+        load_settings(_write(tmp_path, "port = \n"))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "nope.toml")
+
+
+def test_environment_overrides_file(tmp_path, monkeypatch):
+    path = _write(tmp_path, "port = 4242\n")
+    monkeypatch.setenv("OSTEONODE_PORT", "5555")
+    assert load_settings(path).port == 5555
+
+
+def test_example_config_is_valid(tmp_path, monkeypatch):
+    example = Path(__file__).resolve().parents[2] / "deploy" / "osteonode.example.toml"
+    monkeypatch.chdir(tmp_path)
+    s = load_settings(example, require_dirs=False)
+    assert s.destinations and s.ae_title
