@@ -81,3 +81,27 @@ def orthanc(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 def storescp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
     """A dcmtk ``storescp`` (AET ``STORESCP``, all transfer syntaxes); yields :class:`StoreSCP`."""
     yield from _run(request, StoreSCP(tmp_path_factory.mktemp("storescp")))
+
+
+@pytest.fixture
+def start_node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """Factory: ``start_node(config, command, port=None)`` runs ``osteonode COMMAND --config CONFIG``.
+
+    ``command`` is ``"serve"`` (ready when it listens on ``port``) or
+    ``"worker"`` (ready when Celery logs "ready."). Every process is stopped on
+    teardown; its log tail is attached to a failed test's report.
+    """
+    from node import NodeProcess
+
+    started: list[NodeProcess] = []
+
+    def start(config, command: str, port: int | None = None) -> NodeProcess:
+        process = NodeProcess(tmp_path_factory.mktemp(command), config, command, port)
+        request.node.stash.setdefault(_SERVICES_KEY, []).append(process)
+        started.append(process)
+        process.start()
+        return process
+
+    yield start
+    for process in started:
+        process.stop(timeout_s=30)

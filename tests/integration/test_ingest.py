@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pydicom
@@ -14,7 +13,7 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from osteonode.config import Settings
 from osteonode.ingest.scp import start_scp
 from osteonode.ingest.spool import instance_files
-from services import dcmtk_env, free_port, require_tool
+from services import free_port, run_tool
 
 pytestmark = pytest.mark.integration
 
@@ -41,8 +40,7 @@ def _echo_ok(settings, calling="ECHOSCU") -> bool:
 
 
 def _dcmtk(tool: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([require_tool(f"/usr/bin/{tool}"), *args], env=dcmtk_env(),
-                          capture_output=True, text=True, timeout=120)
+    return run_tool([f"/usr/bin/{tool}", *args], timeout_s=120, check=False)
 
 
 def test_dcmtk_echo_and_store_land_in_spool(node, abdomen_series, j2k_series):

@@ -1,0 +1,78 @@
+"""Delivery: a destination that is down is retried; what cannot be delivered stays in the outbox."""
+
+from __future__ import annotations
+
+import json
+
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
+
+from node import write_config
+from services import free_port, storescu, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def _receiver(folder, port):
+    ae = AE(ae_title="LATEPACS")
+    for sop_class in (SegmentationStorage, Comprehensive3DSRStorage):
+        ae.add_supported_context(sop_class, ExplicitVRLittleEndian)
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        return 0x0000
+
+    return ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+
+
+def _delivery_state(outbox):
+    states = [json.loads(p.read_text()) for p in outbox.glob("*/delivery-dest0.json")]
+    return states[0] if states else None
+
+
+def test_destination_down_then_up_is_retried_with_backoff(tmp_path, start_node, abdomen_series):
+    late_port = free_port()
+    config, port = write_config(tmp_path / "node", broker_url=None,
+                                destinations=[("LATEPACS", "127.0.0.1", late_port)],
+                                extra="[dispatch]\nretry_backoff_s = 1.0\nmax_retries = 20\ntimeout_s = 5.0\n")
+    start_node(config, "serve", port=port)
+    storescu("127.0.0.1", port, "OSTEONODE", abdomen_series)
+    outbox = tmp_path / "node" / "outbox"
+    state = wait_for(lambda: (s := _delivery_state(outbox)) and s["attempts"] >= 1 and s, timeout_s=300,
+                     what="a failed first delivery attempt")
+    assert state["state"] == "pending" and "not established" in state["detail"]
+    received = tmp_path / "received"
+    received.mkdir()
+    server = _receiver(received, late_port)
+    try:
+        wait_for(lambda: (s := _delivery_state(outbox)) and s["state"] == "delivered", timeout_s=120,
+                 what="delivery after the destination came up")
+    finally:
+        server.shutdown()
+    assert sorted(pydicom.dcmread(p).Modality for p in received.iterdir()) == ["SEG", "SR"]
+
+
+def test_undeliverable_result_stays_in_outbox_with_reason(tmp_path, monkeypatch, caplog):
+    from worker.tasks import deliver
+
+    config, _port = write_config(tmp_path, broker_url=None, destinations=[("GONE", "127.0.0.1", free_port())],
+                                 extra="[dispatch]\nmax_retries = 0\ntimeout_s = 2.0\n")
+    monkeypatch.setenv("OSTEONODE_CONFIG", str(config))
+    entry = tmp_path / "outbox" / "1.2.3"
+    entry.mkdir(parents=True)
+    sr = pydicom.Dataset()
+    sr.SOPClassUID, sr.SOPInstanceUID = Comprehensive3DSRStorage, "1.2.3.4"
+    sr.file_meta = pydicom.dataset.FileMetaDataset()
+    sr.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sr.save_as(entry / "sr.dcm", enforce_file_format=True)
+    with caplog.at_level("ERROR"):
+        assert deliver("" + str(entry), "dest0") == "failed"  # the task function, called directly
+    state = json.loads((entry / "delivery-dest0.json").read_text())
+    assert state["state"] == "failed" and state["attempts"] == 1 and "not established" in state["detail"]
+    assert (entry / "sr.dcm").exists()
+    assert "NOT delivered" in caplog.text
