@@ -23,7 +23,7 @@ import SimpleITK as sitk
 from osteonode.anatomy import REQUIRED_LEVELS
 from osteonode.classify.rules import classify_l1_hu
 from osteonode.config import AnalysisSettings
-from osteonode.dicom_out import build_seg, build_sr, write_dataset
+from osteonode.dicom_out import build_seg, build_sr, write
 from osteonode.errors import NotEvaluable
 from osteonode.measure.hu import measure_levels
 from osteonode.result import AnalysisResult
@@ -118,9 +118,9 @@ def _write_outputs(out_dir: Path, headers: Sequence[pydicom.Dataset], series: Se
                         useCompression=True)
     if result.status == "ok" and series is not None and segmentation is not None:
         seg = build_seg(series, segmentation)
-        write_dataset(seg, out_dir / SEG_FILE)
+        write(seg, out_dir / SEG_FILE)
     sr = build_sr(headers, result, seg)
-    write_dataset(sr, out_dir / SR_FILE)
+    write(sr, out_dir / SR_FILE)
 
 
 @contextmanager

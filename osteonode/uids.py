@@ -7,7 +7,9 @@ UID is derived from the source series UID plus the algorithm version
 
 from __future__ import annotations
 
-from pydicom.uid import UID, generate_uid
+import uuid
+
+from pydicom.uid import UID
 
 from osteonode import __version__
 
@@ -27,6 +29,12 @@ def derived_uid(source_series_uid: str, role: str, version: str = __version__) -
     Returns
     -------
     pydicom.uid.UID
-        A ``2.25.`` UID (PS3.5 B.2) of at most 64 characters.
+        A ``2.25.`` UID (PS3.5 B.2) of at most 64 characters, from a name-based
+        (SHA-1, RFC 4122 version 5) UUID.
     """
-    return generate_uid(prefix=None, entropy_srcs=["osteonode", version, source_series_uid, role])
+    name = "\\".join(("osteonode", version, source_series_uid, role))
+    return UID(f"2.25.{uuid.uuid5(_NAMESPACE, name).int}")
+
+
+#: Fixed namespace of osteonode's name-based UUIDs (itself a UUID5 of the project name).
+_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "urn:osteonode")

@@ -52,4 +52,6 @@ def write(dataset: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
+#: Alias of :func:`write` (the name :mod:`osteonode.pipeline` uses).
+
 __all__ = ["build_seg", "build_sr", "write", "SEG_SERIES_DESCRIPTION", "SR_SERIES_DESCRIPTION"]

@@ -15,12 +15,14 @@ correct for any patient orientation and any slice order of the source.
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import highdicom as hd
 import numpy as np
+import pydicom
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, VERTEBRA_NAMES
@@ -78,6 +80,37 @@ def tracking_id(key: str) -> str:
     return str(entry["description"])
 
 
+#: Type 2 Patient / General Study attributes (PS3.3 C.7.1.1, C.7.2.1) that highdicom reads
+#: from the first source dataset without a default.
+_TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
+                        "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
+
+
+def with_type2_defaults(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
+    """Return ``datasets`` with the first one completed by empty Type 2 patient/study attributes.
+
+    highdicom copies the Patient and General Study modules from the first
+    source dataset and fails with ``AttributeError`` when a Type 2 attribute is
+    absent (common in anonymised data). Absent attributes are added empty (a
+    valid Type 2 encoding) to a copy; the caller's datasets are not modified.
+
+    Raises
+    ------
+    ValueError
+        If ``datasets`` is empty.
+    """
+    if not datasets:
+        raise ValueError("no source datasets")
+    first = datasets[0]
+    missing = [keyword for keyword in _TYPE2_PATIENT_STUDY if keyword not in first]
+    if not missing:
+        return list(datasets)
+    first = copy.deepcopy(first)
+    for keyword in missing:
+        setattr(first, keyword, "")
+    return [first, *datasets[1:]]
+
+
 def _segment_description(number: int, key: str, entry: Mapping[str, Any], category: Mapping[str, str],
                          algorithm: hd.AlgorithmIdentificationSequence,
                          source_series_uid: str) -> hd.seg.SegmentDescription:
@@ -113,7 +146,8 @@ def segment_numbers(segmentation: SpineSegmentation) -> dict[int, int]:
     ValueError
         If a label ID has no entry in ``segments.json``.
     """
-    present = sorted(int(v) for v in np.unique(segmentation.bodies) if v != 0)
+    counts = np.bincount(np.asarray(segmentation.bodies, dtype=np.uint8).ravel(), minlength=256)
+    present = [int(v) for v in np.flatnonzero(counts) if v != 0]
     unknown = [v for v in present if v not in LABEL_KEYS]
     if unknown:
         raise ValueError(f"label IDs without a SEG segment template: {unknown}")
@@ -174,7 +208,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         for label, number in numbers.items()
     ]
     seg = hd.seg.Segmentation(
-        source_images=series.datasets,
+        source_images=with_type2_defaults(series.datasets),
         pixel_array=series.hd_volume.with_array(labelmap),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
@@ -196,4 +230,4 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
 
 
 __all__ = ["build_seg", "coded", "algorithm_identification", "segment_numbers", "tracking_uid",
-           "tracking_id", "LABEL_KEYS", "SEG_SERIES_DESCRIPTION"]
+           "tracking_id", "with_type2_defaults", "LABEL_KEYS", "SEG_SERIES_DESCRIPTION"]

@@ -6,7 +6,8 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
 * Row 1-4: title (126000, DCM, "Imaging Measurement Report"), language
   (TID 1204), observation context with osteonode as device observer
   (TID 1001/1004), procedure reported (25045-6, LN, "CT unspecified body region").
-* Row 5: Image Library (TID 1600) listing every source CT image.
+* Row 5: Image Library (TID 1600) listing every source CT image (single-frame
+  series with complete Image Plane headers; optional otherwise).
 * Row 6: Imaging Measurements, with
 
   - evaluable series: one TID 1411 "Volumetric ROI Measurements" group per
@@ -34,7 +35,7 @@ Sequence (PS3.3 C.12.1.1.2), so validators know it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import pydicom
@@ -44,7 +45,7 @@ from pydicom.sr.codedict import codes
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.dicom_out.seg import coded, tracking_id, tracking_uid
+from osteonode.dicom_out.seg import coded, tracking_id, tracking_uid, with_type2_defaults
 from osteonode.result import AnalysisResult, LevelResult
 from osteonode.uids import derived_uid
 from osteonode.volume import Series
@@ -119,21 +120,56 @@ def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segmen
     )
 
 
-def _not_evaluable_group(series: Series, sr_codes: Mapping, algorithm: hd.sr.AlgorithmIdentification,
+def _source_image_references(datasets: Sequence[pydicom.Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
+    """(121112, DCM, "Source of Measurement") references of the image instances among ``datasets``.
+
+    Instances that highdicom does not accept as source images (no image pixel
+    description, or a non-image modality) are left out; they stay in the evidence.
+    """
+    references = []
+    for ds in datasets:
+        try:
+            references.append(hd.sr.SourceImageForMeasurementGroup.from_source_image(ds))
+        except (ValueError, AttributeError) as exc:
+            log.debug("instance not referenced as a source image: %s", exc)
+    return references
+
+
+def _not_evaluable_group(datasets: Sequence[pydicom.Dataset], source_series_uid: str, sr_codes: Mapping,
+                         algorithm: hd.sr.AlgorithmIdentification,
                          ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group that references every source image and states "not evaluable"."""
-    source_uid = series.series_instance_uid
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(source_uid, "tracking-series"),
+            uid=derived_uid(source_series_uid, "tracking-series"),
             identifier="osteonode bone health analysis of the source series"),
         algorithm_id=algorithm,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
             name=coded(sr_codes["bone_status"]),
             value=coded(sr_codes["bone_status_values"]["not_evaluable"]))],
-        source_images=[hd.sr.SourceImageForMeasurementGroup.from_source_image(ds)
-                       for ds in series.datasets],
+        source_images=_source_image_references(datasets) or None,
     )
+
+
+#: Attributes TID 1604 (Image Library Entry Descriptors, cross-sectional) needs at the top level.
+_LIBRARY_ATTRIBUTES = ("SOPClassUID", "SOPInstanceUID", "Modality", "Rows", "Columns", "PixelSpacing",
+                       "ImageOrientationPatient", "ImagePositionPatient")
+
+
+def _image_library_images(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset] | None:
+    """The datasets for the Image Library (TID 1600), or None when it cannot be built.
+
+    TID 1500 row 5 (Image Library) is optional. It is included when every
+    instance is a single-frame CT/MR/PT image with top-level Image Plane
+    attributes (PS3.3 C.7.6.2); enhanced multi-frame or incomplete headers are
+    referenced through the evidence (and, if not evaluable, the measurement group) only.
+    """
+    for ds in datasets:
+        if any(keyword not in ds for keyword in _LIBRARY_ATTRIBUTES) \
+                or str(ds.Modality) not in ("CT", "MR", "PT") or int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            log.debug("image library left out: the headers lack single-frame image plane attributes")
+            return None
+    return list(datasets)
 
 
 def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr.ContainerContentItem:
@@ -169,16 +205,18 @@ def _ordered_levels(levels: Mapping[str, LevelResult]) -> list[str]:
     return sorted(levels, key=VERTEBRA_IDS.__getitem__)
 
 
-def build_sr(series: Series, result: AnalysisResult,
+def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
              seg: hd.seg.Segmentation | None) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 bone-health report of one CT series.
 
     Parameters
     ----------
-    series : Series
-        The source CT (headers only are used). Its instances become the Image
-        Library (TID 1600) and evidence; patient and study modules are copied
-        from ``series.datasets[0]`` (same Study Instance UID).
+    series : Series or sequence of pydicom.Dataset
+        The source CT, or only its instances' headers (pixel data not needed),
+        e.g. when the series could not be loaded as a volume. The instances
+        become the evidence and, when their headers allow, the Image Library
+        (TID 1600); patient and study modules are copied from the first one
+        (same Study Instance UID; absent Type 2 attributes are written empty).
     result : AnalysisResult
         The analysis result. For ``status == "ok"`` every level in
         ``result.levels`` becomes a TID 1411 group; HU values are written in
@@ -203,10 +241,14 @@ def build_sr(series: Series, result: AnalysisResult,
     Raises
     ------
     ValueError
-        If the result belongs to another series, an evaluable result has no SEG
-        or no level, a level has no segment in the SEG, or a level name is unknown.
+        If there is no source instance, the result belongs to another series,
+        an evaluable result has no SEG or no level, a level has no segment in
+        the SEG, or a level name is unknown.
     """
-    source_uid = series.series_instance_uid
+    datasets = list(series.datasets if isinstance(series, Series) else series)
+    if not datasets:
+        raise ValueError("no source instance to report on")
+    source_uid = str(datasets[0].get("SeriesInstanceUID", ""))
     if result.series_instance_uid != source_uid:
         raise ValueError("the result does not belong to the given series")
     sr_codes = dicom_templates.load("sr_codes")
@@ -228,17 +270,17 @@ def build_sr(series: Series, result: AnalysisResult,
                 raise ValueError(f"the SEG has no segment for level {level}")
             groups.append(_level_group(level, result.levels[level], seg, segment, source_uid,
                                        sr_codes, segment_templates[level], algorithm))
-        evidence: list[pydicom.Dataset] = [*series.datasets, seg]
+        evidence: list[pydicom.Dataset] = [*with_type2_defaults(datasets), seg]
     else:
-        groups = [_not_evaluable_group(series, sr_codes, algorithm)]
-        evidence = list(series.datasets)
+        groups = [_not_evaluable_group(datasets, source_uid, sr_codes, algorithm)]
+        evidence = with_type2_defaults(datasets)
 
     report = hd.sr.MeasurementReport(
         observation_context=_observation_context(source_uid),
         procedure_reported=coded(sr_codes["procedure_reported"]),
         imaging_measurements=groups,
         title=coded(sr_codes["title"]),
-        referenced_images=series.datasets,
+        referenced_images=_image_library_images(datasets),
     )
     report[0].ContentSequence.append(_qualitative_evaluations(result, sr_codes))
 

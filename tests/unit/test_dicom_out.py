@@ -258,6 +258,25 @@ def test_not_evaluable_sr_is_valid_and_references_the_source(tmp_path):
     assert groups == []
 
 
+def test_not_evaluable_sr_from_bare_headers_without_type2_attributes(tmp_path):
+    """The pipeline reports on headers it could not load as a volume; anonymised data lack Type 2 values."""
+    _, _, files, _ = _make_case(tmp_path, DIRECTIONS["axial_reversed_slices"])
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    for ds in headers:
+        for keyword in ("PatientName", "PatientBirthDate", "StudyID", "AccessionNumber",
+                        "ReferringPhysicianName"):
+            delattr(ds, keyword)
+    result = AnalysisResult.not_evaluable("the series cannot be assembled into a volume",
+                                          str(headers[0].StudyInstanceUID), str(headers[0].SeriesInstanceUID))
+    sr = build_sr(headers, result, None)
+    assert "PatientName" not in headers[0]  # the caller's headers are left alone
+    errors, warnings = _dciodvfy(write(sr, tmp_path / "sr.dcm"))
+    assert errors == []
+    # Only the accepted 99OSTEO warnings and the one about the (empty, inherited) Study ID.
+    assert [w for w in warnings if not ALLOWED_WARNING.match(w) and not w.endswith("- Study ID")] == []
+    assert sr.PatientID == headers[0].PatientID
+
+
 def test_uids_are_identical_when_built_twice(axial):
     """Re-processing must yield the same UIDs (osteonode.uids.derived_uid)."""
     series, segmentation, _, _, seg, sr = axial
