@@ -33,6 +33,8 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
         typer.echo(__version__)
         raise typer.Exit()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pynetdicom logs every DIMSE message at INFO; keep its warnings and errors only
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
 
 
 def _settings(config: Path | None) -> Settings:

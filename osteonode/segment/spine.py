@@ -389,13 +389,17 @@ def _rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[f
 
 def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
                   centre: np.ndarray, axis: np.ndarray, top: tuple[np.ndarray, np.ndarray],
-                  bottom: tuple[np.ndarray, np.ndarray], spacing: np.ndarray) -> np.ndarray:
+                  bottom: tuple[np.ndarray, np.ndarray], spacing: np.ndarray,
+                  outer_top: tuple[np.ndarray, np.ndarray], outer_bottom: tuple[np.ndarray, np.ndarray],
+                  ) -> np.ndarray:
     """Segment one vertebral body inside a canonical native crop.
 
     ``hs`` is the smoothed crop in HU; ``coords_mm`` the canonical mm coordinate
     of each crop axis; ``centre`` the body centre (mm); ``axis`` the unit spine
-    axis (pointing superior); ``top``/``bottom`` the (point, normal) of the disc
-    planes bounding the body.
+    axis (pointing superior); ``top``/``bottom`` the (point, normal) of the planes
+    through the disc boundaries next to the body, ``outer_top``/``outer_bottom``
+    the planes through the disc centres. Between a disc boundary and the disc
+    centre only voxels clearly denser than the disc are kept (tilted endplates).
     """
     zc, yc, xc = coords_mm
     Z, Y, X = np.meshgrid(zc, yc, xc, indexing="ij", sparse=True)
@@ -405,24 +409,55 @@ def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
         p, n = plane
         return (Z - p[0]) * n[0] + (Y - p[1]) * n[1] + (X - p[2]) * n[2]
 
-    slab = (signed(top) <= 0) & (signed(bottom) >= 0)
+    inner = (signed(top) <= 0) & (signed(bottom) >= 0)
+    s_ot, s_ob = signed(outer_top), signed(outer_bottom)
+    slab = (s_ot <= 0) & (s_ob >= 0)
+    radial2 = rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2 - (rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]) ** 2
+    disc_zone = (radial2 <= 100.0) & ((np.abs(s_ot) <= 1.6) | (np.abs(s_ob) <= 1.6))
+    disc_zone = disc_zone & ~inner
+    disc_hu = float(np.median(hs[disc_zone])) if disc_zone.any() else np.nan
     # core HU: sphere of 7 mm at the centre
-    core = slab & ((rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2) <= 49.0)
+    core = inner & ((rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2) <= 49.0)
     core_hu = float(np.median(hs[core])) if core.any() else 150.0
     thr = float(np.clip(0.5 * (SOFT_TISSUE_HU + core_hu), 70.0, 140.0))
-    # posterior wall: AP profile through the centre (slab, |x| < 6 mm)
-    ap_band = slab & (np.abs(rel[2]) < 6.0) & (np.abs(rel[0]) < 8.0)
-    yy = yc - centre[1]
-    prof = np.array([hs[:, j, :][ap_band[:, j, :]].mean() if ap_band[:, j, :].any() else np.nan
-                     for j in range(len(yc))])
-    post_idx = np.nonzero((yy <= -4.0) & (yy >= -35.0))[0][::-1]  # walking posteriorly
+    # vertebra frame: a = anterior-posterior and w = left-right, both perpendicular to the
+    # spine axis (so that tilted vertebrae, e.g. L5, are cut along their own posterior wall)
+    u = np.array([0.0, 1.0, 0.0]) - axis * axis[1]
+    u /= np.linalg.norm(u)
+    w = np.cross(axis, u)
+    along = rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]
+    a = rel[0] * u[0] + rel[1] * u[1] + rel[2] * u[2]
+    lr = rel[0] * w[0] + rel[1] * w[1] + rel[2] * w[2]
+    # posterior wall: AP profile through the centre (|along| < 8 mm, |lr| < 6 mm), 1 mm bins
+    ap_band = inner & (np.abs(lr) < 6.0) & (np.abs(along) < 8.0)
+    a_band = np.broadcast_to(a, hs.shape)[ap_band]
+    bins = np.arange(-35.5, 0.0, 1.0)
+    idx = np.digitize(a_band, bins) - 1
+    ok = (idx >= 0) & (idx < len(bins) - 1)
+    sums = np.bincount(idx[ok], weights=hs[ap_band][ok], minlength=len(bins) - 1)
+    counts = np.bincount(idx[ok], minlength=len(bins) - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prof = sums / counts  # bin k centred at -35 + k mm; NaN where empty
+    centres = bins[:-1] + 0.5
+    good = np.isfinite(prof)
+    if good.sum() >= 2:  # bins between voxel rows stay empty on coarse grids: interpolate
+        prof = np.interp(centres, centres[good], prof[good])
+    # the spinal canal is the first fluid/fat-density point (< 50 HU) walking posteriorly
+    # from the centre; the wall is where the profile, coming back anteriorly from there,
+    # rises above the body threshold again (the posterior cortex). A lucent spot inside
+    # the body (basivertebral veins) stays above 50 HU and is not taken for the canal.
     wall = -30.0
-    for j in post_idx:
-        if np.isfinite(prof[j]) and prof[j] < thr:
-            wall = float(yy[j])
-            break
-    envelope = ((rel[2] / 32.0) ** 2 + (rel[1] / 26.0) ** 2 <= 1.0) & (rel[1] >= wall)
-    mask = slab & envelope & (hs > thr)
+    order = [k for k in range(len(centres) - 1, -1, -1) if centres[k] <= -4.0]
+    k_canal = next((k for k in order if prof[k] < 50.0), None)
+    if k_canal is not None:
+        j = k_canal
+        while j + 1 < len(centres) and prof[j] < thr:
+            j += 1
+        wall = float(centres[j]) - 0.5
+    envelope = ((lr / 32.0) ** 2 + (a / 32.0) ** 2 <= 1.0) & (a >= wall)
+    thr_disc = max(thr, disc_hu + 40.0) if np.isfinite(disc_hu) else np.inf
+    log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm", np.round(centre), core_hu, thr, disc_hu, wall)
+    mask = envelope & (hs > thr) & (inner | (slab & (hs > thr_disc)))
     rad = np.maximum(1, np.round(2.0 / spacing)).astype(int)
     ball = _ellipsoid(rad, spacing)
     mask = ndi.binary_opening(mask, structure=ball)
@@ -632,8 +667,10 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
         centre = pts_mm[im]
         top = plane_at(z_top, 1.0)
         bottom = plane_at(z_bot, -1.0)
+        outer_top = plane_at(hi.z, 1.0) if hi is not None else top
+        outer_bottom = plane_at(lo.z, -1.0) if (lo is not None and vid != SACRUM) else bottom
         # crop (canonical native indices)
-        zr = (min(bottom[0][0], top[0][0]) - 25.0, max(bottom[0][0], top[0][0]) + 25.0)
+        zr = (min(outer_bottom[0][0], outer_top[0][0]) - 25.0, max(outer_bottom[0][0], outer_top[0][0]) + 25.0)
         ylo, yhi = centre[1] - 50.0, centre[1] + 40.0
         xlo, xhi = centre[2] - 40.0, centre[2] + 40.0
         sl = tuple(slice(max(0, int(np.floor(a / s))), min(n, int(np.ceil(b / s)) + 1))
@@ -644,7 +681,17 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
         if sigma.any():
             crop = ndi.gaussian_filter(crop, sigma)
         coords = (zmm[sl[0]], ymm[sl[1]], xmm[sl[2]])
-        body = _segment_body(crop, coords, centre, tangent[im], top, bottom, sp)
+        body = _segment_body(crop, coords, centre, tangent[im], top, bottom, sp, outer_top, outer_bottom)
+        if body.any():
+            # second pass centred on the first body's centroid (the tracked centre leans
+            # towards the canal because the tracking score rewards the canal behind it)
+            cen = np.array([float(np.average(cc, weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
+                            for ax, cc in enumerate(coords)])
+            shift = cen - centre
+            shift -= tangent[im] * float(shift @ tangent[im])
+            if np.linalg.norm(shift) > 1.0:
+                centre = centre + shift
+                body = _segment_body(crop, coords, centre, tangent[im], top, bottom, sp, outer_top, outer_bottom)
         body &= bodies_c[sl] == 0
         if body.sum() * np.prod(sp) < 2000.0:  # < 2 cm3: not a body
             log.info("segment %d (%s): body too small, skipped", i, VERTEBRA_NAMES[vid])

@@ -185,10 +185,14 @@ def test_jpeg2000_series_is_not_evaluable(tmp_path):
     assert seg.bodies.shape == series.volume.shape
 
 
-def _synthetic_column(n_vertebrae: int = 5) -> Volume:
-    """A 2 mm CT of a straight column of vertebrae with discs, no ribs and no pelvis."""
+def _synthetic_column(n_vertebrae: int = 5, ribs_on: int | None = None) -> Volume:
+    """A 2 mm CT of a straight column of vertebrae with discs and no pelvis.
+
+    ``ribs_on``: index (0 = lowest) of the lowest vertebra carrying a pair of ribs;
+    every vertebra above it carries ribs too. ``None``: no ribs.
+    """
     g = 2.0
-    nz, ny, nx = 110, 120, 120
+    nz, ny, nx = int(np.ceil((30 + n_vertebrae * 38) / g)), 120, 120
     z, y, x = np.meshgrid(np.arange(nz) * g, np.arange(ny) * g, np.arange(nx) * g, indexing="ij")
     hu = np.full((nz, ny, nx), -1000.0, np.float32)
     patient = ((x - 120) / 110) ** 2 + ((y - 120) / 90) ** 2 <= 1
@@ -207,6 +211,14 @@ def _synthetic_column(n_vertebrae: int = 5) -> Volume:
         hu[zin & ring & (z < z0 + 18)] = 500.0
         disc = (z >= z0 + height) & (z < z0 + period) & outer
         hu[disc] = 80.0
+        if ribs_on is not None and k >= ribs_on:
+            for side in (-1.0, 1.0):
+                start = np.array([z0 + 20.0, cy - 12.0, cx + side * 22.0])
+                end = np.array([z0 - 5.0, cy - 25.0, cx + side * 95.0])
+                d = end - start
+                t = np.clip(((z - start[0]) * d[0] + (y - start[1]) * d[1] + (x - start[2]) * d[2]) / (d @ d), 0, 1)
+                dist2 = (z - start[0] - t * d[0]) ** 2 + (y - start[1] - t * d[1]) ** 2 + (x - start[2] - t * d[2]) ** 2
+                hu[(dist2 <= 4.5 ** 2) & patient] = 450.0
     canal = (x - cx) ** 2 + (y - (cy - 28)) ** 2 <= 8 ** 2
     hu[canal & patient] = 10.0
     # LPS affine: z superior, y anterior (-P), x left -> array axes (S, A, L)
@@ -223,6 +235,21 @@ def test_synthetic_column_without_anchors_is_not_evaluable():
     assert "neither the sacrum nor the lowest rib-bearing vertebra" in seg.not_evaluable_reason
     assert seg.confidence == {}
     assert not seg.bodies.any() and not seg.trabecular.any()
+
+
+def test_synthetic_column_with_ribs_counts_from_t12():
+    # six vertebrae, ribs on the top two: the upper rib-bearing one is T11, the lower T12,
+    # then L1..L4 below; no sacrum, so the T12 anchor alone names the levels
+    seg = segment_spine(_synthetic_column(6, ribs_on=4))
+    assert "T12" in seg.method
+    names = {VERTEBRA_IDS[n] for n in ("T12", "L1", "L2", "L3")}
+    assert names <= set(seg.confidence)
+    assert all(0.3 <= seg.confidence[v] <= 0.7 for v in seg.confidence)
+    # the lowest vertebra (L4) is cut by the field of view -> L1-L4 not all complete
+    assert seg.not_evaluable_reason is not None and "L1-L4" in seg.not_evaluable_reason
+    # T12 is the 5th vertebra from the bottom: its centroid is at ~ 10 + 4 * 38 + 14 mm
+    zc = ndi.center_of_mass(seg.bodies == VERTEBRA_IDS["T12"])[0] * 2.0
+    assert abs(zc - (10 + 4 * 38 + 14)) < 8.0
 
 
 def test_empty_volume_is_not_evaluable():
