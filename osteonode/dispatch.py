@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import UID
-from pynetdicom import AE, _config
+from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import build_context
 
 from osteonode.config import Destination
@@ -57,7 +58,8 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
     contexts = _contexts_for(paths)
     ae = AE(ae_title=calling_ae_title)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    assoc = ae.associate(destination.host, destination.port, contexts, ae_title=destination.ae_title)
+    assoc = ae.associate(destination.host, destination.port, contexts, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     if not assoc.is_established:
         raise DeliveryFailed(f"{destination.name}: association with {destination.ae_title}@"
                              f"{destination.host}:{destination.port} not established "
@@ -78,6 +80,17 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
         if assoc.is_established:
             assoc.release()
     log.info("%s: delivered %d file(s) to %s", destination.name, len(paths), destination.ae_title)
+
+
+def set_tcp_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket.
+
+    Without it each C-STORE waits for the peer's delayed ACK (~40 ms on Linux),
+    capping throughput near 20 instances/s.
+    """
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _contexts_for(paths: Sequence[Path]) -> list:

@@ -38,6 +38,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from osteonode.config import Settings
+from osteonode.dispatch import set_tcp_nodelay
 from osteonode.errors import InputRejected
 from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, check_uid, write_instance
 
@@ -143,6 +144,7 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
     """
     ae = make_ae(settings)
     handlers = [
+        (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [settings.spool_dir, on_stored]),
     ]

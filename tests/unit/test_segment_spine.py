@@ -30,9 +30,10 @@ DICOM_DIR = DATA / "totalseg-example-dicom" / "dicom"
 V2_ID = {VERTEBRA_IDS["T12"]: 32, VERTEBRA_IDS["L1"]: 31, VERTEBRA_IDS["L2"]: 30,
          VERTEBRA_IDS["L3"]: 29, VERTEBRA_IDS["L4"]: 28, VERTEBRA_IDS["L5"]: 27}
 LUMBAR_REQUIRED = [VERTEBRA_IDS[n] for n in ("L1", "L2", "L3", "L4")]
-#: Dice of our body vs the reference body (vertebra & body mask), measured on example_ct.
-MIN_DICE_L1_L4 = 0.80
-MIN_DICE_T12_L5 = 0.65
+#: Dice of our body vs the reference body (vertebra & body mask); measured on example_ct:
+#: T12 0.72 (cut by the field of view), L1 0.85, L2 0.89, L3 0.89, L4 0.88, L5 0.83.
+MIN_DICE_L1_L4 = 0.83
+MIN_DICE_T12_L5 = 0.70
 
 needs_abdomen = pytest.mark.skipif(not (ABDOMEN / "example_ct.nii.gz").exists(), reason="test CT missing")
 
