@@ -304,14 +304,14 @@ def _find_discs(profile: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) ->
     flank = np.minimum(left, right)
     notch = flank - p
     # flanks must be bone (endplates), not a dip in soft tissue
-    notch[flank < 130.0] = 0.0
+    notch[flank < 100.0] = 0.0
     # the column must be confirmed (body + canal) around the disc
     w = int(round(10.0 / g))
     support = ndi.uniform_filter1d(valid.astype(float), 2 * w + 1, mode="constant")
     notch[support < 0.5] = 0.0
     is_min = (p <= np.roll(p, 1)) & (p <= np.roll(p, -1))
     is_min[[0, -1]] = False
-    cands = [z for z in np.nonzero(is_min & (notch > 25.0))[0]]
+    cands = [z for z in np.nonzero(is_min & (notch > 20.0))[0]]
     cands.sort(key=lambda z: -notch[z])
     chosen: list[int] = []
     sep = 22.0 / g
@@ -349,7 +349,7 @@ def _has_sacrum(c: np.ndarray, path: np.ndarray, disc: _Disc, g: float = COARSE_
     # both iliac bones flank the bone below the disc: thick bone (an 8 mm disc survives an
     # opening; ribs and transverse processes do not) lateral to the body on each side
     zs = np.arange(z - int(round(30.0 / g)), z - int(round(8.0 / g)))
-    bone = ndi.uniform_filter(c[zs], size=(1, 3, 3)) > 150.0
+    bone = ndi.uniform_filter(c[zs], size=(1, 3, 3)) > 120.0
     st = np.zeros((3, 3, 3), bool)
     st[1] = ndi.generate_binary_structure(2, 1)
     bone = ndi.binary_fill_holes(bone, structure=st)
@@ -371,7 +371,7 @@ def _has_sacrum(c: np.ndarray, path: np.ndarray, disc: _Disc, g: float = COARSE_
 
 def _rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[float]:
     """Coarse z of the medial ends of rib-like bone components."""
-    bone = ndi.uniform_filter(c, size=(1, 2, 2)) > 200.0
+    bone = ndi.uniform_filter(c, size=(1, 2, 2)) > 150.0
     nz, ny, nx = c.shape
     xs = np.arange(nx)
     dist_x = np.abs(xs[None, :] - path[:, 1:2]) * g  # (nz, nx)

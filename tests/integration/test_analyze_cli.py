@@ -1,0 +1,70 @@
+"""`osteonode analyze` on real CT: the four outputs, their geometry and the result.json format."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from services import dciodvfy
+
+pytestmark = pytest.mark.integration
+
+
+def _analyze(series, out):
+    return subprocess.run([sys.executable, "-m", "osteonode", "analyze", str(series[0].parent), "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
+    run = _analyze(abdomen_series, tmp_path)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "ok" and result["reason"] is None
+    ct = pydicom.dcmread(abdomen_series[0], stop_before_pixels=True)
+    assert result["study_instance_uid"] == ct.StudyInstanceUID
+    assert result["series_instance_uid"] == ct.SeriesInstanceUID
+    assert {"L1", "L2", "L3", "L4"} <= set(result["levels"])
+    for level in result["levels"].values():
+        assert 0 <= level["label_confidence"] <= 1
+        assert -100 < level["trabecular_hu_mean"] < 600  # plausible trabecular bone
+        assert -100 < level["trabecular_hu_median"] < 600
+        assert level["trabecular_voxel_count"] > 0 and level["trabecular_roi_volume_mm3"] > 0
+    assert result["bone_status"]["category"] in ("normal", "osteopenia", "osteoporosis", "indeterminate")
+    assert "Pickhardt" in result["bone_status"]["basis"]
+    assert {"load", "segment", "measure", "classify", "encode"} <= set(result["timings_s"])
+    # labels.nii.gz lies on the source CT's voxel grid (the same voxel centres in patient space;
+    # the index order may differ), with VerSe IDs
+    labels = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
+    source = sitk.ReadImage([str(p) for p in abdomen_series])
+    assert sorted(labels.GetSize()) == sorted(source.GetSize())
+    corners = lambda im: sorted(tuple(np.round(im.TransformIndexToPhysicalPoint(
+        [c * (n - 1) for c, n in zip(corner, im.GetSize())]), 2)) for corner in np.ndindex(2, 2, 2))
+    assert corners(labels) == corners(source)
+    on_source = sitk.Resample(labels, source, sitk.Transform(), sitk.sitkNearestNeighbor)
+    np.testing.assert_array_equal(np.sort(sitk.GetArrayFromImage(on_source).ravel()),
+                                  np.sort(sitk.GetArrayFromImage(labels).ravel()))
+    ids = set(np.unique(sitk.GetArrayFromImage(labels))) - {0}
+    assert {20, 21, 22, 23} <= ids <= {18, 19, 20, 21, 22, 23, 24, 25, 26}
+    for name in ("seg.dcm", "sr.dcm"):
+        assert dciodvfy(tmp_path / name)[0] == []
+    # deterministic outputs: re-analysis yields the same SOP Instance UIDs
+    again = tmp_path / "again"
+    assert _analyze(abdomen_series, again).returncode == 0
+    for name in ("seg.dcm", "sr.dcm"):
+        assert (pydicom.dcmread(tmp_path / name).SOPInstanceUID == pydicom.dcmread(again / name).SOPInstanceUID)
+
+
+def test_analyze_jpeg2000_t11_t12_is_not_evaluable(j2k_series, tmp_path):
+    run = _analyze(j2k_series, tmp_path)
+    assert run.returncode == 3, run.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "not_evaluable" and result["reason"]
+    assert result["bone_status"]["category"] == "indeterminate"
+    assert not (tmp_path / "seg.dcm").exists()
+    assert dciodvfy(tmp_path / "sr.dcm")[0] == []
