@@ -16,17 +16,21 @@ Pipeline
 3. **Disc detection.** Along the centreline, the mean HU is sampled in planes
    perpendicular to the (smoothed) centreline. An intervertebral disc is a narrow
    minimum flanked within 6 mm by the dense endplates of both neighbouring
-   vertebrae; its "notch" depth is ``min(P(s-6 mm), P(s+6 mm)) - P(s)``. Discs are
-   picked greedily by notch depth with a 22 mm non-maximum suppression (shorter
-   than any T10-S1 vertebra + disc, longer than half of one), which keeps the
-   mid-body venous dip out.
+   vertebrae; its "notch" depth is ``min(P(s-6 mm), P(s+6 mm)) - P(s)`` (> 20 HU,
+   flanks > 100 HU, and the column confirmed -- body denser than 60 HU with a canal
+   below 100 HU behind it -- within 10 mm). Discs are picked greedily by notch depth
+   with a 22 mm non-maximum suppression (shorter than any T10-S1 vertebra + disc,
+   longer than half of one), which keeps the mid-body venous dip out.
 4. **Level anchors.**
 
-   * *Sacrum (caudal anchor)*: the column continues at least 40 mm below the
-     lowest disc without a further disc, and both iliac bones lie beside it
-     (sacro-iliac joints). The lowest mobile vertebra above it is L5.
+   * *Sacrum (caudal anchor)*: the field of view continues at least 40 mm below the
+     lowest disc (so a further disc would have been seen), and in at least 60 % of
+     the slices 8-30 mm below it thick bone (> 120 HU, surviving an opening with an
+     8 mm disc, which removes ribs and transverse processes) lies on both sides,
+     24-110 mm lateral: the iliac bones at the sacro-iliac joints. The lowest
+     mobile vertebra above it is L5.
    * *Lowest rib-bearing vertebra = T12 (cranial anchor)*: bone components lateral
-     to the column (after removing a 44 mm wide central column) that start at the
+     to the column (> 150 HU, after removing a 44 mm wide central column) that start at the
      column, reach at least 45 mm lateral and run at least 16 mm cranio-caudally
      are ribs; the vertebra at the z of their medial end bears the rib. The lowest
      rib-bearing vertebra counts as T12 only if at least one complete rib-free
@@ -59,17 +63,18 @@ Pipeline
    A vertebra that is cut by the field of view (no disc on one side) keeps its
    label with half the confidence: its body and ROI are incomplete.
 6. **Trabecular ROI**: the body voxels that are at least 5 mm (3-D Euclidean
-   distance in mm) from the body surface -- which keeps the ROI clear of the
-   cortical shell and of both endplates -- restricted to the middle 60 % of the
-   body height and excluding the posterior fifth of the body depth (basivertebral
-   venous plexus). This follows the trabecular L1 ROI of Pickhardt PJ et al.,
+   distance in mm; 4 or 3 mm only if a small body leaves less than 0.2 cm3) from
+   the body surface -- which keeps the ROI clear of the cortical shell and of
+   both endplates -- restricted to the middle 60 % of the body height and
+   excluding the posterior fifth of the body depth (basivertebral venous plexus). This follows the trabecular L1 ROI of Pickhardt PJ et al.,
    Ann Intern Med 2013;158:588-595 (ROI in trabecular bone, avoiding the cortex
    and the posterior venous plexus) and the mid-vertebral trabecular ROI of the
    ACR-SPR-SSR Practice Parameter for the Performance of Musculoskeletal
    Quantitative Computed Tomography (QCT), 2018.
 
 All thresholds are anatomical (HU of tissue classes, sizes of vertebrae in mm);
-none are fitted to a particular patient.
+none is fitted to the reference masks of any patient (those are used only to
+measure, in the tests).
 """
 
 from __future__ import annotations
