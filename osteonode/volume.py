@@ -156,6 +156,9 @@ def load_series(paths: Iterable[Path]) -> Series:
         raise NotEvaluable("the series holds no instances")
     if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) != 1:
         raise NotEvaluable("the instances belong to more than one series")
+    for ds in datasets:  # de-identified files may keep the SOP Class UID only in the file meta
+        if not ds.get("SOPClassUID") and "MediaStorageSOPClassUID" in ds.get("file_meta", {}):
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
     try:
         if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1)) > 1:
             hd_volume = hd.Image.from_dataset(datasets[0]).get_volume(dtype=np.float32)

@@ -1,6 +1,6 @@
 """Tests of the built-in vertebra segmentation and level labelling.
 
-Real data: /work/shared/data/ct (TotalSegmentator test files, Apache-2.0). The
+Real data: ../shared/data/ct (TotalSegmentator test files, Apache-2.0). The
 TotalSegmentator masks are model output and are used here only to measure.
 Our labels are compared on the reference grid after resampling them by
 physical coordinates (nearest neighbour), never by raw array indexing.
@@ -8,10 +8,8 @@ physical coordinates (nearest neighbour), never by raw array indexing.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
-import pydicom
 import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
@@ -20,11 +18,10 @@ from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import _Frame, segment_spine
 from osteonode.volume import Volume, load_series
+from tests.conftest import DATA, require_data
 
-DATA = Path("/work/shared/data/ct")
 ABDOMEN = DATA / "totalseg-example-abdomen"
 CTA = DATA / "totalseg-thoracic-cta-crop"
-DICOM_DIR = DATA / "totalseg-example-dicom" / "dicom"
 
 #: VerSe ID -> TotalSegmentator v2 vertebra ID (ref_v2_spine_vertebrae.nii.gz)
 V2_ID = {VERTEBRA_IDS["T12"]: 32, VERTEBRA_IDS["L1"]: 31, VERTEBRA_IDS["L2"]: 30,
@@ -34,9 +31,6 @@ LUMBAR_REQUIRED = [VERTEBRA_IDS[n] for n in ("L1", "L2", "L3", "L4")]
 #: T12 0.72 (cut by the field of view), L1 0.85, L2 0.89, L3 0.89, L4 0.88, L5 0.83.
 MIN_DICE_L1_L4 = 0.83
 MIN_DICE_T12_L5 = 0.70
-
-needs_abdomen = pytest.mark.skipif(not (ABDOMEN / "example_ct.nii.gz").exists(), reason="test CT missing")
-
 
 def _flip_z_y(volume: Volume) -> Volume:
     """Same patient, array z and y reversed (feet-first slice order, mirrored rows)."""
@@ -55,7 +49,7 @@ def _on_reference_grid(volume: Volume, labels: np.ndarray, reference: sitk.Image
 
 @pytest.fixture(scope="module")
 def abdomen():
-    image = sitk.ReadImage(str(ABDOMEN / "example_ct.nii.gz"))
+    image = sitk.ReadImage(str(require_data(ABDOMEN / "example_ct.nii.gz")))
     volume = Volume.from_sitk(image)
     ref_img = sitk.ReadImage(str(ABDOMEN / "ref_v2_spine_vertebrae.nii.gz"))
     vertebrae = sitk.GetArrayFromImage(ref_img)
@@ -81,7 +75,6 @@ def _centroid_levels(seg: SpineSegmentation, volume: Volume, ref_img, vertebrae)
     return found
 
 
-@needs_abdomen
 def test_real_ct_levels_are_correct(abdomen, abdomen_seg):
     volume, ref_img, vertebrae, _, _ = abdomen
     assert abdomen_seg.not_evaluable_reason is None
@@ -95,7 +88,6 @@ def test_real_ct_levels_are_correct(abdomen, abdomen_seg):
     assert abdomen_seg.bodies.shape == volume.shape and abdomen_seg.bodies.dtype == np.uint8
 
 
-@needs_abdomen
 def test_real_ct_body_dice(abdomen, abdomen_seg):
     volume, ref_img, vertebrae, body, _ = abdomen
     ours = _on_reference_grid(volume, abdomen_seg.bodies, ref_img)
@@ -110,7 +102,6 @@ def test_real_ct_body_dice(abdomen, abdomen_seg):
         assert dice[vid] >= MIN_DICE_T12_L5, dice
 
 
-@needs_abdomen
 def test_real_ct_bodies_exclude_posterior_elements_and_discs(abdomen, abdomen_seg):
     volume, ref_img, vertebrae, body, _ = abdomen
     ours = _on_reference_grid(volume, abdomen_seg.bodies, ref_img) > 0
@@ -121,7 +112,6 @@ def test_real_ct_bodies_exclude_posterior_elements_and_discs(abdomen, abdomen_se
     assert (ours & disc).sum() / ours.sum() < 0.08
 
 
-@needs_abdomen
 def test_real_ct_trabecular_roi(abdomen, abdomen_seg):
     volume, _, _, _, _ = abdomen
     voxel_cm3 = float(np.prod(volume.spacing)) / 1000.0
@@ -140,7 +130,6 @@ def test_real_ct_trabecular_roi(abdomen, abdomen_seg):
         assert mean_hu < float(volume.hu[body].mean())
 
 
-@needs_abdomen
 def test_reoriented_ct_gives_same_levels(abdomen, abdomen_seg):
     volume, ref_img, vertebrae, _, _ = abdomen
     flipped = _flip_z_y(volume)
@@ -158,12 +147,11 @@ def test_reoriented_ct_gives_same_levels(abdomen, abdomen_seg):
         assert 2.0 * (a & b).sum() / (a.sum() + b.sum()) > 0.95
 
 
-@needs_abdomen
 def test_thin_slice_resampling_gives_same_levels(abdomen):
     # the same CT on a thin-slice grid (0.8 x 0.8 x 1.25 mm, ~460 x 380 x 270 voxels) with
     # quantum noise added: levels unchanged, bodies still match the reference
     _, ref_img, vertebrae, body, _ = abdomen
-    image = sitk.ReadImage(str(ABDOMEN / "example_ct.nii.gz"))
+    image = sitk.ReadImage(str(require_data(ABDOMEN / "example_ct.nii.gz")))
     spacing = (0.8, 0.8, 1.25)
     size = [int(round(image.GetSize()[i] * image.GetSpacing()[i] / spacing[i])) for i in range(3)]
     thin = sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
@@ -181,27 +169,16 @@ def test_thin_slice_resampling_gives_same_levels(abdomen):
         assert 2.0 * (a & b).sum() / (a.sum() + b.sum()) >= 0.80
 
 
-@pytest.mark.skipif(not (CTA / "ct_cropped.nii.gz").exists(), reason="test CT missing")
 def test_thoracic_crop_is_not_evaluable():
-    volume = Volume.from_sitk(sitk.ReadImage(str(CTA / "ct_cropped.nii.gz")))
+    volume = Volume.from_sitk(sitk.ReadImage(str(require_data(CTA / "ct_cropped.nii.gz"))))
     seg = segment_spine(volume)
     assert seg.not_evaluable_reason
     assert not any(vid in seg.confidence for vid in LUMBAR_REQUIRED)
     assert not np.isin(seg.bodies, LUMBAR_REQUIRED).any()
 
 
-@pytest.mark.skipif(not DICOM_DIR.exists(), reason="test DICOM missing")
-def test_jpeg2000_series_is_not_evaluable(tmp_path):
-    # The test files are de-identified down to empty SOP Class/Instance and series UIDs;
-    # restore them from the file meta (in a temporary copy) so the series can be assembled.
-    for i, path in enumerate(sorted(DICOM_DIR.iterdir())):
-        ds = pydicom.dcmread(path)
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.1"
-        ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.2"
-        ds.save_as(tmp_path / f"{i:03d}.dcm")
-    series = load_series(sorted(tmp_path.iterdir()))
+def test_jpeg2000_series_is_not_evaluable(j2k_series):
+    series = load_series(j2k_series)
     seg = segment_spine(series.volume)
     assert seg.not_evaluable_reason
     assert "L1" not in seg.not_evaluable_reason or "not in the field of view" in seg.not_evaluable_reason
