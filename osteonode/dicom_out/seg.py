@@ -61,6 +61,13 @@ def algorithm_identification() -> hd.AlgorithmIdentificationSequence:
         name=algo["name"], family=coded(algo["family"]), version=__version__, source=algo["source"])
 
 
+def equipment_attributes() -> dict[str, str]:
+    """General Equipment module values of every object osteonode writes (PS3.3 C.7.5.1)."""
+    algo = dicom_templates.load("algorithm")
+    return {"manufacturer": algo["manufacturer"], "manufacturer_model_name": algo["manufacturer_model_name"],
+            "software_versions": __version__, "device_serial_number": algo["device_serial_number"]}
+
+
 def tracking_uid(source_series_uid: str, key: str) -> str:
     """Tracking Unique Identifier shared by the SEG segment and the SR group of ``key``.
 
@@ -216,10 +223,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         series_number=int(algo["seg_series_number"]),
         sop_instance_uid=derived_uid(source_uid, "seg-instance"),
         instance_number=1,
-        manufacturer=algo["manufacturer"],
-        manufacturer_model_name=algo["manufacturer_model_name"],
-        software_versions=__version__,
-        device_serial_number=algo["device_serial_number"],
+        **equipment_attributes(),
         content_label="OSTEONODE",
         content_description="Vertebral bodies (osteonode)",
         series_description=SEG_SERIES_DESCRIPTION,

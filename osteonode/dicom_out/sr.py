@@ -46,7 +46,7 @@ from pydicom.sr.codedict import codes
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.dicom_out.seg import coded, tracking_id, tracking_uid, with_type2_defaults
+from osteonode.dicom_out.seg import coded, equipment_attributes, tracking_id, tracking_uid, with_type2_defaults
 from osteonode.result import AnalysisResult, LevelResult
 from osteonode.uids import derived_uid
 from osteonode.volume import Series
@@ -269,10 +269,7 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         series_number=int(algo["sr_series_number"]),
         sop_instance_uid=derived_uid(source_uid, "sr-instance"),
         instance_number=1,
-        manufacturer=algo["manufacturer"],
-        manufacturer_model_name=algo["manufacturer_model_name"],
-        software_versions=__version__,
-        device_serial_number=algo["device_serial_number"],
+        **equipment_attributes(),
         is_complete=True,
         is_final=True,
         is_verified=False,

@@ -92,6 +92,10 @@ from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
 
+#: 4-connected structuring element within one (z) slice: fills holes slice by slice.
+_IN_PLANE = np.zeros((3, 3, 3), bool)
+_IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
+
 #: Grid spacing (mm) of the coarse copy used for detection.
 COARSE_MM = 2.0
 #: Soft-tissue reference HU (skeletal muscle).
@@ -185,15 +189,17 @@ def _shift(a: np.ndarray, off: int, axis: int, fill: float) -> np.ndarray:
 
 
 def _patient_mask(c: np.ndarray) -> np.ndarray:
-    body = c > -400
-    lab, n = ndi.label(body)
+    return _largest_component_filled(c > -400)
+
+
+def _largest_component_filled(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of ``mask`` (z, y, x), holes filled slice by slice."""
+    lab, n = ndi.label(mask)
     if n == 0:
-        return body
-    sizes = ndi.sum_labels(body, lab, index=np.arange(1, n + 1))
-    body = lab == (1 + int(np.argmax(sizes)))
-    st = np.zeros((3, 3, 3), bool)
-    st[1] = ndi.generate_binary_structure(2, 1)
-    return ndi.binary_fill_holes(body, structure=st)
+        return mask
+    sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
+    largest = lab == (1 + int(np.argmax(sizes)))
+    return ndi.binary_fill_holes(largest, structure=_IN_PLANE)
 
 
 def _track_column(c: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
@@ -355,9 +361,7 @@ def _has_sacrum(c: np.ndarray, path: np.ndarray, disc: _Disc, g: float = COARSE_
     # opening; ribs and transverse processes do not) lateral to the body on each side
     zs = np.arange(z - int(round(30.0 / g)), z - int(round(8.0 / g)))
     bone = ndi.uniform_filter(c[zs], size=(1, 3, 3)) > 120.0
-    st = np.zeros((3, 3, 3), bool)
-    st[1] = ndi.generate_binary_structure(2, 1)
-    bone = ndi.binary_fill_holes(bone, structure=st)
+    bone = ndi.binary_fill_holes(bone, structure=_IN_PLANE)
     r = int(round(4.0 / g))
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     thick = ndi.binary_opening(bone, structure=(yy ** 2 + xx ** 2 <= r * r)[None])
@@ -487,18 +491,12 @@ def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
     # morphology on the bounding box only (padded by the structuring element)
     box = _bbox(full, rad + 1)
     mask = ndi.binary_opening(full[box], structure=ball)
-    lab, n = ndi.label(mask)
-    if n == 0:
+    if not mask.any():
         return out
-    # the largest component is the body
-    sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
-    mask = lab == (1 + int(np.argmax(sizes)))
-    st = np.zeros((3, 3, 3), bool)
-    st[1] = ndi.generate_binary_structure(2, 1)
-    mask = ndi.binary_fill_holes(mask, structure=st)
+    mask = _largest_component_filled(mask)  # the largest component is the body
     keep = np.broadcast_to(slab & envelope, hs.shape)[box]
     mask = ndi.binary_closing(mask, structure=ball) & keep
-    out[box] = ndi.binary_fill_holes(mask, structure=st)
+    out[box] = ndi.binary_fill_holes(mask, structure=_IN_PLANE)
     return out
 
 
