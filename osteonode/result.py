@@ -27,6 +27,50 @@ class LevelResult(BaseModel):
     trabecular_hu_sd: float = Field(description="standard deviation in the trabecular ROI, HU")
     trabecular_voxel_count: int = Field(ge=0)
     trabecular_roi_volume_mm3: float = Field(ge=0.0)
+    # filled by later stages when available (issue 4): calibrated density and Genant grading
+    vbmd_mg_cm3: float | None = Field(default=None, description="volumetric BMD, mg/cm³ calcium hydroxyapatite")
+    height_anterior_mm: float | None = None
+    height_middle_mm: float | None = None
+    height_posterior_mm: float | None = None
+    height_ratios: dict[str, float] | None = Field(
+        default=None, description="e.g. anterior_posterior, middle_posterior, posterior_reference (0..1)")
+    genant_grade: int | None = Field(default=None, ge=0, le=3, description="Genant 1993 semi-quantitative grade")
+    fracture_suspected: bool | None = None
+
+
+class Calibration(BaseModel):
+    """Phantomless (internal) HU -> vBMD calibration and its quality."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    slope_mg_cm3_per_hu: float | None = None
+    intercept_mg_cm3: float | None = None
+    reference_hu: dict[str, float] = Field(default_factory=dict, description="tissue -> mean HU")
+    residual_rms_mg_cm3: float | None = None
+    plausible: bool
+    note: str = ""
+
+
+class ContrastPhase(BaseModel):
+    """Contrast enhancement detected from the images."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    phase: Literal["non_contrast", "arterial", "portal_venous", "delayed", "unknown"]
+    aorta_hu: float | None = None
+    handling: str = Field(default="", description="correction applied, or why results are marked affected")
+
+
+class ProximalFemurResult(BaseModel):
+    """One side's proximal femur (label 90 = right, 91 = left in labels.nii.gz)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["segmented", "excluded", "not_in_view"]
+    reason: str | None = None
+    volume_mm3: float | None = None
+    hu_mean: float | None = None
 
 
 class BoneStatus(BaseModel):
@@ -52,6 +96,10 @@ class AnalysisResult(BaseModel):
     labelling_method: str = ""
     levels: dict[str, LevelResult] = Field(default_factory=dict)
     bone_status: BoneStatus
+    calibration: Calibration | None = None
+    contrast: ContrastPhase | None = None
+    proximal_femur: dict[Literal["right", "left"], ProximalFemurResult] = Field(default_factory=dict)
+    radiomics_file: str | None = Field(default=None, description="feature table, one row per level")
     timings_s: dict[str, float] = Field(default_factory=dict)
 
     def write(self, path: Path) -> None:
