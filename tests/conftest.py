@@ -53,3 +53,17 @@ def j2k_series(tmp_path_factory) -> list[Path]:
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def recompress_series(files: list[Path], out_dir: Path, transfer_syntax: str) -> list[Path]:
+    """Copy a series into ``out_dir`` re-encoded (lossless) in ``transfer_syntax`` with new SOP Instance UIDs."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series_uid, paths = generate_uid(), []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.compress(transfer_syntax)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        paths.append(out_dir / path.name)
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths

@@ -4,15 +4,26 @@ from __future__ import annotations
 
 import subprocess
 
+import highdicom as hd
+import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    MRImageStorage,
+    RLELossless,
+    generate_uid,
+)
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from osteonode.config import Settings
 from osteonode.ingest.scp import start_scp
 from osteonode.ingest.spool import instance_files
+from osteonode.volume import load_series
+from tests.conftest import recompress_series
 from services import free_port, run_tool
 
 pytestmark = pytest.mark.integration
@@ -58,7 +69,45 @@ def test_dcmtk_echo_and_store_land_in_spool(node, abdomen_series, j2k_series):
         assert back.SOPInstanceUID == stored[0].stem
 
 
-def test_bad_input_is_answered_and_the_node_keeps_running(node, abdomen_series, tmp_path):
+def _stored_series(node, files):
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    return instance_files(node.spool_dir / first.StudyInstanceUID / first.SeriesInstanceUID)
+
+
+@pytest.mark.parametrize("syntax", [JPEGLSLossless, RLELossless, JPEG2000Lossless], ids=lambda s: s.name)
+def test_compressed_series_are_stored_as_sent_and_load_to_the_same_hu(node, abdomen_series, tmp_path, syntax):
+    files = recompress_series(abdomen_series, tmp_path / "ct", syntax)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, syntax)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEONODE")
+    assert assoc.is_established
+    assert all(assoc.send_c_store(p).Status == 0x0000 for p in files)
+    assoc.release()
+    stored = _stored_series(node, files)
+    assert len(stored) == len(files)
+    assert pydicom.dcmread(stored[0]).file_meta.TransferSyntaxUID == syntax
+    np.testing.assert_array_equal(load_series(stored).volume.hu, load_series(abdomen_series).volume.hu)
+
+
+def test_enhanced_ct_is_accepted_and_loads_to_the_same_volume(node, abdomen_series, tmp_path):
+    singles = [pydicom.dcmread(p) for p in abdomen_series]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        singles, series_instance_uid=generate_uid(), series_number=9, sop_instance_uid=generate_uid(),
+        instance_number=1)
+    path = tmp_path / "enhanced.dcm"
+    enhanced.save_as(path, enforce_file_format=True)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(enhanced.SOPClassUID, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEONODE")
+    assert assoc.send_c_store(path).Status == 0x0000
+    assoc.release()
+    (stored,) = _stored_series(node, [path])
+    loaded, reference = load_series([stored]).volume, load_series(abdomen_series).volume
+    np.testing.assert_array_equal(loaded.hu, reference.hu)
+    np.testing.assert_allclose(loaded.affine, reference.affine, atol=1e-3)
+
+
+def test_bad_input_is_answered_and_the_node_keeps_running(node, abdomen_series, tmp_path, caplog):
     # 1. truncated file: sent raw (not decodable) -> failure status, nothing spooled
     truncated = tmp_path / "truncated.dcm"
     data = abdomen_series[0].read_bytes()
@@ -97,6 +146,11 @@ def test_bad_input_is_answered_and_the_node_keeps_running(node, abdomen_series, 
     # nothing bad reached the spool, and the node still answers
     assert not list(node.spool_dir.rglob("*.dcm"))
     assert _echo_ok(node)
+    # the refusals were logged, without patient identifiers
+    assert "refused" in caplog.text
+    patient = pydicom.dcmread(abdomen_series[0], stop_before_pixels=True)
+    for identifier in (str(patient.PatientName), str(patient.PatientID), str(patient.StudyInstanceUID)):
+        assert identifier not in caplog.text
 
 
 def test_dataset_whose_pixel_data_is_short_is_refused(node, abdomen_series):
