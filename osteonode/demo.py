@@ -131,6 +131,11 @@ def _wait_for_echo(port: int, node: subprocess.Popen, timeout_s: float) -> None:
     while time.monotonic() < deadline:
         if node.poll() is not None:
             raise RuntimeError(f"the node exited with code {node.returncode}; see node.log")
+        with socket.socket() as probe:
+            listening = probe.connect_ex(("127.0.0.1", port)) == 0
+        if not listening:
+            time.sleep(0.5)
+            continue
         assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
         if assoc.is_established:
             status = assoc.send_c_echo()

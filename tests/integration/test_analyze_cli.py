@@ -21,6 +21,13 @@ def _analyze(series, out):
                           capture_output=True, text=True, timeout=600)
 
 
+def test_converted_real_ct_is_a_clean_ct_image_series(abdomen_series):
+    ds = pydicom.dcmread(abdomen_series[0])
+    assert (ds.BitsAllocated, ds.PixelRepresentation, float(ds.RescaleIntercept)) == (16, 1, -1024.0)
+    for path in (abdomen_series[0], abdomen_series[-1]):
+        assert dciodvfy(path) == ([], [])
+
+
 def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
     run = _analyze(abdomen_series, tmp_path)
     assert run.returncode == 0, run.stderr
