@@ -33,6 +33,7 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
     RLELossless,
 )
+import pydicom
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -113,13 +114,30 @@ def _check_dataset(event: evt.Event) -> tuple[str, str, str]:
     series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
     if "PixelData" not in ds:
         raise InputRejected("the data set has no Pixel Data", status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
-    ds.file_meta = event.file_meta
+    _check_pixel_data(ds, event)
+    return study_uid, series_uid, sop_uid
+
+
+def _check_pixel_data(ds: pydicom.Dataset, event: evt.Event) -> None:
+    """Raise InputRejected (0xA900) if the pixel data are truncated or cannot be decoded.
+
+    Native (uncompressed) pixel data are checked by length, which is exact and
+    costs nothing; encapsulated pixel data are decoded, since only a decoder
+    can tell a truncated or corrupt codestream.
+    """
     try:
-        ds.pixel_array  # decodes: catches truncated or corrupt pixel data before we accept it
-    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError) as exc:
+        if not event.context.transfer_syntax.is_compressed:
+            frames = int(ds.get("NumberOfFrames", 1) or 1)
+            expected = ds.Rows * ds.Columns * ds.SamplesPerPixel * frames * ds.BitsAllocated // 8
+            if len(ds.PixelData) < expected:
+                raise InputRejected(f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)",
+                                    status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+            return
+        ds.file_meta = event.file_meta
+        ds.pixel_array  # noqa: B018 - decoding is the check
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError) as exc:
         raise InputRejected(f"pixel data cannot be decoded ({type(exc).__name__})",
                             status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from exc
-    return study_uid, series_uid, sop_uid
 
 
 def make_ae(settings: Settings) -> AE:
