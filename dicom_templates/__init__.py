@@ -2,10 +2,13 @@
 
 * ``segments.json``: SEG segment labels, SNOMED CT segmented property
   category/type codes (PS3.16 CID 7150 / CID 7151) and display colours.
-* ``sr_codes.json``: concept codes of the TID 1500 Measurement Report and the
-  private coding scheme that the SR declares (PS3.3 C.12.1.1.2).
-* ``algorithm.json``: algorithm identification (PS3.3 C.8.20.2, PS3.16 TID 4019);
-  the version is ``osteonode.__version__`` at run time, not stored here.
+* ``sr_codes.json``: concept codes of the TID 1500 Measurement Report, from
+  standard coding schemes only (DCM, SCT, LN, UCUM, UMLS; PS3.16 Section 8).
+* ``algorithm.json``: algorithm identification (PS3.3 C.8.20.2, PS3.16 TID 4019),
+  General Equipment values and the Series Number of each output; the version
+  is ``osteonode.__version__`` at run time, not stored here.
+* ``report.json``: texts of the key images and of the PDF report (title,
+  method, caveats) and the document title and concept (PS3.16 CID 7000).
 """
 
 from __future__ import annotations

@@ -6,6 +6,10 @@ scans obtained for other indications. Ann Intern Med 2013;158(8):588-595.
 L1 trabecular attenuation: <= 110 HU was >90 % specific for osteoporosis
 (DXA), >= 160 HU >90 % sensitive for distinguishing from osteoporosis, i.e.
 likely normal; values in between are indeterminate.
+
+ACR-SPR-SSR Practice Parameter for the Performance of Musculoskeletal
+Quantitative Computed Tomography (QCT), 2018: spine trabecular vBMD
+> 120 mg/cm³ normal, 80-120 mg/cm³ low bone density, < 80 mg/cm³ osteoporosis.
 """
 
 from __future__ import annotations
@@ -44,3 +48,49 @@ def classify_l1_hu(levels: dict[str, LevelResult]) -> BoneStatus:
                                            f"{PICKHARDT_NORMAL_MIN_HU:g} HU: indeterminate")
     return BoneStatus(category=category,
                       basis=f"L1 trabecular attenuation {hu:.0f} HU, {rule} ({PICKHARDT_CITATION})")
+
+
+# ACR-SPR-SSR Practice Parameter for the Performance of Musculoskeletal Quantitative
+# Computed Tomography (QCT), 2018: spine trabecular vBMD (mean of two vertebrae,
+# usually L1-L2) > 120 mg/cm3 normal, 80-120 mg/cm3 low bone density (osteopenia),
+# < 80 mg/cm3 osteoporosis.
+ACR_NORMAL_MIN_MG_CM3 = 120.0
+ACR_OSTEOPOROSIS_MAX_MG_CM3 = 80.0
+ACR_CITATION = "ACR-SPR-SSR Practice Parameter for QCT, 2018"
+#: Levels averaged, in order of preference (the two first available are used).
+ACR_LEVELS = ("L1", "L2", "L3", "L4")
+
+
+def classify_acr_vbmd(levels: dict[str, LevelResult]) -> BoneStatus:
+    """Bone status from the mean trabecular vBMD of two lumbar vertebrae (ACR 2018 QCT thresholds).
+
+    Parameters
+    ----------
+    levels : dict[str, LevelResult]
+        Per-level results with ``vbmd_mg_cm3`` (mg/cm³ calcium hydroxyapatite).
+
+    Returns
+    -------
+    BoneStatus
+        The first two of L1-L4 that have a vBMD and no suspected fracture are
+        averaged (L1-L2 when both qualify; one level when only one does):
+        ``normal`` > 120 mg/cm³, ``osteopenia`` 80-120 mg/cm³,
+        ``osteoporosis`` < 80 mg/cm³; ``indeterminate`` when no level has a
+        vBMD (e.g. the calibration was implausible).
+    """
+    used = [name for name in ACR_LEVELS if name in levels and levels[name].vbmd_mg_cm3 is not None
+            and not levels[name].fracture_suspected][:2]
+    if not used:
+        return BoneStatus(category="indeterminate",
+                          basis=f"no calibrated vBMD of L1-L4 without suspected fracture ({ACR_CITATION})")
+    vbmd = sum(levels[name].vbmd_mg_cm3 for name in used) / len(used)
+    if vbmd > ACR_NORMAL_MIN_MG_CM3:
+        category, rule = "normal", f"> {ACR_NORMAL_MIN_MG_CM3:g} mg/cm3: normal"
+    elif vbmd < ACR_OSTEOPOROSIS_MAX_MG_CM3:
+        category, rule = "osteoporosis", f"< {ACR_OSTEOPOROSIS_MAX_MG_CM3:g} mg/cm3: osteoporosis"
+    else:
+        category, rule = "osteopenia", (f"{ACR_OSTEOPOROSIS_MAX_MG_CM3:g}-{ACR_NORMAL_MIN_MG_CM3:g} mg/cm3: "
+                                        "low bone density (osteopenia)")
+    return BoneStatus(category=category,
+                      basis=f"mean trabecular vBMD of {' and '.join(used)} {vbmd:.0f} mg/cm3, {rule} ({ACR_CITATION}; "
+                            "phantomless internal calibration)")

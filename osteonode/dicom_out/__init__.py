@@ -1,12 +1,37 @@
-"""DICOM outputs of osteonode: a binary SEG of the vertebral bodies and a TID 1500 SR.
+"""DICOM outputs of osteonode, each a new series in the source study.
 
-* :func:`build_seg` -> Segmentation Storage (PS3.3 A.51), see :mod:`.seg`.
-* :func:`build_sr` -> Comprehensive 3D SR Storage (PS3.3 A.35.13) holding a
-  TID 1500 Measurement Report (PS3.16), see :mod:`.sr`.
-* :func:`write` saves either as a PS3.10 file.
+============================  ==========================================  =================================
+builder                       SOP class                                   Series Description (number)
+============================  ==========================================  =================================
+:func:`build_seg`             Segmentation Storage (PS3.3 A.51)           "osteonode SEG" (901)
+:func:`build_sr`              Comprehensive 3D SR Storage (PS3.3          "osteonode Bone Health SR" (902)
+                              A.35.13), TID 1500 Measurement Report
+:func:`build_key_images`      Secondary Capture Image Storage (PS3.3      "osteonode Key Images" (903)
+                              A.8.1): mid-sagittal and axial through L1
+:func:`build_pdf_report`      Encapsulated PDF Storage (PS3.3 A.45.1)     "osteonode Report" (904)
+============================  ==========================================  =================================
 
-Every output UID comes from :func:`osteonode.uids.derived_uid`, so processing
-the same series twice with the same version yields identical UIDs.
+:func:`write` saves any of them as a PS3.10 file. Series numbers come from
+``dicom_templates/algorithm.json``.
+
+Identity and character set
+    Patient and study attributes are copied from the source instance (same
+    Study Instance UID, no placeholder values); the Specific Character Set is
+    the source's when it can encode every text of the output, else UTF-8
+    (:mod:`.common`).
+
+UIDs, reprocessing and versions
+    Every output UID (series, instance, segment tracking UIDs) is
+    :func:`osteonode.uids.derived_uid` of the source Series Instance UID, a
+    role (e.g. ``"seg-series"``, ``"key-image-axial"``, ``"pdf-instance"``)
+    and ``osteonode.__version__``. Processing the same series again with the
+    same version therefore yields the same Series and SOP Instance UIDs: a
+    PACS receiving them again replaces (or, by its own policy, ignores) the
+    earlier instances instead of filing duplicates. A new osteonode version
+    yields new UIDs, so its outputs form new series beside those of earlier
+    versions, which stay untouched; Software Versions (0018,1020) and the
+    algorithm identification (SEG segments, SR TID 4019) name the version that
+    made each series.
 """
 
 from __future__ import annotations
@@ -16,6 +41,8 @@ from pathlib import Path
 
 import pydicom
 
+from osteonode.dicom_out.keyimage import KEY_IMAGES_SERIES_DESCRIPTION, build_key_images
+from osteonode.dicom_out.pdf import PDF_SERIES_DESCRIPTION, build_pdf_report
 from osteonode.dicom_out.seg import SEG_SERIES_DESCRIPTION, build_seg
 from osteonode.dicom_out.sr import SR_SERIES_DESCRIPTION, build_sr
 
@@ -28,7 +55,7 @@ def write(dataset: pydicom.Dataset, path: Path) -> Path:
     Parameters
     ----------
     dataset : pydicom.Dataset
-        A complete SOP instance with ``file_meta`` (highdicom instances have it).
+        A complete SOP instance with ``file_meta`` (every builder here sets it).
     path : pathlib.Path
         Destination file; its folder is created if missing.
 
@@ -52,6 +79,5 @@ def write(dataset: pydicom.Dataset, path: Path) -> Path:
     return path
 
 
-#: Alias of :func:`write` (the name :mod:`osteonode.pipeline` uses).
-
-__all__ = ["build_seg", "build_sr", "write", "SEG_SERIES_DESCRIPTION", "SR_SERIES_DESCRIPTION"]
+__all__ = ["build_seg", "build_sr", "build_key_images", "build_pdf_report", "write", "SEG_SERIES_DESCRIPTION",
+           "SR_SERIES_DESCRIPTION", "KEY_IMAGES_SERIES_DESCRIPTION", "PDF_SERIES_DESCRIPTION"]

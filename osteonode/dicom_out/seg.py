@@ -15,17 +15,18 @@ correct for any patient orientation and any slice order of the source.
 
 from __future__ import annotations
 
-import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import highdicom as hd
 import numpy as np
-import pydicom
+
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, VERTEBRA_NAMES
+from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equipment_attributes,
+                                        series_number, settle_character_set, with_type2_defaults)
 from osteonode.segment import SpineSegmentation
 from osteonode.uids import derived_uid
 from osteonode.volume import Series
@@ -38,18 +39,6 @@ SEG_SERIES_DESCRIPTION = "osteonode SEG"
 LABEL_KEYS: dict[int, str] = {**VERTEBRA_NAMES, FEMUR_RIGHT: "femur_right", FEMUR_LEFT: "femur_left"}
 
 
-def coded(entry: Mapping[str, str]) -> hd.sr.CodedConcept:
-    """Return the coded concept of a template entry ``{"value", "scheme", "meaning"}``.
-
-    Raises
-    ------
-    KeyError
-        If the entry lacks one of the three keys.
-    """
-    return hd.sr.CodedConcept(value=entry["value"], scheme_designator=entry["scheme"],
-                              meaning=entry["meaning"])
-
-
 def algorithm_identification() -> hd.AlgorithmIdentificationSequence:
     """Algorithm Identification Sequence of osteonode (PS3.3 C.8.20.2, CID 7162 family).
 
@@ -59,13 +48,6 @@ def algorithm_identification() -> hd.AlgorithmIdentificationSequence:
     algo = dicom_templates.load("algorithm")
     return hd.AlgorithmIdentificationSequence(
         name=algo["name"], family=coded(algo["family"]), version=__version__, source=algo["source"])
-
-
-def equipment_attributes() -> dict[str, str]:
-    """General Equipment module values of every object osteonode writes (PS3.3 C.7.5.1)."""
-    algo = dicom_templates.load("algorithm")
-    return {"manufacturer": algo["manufacturer"], "manufacturer_model_name": algo["manufacturer_model_name"],
-            "software_versions": __version__, "device_serial_number": algo["device_serial_number"]}
 
 
 def tracking_uid(source_series_uid: str, key: str) -> str:
@@ -85,37 +67,6 @@ def tracking_id(key: str) -> str:
     """Human-readable Tracking ID of the structure ``key`` (e.g. ``"L1 vertebral body"``)."""
     entry = dicom_templates.load("segments")["segments"][key]
     return str(entry["description"])
-
-
-#: Type 2 Patient / General Study attributes (PS3.3 C.7.1.1, C.7.2.1) that highdicom reads
-#: from the first source dataset without a default.
-_TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "AccessionNumber",
-                        "StudyID", "StudyDate", "StudyTime", "ReferringPhysicianName")
-
-
-def with_type2_defaults(datasets: Sequence[pydicom.Dataset]) -> list[pydicom.Dataset]:
-    """Return ``datasets`` with the first one completed by empty Type 2 patient/study attributes.
-
-    highdicom copies the Patient and General Study modules from the first
-    source dataset and fails with ``AttributeError`` when a Type 2 attribute is
-    absent (common in anonymised data). Absent attributes are added empty (a
-    valid Type 2 encoding) to a copy; the caller's datasets are not modified.
-
-    Raises
-    ------
-    ValueError
-        If ``datasets`` is empty.
-    """
-    if not datasets:
-        raise ValueError("no source datasets")
-    first = datasets[0]
-    missing = [keyword for keyword in _TYPE2_PATIENT_STUDY if keyword not in first]
-    if not missing:
-        return list(datasets)
-    first = copy.deepcopy(first)
-    for keyword in missing:
-        setattr(first, keyword, "")
-    return [first, *datasets[1:]]
 
 
 def _segment_description(number: int, key: str, entry: Mapping[str, Any], category: Mapping[str, str],
@@ -183,8 +134,10 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         Series Description "osteonode SEG", Series/SOP Instance UIDs derived
         from the source Series Instance UID (:func:`osteonode.uids.derived_uid`,
         roles ``"seg-series"`` / ``"seg-instance"``), patient and study modules
-        copied from the source (same Study Instance UID). Empty frames are
-        omitted.
+        copied from the source (same Study Instance UID, see
+        :mod:`osteonode.dicom_out.common`), Specific Character Set of the
+        source or UTF-8 (:func:`~osteonode.dicom_out.common.settle_character_set`).
+        Empty frames are omitted.
 
     Raises
     ------
@@ -200,7 +153,6 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         raise ValueError("the segmentation contains no labelled structure")
 
     template = dicom_templates.load("segments")
-    algo = dicom_templates.load("algorithm")
     algorithm = algorithm_identification()
     source_uid = series.series_instance_uid
 
@@ -220,18 +172,21 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=derived_uid(source_uid, "seg-series"),
-        series_number=int(algo["seg_series_number"]),
+        series_number=series_number("seg"),
         sop_instance_uid=derived_uid(source_uid, "seg-instance"),
         instance_number=1,
         **equipment_attributes(),
         content_label="OSTEONODE",
         content_description="Vertebral bodies (osteonode)",
         series_description=SEG_SERIES_DESCRIPTION,
+        specific_character_set=UTF8,
     )
+    copy_optional_identity(series.datasets[0], seg)
+    settle_character_set(seg, series.datasets[0])
     log.info("built SEG: %d segment(s) (%s), %d frame(s)", len(descriptions),
              ", ".join(LABEL_KEYS[label] for label in numbers), int(seg.NumberOfFrames))
     return seg
 
 
-__all__ = ["build_seg", "coded", "algorithm_identification", "segment_numbers", "tracking_uid",
-           "tracking_id", "with_type2_defaults", "LABEL_KEYS", "SEG_SERIES_DESCRIPTION"]
+__all__ = ["build_seg", "algorithm_identification", "segment_numbers", "tracking_uid", "tracking_id",
+           "LABEL_KEYS", "SEG_SERIES_DESCRIPTION"]

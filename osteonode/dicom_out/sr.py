@@ -19,18 +19,22 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
     category/type/site (CID 7151 vertebra codes), the algorithm (TID 4019) and
     TID 300 measurements: attenuation coefficient (112031, DCM) with derivation
     mean / median / standard deviation (CID 7464) in ``[hnsf'U]``, plus the
-    level label confidence (private 99OSTEO code, unit ``1``);
+    level label confidence as (111012, DCM, "Certainty of Finding") in ``%``
+    (the finding being the vertebral level of the group);
   - not-evaluable series: one TID 1501 group referencing every source image
     (121112, DCM, "Source of Measurement") with the algorithm and the
-    finding "not evaluable".
+    finding (373121007, SCT, "Not Evaluated") (CID 3703).
 
 * Row 12: Qualitative Evaluations (C0034375, UMLS): the bone status as CODE
   (121071, DCM, "Finding") = Normal / Osteopenia / Osteoporosis / Indeterminate
-  (SNOMED CT) or Not evaluable (99OSTEO), and TEXT items with the basis of the
-  category, the level identification method and, when not evaluable, the reason.
+  / Not Evaluated (SNOMED CT), and TEXT items: (121106, DCM, "Comment") with
+  the basis of the category and, when not evaluable, the reason; (370129005,
+  SCT, "Measurement Method") with the level identification method.
 
-The private scheme ``99OSTEO`` is declared in the Coding Scheme Identification
-Sequence (PS3.3 C.12.1.1.2), so validators know it.
+Only standard coding schemes are used (``dicom_templates/sr_codes.json``), so
+no private scheme needs a Coding Scheme Identification Sequence (PS3.3
+C.12.1.1.2) and dciodvfy knows every designator. The document is encoded in
+UTF-8 (see :mod:`osteonode.dicom_out.common`).
 """
 
 from __future__ import annotations
@@ -40,13 +44,15 @@ from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import pydicom
-from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from pydicom.sr.codedict import codes
 
 import dicom_templates
 from osteonode import __version__
-from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.dicom_out.seg import coded, equipment_attributes, tracking_id, tracking_uid, with_type2_defaults
+from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equipment_attributes,
+                                        series_number, settle_character_set, source_datasets,
+                                        with_type2_defaults)
+from osteonode.dicom_out.seg import tracking_id, tracking_uid
+from osteonode.dicom_out.summary import ordered_levels, status_comments
 from osteonode.result import AnalysisResult, LevelResult
 from osteonode.uids import derived_uid
 from osteonode.volume import Series
@@ -100,7 +106,7 @@ def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segmen
         hd.sr.Measurement(name=attenuation, value=float(measures.trabecular_hu_sd), unit=hu,
                           derivation=coded(sr_codes["standard_deviation"])),
         hd.sr.Measurement(name=coded(sr_codes["label_confidence"]),
-                          value=float(measures.label_confidence), unit=coded(sr_codes["unit_none"])),
+                          value=round(100.0 * measures.label_confidence, 6), unit=coded(sr_codes["unit_percent"])),
     ]
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         # The SEG segment's Tracking UID/ID, so SEG segment and SR group are one tracked object.
@@ -161,13 +167,8 @@ def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr
                               value=coded(sr_codes["bone_status_values"][status_key]),
                               relationship_type=contains),
     ]
-    if result.status == "not_evaluable":
-        items.append(hd.sr.TextContentItem(
-            name=coded(sr_codes["not_evaluable_reason"]),
-            value=result.reason or "not stated", relationship_type=contains))
-    if result.bone_status.basis:
-        items.append(hd.sr.TextContentItem(name=coded(sr_codes["bone_status_basis"]),
-                                           value=result.bone_status.basis, relationship_type=contains))
+    items += [hd.sr.TextContentItem(name=coded(sr_codes["comment"]), value=comment, relationship_type=contains)
+              for comment in status_comments(result)]
     if result.labelling_method:
         items.append(hd.sr.TextContentItem(name=coded(sr_codes["labelling_method"]),
                                            value=result.labelling_method, relationship_type=contains))
@@ -175,14 +176,6 @@ def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr
                                            relationship_type=contains)
     container.ContentSequence = hd.sr.ContentSequence(items)
     return container
-
-
-def _ordered_levels(levels: Mapping[str, LevelResult]) -> list[str]:
-    """Level names in cranio-caudal order (VerSe ID order); unknown names raise ``ValueError``."""
-    unknown = [name for name in levels if name not in VERTEBRA_IDS]
-    if unknown:
-        raise ValueError(f"unknown vertebral level name(s) in the result: {unknown}")
-    return sorted(levels, key=VERTEBRA_IDS.__getitem__)
 
 
 def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
@@ -200,8 +193,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         The analysis result. For ``status == "ok"`` every level in
         ``result.levels`` becomes a TID 1411 group; HU values are written in
         ``[hnsf'U]`` as given (mean, median, SD of the trabecular ROI).
-        For ``status == "not_evaluable"`` the report states "Not evaluable"
-        with ``result.reason``.
+        For ``status == "not_evaluable"`` the report states "Not Evaluated"
+        with ``result.reason`` as a comment.
     seg : highdicom.seg.Segmentation or None
         The SEG from :func:`osteonode.dicom_out.seg.build_seg` of this series;
         required when the result is evaluable and ignored otherwise. Segments
@@ -215,7 +208,9 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         Description "osteonode Bone Health SR", Completion Flag COMPLETE,
         Verification Flag UNVERIFIED, Series/SOP Instance UIDs derived from the
         source Series Instance UID (roles ``"sr-series"``, ``"sr-instance"``),
-        Coding Scheme Identification Sequence declaring ``99OSTEO``.
+        Specific Character Set of the source or UTF-8
+        (:func:`~osteonode.dicom_out.common.settle_character_set`), standard
+        coding schemes only.
 
     Raises
     ------
@@ -224,15 +219,12 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         an evaluable result has no SEG or no level, a level has no segment in
         the SEG, or a level name is unknown.
     """
-    datasets = list(series.datasets if isinstance(series, Series) else series)
-    if not datasets:
-        raise ValueError("no source instance to report on")
+    datasets = source_datasets(series)
     source_uid = str(datasets[0].get("SeriesInstanceUID", ""))
     if result.series_instance_uid != source_uid:
         raise ValueError("the result does not belong to the given series")
     sr_codes = dicom_templates.load("sr_codes")
     segment_templates = dicom_templates.load("segments")["segments"]
-    algo = dicom_templates.load("algorithm")
     algorithm = _algorithm()
 
     evaluable = result.status == "ok"
@@ -243,7 +235,7 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
             raise ValueError("an evaluable result has no measured level")
         segments = _segments_by_label(seg)
         groups = []
-        for level in _ordered_levels(result.levels):
+        for level in ordered_levels(result.levels):
             segment = segments.get(segment_templates[level]["label"])
             if segment is None:
                 raise ValueError(f"the SEG has no segment for level {level}")
@@ -266,7 +258,7 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         evidence=evidence,
         content=report[0],
         series_instance_uid=derived_uid(source_uid, "sr-series"),
-        series_number=int(algo["sr_series_number"]),
+        series_number=series_number("sr"),
         sop_instance_uid=derived_uid(source_uid, "sr-instance"),
         instance_number=1,
         **equipment_attributes(),
@@ -274,11 +266,10 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         is_final=True,
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
-        coding_schemes=[CodingSchemeIdentificationItem(
-            designator=s["designator"], name=s["name"], version=s["version"],
-            responsible_organization=s["responsible_organization"])
-            for s in sr_codes["private_coding_schemes"]],
+        specific_character_set=UTF8,
     )
+    copy_optional_identity(datasets[0], sr)
+    settle_character_set(sr, datasets[0])
     log.info("built SR: status %s, %d measurement group(s)", result.status, len(groups))
     return sr
 

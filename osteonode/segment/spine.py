@@ -93,8 +93,8 @@ from osteonode.volume import Volume
 log = logging.getLogger(__name__)
 
 #: 4-connected structuring element within one (z) slice: fills holes slice by slice.
-_IN_PLANE = np.zeros((3, 3, 3), bool)
-_IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
+IN_PLANE = np.zeros((3, 3, 3), bool)
+IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
 
 #: Grid spacing (mm) of the coarse copy used for detection.
 COARSE_MM = 2.0
@@ -111,7 +111,7 @@ L5 = VERTEBRA_IDS["L5"]
 
 
 @dataclass(frozen=True)
-class _Frame:
+class CanonicalFrame:
     """Permutation/flips from the native ``(z, y, x)`` array to (S, A, L) axes."""
 
     perm: tuple[int, int, int]
@@ -119,7 +119,7 @@ class _Frame:
     spacing: np.ndarray  # canonical (s, a, l) spacing in mm
 
     @classmethod
-    def from_volume(cls, volume: Volume) -> "_Frame":
+    def from_volume(cls, volume: Volume) -> "CanonicalFrame":
         # LPS unit vectors of superior, anterior, left
         targets = (np.array([0.0, 0.0, 1.0]), np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0]))
         dirs = [volume.index_direction(a) for a in range(3)]
@@ -142,8 +142,16 @@ class _Frame:
         unflipped = array[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
         return np.ascontiguousarray(unflipped.transpose(np.argsort(self.perm)))
 
+    def canonical_mm_to_lps(self, point_mm: np.ndarray, volume: Volume) -> np.ndarray:
+        """LPS position (mm) of a canonical ``(s, a, l)`` position given in mm from canonical index 0."""
+        index = np.asarray(point_mm, dtype=float) / self.spacing
+        native = np.empty(3)
+        for i, (axis, flip) in enumerate(zip(self.perm, self.flips)):
+            native[axis] = volume.shape[axis] - 1 - index[i] if flip else index[i]
+        return volume.affine[:3, :3] @ native + volume.affine[:3, 3]
 
-def _coarse_copy(hc: np.ndarray, spacing: np.ndarray, grid: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
+
+def coarse_copy(hc: np.ndarray, spacing: np.ndarray, grid: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
     """Block-average then linearly resample the canonical array to ``grid`` mm.
 
     Returns the coarse array and the offset (mm) such that coarse index ``j``
@@ -188,18 +196,18 @@ def _shift(a: np.ndarray, off: int, axis: int, fill: float) -> np.ndarray:
     return out
 
 
-def _patient_mask(c: np.ndarray) -> np.ndarray:
-    return _largest_component_filled(c > -400)
+def patient_mask(c: np.ndarray) -> np.ndarray:
+    return largest_component_filled(c > -400)
 
 
-def _largest_component_filled(mask: np.ndarray) -> np.ndarray:
+def largest_component_filled(mask: np.ndarray) -> np.ndarray:
     """The largest connected component of ``mask`` (z, y, x), holes filled slice by slice."""
     lab, n = ndi.label(mask)
     if n == 0:
         return mask
     sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
     largest = lab == (1 + int(np.argmax(sizes)))
-    return ndi.binary_fill_holes(largest, structure=_IN_PLANE)
+    return ndi.binary_fill_holes(largest, structure=IN_PLANE)
 
 
 def _track_column(c: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +218,7 @@ def _track_column(c: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.n
     spinal canal behind it.
     """
     nz, ny, nx = c.shape
-    patient = _patient_mask(c)
+    patient = patient_mask(c)
     area = patient.sum(axis=(1, 2))
     xs = np.arange(nx)
     # midline band: +-50 mm around the patient's left-right centre of mass
@@ -361,7 +369,7 @@ def _has_sacrum(c: np.ndarray, path: np.ndarray, disc: _Disc, g: float = COARSE_
     # opening; ribs and transverse processes do not) lateral to the body on each side
     zs = np.arange(z - int(round(30.0 / g)), z - int(round(8.0 / g)))
     bone = ndi.uniform_filter(c[zs], size=(1, 3, 3)) > 120.0
-    bone = ndi.binary_fill_holes(bone, structure=_IN_PLANE)
+    bone = ndi.binary_fill_holes(bone, structure=IN_PLANE)
     r = int(round(4.0 / g))
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     thick = ndi.binary_opening(bone, structure=(yy ** 2 + xx ** 2 <= r * r)[None])
@@ -487,20 +495,20 @@ def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
     if not full.any():
         return out
     rad = np.maximum(1, np.round(2.0 / spacing)).astype(int)
-    ball = _ellipsoid(rad, spacing)
+    ball = ellipsoid(rad, spacing)
     # morphology on the bounding box only (padded by the structuring element)
-    box = _bbox(full, rad + 1)
+    box = bounding_box(full, rad + 1)
     mask = ndi.binary_opening(full[box], structure=ball)
     if not mask.any():
         return out
-    mask = _largest_component_filled(mask)  # the largest component is the body
+    mask = largest_component_filled(mask)  # the largest component is the body
     keep = np.broadcast_to(slab & envelope, hs.shape)[box]
     mask = ndi.binary_closing(mask, structure=ball) & keep
-    out[box] = ndi.binary_fill_holes(mask, structure=_IN_PLANE)
+    out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
     return out
 
 
-def _bbox(mask: np.ndarray, pad) -> tuple[slice, slice, slice]:
+def bounding_box(mask: np.ndarray, pad) -> tuple[slice, slice, slice]:
     """Bounding box of ``mask`` grown by ``pad`` voxels per axis, clipped to the array."""
     pad = np.broadcast_to(np.asarray(pad, dtype=int), (mask.ndim,))
     box = []
@@ -511,7 +519,7 @@ def _bbox(mask: np.ndarray, pad) -> tuple[slice, slice, slice]:
     return tuple(box)
 
 
-def _ellipsoid(rad: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+def ellipsoid(rad: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(-r, r + 1) * s for r, s in zip(rad, spacing)], indexing="ij")
     r_mm = float(np.max(rad * spacing))
     inside = sum(gg ** 2 for gg in grids) <= r_mm ** 2 + 1e-6
@@ -522,7 +530,7 @@ def _trabecular_roi(body: np.ndarray, spacing: np.ndarray, coords_mm, centre, ax
                     top, bottom) -> np.ndarray:
     if not body.any():
         return body
-    box = _bbox(body, 1)
+    box = bounding_box(body, 1)
     dist = np.zeros(body.shape)
     dist[box] = ndi.distance_transform_edt(np.pad(body[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     zc, yc, xc = coords_mm
@@ -586,7 +594,7 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
     """
     if volume.hu.ndim != 3:
         raise ValueError(f"volume must be 3-D (z, y, x), got shape {volume.hu.shape}")
-    frame = _Frame.from_volume(volume)
+    frame = CanonicalFrame.from_volume(volume)
     hc = frame.to_canonical(volume.hu)
     sp = frame.spacing
     bodies_c = np.zeros(hc.shape, np.uint8)
@@ -597,7 +605,7 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
                                  confidence=confidence, method=method, not_evaluable_reason=reason)
 
     g = COARSE_MM
-    c, offset = _coarse_copy(hc, sp, g)
+    c, offset = coarse_copy(hc, sp, g)
     if min(c.shape) < 8:
         return result({}, "", "the volume is too small to contain a vertebra")
     path, valid = _track_column(c, g)

@@ -1,10 +1,10 @@
-"""Pickhardt 2013 L1 HU thresholds, at and around the cut-offs."""
+"""Pickhardt 2013 L1 HU and ACR 2018 vBMD thresholds, at and around the cut-offs."""
 
 from __future__ import annotations
 
 import pytest
 
-from osteonode.classify.rules import classify_l1_hu
+from osteonode.classify.rules import classify_acr_vbmd, classify_l1_hu
 from osteonode.result import LevelResult
 
 
@@ -25,3 +25,33 @@ def test_thresholds(hu, category):
 
 def test_missing_l1_is_indeterminate():
     assert classify_l1_hu({}).category == "indeterminate"
+
+
+# ---------------------------------------------------------------- ACR 2018 QCT vBMD thresholds
+
+def _vbmd(values: dict[str, float | None], fractured: tuple[str, ...] = ()) -> dict[str, LevelResult]:
+    return {name: LevelResult(label_confidence=1, trabecular_hu_mean=100, trabecular_hu_median=100,
+                              trabecular_hu_sd=10, trabecular_voxel_count=100, trabecular_roi_volume_mm3=100,
+                              vbmd_mg_cm3=v, fracture_suspected=name in fractured)
+            for name, v in values.items()}
+
+
+@pytest.mark.parametrize("l1, l2, category", [
+    (60, 70, "osteoporosis"), (79, 80.9, "osteoporosis"), (80, 80, "osteopenia"), (100, 110, "osteopenia"),
+    (120, 120, "osteopenia"), (120, 121, "normal"), (150, 170, "normal"),
+])
+def test_acr_thresholds_on_mean_of_l1_l2(l1, l2, category):
+    status = classify_acr_vbmd(_vbmd({"L1": l1, "L2": l2, "L3": 300.0}))
+    assert status.category == category
+    assert "L1 and L2" in status.basis and "ACR" in status.basis and f"{(l1 + l2) / 2:.0f} mg/cm3" in status.basis
+
+
+def test_acr_skips_fractured_and_missing_levels():
+    status = classify_acr_vbmd(_vbmd({"L1": 50.0, "L2": None, "L3": 130.0, "L4": 140.0}, fractured=("L1",)))
+    assert status.category == "normal" and "L3 and L4" in status.basis
+    assert classify_acr_vbmd(_vbmd({"L3": 70.0})).category == "osteoporosis"
+
+
+def test_acr_without_vbmd_is_indeterminate():
+    assert classify_acr_vbmd(_vbmd({"L1": None, "L2": None})).category == "indeterminate"
+    assert classify_acr_vbmd({}).category == "indeterminate"

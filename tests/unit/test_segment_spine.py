@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import SpineSegmentation
-from osteonode.segment.spine import _Frame, segment_spine
+from osteonode.segment.spine import CanonicalFrame, segment_spine
 from osteonode.volume import Volume, load_series
 from tests.conftest import DATA, require_data
 
@@ -273,7 +273,7 @@ def test_canonical_frame_round_trip():
     affine[:3, 0] = [0, 1.5, 0]
     affine[:3, 1] = [0, 0, -0.7]
     affine[:3, 2] = [-0.7, 0, 0]
-    frame = _Frame.from_volume(Volume(hu=arr, affine=affine))
+    frame = CanonicalFrame.from_volume(Volume(hu=arr, affine=affine))
     canon = frame.to_canonical(arr)
     assert canon.shape == (6, 5, 7)
     np.testing.assert_allclose(frame.spacing, [0.7, 1.5, 0.7])

@@ -1,0 +1,173 @@
+"""Human-readable text of a result, shared by the key images and the PDF report.
+
+Missing values (e.g. ``vbmd_mg_cm3`` or ``genant_grade`` before the stages
+that fill them exist) are printed as :data:`NA`, never as 0 or blank.
+Nothing here is logged: the identity lines hold patient data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import pydicom
+from pydicom.valuerep import PersonName
+
+import dicom_templates
+from osteonode import __version__
+from osteonode.anatomy import VERTEBRA_IDS
+from osteonode.result import AnalysisResult, LevelResult
+
+#: Printed for a value that is not available.
+NA = "n/a"
+
+#: Genant et al. 1993 semi-quantitative grades.
+GENANT_GRADES = {0: "normal", 1: "mild", 2: "moderate", 3: "severe"}
+
+
+@dataclass(frozen=True)
+class LevelRow:
+    """One vertebral level as printed: every field is a string, :data:`NA` when unknown."""
+
+    level: str
+    confidence_percent: str
+    hu_mean: str
+    hu_median: str
+    hu_sd: str
+    roi_volume_cm3: str
+    vbmd_mg_cm3: str
+    genant: str
+    heights_mm: str
+
+
+def number(value: float | None, digits: int = 0) -> str:
+    """``value`` with ``digits`` decimals, or :data:`NA` when it is ``None``."""
+    return NA if value is None else f"{value:.{digits}f}"
+
+
+def genant(grade: int | None) -> str:
+    """Genant grade as ``"2 (moderate)"``, or :data:`NA`."""
+    return NA if grade is None else f"{grade} ({GENANT_GRADES[grade]})"
+
+
+def ordered_levels(levels: Mapping[str, LevelResult]) -> list[str]:
+    """Level names in cranio-caudal order (VerSe ID order).
+
+    Raises
+    ------
+    ValueError
+        If a name is not a vertebral level of :data:`osteonode.anatomy.VERTEBRA_IDS`.
+    """
+    unknown = [name for name in levels if name not in VERTEBRA_IDS]
+    if unknown:
+        raise ValueError(f"unknown vertebral level name(s) in the result: {unknown}")
+    return sorted(levels, key=VERTEBRA_IDS.__getitem__)
+
+
+def level_rows(result: AnalysisResult) -> list[LevelRow]:
+    """The printed rows of ``result.levels``, cranio-caudal.
+
+    HU and vBMD without decimals, ROI volume in cm³ with one decimal, heights
+    anterior/middle/posterior in mm (:data:`NA` unless all three are known).
+
+    Raises
+    ------
+    ValueError
+        If a level name is unknown (see :func:`ordered_levels`).
+    """
+    rows = []
+    for name in ordered_levels(result.levels):
+        level = result.levels[name]
+        heights = (level.height_anterior_mm, level.height_middle_mm, level.height_posterior_mm)
+        rows.append(LevelRow(
+            level=name,
+            confidence_percent=number(100.0 * level.label_confidence),
+            hu_mean=number(level.trabecular_hu_mean),
+            hu_median=number(level.trabecular_hu_median),
+            hu_sd=number(level.trabecular_hu_sd),
+            roi_volume_cm3=number(level.trabecular_roi_volume_mm3 / 1000.0, 1),
+            vbmd_mg_cm3=number(level.vbmd_mg_cm3),
+            genant=genant(level.genant_grade),
+            heights_mm=NA if None in heights else "/".join(number(h) for h in heights),
+        ))
+    return rows
+
+
+def status_line(result: AnalysisResult) -> str:
+    """The overall result in one line, e.g. ``"Osteopenia"`` or ``"Not evaluable"``."""
+    if result.status == "not_evaluable":
+        return "Not evaluable"
+    return result.bone_status.category.capitalize()
+
+
+def status_comments(result: AnalysisResult) -> list[str]:
+    """The free-text comments on the bone status: its basis and, when not evaluable, the reason.
+
+    The reason is left out when the basis already contains it (as in
+    :meth:`AnalysisResult.not_evaluable`); a not-evaluable result without any
+    text gets "reason not stated".
+    """
+    texts = [result.bone_status.basis] if result.bone_status.basis else []
+    if result.status == "not_evaluable":
+        reason = result.reason or "reason not stated"
+        if not any(reason in text for text in texts):
+            texts.insert(0, reason)
+    return texts
+
+
+def display_name(value: object) -> str:
+    """A Patient's Name (PN) for display: ``"Family, Given Middle"``.
+
+    The alphabetic component group is used; the ideographic one only when
+    there is no alphabetic group. An empty name is :data:`NA`.
+    """
+    name = value if isinstance(value, PersonName) else PersonName(str(value or ""))
+    given = " ".join(part for part in (name.name_prefix, name.given_name, name.middle_name) if part)
+    alphabetic = ", ".join(part for part in (name.family_name, given) if part)
+    text = alphabetic or str(name.ideographic or "").replace("^", " ").strip()
+    return text or NA
+
+
+def display_date(value: object) -> str:
+    """A DA value ``YYYYMMDD`` as ``YYYY-MM-DD``; other text unchanged; empty as :data:`NA`."""
+    text = str(value or "").strip()
+    if len(text) == 8 and text.isdigit():
+        return f"{text[:4]}-{text[4:6]}-{text[6:]}"
+    return text or NA
+
+
+def identity_lines(source: pydicom.Dataset) -> list[str]:
+    """Patient and study identity of the source instance, two lines for a header.
+
+    Parameters
+    ----------
+    source : pydicom.Dataset
+        A source instance's header (Patient and General Study modules, PS3.3
+        C.7.1.1 and C.7.2.1; General Series C.7.3.1).
+
+    Returns
+    -------
+    list of str
+        ``["Patient: <name>   ID: <id>   Born: <date>   Sex: <sex>",
+        "Study: <date> <study description>   Accession: <number>   Series <n>: <description>"]``
+        with :data:`NA` for absent values (an absent study description is left out).
+    """
+    def text(keyword: str) -> str:
+        return str(source.get(keyword, "") or "").strip() or NA
+
+    description = str(source.get("StudyDescription", "") or "").strip()
+    patient = (f"Patient: {display_name(source.get('PatientName'))}   ID: {text('PatientID')}   "
+               f"Born: {display_date(source.get('PatientBirthDate'))}   Sex: {text('PatientSex')}")
+    study = (f"Study: {' '.join(filter(None, (display_date(source.get('StudyDate')), description)))}   "
+             f"Accession: {text('AccessionNumber')}   "
+             f"Series {text('SeriesNumber')}: {text('SeriesDescription')}")
+    return [patient, study]
+
+
+def title() -> str:
+    """The report title of ``dicom_templates/report.json`` with the osteonode version."""
+    return str(dicom_templates.load("report")["title"]).format(version=__version__)
+
+
+__all__ = ["NA", "GENANT_GRADES", "LevelRow", "number", "genant", "ordered_levels", "level_rows",
+           "status_line", "status_comments", "display_name", "display_date", "identity_lines", "title"]

@@ -1,0 +1,454 @@
+"""Radiomics features per vertebral level with pyradiomics, from validated parameter files.
+
+Feature settings live in data, not in code (the pyradiomics way): each *preset*
+is a pyradiomics parameter file (``dicom_templates/radiomics/<name>.yaml``,
+validated with pyradiomics' own pykwalify schema when loaded) plus an entry in
+``dicom_templates/radiomics/presets.json`` for what pyradiomics settings cannot
+express: which ROI (vertebral bodies or trabecular ROIs), which levels, a crop
+margin, and an optional intensity rescaling. Shipped presets:
+
+``seed000``
+    Xue Z et al., BMC Musculoskelet Disord 2022;23:336. Original + LoG
+    (sigma 1.0, 1.5, 2.0, 2.5 mm) + wavelet images, all feature classes: 1,210
+    features per vertebra with pyradiomics 3.1 (1,197 in the paper; the
+    parameter file says which GLCM feature differs). ROI: the
+    whole vertebral bodies of L1-L4, as the paper's ROIs. Intensities are
+    rescaled before extraction: the 0.1 and 99.9 percentiles of the whole image
+    become 0 and 255, values outside are clipped -- pyradiomics' own
+    ``normalize`` setting is a z-score, so this step is done here
+    (:func:`image_percentiles`, :func:`_rescale`).
+``seed003``
+    Goller SS et al. 2023: exactly eight texture features (global variance and
+    skewness, GLCM joint energy and joint entropy, GLRLM SRE, LRE, RLN, RP) of
+    each vertebral body T12-L5, after 1 mm isotropic cubic B-spline resampling.
+``seed004``
+    BMC Musculoskelet Disord 2025;26:378: bin width 25 HU, 1 mm isotropic
+    B-spline resampling, original + LoG + wavelet images. The paper's ROI is the
+    proximal femur, which the spine segmentation does not provide; the settings
+    are applied to the L1-L4 bodies.
+
+Memory: pyradiomics filters (LoG, wavelet) and resamples the whole image it is
+given, which took 12 GB on an uncropped CT. Every level is therefore cropped to
+its ROI's bounding box plus ``crop_margin_mm`` (15 mm: more than the support of
+the largest LoG kernel, 4 sigma = 10 mm, of the 6-tap coif1 wavelet and of
+pyradiomics' 5-voxel resampling pad) before anything is handed to pyradiomics.
+
+Arrays are ``(z, y, x)`` numpy; SimpleITK images are ``(x, y, z)``
+(:meth:`osteonode.volume.Volume.to_sitk` converts).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pykwalify.errors
+import radiomics
+import ruamel.yaml.error
+from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+from osteonode.anatomy import VERTEBRA_IDS
+from osteonode.measure.hu import MIN_ROI_VOXELS
+from osteonode.segment import SpineSegmentation
+from osteonode.volume import Volume
+
+log = logging.getLogger(__name__)
+
+#: pyradiomics version, for model cards and provenance.
+PYRADIOMICS_VERSION = radiomics.__version__
+PRESETS_FILE = "presets.json"
+#: File name the analysis writes its feature table to, in the study's output folder.
+FEATURE_TABLE_NAME = "radiomics.csv"
+#: Columns of a feature table that are not features, in this order.
+META_COLUMNS = ("level", "vertebra_id", "preset", "preset_sha256", "roi", "roi_voxel_count")
+_ROI_KINDS = ("bodies", "trabecular")
+_PRESET_KEYS = {"params_file", "source", "roi", "roi_note", "levels", "intensity_rescale", "crop_margin_mm"}
+_RESCALE_KEYS = {"lower_percentile", "upper_percentile", "output_min", "output_max"}
+#: z-slab size (voxels) for the chunked image histogram: bounds the extra memory of the percentiles.
+_HISTOGRAM_CHUNK_VOXELS = 1 << 22
+
+
+class RadiomicsParamsError(ValueError):
+    """A radiomics preset or its pyradiomics parameter file is missing or invalid."""
+
+
+@dataclass(frozen=True)
+class IntensityRescale:
+    """Linear map of image percentiles onto an output range, values outside clipped.
+
+    Attributes
+    ----------
+    lower_percentile, upper_percentile : float
+        Percentiles (0-100) of the whole image that map to ``output_min`` and
+        ``output_max``.
+    output_min, output_max : float
+        Output range (seed000: 0 and 255).
+    """
+
+    lower_percentile: float
+    upper_percentile: float
+    output_min: float
+    output_max: float
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A validated radiomics preset.
+
+    Attributes
+    ----------
+    name : str
+        Preset name, e.g. ``"seed000"``.
+    params_file : pathlib.Path
+        The pyradiomics parameter file (validated).
+    sha256 : str
+        Hex SHA-256 of the parameter file's bytes and of the preset entry: the
+        fingerprint that feature tables and trained models carry, so that a model
+        is only ever applied to features extracted the same way.
+    roi : {"bodies", "trabecular"}
+        Which label map of :class:`~osteonode.segment.SpineSegmentation` is the ROI.
+    levels : tuple of str
+        Levels to extract, cranio-caudal (e.g. ``("L1", "L2", "L3", "L4")``).
+    intensity_rescale : IntensityRescale or None
+        Rescaling applied before pyradiomics, or None.
+    crop_margin_mm : float
+        Margin around each ROI's bounding box kept for filtering and resampling, mm.
+    source : str
+        The publication the preset reproduces.
+    """
+
+    name: str
+    params_file: Path
+    sha256: str
+    roi: Literal["bodies", "trabecular"]
+    levels: tuple[str, ...]
+    intensity_rescale: IntensityRescale | None
+    crop_margin_mm: float
+    source: str
+
+
+def load_preset(name: str = "seed000", params_dir: Path | None = None) -> tuple[Preset, RadiomicsFeatureExtractor]:
+    """Load and validate a preset and build its pyradiomics extractor.
+
+    Parameters
+    ----------
+    name : str
+        Preset name, a key of ``presets.json``.
+    params_dir : pathlib.Path, optional
+        Folder holding ``presets.json`` and the parameter files; default: the
+        presets shipped in ``dicom_templates/radiomics``.
+
+    Returns
+    -------
+    preset : Preset
+        The validated preset.
+    extractor : radiomics.featureextractor.RadiomicsFeatureExtractor
+        Extractor configured from the parameter file.
+
+    Raises
+    ------
+    RadiomicsParamsError
+        Unknown preset, malformed ``presets.json`` entry, missing parameter file,
+        or a parameter file that pyradiomics' schema rejects (the message names
+        the file and quotes the schema error).
+    """
+    folder = Path(params_dir) if params_dir is not None else Path(str(resources.files("dicom_templates") / "radiomics"))
+    presets_path = folder / PRESETS_FILE
+    try:
+        presets = json.loads(presets_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise RadiomicsParamsError(f"no {PRESETS_FILE} in {folder}") from exc
+    except json.JSONDecodeError as exc:
+        raise RadiomicsParamsError(f"{presets_path}: not valid JSON: {exc}") from exc
+    available = sorted(k for k in presets if not k.startswith("_"))
+    if name.startswith("_") or name not in presets:
+        raise RadiomicsParamsError(f"unknown radiomics preset {name!r}; available: {', '.join(available)}")
+    entry = presets[name]
+    _check_entry(name, entry)
+    params_file = folder / entry["params_file"]
+    if not params_file.is_file():
+        raise RadiomicsParamsError(f"preset {name!r}: parameter file {params_file} does not exist")
+    extractor = _extractor(params_file)
+    digest = hashlib.sha256(params_file.read_bytes())
+    digest.update(json.dumps(entry, sort_keys=True).encode("utf-8"))
+    rescale = entry["intensity_rescale"]
+    preset = Preset(name=name, params_file=params_file, sha256=digest.hexdigest(), roi=entry["roi"],
+                    levels=tuple(entry["levels"]),
+                    intensity_rescale=IntensityRescale(**rescale) if rescale is not None else None,
+                    crop_margin_mm=float(entry["crop_margin_mm"]), source=entry["source"])
+    return preset, extractor
+
+
+def _check_entry(name: str, entry: object) -> None:
+    """Validate one ``presets.json`` entry; raise :class:`RadiomicsParamsError` naming the fault."""
+    where = f"{PRESETS_FILE}, preset {name!r}"
+    if not isinstance(entry, dict):
+        raise RadiomicsParamsError(f"{where}: must be an object")
+    if set(entry) != _PRESET_KEYS:
+        raise RadiomicsParamsError(f"{where}: keys must be {sorted(_PRESET_KEYS)}, got {sorted(entry)}")
+    if entry["roi"] not in _ROI_KINDS:
+        raise RadiomicsParamsError(f"{where}: roi must be one of {_ROI_KINDS}, got {entry['roi']!r}")
+    levels = entry["levels"]
+    if not isinstance(levels, list) or not levels or any(lv not in VERTEBRA_IDS for lv in levels):
+        raise RadiomicsParamsError(f"{where}: levels must be a non-empty list of {sorted(VERTEBRA_IDS)}")
+    margin = entry["crop_margin_mm"]
+    if not isinstance(margin, (int, float)) or margin <= 0:
+        raise RadiomicsParamsError(f"{where}: crop_margin_mm must be a positive number of mm")
+    rescale = entry["intensity_rescale"]
+    if rescale is not None:
+        if not isinstance(rescale, dict) or set(rescale) != _RESCALE_KEYS:
+            raise RadiomicsParamsError(f"{where}: intensity_rescale must be null or have keys {sorted(_RESCALE_KEYS)}")
+        if not (0.0 <= rescale["lower_percentile"] < rescale["upper_percentile"] <= 100.0):
+            raise RadiomicsParamsError(f"{where}: need 0 <= lower_percentile < upper_percentile <= 100")
+        if not rescale["output_min"] < rescale["output_max"]:
+            raise RadiomicsParamsError(f"{where}: need output_min < output_max")
+
+
+def _extractor(params_file: Path) -> RadiomicsFeatureExtractor:
+    """Build the extractor; pyradiomics validates the file against its pykwalify schema."""
+    try:
+        return RadiomicsFeatureExtractor(str(params_file))
+    except (pykwalify.errors.PyKwalifyException, ruamel.yaml.error.YAMLError) as exc:
+        raise RadiomicsParamsError(f"{params_file}: not a valid pyradiomics parameter file: {exc}") from exc
+    except (ValueError, TypeError) as exc:
+        # pyradiomics' schema extension functions (feature class, image type, wavelet,
+        # interpolator names) raise these directly through pykwalify.
+        raise RadiomicsParamsError(f"{params_file}: rejected by pyradiomics' schema: {exc}") from exc
+
+
+def extract_features(volume: Volume, segmentation: SpineSegmentation, params: str = "seed000", *,
+                     params_dir: Path | None = None) -> list[dict[str, float | int | str]]:
+    """Radiomics features of each level of a preset, one row per level.
+
+    Each level is cropped to its ROI's bounding box plus the preset's margin
+    before pyradiomics sees it, so memory and time scale with the vertebra, not
+    with the CT.
+
+    Parameters
+    ----------
+    volume : Volume
+        CT volume, ``hu`` ``(z, y, x)`` float32 in HU.
+    segmentation : SpineSegmentation
+        ``bodies`` and ``trabecular`` ``(z, y, x)`` uint8 VerSe label maps on the
+        volume's grid.
+    params : str
+        Preset name (``"seed000"``, ``"seed003"``, ``"seed004"``).
+    params_dir : pathlib.Path, optional
+        Folder with ``presets.json`` and parameter files instead of the shipped ones.
+
+    Returns
+    -------
+    list of dict
+        One row per preset level present in the ROI label map (at least 10
+        voxels), cranio-caudal: the :data:`META_COLUMNS` (level name, VerSe ID,
+        preset name and fingerprint, ROI kind, ROI voxel count on the CT grid)
+        then the features as floats, keyed by pyradiomics' names
+        (``"<image type>_<class>_<feature>"``, e.g.
+        ``"log-sigma-1-0-mm-3D_glcm_JointEnergy"``).
+
+    Raises
+    ------
+    RadiomicsParamsError
+        If the preset is unknown or invalid.
+    ValueError
+        If the label maps are not on the volume's grid, or pyradiomics rejects
+        an ROI (e.g. fewer than 3 dimensions after resampling).
+    """
+    preset, extractor = load_preset(params, params_dir)
+    labels = segmentation.bodies if preset.roi == "bodies" else segmentation.trabecular
+    if labels.shape != volume.hu.shape:
+        raise ValueError(f"{preset.roi} label map shape {labels.shape} != volume shape {volume.hu.shape}")
+    bounds = None
+    if preset.intensity_rescale is not None:
+        r = preset.intensity_rescale
+        bounds = image_percentiles(volume.hu, (r.lower_percentile, r.upper_percentile))
+    rows = []
+    for level in preset.levels:
+        vid = VERTEBRA_IDS[level]
+        crop = _roi_crop(labels == vid, volume.spacing, preset.crop_margin_mm)
+        if crop is None:
+            log.info("radiomics %s: %s not in the %s label map", preset.name, level, preset.roi)
+            continue
+        mask = (labels[crop] == vid).astype(np.uint8)
+        voxel_count = int(mask.sum())
+        if voxel_count < MIN_ROI_VOXELS:
+            log.info("radiomics %s: %s ROI has %d voxels, skipped", preset.name, level, voxel_count)
+            continue
+        hu = volume.hu[crop]
+        if bounds is not None:
+            hu = _rescale(hu, bounds, preset.intensity_rescale)
+        cropped = _cropped_volume(volume, crop, hu)
+        features = extractor.execute(cropped.to_sitk(), cropped.to_sitk(mask), label=1)
+        row: dict[str, float | int | str] = {
+            "level": level, "vertebra_id": vid, "preset": preset.name, "preset_sha256": preset.sha256,
+            "roi": preset.roi, "roi_voxel_count": voxel_count}
+        row.update((key, float(value)) for key, value in features.items())
+        rows.append(row)
+        log.debug("radiomics %s: %s, %d features", preset.name, level, len(features))
+    return rows
+
+
+def image_percentiles(hu: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
+    """Percentiles of a whole CT volume at 1 HU resolution, in bounded memory.
+
+    A histogram of ``floor(hu)`` is accumulated slab by slab (no copy of the
+    volume), and the percentiles are interpolated linearly between order
+    statistics as :func:`numpy.percentile` does by default; for integer HU
+    (every CT stored with rescale slope 1) the result equals
+    ``numpy.percentile(hu, percentiles)`` exactly.
+
+    Parameters
+    ----------
+    hu : numpy.ndarray
+        ``(z, y, x)`` volume in HU.
+    percentiles : tuple of float
+        Two percentiles in ``[0, 100]``.
+
+    Returns
+    -------
+    tuple of float
+        The two percentiles, HU.
+
+    Raises
+    ------
+    ValueError
+        If ``hu`` is empty or holds non-finite values.
+    """
+    if hu.size == 0:
+        raise ValueError("empty volume")
+    low, high = float(np.min(hu)), float(np.max(hu))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("the volume holds non-finite values")
+    offset = math.floor(low)
+    counts = np.zeros(math.floor(high) - offset + 1, dtype=np.int64)
+    step = max(1, _HISTOGRAM_CHUNK_VOXELS // max(1, hu[0].size))
+    for start in range(0, hu.shape[0], step):
+        slab = np.floor(hu[start:start + step]).astype(np.int64).ravel() - offset
+        counts += np.bincount(slab, minlength=counts.size)
+    cumulative = np.cumsum(counts)
+
+    def order_statistic(k: int) -> int:  # k-th smallest value (0-based), HU
+        return offset + int(np.searchsorted(cumulative, k, side="right"))
+
+    values = []
+    for q in percentiles:
+        rank = q / 100.0 * (hu.size - 1)
+        below = math.floor(rank)
+        lower = order_statistic(below)
+        upper = order_statistic(min(below + 1, hu.size - 1))
+        values.append(lower + (rank - below) * (upper - lower))
+    return values[0], values[1]
+
+
+def _rescale(hu: np.ndarray, bounds: tuple[float, float], rescale: IntensityRescale) -> np.ndarray:
+    """Map ``bounds`` linearly onto the output range and clip (seed000's 0-255 normalisation)."""
+    low, high = bounds
+    if high <= low:
+        raise ValueError(f"degenerate image intensity range for rescaling: {low} .. {high} HU")
+    scale = (rescale.output_max - rescale.output_min) / (high - low)
+    out = (hu - np.float32(low)) * np.float32(scale) + np.float32(rescale.output_min)
+    return np.clip(out, rescale.output_min, rescale.output_max, out=out)
+
+
+def _roi_crop(mask: np.ndarray, spacing: tuple[float, float, float],
+              margin_mm: float) -> tuple[slice, slice, slice] | None:
+    """Bounding box of ``mask`` (``(z, y, x)``) grown by ``margin_mm`` per axis, clipped to the array."""
+    crop = []
+    for axis, (n, step) in enumerate(zip(mask.shape, spacing)):
+        others = tuple(a for a in range(3) if a != axis)
+        hit = np.flatnonzero(np.any(mask, axis=others))
+        if hit.size == 0:
+            return None
+        pad = math.ceil(margin_mm / step)
+        crop.append(slice(max(0, int(hit[0]) - pad), min(n, int(hit[-1]) + pad + 1)))
+    return crop[0], crop[1], crop[2]
+
+
+def _cropped_volume(volume: Volume, crop: tuple[slice, slice, slice], hu: np.ndarray) -> Volume:
+    """The sub-volume ``crop`` of ``volume`` with values ``hu``, at the same patient position."""
+    affine = volume.affine.copy()
+    affine[:3, 3] = volume.affine[:3, :3] @ np.array([s.start for s in crop], dtype=float) + volume.affine[:3, 3]
+    return Volume(hu=np.ascontiguousarray(hu, dtype=np.float32), affine=affine)
+
+
+def write_feature_table(rows: list[dict[str, float | int | str]], path: Path) -> None:
+    """Write feature rows as CSV (one row per level), atomically.
+
+    Parameters
+    ----------
+    rows : list of dict
+        Rows of :func:`extract_features`; all rows must have the same columns.
+    path : pathlib.Path
+        Output file; replaced if it exists. Floats are written with full
+        precision (``repr``), so reading gives back the same values.
+
+    Raises
+    ------
+    ValueError
+        If ``rows`` is empty or the rows' columns differ.
+    """
+    if not rows:
+        raise ValueError("no feature rows to write")
+    columns = list(rows[0])
+    for row in rows[1:]:
+        if list(row) != columns:
+            raise ValueError(f"level {row.get('level')!r} has different columns from level {rows[0].get('level')!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_feature_table(path: Path) -> list[dict[str, float | int | str]]:
+    """Read a table written by :func:`write_feature_table`.
+
+    Parameters
+    ----------
+    path : pathlib.Path
+        The CSV file.
+
+    Returns
+    -------
+    list of dict
+        One row per level: ``vertebra_id`` and ``roi_voxel_count`` as int, the
+        other :data:`META_COLUMNS` as str, every other column as float.
+
+    Raises
+    ------
+    ValueError
+        If a meta column is missing or a feature value is not a number.
+    """
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in META_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path.name}: not a radiomics feature table (missing columns {missing})")
+        rows = []
+        for raw in reader:
+            row: dict[str, float | int | str] = {}
+            for key, value in raw.items():
+                if key in ("vertebra_id", "roi_voxel_count"):
+                    row[key] = int(value)
+                elif key in META_COLUMNS:
+                    row[key] = value
+                else:
+                    row[key] = float(value)
+            rows.append(row)
+    return rows
