@@ -66,6 +66,10 @@ class AnalysisSettings(_Strict):
     """What the pipeline does with a series."""
 
     segmentation: Literal["builtin"] = "builtin"
+    bone_status_rule: Literal["pickhardt_l1_hu", "acr_vbmd"] = Field(
+        default="pickhardt_l1_hu",
+        description="pickhardt_l1_hu: L1 HU <=110 / >=160 (Pickhardt 2013); acr_vbmd: ACR QCT vBMD cut-offs "
+                    "on phantomless calibration (research use)")
     skip_not_evaluable: bool = Field(
         default=False, description="true: a series that cannot be analysed gets no SR at all")
 

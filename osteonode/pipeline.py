@@ -1,6 +1,7 @@
 """The analysis pipeline for one CT series: plain functions, no services.
 
-select -> load -> segment -> measure -> classify -> encode. Used both by the
+select -> load -> segment -> measure (HU) -> calibrate (vBMD, contrast) -> Genant ->
+classify -> encode. Used both by the
 Celery worker and by ``osteonode analyze``. Outputs written to ``out_dir``:
 
 * ``result.json`` - :class:`~osteonode.result.AnalysisResult` (format in README.md),
@@ -21,11 +22,15 @@ import pydicom
 import SimpleITK as sitk
 
 from osteonode.anatomy import REQUIRED_LEVELS
-from osteonode.classify.rules import classify_l1_hu
+from osteonode.classify.rules import classify_acr_vbmd, classify_l1_hu
 from osteonode.config import AnalysisSettings
 from osteonode.dicom_out import build_seg, build_sr, write
 from osteonode.errors import NotEvaluable
+from osteonode.measure.calibration import apply_calibration, calibrate
+from osteonode.measure.contrast import detect_contrast
+from osteonode.measure.genant import apply_genant, grade_levels
 from osteonode.measure.hu import measure_levels
+from osteonode.measure.tissues import measure_reference_tissues
 from osteonode.result import AnalysisResult
 from osteonode.segment import Backend, SpineSegmentation
 from osteonode.segment.spine import segment_spine
@@ -92,11 +97,20 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
         if missing:
             raise NotEvaluable(f"{', '.join(missing)} could not be identified and measured "
                                f"(levels measured: {', '.join(levels) or 'none'})")
+        with _timed(timings, "calibrate"):
+            tissues = measure_reference_tissues(series.volume, segmentation)
+            contrast = detect_contrast(series.volume, segmentation, tissues)
+            calibration = calibrate(series.volume, segmentation, contrast, kvp=_kvp(headers), tissues=tissues)
+            levels = apply_calibration(levels, calibration, contrast)
+        with _timed(timings, "genant"):
+            levels = apply_genant(levels, grade_levels(series.volume, segmentation))
         with _timed(timings, "classify"):
-            bone_status = classify_l1_hu(levels)
+            rule = classify_acr_vbmd if settings.bone_status_rule == "acr_vbmd" else classify_l1_hu
+            bone_status = rule(levels)
         result = AnalysisResult(status="ok", study_instance_uid=study_uid, series_instance_uid=series_uid,
                                 labelling_method=segmentation.method, levels=levels,
-                                bone_status=bone_status, timings_s=timings)
+                                bone_status=bone_status, calibration=calibration, contrast=contrast,
+                                timings_s=timings)
     except NotEvaluable as exc:
         result = AnalysisResult.not_evaluable(
             str(exc), study_uid, series_uid, timings_s=timings,
@@ -121,6 +135,12 @@ def _write_outputs(out_dir: Path, headers: Sequence[pydicom.Dataset], series: Se
         write(seg, out_dir / SEG_FILE)
     sr = build_sr(headers, result, seg)
     write(sr, out_dir / SR_FILE)
+
+
+def _kvp(headers: Sequence[pydicom.Dataset]) -> float | None:
+    """Peak kilovoltage (0018,0060) of the series, if recorded."""
+    value = headers[0].get("KVP")
+    return float(value) if value not in (None, "") else None
 
 
 @contextmanager

@@ -153,7 +153,7 @@ def test_implausible_reference_makes_calibration_implausible(change, reason):
     assert levels == {}
 
 
-def test_inconsistent_references_fail_on_residual_or_scale():
+def test_inconsistent_blood_shows_in_residual_and_bad_scale_is_implausible():
     # air and fat say "no scanner error", blood says +20 HU: residual shows it
     calibration = fit_calibration({"air": -1000.0, "adipose": -100.0, "blood": 62.0}, NON_CONTRAST)
     assert calibration.residual_rms_mg_cm3 > 5.0
