@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import logging
 import signal
 import threading
@@ -33,8 +34,9 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
         typer.echo(__version__)
         raise typer.Exit()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # pynetdicom logs every DIMSE message at INFO; keep its warnings and errors only
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pynetdicom logs every DIMSE message at INFO: keep only its warnings unless DEBUG is asked for
+    if logging.getLogger().level > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def _settings(config: Path | None) -> Settings:
@@ -55,7 +57,10 @@ def _settings(config: Path | None) -> Settings:
 def config_check(file: Annotated[Path, typer.Argument(help="TOML config file to validate.")]) -> None:
     """Validate FILE and print the effective configuration (exit 2 on errors)."""
     settings = _settings(file)
-    typer.echo(json.dumps(settings.model_dump(mode="json"), indent=2))
+    effective = settings.model_dump(mode="json")
+    if effective["broker_url"]:
+        effective["broker_url"] = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:****@", effective["broker_url"])
+    typer.echo(json.dumps(effective, indent=2))
 
 
 @app.command()
@@ -131,7 +136,7 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
          called_aet: Annotated[str, typer.Option(help="Peer AE title.")] = "ANY-SCP",
          config: ConfigOpt = None) -> None:
     """C-STORE files (e.g. an outbox entry) to a configured destination or to HOST:PORT."""
-    from osteonode.dispatch import send_files
+    from osteonode.dispatch import delivery_state, record_delivery, send_files
     from osteonode.errors import DeliveryFailed
 
     settings = load_settings(config, require_dirs=False) if config else Settings()
@@ -150,6 +155,9 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
             send_files(files, destination, calling_ae_title=settings.ae_title,
                        timeout_s=settings.dispatch.timeout_s)
             typer.echo(f"sent {len(files)} file(s) to {destination.name}")
+            for entry in paths:  # an outbox entry re-sent by hand: record the delivery beside it
+                if delivery_state(entry, destination.name) is not None:
+                    record_delivery(entry, destination.name, "delivered", 1, "re-sent with `osteonode send`")
     except DeliveryFailed as exc:
         typer.echo(f"delivery failed: {exc}", err=True)
         raise typer.Exit(1) from None

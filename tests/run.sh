@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh Debian machine, then runs them.
-# System packages: redis-server, orthanc, dcmtk, dicom3tools (needs root for apt-get).
+# System packages: redis-server, orthanc, dcmtk, dicom3tools, chromium (needs root for apt-get).
 # Python: a venv in .venv with `pip install .[test]`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends redis-server orthanc dcmtk dicom3tools >/dev/null
+  apt-get install -y -qq --no-install-recommends redis-server orthanc dcmtk dicom3tools chromium fonts-dejavu-core >/dev/null
 else
-  echo "not root: assuming redis-server, orthanc, dcmtk and dicom3tools are installed" >&2
+  echo "not root: assuming redis-server, orthanc, dcmtk, dicom3tools and chromium are installed" >&2
 fi
 # Debian starts the packaged services; the tests run their own on free ports.
 (systemctl stop orthanc redis-server 2>/dev/null || service orthanc stop 2>/dev/null || true) >/dev/null 2>&1

@@ -34,7 +34,7 @@ def configure(settings: Settings) -> Celery:
     """Point the app at the configured broker and return it."""
     if settings.embedded_broker:
         queue = settings.queue_dir.resolve()
-        for sub in ("messages", "processed"):
+        for sub in ("messages", "processed", "control"):
             (queue / sub).mkdir(parents=True, exist_ok=True)
         app.conf.update(
             broker_url="filesystem://",
@@ -42,6 +42,7 @@ def configure(settings: Settings) -> Celery:
                 "data_folder_in": str(queue / "messages"),
                 "data_folder_out": str(queue / "messages"),
                 "processed_folder": str(queue / "processed"),
+                "control_folder": str(queue / "control"),
                 "store_processed": False,
             },
         )

@@ -6,7 +6,9 @@ Association policy (PS3.8): only CT Image Storage, Enhanced CT Image
 Storage, Legacy Converted Enhanced CT Image Storage and Verification are
 accepted; other abstract syntaxes are rejected at association. When
 ``allowed_calling_ae_titles`` is set, other callers are rejected with
-"calling AE title not recognized".
+"calling AE title not recognized"; a called AE title other than ours is
+rejected with "called AE title not recognized". Rejections and refused
+presentation contexts are logged at WARNING.
 """
 
 from __future__ import annotations
@@ -140,6 +142,20 @@ def _check_pixel_data(ds: pydicom.Dataset, event: evt.Event) -> None:
                             status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from exc
 
 
+def log_association_rejected(event: evt.Event) -> None:
+    """EVT_REJECTED: say who was turned away and why (no patient data involved)."""
+    log.warning("association from %s (%s) rejected: calling AE title not allowed or called AE title not ours",
+                event.assoc.requestor.ae_title, event.assoc.requestor.address)
+
+
+def log_refused_contexts(event: evt.Event) -> None:
+    """EVT_ACCEPTED: list the abstract syntaxes we did not accept (SOP classes we do not store)."""
+    refused = sorted({str(cx.abstract_syntax.name) for cx in event.assoc.rejected_contexts})
+    if refused:
+        log.warning("association from %s: presentation contexts not accepted for %s",
+                    event.assoc.requestor.ae_title, ", ".join(refused))
+
+
 def make_ae(settings: Settings) -> AE:
     """Build the Application Entity with the node's association policy."""
     ae = AE(ae_title=settings.ae_title)
@@ -148,6 +164,7 @@ def make_ae(settings: Settings) -> AE:
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     if settings.allowed_calling_ae_titles:
         ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
+    ae.require_called_aet = True  # answer only to our own AE title
     ae.maximum_pdu_size = 0  # no limit on what we receive
     return ae
 
@@ -163,6 +180,8 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
     ae = make_ae(settings)
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_REJECTED, log_association_rejected),
+        (evt.EVT_ACCEPTED, log_refused_contexts),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [settings.spool_dir, on_stored]),
     ]

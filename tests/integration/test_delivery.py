@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pydicom
 import pytest
@@ -76,3 +78,16 @@ def test_undeliverable_result_stays_in_outbox_with_reason(tmp_path, monkeypatch,
     assert state["state"] == "failed" and state["attempts"] == 1 and "not established" in state["detail"]
     assert (entry / "sr.dcm").exists()
     assert "NOT delivered" in caplog.text
+    # the admin re-sends the entry by hand once the destination is back: the state follows
+    received = tmp_path / "received"
+    received.mkdir()
+    port = int(config.read_text().split("port = ")[-1].split()[0])
+    server = _receiver(received, port)
+    try:
+        run = subprocess.run([sys.executable, "-m", "osteonode", "send", str(entry), "--to", "dest0",
+                              "--config", str(config)], capture_output=True, text=True, timeout=60)
+    finally:
+        server.shutdown()
+    assert run.returncode == 0, run.stderr
+    assert [p.name for p in received.iterdir()] == ["1.2.3.4.dcm"]
+    assert json.loads((entry / "delivery-dest0.json").read_text())["state"] == "delivered"

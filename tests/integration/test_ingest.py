@@ -143,11 +143,16 @@ def test_bad_input_is_answered_and_the_node_keeps_running(node, abdomen_series, 
     assert not _echo_ok(node, calling="INTRUDER")
     run = _dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "OSTEONODE", "127.0.0.1", str(node.port))
     assert run.returncode != 0 and "rejected" in (run.stdout + run.stderr).lower()
+    # a called AE title that is not ours -> association rejected
+    run = _dcmtk("echoscu", "-aet", "ECHOSCU", "-aec", "NOT_THE_NODE", "127.0.0.1", str(node.port))
+    assert run.returncode != 0 and "rejected" in (run.stdout + run.stderr).lower()
     # nothing bad reached the spool, and the node still answers
     assert not list(node.spool_dir.rglob("*.dcm"))
     assert _echo_ok(node)
     # the refusals were logged, without patient identifiers
     assert "refused" in caplog.text
+    assert "association from INTRUDER" in caplog.text and "rejected" in caplog.text
+    assert "presentation contexts not accepted for MR Image Storage" in caplog.text
     patient = pydicom.dcmread(abdomen_series[0], stop_before_pixels=True)
     for identifier in (str(patient.PatientName), str(patient.PatientID), str(patient.StudyInstanceUID)):
         assert identifier not in caplog.text

@@ -45,3 +45,16 @@ def test_config_check_reports_every_value_error(tmp_path, monkeypatch):
     for fragment in ("ae_title: Value error", "port: Input should be greater than or equal to 1",
                      "unknown_key: Extra inputs are not permitted"):
         assert fragment in result.output
+
+
+def test_config_check_masks_the_broker_password(tmp_path, monkeypatch):
+    monkeypatch.delenv("OSTEONODE_CONFIG", raising=False)
+    for sub in ("spool", "outbox"):
+        (tmp_path / sub).mkdir()
+    config = tmp_path / "node.toml"
+    config.write_text(f'spool_dir = "{tmp_path}/spool"\noutbox_dir = "{tmp_path}/outbox"\n'
+                      'broker_url = "redis://osteo:s3cret@10.1.2.3:6379/0"\n')
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 0, result.output
+    assert "s3cret" not in result.output
+    assert json.loads(result.output)["broker_url"] == "redis://osteo:****@10.1.2.3:6379/0"
