@@ -97,7 +97,7 @@ def require_tool(path: str | os.PathLike[str]) -> str:
         pytest.fail(
             f"required tool {p!r} is not installed or not executable; the integration "
             "tests need the Debian packages redis-server, orthanc, dcmtk and dicom3tools "
-            "(apt-get install redis-server orthanc dcmtk dicom3tools)",
+            "(apt-get install redis-server orthanc dcmtk dicom3tools chromium)",
             pytrace=False,
         )
     return p
