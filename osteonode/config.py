@@ -70,6 +70,10 @@ class AnalysisSettings(_Strict):
         default="pickhardt_l1_hu",
         description="pickhardt_l1_hu: L1 HU <=110 / >=160 (Pickhardt 2013); acr_vbmd: ACR QCT vBMD cut-offs "
                     "on phantomless calibration (research use)")
+    banner: str = Field(default="RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE",
+                        description="text banner on key images and the PDF report; empty: none")
+    key_images: bool = Field(default=True, description="send Secondary Capture key images")
+    pdf_report: bool = Field(default=True, description="send a one-page Encapsulated PDF report")
     skip_not_evaluable: bool = Field(
         default=False, description="true: a series that cannot be analysed gets no SR at all")
 

@@ -7,7 +7,10 @@ Celery worker and by ``osteonode analyze``. Outputs written to ``out_dir``:
 * ``result.json`` - :class:`~osteonode.result.AnalysisResult` (format in README.md),
 * ``labels.nii.gz`` - vertebral bodies, VerSe IDs, on the source CT grid,
 * ``seg.dcm`` - DICOM Segmentation (when the series was evaluable),
-* ``sr.dcm`` - Comprehensive 3D SR, TID 1500 (always, also when not evaluable).
+* ``sr.dcm`` - Comprehensive 3D SR, TID 1500 (always, also when not evaluable),
+* ``key_1.dcm``, ``key_2.dcm`` - Secondary Capture key images, mid-sagittal and
+  axial through L1 (when evaluable and ``key_images`` is on),
+* ``report.dcm`` - one-page Encapsulated PDF report (when ``pdf_report`` is on).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import SimpleITK as sitk
 from osteonode.anatomy import REQUIRED_LEVELS
 from osteonode.classify.rules import classify_acr_vbmd, classify_l1_hu
 from osteonode.config import AnalysisSettings
-from osteonode.dicom_out import build_seg, build_sr, write
+from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, write
 from osteonode.errors import NotEvaluable
 from osteonode.measure.calibration import apply_calibration, calibrate
 from osteonode.measure.contrast import detect_contrast
@@ -40,6 +43,9 @@ from osteonode.volume import Series, load_series
 log = logging.getLogger(__name__)
 
 RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE = "result.json", "labels.nii.gz", "seg.dcm", "sr.dcm"
+KEY_IMAGE_FILES = ("key_1.dcm", "key_2.dcm")  # mid-sagittal, axial through L1
+PDF_FILE = "report.dcm"
+OUTPUT_FILES = (RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE, *KEY_IMAGE_FILES, PDF_FILE)
 
 
 def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettings | None = None,
@@ -74,7 +80,7 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
         raise FileNotFoundError("no DICOM files to analyse")
     settings = settings or AnalysisSettings()
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in (RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE):
+    for name in OUTPUT_FILES:
         (out_dir / name).unlink(missing_ok=True)
     timings: dict[str, float] = {}
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(files)]
@@ -116,7 +122,7 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
             str(exc), study_uid, series_uid, timings_s=timings,
             labelling_method=segmentation.method if segmentation else "")
     with _timed(timings, "encode"):
-        _write_outputs(out_dir, headers, series, segmentation, result)
+        _write_outputs(out_dir, headers, series, segmentation, result, settings)
     result.timings_s.update(timings)
     result.write(out_dir / RESULT_JSON)
     log.info("analysis %s in %.1f s%s", result.status, sum(timings.values()),
@@ -125,7 +131,8 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
 
 
 def _write_outputs(out_dir: Path, headers: Sequence[pydicom.Dataset], series: Series | None,
-                   segmentation: SpineSegmentation | None, result: AnalysisResult) -> None:
+                   segmentation: SpineSegmentation | None, result: AnalysisResult,
+                   settings: AnalysisSettings) -> None:
     seg = None
     if series is not None and segmentation is not None:
         sitk.WriteImage(series.volume.to_sitk(segmentation.bodies), str(out_dir / LABELS_NIFTI),
@@ -133,8 +140,13 @@ def _write_outputs(out_dir: Path, headers: Sequence[pydicom.Dataset], series: Se
     if result.status == "ok" and series is not None and segmentation is not None:
         seg = build_seg(series, segmentation)
         write(seg, out_dir / SEG_FILE)
-    sr = build_sr(headers, result, seg)
-    write(sr, out_dir / SR_FILE)
+        if settings.key_images:
+            images = build_key_images(series, segmentation, result, banner=settings.banner)
+            for image, name in zip(images, KEY_IMAGE_FILES, strict=True):
+                write(image, out_dir / name)
+    write(build_sr(headers, result, seg), out_dir / SR_FILE)
+    if settings.pdf_report:
+        write(build_pdf_report(series or headers, result, banner=settings.banner), out_dir / PDF_FILE)
 
 
 def _kvp(headers: Sequence[pydicom.Dataset]) -> float | None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+from matplotlib.axes import Axes
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
@@ -171,22 +172,31 @@ def orientation_letter(direction: np.ndarray) -> str:
 
 
 def body_centre_lps(volume: Volume, bodies: np.ndarray, label: int | None = None) -> np.ndarray:
-    """LPS centroid in mm of the voxels of ``label`` (of every labelled voxel when ``None``).
+    """LPS centroid in mm of the voxels of ``label``, or of every vertebra (VerSe ID) when ``None``.
+
+    Parameters
+    ----------
+    volume : Volume
+        Gives the affine of ``bodies``.
+    bodies : numpy.ndarray
+        ``(z, y, x)`` label map on the grid of ``volume``.
+    label : int, optional
+        One VerSe ID; other labels (e.g. femurs) never count.
 
     Raises
     ------
     ValueError
         If there is no such voxel.
     """
-    mask = bodies > 0 if label is None else bodies == label
+    mask = np.isin(bodies, list(VERTEBRA_NAMES)) if label is None else bodies == label
     index = np.argwhere(mask)
     if not len(index):
-        raise ValueError("no labelled voxel" if label is None else
+        raise ValueError("no vertebra in the segmentation" if label is None else
                          f"{VERTEBRA_NAMES.get(label, label)} is not in the segmentation")
     return (volume.affine @ np.append(index.mean(axis=0), 1.0))[:3]
 
 
-def _draw_plane(ax, hu: np.ndarray, bodies: np.ndarray, trabecular: np.ndarray, plane: Plane,
+def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.ndarray, plane: Plane,
                 result: AnalysisResult, view: str) -> None:
     """CT in :data:`WINDOW_HU`, bodies filled, ROIs outlined, level names, orientation letters."""
     centre, width = WINDOW_HU
@@ -210,17 +220,17 @@ def _draw_plane(ax, hu: np.ndarray, bodies: np.ndarray, trabecular: np.ndarray, 
             position, align = (columns.mean(), rows.min() - 10), {"ha": "center", "va": "bottom"}
         render.add_text(ax, *position, text, outline=True, color=colour, fontsize=13, weight="bold", **align)
     ax.imshow(overlay, interpolation="nearest")
-    letters = {(0.5, 0.99, "top"): -plane.column_direction, (0.5, 0.01, "bottom"): plane.column_direction,
-               (0.01, 0.5, "left"): -plane.row_direction, (0.99, 0.5, "right"): plane.row_direction}
-    for (x, y, side), direction in letters.items():
+    edges = ((0.5, 0.99, "center", "top", -plane.column_direction),
+             (0.5, 0.01, "center", "bottom", plane.column_direction),
+             (0.01, 0.5, "left", "center", -plane.row_direction),
+             (0.99, 0.5, "right", "center", plane.row_direction))
+    for x, y, ha, va, direction in edges:
         render.add_text(ax, x, y, orientation_letter(direction), outline=True, transform=ax.transAxes,
-                        color="yellow",
-                        fontsize=16, weight="bold", ha={"left": "left", "right": "right"}.get(side, "center"),
-                        va={"top": "top", "bottom": "bottom"}.get(side, "center"))
+                        color="yellow", fontsize=16, weight="bold", ha=ha, va=va)
     ax.set_axis_off()
 
 
-def _draw_side_panel(ax, result: AnalysisResult) -> None:
+def _draw_side_panel(ax: Axes, result: AnalysisResult) -> None:
     """Title, overall result and its basis, the table per level, legend and method."""
     ax.set_axis_off()
     render.add_text(ax, 0.0, 1.0, summary.title(), fontsize=16, weight="bold", va="top")
@@ -231,7 +241,7 @@ def _draw_side_panel(ax, result: AnalysisResult) -> None:
     rows = [(row.level, row.hu_mean, row.vbmd_mg_cm3, row.genant) for row in summary.level_rows(result)]
     table_ax = ax.inset_axes((0.0, 0.25, 1.0, 0.45))
     render.draw_table(table_ax, ("Level", "HU", "vBMD mg/cm³", "Genant"), rows, fontsize=13,
-                      row_height=1.0 / 9)
+                      row_height=min(1.0 / 9, 1.0 / (len(rows) + 1)))
     legend = ("Filled: vertebral body, one colour per level. Outline: trabecular ROI. "
               "HU: mean trabecular attenuation. vBMD: volumetric bone mineral density. "
               f"Levels: {result.labelling_method or summary.NA}.")

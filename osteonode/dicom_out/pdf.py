@@ -93,8 +93,9 @@ def caveats(result: AnalysisResult) -> list[str]:
     and measurements that are not available yet.
     """
     texts = list(dicom_templates.load("report")["caveats"])
-    rows = summary.ordered_levels(result.levels)
-    uncertain = [name for name in rows if result.levels[name].label_confidence < LOW_CONFIDENCE]
+    names = summary.ordered_levels(result.levels)
+    levels = [result.levels[name] for name in names]
+    uncertain = [name for name, level in zip(names, levels, strict=True) if level.label_confidence < LOW_CONFIDENCE]
     if uncertain:
         texts.append(f"Uncertain level identification (confidence below {LOW_CONFIDENCE:.0%}): "
                      f"{', '.join(uncertain)}.")
@@ -102,12 +103,11 @@ def caveats(result: AnalysisResult) -> list[str]:
         texts.append(f"Contrast phase {result.contrast.phase.replace('_', ' ')}: "
                      f"{result.contrast.handling or 'trabecular attenuation is raised by contrast enhancement'}.")
     if result.calibration is not None and not result.calibration.plausible:
-        note = f" ({result.calibration.note})" if result.calibration.note else ""
-        texts.append(f"The vBMD calibration is not plausible{note}: do not use the vBMD values.")
+        texts.append("The vBMD calibration is not plausible (see Method): do not use the vBMD values.")
     missing = [what for what, absent in (
-        ("vBMD", all(result.levels[name].vbmd_mg_cm3 is None for name in rows)),
-        ("Genant grading", all(result.levels[name].genant_grade is None for name in rows))) if absent]
-    if rows and missing:
+        ("vBMD", all(level.vbmd_mg_cm3 is None for level in levels)),
+        ("Genant grading", all(level.genant_grade is None for level in levels))) if absent]
+    if levels and missing:
         texts.append(f"{' and '.join(missing)} not available for this series (shown as {summary.NA}).")
     return texts
 
@@ -117,7 +117,8 @@ def method(result: AnalysisResult) -> list[str]:
     texts = [text.format(labelling_method=result.labelling_method or summary.NA)
              for text in dicom_templates.load("report")["method"]]
     if result.calibration is not None:
-        texts.append(f"vBMD calibration: {result.calibration.method}.")
+        note = f" ({result.calibration.note})" if result.calibration.note else ""
+        texts.append(f"vBMD calibration: {result.calibration.method}{note}.")
     if result.contrast is not None:
         texts.append(f"Contrast phase: {result.contrast.phase.replace('_', ' ')}.")
     return texts

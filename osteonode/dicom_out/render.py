@@ -7,54 +7,68 @@ PDF canvas directly: no pyplot, no global figure registry, no change of
 Text uses DejaVu Sans (shipped with matplotlib: Latin, Greek, Cyrillic);
 a text with characters that DejaVu Sans lacks (e.g. a CJK patient name) falls
 back to the installed :data:`FALLBACK_FONTS` (e.g. Debian's
-``fonts-noto-cjk``). Glyphs that no installed font has are drawn as empty
-boxes and matplotlib warns.
+``fonts-noto-cjk``). A character that no installed font has is drawn as
+:data:`REPLACEMENT`: no empty boxes, and no matplotlib warning that would
+quote a character of a patient's name into the logs.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 from matplotlib import font_manager, patheffects
-from matplotlib.ft2font import FT2Font
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.backends.backend_pdf import FigureCanvasPdf
 from matplotlib.figure import Figure
+from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Rectangle
 
-#: Fonts tried after DejaVu Sans for characters it lacks, in this order, when installed.
+#: Font of every text (shipped with matplotlib).
+PRIMARY_FONT = "DejaVu Sans"
+#: Fonts tried after :data:`PRIMARY_FONT` for characters it lacks, in this order, when installed.
 FALLBACK_FONTS = ("Noto Sans CJK JP", "Droid Sans Fallback")
+#: Drawn instead of a character that no installed font has.
+REPLACEMENT = "?"
 #: Background of the banner ("research use ..."), white text on it.
 BANNER_COLOR = "#b00020"
 #: Background of table header cells.
 HEADER_COLOR = "#d9d9d9"
 
 
-PRIMARY_FONT = "DejaVu Sans"
-
-
-@lru_cache(maxsize=1)
-def _primary_characters() -> frozenset[int]:
-    """Code points that :data:`PRIMARY_FONT` has a glyph for."""
-    path = font_manager.findfont(font_manager.FontProperties(family=PRIMARY_FONT), fallback_to_default=False)
+@cache
+def _characters(family: str) -> frozenset[int]:
+    """Code points that the installed font ``family`` has a glyph for."""
+    path = font_manager.findfont(font_manager.FontProperties(family=family), fallback_to_default=False)
     return frozenset(FT2Font(path).get_charmap())
 
 
-@lru_cache(maxsize=1)
+@cache
 def _installed_fallbacks() -> tuple[str, ...]:
     installed = {entry.name for entry in font_manager.fontManager.ttflist}
     return tuple(name for name in FALLBACK_FONTS if name in installed)
 
 
-def font_families(text: str) -> list[str]:
-    """Font family list for ``text``: :data:`PRIMARY_FONT`, plus the installed fallbacks if it lacks a glyph."""
-    if all(ord(char) in _primary_characters() for char in text if not char.isspace()):
-        return [PRIMARY_FONT]
-    return [PRIMARY_FONT, *_installed_fallbacks()]
+def drawable(text: str) -> tuple[str, list[str]]:
+    """``text`` ready to draw, and the font family list to draw it with.
+
+    Returns
+    -------
+    tuple of (str, list of str)
+        ``text`` with every character that no installed font has replaced by
+        :data:`REPLACEMENT`; ``[PRIMARY_FONT]`` when it covers the text, else
+        ``[PRIMARY_FONT, *installed fallbacks]``.
+    """
+    primary = _characters(PRIMARY_FONT)
+    if all(char.isspace() or ord(char) in primary for char in text):
+        return text, [PRIMARY_FONT]
+    fallbacks = _installed_fallbacks()
+    known = primary.union(*map(_characters, fallbacks))
+    return ("".join(char if char.isspace() or ord(char) in known else REPLACEMENT for char in text),
+            [PRIMARY_FONT, *fallbacks])
 
 
 def new_figure(width_in: float, height_in: float, dpi: int) -> Figure:
@@ -63,14 +77,15 @@ def new_figure(width_in: float, height_in: float, dpi: int) -> Figure:
 
 
 def add_text(target: Figure | Axes, x: float, y: float, text: str, *, outline: bool = False, **kwargs) -> None:
-    """Draw ``text`` at ``(x, y)`` (figure, axes or data coordinates) in :func:`font_families`.
+    """Draw ``text`` at ``(x, y)`` (figure, axes or data coordinates), made :func:`drawable`.
 
     ``outline`` draws a black outline around the glyphs, for text on images.
     Other ``kwargs`` are :class:`matplotlib.text.Text` properties (size, weight, ha, va, ...).
     """
     if outline:
         kwargs["path_effects"] = [patheffects.withStroke(linewidth=3, foreground="black")]
-    target.text(x, y, text, fontfamily=font_families(text), **kwargs)
+    text, families = drawable(text)
+    target.text(x, y, text, fontfamily=families, **kwargs)
 
 
 def draw_banner(fig: Figure, text: str, rect: Sequence[float], fontsize: float) -> None:
@@ -123,13 +138,15 @@ def draw_table(ax: Axes, columns: Sequence[str], rows: Sequence[Sequence[str]], 
         raise ValueError("every table row and the widths need one entry per column")
     fractions = None if widths is None else [w / sum(widths) for w in widths]
     ax.set_axis_off()
-    n_rows = len(rows) + 1
+    height = (len(rows) + 1) * row_height
     table = ax.table(cellText=[list(row) for row in rows] or None, colLabels=list(columns),
-                     colWidths=fractions, cellLoc="center", bbox=(0.0, 1.0 - n_rows * row_height, 1.0, n_rows * row_height))
+                     colWidths=fractions, cellLoc="center", bbox=(0.0, 1.0 - height, 1.0, height))
     table.auto_set_font_size(False)
     table.set_fontsize(fontsize)
     for (row, _), cell in table.get_celld().items():
-        cell.get_text().set_fontfamily(font_families(cell.get_text().get_text()))
+        text, families = drawable(cell.get_text().get_text())
+        cell.get_text().set_text(text)
+        cell.get_text().set_fontfamily(families)
         if row == 0:
             cell.set_facecolor(HEADER_COLOR)
             cell.get_text().set_weight("bold")
@@ -155,5 +172,5 @@ def to_pdf(fig: Figure, title: str) -> bytes:
     return buffer.getvalue()
 
 
-__all__ = ["PRIMARY_FONT", "FALLBACK_FONTS", "font_families", "new_figure", "add_text", "draw_banner", "draw_table", "to_rgb",
-           "to_pdf"]
+__all__ = ["PRIMARY_FONT", "FALLBACK_FONTS", "REPLACEMENT", "drawable", "new_figure", "add_text", "draw_banner",
+           "draw_table", "to_rgb", "to_pdf"]

@@ -1,23 +1,22 @@
-"""Tests of the DICOM outputs: binary SEG and TID 1500 Comprehensive 3D SR.
+"""Tests of the DICOM outputs: binary SEG and TID 1500 Comprehensive 3D SR; shared helpers.
 
-A small synthetic CT (64 x 64 x 20 voxels, three box "vertebrae" L1-L3 of
-different sizes so that any flip or shift shows) is written with
-:func:`osteonode.ctseries.write_ct_series` in several orientations, loaded
-with :func:`osteonode.volume.load_series`, and encoded.
+A small synthetic CT holds three box "vertebrae" L1-L3 of different sizes,
+defined in patient space (LPS, mm), so that any flip or shift shows. It is
+written with :func:`osteonode.ctseries.write_ct_series` on a grid of any
+orientation (:func:`make_case`), loaded with :func:`osteonode.volume.load_series`
+and encoded. The other ``test_dicom_out_*`` modules import the helpers here.
 
-dciodvfy (dicom3tools) and dsrdump (DCMTK) are required: the tests FAIL when
-they are missing. dciodvfy must report no error. Its only accepted warnings
-are "Unrecognized defined term <99OSTEO>" for the Coding Scheme Designator:
-this dciodvfy build checks designators against a fixed list and ignores the
-Coding Scheme Identification Sequence in which the SR declares 99OSTEO.
+dciodvfy (dicom3tools), dsrdump (DCMTK) and pdftotext / pdfinfo (poppler-utils)
+are required: the tests FAIL when they are missing. Every object must pass
+dciodvfy with no error and no warning.
 """
 
 from __future__ import annotations
 
 import io
-import re
-import shutil
 import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -26,79 +25,161 @@ import pydicom
 import pytest
 import SimpleITK as sitk
 
+import dicom_templates
+from osteonode import __version__
 from osteonode.ctseries import write_ct_series
-from osteonode.dicom_out import build_seg, build_sr, write
+from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, write
+from osteonode.dicom_out import keyimage as keyimage_module
+from osteonode.dicom_out import pdf as pdf_module
 from osteonode.dicom_out import seg as seg_module
 from osteonode.dicom_out import sr as sr_module
 from osteonode.result import AnalysisResult, BoneStatus, LevelResult
 from osteonode.segment import SpineSegmentation
+from osteonode.uids import derived_uid
 from osteonode.volume import Series, load_series
 
 DCIODVFY = "/usr/bin/dciodvfy"
 DSRDUMP = "/usr/bin/dsrdump"
-#: Warnings of dciodvfy that are accepted (see module docstring).
-ALLOWED_WARNING = re.compile(
-    r"^Warning - Unrecognized defined term <99OSTEO> for value 1 of attribute <Coding Scheme Designator>$")
+PDFTOTEXT = "/usr/bin/pdftotext"
+PDFINFO = "/usr/bin/pdfinfo"
+BANNER = "RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE"
+#: Coding schemes of PS3.16 Section 8 that every validator knows.
+STANDARD_SCHEMES = {"DCM", "SCT", "LN", "UCUM", "UMLS", "RFC5646"}
 
-#: VerSe ID -> (z range, y range, x range) of its box in the SimpleITK (z, y, x) array.
+#: VerSe ID -> ((x0, x1), (y0, y1), (z0, z1)) of its box in LPS mm (bounds off the voxel lattices).
 BOXES = {
-    20: ((2, 7), (20, 40), (25, 45)),   # L1
-    21: ((8, 13), (22, 44), (24, 40)),  # L2
-    22: ((14, 19), (18, 36), (30, 50)),  # L3
+    20: ((-11.93, 6.07), (-9.93, 4.07), (104.37, 116.37)),   # L1
+    21: ((-7.93, 10.07), (-5.93, 8.07), (119.37, 129.37)),   # L2
+    22: ((-3.93, 14.07), (-11.93, 2.07), (132.37, 144.37)),  # L3
 }
+#: Margin in mm between a body and its trabecular ROI.
+ROI_MARGIN_MM = 2.0
+#: Centre (LPS mm) of every synthetic grid.
+CENTRE = np.array([0.0, 0.0, 125.0])
+#: SimpleITK direction matrices (row-major; column i = direction of image axis i).
 DIRECTIONS = {
-    "axial_head_first": (1, 0, 0, 0, 1, 0, 0, 0, 1),
-    "axial_reversed_slices": (1, 0, 0, 0, 1, 0, 0, 0, -1),   # feet-first slice order
-    "coronal_flipped": (1, 0, 0, 0, 0, 1, 0, -1, 0),
+    "axial_hfs": (1, 0, 0, 0, 1, 0, 0, 0, 1),
+    "axial_ffs": (-1, 0, 0, 0, 1, 0, 0, 0, -1),
+    "axial_reversed_slices": (1, 0, 0, 0, 1, 0, 0, 0, -1),
+    "axial_mirrored_rows": (-1, 0, 0, 0, 1, 0, 0, 0, 1),
+    "axial_mirrored_columns": (1, 0, 0, 0, -1, 0, 0, 0, 1),
+    "coronal": (1, 0, 0, 0, 0, 1, 0, -1, 0),
+    "sagittal": (0, 0, 1, 1, 0, 0, 0, -1, 0),
 }
+#: Patient Position (0018,5100) written with each direction (HFS unless listed).
+PATIENT_POSITIONS = {"axial_ffs": "FFS"}
 
 
-def _tool(path: str) -> str:
+def oblique_direction(about_x_deg: float = 20.0, about_z_deg: float = 10.0) -> tuple[float, ...]:
+    """An axial grid rotated about L-R then S-I: a non-axial, orthogonal slice stack."""
+    a, b = np.radians(about_x_deg), np.radians(about_z_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+    rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+    return tuple(float(v) for v in (rz @ rx).ravel())
+
+
+DIRECTIONS["oblique"] = oblique_direction()
+
+
+@dataclass
+class Case:
+    """A synthetic CT on disk and in memory.
+
+    ``truth[k]`` is the ``(rows, columns)`` label image of file ``files[k]``,
+    computed from that file's own Image Plane attributes.
+    """
+
+    series: Series
+    segmentation: SpineSegmentation
+    files: list[Path]
+    truth: list[np.ndarray]
+
+
+def require_tool(path: str) -> str:
+    """``path`` if it is an installed file; fail the test otherwise."""
     if not Path(path).is_file():
         pytest.fail(f"{path} is required for this test and is missing")
     return path
 
 
-def _make_case(tmp_path: Path, direction: tuple[int, ...]) -> tuple[Series, SpineSegmentation, list[Path], np.ndarray]:
-    """Write the synthetic CT; return the series, a segmentation on its grid, files, label array.
+def phantom_labels(points: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
+    """VerSe labels of the boxes at ``points`` (``(..., 3)`` LPS mm), boxes shrunk by ``margin_mm``."""
+    labels = np.zeros(points.shape[:-1], dtype=np.uint8)
+    for vid, bounds in BOXES.items():
+        inside = np.ones(points.shape[:-1], dtype=bool)
+        for axis, (low, high) in enumerate(bounds):
+            inside &= (points[..., axis] > low + margin_mm) & (points[..., axis] < high - margin_mm)
+        labels[inside] = vid
+    return labels
 
-    The returned label array is in SimpleITK's ``(z, y, x)`` order, i.e. file ``k``
-    (``CT_{k+1}``) shows ``labels[k]``: the ground truth for the SEG read-back.
+
+def file_pixel_centres(ds: pydicom.Dataset) -> np.ndarray:
+    """``(rows, columns, 3)`` LPS centres of the pixels of a single-frame image (PS3.3 C.7.6.2.1.1)."""
+    position = np.array(ds.ImagePositionPatient, dtype=float)
+    orientation = np.array(ds.ImageOrientationPatient, dtype=float)
+    row_spacing, column_spacing = (float(v) for v in ds.PixelSpacing)
+    rows, columns = np.indices((int(ds.Rows), int(ds.Columns)), dtype=float)
+    return (position + rows[..., None] * row_spacing * orientation[3:]
+            + columns[..., None] * column_spacing * orientation[:3])
+
+
+def volume_voxel_centres(series: Series) -> np.ndarray:
+    """``(z, y, x, 3)`` LPS centres of the voxels of the loaded volume."""
+    index = np.indices(series.volume.shape, dtype=float)
+    homogeneous = np.concatenate([index, np.ones((1, *series.volume.shape))])
+    return np.moveaxis(np.tensordot(series.volume.affine, homogeneous, axes=1)[:3], 0, -1)
+
+
+def make_case(tmp_path: Path, direction: tuple[float, ...], *, patient_position: str = "HFS",
+              header_updates: Mapping[str, object] | None = None) -> Case:
+    """Write the synthetic CT on a grid with ``direction`` centred on :data:`CENTRE`; load it.
+
+    ``header_updates`` (keyword -> value) are set in every file after writing,
+    e.g. a Specific Character Set and a Patient's Name in it; ``None`` deletes
+    the attribute.
     """
-    labels = np.zeros((20, 64, 64), dtype=np.uint8)
-    for vid, ((z0, z1), (y0, y1), (x0, x1)) in BOXES.items():
-        labels[z0:z1, y0:y1, x0:x1] = vid
-    hu = np.where(labels > 0, 180, -50).astype(np.int16)
-    image = sitk.GetImageFromArray(hu)
-    image.SetSpacing((0.8, 0.7, 2.5))
-    image.SetOrigin((-25.0, -30.0, 100.0))
-    image.SetDirection(tuple(float(v) for v in direction))
-    files = write_ct_series(image, tmp_path / "ct", study_instance_uid=pydicom.uid.generate_uid(),
+    size, spacing = np.array([64, 64, 20]), np.array([0.8, 0.7, 2.5])  # (x, y, z)
+    matrix = np.array(direction, dtype=float).reshape(3, 3)
+    image = sitk.Image(*(int(n) for n in size), sitk.sitkInt16)
+    image.SetSpacing(tuple(float(s) for s in spacing))
+    image.SetDirection(tuple(float(v) for v in matrix.ravel()))
+    image.SetOrigin(tuple(float(v) for v in CENTRE - matrix @ (spacing * (size - 1) / 2)))
+    index = np.indices(size[::-1], dtype=float)[::-1]  # (x, y, z) index of each (z, y, x) voxel
+    points = np.moveaxis(np.tensordot(matrix * spacing, index, axes=1), 0, -1) + np.array(image.GetOrigin())
+    hu = np.where(phantom_labels(points) > 0, 180, -50).astype(np.int16)
+    hu_image = sitk.GetImageFromArray(hu)
+    hu_image.CopyInformation(image)
+    files = write_ct_series(hu_image, tmp_path / "ct", study_instance_uid=pydicom.uid.generate_uid(),
                             series_instance_uid=pydicom.uid.generate_uid())
+    updates = {"PatientPosition": patient_position, **(header_updates or {})}
+    truth = []
+    for path in files:
+        ds = pydicom.dcmread(path)
+        for keyword, value in updates.items():
+            if value is not None:
+                setattr(ds, keyword, value)
+            elif keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path, enforce_file_format=True)
+        truth.append(phantom_labels(file_pixel_centres(ds)))
     series = load_series(files)
-
-    # Resample the labels onto the loaded grid through patient coordinates (not array order).
-    label_image = sitk.GetImageFromArray(labels)
-    label_image.CopyInformation(image)
-    zz, yy, xx = np.indices(series.volume.shape)
-    points = series.volume.affine @ np.stack([zz.ravel(), yy.ravel(), xx.ravel(), np.ones(zz.size)])
-    bodies = np.zeros(series.volume.shape, dtype=np.uint8)
-    flat = bodies.reshape(-1)
-    for n, point in enumerate(points[:3].T):
-        i, j, k = label_image.TransformPhysicalPointToIndex(tuple(float(v) for v in point))
-        flat[n] = labels[k, j, i]
-    segmentation = SpineSegmentation(bodies=bodies, trabecular=bodies.copy(),
+    centres = volume_voxel_centres(series)
+    segmentation = SpineSegmentation(bodies=phantom_labels(centres),
+                                     trabecular=phantom_labels(centres, ROI_MARGIN_MM),
                                      confidence={20: 0.95, 21: 0.9, 22: 0.85},
                                      method="sacrum anchor and disc counting")
-    return series, segmentation, files, labels
+    return Case(series=series, segmentation=segmentation, files=files, truth=truth)
 
 
-def _result(series: Series) -> AnalysisResult:
+def make_result(series: Series) -> AnalysisResult:
+    """An evaluable result of L1-L3; vBMD and Genant grade only for L2."""
     levels = {
         name: LevelResult(label_confidence=conf, trabecular_hu_mean=mean, trabecular_hu_median=mean - 2.0,
                           trabecular_hu_sd=25.0, trabecular_voxel_count=500, trabecular_roi_volume_mm3=700.0)
         for name, conf, mean in (("L1", 0.95, 121.5), ("L2", 0.9, 118.25), ("L3", 0.85, 115.0))
     }
+    levels["L2"].vbmd_mg_cm3 = 96.4
+    levels["L2"].genant_grade = 2
     return AnalysisResult(status="ok", study_instance_uid=series.study_instance_uid,
                           series_instance_uid=series.series_instance_uid,
                           labelling_method="sacrum anchor and disc counting", levels=levels,
@@ -106,84 +187,87 @@ def _result(series: Series) -> AnalysisResult:
                                                  basis="L1 mean trabecular attenuation 121.5 HU (100-160 HU)"))
 
 
-def _round_trip(dataset: pydicom.Dataset) -> pydicom.Dataset:
+def round_trip(dataset: pydicom.Dataset) -> pydicom.Dataset:
+    """``dataset`` written as a PS3.10 stream and read back."""
     buffer = io.BytesIO()
     pydicom.dcmwrite(buffer, dataset, enforce_file_format=True)
     buffer.seek(0)
     return pydicom.dcmread(buffer)
 
 
-def _dciodvfy(path: Path) -> tuple[list[str], list[str]]:
-    proc = subprocess.run([_tool(DCIODVFY), str(path)], capture_output=True, text=True, check=False)
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """``(errors, warnings)`` lines of dciodvfy on ``path``."""
+    proc = subprocess.run([require_tool(DCIODVFY), str(path)], capture_output=True, text=True, check=False)
     lines = [line.strip() for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("Error")]
-    warnings = [line for line in lines if line.startswith("Warning")]
-    return errors, warnings
+    return ([line for line in lines if line.startswith("Error")],
+            [line for line in lines if line.startswith("Warning")])
+
+
+def assert_valid(dataset: pydicom.Dataset, path: Path) -> Path:
+    """Write ``dataset`` to ``path`` and assert that dciodvfy reports no error and no warning."""
+    write(dataset, path)
+    assert dciodvfy(path) == ([], []), path.name
+    return path
+
+
+def all_outputs(case: Case, result: AnalysisResult) -> dict[str, pydicom.Dataset]:
+    """SEG, SR, both key images and the PDF of ``case``, keyed by a short name."""
+    seg = build_seg(case.series, case.segmentation)
+    sagittal, axial = build_key_images(case.series, case.segmentation, result, banner=BANNER)
+    return {"seg": seg, "sr": build_sr(case.series, result, seg), "key_sagittal": sagittal,
+            "key_axial": axial, "pdf": build_pdf_report(case.series, result, banner=BANNER)}
+
+
+def pdf_document(ds: pydicom.Dataset) -> bytes:
+    """The PDF bytes of an Encapsulated PDF instance (without the padding byte)."""
+    return bytes(ds.EncapsulatedDocument[:int(ds.EncapsulatedDocumentLength)])
+
+
+def pdf_text(document: bytes, tmp_path: Path) -> str:
+    """Text of the PDF in reading order (pdftotext -layout)."""
+    path = tmp_path / "report.pdf"
+    path.write_bytes(document)
+    proc = subprocess.run([require_tool(PDFTOTEXT), "-layout", str(path), "-"], capture_output=True, text=True,
+                          check=True)
+    return proc.stdout
+
+
+def pdf_pages(document: bytes, tmp_path: Path) -> int:
+    """Number of pages of the PDF (pdfinfo)."""
+    path = tmp_path / "pages.pdf"
+    path.write_bytes(document)
+    info = subprocess.run([require_tool(PDFINFO), str(path)], capture_output=True, text=True, check=True).stdout
+    return int(next(line.split()[-1] for line in info.splitlines() if line.startswith("Pages:")))
 
 
 @pytest.fixture(scope="module")
 def axial(tmp_path_factory):
-    series, segmentation, files, labels = _make_case(tmp_path_factory.mktemp("axial"),
-                                                     DIRECTIONS["axial_head_first"])
-    seg = build_seg(series, segmentation)
-    sr = build_sr(series, _result(series), seg)
-    return series, segmentation, files, labels, seg, sr
-
-
-@pytest.mark.parametrize("orientation", sorted(DIRECTIONS))
-def test_seg_maps_segments_exactly_onto_source_voxels(tmp_path, orientation):
-    series, segmentation, files, labels = _make_case(tmp_path, DIRECTIONS[orientation])
-    seg = hd.seg.Segmentation.from_dataset(_round_trip(build_seg(series, segmentation)))
-
-    assert seg.SegmentationType == "BINARY"
-    numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
-    assert numbers == {"L1 vertebra": 1, "L2 vertebra": 2, "L3 vertebra": 3}
-    for item in seg.SegmentSequence:
-        assert item.SegmentAlgorithmType == "AUTOMATIC"
-        assert item.SegmentationAlgorithmIdentificationSequence[0].AlgorithmName == "osteonode"
-    assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "66794005"
-
-    # Ground truth per source file, independent of highdicom's volume ordering.
-    source = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    uids = [str(ds.SOPInstanceUID) for ds in source]
-    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3],
-                                               assert_missing_frames_are_empty=True)
-    assert pixels.shape == (len(files), 64, 64, 3)
-    for number, vid in enumerate((20, 21, 22)):
-        np.testing.assert_array_equal(pixels[..., number].astype(bool), labels == vid)
-
-    # Each frame lies exactly on the plane of the source image it references.
-    positions = {str(ds.SOPInstanceUID): np.array(ds.ImagePositionPatient, dtype=float) for ds in source}
-    for frame in seg.PerFrameFunctionalGroupsSequence:
-        ref = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
-        position = np.array(frame.PlanePositionSequence[0].ImagePositionPatient, dtype=float)
-        np.testing.assert_allclose(position, positions[ref], atol=1e-3)
-    np.testing.assert_allclose(
-        np.array(seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient,
-                 dtype=float),
-        np.array(source[0].ImageOrientationPatient, dtype=float), atol=1e-5)
+    case = make_case(tmp_path_factory.mktemp("axial"), DIRECTIONS["axial_hfs"])
+    seg = build_seg(case.series, case.segmentation)
+    sr = build_sr(case.series, make_result(case.series), seg)
+    return case, seg, sr
 
 
 def test_seg_and_sr_headers_follow_the_source(axial):
-    series, _, _, _, seg, sr = axial
-    source = series.datasets[0]
-    for ds in (_round_trip(seg), _round_trip(sr)):
+    case, seg, sr = axial
+    source = case.series.datasets[0]
+    for ds in (round_trip(seg), round_trip(sr)):
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.PatientID == source.PatientID
         assert ds.PatientName == source.PatientName
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
-    assert seg.SeriesDescription == "osteonode SEG"
-    assert sr.SeriesDescription == "osteonode Bone Health SR"
+        assert ds.SoftwareVersions == __version__
+    assert (seg.SeriesDescription, seg.SeriesNumber) == ("osteonode SEG", 901)
+    assert (sr.SeriesDescription, sr.SeriesNumber) == ("osteonode Bone Health SR", 902)
     assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
 
 
 def test_sr_content_round_trips(axial):
-    series, _, _, _, seg, sr = axial
-    report = hd.sr.Comprehensive3DSR.from_dataset(_round_trip(sr))
+    case, seg, sr = axial
+    report = hd.sr.Comprehensive3DSR.from_dataset(round_trip(sr))
     assert report.CompletionFlag == "COMPLETE"
     assert report.VerificationFlag == "UNVERIFIED"
-    assert report.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == "99OSTEO"
-    root = report.ContentSequence
+    assert "CodingSchemeIdentificationSequence" not in report  # no private scheme to declare
     assert report.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
     groups = report.content.get_volumetric_roi_measurement_groups()
@@ -191,39 +275,60 @@ def test_sr_content_round_trips(axial):
                                                       "L3 vertebral body"]
     seg_tracking = {int(item.SegmentNumber): str(item.TrackingUID) for item in seg.SegmentSequence}
     hu_code = hd.sr.CodedConcept("112031", "DCM", "Attenuation Coefficient")
-    for number, (group, mean) in enumerate(zip(groups, (121.5, 118.25, 115.0)), start=1):
+    certainty = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
+    expected = zip(groups, (121.5, 118.25, 115.0), (95.0, 90.0, 85.0), strict=True)
+    for number, (group, mean, confidence) in enumerate(expected, start=1):
         items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in group.referenced_segment}
         ref = items["Referenced Segment"].ReferencedSOPSequence[0]
         assert ref.ReferencedSegmentNumber == number
         assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
-        assert items["Source Series for Segmentation"].UID == series.series_instance_uid
+        assert items["Source Series for Segmentation"].UID == case.series.series_instance_uid
         assert str(group.tracking_uid) == seg_tracking[number]
         values = {m.derivation.meaning: (m.value, m.unit.value) for m in group.get_measurements(name=hu_code)}
         assert values["Mean"] == (mean, "[hnsf'U]")
         assert values["Median"] == (mean - 2.0, "[hnsf'U]")
+        [level_certainty] = group.get_measurements(name=certainty)
+        assert (level_certainty.value, level_certainty.unit.value) == (confidence, "%")
         assert group.finding_sites[0].value.scheme_designator == "SCT"
 
     # TID 1500 row 12: bone status and its texts.
-    qual = [item for item in root if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    qual = [item for item in report.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
     assert len(qual) == 1
     children = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in qual[0].ContentSequence}
     assert children["Finding"].ConceptCodeSequence[0].CodeValue == "312894000"  # osteopenia
-    assert children["Basis of bone status"].TextValue.startswith("L1 mean")
-    assert children["Vertebral level identification method"].TextValue == "sacrum anchor and disc counting"
+    assert children["Comment"].TextValue.startswith("L1 mean")
+    assert children["Measurement Method"].TextValue == "sacrum anchor and disc counting"
 
 
-def test_outputs_pass_dciodvfy_and_dsrdump(axial, tmp_path):
-    _, _, _, _, seg, sr = axial
-    seg_path = write(seg, tmp_path / "seg.dcm")
-    sr_path = write(sr, tmp_path / "sr.dcm")
-    for path in (seg_path, sr_path):
-        errors, warnings = _dciodvfy(path)
-        assert errors == [], f"{path.name}: {errors}"
-        assert [w for w in warnings if not ALLOWED_WARNING.match(w)] == [], f"{path.name}: {warnings}"
-    assert _dciodvfy(seg_path)[1] == []  # the SEG uses standard codes only
+def _coding_schemes(dataset: pydicom.Dataset) -> set[str]:
+    return {str(element.value) for element in dataset.iterall() if element.keyword == "CodingSchemeDesignator"}
 
-    proc = subprocess.run([_tool(DSRDUMP), "+Pt", str(sr_path)], capture_output=True, text=True, check=False)
+
+def test_only_standard_coding_schemes_are_used(axial):
+    """No private scheme: validators know every designator, nothing needs declaring (PS3.3 C.12.1.1.2)."""
+    _, seg, sr = axial
+    assert _coding_schemes(seg) | _coding_schemes(sr) <= STANDARD_SCHEMES
+    templates = [dicom_templates.load(name) for name in ("sr_codes", "segments", "algorithm", "report")]
+
+    def schemes(node: object) -> set[str]:
+        if isinstance(node, dict):
+            own = {node["scheme"]} if "scheme" in node else set()
+            return own.union(*(schemes(value) for value in node.values()))
+        if isinstance(node, list):
+            return set().union(*(schemes(value) for value in node))
+        return set()
+
+    assert set().union(*map(schemes, templates)) <= STANDARD_SCHEMES
+
+
+def test_seg_and_sr_pass_dciodvfy_without_warnings_and_dsrdump(axial, tmp_path):
+    _, seg, sr = axial
+    assert_valid(seg, tmp_path / "seg.dcm")
+    sr_path = assert_valid(sr, tmp_path / "sr.dcm")
+    proc = subprocess.run([require_tool(DSRDUMP), "+Pt", str(sr_path)], capture_output=True, text=True,
+                          check=False)
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
     assert "Comprehensive 3D SR Document" in proc.stdout
     assert "# TID 1500" in proc.stdout
     assert proc.stdout.count("# TID 1411") == 3
@@ -231,37 +336,35 @@ def test_outputs_pass_dciodvfy_and_dsrdump(axial, tmp_path):
 
 
 def test_not_evaluable_sr_is_valid_and_references_the_source(tmp_path):
-    series, _, files, _ = _make_case(tmp_path, DIRECTIONS["axial_head_first"])
+    case = make_case(tmp_path, DIRECTIONS["axial_hfs"])
     result = AnalysisResult.not_evaluable("no lumbar vertebra could be identified",
-                                          series.study_instance_uid, series.series_instance_uid)
-    sr = build_sr(series, result, None)
-    path = write(sr, tmp_path / "sr_not_evaluable.dcm")
-
-    errors, warnings = _dciodvfy(path)
-    assert errors == []
-    assert [w for w in warnings if not ALLOWED_WARNING.match(w)] == []
-    proc = subprocess.run([_tool(DSRDUMP), "+Pl", str(path)], capture_output=True, text=True, check=False)
+                                          case.series.study_instance_uid, case.series.series_instance_uid)
+    path = assert_valid(build_sr(case.series, result, None), tmp_path / "sr_not_evaluable.dcm")
+    proc = subprocess.run([require_tool(DSRDUMP), "+Pl", str(path)], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    assert "Not evaluable" in proc.stdout
+    assert "(373121007,SCT,\"Not Evaluated\")" in proc.stdout
     assert "no lumbar vertebra could be identified" in proc.stdout
 
-    ds = _round_trip(sr)
-    assert ds.StudyInstanceUID == series.study_instance_uid
-    assert ds.PatientID == series.datasets[0].PatientID
+    ds = pydicom.dcmread(path)
+    assert ds.StudyInstanceUID == case.series.study_instance_uid
+    assert ds.PatientID == case.series.datasets[0].PatientID
     evidence = ds.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence
-    assert [s.SeriesInstanceUID for s in evidence] == [series.series_instance_uid]
+    assert [s.SeriesInstanceUID for s in evidence] == [case.series.series_instance_uid]
     referenced = {r.ReferencedSOPInstanceUID for r in evidence[0].ReferencedSOPSequence}
-    assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+    assert referenced == {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in case.files}
     report = hd.sr.Comprehensive3DSR.from_dataset(ds)
     groups = report.content.get_planar_roi_measurement_groups() + \
         report.content.get_volumetric_roi_measurement_groups()
     assert groups == []
+    qual = [item for item in report.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
+    comments = [item.TextValue for item in qual[0].ContentSequence if item.ValueType == "TEXT"]
+    assert comments == ["not evaluable: no lumbar vertebra could be identified"]  # the reason, once
 
 
 def test_not_evaluable_sr_from_bare_headers_without_type2_attributes(tmp_path):
     """The pipeline reports on headers it could not load as a volume; anonymised data lack Type 2 values."""
-    _, _, files, _ = _make_case(tmp_path, DIRECTIONS["axial_reversed_slices"])
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    case = make_case(tmp_path, DIRECTIONS["axial_reversed_slices"])
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in case.files]
     for ds in headers:
         for keyword in ("PatientName", "PatientBirthDate", "StudyID", "AccessionNumber",
                         "ReferringPhysicianName"):
@@ -270,58 +373,92 @@ def test_not_evaluable_sr_from_bare_headers_without_type2_attributes(tmp_path):
                                           str(headers[0].StudyInstanceUID), str(headers[0].SeriesInstanceUID))
     sr = build_sr(headers, result, None)
     assert "PatientName" not in headers[0]  # the caller's headers are left alone
-    errors, warnings = _dciodvfy(write(sr, tmp_path / "sr.dcm"))
+    errors, warnings = dciodvfy(write(sr, tmp_path / "sr.dcm"))
     assert errors == []
-    # Only the accepted 99OSTEO warnings and the one about the (empty, inherited) Study ID.
-    assert [w for w in warnings if not ALLOWED_WARNING.match(w) and not w.endswith("- Study ID")] == []
+    # Only the warning about the (empty, inherited) Study ID.
+    assert [w for w in warnings if not w.endswith("- Study ID")] == []
     assert sr.PatientID == headers[0].PatientID
+    assert sr.PatientName == ""
 
 
 def test_uids_are_identical_when_built_twice(axial):
     """Re-processing must yield the same UIDs (osteonode.uids.derived_uid)."""
-    series, segmentation, _, _, seg, sr = axial
-    seg2 = build_seg(series, segmentation)
-    sr2 = build_sr(series, _result(series), seg2)
+    case, seg, sr = axial
+    seg2 = build_seg(case.series, case.segmentation)
+    sr2 = build_sr(case.series, make_result(case.series), seg2)
     assert (seg2.SeriesInstanceUID, seg2.SOPInstanceUID) == (seg.SeriesInstanceUID, seg.SOPInstanceUID)
     assert (sr2.SeriesInstanceUID, sr2.SOPInstanceUID) == (sr.SeriesInstanceUID, sr.SOPInstanceUID)
     assert [i.TrackingUID for i in seg2.SegmentSequence] == [i.TrackingUID for i in seg.SegmentSequence]
 
 
+def test_a_new_version_yields_new_series_uids(axial):
+    """The documented version policy: same version -> same UIDs, new version -> new series."""
+    case, seg, _ = axial
+    source_uid = case.series.series_instance_uid
+    assert seg.SeriesInstanceUID == derived_uid(source_uid, "seg-series")
+    assert derived_uid(source_uid, "seg-series", version="999.0") != seg.SeriesInstanceUID
+
+
 def test_every_output_uid_comes_from_derived_uid(axial, monkeypatch):
     """Independent of the implementation of derived_uid: each output UID is one of its results."""
-    series, segmentation, _, _, _, _ = axial
+    case, _, _ = axial
     calls: dict[str, str] = {}
 
     def fake(source_series_uid: str, role: str) -> pydicom.uid.UID:
-        assert source_series_uid == series.series_instance_uid
-        calls[role] = f"2.25.{len(calls) + 1}{abs(hash(role)) % 10**12}"
-        return pydicom.uid.UID(calls[role])
+        assert source_series_uid == case.series.series_instance_uid
+        return pydicom.uid.UID(calls.setdefault(role, f"2.25.{len(calls) + 1}{abs(hash(role)) % 10**12}"))
 
-    for module in (seg_module, sr_module):
+    for module in (seg_module, sr_module, keyimage_module, pdf_module):
         monkeypatch.setattr(module, "derived_uid", fake)
-    seg = build_seg(series, segmentation)
-    sr = build_sr(series, _result(series), seg)
-    produced = {seg.SeriesInstanceUID, seg.SOPInstanceUID, sr.SeriesInstanceUID, sr.SOPInstanceUID,
-                *(item.TrackingUID for item in seg.SegmentSequence)}
+    outputs = all_outputs(case, make_result(case.series))
+    produced = {uid for ds in outputs.values() for uid in (ds.SeriesInstanceUID, ds.SOPInstanceUID)}
+    produced |= {item.TrackingUID for item in outputs["seg"].SegmentSequence}
     assert produced <= set(calls.values())
-    assert {"seg-series", "seg-instance", "sr-series", "sr-instance"} <= set(calls)
+    assert {"seg-series", "seg-instance", "sr-series", "sr-instance", "key-images-series", "key-image-sagittal",
+            "key-image-axial", "pdf-series", "pdf-instance"} <= set(calls)
+
+
+def test_all_outputs_are_new_series_of_the_source_study(axial):
+    case, _, _ = axial
+    outputs = all_outputs(case, make_result(case.series))
+    source = case.series.datasets[0]
+    assert {ds.StudyInstanceUID for ds in outputs.values()} == {source.StudyInstanceUID}
+    series = {name: (ds.SeriesInstanceUID, ds.SeriesDescription, int(ds.SeriesNumber))
+              for name, ds in outputs.items()}
+    assert {name: value[1:] for name, value in series.items()} == {
+        "seg": ("osteonode SEG", 901), "sr": ("osteonode Bone Health SR", 902),
+        "key_sagittal": ("osteonode Key Images", 903), "key_axial": ("osteonode Key Images", 903),
+        "pdf": ("osteonode Report", 904)}
+    assert series["key_sagittal"][0] == series["key_axial"][0]
+    assert len({value[0] for value in series.values()} | {source.SeriesInstanceUID}) == 5
+    assert len({ds.SOPInstanceUID for ds in outputs.values()}) == 5
 
 
 def test_evaluable_result_without_seg_is_rejected(axial):
-    series, *_ = axial
-    with pytest.raises(ValueError):
-        build_sr(series, _result(series), None)
+    case, _, _ = axial
+    with pytest.raises(ValueError, match="needs the SEG"):
+        build_sr(case.series, make_result(case.series), None)
 
 
 def test_seg_rejects_unknown_label(axial):
-    series, segmentation, *_ = axial
-    bodies = segmentation.bodies.copy()
+    case, _, _ = axial
+    bodies = case.segmentation.bodies.copy()
     bodies[bodies == 22] = 77
-    with pytest.raises(ValueError):
-        build_seg(series, SpineSegmentation(bodies=bodies, trabecular=bodies))
+    with pytest.raises(ValueError, match="77"):
+        build_seg(case.series, SpineSegmentation(bodies=bodies, trabecular=bodies))
 
 
-def test_dciodvfy_is_installed():
-    """The validator is part of the test environment; its absence is a failure, not a skip."""
-    assert shutil.which("dciodvfy") or Path(DCIODVFY).is_file(), "dciodvfy (dicom3tools) is missing"
-    _tool(DCIODVFY)
+def test_validators_are_installed():
+    """The validators are part of the test environment; their absence is a failure, not a skip."""
+    for tool in (DCIODVFY, DSRDUMP, PDFTOTEXT, PDFINFO):
+        require_tool(tool)
+
+
+def test_optional_identity_attributes_are_carried_into_every_output(tmp_path):
+    """Issuer of Patient ID, study description and de-identification status follow the source."""
+    updates = {"IssuerOfPatientID": "HOSPITAL-A", "StudyDescription": "CT ABDOMEN", "PatientIdentityRemoved": "YES",
+               "DeidentificationMethod": "research export profile 2"}
+    case = make_case(tmp_path, DIRECTIONS["axial_hfs"], header_updates=updates)
+    for name, ds in all_outputs(case, make_result(case.series)).items():
+        back = pydicom.dcmread(assert_valid(ds, tmp_path / f"{name}.dcm"))
+        assert {keyword: back.get(keyword) for keyword in updates} == updates, name
