@@ -159,6 +159,8 @@ def load_series(paths: Iterable[Path]) -> Series:
     for ds in datasets:  # de-identified files may keep the SOP Class UID only in the file meta
         if not ds.get("SOPClassUID") and "MediaStorageSOPClassUID" in ds.get("file_meta", {}):
             ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    if len(datasets) > 1:
+        _check_stack_geometry(datasets)
     try:
         if len(datasets) == 1 and int(datasets[0].get("NumberOfFrames", 1)) > 1:
             hd_volume = hd.Image.from_dataset(datasets[0]).get_volume(dtype=np.float32)
@@ -178,3 +180,40 @@ def load_series(paths: Iterable[Path]) -> Series:
              len(datasets), hu.shape, tuple(round(s, 3) for s in Volume(hu, hd_volume.affine).spacing))
     return Series(volume=Volume(hu=hu, affine=np.asarray(hd_volume.affine, dtype=float)),
                   hd_volume=hd_volume, datasets=datasets)
+
+
+#: Largest angle between the slice-stacking direction and the slice normal we accept.
+MAX_STACK_SHEAR_DEG = 0.5
+
+
+def _check_stack_geometry(datasets: list[pydicom.Dataset]) -> None:
+    """Reject gantry-tilted (sheared) stacks and mixed orientations with a clear reason.
+
+    The slices must be stacked along their normal (PS3.3 C.7.6.2.1.1): a
+    tilted gantry yields slices whose positions move along a direction that
+    is not perpendicular to their plane, which a (z, y, x) grid cannot hold
+    without resampling.
+
+    Raises
+    ------
+    NotEvaluable
+        Missing Image Plane attributes, mixed orientations, or shear beyond
+        ``MAX_STACK_SHEAR_DEG`` degrees.
+    """
+    try:
+        orientations = np.array([[float(v) for v in ds.ImageOrientationPatient] for ds in datasets])
+        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    except AttributeError as exc:
+        raise NotEvaluable(f"the series lacks Image Plane attributes ({exc})") from exc
+    if np.abs(orientations - orientations[0]).max() > 1e-3:
+        raise NotEvaluable("the slices of the series do not share one orientation")
+    normal = np.cross(orientations[0, :3], orientations[0, 3:])
+    order = np.argsort(positions @ normal)
+    stack = positions[order[-1]] - positions[order[0]]
+    length = np.linalg.norm(stack)
+    if length == 0:
+        raise NotEvaluable("all slices of the series lie at the same position")
+    angle = np.degrees(np.arccos(min(1.0, abs(float(stack @ normal)) / length)))
+    if angle > MAX_STACK_SHEAR_DEG:
+        raise NotEvaluable(f"gantry tilt or sheared slice stack ({angle:.1f} degrees from the slice normal) "
+                           "is not supported")

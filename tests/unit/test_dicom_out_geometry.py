@@ -122,7 +122,7 @@ def test_gantry_tilt_is_rejected_and_still_reported(tmp_path):
     with pytest.raises(NotEvaluable) as excinfo:
         load_series(case.files)
     reason = str(excinfo.value)
-    assert "cannot be assembled into a volume" in reason
+    assert "gantry tilt or sheared slice stack (15.0 degrees from the slice normal)" in reason
 
     headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in case.files]
     result = AnalysisResult.not_evaluable(reason, str(headers[0].StudyInstanceUID),
