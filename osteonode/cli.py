@@ -37,6 +37,7 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
     # pynetdicom logs every DIMSE message at INFO: keep only its warnings unless DEBUG is asked for
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("radiomics").setLevel(logging.WARNING)  # pyradiomics logs each filter at INFO
 
 
 def _settings(config: Path | None) -> Settings:
@@ -161,6 +162,56 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
     except DeliveryFailed as exc:
         typer.echo(f"delivery failed: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command()
+def train(table: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
+                                                 help="CSV: study_id plus t_score, who_category or ovcf.")],
+          features_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
+                                                       help="<study_id>/radiomics.csv as analyze wrote them.")],
+          out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the model artifact.")],
+          provenance: Annotated[str, typer.Option(help="Where the labels and images come from (model card).")],
+          task: Annotated[str, typer.Option(help="osteoporosis_vs_normal, osteoporosis_vs_osteopenia, "
+                                                 "osteopenia_vs_normal, low_bmd_vs_normal or ovcf.")]
+          = "osteoporosis_vs_normal",
+          pipeline: Annotated[str, typer.Option(help="lr_stability (seed 000) or mrmr_lasso (seeds 001/002).")]
+          = "lr_stability",
+          classifier: Annotated[str, typer.Option(help="rf, svm, knn or logistic.")] = "rf",
+          unit: Annotated[str, typer.Option(help="study or vertebra.")] = "study",
+          validation: Annotated[str, typer.Option(help="cv (5-fold) or holdout.")] = "cv",
+          seed: int = 0,
+          synthetic: Annotated[bool, typer.Option(help="Mark the model as trained on synthetic data.")] = False,
+          ) -> None:
+    """Train a radiomics classifier (seed-study pipelines) and write the artifact, sha256 and model card."""
+    from osteonode.classify.train import train as train_model
+
+    report = train_model(table, features_dir, out, provenance=provenance, task=task, pipeline=pipeline,
+                         classifier=classifier, unit=unit, validation=validation, seed=seed, synthetic=synthetic)
+    typer.echo(f"model {report.model_id}\n  artifact {report.model_path}\n  sha256 {report.sha256}\n"
+               f"  {report.validation}: {_metrics_line(report.metrics)}\n"
+               f"  model card {report.model_card_md}\n  ROC {report.roc_png}")
+
+
+@app.command()
+def evaluate(model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Model artifact (.joblib).")],
+             table: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Labelled study table.")],
+             features_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
+             out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the report.")],
+             sha256: Annotated[Optional[str], typer.Option(help="Expected SHA-256 (default: the .sha256 file).")]
+             = None) -> None:
+    """Evaluate a model on a labelled table: AUC with DeLong 95 % CI, sensitivity, specificity, ROC PNG."""
+    from osteonode.classify.evaluate import evaluate as evaluate_model
+
+    report = evaluate_model(model, table, features_dir, out, expected_sha256=sha256)
+    typer.echo(f"model {report.model_id}: {_metrics_line(report.metrics)}\n"
+               f"  report {report.report_json}\n  ROC {report.roc_png}")
+
+
+def _metrics_line(metrics: dict) -> str:
+    low, high = metrics["auc_ci95"]
+    return (f"AUC {metrics['auc']:.3f} (95 % CI {low:.3f}-{high:.3f}, DeLong), sensitivity "
+            f"{metrics['sensitivity']:.2f}, specificity {metrics['specificity']:.2f}, "
+            f"confusion {metrics['confusion_matrix']}")
 
 
 @app.command()

@@ -62,6 +62,13 @@ class DispatchSettings(_Strict):
     timeout_s: float = Field(default=30.0, gt=0, description="association and DIMSE timeout")
 
 
+class ModelSettings(_Strict):
+    """A trained radiomics model artifact, used only if its SHA-256 matches."""
+
+    path: Path
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="hex SHA-256 from the model card")
+
+
 class AnalysisSettings(_Strict):
     """What the pipeline does with a series."""
 
@@ -70,6 +77,10 @@ class AnalysisSettings(_Strict):
         default="pickhardt_l1_hu",
         description="pickhardt_l1_hu: L1 HU <=110 / >=160 (Pickhardt 2013); acr_vbmd: ACR QCT vBMD cut-offs "
                     "on phantomless calibration (research use)")
+    radiomics_preset: str | None = Field(
+        default="seed000", description="pyradiomics preset for radiomics.csv (seed000, seed003, seed004); "
+                                       "none: no radiomics")
+    model: ModelSettings | None = Field(default=None, description="trained model; absent: rule only")
     banner: str = Field(default="RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE",
                         description="text banner on key images and the PDF report; empty: none")
     key_images: bool = Field(default=True, description="send Secondary Capture key images")

@@ -1,7 +1,7 @@
 """The analysis pipeline for one CT series: plain functions, no services.
 
 select -> load -> segment -> measure (HU) -> calibrate (vBMD, contrast) -> Genant ->
-classify -> encode. Used both by the
+radiomics -> classify -> encode. Used both by the
 Celery worker and by ``osteonode analyze``. Outputs written to ``out_dir``:
 
 * ``result.json`` - :class:`~osteonode.result.AnalysisResult` (format in README.md),
@@ -10,7 +10,9 @@ Celery worker and by ``osteonode analyze``. Outputs written to ``out_dir``:
 * ``sr.dcm`` - Comprehensive 3D SR, TID 1500 (always, also when not evaluable),
 * ``key_1.dcm``, ``key_2.dcm`` - Secondary Capture key images, mid-sagittal and
   axial through L1 (when evaluable and ``key_images`` is on),
-* ``report.dcm`` - one-page Encapsulated PDF report (when ``pdf_report`` is on).
+* ``report.dcm`` - one-page Encapsulated PDF report (when ``pdf_report`` is on),
+* ``radiomics.csv`` - pyradiomics features, one row per level (when evaluable and
+  ``radiomics_preset`` is set).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import pydicom
 import SimpleITK as sitk
 
 from osteonode.anatomy import REQUIRED_LEVELS
-from osteonode.classify.rules import classify_acr_vbmd, classify_l1_hu
+from osteonode.classify import classify_bone_status
 from osteonode.config import AnalysisSettings
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, write
 from osteonode.errors import NotEvaluable
@@ -33,6 +35,7 @@ from osteonode.measure.calibration import apply_calibration, calibrate
 from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
 from osteonode.measure.hu import measure_levels
+from osteonode.measure.radiomics import FEATURE_TABLE_NAME, extract_features, write_feature_table
 from osteonode.measure.tissues import measure_reference_tissues
 from osteonode.result import AnalysisResult
 from osteonode.segment import Backend, SpineSegmentation
@@ -45,7 +48,7 @@ log = logging.getLogger(__name__)
 RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE = "result.json", "labels.nii.gz", "seg.dcm", "sr.dcm"
 KEY_IMAGE_FILES = ("key_1.dcm", "key_2.dcm")  # mid-sagittal, axial through L1
 PDF_FILE = "report.dcm"
-OUTPUT_FILES = (RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE, *KEY_IMAGE_FILES, PDF_FILE)
+OUTPUT_FILES = (RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE, *KEY_IMAGE_FILES, PDF_FILE, FEATURE_TABLE_NAME)
 
 
 def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettings | None = None,
@@ -110,12 +113,17 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
             levels = apply_calibration(levels, calibration, contrast)
         with _timed(timings, "genant"):
             levels = apply_genant(levels, grade_levels(series.volume, segmentation))
+        feature_rows = []
+        if settings.radiomics_preset:
+            with _timed(timings, "radiomics"):
+                feature_rows = extract_features(series.volume, segmentation, settings.radiomics_preset)
+                write_feature_table(feature_rows, out_dir / FEATURE_TABLE_NAME)
         with _timed(timings, "classify"):
-            rule = classify_acr_vbmd if settings.bone_status_rule == "acr_vbmd" else classify_l1_hu
-            bone_status = rule(levels)
+            bone_status = classify_bone_status(levels, feature_rows, settings)
         result = AnalysisResult(status="ok", study_instance_uid=study_uid, series_instance_uid=series_uid,
                                 labelling_method=segmentation.method, levels=levels,
                                 bone_status=bone_status, calibration=calibration, contrast=contrast,
+                                radiomics_file=FEATURE_TABLE_NAME if feature_rows else None,
                                 timings_s=timings)
     except NotEvaluable as exc:
         result = AnalysisResult.not_evaluable(
