@@ -131,9 +131,12 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         Segmentation Storage instance (PS3.3 A.51): Segmentation Type BINARY,
         one segment per label present (label in ``segments.json``), Segment
         Algorithm Type AUTOMATIC with the Algorithm Identification macro,
-        Series Description "osteonode SEG", Series/SOP Instance UIDs derived
-        from the source Series Instance UID (:func:`osteonode.uids.derived_uid`,
-        roles ``"seg-series"`` / ``"seg-instance"``), patient and study modules
+        Series Description "osteonode SEG", Series/SOP Instance UIDs and the
+        Dimension Organization UID (0020,9164) of the Multi-frame Dimension
+        module (PS3.3 C.7.6.17) derived from the source Series Instance UID
+        (:func:`osteonode.uids.derived_uid`, roles ``"seg-series"`` /
+        ``"seg-instance"`` / ``"seg-dimension-organization"``), so that a
+        rebuild differs only in its dates and times; patient and study modules
         copied from the source (same Study Instance UID, see
         :mod:`osteonode.dicom_out.common`), Specific Character Set of the
         source or UTF-8 (:func:`~osteonode.dicom_out.common.settle_character_set`).
@@ -181,6 +184,10 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         series_description=SEG_SERIES_DESCRIPTION,
         specific_character_set=UTF8,
     )
+    # highdicom draws the Dimension Organization UID at random; derive it like every other UID.
+    dimension_organization_uid = derived_uid(source_uid, "seg-dimension-organization")
+    for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
+        item.DimensionOrganizationUID = dimension_organization_uid
     copy_optional_identity(series.datasets[0], seg)
     settle_character_set(seg, series.datasets[0])
     log.info("built SEG: %d segment(s) (%s), %d frame(s)", len(descriptions),

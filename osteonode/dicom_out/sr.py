@@ -17,10 +17,29 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
     (121232, DCM, "Source series for segmentation"), with the tracking
     identifier and UID of that SEG segment, finding
     category/type/site (CID 7151 vertebra codes), the algorithm (TID 4019) and
-    TID 300 measurements: attenuation coefficient (112031, DCM) with derivation
-    mean / median / standard deviation (CID 7464) in ``[hnsf'U]``, plus the
-    level label confidence as (111012, DCM, "Certainty of Finding") in ``%``
-    (the finding being the vertebral level of the group);
+    TID 300 measurements:
+
+    * attenuation coefficient (112031, DCM) with derivation mean / median /
+      standard deviation (CID 7464) in ``[hnsf'U]``;
+    * the level label confidence as (111012, DCM, "Certainty of Finding") in
+      ``%`` (the finding being the vertebral level of the group);
+    * when known, vBMD as (C0005938, UMLS, "Bone Density") in ``mg/cm3``
+      (CID 301) with derivation (373098007, SCT, "Mean") and, as
+      HAS CONCEPT MOD (TID 1210), a TEXT (121050, DCM, "Equivalent Meaning of
+      Concept Name") saying volumetric, calcium hydroxyapatite, phantomless
+      calibration (no standard code exists for that method);
+    * vertebral body heights as (121207, DCM, "Height", CID 7470) in ``mm``,
+      each with its own finding site (the vertebra) and topographical modifier
+      (106233006, SCT) Anterior / Central / Posterior (CID 2) for the
+      anterior / middle / posterior height;
+    * height ratios as (118586006, SCT, "Ratio") in UCUM ``1`` ("no units",
+      CID 7181), each named by an Equivalent Meaning of Concept Name TEXT;
+
+    and one qualitative evaluation (TID 1411 row 15): (125605004, SCT,
+    "Fracture of bone") = (415684004, SCT, "Suspected") for Genant grade >= 1,
+    (272519000, SCT, "Absent") for grade 0, (373068000, SCT, "Undetermined")
+    for a measured but ungraded body, with the Genant grade as a HAS PROPERTIES
+    TEXT (121106, DCM, "Comment"): SNOMED CT has no concept for a Genant grade;
   - not-evaluable series: one TID 1501 group referencing every source image
     (121112, DCM, "Source of Measurement") with the algorithm and the
     finding (373121007, SCT, "Not Evaluated") (CID 3703).
@@ -29,7 +48,20 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
   (121071, DCM, "Finding") = Normal / Osteopenia / Osteoporosis / Indeterminate
   / Not Evaluated (SNOMED CT), and TEXT items: (121106, DCM, "Comment") with
   the basis of the category and, when not evaluable, the reason; (370129005,
-  SCT, "Measurement Method") with the level identification method.
+  SCT, "Measurement Method") with the level identification method. Then, when
+  the result has them:
+
+  - (122505, DCM, "Calibration") = (111222, DCM, "Succeeded") for a plausible,
+    (111224, DCM, "Failed") for an implausible phantomless calibration (CID
+    6042), with HAS PROPERTIES TEXT (122422, DCM, "Calibration Method") and
+    Comment (the calibration note);
+  - (C0005938, UMLS, "Bone Density") = (373121007, SCT, "Not Evaluated") when
+    an evaluable series has no vBMD, with the reason as a Comment;
+  - (385420005, SCT, "Contrast media") = Absent / Present / Undetermined
+    (CID 240) for the detected phase non-contrast / arterial, portal venous or
+    delayed / unknown, with the phase, aortic attenuation and handling as a
+    Comment: no standard code names a CT contrast phase ((109058, DCM,
+    "Contrast Phase") is a phase of a cardiac catheterization).
 
 Only standard coding schemes are used (``dicom_templates/sr_codes.json``), so
 no private scheme needs a Coding Scheme Identification Sequence (PS3.3
@@ -52,7 +84,7 @@ from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equ
                                         series_number, settle_character_set, source_datasets,
                                         with_type2_defaults)
 from osteonode.dicom_out.seg import tracking_id, tracking_uid
-from osteonode.dicom_out.summary import ordered_levels, status_comments
+from osteonode.dicom_out.summary import genant, ordered_levels, status_comments
 from osteonode.result import AnalysisResult, LevelResult
 from osteonode.uids import derived_uid
 from osteonode.volume import Series
@@ -60,6 +92,10 @@ from osteonode.volume import Series
 log = logging.getLogger(__name__)
 
 SR_SERIES_DESCRIPTION = "osteonode Bone Health SR"
+
+#: How the Comment of the contrast evaluation names each :class:`~osteonode.result.ContrastPhase` phase.
+CONTRAST_PHASE_NAMES = {"non_contrast": "non-contrast", "arterial": "arterial", "portal_venous": "portal venous",
+                        "delayed": "delayed", "unknown": "unknown"}
 
 
 def _algorithm() -> hd.sr.AlgorithmIdentification:
@@ -90,14 +126,36 @@ def _segments_by_label(seg: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
     return {str(item.SegmentLabel): item for item in seg.SegmentSequence}
 
 
-def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segment: pydicom.Dataset,
-                 source_series_uid: str, sr_codes: Mapping, segment_template: Mapping,
-                 algorithm: hd.sr.AlgorithmIdentification,
-                 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group of one vertebral level."""
+def _add_children(item: hd.sr.ContentItem, children: Sequence[hd.sr.ContentItem]) -> None:
+    """Append ``children`` to the Content Sequence of ``item``, creating it when absent."""
+    if "ContentSequence" not in item:
+        item.ContentSequence = hd.sr.ContentSequence()
+    item.ContentSequence.extend(children)
+
+
+def _text(name: Mapping, value: str, relationship: hd.sr.RelationshipTypeValues) -> hd.sr.TextContentItem:
+    """A TEXT content item with the concept name of the template entry ``name``."""
+    return hd.sr.TextContentItem(name=coded(name), value=value, relationship_type=relationship)
+
+
+def _named(measurement: hd.sr.Measurement, meaning: str, sr_codes: Mapping) -> hd.sr.Measurement:
+    """``measurement`` with (121050, DCM, "Equivalent Meaning of Concept Name") = ``meaning`` (TID 1210)."""
+    _add_children(measurement[0], [_text(sr_codes["equivalent_meaning"], meaning,
+                                         hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD)])
+    return measurement
+
+
+def _level_measurements(measures: LevelResult, site: hd.sr.CodedConcept,
+                        sr_codes: Mapping) -> list[hd.sr.Measurement]:
+    """TID 300 measurements of one level: HU statistics, label certainty, vBMD, heights, height ratios.
+
+    Raises
+    ------
+    ValueError
+        If ``measures.height_ratios`` has a ratio without a name in ``sr_codes.json``.
+    """
     hu = coded(sr_codes["unit_hounsfield"])
     attenuation = coded(sr_codes["attenuation_coefficient"])
-    site_code = coded(segment_template["type"])
     measurements = [
         hd.sr.Measurement(name=attenuation, value=float(measures.trabecular_hu_mean), unit=hu,
                           derivation=coded(sr_codes["mean"])),
@@ -108,6 +166,63 @@ def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segmen
         hd.sr.Measurement(name=coded(sr_codes["label_confidence"]),
                           value=round(100.0 * measures.label_confidence, 6), unit=coded(sr_codes["unit_percent"])),
     ]
+    if measures.vbmd_mg_cm3 is not None:
+        # vBMD is calibrated from the mean trabecular attenuation, hence derivation Mean.
+        measurements.append(_named(
+            hd.sr.Measurement(name=coded(sr_codes["bone_density"]), value=float(measures.vbmd_mg_cm3),
+                              unit=coded(sr_codes["unit_mg_per_cm3"]), derivation=coded(sr_codes["mean"])),
+            sr_codes["vbmd_equivalent_meaning"], sr_codes))
+    heights = {"anterior": measures.height_anterior_mm, "middle": measures.height_middle_mm,
+               "posterior": measures.height_posterior_mm}
+    measurements += [
+        hd.sr.Measurement(name=coded(sr_codes["height"]), value=float(height), unit=coded(sr_codes["unit_mm"]),
+                          finding_sites=[hd.sr.FindingSite(
+                              anatomic_location=site,
+                              topographical_modifier=coded(sr_codes["height_positions"][position]))])
+        for position, height in heights.items() if height is not None
+    ]
+    ratios = measures.height_ratios or {}
+    meanings = sr_codes["height_ratio_meanings"]
+    unknown = sorted(set(ratios) - set(meanings))
+    if unknown:
+        raise ValueError(f"height ratio(s) without an SR concept in sr_codes.json: {unknown}")
+    measurements += [
+        _named(hd.sr.Measurement(name=coded(sr_codes["ratio"]), value=float(ratios[key]),
+                                 unit=coded(sr_codes["unit_no_units"])), meaning, sr_codes)
+        for key, meaning in meanings.items() if key in ratios
+    ]
+    return measurements
+
+
+def _fracture_evaluation(measures: LevelResult, sr_codes: Mapping) -> hd.sr.QualitativeEvaluation | None:
+    """(125605004, SCT, "Fracture of bone") of one level with its Genant grade as a Comment.
+
+    Suspected for Genant grade >= 1, Absent for grade 0, Undetermined when the
+    body was measured (a height is known) but not graded; ``None`` when there
+    is neither a grade nor a height.
+    """
+    if measures.fracture_suspected is not None:
+        key = "suspected" if measures.fracture_suspected else "absent"
+    elif any(h is not None for h in (measures.height_anterior_mm, measures.height_middle_mm,
+                                     measures.height_posterior_mm)):
+        key = "undetermined"
+    else:
+        return None
+    evaluation = hd.sr.QualitativeEvaluation(name=coded(sr_codes["fracture"]),
+                                             value=coded(sr_codes["fracture_values"][key]))
+    grade = "not graded" if measures.genant_grade is None else genant(measures.genant_grade)
+    _add_children(evaluation[0], [_text(sr_codes["comment"], f"Genant semi-quantitative grade: {grade} "
+                                        f"(Genant et al. 1993)", hd.sr.RelationshipTypeValues.HAS_PROPERTIES)])
+    return evaluation
+
+
+def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segment: pydicom.Dataset,
+                 source_series_uid: str, sr_codes: Mapping, segment_template: Mapping,
+                 algorithm: hd.sr.AlgorithmIdentification,
+                 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group of one vertebral level (measurements and fracture evaluation, see the module docstring)."""
+    site_code = coded(segment_template["type"])
+    fracture = _fracture_evaluation(measures, sr_codes)
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         # The SEG segment's Tracking UID/ID, so SEG segment and SR group are one tracked object.
         tracking_identifier=hd.sr.TrackingIdentifier(
@@ -123,7 +238,8 @@ def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segmen
         finding_type=site_code,
         finding_sites=[hd.sr.FindingSite(anatomic_location=site_code)],
         algorithm_id=algorithm,
-        measurements=measurements,
+        measurements=_level_measurements(measures, site_code, sr_codes),
+        qualitative_evaluations=None if fracture is None else [fracture],
     )
 
 
@@ -158,8 +274,45 @@ def _not_evaluable_group(datasets: Sequence[pydicom.Dataset], source_series_uid:
     )
 
 
+def _explained(name: Mapping, value: Mapping, texts: Sequence[tuple[Mapping, str]]) -> hd.sr.CodeContentItem:
+    """CONTAINS CODE ``name`` = ``value`` with HAS PROPERTIES TEXT children ``(concept name, text)``."""
+    item = hd.sr.CodeContentItem(name=coded(name), value=coded(value),
+                                 relationship_type=hd.sr.RelationshipTypeValues.CONTAINS)
+    _add_children(item, [_text(concept, text, hd.sr.RelationshipTypeValues.HAS_PROPERTIES)
+                         for concept, text in texts])
+    return item
+
+
+def _calibration_and_contrast(result: AnalysisResult, sr_codes: Mapping) -> list[hd.sr.CodeContentItem]:
+    """Row 13 CODE items on the vBMD calibration, a missing vBMD and the contrast phase (module docstring)."""
+    items = []
+    calibration = result.calibration
+    if calibration is not None:
+        texts = [(sr_codes["calibration_method"], calibration.method)]
+        texts += [(sr_codes["comment"], calibration.note)] if calibration.note else []
+        status = "plausible" if calibration.plausible else "implausible"
+        items.append(_explained(sr_codes["calibration"], sr_codes["calibration_values"][status], texts))
+    if result.status == "ok" and all(level.vbmd_mg_cm3 is None for level in result.levels.values()):
+        if calibration is None:
+            reason = "no phantomless calibration was performed"
+        else:
+            reason = calibration.note or "the phantomless calibration is not plausible"
+        items.append(_explained(sr_codes["bone_density"], sr_codes["bone_status_values"]["not_evaluable"],
+                                [(sr_codes["comment"], f"vBMD not evaluable: {reason}")]))
+    contrast = result.contrast
+    if contrast is not None:
+        text = f"contrast phase: {CONTRAST_PHASE_NAMES[contrast.phase]}"
+        if contrast.aorta_hu is not None:
+            text += f" (aortic attenuation {contrast.aorta_hu:.0f} HU)"
+        if contrast.handling:
+            text += f"; {contrast.handling}"
+        items.append(_explained(sr_codes["contrast_media"], sr_codes["contrast_values"][contrast.phase],
+                                [(sr_codes["comment"], text)]))
+    return items
+
+
 def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr.ContainerContentItem:
-    """TID 1500 row 12 container: bone status (row 13 CODE) and its texts (row 14 TEXT)."""
+    """TID 1500 row 12 container: bone status (row 13 CODE), its texts (row 14 TEXT), calibration and contrast."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     status_key = "not_evaluable" if result.status == "not_evaluable" else result.bone_status.category
     items: list[hd.sr.ContentItem] = [
@@ -167,11 +320,10 @@ def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr
                               value=coded(sr_codes["bone_status_values"][status_key]),
                               relationship_type=contains),
     ]
-    items += [hd.sr.TextContentItem(name=coded(sr_codes["comment"]), value=comment, relationship_type=contains)
-              for comment in status_comments(result)]
+    items += [_text(sr_codes["comment"], comment, contains) for comment in status_comments(result)]
     if result.labelling_method:
-        items.append(hd.sr.TextContentItem(name=coded(sr_codes["labelling_method"]),
-                                           value=result.labelling_method, relationship_type=contains))
+        items.append(_text(sr_codes["labelling_method"], result.labelling_method, contains))
+    items += _calibration_and_contrast(result, sr_codes)
     container = hd.sr.ContainerContentItem(name=coded(sr_codes["qualitative_evaluations"]),
                                            relationship_type=contains)
     container.ContentSequence = hd.sr.ContentSequence(items)
@@ -191,10 +343,15 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         (same Study Instance UID; absent Type 2 attributes are written empty).
     result : AnalysisResult
         The analysis result. For ``status == "ok"`` every level in
-        ``result.levels`` becomes a TID 1411 group; HU values are written in
-        ``[hnsf'U]`` as given (mean, median, SD of the trabecular ROI).
-        For ``status == "not_evaluable"`` the report states "Not Evaluated"
-        with ``result.reason`` as a comment.
+        ``result.levels`` becomes a TID 1411 group; values are written as
+        given: HU in ``[hnsf'U]`` (mean, median, SD of the trabecular ROI),
+        vBMD in ``mg/cm3``, heights in ``mm``, height ratios in ``1``, each
+        only when known, and the Genant grade with the fracture evaluation.
+        ``result.calibration`` and ``result.contrast``, when set, become
+        qualitative evaluations of the report; an evaluable result without
+        any vBMD says vBMD "Not Evaluated" with the calibration note as the
+        reason. For ``status == "not_evaluable"`` the report states "Not
+        Evaluated" with ``result.reason`` as a comment.
     seg : highdicom.seg.Segmentation or None
         The SEG from :func:`osteonode.dicom_out.seg.build_seg` of this series;
         required when the result is evaluable and ignored otherwise. Segments
@@ -217,7 +374,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     ValueError
         If there is no source instance, the result belongs to another series,
         an evaluable result has no SEG or no level, a level has no segment in
-        the SEG, or a level name is unknown.
+        the SEG, a level name is unknown, or a height ratio has no concept
+        name in ``sr_codes.json``.
     """
     datasets = source_datasets(series)
     source_uid = str(datasets[0].get("SeriesInstanceUID", ""))
@@ -274,4 +432,4 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     return sr
 
 
-__all__ = ["build_sr", "SR_SERIES_DESCRIPTION"]
+__all__ = ["build_sr", "SR_SERIES_DESCRIPTION", "CONTRAST_PHASE_NAMES"]

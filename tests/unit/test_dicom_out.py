@@ -33,7 +33,7 @@ from osteonode.dicom_out import keyimage as keyimage_module
 from osteonode.dicom_out import pdf as pdf_module
 from osteonode.dicom_out import seg as seg_module
 from osteonode.dicom_out import sr as sr_module
-from osteonode.result import AnalysisResult, BoneStatus, LevelResult
+from osteonode.result import AnalysisResult, BoneStatus, Calibration, ContrastPhase, LevelResult
 from osteonode.segment import SpineSegmentation
 from osteonode.uids import derived_uid
 from osteonode.volume import Series, load_series
@@ -413,9 +413,11 @@ def test_every_output_uid_comes_from_derived_uid(axial, monkeypatch):
     outputs = all_outputs(case, make_result(case.series))
     produced = {uid for ds in outputs.values() for uid in (ds.SeriesInstanceUID, ds.SOPInstanceUID)}
     produced |= {item.TrackingUID for item in outputs["seg"].SegmentSequence}
+    produced |= {item.DimensionOrganizationUID for item in (*outputs["seg"].DimensionOrganizationSequence,
+                                                            *outputs["seg"].DimensionIndexSequence)}
     assert produced <= set(calls.values())
-    assert {"seg-series", "seg-instance", "sr-series", "sr-instance", "key-images-series", "key-image-sagittal",
-            "key-image-axial", "pdf-series", "pdf-instance"} <= set(calls)
+    assert {"seg-series", "seg-instance", "seg-dimension-organization", "sr-series", "sr-instance",
+            "key-images-series", "key-image-sagittal", "key-image-axial", "pdf-series", "pdf-instance"} <= set(calls)
 
 
 def test_all_outputs_are_new_series_of_the_source_study(axial):
@@ -462,3 +464,218 @@ def test_optional_identity_attributes_are_carried_into_every_output(tmp_path):
     for name, ds in all_outputs(case, make_result(case.series)).items():
         back = pydicom.dcmread(assert_valid(ds, tmp_path / f"{name}.dcm"))
         assert {keyword: back.get(keyword) for keyword in updates} == updates, name
+
+
+# --- vBMD, heights, Genant grade, calibration and contrast in the SR (issue 4 item 6) ---------------------------
+
+CALIBRATION_NOTE = "fitted air, adipose, blood; scanner gain 0.997, offset +2.1 HU"
+#: Concept names and values the SR must use (docs/conformance.md, "SR codes").
+BONE_DENSITY = hd.sr.CodedConcept("C0005938", "UMLS", "Bone Density")
+HEIGHT = hd.sr.CodedConcept("121207", "DCM", "Height")
+RATIO = hd.sr.CodedConcept("118586006", "SCT", "Ratio")
+FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
+EQUIVALENT_MEANING = ("121050", "DCM")
+COMMENT = ("121106", "DCM")
+
+
+def complete_result(series: Series) -> AnalysisResult:
+    """:func:`make_result` with every field the pipeline fills: vBMD, heights, ratios, Genant, calibration, contrast.
+
+    L1 is graded 0, L2 grade 2 (fracture suspected), L3 measured but not graded;
+    the calibration is plausible and the scan portal venous.
+    """
+    result = make_result(series)
+    grades = {"L1": (0, False), "L2": (2, True), "L3": (None, None)}
+    for number, (name, (grade, suspected)) in enumerate(grades.items()):
+        result.levels[name] = result.levels[name].model_copy(update={
+            "vbmd_mg_cm3": 100.0 - 5.0 * number,
+            "height_anterior_mm": 25.0 - number, "height_middle_mm": 26.0, "height_posterior_mm": 28.0,
+            "height_ratios": {"anterior_posterior": round((25.0 - number) / 28.0, 3), "middle_posterior": 0.929,
+                              "posterior_reference": 1.0},
+            "genant_grade": grade, "fracture_suspected": suspected})
+    result.calibration = Calibration(method="internal (phantomless) calibration: air, fat, blood",
+                                     slope_mg_cm3_per_hu=0.766, intercept_mg_cm3=-1.6, plausible=True,
+                                     note=CALIBRATION_NOTE)
+    result.contrast = ContrastPhase(phase="portal_venous", aorta_hu=185.0,
+                                    handling="corrected: trabecular HU x 0.87 before calibration")
+    return result
+
+
+def _code(item: pydicom.Dataset) -> tuple[str, str]:
+    """``(code value, scheme)`` of a content item's concept name."""
+    concept = item.ConceptNameCodeSequence[0]
+    return str(concept.CodeValue), str(concept.CodingSchemeDesignator)
+
+
+def _children(item: pydicom.Dataset) -> dict[tuple[str, str], pydicom.Dataset]:
+    """Child content items of ``item`` keyed by concept name code."""
+    return {_code(child): child for child in item.get("ContentSequence", [])}
+
+
+def _report_evaluations(report: hd.sr.Comprehensive3DSR) -> dict[tuple[str, str], pydicom.Dataset]:
+    """Items of the TID 1500 row 12 Qualitative Evaluations container keyed by concept name code."""
+    [container] = [item for item in report.ContentSequence if _code(item) == ("C0034375", "UMLS")]
+    return {_code(item): item for item in container.ContentSequence if item.ValueType == "CODE"}
+
+
+@pytest.fixture(scope="module")
+def complete(axial):
+    """The SR of :func:`complete_result` on the axial case, read back from bytes."""
+    case, seg, _ = axial
+    sr = build_sr(case.series, complete_result(case.series), seg)
+    return case, sr, hd.sr.Comprehensive3DSR.from_dataset(round_trip(sr))
+
+
+def test_sr_reports_vbmd_with_its_unit_derivation_and_meaning(complete):
+    _, _, report = complete
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    for number, group in enumerate(groups):
+        [vbmd] = group.get_measurements(name=BONE_DENSITY)
+        assert vbmd.value == 100.0 - 5.0 * number
+        assert (vbmd.unit.value, vbmd.unit.scheme_designator, vbmd.unit.meaning) == ("mg/cm3", "UCUM", "mg/cm^3")
+        assert (vbmd.derivation.value, vbmd.derivation.scheme_designator) == ("373098007", "SCT")  # Mean
+        meaning = _children(vbmd[0])[EQUIVALENT_MEANING]
+        assert meaning.RelationshipType == "HAS CONCEPT MOD"
+        assert "Volumetric" in meaning.TextValue and "phantomless" in meaning.TextValue
+
+
+def test_sr_reports_heights_with_topographical_modifiers_and_ratios(complete):
+    _, _, report = complete
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    for number, group in enumerate(groups):
+        vertebra = group.finding_sites[0].value
+        heights = {}
+        for height in group.get_measurements(name=HEIGHT):
+            [site] = height.finding_sites
+            assert site.value == vertebra
+            assert site.topographical_modifier.scheme_designator == "SCT"
+            heights[site.topographical_modifier.value] = (height.value, height.unit.value)
+        # Anterior, Central, Posterior (PS3.16 CID 2).
+        assert heights == {"255549009": (25.0 - number, "mm"), "26216008": (26.0, "mm"),
+                           "255551008": (28.0, "mm")}
+        ratios = {_children(ratio[0])[EQUIVALENT_MEANING].TextValue: (ratio.value, ratio.unit.value)
+                  for ratio in group.get_measurements(name=RATIO)}
+        assert ratios == {
+            "Anterior to posterior vertebral body height ratio": (round((25.0 - number) / 28.0, 3), "1"),
+            "Middle to posterior vertebral body height ratio": (0.929, "1"),
+            "Posterior vertebral body height to mean posterior height of the adjacent vertebrae ratio": (1.0, "1")}
+
+
+def test_sr_reports_fracture_suspicion_with_the_genant_grade(complete):
+    _, _, report = complete
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    expected = [("272519000", "0 (normal)"), ("415684004", "2 (moderate)"), ("373068000", "not graded")]
+    for group, (value, grade) in zip(groups, expected, strict=True):
+        [evaluation] = group.get_qualitative_evaluations(name=FRACTURE)
+        assert (evaluation.value.value, evaluation.value.scheme_designator) == (value, "SCT")
+        # highdicom's QualitativeEvaluation keeps name and value only: read the Comment from the group itself.
+        [fracture] = [item for item in group[0].ContentSequence if _code(item) == ("125605004", "SCT")]
+        comment = _children(fracture)[COMMENT]
+        assert comment.RelationshipType == "HAS PROPERTIES"
+        assert comment.TextValue == f"Genant semi-quantitative grade: {grade} (Genant et al. 1993)"
+
+
+def test_sr_reports_calibration_and_contrast_phase(complete):
+    _, _, report = complete
+    evaluations = _report_evaluations(report)
+    calibration = evaluations[("122505", "DCM")]
+    assert calibration.ConceptCodeSequence[0].CodeValue == "111222"  # Succeeded
+    texts = _children(calibration)
+    assert texts[("122422", "DCM")].TextValue == "internal (phantomless) calibration: air, fat, blood"
+    assert texts[COMMENT].TextValue == CALIBRATION_NOTE
+    contrast = evaluations[("385420005", "SCT")]
+    assert (contrast.ConceptCodeSequence[0].CodeValue, contrast.ConceptCodeSequence[0].CodeMeaning) == (
+        "52101004", "Present")
+    assert _children(contrast)[COMMENT].TextValue == (
+        "contrast phase: portal venous (aortic attenuation 185 HU); "
+        "corrected: trabecular HU x 0.87 before calibration")
+    assert ("C0005938", "UMLS") not in evaluations  # vBMD is evaluable
+
+
+@pytest.mark.parametrize("phase, value", [("non_contrast", "272519000"), ("arterial", "52101004"),
+                                          ("delayed", "52101004"), ("unknown", "373068000")])
+def test_sr_codes_every_contrast_phase(axial, phase, value):
+    case, seg, _ = axial
+    result = complete_result(case.series)
+    result.contrast = ContrastPhase(phase=phase)
+    report = hd.sr.Comprehensive3DSR.from_dataset(round_trip(build_sr(case.series, result, seg)))
+    contrast = _report_evaluations(report)[("385420005", "SCT")]
+    assert contrast.ConceptCodeSequence[0].CodeValue == value
+    assert _children(contrast)[COMMENT].TextValue == f"contrast phase: {sr_module.CONTRAST_PHASE_NAMES[phase]}"
+
+
+def test_complete_sr_passes_dciodvfy_and_dsrdump(complete, tmp_path):
+    _, sr, _ = complete
+    path = assert_valid(sr, tmp_path / "sr_complete.dcm")
+    proc = subprocess.run([require_tool(DSRDUMP), "+Pt", "+Pc", str(path)], capture_output=True, text=True,
+                          check=False)
+    assert (proc.returncode, proc.stderr) == (0, "")
+    assert "# TID 1500" in proc.stdout
+    assert proc.stdout.count("# TID 1411") == 3
+    assert proc.stdout.count('(C0005938,UMLS,"Bone Density")="') == 3
+    assert '(125605004,SCT,"Fracture of bone")=(415684004,SCT,"Suspected")' in proc.stdout
+    assert '(122505,DCM,"Calibration")=(111222,DCM,"Succeeded")' in proc.stdout
+
+
+def test_implausible_calibration_says_vbmd_not_evaluable_with_the_reason(axial, tmp_path):
+    case, seg, _ = axial
+    result = complete_result(case.series)
+    for name, level in result.levels.items():
+        result.levels[name] = level.model_copy(update={"vbmd_mg_cm3": None})
+    result.calibration = Calibration(method="internal (phantomless) calibration: air, fat, blood", plausible=False,
+                                     note="adipose -40 HU outside -135..-65 HU")
+    sr = build_sr(case.series, result, seg)
+    report = hd.sr.Comprehensive3DSR.from_dataset(round_trip(sr))
+    for group in report.content.get_volumetric_roi_measurement_groups():
+        assert group.get_measurements(name=BONE_DENSITY) == []
+        assert len(group.get_measurements(name=HEIGHT)) == 3  # the rest of the group stays
+    evaluations = _report_evaluations(report)
+    assert evaluations[("122505", "DCM")].ConceptCodeSequence[0].CodeValue == "111224"  # Failed
+    vbmd = evaluations[("C0005938", "UMLS")]
+    assert vbmd.ConceptCodeSequence[0].CodeValue == "373121007"  # Not Evaluated
+    assert _children(vbmd)[COMMENT].TextValue == "vBMD not evaluable: adipose -40 HU outside -135..-65 HU"
+    assert_valid(sr, tmp_path / "sr_vbmd_not_evaluable.dcm")
+
+
+def test_vbmd_without_calibration_is_not_evaluable_for_that_reason(axial):
+    case, seg, _ = axial
+    result = make_result(case.series)
+    result.levels["L2"] = result.levels["L2"].model_copy(update={"vbmd_mg_cm3": None})
+    report = hd.sr.Comprehensive3DSR.from_dataset(round_trip(build_sr(case.series, result, seg)))
+    evaluations = _report_evaluations(report)
+    assert ("122505", "DCM") not in evaluations
+    assert _children(evaluations[("C0005938", "UMLS")])[COMMENT].TextValue == (
+        "vBMD not evaluable: no phantomless calibration was performed")
+
+
+def test_unknown_height_ratio_is_rejected(axial):
+    case, seg, _ = axial
+    result = complete_result(case.series)
+    result.levels["L1"].height_ratios["anterior_middle"] = 0.9
+    with pytest.raises(ValueError, match="anterior_middle"):
+        build_sr(case.series, result, seg)
+
+
+def _without_dates_and_times(dataset: pydicom.Dataset) -> bytes:
+    """``dataset`` as PS3.10 bytes with every DA, TM and DT value emptied."""
+    copy = round_trip(dataset)
+
+    def clear(ds: pydicom.Dataset, elem: pydicom.DataElement) -> None:
+        if elem.VR in ("DA", "TM", "DT"):
+            elem.value = ""
+
+    copy.walk(clear)
+    buffer = io.BytesIO()
+    pydicom.dcmwrite(buffer, copy, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_seg_rebuild_is_identical_apart_from_dates_and_times(axial):
+    """The Dimension Organization UID is derived too, so a rebuild yields the same content (issue 5 item 1)."""
+    case, seg, _ = axial
+    again = build_seg(case.series, case.segmentation)
+    expected = derived_uid(case.series.series_instance_uid, "seg-dimension-organization")
+    uids = {item.DimensionOrganizationUID for item in (*again.DimensionOrganizationSequence,
+                                                       *again.DimensionIndexSequence)}
+    assert uids == {expected}
+    assert _without_dates_and_times(again) == _without_dates_and_times(seg)
