@@ -21,7 +21,7 @@ Identity and character set
     (:mod:`.common`).
 
 UIDs, reprocessing and versions
-    Every output UID (series, instance, segment tracking UIDs) is
+    Every output UID (series, instance, segment tracking and SEG dimension organization UIDs) is
     :func:`osteonode.uids.derived_uid` of the source Series Instance UID, a
     role (e.g. ``"seg-series"``, ``"key-image-axial"``, ``"pdf-instance"``)
     and ``osteonode.__version__``. Processing the same series again with the
