@@ -4,7 +4,8 @@
 2. starts a small receiving SCP that plays the PACS,
 3. starts ``osteonode serve`` as a child process on the embedded on-disk queue,
 4. sends the CT to the node by C-STORE,
-5. waits for the SEG and the SR to arrive at the PACS and prints a summary.
+5. waits until the node records the delivery (SEG, SR, key images, PDF report)
+   and prints a summary.
 """
 
 from __future__ import annotations
@@ -22,13 +23,15 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
     Comprehensive3DSRStorage,
+    EncapsulatedPDFStorage,
+    SecondaryCaptureImageStorage,
     SegmentationStorage,
     Verification,
 )
 
 from osteonode.config import Destination
 from osteonode.ctseries import read_image, write_ct_series
-from osteonode.dispatch import send_files
+from osteonode.dispatch import delivery_state, send_files
 from osteonode.result import AnalysisResult
 
 log = logging.getLogger(__name__)
@@ -93,7 +96,7 @@ def run_demo(ct: Path, workdir: Path, timeout_s: float = 600.0) -> AnalysisResul
         start = time.monotonic()
         send_files(ct_files, Destination(name="node", ae_title=NODE_AE, host="127.0.0.1", port=node_port),
                    calling_ae_title=PACS_AE)
-        received = _wait_for_results(pacs_dir, timeout_s, workdir / "node.log")
+        received = _wait_for_results(pacs_dir, node_dir / "outbox", timeout_s, workdir / "node.log")
         elapsed = time.monotonic() - start
     finally:
         node.terminate()
@@ -111,7 +114,8 @@ def run_demo(ct: Path, workdir: Path, timeout_s: float = 600.0) -> AnalysisResul
 
 def _start_pacs(folder: Path, port: int):
     ae = AE(ae_title=PACS_AE)
-    for sop_class in (SegmentationStorage, Comprehensive3DSRStorage):
+    for sop_class in (SegmentationStorage, Comprehensive3DSRStorage, SecondaryCaptureImageStorage,
+                      EncapsulatedPDFStorage):
         ae.add_supported_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_supported_context(Verification)
 
@@ -146,15 +150,15 @@ def _wait_for_echo(port: int, node: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError("the node did not answer C-ECHO in time")
 
 
-def _wait_for_results(folder: Path, timeout_s: float, node_log: Path) -> list[Path]:
+def _wait_for_results(pacs_dir: Path, outbox: Path, timeout_s: float, node_log: Path) -> list[Path]:
+    """Wait until the node records the delivery to the demo PACS, then list what arrived."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        files = sorted(folder.glob("*.dcm"))
-        if any(f.name.startswith("SR_") for f in files):
-            time.sleep(0.5)  # the SEG precedes the SR in the same association
-            return sorted(folder.glob("*.dcm"))
+        states = [delivery_state(entry, "demo-pacs") for entry in outbox.iterdir() if entry.is_dir()]
+        if states and all(state and state["state"] != "pending" for state in states):
+            return sorted(pacs_dir.glob("*.dcm"))
         time.sleep(0.5)
-    raise TimeoutError(f"no SR arrived at the PACS within {timeout_s:.0f} s; see {node_log}")
+    raise TimeoutError(f"the results were not delivered to the PACS within {timeout_s:.0f} s; see {node_log}")
 
 
 def _print_summary(result: AnalysisResult, received: list[Path], elapsed_s: float, pacs_dir: Path) -> None:

@@ -36,6 +36,10 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
                timeout_s: float = 30.0) -> None:
     """C-STORE each file to ``destination`` in one association.
 
+    Files whose SOP class (in their transfer syntax) the destination does not
+    accept are not sent; the others are, and the refusal is then raised as a
+    permanent failure, since a retry cannot change the peer's configuration.
+
     Parameters
     ----------
     paths : sequence of pathlib.Path
@@ -50,22 +54,26 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
     Raises
     ------
     DeliveryFailed
-        Association not established or rejected, a presentation context not
-        accepted, or a C-STORE answered with a failure status or not at all.
+        Association not established or rejected, a C-STORE answered with a
+        failure status or not at all (retryable); or presentation contexts not
+        accepted (``permanent=True``, after the accepted files were sent).
     """
     if not paths:
         return
-    contexts = _contexts_for(paths)
+    syntaxes = _file_syntaxes(paths)
     ae = AE(ae_title=calling_ae_title)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    contexts = [build_context(sop_class, syntax) for sop_class, syntax in sorted(set(syntaxes.values()))]
     assoc = ae.associate(destination.host, destination.port, contexts, ae_title=destination.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
     if not assoc.is_established:
         raise DeliveryFailed(f"{destination.name}: association with {destination.ae_title}@"
                              f"{destination.host}:{destination.port} not established "
                              f"({'rejected' if assoc.is_rejected else 'aborted or no answer'})")
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+    refused = sorted({syntaxes[p][0].name for p in paths if syntaxes[p] not in accepted})
     try:
-        for path in paths:
+        for path in (p for p in paths if syntaxes[p] in accepted):
             status = assoc.send_c_store(path)
             code = int(status.Status) if "Status" in status else None
             if code is None:
@@ -74,12 +82,15 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
                 log.warning("%s: C-STORE of %s answered warning 0x%04X", destination.name, path.name, code)
             elif code != 0x0000:
                 raise DeliveryFailed(f"{destination.name}: C-STORE of {path.name} failed with status 0x{code:04X}")
-    except (ValueError, RuntimeError) as exc:  # pynetdicom: no accepted context for the SOP class/syntax
-        raise DeliveryFailed(f"{destination.name}: cannot send: {exc}") from exc
     finally:
         if assoc.is_established:
             assoc.release()
-    log.info("%s: delivered %d file(s) to %s", destination.name, len(paths), destination.ae_title)
+    sent = sum(syntaxes[p] in accepted for p in paths)
+    log.info("%s: delivered %d file(s) to %s", destination.name, sent, destination.ae_title)
+    if refused:
+        raise DeliveryFailed(f"{destination.name}: {destination.ae_title} does not accept "
+                             f"{', '.join(refused)} (presentation context rejected); {sent} other file(s) "
+                             "delivered", permanent=True)
 
 
 def set_tcp_nodelay(event: evt.Event) -> None:
@@ -93,23 +104,20 @@ def set_tcp_nodelay(event: evt.Event) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _contexts_for(paths: Sequence[Path]) -> list:
-    """One presentation context per (SOP class, transfer syntax) among the files.
+def _file_syntaxes(paths: Sequence[Path]) -> dict[Path, tuple[UID, UID]]:
+    """(SOP class, transfer syntax) of each file, from its File Meta Information.
 
     Only the file's own transfer syntax is offered: files are streamed as
     stored, so the accepted syntax must be the one they are encoded in.
     """
-    pairs: dict[UID, set[UID]] = {}
+    syntaxes = {}
     for path in paths:
         meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-        syntaxes = pairs.setdefault(meta.MediaStorageSOPClassUID, set())
-        syntaxes.add(meta.TransferSyntaxUID)
-    contexts = []
-    for sop_class, syntaxes in pairs.items():
-        contexts.extend(build_context(sop_class, syntax) for syntax in sorted(syntaxes))
-    if len(contexts) > 128:
-        raise DeliveryFailed(f"{len(contexts)} presentation contexts needed; at most 128 fit one association")
-    return contexts
+        syntaxes[path] = (UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID))
+    if len(set(syntaxes.values())) > 128:
+        raise DeliveryFailed(f"{len(set(syntaxes.values()))} presentation contexts needed; at most 128 fit "
+                             "one association", permanent=True)
+    return syntaxes
 
 
 def outbox_entry(outbox_dir: Path, series_uid: str) -> Path:

@@ -36,4 +36,17 @@ class NotEvaluable(OsteonodeError):
 
 
 class DeliveryFailed(OsteonodeError):
-    """A result could not be delivered to a destination (association or C-STORE status)."""
+    """A result could not be delivered to a destination (association or C-STORE status).
+
+    Parameters
+    ----------
+    message : str
+        What failed, without patient identifiers.
+    permanent : bool
+        True when retrying cannot help (e.g. the destination does not accept a
+        SOP class); the result then stays in the outbox without further retries.
+    """
+
+    def __init__(self, message: str, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent

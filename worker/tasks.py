@@ -58,9 +58,9 @@ def deliver(self, entry: str, destination_name: str) -> str:
         send_files(sorted(folder.glob("*.dcm")), destination, calling_ae_title=settings.ae_title,
                    timeout_s=settings.dispatch.timeout_s)
     except DeliveryFailed as exc:
-        if self.request.retries >= settings.dispatch.max_retries:
+        if exc.permanent or self.request.retries >= settings.dispatch.max_retries:
             record_delivery(folder, destination.name, "failed", attempt, str(exc))
-            log.error("job %s: NOT delivered after %d attempts, outputs kept in the outbox: %s",
+            log.error("job %s: NOT (fully) delivered after %d attempt(s), outputs kept in the outbox: %s",
                       job_id, attempt, exc)
             return "failed"
         delay = min(settings.dispatch.retry_backoff_s * 2 ** self.request.retries,

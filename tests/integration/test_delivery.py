@@ -10,7 +10,16 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import Comprehensive3DSRStorage, SegmentationStorage
+from pynetdicom.sop_class import (
+    Comprehensive3DSRStorage,
+    EncapsulatedPDFStorage,
+    SecondaryCaptureImageStorage,
+    SegmentationStorage,
+)
+
+from osteonode.config import Destination
+from osteonode.dispatch import send_files
+from osteonode.errors import DeliveryFailed
 
 from node import write_config
 from services import free_port, storescu, wait_for
@@ -18,9 +27,12 @@ from services import free_port, storescu, wait_for
 pytestmark = pytest.mark.integration
 
 
-def _receiver(folder, port):
+ALL_OUTPUTS = (SegmentationStorage, Comprehensive3DSRStorage, SecondaryCaptureImageStorage, EncapsulatedPDFStorage)
+
+
+def _receiver(folder, port, sop_classes=ALL_OUTPUTS):
     ae = AE(ae_title="LATEPACS")
-    for sop_class in (SegmentationStorage, Comprehensive3DSRStorage):
+    for sop_class in sop_classes:
         ae.add_supported_context(sop_class, ExplicitVRLittleEndian)
 
     def on_store(event):
@@ -56,7 +68,34 @@ def test_destination_down_then_up_is_retried_with_backoff(tmp_path, start_node, 
                  what="delivery after the destination came up")
     finally:
         server.shutdown()
-    assert sorted(pydicom.dcmread(p).Modality for p in received.iterdir()) == ["SEG", "SR"]
+    assert sorted(pydicom.dcmread(p).Modality for p in received.iterdir()) == ["DOC", "OT", "OT", "SEG", "SR"]
+
+
+def _file(folder, sop_class, uid):
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = folder / f"{uid}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_sop_classes_a_destination_refuses_are_a_permanent_failure_after_the_rest_is_sent(tmp_path):
+    files = [_file(tmp_path, sop_class, f"1.2.3.{i}") for i, sop_class in enumerate(ALL_OUTPUTS)]
+    received = tmp_path / "received"
+    received.mkdir()
+    port = free_port()
+    server = _receiver(received, port, sop_classes=(SegmentationStorage, Comprehensive3DSRStorage))
+    try:
+        with pytest.raises(DeliveryFailed) as err:
+            send_files(files, Destination(name="pacs", ae_title="LATEPACS", host="127.0.0.1", port=port),
+                       calling_ae_title="OSTEONODE")
+    finally:
+        server.shutdown()
+    assert err.value.permanent
+    assert "does not accept Encapsulated PDF Storage, Secondary Capture Image Storage" in str(err.value)
+    assert sorted(p.name for p in received.iterdir()) == ["1.2.3.0.dcm", "1.2.3.1.dcm"]
 
 
 def test_undeliverable_result_stays_in_outbox_with_reason(tmp_path, monkeypatch, caplog):
@@ -77,7 +116,7 @@ def test_undeliverable_result_stays_in_outbox_with_reason(tmp_path, monkeypatch,
     state = json.loads((entry / "delivery-dest0.json").read_text())
     assert state["state"] == "failed" and state["attempts"] == 1 and "not established" in state["detail"]
     assert (entry / "sr.dcm").exists()
-    assert "NOT delivered" in caplog.text
+    assert "NOT (fully) delivered" in caplog.text
     # the admin re-sends the entry by hand once the destination is back: the state follows
     received = tmp_path / "received"
     received.mkdir()

@@ -85,11 +85,11 @@ def test_dcmtk_storescu_in_storescp_out_on_embedded_queue(tmp_path, storescp, st
                                 destinations=[(storescp.aet, "127.0.0.1", storescp.port)])
     start_node(config, "serve", port=port)  # embedded queue: the worker runs inside `serve`
     storescu("127.0.0.1", port, "OSTEONODE", abdomen_series)
-    files = storescp.wait_for_files(2, timeout_s=RESULT_TIMEOUT_S)
+    files = storescp.wait_for_files(5, timeout_s=RESULT_TIMEOUT_S)
     modalities = sorted(pydicom.dcmread(f, stop_before_pixels=True).Modality for f in files)
-    assert modalities == ["SEG", "SR"]
+    assert modalities == ["DOC", "OT", "OT", "SEG", "SR"]  # PDF report, two key images, SEG, SR
     for f in files:
-        assert dciodvfy(f)[0] == []
+        assert dciodvfy(f) == ([], [])
     (entry,) = [p for p in (tmp_path / "node" / "outbox").iterdir() if p.is_dir()]
     result = json.loads((entry / "result.json").read_text())
     assert result["status"] == "ok" and set(result["levels"]) >= {"L1", "L2", "L3", "L4"}
