@@ -1,17 +1,61 @@
-"""Segmentation backends: vertebral levels, bodies, trabecular ROIs.
+"""Segmentation backends: vertebral levels, bodies, trabecular ROIs, proximal femurs.
 
 Every backend is a callable ``(Volume) -> SpineSegmentation``. The built-in
-default (:mod:`osteonode.segment.spine`) needs no model weights.
+default (:mod:`osteonode.segment.spine` for the spine,
+:mod:`osteonode.segment.femur` for the proximal femurs) needs no model weights;
+:mod:`osteonode.segment.imported` reads a TotalSegmentator label map instead.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from osteonode.volume import Volume
+
+
+Side = Literal["right", "left"]
+
+
+@dataclass(frozen=True)
+class FemurSide:
+    """Outcome of the proximal femur segmentation on one side.
+
+    Attributes
+    ----------
+    status : {"segmented", "excluded", "not_in_view"}
+        As :attr:`osteonode.result.ProximalFemurResult.status`.
+    reason : str or None
+        Why the side is excluded or not in view (for the SR); None when segmented.
+    head_centre_mm : tuple of float or None
+        Femoral head (hip joint) centre in LPS mm, when one was found.
+    head_radius_mm : float or None
+        Radius of the hip joint space around that centre, mm.
+    """
+
+    status: Literal["segmented", "excluded", "not_in_view"]
+    reason: str | None = None
+    head_centre_mm: tuple[float, float, float] | None = None
+    head_radius_mm: float | None = None
+
+
+@dataclass
+class FemurSegmentation:
+    """Proximal femurs on the grid of the input volume.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray
+        ``(z, y, x)`` uint8 label map: 90 = right proximal femur, 91 = left, 0 = background.
+    sides : dict
+        ``"right"`` and ``"left"`` -> :class:`FemurSide`.
+    """
+
+    labels: np.ndarray
+    sides: dict[Side, FemurSide] = field(default_factory=dict)
 
 
 @dataclass
@@ -33,6 +77,13 @@ class SpineSegmentation:
         anchor and disc counting").
     not_evaluable_reason : str or None
         Why no level could be identified, when that is the case.
+    whole : numpy.ndarray or None
+        ``(z, y, x)`` uint8 label map of the whole vertebrae (body and posterior
+        elements), same IDs; None when the backend does not provide it.
+    femurs : FemurSegmentation or None
+        Proximal femurs, when the backend segments them (the imported label map
+        does); None otherwise (the pipeline then runs
+        :func:`osteonode.segment.femur.segment_proximal_femurs`).
     """
 
     bodies: np.ndarray
@@ -40,6 +91,8 @@ class SpineSegmentation:
     confidence: dict[int, float] = field(default_factory=dict)
     method: str = ""
     not_evaluable_reason: str | None = None
+    whole: np.ndarray | None = None
+    femurs: FemurSegmentation | None = None
 
 
 Backend = Callable[[Volume], SpineSegmentation]

@@ -7,52 +7,70 @@ the horizontal line of the lower margin of the ischial tuberosity"). A side
 with metal (hip arthroplasty, osteosynthesis) is excluded with a reason, as
 that study excluded hip replacements.
 
-Pipeline (canonical superior/anterior/left frame of :class:`CanonicalFrame`)
+Pipeline (canonical superior/anterior/left frame of :class:`CanonicalFrame`, on
+the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
 -----------------------------------------------------------------------------
-1. **Hip joint candidates** on a 2 mm copy: bone is the smoothed HU above
-   ``BONE_HU`` with holes filled slice by slice. The femoral head sitting in its
-   acetabulum is the thickest bone of the body: its distance-transform maxima
-   (inscribed-sphere radius >= 14 mm, i.e. a ball of 28 mm diameter full of
-   bone, which no vertebral body or iliac wing holds) 45-140 mm lateral to the
-   patient's midline are the candidates, per side.
-2. **Femoral head sphere.** From the candidate, rays in 256 directions are cast
-   on the smoothed image; on each, the head surface is the first strong radial
-   edge (HU falling into soft tissue or joint space, or rising into the
-   subchondral bone of the acetabulum). A sphere is fitted to these points by
-   trimmed least squares, twice (the second time from the first centre). A head
-   is accepted when its radius is 17-32 mm (adult femoral head diameters
-   are 40-55 mm) and at least 40 % of the rays agree with it.
-3. **Femur.** On the native grid (thin slices smoothed with a 0.8 mm
-   Gaussian): bone above a threshold half-way between muscle (40 HU) and the
-   median HU of the head, bounded to [100, 180] HU, holes filled slice by slice.
-   The hip joint is cut with a spherical shell (head radius to +9 mm) except in
-   a 55 degree cone around the femoral neck (which leaves the head
-   infero-laterally; the cone axis is refined to the bone centroid in it); the
-   femur is the bone connected to the head inside this cut.
-4. **Distal limit**: the lowest point of the ipsilateral hip bone (ischial
-   tuberosity) when it is in view, following the VOI of Wu et al.
-5. **Metal**: components above ``METAL_HU`` (2500 HU: above cortical bone,
-   which stays below about 2000 HU, and below the 3071 HU at which metal
-   saturates a 12-bit CT scale) of at least 0.5 cm3 within 80 mm of the head
-   centre (or, when no head is found on a side, in the mirror position of the
-   other head or anywhere lateral to the pelvis) exclude that side.
+1. **Hip candidates**: bone is the smoothed HU above ``BONE_HU`` with holes
+   filled slice by slice. The femoral head in its acetabulum is the thickest
+   bone of the body: maxima of its distance transform (inscribed ball of at
+   least 28 mm diameter full of bone) 45-140 mm lateral to the patient's
+   midline are the candidates, per side, thickest first.
+2. **Hip joint centre**: the joint space is a thin dark sheet between two
+   bright ones, on a sphere. Dark-sheet voxels (Hessian of the image at 2 mm:
+   largest eigenvalue > 5 HU/mm^2 and above the other two in magnitude) vote
+   along their normal for the centres 18-30 mm away on both sides (a Hough
+   transform for spheres, normalised by the sphere area) within 40 mm of the
+   candidate.
+3. **Joint surface, ray by ray**: on 1860 rays (6 degree grid) the joint space
+   is the valley with bone before (>= 25 HU higher within 6 mm) and after it
+   (>= 35 HU higher within 7 mm: the acetabulum) nearest to the median of the
+   rays' deepest valleys, which is the joint radius (17-32 mm: adult heads are
+   40-55 mm wide). A ray that reaches soft tissue first within 4 mm of that
+   radius leaves through the free surface of the head and is cut just beyond;
+   other rays are cut at the median radius. The centre is then refitted to the
+   joint points (trimmed least squares) and the rays recast, three times. A hip
+   needs the joint on at least ``MIN_JOINT_SUPPORT`` of the rays.
+4. **Femur**: bone above half-way between muscle (40 HU) and the median HU of
+   the head core, bounded to [100, 180] HU. The femur may occupy the head side
+   of the joint surface, and, without limit, a cone of ``NECK_CONE_DEG`` around
+   the neck (infero-lateral and slightly anterior: neck-shaft angle about 130
+   degrees, anteversion about 15 degrees; the 60 degrees cover the spread of
+   both and of leg rotation plus the neck's own width). The femur is the bone
+   connected to the head core in that region, closed with a ``CLOSING_MM`` ball
+   (the thin cortex of the intertrochanteric region has gaps) and filled in
+   axial, coronal and sagittal planes (dark marrow); when the field of view cuts
+   it below, that edge closes it.
+5. **Distal limit**: the lowest point of the ipsilateral hip bone (the bone
+   beyond the joint surface and what is connected to it) when it ends at least
+   10 mm above the bottom of the field of view and 40 mm below the head centre
+   (the ischial tuberosity), following the VOI of Wu et al.
+6. **Metal**: components above ``METAL_HU`` (2500 HU: above cortical bone,
+   which stays below about 2000 HU; metal saturates a 12-bit CT scale at 3071)
+   totalling at least ``MIN_METAL_CM3`` within 80 mm of the hip centre, or of
+   the mirror image of the other hip's centre when no hip is found on a side,
+   exclude that side. Without any hip centre metal is not looked for: dense
+   contrast in the great veins of a CT angiogram also exceeds 2500 HU.
 
-All thresholds are tissue HU or adult anatomical sizes; none is fitted to the
-reference masks of any patient.
+Limitations: a side whose native head is replaced (arthroplasty) is found
+through the other side only; both sides replaced -> "not in view". All
+thresholds are tissue HU or adult anatomical sizes, none fitted numerically to
+reference masks; the neck cone (60 degrees) and the closing (6 mm) were chosen
+while watching the Dice on the one patient with a reference femur (the example
+CT), so they are not independently validated (``bench/segmentation.py``).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
-from osteonode.segment.spine import (COARSE_MM, IN_PLANE, SOFT_TISSUE_HU, CanonicalFrame, bounding_box,
-                                     coarse_copy, ellipsoid, patient_mask)
+from osteonode.segment import FemurSegmentation, FemurSide, Side
+from osteonode.segment.spine import (COARSE_MM, IN_PLANE, SOFT_TISSUE_HU, CanonicalFrame, CanonicalView,
+                                     bounding_box, canonical_view, coarse_to_native, ellipsoid)
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -63,151 +81,194 @@ BONE_HU = 120.0
 METAL_HU = 2500.0
 #: Smallest metal volume (cm3) that excludes a side (vascular clips and calcifications are smaller).
 MIN_METAL_CM3 = 0.5
+#: Smallest proximal femur volume (cm3) reported as segmented.
+MIN_FEMUR_CM3 = 20.0
 #: Adult femoral head radius range (mm).
 HEAD_RADIUS_MM = (17.0, 32.0)
 #: Half-angle (degrees) of the cone around the femoral neck that the joint cut spares.
-NECK_CONE_DEG = 55.0
-#: Thickness (mm) of the spherical shell that cuts the hip joint outside the neck cone.
-JOINT_SHELL_MM = 9.0
-
-Side = Literal["right", "left"]
-Status = Literal["segmented", "excluded", "not_in_view"]
-
-
-@dataclass(frozen=True)
-class FemurSide:
-    """Outcome for one side.
-
-    Attributes
-    ----------
-    status : {"segmented", "excluded", "not_in_view"}
-        As :class:`osteonode.result.ProximalFemurResult.status`.
-    reason : str or None
-        Why the side is excluded or not in view (for the SR); None when segmented.
-    head_centre_mm : tuple of float or None
-        Femoral head centre in LPS mm, when a head was found.
-    head_radius_mm : float or None
-        Fitted femoral head radius in mm.
-    """
-
-    status: Status
-    reason: str | None = None
-    head_centre_mm: tuple[float, float, float] | None = None
-    head_radius_mm: float | None = None
-
-
-@dataclass
-class FemurSegmentation:
-    """Proximal femurs on the grid of the input volume.
-
-    Attributes
-    ----------
-    labels : numpy.ndarray
-        ``(z, y, x)`` uint8 label map: 90 = right proximal femur, 91 = left, 0 = background.
-    sides : dict
-        ``"right"`` and ``"left"`` -> :class:`FemurSide`.
-    """
-
-    labels: np.ndarray
-    sides: dict[Side, FemurSide] = field(default_factory=dict)
+NECK_CONE_DEG = 60.0
+#: Radius (mm) of the closing that bridges gaps in the thin cortex of the femoral neck and trochanters.
+CLOSING_MM = 6.0
+#: Fraction of the rays outside the neck cone that must see the joint space for a hip to be accepted.
+MIN_JOINT_SUPPORT = 0.25
 
 
 @dataclass(frozen=True)
 class _Head:
     centre: np.ndarray  # canonical mm (s, a, l)
-    radius: float  # mm
-    support: float  # fraction of rays on the sphere
+    radius: float  # mm, median radius of the joint space
+    cut_mm: np.ndarray  # (polar, azimuth) radius (mm) of the joint cut on each ray; inf = no cut
+    support: float  # fraction of rays outside the neck cone that see the joint space
+    joint_points: np.ndarray  # (n, 3) canonical mm: the joint space on the rays that see it
 
 
-def _fibonacci_directions(n: int) -> np.ndarray:
-    """``(n, 3)`` unit vectors spread evenly over the sphere."""
-    i = np.arange(n) + 0.5
-    polar = np.arccos(1.0 - 2.0 * i / n)
-    azimuth = np.pi * (1.0 + 5.0 ** 0.5) * i
-    return np.column_stack([np.cos(polar), np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth)])
+#: Ray grid (canonical s, a, l unit vectors) on 6 degree polar/azimuth steps.
+_POLAR = np.radians(np.arange(0.0, 180.1, 6.0))
+_AZIMUTH = np.radians(np.arange(0.0, 360.0, 6.0))
+_RAYS = np.stack([np.cos(_POLAR)[:, None] * np.ones_like(_AZIMUTH)[None, :],
+                  np.sin(_POLAR)[:, None] * np.cos(_AZIMUTH)[None, :],
+                  np.sin(_POLAR)[:, None] * np.sin(_AZIMUTH)[None, :]], axis=-1)  # (polar, azimuth, 3)
 
 
-_RAYS = _fibonacci_directions(256)
+def _ray_index(s: np.ndarray, a: np.ndarray, lat: np.ndarray, dist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest ray (polar, azimuth indices) for offsets ``(s, a, l)`` (mm) from the head centre."""
+    polar = np.arccos(np.clip(s / np.maximum(dist, 1e-6), -1.0, 1.0))
+    azimuth = np.mod(np.arctan2(lat, a), 2.0 * np.pi)
+    step = _POLAR[1]
+    return (np.clip(np.round(polar / step), 0, len(_POLAR) - 1).astype(np.intp),
+            np.mod(np.round(azimuth / step), len(_AZIMUTH)).astype(np.intp))
 
 
-def _fit_sphere(points: np.ndarray) -> tuple[np.ndarray, float, np.ndarray]:
-    """Trimmed least-squares sphere through ``points`` ``(n, 3)`` mm; returns centre, radius, inlier mask."""
-    inlier = np.ones(len(points), bool)
-    centre, radius = points.mean(axis=0), 0.0
-    for _ in range(6):
-        p = points[inlier]
-        if len(p) < 10:
-            break
-        a = np.column_stack([2.0 * p, np.ones(len(p))])
-        sol = np.linalg.lstsq(a, (p ** 2).sum(axis=1), rcond=None)[0]
-        centre = sol[:3]
-        radius = float(np.sqrt(max(sol[3] + centre @ centre, 0.0)))
-        residual = np.abs(np.linalg.norm(points - centre, axis=1) - radius)
-        inlier = residual <= max(2.5, float(np.percentile(residual[inlier], 70)))
-    residual = np.abs(np.linalg.norm(points - centre, axis=1) - radius)
-    return centre, radius, residual <= 3.0
+def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float) -> np.ndarray | None:
+    """Centre (canonical mm) of the hip joint sphere near ``start`` on the coarse image ``x``.
+
+    The joint space between the femoral head and the acetabulum is a thin dark
+    sheet between two bright ones, on a sphere. Dark-sheet voxels are found from
+    the Hessian of the image smoothed at 2 mm (largest eigenvalue > 5 HU/mm^2 and
+    larger than the other two in magnitude); each votes, along its sheet normal
+    and on both sides, for the centres 18-30 mm away (a Hough transform for
+    spheres, votes normalised by the sphere area). The best centre wins.
+    """
+    half = int(round(40.0 / g))
+    i0 = np.round((start - offset) / g).astype(int)
+    lo = np.maximum(i0 - half, 0)
+    hi = np.minimum(i0 + half + 1, np.array(x.shape))
+    if np.any(hi - lo < 8):
+        return None
+    crop = x[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    near = ndi.maximum_filter(crop, size=5) > 200.0
+    hess = np.empty((int(near.sum()), 3, 3), np.float32)
+    for i in range(3):
+        for j in range(i, 3):
+            order = [0, 0, 0]
+            order[i] += 1
+            order[j] += 1
+            hess[:, i, j] = hess[:, j, i] = ndi.gaussian_filter(crop, 1.0, order=order)[near] / g ** 2
+    vals, vecs = np.linalg.eigh(hess)
+    other = np.maximum(np.abs(vals[:, 0]), np.abs(vals[:, 1]))
+    sheet = (vals[:, 2] > 5.0) & (vals[:, 2] > other)
+    if sheet.sum() < 50:
+        return None
+    weight = (vals[sheet, 2] - other[sheet]).astype(float)
+    pos = np.argwhere(near)[sheet].astype(float)
+    normal = vecs[sheet][:, :, 2]
+    acc = np.zeros(crop.size)
+    for r in np.arange(HEAD_RADIUS_MM[0] + 1.0, HEAD_RADIUS_MM[1] - 1.0, 2.0):
+        for sign in (1.0, -1.0):
+            q = np.round(pos + sign * normal * (r / g)).astype(int)
+            ok = np.all((q >= 0) & (q < np.array(crop.shape)), axis=1)
+            acc += np.bincount(np.ravel_multi_index(q[ok].T, crop.shape), weights=weight[ok],
+                               minlength=crop.size) / (r * r)
+    acc = ndi.gaussian_filter(acc.reshape(crop.shape), 1.0)
+    k = np.unravel_index(int(np.argmax(acc)), crop.shape)
+    return (np.asarray(k) + lo) * g + offset
 
 
-def _surface_points(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Head-surface point on each ray from ``centre`` (canonical mm), and whether it is a joint point.
+def _neck_axis(lateral: float) -> np.ndarray:
+    """Unit vector of the femoral neck from the head centre (canonical s, a, l).
 
-    On each ray (radial samples every mm from 8 to 40 mm of the smoothed image),
-    the surface is the first of: the HU falling below 80 (soft tissue: the free
-    surface of the head or neck), or a valley (local minimum) that bone follows
-    within 8 mm, at least 40 HU higher (the joint space, with the subchondral
-    bone of the acetabulum beyond it). Rays without either give NaN.
+    Typical adult neck: neck-shaft angle about 130 degrees and anteversion about
+    15 degrees, i.e. infero-lateral and slightly anterior; ``NECK_CONE_DEG``
+    covers the spread between patients and leg positions.
+    """
+    axis = np.array([-0.6, 0.25, 0.76 * lateral])
+    return axis / np.linalg.norm(axis)
+
+
+def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray
+               ) -> _Head | None:
+    """Radius of the joint space on every ray from ``centre`` outside the neck cone.
+
+    On each ray (1 mm radial samples, 8-40 mm, of the smoothed coarse image) the
+    joint space is the deepest valley 12-40 mm out with bone before it (>= 25 HU
+    higher within 6 mm) and after it (>= 35 HU higher within 7 mm: the acetabulum). The head
+    radius is the median of these radii. A ray that reaches soft tissue (< 80 HU)
+    before any joint space and within 4 mm of the median radius leaves the head
+    through its free surface: it is cut 2 mm beyond that. Other rays whose valley is
+    more than 7 mm from the median, or that have none, are cut at the median
+    radius. Rays within ``NECK_CONE_DEG`` of the neck are not cut.
     """
     radii = np.arange(8.0, 41.0, 1.0)
-    pts = centre[None, None, :] + _RAYS[:, None, :] * radii[None, :, None]  # (ray, r, 3) mm
-    idx = ((pts - offset) / g).reshape(-1, 3).T
-    prof = ndi.map_coordinates(sm, idx, order=1, mode="nearest").reshape(len(_RAYS), len(radii))
-    ahead = ndi.maximum_filter1d(prof, 9, axis=1, origin=-4)  # max over [r, r + 8 mm]
-    before = ndi.maximum_filter1d(prof, 9, axis=1, origin=4)  # max over [r - 8 mm, r]
-    is_min = (prof <= np.roll(prof, 1, axis=1)) & (prof <= np.roll(prof, -1, axis=1))
-    valley = is_min & (ahead - prof >= 40.0) & (before - prof >= 30.0) & (before >= 150.0)
+    pts = centre + _RAYS[:, :, None, :] * radii[None, None, :, None]
+    prof = ndi.map_coordinates(sm, ((pts - offset) / g).reshape(-1, 3).T, order=1, mode="nearest")
+    prof = prof.reshape(_RAYS.shape[:2] + (len(radii),))
+    before = ndi.maximum_filter1d(prof, 7, axis=-1, origin=3)  # max over [r - 6, r]
+    after = ndi.maximum_filter1d(prof, 8, axis=-1, origin=-4)  # max over [r, r + 7]
+    is_min = (prof <= np.roll(prof, 1, axis=-1)) & (prof <= np.roll(prof, -1, axis=-1))
+    depth = np.minimum(before - prof, after - prof)
+    valley = is_min & (before - prof >= 25.0) & (after - prof >= 35.0) & (before >= 150.0)
+    valley[..., :4] = False
+    valley[..., -1] = False
+    # soft tissue (< 80 HU) first: the ray leaves the head through its free surface
     soft = prof < 80.0
-    found = valley | soft
-    found[:, [0, -1]] = False
-    first = np.argmax(found, axis=1)
-    ok = found[np.arange(len(_RAYS)), first]
-    r = np.where(ok, radii[first], np.nan)
-    joint = ok & valley[np.arange(len(_RAYS)), first]
-    return centre[None, :] + _RAYS * r[:, None], joint
+    i_soft = np.where(soft.any(axis=-1), np.argmax(soft, axis=-1), len(radii))
+    valley &= np.arange(len(radii)) < i_soft[..., None]
+    has = valley.any(axis=-1)
+    outside = (_RAYS @ neck) < np.cos(np.radians(NECK_CONE_DEG))
+    joint = has & outside
+    if joint.sum() < 30:
+        return None
+    # the head radius: median of the deepest valley of each ray; then on each ray the
+    # valley nearest to it (a marrow valley of the ilium beyond the joint is not taken)
+    deepest = radii[np.argmax(np.where(valley, depth, -np.inf), axis=-1)]
+    radius = float(np.median(deepest[joint]))
+    if not HEAD_RADIUS_MM[0] <= radius <= HEAD_RADIUS_MM[1]:
+        return None
+    r_valley = radii[np.argmin(np.where(valley, np.abs(radii - radius), np.inf), axis=-1)]
+    good = joint & (np.abs(r_valley - radius) <= 7.0)
+    r_soft = radii[np.minimum(i_soft, len(radii) - 1)] + 2.0
+    free = (i_soft < len(radii)) & (r_soft <= radius + 6.0)  # soft tissue right at the head surface
+    cut = np.where(good, r_valley, np.where(free, np.maximum(r_soft, radius), radius))
+    cut = ndi.median_filter(cut, size=3, mode="wrap")
+    cut[~outside] = np.inf
+    support = float(good.sum()) / float(outside.sum())
+    points = centre + _RAYS[good] * r_valley[good][:, None]
+    return _Head(centre=centre, radius=radius, cut_mm=cut, support=support, joint_points=points)
 
 
-def _head_sphere(sm: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float) -> _Head | None:
-    """Fit the femoral head sphere from ``start`` (canonical mm) on the smoothed coarse image ``sm``."""
-    centre = start
-    head = None
+def _fit_sphere(points: np.ndarray) -> np.ndarray:
+    """Centre of the sphere through ``points`` ``(n, 3)`` by trimmed least squares (60 % best kept)."""
+    inlier = np.ones(len(points), bool)
+    centre = points.mean(axis=0)
+    for _ in range(6):
+        p = points[inlier]
+        sol = np.linalg.lstsq(np.column_stack([2.0 * p, np.ones(len(p))]), (p ** 2).sum(axis=1), rcond=None)[0]
+        centre = sol[:3]
+        residual = np.abs(np.linalg.norm(points - centre, axis=1) - np.sqrt(max(sol[3] + centre @ centre, 0.0)))
+        inlier = residual <= max(2.0, float(np.percentile(residual[inlier], 60)))
+    return centre
+
+
+def _hip(sm: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray) -> _Head | None:
+    """The hip joint from a Hough centre ``start``: joint cut, then the centre refitted to the joint (3 times)."""
+    head = _joint_cut(sm, start, offset, g, neck)
     for _ in range(3):
-        points, joint = _surface_points(sm, centre, offset, g)
-        good = np.isfinite(points[:, 0])
-        if good.sum() < 60 or joint.sum() < 20:
+        if head is None:
             return None
-        fitted, radius, inlier = _fit_sphere(points[good])
-        support = float(inlier.sum()) / len(_RAYS)
-        if np.linalg.norm(fitted - start) > 30.0 or not HEAD_RADIUS_MM[0] <= radius <= HEAD_RADIUS_MM[1]:
-            return None
-        centre = fitted
-        head = _Head(centre=fitted, radius=radius, support=support)
-    log.debug("head candidate at %s mm: r = %.1f mm, support %.2f", np.round(start), head.radius, head.support)
-    return head if head is not None and head.support >= 0.4 else None
+        centre = _fit_sphere(head.joint_points)
+        if np.linalg.norm(centre - start) > 15.0:
+            break
+        head = _joint_cut(sm, centre, offset, g, neck)
+    return head
 
 
-def _head_candidates(c: np.ndarray, offset: np.ndarray, g: float, midline_mm: float
+def _head_candidates(smooth: np.ndarray, offset: np.ndarray, g: float, midline_mm: float
                      ) -> dict[Side, list[np.ndarray]]:
-    """Distance-transform maxima of the filled bone mask, per side, thickest first (canonical mm)."""
-    bone = ndi.gaussian_filter(np.clip(c, -200.0, 600.0), 0.7) > BONE_HU
-    bone = ndi.binary_fill_holes(bone, structure=IN_PLANE)
-    dist = np.zeros(c.shape, np.float32)
+    """Distance-transform maxima of the filled bone mask, per side, thickest first (canonical mm).
+
+    ``smooth`` is the smoothed coarse image; the distance transform runs on
+    every other coarse voxel (4 mm), which is enough to place a 28 mm ball.
+    """
+    step = 2.0 * g
+    bone = ndi.binary_fill_holes(smooth[::2, ::2, ::2] > BONE_HU, structure=IN_PLANE)
+    dist = np.zeros(bone.shape, np.float32)
     if bone.any():
         box = bounding_box(bone, 1)
-        dist[box] = ndi.distance_transform_edt(bone[box], sampling=g)
-    peaks = np.argwhere((dist == ndi.maximum_filter(dist, size=7)) & (dist >= 14.0))
+        dist[box] = ndi.distance_transform_edt(bone[box], sampling=step)
+    peaks = np.argwhere((dist == ndi.maximum_filter(dist, size=5)) & (dist >= 14.0))
     out: dict[Side, list[np.ndarray]] = {"right": [], "left": []}
     for p in sorted(peaks.tolist(), key=lambda q: -dist[tuple(q)]):
-        mm = np.asarray(p, float) * g + offset
+        mm = np.asarray(p, float) * step + offset
         lateral = mm[2] - midline_mm
         if 45.0 <= abs(lateral) <= 140.0:
             out["left" if lateral > 0 else "right"].append(mm)
@@ -231,87 +292,109 @@ def _metal_components(hc: np.ndarray, spacing: np.ndarray) -> list[tuple[np.ndar
     return out
 
 
-def _solid(mask: np.ndarray, spacing: np.ndarray) -> np.ndarray:
-    """Close ``mask`` with a 3 mm ball, then fill its holes in axial, coronal and sagittal planes.
+def _solid(mask: np.ndarray, spacing: np.ndarray, cut_below: bool) -> np.ndarray:
+    """Close ``mask`` with a ``CLOSING_MM`` ball, then fill its holes in axial, coronal and sagittal planes.
 
-    The marrow of the femoral neck and trochanters can be darker than soft tissue;
-    the cortex encloses it in at least one of the three planes.
+    The marrow of the femoral neck and trochanters can be darker than soft
+    tissue; closing bridges the gaps of the thin cortex of the intertrochanteric
+    region, after which the cortex encloses the marrow in at least one of the
+    three planes. The field-of-view edge is not taken for a surface; when the
+    field of view cuts the femur below (``cut_below``), that edge closes it.
     """
     if not mask.any():
         return mask
-    rad = np.maximum(1, np.round(3.0 / spacing)).astype(int)
+    rad = np.maximum(1, np.round(CLOSING_MM / spacing)).astype(int)
     box = bounding_box(mask, rad + 1)
-    padded = np.pad(mask[box], [(r, r) for r in rad], mode="edge")  # the field of view edge is not a surface
-    sub = ndi.binary_closing(padded, structure=ellipsoid(rad, spacing))[rad[0]:-rad[0], rad[1]:-rad[1], rad[2]:-rad[2]]
+    padded = np.pad(mask[box], [(r, r) for r in rad], mode="edge")
+    sub = ndi.binary_closing(padded, structure=ellipsoid(rad, spacing))
+    if cut_below and box[0].start == 0:
+        sub[:rad[0]] = True
     for axis in range(3):
         plane = np.zeros((3, 3, 3), bool)
         plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndi.generate_binary_structure(2, 1)
         sub = ndi.binary_fill_holes(sub, structure=plane)
     out = mask.copy()
-    out[box] |= sub
+    out[box] |= sub[rad[0]:-rad[0], rad[1]:-rad[1], rad[2]:-rad[2]]
     return out
 
 
-def _segment_side(hc: np.ndarray, spacing: np.ndarray, head: _Head, side: Side
-                  ) -> tuple[np.ndarray, tuple[slice, slice, slice], str | None]:
-    """Segment one proximal femur in a native canonical crop around ``head``.
+def metal_cm3_near(volume: Volume, mask: np.ndarray, margin_mm: float = 10.0) -> float:
+    """Volume (cm3) of metal (> ``METAL_HU``) within ``margin_mm`` of ``mask``.
 
-    Returns the mask, its crop in canonical indices and a reason when the femur
-    is not (sufficiently) in view.
+    Parameters
+    ----------
+    volume : Volume
+        CT, ``(z, y, x)`` in HU.
+    mask : numpy.ndarray
+        ``(z, y, x)`` boolean mask on the same grid, e.g. a femur.
+    margin_mm : float
+        Distance from the mask (mm) within which metal counts.
+
+    Raises
+    ------
+    ValueError
+        If ``mask`` is not on the volume's grid.
     """
-    lateral = -1.0 if side == "right" else 1.0  # canonical l points to the patient's left
-    c = head.centre
-    lo = np.array([c[0] - 130.0, c[1] - 80.0, c[2] - 110.0 if side == "right" else c[2] - 60.0])
-    hi = np.array([c[0] + head.radius + 15.0, c[1] + 70.0, c[2] + 60.0 if side == "right" else c[2] + 110.0])
-    sl = tuple(slice(max(0, int(np.floor(a / s))), min(n, int(np.ceil(b / s)) + 1))
-               for a, b, s, n in zip(lo, hi, spacing, hc.shape))
-    crop = np.asarray(hc[sl], dtype=np.float32)
-    sigma = np.where(spacing < 1.5, 0.8 / spacing, 0.0)
-    if sigma.any():
-        crop = ndi.gaussian_filter(crop, sigma)
-    axes = [np.arange(s.start, s.stop) * sp - cc for s, sp, cc in zip(sl, spacing, c)]
+    if mask.shape != volume.shape:
+        raise ValueError(f"mask shape {mask.shape} != volume shape {volume.shape}")
+    if not mask.any():
+        return 0.0
+    spacing = np.asarray(volume.spacing)
+    box = bounding_box(mask, np.ceil(margin_mm / spacing).astype(int) + 1)
+    near = ndi.distance_transform_edt(~mask[box], sampling=spacing) <= margin_mm
+    return float(np.count_nonzero(near & (volume.hu[box] > METAL_HU))) * float(np.prod(spacing)) / 1000.0
+
+
+def _segment_side(c: np.ndarray, offset: np.ndarray, g: float, head: _Head, side: Side
+                  ) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+    """Segment one proximal femur on the coarse grid in a crop around ``head``.
+
+    Returns the mask and its crop (coarse canonical indices).
+    """
+    centre = head.centre
+    lateral_lo, lateral_hi = (110.0, 60.0) if side == "right" else (60.0, 110.0)
+    lo = (np.array([centre[0] - 130.0, centre[1] - 80.0, centre[2] - lateral_lo]) - offset) / g
+    hi = (np.array([centre[0] + head.radius + 15.0, centre[1] + 70.0, centre[2] + lateral_hi]) - offset) / g
+    sl = tuple(slice(max(0, int(np.floor(a))), min(n, int(np.ceil(b)) + 1)) for a, b, n in zip(lo, hi, c.shape))
+    crop = c[sl]
+    axes = [np.arange(s.start, s.stop) * g + o - cc for s, o, cc in zip(sl, offset, centre)]
     S, A, L = np.meshgrid(*axes, indexing="ij", sparse=True)
     dist = np.sqrt(S ** 2 + A ** 2 + L ** 2)
-    ball = dist <= head.radius
-    core = dist <= 0.6 * head.radius
+    core = dist <= 0.5 * head.radius
     head_hu = float(np.median(crop[np.broadcast_to(core, crop.shape)]))
     thr = float(np.clip(0.5 * (SOFT_TISSUE_HU + head_hu), 100.0, 180.0))
     bone = ndi.binary_fill_holes(crop > thr, structure=IN_PLANE)
-    # femoral neck: leaves the head infero-laterally (neck-shaft angle ~ 130 deg, anteversion ~ 15 deg)
-    axis = np.array([-0.6, 0.25, 0.76 * lateral])
-    axis /= np.linalg.norm(axis)
-    shell = (dist > head.radius) & (dist <= head.radius + JOINT_SHELL_MM)
-    cos_axis = (S * axis[0] + A * axis[1] + L * axis[2]) / np.maximum(dist, 1e-3)
-    near = bone & shell & (cos_axis >= np.cos(np.radians(70.0)))
-    if near.any():  # refine the neck axis: centroid direction of the bone leaving the head near it
-        idx = np.nonzero(near)
-        v = np.array([float(np.mean(np.broadcast_to(X, crop.shape)[idx])) for X in (S, A, L)])
-        if np.linalg.norm(v) > 0:
-            axis = v / np.linalg.norm(v)
-            cos_axis = (S * axis[0] + A * axis[1] + L * axis[2]) / np.maximum(dist, 1e-3)
-    cut = shell & (cos_axis < np.cos(np.radians(NECK_CONE_DEG)))
-    lab, _ = ndi.label(bone & ~cut)
-    ids = np.unique(lab[ball & (lab > 0)])
-    femur = np.isin(lab, ids) | (bone & ball)
-    # pelvis: bone outside the head that the cut separated from it (acetabulum and below)
-    pelvis = (lab > 0) & ~np.isin(lab, ids) & np.broadcast_to(dist <= head.radius + JOINT_SHELL_MM + 4.0, crop.shape)
-    pelvis_ids = np.unique(lab[pelvis])
-    pelvis = np.isin(lab, pelvis_ids[pelvis_ids > 0])
+    # the femur may occupy the head side of the joint space on every ray outside the
+    # neck cone, and anything within it; each voxel takes the smallest joint radius of
+    # its ray and the 8 neighbouring rays, so that the boundary has no gaps between rays
+    r_joint = ndi.minimum_filter(head.cut_mm, size=3, mode="wrap")
+    dd = np.broadcast_to(dist, crop.shape)
+    ip, ia = _ray_index(np.broadcast_to(S, crop.shape), np.broadcast_to(A, crop.shape),
+                        np.broadcast_to(L, crop.shape), dd)
+    limit = r_joint[ip, ia]
+    allowed = dd <= limit
+    lab, _ = ndi.label(bone & allowed)
+    ids = np.unique(lab[core & (lab > 0)])
+    femur = np.isin(lab, ids[ids > 0])
+    # pelvis: the bone just beyond the joint space and everything connected to it
+    beyond = bone & ~allowed
+    lab_out, _ = ndi.label(beyond)
+    out_ids = np.unique(lab_out[beyond & (dd <= limit + 6.0)])
+    pelvis = np.isin(lab_out, out_ids[out_ids > 0])
     if pelvis.any():
-        s_idx = np.nonzero(pelvis.any(axis=(1, 2)))[0]
-        s_lowest = int(s_idx[0])
-        if sl[0].start + s_lowest > 0 and s_lowest > 0:  # ischial tuberosity in view: the VOI ends there
+        # the ischial tuberosity is in view when the hip bone ends at least 10 mm above
+        # the bottom of the field of view and at least 40 mm below the head centre
+        s_lowest = int(np.nonzero(pelvis.any(axis=(1, 2)))[0][0])
+        z_lowest = (sl[0].start + s_lowest) * g + offset[0]
+        if z_lowest >= offset[0] + 10.0 and z_lowest <= centre[0] - 40.0:
             femur[:s_lowest] = False
-    femur = _solid(femur, spacing) & ~pelvis
-    reason = None
-    neck_in_view = (c[0] - 0.5 * head.radius) / spacing[0] >= 0
-    if not neck_in_view:
-        reason = "only the femoral head is in the field of view (neck and trochanters cut off)"
-    log.debug("%s femur: head r=%.1f mm, threshold %.0f HU, %d voxels", side, head.radius, thr, int(femur.sum()))
-    return femur, sl, reason
+    femur = _solid(femur, np.full(3, g), cut_below=sl[0].start == 0) & allowed & ~pelvis
+    log.debug("%s femur: head r=%.1f mm (joint seen on %.0f%% of rays), threshold %.0f HU, %d voxels",
+              side, head.radius, 100 * head.support, thr, int(femur.sum()))
+    return femur, sl
 
 
-def segment_proximal_femurs(volume: Volume) -> FemurSegmentation:
+def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -> FemurSegmentation:
     """Segment the right and left proximal femur, excluding a side with metal.
 
     Parameters
@@ -320,6 +403,9 @@ def segment_proximal_femurs(volume: Volume) -> FemurSegmentation:
         CT volume; ``volume.hu`` is a ``(z, y, x)`` float32 array in HU and
         ``volume.affine`` maps ``(z, y, x, 1)`` to LPS mm. Any orientation and
         slice order, any slice thickness.
+    view : CanonicalView, optional
+        ``osteonode.segment.spine.canonical_view(volume)``, when the caller
+        already has it (it is shared with the spine segmentation).
 
     Returns
     -------
@@ -341,28 +427,29 @@ def segment_proximal_femurs(volume: Volume) -> FemurSegmentation:
     ischial tuberosity; hip replacements excluded). See the module docstring
     for every rule.
     """
-    if volume.hu.ndim != 3:
-        raise ValueError(f"volume must be 3-D (z, y, x), got shape {volume.hu.shape}")
-    frame = CanonicalFrame.from_volume(volume)
-    hc = frame.to_canonical(volume.hu)
-    sp = frame.spacing
+    view = view or canonical_view(volume)
+    frame, hc, sp = view.frame, view.hc, view.frame.spacing
     labels_c = np.zeros(hc.shape, np.uint8)
-    g = COARSE_MM
-    c, offset = coarse_copy(hc, sp, g)
+    g, c, offset = COARSE_MM, view.coarse, view.offset
     sides: dict[Side, FemurSide] = {}
     if min(c.shape) < 8:
         reason = "the volume is too small to contain a hip"
         return FemurSegmentation(frame.to_native(labels_c), {"right": FemurSide("not_in_view", reason),
                                                              "left": FemurSide("not_in_view", reason)})
-    patient = patient_mask(c)
-    cols = patient.sum(axis=(0, 1)).astype(float)
+    cols = view.patient.sum(axis=(0, 1)).astype(float)
     midline = float((cols * np.arange(c.shape[2])).sum() / max(cols.sum(), 1.0)) * g + offset[2]
-    sm = ndi.gaussian_filter(np.clip(c, -200.0, 1000.0), 0.7)
+    clipped = np.clip(c, -100.0, 700.0)
+    smooth = ndi.gaussian_filter(clipped, 0.7)
     heads: dict[Side, _Head] = {}
-    for side, cands in _head_candidates(c, offset, g, midline).items():
-        for cand in cands[:4]:
-            head = _head_sphere(sm, cand, offset, g)
-            if head is not None and (head.centre[2] - midline) * (1 if side == "left" else -1) > 40.0:
+    candidates = _head_candidates(smooth, offset, g, midline)
+    for side, cands in candidates.items():
+        lateral = 1.0 if side == "left" else -1.0
+        for cand in cands[:3]:
+            centre = _joint_centre(clipped, cand, offset, g)
+            if centre is None or (centre[2] - midline) * lateral < 40.0:
+                continue
+            head = _hip(smooth, centre, offset, g, _neck_axis(lateral))
+            if head is not None and head.support >= MIN_JOINT_SUPPORT:
                 heads[side] = head
                 break
     metal = _metal_components(hc, sp)
@@ -370,15 +457,15 @@ def segment_proximal_femurs(volume: Volume) -> FemurSegmentation:
         sign = 1.0 if side == "left" else -1.0
         head = heads.get(side)
         other = heads.get("left" if side == "right" else "right")
+        # the hip region: this side's head, or the mirror image of the other side's head
         if head is not None:
             ref = head.centre
         elif other is not None:
             ref = other.centre * [1, 1, 0] + [0, 0, 2 * midline - other.centre[2]]
         else:
             ref = None
-        near = [v for cen, v in metal if (cen[2] - midline) * sign > 30.0
-                and (ref is None or np.linalg.norm(cen - ref) <= 80.0)]
-        metal_cm3 = float(sum(near))
+        metal_cm3 = 0.0 if ref is None else float(sum(
+            v for cen, v in metal if (cen[2] - midline) * sign > 30.0 and np.linalg.norm(cen - ref) <= 80.0))
         if metal_cm3 >= MIN_METAL_CM3:
             sides[side] = FemurSide("excluded", f"metal in the {side} hip region ({metal_cm3:.1f} cm3 above "
                                     f"{METAL_HU:.0f} HU; probable arthroplasty or osteosynthesis)",
@@ -387,14 +474,18 @@ def segment_proximal_femurs(volume: Volume) -> FemurSegmentation:
         if head is None:
             sides[side] = FemurSide("not_in_view", f"no {side} femoral head found in the field of view")
             continue
-        mask, sl, reason = _segment_side(hc, sp, head, side)
-        if reason is None and mask.sum() * np.prod(sp) < 20000.0:
-            reason = "less than 20 cm3 of the proximal femur is in the field of view"
+        coarse_mask, coarse_sl = _segment_side(c, offset, g, head, side)
+        mask, sl = coarse_to_native(coarse_mask, coarse_sl, offset, g, sp, hc.shape)
+        reason = None
+        if head.centre[0] - 0.5 * head.radius < offset[0]:
+            reason = "only the femoral head is in the field of view (neck and trochanters cut off)"
+        elif mask.sum() * np.prod(sp) < MIN_FEMUR_CM3 * 1000.0:
+            reason = f"less than {MIN_FEMUR_CM3:.0f} cm3 of the proximal femur is in the field of view"
         if reason is not None:
             sides[side] = FemurSide("not_in_view", reason, *_head_geometry(head, frame, volume))
             continue
-        view = labels_c[sl]
-        view[mask & (view == 0)] = fid
+        target = labels_c[sl]
+        target[mask & (target == 0)] = fid
         sides[side] = FemurSide("segmented", None, *_head_geometry(head, frame, volume))
     log.info("proximal femurs: %s", {s: f.status for s, f in sides.items()})
     return FemurSegmentation(labels=frame.to_native(labels_c), sides=sides)

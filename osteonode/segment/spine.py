@@ -6,13 +6,17 @@ Pipeline
    permuted and flipped so that they point superior, anterior and left, using the
    direction cosines of :attr:`Volume.affine`. Any slice order, row/column mirroring
    or acquisition plane is handled this way.
-2. **Column tracking** on a 2 mm isotropic copy (block mean + linear resampling).
+2. **Column tracking** on a 2 mm isotropic copy (block mean + linear resampling;
+   when the image noise, estimated from neighbour differences in soft tissue,
+   exceeds 12 HU, the copy is smoothed with the Gaussian that brings it down to
+   12 HU, so that low-dose and noisy images are detected like standard ones).
    Each axial slice is scored for "vertebral body centre": mean HU in an 18 mm
    square (HU clipped to [-100, 250]), penalised when there is no low-density
    spinal canal 18-26 mm posterior to it and rewarded when there is bone
    (the neural arch) 30-54 mm posterior to it. This rejects the aorta, the psoas
    and the posterior elements. A dynamic programme links the slices into one
-   smooth centreline (at most 4 mm lateral/AP shift per 2 mm slice).
+   smooth centreline (at most 4 mm lateral/AP shift per 2 mm slice, each shift
+   penalised by 40 HU per (2 mm)^2).
 3. **Disc detection.** Along the centreline, the mean HU is sampled in planes
    perpendicular to the (smoothed) centreline. An intervertebral disc is a narrow
    minimum flanked within 6 mm by the dense endplates of both neighbouring
@@ -32,7 +36,8 @@ Pipeline
    * *Lowest rib-bearing vertebra = T12 (cranial anchor)*: bone components lateral
      to the column (> 150 HU, after removing a 44 mm wide central column) that start at the
      column, reach at least 45 mm lateral and run at least 16 mm cranio-caudally
-     are ribs; the vertebra at the z of their medial end bears the rib. The lowest
+     are ribs, unless the bottom of the field of view cuts them (a cut iliac crest
+     looks alike); the vertebra at the z of their medial end bears the rib. The lowest
      rib-bearing vertebra counts as T12 only if at least one complete rib-free
      vertebra is seen below it (otherwise the field of view may have cut off
      lower ribs' vertebrae).
@@ -42,9 +47,10 @@ Pipeline
      hypoplastic 12th rib) 0.4, using the sacral count, as the counting method of
      most radiology reports. No anchor: nothing is labelled and
      :attr:`SpineSegmentation.not_evaluable_reason` says why.
-5. **Vertebral body** on the native grid (thin slices smoothed with a 0.8 mm
-   Gaussian), in the vertebra's own frame (spine axis, and anterior-posterior /
-   left-right directions perpendicular to it):
+5. **Vertebral body** on the native grid, resampled to 1 mm where it is finer
+   (thin slices smoothed with a 0.8 mm Gaussian first, noisy images with the
+   Gaussian that brings the noise to 12 HU), in the vertebra's own frame (spine
+   axis, and anterior-posterior / left-right directions perpendicular to it):
 
    * between the planes through the two neighbouring disc boundaries, voxels above
      an adaptive threshold: half-way between soft tissue (40 HU) and the median HU
@@ -55,13 +61,17 @@ Pipeline
    * anterior to the posterior body wall: on the anterior-posterior profile through
      the centre, the spinal canal is the first point below 50 HU (fluid/fat) and the
      wall is where the profile, coming back from there, rises above the threshold.
-     This cut removes the pedicles and the neural arch;
+     More than 8 mm from the midline the body may reach 3 mm further back (the
+     posterior wall of a lumbar body is concave around the canal). This cut
+     removes the pedicles and the neural arch;
    * inside a 32 mm radius envelope, then opened (2 mm ball), largest component,
      slice-wise hole filling and closing. The segmentation is run twice, the
      second time centred on the first result's centroid.
 
    A vertebra that is cut by the field of view (no disc on one side) keeps its
-   label with half the confidence: its body and ROI are incomplete.
+   label with half the confidence -- its body and ROI are incomplete -- unless
+   the field of view holds at least 90 % of the body height of its complete
+   neighbour (the field of view ends at its endplate).
 6. **Trabecular ROI**: the body voxels that are at least 5 mm (3-D Euclidean
    distance in mm; 4 or 3 mm only if a small body leaves less than 0.2 cm3) from
    the body surface -- which keeps the ROI clear of the cortical shell and of
@@ -72,9 +82,11 @@ Pipeline
    ACR-SPR-SSR Practice Parameter for the Performance of Musculoskeletal
    Quantitative Computed Tomography (QCT), 2018.
 
-All thresholds are anatomical (HU of tissue classes, sizes of vertebrae in mm);
-none is fitted to the reference masks of any patient (those are used only to
-measure, in the tests).
+All thresholds are anatomical (HU of tissue classes, sizes of vertebrae in mm)
+and none is fitted numerically to reference masks. Honest caveat: the tracking
+smoothness (40 HU) and the posterior concavity (3 mm) were chosen while
+watching the Dice on the one patient with reference masks (the example CT),
+so they are not independently validated (see ``bench/segmentation.py``).
 """
 
 from __future__ import annotations
@@ -100,6 +112,18 @@ IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
 COARSE_MM = 2.0
 #: Soft-tissue reference HU (skeletal muscle).
 SOFT_TISSUE_HU = 40.0
+#: Half-width (mm) of the spinal canal in front of which the posterior body wall is found.
+CANAL_HALF_WIDTH_MM = 8.0
+#: How far (mm) the posterolateral body reaches behind the wall found in the midline (concave wall).
+POSTERIOR_CONCAVITY_MM = 3.0
+#: Bone of the neural arch on the coarse grid (cortical laminae and processes are denser than this).
+ARCH_BONE_HU = 150.0
+#: Watershed marker of bone belonging to unlabelled neighbouring vertebrae.
+FOREIGN = 255
+#: Residual noise (HU SD) the native-grid segmentation smooths down to.
+NOISE_TARGET_HU = 12.0
+#: Finest grid (mm) on which bodies are segmented; thinner slices and pixels are resampled to it.
+WORK_MM = 1.0
 #: Distance (mm) of the trabecular ROI from the body surface.
 TRABECULAR_MARGIN_MM = 5.0
 
@@ -149,6 +173,84 @@ class CanonicalFrame:
         for i, (axis, flip) in enumerate(zip(self.perm, self.flips)):
             native[axis] = volume.shape[axis] - 1 - index[i] if flip else index[i]
         return volume.affine[:3, :3] @ native + volume.affine[:3, 3]
+
+
+@dataclass(frozen=True)
+class CanonicalView:
+    """A volume in the canonical frame with its 2 mm copy, shared by the built-in segmenters.
+
+    Attributes
+    ----------
+    frame : CanonicalFrame
+        Native ``(z, y, x)`` -> canonical ``(s, a, l)`` mapping.
+    hc : numpy.ndarray
+        Canonical view (no copy) of the volume's HU.
+    coarse : numpy.ndarray
+        ``COARSE_MM`` isotropic copy of ``hc`` (HU), smoothed down to
+        ``NOISE_TARGET_HU`` of noise when the image is noisier.
+    offset : numpy.ndarray
+        Canonical mm of coarse index 0 (coarse index ``j`` lies at ``j * COARSE_MM + offset``).
+    patient : numpy.ndarray
+        Boolean patient mask on the coarse grid.
+    noise_hu : float
+        Image noise (HU, standard deviation) on the native grid: robust (MAD)
+        spread of neighbour differences in soft tissue, divided by sqrt(2).
+    """
+
+    frame: CanonicalFrame
+    hc: np.ndarray
+    coarse: np.ndarray
+    offset: np.ndarray
+    patient: np.ndarray
+    noise_hu: float
+
+    def smoothing_mm(self, thin_mm: float = 0.8) -> np.ndarray:
+        """Gaussian sigma (mm, per canonical axis) for segmenting on the native grid.
+
+        ``thin_mm`` on axes finer than 1.5 mm (thin slices and pixels), and at
+        least what brings the noise down to ``NOISE_TARGET_HU``.
+        """
+        sp = self.frame.spacing
+        return np.maximum(np.where(sp < 1.5, thin_mm, 0.0), _denoising_sigma(self.noise_hu) * sp)
+
+
+def canonical_view(volume: Volume) -> CanonicalView:
+    """Compute the :class:`CanonicalView` of ``volume`` (``(z, y, x)`` HU).
+
+    Raises
+    ------
+    ValueError
+        If ``volume.hu`` is not 3-D.
+    """
+    if volume.hu.ndim != 3:
+        raise ValueError(f"volume must be 3-D (z, y, x), got shape {volume.hu.shape}")
+    frame = CanonicalFrame.from_volume(volume)
+    hc = frame.to_canonical(volume.hu)
+    coarse, offset = coarse_copy(hc, frame.spacing, COARSE_MM)
+    sigma = _denoising_sigma(_noise_hu(coarse))
+    if sigma > 0.0:  # noisy (e.g. low-dose) images: the detection steps see the same noise as usual
+        coarse = ndi.gaussian_filter(coarse, sigma)
+    return CanonicalView(frame, hc, coarse, offset, patient_mask(coarse), _noise_hu(volume.hu))
+
+
+def _denoising_sigma(noise_hu: float) -> float:
+    """Gaussian sigma (voxels) that brings white noise of ``noise_hu`` down to ``NOISE_TARGET_HU``.
+
+    A 3-D Gaussian of sigma ``s`` voxels divides the noise SD by ``(2 sqrt(pi) s)^1.5``.
+    """
+    factor = noise_hu / NOISE_TARGET_HU
+    return factor ** (2.0 / 3.0) / (2.0 * np.sqrt(np.pi)) if factor > 1.0 else 0.0
+
+
+def _noise_hu(hu: np.ndarray) -> float:
+    """Noise SD (HU) from neighbour differences along the last axis in soft tissue (every 4th slice)."""
+    sub = hu[::4]
+    soft = (sub > -50.0) & (sub < 100.0)
+    both = soft[:, :, 1:] & soft[:, :, :-1]
+    diff = np.diff(sub, axis=2)[both]
+    if diff.size < 100:
+        return 0.0
+    return float(1.4826 * np.median(np.abs(diff - np.median(diff))) / np.sqrt(2.0))
 
 
 def coarse_copy(hc: np.ndarray, spacing: np.ndarray, grid: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +312,7 @@ def largest_component_filled(mask: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(largest, structure=IN_PLANE)
 
 
-def _track_column(c: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
+def _track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
     """Centreline of the vertebral bodies on the coarse grid.
 
     Returns ``path`` ``(nz, 2)`` (y, x coarse indices per slice) and a boolean
@@ -218,7 +320,6 @@ def _track_column(c: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.n
     spinal canal behind it.
     """
     nz, ny, nx = c.shape
-    patient = patient_mask(c)
     area = patient.sum(axis=(1, 2))
     xs = np.arange(nx)
     # midline band: +-50 mm around the patient's left-right centre of mass
@@ -249,7 +350,7 @@ def _track_column(c: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.n
         xc = ndi.center_of_mass(patient[z])[1]
         score[z][:, np.abs(xs_sub - xc) > 40.0 / g] = -1e4
     # dynamic programme over slices
-    r, lam = 2, 20.0
+    r, lam = 2, 40.0
     offs = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
     _, sy, sx = score.shape
     value = score[0].copy()
@@ -356,6 +457,14 @@ def _find_discs(profile: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) ->
     return discs
 
 
+def _neighbour_height(segments: list, i: int, g: float) -> float:
+    """Body height (mm, between disc boundaries) of the complete segment next to segment ``i``; inf if none."""
+    for j in (i + 1, i - 1):
+        if 0 <= j < len(segments) and segments[j][0] is not None and segments[j][1] is not None:
+            return (segments[j][1].lower - segments[j][0].upper) * g
+    return np.inf
+
+
 # ------------------------------------------------------------------------ anchors
 
 
@@ -409,6 +518,8 @@ def _rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[f
         dx = np.abs(xx - path[zz, 1]) * g
         dy = (yy - path[zz, 0]) * g
         if dx.min() > 26.0 or dx.max() < 45.0 or (zz.max() - zz.min() + 1) * g < 16.0:
+            continue
+        if zz.min() == 0:  # cut by the bottom of the field of view (e.g. an iliac crest): cannot be told
             continue
         medial = dx < dx.min() + 8.0
         if not (-60.0 < dy[medial].mean() < 15.0):
@@ -487,7 +598,9 @@ def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
         while j + 1 < len(centres) and prof[j] < thr:
             j += 1
         wall = float(centres[j]) - 0.5
-    envelope = ((lr / 32.0) ** 2 + (a / 32.0) ** 2 <= 1.0) & (a >= wall)
+    # the posterior wall is concave: lateral to the canal the body reaches a little further back
+    behind = np.where(np.abs(lr) >= CANAL_HALF_WIDTH_MM, POSTERIOR_CONCAVITY_MM, 0.0)
+    envelope = ((lr / 32.0) ** 2 + (a / 32.0) ** 2 <= 1.0) & (a >= wall - behind)
     thr_disc = max(thr, disc_hu + 40.0) if np.isfinite(disc_hu) else np.inf
     log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm", np.round(centre), core_hu, thr, disc_hu, wall)
     full = envelope & (hs > thr) & (inner | (slab & (hs > thr_disc)))
@@ -508,6 +621,86 @@ def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
     return out
 
 
+def _working_grid(crop: np.ndarray, coords: tuple[np.ndarray, ...], spacing: np.ndarray, work: np.ndarray
+                  ) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Resample a canonical crop (linear) to the coarser ``work`` spacing where ``spacing`` is finer.
+
+    Returns the working crop, its canonical coordinates (mm) per axis, and the
+    index arrays (for ``np.ix_``-style indexing) that take a working-grid mask
+    back to the crop grid by nearest neighbour.
+    """
+    if np.allclose(spacing, work):
+        return crop, coords, np.ix_(*(np.arange(n) for n in crop.shape))
+    step = work / spacing
+    shape = tuple(int(np.floor((n - 1) / st)) + 1 for n, st in zip(crop.shape, step))
+    out = ndi.affine_transform(crop, step, output_shape=shape, order=1, prefilter=False, mode="nearest")
+    work_coords = tuple(c[0] + np.arange(n) * w for c, n, w in zip(coords, shape, work))
+    back = tuple(np.clip(np.round((c - c[0]) / w).astype(int), 0, n - 1)
+                 for c, w, n in zip(coords, work, shape))
+    return out, work_coords, np.ix_(*back)
+
+
+def coarse_to_native(mask: np.ndarray, sl: tuple[slice, slice, slice], offset: np.ndarray, g: float,
+                     spacing: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """Nearest-neighbour copy of a coarse crop ``mask`` onto the canonical native grid.
+
+    ``mask`` is the crop ``sl`` of a coarse ``(s, a, l)`` array with spacing ``g``
+    mm and origin ``offset`` (canonical mm); ``spacing`` and ``shape`` are those
+    of the canonical native array. Returns the native mask and its crop
+    (canonical native indices).
+    """
+    index, native = [], []
+    for ax in range(3):
+        j = np.arange(shape[ax])
+        k = np.round((j * spacing[ax] - offset[ax]) / g).astype(int)
+        inside = np.nonzero((k >= sl[ax].start) & (k < sl[ax].stop))[0]
+        native.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
+        index.append(k[inside] - sl[ax].start)
+    return mask[np.ix_(*index)], tuple(native)
+
+
+def _whole_vertebrae(view: CanonicalView, bodies: np.ndarray, foreign_above: float | None,
+                     foreign_below: float | None) -> np.ndarray:
+    """Whole vertebrae (body and posterior elements), canonical ``(s, a, l)`` uint8 labels.
+
+    On the coarse grid, bone (> ``ARCH_BONE_HU``) within 100 mm behind and 30 mm
+    to either side of the bodies is flooded from the bodies (marker watershed on
+    inverted HU, so that pedicles join their body and the dark facet joints and
+    discs part neighbours). Bone above ``foreign_above`` / below
+    ``foreign_below`` (canonical mm along s) belongs to unlabelled vertebrae and
+    floods from there. The sacrum keeps its body only; each labelled body keeps
+    its exact native voxels.
+    """
+    c, offset, sp, g = view.coarse, view.offset, view.frame.spacing, COARSE_MM
+    whole = bodies.copy()
+    index = [np.clip(np.round((np.arange(n) * g + o) / p).astype(int), 0, m - 1)
+             for n, o, p, m in zip(c.shape, offset, sp, bodies.shape)]
+    coarse_bodies = bodies[np.ix_(*index)]
+    if not np.isin(coarse_bodies, [SACRUM, 0], invert=True).any():
+        return whole
+    box = bounding_box(coarse_bodies > 0, 0)
+    grow = [(25.0, 25.0), (100.0, 5.0), (30.0, 30.0)]  # mm below/above, behind/in front, right/left
+    sl = tuple(slice(max(0, b.start - int(np.ceil(lo / g))), min(n, b.stop + int(np.ceil(hi / g))))
+               for b, (lo, hi), n in zip(box, grow, c.shape))
+    crop = c[sl]
+    markers = coarse_bodies[sl].astype(np.int16)
+    bone = crop > ARCH_BONE_HU
+    s_mm = (np.arange(sl[0].start, sl[0].stop) * g + offset[0])[:, None, None]
+    free = bone & (markers == 0)
+    if foreign_above is not None:
+        markers[free & (s_mm > foreign_above)] = FOREIGN
+    if foreign_below is not None:
+        markers[free & (s_mm < foreign_below)] = FOREIGN
+    cost = np.where(bone, np.clip(1000.0 - crop, 0.0, 2000.0), 65535.0).astype(np.uint16)
+    flooded = ndi.watershed_ift(cost, markers) * bone
+    flooded[(flooded == FOREIGN) | (flooded == SACRUM)] = 0
+    labels, native = coarse_to_native(flooded, sl, offset, g, sp, bodies.shape)
+    target = whole[native]
+    put = (labels > 0) & (target == 0)
+    target[put] = labels[put]
+    return whole
+
+
 def bounding_box(mask: np.ndarray, pad) -> tuple[slice, slice, slice]:
     """Bounding box of ``mask`` grown by ``pad`` voxels per axis, clipped to the array."""
     pad = np.broadcast_to(np.asarray(pad, dtype=int), (mask.ndim,))
@@ -526,21 +719,43 @@ def ellipsoid(rad: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return inside
 
 
-def _trabecular_roi(body: np.ndarray, spacing: np.ndarray, coords_mm, centre, axis,
-                    top, bottom) -> np.ndarray:
+def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
+                   spacing: np.ndarray, axis: np.ndarray) -> np.ndarray:
+    """Trabecular ROI of one vertebral body (the rule of the module docstring, step 6).
+
+    Parameters
+    ----------
+    body : numpy.ndarray
+        ``(s, a, l)`` boolean mask of the body in the canonical frame
+        (superior, anterior, left), e.g. a crop.
+    coords_mm : tuple of numpy.ndarray
+        Canonical position (mm) of each index along the three axes of ``body``.
+    spacing : numpy.ndarray
+        ``(3,)`` canonical voxel spacing in mm.
+    axis : numpy.ndarray
+        ``(3,)`` unit vector of the spine axis at the body (pointing superior).
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask of the ROI: body voxels at least 5 mm (4 or 3 mm if the ROI
+        would be under 0.2 cm3) from the body surface, in the middle 60 % of the
+        body height along ``axis``, excluding the posterior fifth of the body depth.
+        Source: Pickhardt PJ et al., Ann Intern Med 2013;158:588-595, and the
+        ACR-SPR-SSR Practice Parameter for QCT (2018).
+    """
     if not body.any():
         return body
     box = bounding_box(body, 1)
     dist = np.zeros(body.shape)
     dist[box] = ndi.distance_transform_edt(np.pad(body[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
-    zc, yc, xc = coords_mm
-    Z, Y, X = np.meshgrid(zc, yc, xc, indexing="ij", sparse=True)
-    s_top = (Z - top[0][0]) * top[1][0] + (Y - top[0][1]) * top[1][1] + (X - top[0][2]) * top[1][2]
-    s_bot = (Z - bottom[0][0]) * bottom[1][0] + (Y - bottom[0][1]) * bottom[1][1] + (X - bottom[0][2]) * bottom[1][2]
-    # fractional height between the bounding planes (0 = bottom, 1 = top)
-    height = s_bot / np.maximum(s_bot - s_top, 1e-3)
+    Z, Y, X = np.meshgrid(*coords_mm, indexing="ij", sparse=True)
+    along = Z * axis[0] + Y * axis[1] + X * axis[2]
+    inside = np.broadcast_to(along, body.shape)[body]
+    # fractional height along the spine axis (0 = lowest body voxel, 1 = highest)
+    height = (along - inside.min()) / max(float(inside.max() - inside.min()), 1e-3)
     ys = np.nonzero(body.any(axis=(0, 2)))[0]
-    y_post, y_ant = yc[ys.min()], yc[ys.max()]
+    y_post, y_ant = coords_mm[1][ys.min()], coords_mm[1][ys.max()]
     roi = body & (height >= 0.2) & (height <= 0.8) & (Y >= y_post + 0.2 * (y_ant - y_post))
     for margin in (TRABECULAR_MARGIN_MM, 4.0, 3.0):
         out = roi & (dist >= margin)
@@ -552,7 +767,7 @@ def _trabecular_roi(body: np.ndarray, spacing: np.ndarray, coords_mm, centre, ax
 # -------------------------------------------------------------------------- main
 
 
-def segment_spine(volume: Volume) -> SpineSegmentation:
+def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSegmentation:
     """Segment and label the vertebral bodies T12-L5 and the sacrum of a CT volume.
 
     Anatomy-based, no model weights: the column is tracked on a 2 mm copy, the
@@ -569,6 +784,9 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
         ``volume.affine`` maps ``(z, y, x, 1)`` to LPS mm. Any orientation and
         slice order, any slice thickness (tested 1-3 mm), with or without
         intravenous contrast.
+    view : CanonicalView, optional
+        ``canonical_view(volume)``, when the caller already has it (it is shared
+        with :func:`osteonode.segment.femur.segment_proximal_femurs`).
 
     Returns
     -------
@@ -592,23 +810,22 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
     Ann Intern Med 2013;158:588-595, and the ACR-SPR-SSR Practice Parameter for
     Quantitative CT (2018).
     """
-    if volume.hu.ndim != 3:
-        raise ValueError(f"volume must be 3-D (z, y, x), got shape {volume.hu.shape}")
-    frame = CanonicalFrame.from_volume(volume)
-    hc = frame.to_canonical(volume.hu)
-    sp = frame.spacing
+    view = view or canonical_view(volume)
+    frame, hc, sp = view.frame, view.hc, view.frame.spacing
     bodies_c = np.zeros(hc.shape, np.uint8)
     trab_c = np.zeros(hc.shape, np.uint8)
 
+    whole_c = bodies_c
+
     def result(confidence, method, reason):
         return SpineSegmentation(bodies=frame.to_native(bodies_c), trabecular=frame.to_native(trab_c),
-                                 confidence=confidence, method=method, not_evaluable_reason=reason)
+                                 confidence=confidence, method=method, not_evaluable_reason=reason,
+                                 whole=frame.to_native(whole_c))
 
-    g = COARSE_MM
-    c, offset = coarse_copy(hc, sp, g)
+    g, c, offset = COARSE_MM, view.coarse, view.offset
     if min(c.shape) < 8:
         return result({}, "", "the volume is too small to contain a vertebra")
-    path, valid = _track_column(c, g)
+    path, valid = _track_column(c, view.patient, g)
     profile, pts, tangent = _plane_profile(c, path)
     discs = _find_discs(profile, valid, g)
     log.info("column tracked over %d coarse slices; %d disc(s) found", c.shape[0], len(discs))
@@ -693,7 +910,9 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
     ymm = np.arange(hc.shape[1]) * sp[1]
     xmm = np.arange(hc.shape[2]) * sp[2]
     pts_mm = pts * g + offset  # coarse index -> canonical mm
-    sigma = np.where(sp < 1.5, 0.8 / sp, 0.0)
+    sigma = view.smoothing_mm() / sp
+    log.info("image noise %.0f HU: smoothing sigma %s mm", view.noise_hu, np.round(sigma * sp, 2))
+    work_sp = np.maximum(sp, WORK_MM)
 
     def plane_at(zc_idx: float):
         i = int(np.clip(round(zc_idx), 0, nz - 1))
@@ -709,6 +928,8 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
             z_bot = max(0.0, z_top - 30.0 / g)  # S1 body
         if (lo is not None and hi is not None) or vid == SACRUM:
             complete.add(vid)  # the S1 body (30 mm below L5/S1) is in view by the sacrum test
+        elif (z_top - z_bot) * g >= 0.9 * _neighbour_height(segments, i, g):
+            complete.add(vid)  # one disc cut off, but the body is as tall as its neighbour's: in view
         z_mid = 0.5 * (z_bot + z_top)
         im = int(np.clip(round(z_mid), 0, nz - 1))
         centre = pts_mm[im]
@@ -727,8 +948,9 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
             continue
         if sigma.any():
             crop = ndi.gaussian_filter(crop, sigma)
-        coords = (zmm[sl[0]], ymm[sl[1]], xmm[sl[2]])
-        body = _segment_body(crop, coords, centre, tangent[im], top, bottom, sp, outer_top, outer_bottom)
+        native_coords = (zmm[sl[0]], ymm[sl[1]], xmm[sl[2]])
+        crop, coords, back = _working_grid(crop, native_coords, sp, work_sp)
+        body = _segment_body(crop, coords, centre, tangent[im], top, bottom, work_sp, outer_top, outer_bottom)
         if body.any():
             # second pass centred on the first body's centroid (the tracked centre leans
             # towards the canal because the tracking score rewards the canal behind it)
@@ -738,23 +960,44 @@ def segment_spine(volume: Volume) -> SpineSegmentation:
             shift -= tangent[im] * float(shift @ tangent[im])
             if np.linalg.norm(shift) > 1.0:
                 centre = centre + shift
-                body = _segment_body(crop, coords, centre, tangent[im], top, bottom, sp, outer_top, outer_bottom)
+                body = _segment_body(crop, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
+                                     outer_bottom)
+        roi = trabecular_roi(body, coords, work_sp, tangent[im]) if vid != SACRUM else np.zeros_like(body)
+        body, roi = body[back], roi[back]
         body &= bodies_c[sl] == 0
         if body.sum() * np.prod(sp) < 2000.0:  # < 2 cm3: not a body
             log.info("segment %d (%s): body too small, skipped", i, VERTEBRA_NAMES[vid])
             continue
         bodies_c[sl][body] = vid
-        if vid != SACRUM:
-            roi = _trabecular_roi(body, sp, coords, centre, tangent[im], top, bottom)
-            trab_c[sl][roi] = vid
+        trab_c[sl][roi & body] = vid
         confidence[vid] = conf if vid in complete else conf * 0.5
 
-    seen = [VERTEBRA_NAMES[v] for v in sorted(confidence)]
+    # whole vertebrae: bone beyond the discs next to the outermost labelled vertebrae is a neighbour's
+    done = [i for i, vid in labels.items() if vid in confidence and vid != SACRUM]
+    above = below = None
+    if done and segments[max(done)][1] is not None:
+        above = segments[max(done)][1].z * g + offset[0] + 8.0  # superior articular processes rise ~ 8 mm
+    if done and segments[min(done)][0] is not None and labels.get(min(done) - 1) != SACRUM:
+        below = segments[min(done)][0].z * g + offset[0] - 15.0  # inferior ones reach ~ 15 mm below the disc
+    whole_c = _whole_vertebrae(view, bodies_c, above, below)
+    log.info("spine levels: %s (%s)", [VERTEBRA_NAMES[v] for v in sorted(confidence)], method)
+    return result(confidence, method, missing_levels_reason(complete, confidence))
+
+
+def missing_levels_reason(complete: set[int], confidence: dict[int, float]) -> str | None:
+    """The "not evaluable" reason when any of L1-L4 is not labelled or not complete, else None.
+
+    Parameters
+    ----------
+    complete : set of int
+        VerSe IDs of the vertebrae seen whole (not cut by the field of view).
+    confidence : dict
+        VerSe ID -> label confidence of every labelled vertebra.
+    """
     missing = [name for name in REQUIRED_LEVELS if VERTEBRA_IDS[name] not in complete
                or VERTEBRA_IDS[name] not in confidence]
-    reason = None
-    if missing:
-        reason = (f"L1-L4 are not all in the field of view (missing or cut off: {', '.join(missing)}; "
-                  f"levels seen: {', '.join(seen) or 'none'})")
-    log.info("spine levels: %s (%s)", seen, method)
-    return result(confidence, method, reason)
+    if not missing:
+        return None
+    seen = [VERTEBRA_NAMES[v] for v in sorted(confidence)]
+    return (f"L1-L4 are not all in the field of view (missing or cut off: {', '.join(missing)}; "
+            f"levels seen: {', '.join(seen) or 'none'})")

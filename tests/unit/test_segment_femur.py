@@ -1,0 +1,108 @@
+"""Tests of the built-in proximal femur segmentation and metal exclusion.
+
+Real data: the example CT has an osteosynthesis implant in the LEFT hip and a
+native RIGHT hip; the reference is TotalSegmentator v1 ``femur_right`` (label
+89, model output), used only to measure, on its own grid.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from bench.segmentation import (crop_below, dice, example_image, noisy, on_reference_grid, reversed_axes,
+                                thin)
+from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
+from osteonode.segment import FemurSegmentation
+from osteonode.segment.femur import METAL_HU, metal_cm3_near, segment_proximal_femurs
+from osteonode.volume import Volume
+from tests.conftest import DATA, require_data
+from tests.unit.test_segment_spine import refs, volume  # noqa: F401 (the shared real-CT fixtures)
+
+ABDOMEN = DATA / "totalseg-example-abdomen"
+CTA = DATA / "totalseg-thoracic-cta-crop" / "ct_cropped.nii.gz"
+#: Measured: 0.84 on the CT as given, 0.79 at 0.8 x 0.8 x 1.25 mm, 0.81-0.84 with 35 HU noise.
+#: The issue's target (0.85) is NOT met yet; these floors guard against regressions.
+MIN_DICE = 0.80
+MIN_DICE_THIN = 0.75
+
+
+@pytest.fixture(scope="module")
+def femurs(volume) -> FemurSegmentation:
+    return segment_proximal_femurs(volume)
+
+
+def _right_dice(volume: Volume, femurs: FemurSegmentation, refs) -> float:
+    return dice(on_reference_grid(volume, femurs.labels, refs) == FEMUR_RIGHT, refs.femur_right)
+
+
+def test_right_femur_is_segmented(refs, volume, femurs):
+    right = femurs.sides["right"]
+    assert right.status == "segmented" and right.reason is None
+    assert _right_dice(volume, femurs, refs) >= MIN_DICE
+    # the hip joint centre lies in the patient's right half, in the reference femur's head region
+    assert right.head_centre_mm is not None and right.head_centre_mm[0] < 0  # LPS x < 0: right
+    assert 17.0 <= right.head_radius_mm <= 32.0
+    # almost nothing of it lies in the reference right hip bone (the joint is cut)
+    v1 = sitk.GetArrayFromImage(sitk.ReadImage(str(ABDOMEN / "ref_v1_multilabel_seg.nii.gz")))
+    ours = on_reference_grid(volume, femurs.labels, refs) == FEMUR_RIGHT
+    assert (ours & (v1 == 91)).sum() / ours.sum() < 0.08
+
+
+def test_left_hip_with_metal_is_excluded(volume, femurs):
+    left = femurs.sides["left"]
+    assert left.status == "excluded"
+    assert "metal" in left.reason and "left" in left.reason
+    assert not (femurs.labels == FEMUR_LEFT).any()
+    assert femurs.labels.shape == volume.shape and femurs.labels.dtype == np.uint8
+
+
+def test_metal_added_to_the_right_femur_excludes_it(volume, femurs):
+    # a 1.7 cm3 cylinder of 3000 HU (a screw) in the right femoral neck
+    hu = volume.hu.copy()
+    z, y, x = np.nonzero(femurs.labels == FEMUR_RIGHT)
+    zc, yc, xc = int(np.median(z)), int(np.median(y)), int(np.median(x))
+    hu[zc - 4:zc + 4, yc - 1:yc + 2, xc - 1:xc + 2] = 3000.0
+    other = segment_proximal_femurs(Volume(hu=hu, affine=volume.affine))
+    assert other.sides["right"].status == "excluded" and "metal" in other.sides["right"].reason
+    assert not other.labels.any()
+
+
+@pytest.mark.parametrize("variant", ["feet_first", "thin", "noise35"])
+def test_variants(refs, volume, femurs, variant):
+    moved = {"feet_first": lambda: reversed_axes(volume, (0, 2)),
+             "thin": lambda: thin(example_image()),
+             "noise35": lambda: noisy(volume, 35.0, seed=0)}[variant]()
+    other = segment_proximal_femurs(moved)
+    assert other.sides["right"].status == "segmented"
+    assert other.sides["left"].status == "excluded"
+    assert _right_dice(moved, other, refs) >= (MIN_DICE_THIN if variant == "thin" else MIN_DICE)
+    if variant == "feet_first":  # the same voxels, whatever the array order
+        same = on_reference_grid(moved, other.labels, refs) == FEMUR_RIGHT
+        assert dice(same, on_reference_grid(volume, femurs.labels, refs) == FEMUR_RIGHT) > 0.98
+
+
+def test_no_hips_in_view(refs, volume):
+    for ct in (crop_below(volume, refs), Volume.from_sitk(sitk.ReadImage(str(require_data(CTA))))):
+        out = segment_proximal_femurs(ct)
+        assert {s.status for s in out.sides.values()} == {"not_in_view"}
+        assert all(s.reason for s in out.sides.values())
+        assert not out.labels.any()
+
+
+def test_metal_cm3_near():
+    hu = np.zeros((20, 20, 20), np.float32)
+    hu[2:4, 2:4, 2:4] = METAL_HU + 500.0  # 8 voxels of 8 mm3
+    mask = np.zeros(hu.shape, bool)
+    mask[10:12, 10:12, 10:12] = True
+    volume = Volume(hu=hu, affine=np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert metal_cm3_near(volume, mask, margin_mm=10.0) == 0.0  # ~ 22 mm away
+    assert metal_cm3_near(volume, mask, margin_mm=30.0) == pytest.approx(0.064)
+    with pytest.raises(ValueError):
+        metal_cm3_near(volume, mask[:-1])
+
+
+def test_non_3d_volume_raises():
+    with pytest.raises(ValueError):
+        segment_proximal_femurs(Volume(hu=np.zeros((4, 4), np.float32), affine=np.eye(4)))
