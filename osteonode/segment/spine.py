@@ -81,6 +81,12 @@ Pipeline
    and the posterior venous plexus) and the mid-vertebral trabecular ROI of the
    ACR-SPR-SSR Practice Parameter for the Performance of Musculoskeletal
    Quantitative Computed Tomography (QCT), 2018.
+7. **Whole vertebra**: on the 2 mm copy, bone above 150 HU up to 100 mm behind
+   and 30 mm beside the bodies is flooded from the bodies (marker watershed on
+   inverted HU: pedicles join their body, the darker facet joints part
+   neighbours); bone more than 8 mm above the disc over the top labelled
+   vertebra, or 15 mm below the disc under the lowest, floods from an
+   "unlabelled vertebra" marker instead (the articular processes reach that far).
 
 All thresholds are anatomical (HU of tissue classes, sizes of vertebrae in mm)
 and none is fitted numerically to reference masks. Honest caveat: the tracking
@@ -795,7 +801,9 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         input grid with VerSe IDs (19 = T12 ... 24 = L5, 26 = sacrum);
         ``confidence`` per labelled ID in [0, 1]; ``method`` in words;
         ``not_evaluable_reason`` set when the levels cannot be identified or
-        L1-L4 are not all (completely) in the field of view.
+        L1-L4 are not all (completely) in the field of view; ``whole``: the
+        whole vertebrae (body and posterior elements, the sacrum by its S1
+        body only), same IDs and grid.
 
     Raises
     ------
