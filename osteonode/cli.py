@@ -117,13 +117,17 @@ def worker(config: ConfigOpt = None,
 def analyze(input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
                                                       help="Folder holding one DICOM CT series.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+            segmentation: Annotated[Optional[Path], typer.Option(
+                exists=True, dir_okay=False,
+                help="TotalSegmentator multilabel NIfTI (v1 or v2 class ids) to use instead of the built-in "
+                     "segmentation.")] = None,
             config: ConfigOpt = None) -> None:
     """Run the whole pipeline on one series on disk, without any service."""
     from osteonode.pipeline import analyze_files
 
     settings = load_settings(config, require_dirs=False) if config else Settings()
     files = [p for p in sorted(input_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    result = analyze_files(files, out, settings.analysis)
+    result = analyze_files(files, out, settings.analysis, segmentation_file=segmentation)
     typer.echo(result.model_dump_json(indent=2))
     if result.status != "ok":
         raise typer.Exit(3)

@@ -72,7 +72,17 @@ class ModelSettings(_Strict):
 class AnalysisSettings(_Strict):
     """What the pipeline does with a series."""
 
-    segmentation: Literal["builtin"] = "builtin"
+    @model_validator(mode="after")
+    def _check_segmentation_dir(self) -> "AnalysisSettings":
+        if self.segmentation == "totalsegmentator" and self.segmentation_dir is None:
+            raise ValueError("segmentation = 'totalsegmentator' needs segmentation_dir")
+        return self
+
+    segmentation: Literal["builtin", "totalsegmentator"] = Field(
+        default="builtin", description="builtin: no model weights; totalsegmentator: import label maps")
+    segmentation_dir: Path | None = Field(
+        default=None, description="with totalsegmentator: folder of <SeriesInstanceUID>.nii.gz label maps")
+    totalsegmentator_version: Literal["auto", "v1", "v2"] = "auto"
     bone_status_rule: Literal["pickhardt_l1_hu", "acr_vbmd"] = Field(
         default="pickhardt_l1_hu",
         description="pickhardt_l1_hu: L1 HU <=110 / >=160 (Pickhardt 2013); acr_vbmd: ACR QCT vBMD cut-offs "

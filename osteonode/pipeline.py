@@ -5,7 +5,7 @@ radiomics -> classify -> encode. Used both by the
 Celery worker and by ``osteonode analyze``. Outputs written to ``out_dir``:
 
 * ``result.json`` - :class:`~osteonode.result.AnalysisResult` (format in README.md),
-* ``labels.nii.gz`` - vertebral bodies, VerSe IDs, on the source CT grid,
+* ``labels.nii.gz`` - vertebral bodies (VerSe IDs) and proximal femurs (90/91) on the source CT grid,
 * ``seg.dcm`` - DICOM Segmentation (when the series was evaluable),
 * ``sr.dcm`` - Comprehensive 3D SR, TID 1500 (always, also when not evaluable),
 * ``key_1.dcm``, ``key_2.dcm`` - Secondary Capture key images, mid-sagittal and
@@ -34,12 +34,12 @@ from osteonode.errors import NotEvaluable
 from osteonode.measure.calibration import apply_calibration, calibrate
 from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
-from osteonode.measure.hu import measure_levels
+from osteonode.measure.hu import measure_levels, measure_proximal_femurs
 from osteonode.measure.radiomics import FEATURE_TABLE_NAME, extract_features, write_feature_table
 from osteonode.measure.tissues import measure_reference_tissues
 from osteonode.result import AnalysisResult
-from osteonode.segment import Backend, SpineSegmentation
-from osteonode.segment.spine import segment_spine
+from osteonode.segment import SpineSegmentation
+from osteonode.segment.backends import select_backend
 from osteonode.series import check_series
 from osteonode.volume import Series, load_series
 
@@ -52,7 +52,7 @@ OUTPUT_FILES = (RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE, *KEY_IMAGE_FILES, 
 
 
 def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettings | None = None,
-                  backend: Backend = segment_spine) -> AnalysisResult:
+                  segmentation_file: Path | None = None) -> AnalysisResult:
     """Analyse one CT series and write the outputs to ``out_dir``.
 
     Parameters
@@ -63,8 +63,9 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
         Output folder; created if missing; existing outputs are replaced.
     settings : AnalysisSettings, optional
         Analysis options (defaults when omitted).
-    backend : callable
-        Segmentation backend ``(Volume) -> SpineSegmentation``.
+    segmentation_file : pathlib.Path, optional
+        A TotalSegmentator label map to use instead of the configured backend
+        (:func:`osteonode.segment.backends.select_backend`).
 
     Returns
     -------
@@ -96,8 +97,11 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
             check_series(headers)
         with _timed(timings, "load"):
             series = load_series(files)
+        backend, backend_note = select_backend(settings, series_uid, segmentation_file)
         with _timed(timings, "segment"):
             segmentation = backend(series.volume)
+        if backend_note:
+            segmentation.method = f"{segmentation.method} [{backend_note}]"
         with _timed(timings, "measure"):
             levels = measure_levels(series.volume, segmentation)
         missing = [name for name in REQUIRED_LEVELS if name not in levels]
@@ -122,6 +126,7 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
             bone_status = classify_bone_status(levels, feature_rows, settings)
         result = AnalysisResult(status="ok", study_instance_uid=study_uid, series_instance_uid=series_uid,
                                 labelling_method=segmentation.method, levels=levels,
+                                proximal_femur=measure_proximal_femurs(series.volume, segmentation.femurs),
                                 bone_status=bone_status, calibration=calibration, contrast=contrast,
                                 radiomics_file=FEATURE_TABLE_NAME if feature_rows else None,
                                 timings_s=timings)
@@ -143,7 +148,7 @@ def _write_outputs(out_dir: Path, headers: Sequence[pydicom.Dataset], series: Se
                    settings: AnalysisSettings) -> None:
     seg = None
     if series is not None and segmentation is not None:
-        sitk.WriteImage(series.volume.to_sitk(segmentation.bodies), str(out_dir / LABELS_NIFTI),
+        sitk.WriteImage(series.volume.to_sitk(segmentation.label_map()), str(out_dir / LABELS_NIFTI),
                         useCompression=True)
     if result.status == "ok" and series is not None and segmentation is not None:
         seg = build_seg(series, segmentation)

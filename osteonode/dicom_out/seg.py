@@ -1,7 +1,7 @@
 """Encode the vertebral-body label map as a binary DICOM Segmentation (SEG).
 
 The SEG is a Segmentation Storage instance (PS3.3 A.51) with one segment per
-level present in :attr:`SpineSegmentation.bodies`. Segments are described by
+level (and proximal femur) present in :meth:`SpineSegmentation.label_map`. Segments are described by
 ``dicom_templates/segments.json`` (Segment Description macro, PS3.3 C.8.20.4;
 codes from PS3.16 CID 7150 "Segmentation Property Categories" and CID 7151
 "Segmentation Property Types").
@@ -93,7 +93,7 @@ def _segment_description(number: int, key: str, entry: Mapping[str, Any], catego
 
 
 def segment_numbers(segmentation: SpineSegmentation) -> dict[int, int]:
-    """Map each label ID present in ``segmentation.bodies`` to its SEG segment number.
+    """Map each label ID present in ``segmentation.label_map()`` to its SEG segment number.
 
     Segment numbers are ``1..N`` in increasing label-ID order (T11 first, then
     T12, L1 ..., sacrum, femurs), so a level's number depends only on which
@@ -104,7 +104,7 @@ def segment_numbers(segmentation: SpineSegmentation) -> dict[int, int]:
     ValueError
         If a label ID has no entry in ``segments.json``.
     """
-    counts = np.bincount(np.asarray(segmentation.bodies, dtype=np.uint8).ravel(), minlength=256)
+    counts = np.bincount(segmentation.label_map().ravel(), minlength=256)
     present = [int(v) for v in np.flatnonzero(counts) if v != 0]
     unknown = [v for v in present if v not in LABEL_KEYS]
     if unknown:
@@ -113,7 +113,7 @@ def segment_numbers(segmentation: SpineSegmentation) -> dict[int, int]:
 
 
 def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segmentation:
-    """Build a binary SEG of the vertebral bodies on the grid of the source series.
+    """Build a binary SEG of the vertebral bodies and proximal femurs on the grid of the source series.
 
     Parameters
     ----------
@@ -122,7 +122,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         ``series.datasets`` (headers only) give patient, study and frame of
         reference and become the Referenced Series / Source Image sequences.
     segmentation : SpineSegmentation
-        ``bodies`` is a ``(z, y, x)`` uint8 label map with VerSe IDs on the grid
+        ``label_map()`` is a ``(z, y, x)`` uint8 label map with VerSe IDs (and 90/91) on the grid
         of ``series.volume`` (same shape and axis order as ``series.volume.hu``).
 
     Returns
@@ -145,12 +145,12 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
     Raises
     ------
     ValueError
-        If ``bodies`` does not match the volume shape, contains no label, or
+        If the label map does not match the volume shape, contains no label, or
         contains a label without a template entry.
     """
-    bodies = np.asarray(segmentation.bodies)
+    bodies = segmentation.label_map()
     if bodies.shape != series.volume.shape:
-        raise ValueError(f"bodies shape {bodies.shape} != volume shape {series.volume.shape}")
+        raise ValueError(f"label map shape {bodies.shape} != volume shape {series.volume.shape}")
     numbers = segment_numbers(segmentation)
     if not numbers:
         raise ValueError("the segmentation contains no labelled structure")
@@ -180,7 +180,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         instance_number=1,
         **equipment_attributes(),
         content_label="OSTEONODE",
-        content_description="Vertebral bodies (osteonode)",
+        content_description="Vertebral bodies and proximal femurs (osteonode)",
         series_description=SEG_SERIES_DESCRIPTION,
         specific_character_set=UTF8,
     )

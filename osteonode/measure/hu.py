@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from osteonode.anatomy import REPORTED_LEVELS, VERTEBRA_IDS
-from osteonode.result import LevelResult
-from osteonode.segment import SpineSegmentation
+from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, REPORTED_LEVELS, VERTEBRA_IDS
+from osteonode.result import LevelResult, ProximalFemurResult
+from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.volume import Volume
 
 #: Fewer ROI voxels than this and the level is not reported (too small to be a trabecular ROI).
@@ -57,3 +57,31 @@ def measure_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str,
             trabecular_roi_volume_mm3=round(values.size * voxel_mm3, 1),
         )
     return levels
+
+
+def measure_proximal_femurs(volume: Volume, femurs: FemurSegmentation | None
+                            ) -> dict[str, ProximalFemurResult]:
+    """Status, volume (mm³) and mean HU of each side's proximal femur (90 right, 91 left).
+
+    Parameters
+    ----------
+    volume : Volume
+        CT volume, ``(z, y, x)`` in HU.
+    femurs : FemurSegmentation or None
+        Label map on the same grid and per-side status; None when the backend
+        does not segment femurs (then nothing is reported).
+    """
+    if femurs is None:
+        return {}
+    voxel_mm3 = float(np.prod(volume.spacing))
+    out = {}
+    for side, label in (("right", FEMUR_RIGHT), ("left", FEMUR_LEFT)):
+        outcome = femurs.sides.get(side)
+        if outcome is None:
+            continue
+        values = volume.hu[femurs.labels == label] if outcome.status == "segmented" else np.empty(0)
+        out[side] = ProximalFemurResult(
+            status=outcome.status, reason=outcome.reason,
+            volume_mm3=round(values.size * voxel_mm3, 1) if values.size else None,
+            hu_mean=round(float(values.mean()), 1) if values.size else None)
+    return out

@@ -94,5 +94,16 @@ class SpineSegmentation:
     whole: np.ndarray | None = None
     femurs: FemurSegmentation | None = None
 
+    def label_map(self) -> np.ndarray:
+        """``(z, y, x)`` uint8: vertebral bodies (VerSe IDs) and proximal femurs (90 right, 91 left).
+
+        This is what ``labels.nii.gz`` and the SEG hold.
+        """
+        labels = np.asarray(self.bodies, dtype=np.uint8).copy()
+        if self.femurs is not None:
+            femur = self.femurs.labels > 0
+            labels[femur] = self.femurs.labels[femur]
+        return labels
+
 
 Backend = Callable[[Volume], SpineSegmentation]

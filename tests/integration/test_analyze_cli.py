@@ -12,13 +12,14 @@ import pytest
 import SimpleITK as sitk
 
 from services import dciodvfy
+from tests.conftest import DATA, require_data
 
 pytestmark = pytest.mark.integration
 
 
-def _analyze(series, out):
-    return subprocess.run([sys.executable, "-m", "osteonode", "analyze", str(series[0].parent), "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+def _analyze(series, out, *options):
+    return subprocess.run([sys.executable, "-m", "osteonode", "analyze", str(series[0].parent), "--out", str(out),
+                           *options], capture_output=True, text=True, timeout=600)
 
 
 def test_converted_real_ct_is_a_clean_ct_image_series(abdomen_series):
@@ -57,9 +58,20 @@ def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
     np.testing.assert_array_equal(np.sort(sitk.GetArrayFromImage(on_source).ravel()),
                                   np.sort(sitk.GetArrayFromImage(labels).ravel()))
     ids = set(np.unique(sitk.GetArrayFromImage(labels))) - {0}
-    assert {20, 21, 22, 23} <= ids <= {18, 19, 20, 21, 22, 23, 24, 25, 26}
-    for name in ("seg.dcm", "sr.dcm"):
-        assert dciodvfy(tmp_path / name)[0] == []
+    assert {20, 21, 22, 23, 90} <= ids <= {18, 19, 20, 21, 22, 23, 24, 25, 26, 90}
+    # proximal femurs: the right one segmented, the left (hip implant) excluded with the reason
+    femur = result["proximal_femur"]
+    assert femur["right"]["status"] == "segmented" and femur["right"]["volume_mm3"] > 0
+    assert femur["left"]["status"] == "excluded" and "metal" in femur["left"]["reason"]
+    assert "Right proximal femur" in {str(s.SegmentLabel) for s in pydicom.dcmread(tmp_path / "seg.dcm").SegmentSequence}
+    # the other outputs of an evaluable series
+    for name in ("key_1.dcm", "key_2.dcm", "report.dcm", "radiomics.csv"):
+        assert (tmp_path / name).is_file()
+    assert result["radiomics_file"] == "radiomics.csv"
+    assert result["calibration"]["plausible"] and result["contrast"]["phase"] == "non_contrast"
+    assert all(result["levels"][n]["genant_grade"] in (0, 1, 2, 3) for n in ("L1", "L2", "L3", "L4"))
+    for name in ("seg.dcm", "sr.dcm", "key_1.dcm", "key_2.dcm", "report.dcm"):
+        assert dciodvfy(tmp_path / name) == ([], [])
     # deterministic outputs: re-analysis yields the same SOP Instance UIDs
     again = tmp_path / "again"
     assert _analyze(abdomen_series, again).returncode == 0
@@ -75,3 +87,14 @@ def test_analyze_jpeg2000_t11_t12_is_not_evaluable(j2k_series, tmp_path):
     assert result["bone_status"]["category"] == "indeterminate"
     assert not (tmp_path / "seg.dcm").exists()
     assert dciodvfy(tmp_path / "sr.dcm")[0] == []
+
+
+def test_analyze_with_an_imported_totalsegmentator_label_map(abdomen_series, tmp_path):
+    label_map = require_data(DATA / "totalseg-example-abdomen" / "ref_v1_multilabel_seg.nii.gz")
+    run = _analyze(abdomen_series, tmp_path, "--segmentation", str(label_map))
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert "imported TotalSegmentator label map" in result["labelling_method"]
+    assert {"L1", "L2", "L3", "L4"} <= set(result["levels"])
+    assert result["proximal_femur"]["right"]["status"] == "segmented"
+    assert dciodvfy(tmp_path / "seg.dcm") == ([], [])
