@@ -35,7 +35,12 @@ from osteonode.measure.calibration import apply_calibration, calibrate
 from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
 from osteonode.measure.hu import measure_levels, measure_proximal_femurs
-from osteonode.measure.radiomics import FEATURE_TABLE_NAME, extract_features, write_feature_table
+from osteonode.measure.radiomics import (
+    FEATURE_TABLE_NAME,
+    add_fracture_texture,
+    extract_features,
+    write_feature_table,
+)
 from osteonode.measure.tissues import measure_reference_tissues
 from osteonode.result import AnalysisResult
 from osteonode.segment import SpineSegmentation
@@ -117,6 +122,7 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
             levels = apply_calibration(levels, calibration, contrast)
         with _timed(timings, "genant"):
             levels = apply_genant(levels, grade_levels(series.volume, segmentation))
+            levels = add_fracture_texture(levels, series.volume, segmentation)
         feature_rows = []
         if settings.radiomics_preset:
             with _timed(timings, "radiomics"):

@@ -36,6 +36,9 @@ class LevelResult(BaseModel):
         default=None, description="e.g. anterior_posterior, middle_posterior, posterior_reference (0..1)")
     genant_grade: int | None = Field(default=None, ge=0, le=3, description="Genant 1993 semi-quantitative grade")
     fracture_suspected: bool | None = None
+    fracture_texture: dict[str, float] | None = Field(
+        default=None, description="the 8 CT texture features of seed 003 (Goller et al. 2023, benign vs "
+                                  "malignant fractures), for a level with a suspected fracture")
 
 
 class Calibration(BaseModel):

@@ -66,6 +66,7 @@ from scipy import ndimage
 
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.hu import MIN_ROI_VOXELS
+from osteonode.result import LevelResult
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
 
@@ -458,3 +459,37 @@ def read_feature_table(path: Path) -> list[dict[str, float | int | str]]:
                     row[key] = float(value)
             rows.append(row)
     return rows
+
+
+def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segmentation: SpineSegmentation
+                         ) -> dict[str, LevelResult]:
+    """Attach seed 003's 8 texture features to every level with a suspected fracture.
+
+    Goller SS et al. (2023) compared global variance and skewness, GLCM energy
+    and entropy and GLRLM SRE, LRE, RLN and RP between benign and malignant
+    vertebral fractures; the node reports them for the fractured levels so a
+    reader can weigh them (no malignancy classification is made).
+
+    Parameters
+    ----------
+    levels : dict[str, LevelResult]
+        Per-level results with ``fracture_suspected`` set (Genant grading).
+    volume : Volume
+        CT volume, ``(z, y, x)`` in HU.
+    segmentation : SpineSegmentation
+        Bodies on the same grid.
+
+    Returns
+    -------
+    dict[str, LevelResult]
+        Copies with ``fracture_texture`` filled for fractured levels; unchanged
+        when no level is fractured (no extraction is run).
+    """
+    fractured = {name for name, level in levels.items() if level.fracture_suspected}
+    if not fractured:
+        return levels
+    rows = {str(row["level"]): row for row in extract_features(volume, segmentation, "seed003")}
+    return {name: level.model_copy(update={"fracture_texture": {
+                key: float(value) for key, value in rows[name].items() if key not in META_COLUMNS}})
+            if name in fractured and name in rows else level
+            for name, level in levels.items()}

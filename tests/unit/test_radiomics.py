@@ -264,3 +264,17 @@ def test_feature_table_rejects_rows_with_different_columns(tmp_path):
     rows = [{"level": "L1", "a": 1.0}, {"level": "L2", "b": 1.0}]
     with pytest.raises(ValueError, match="different columns"):
         write_feature_table(rows, tmp_path / FEATURE_TABLE_NAME)
+
+
+def test_fractured_levels_get_the_seed003_texture_features(abdomen):
+    from osteonode.measure.hu import measure_levels
+    from osteonode.measure.radiomics import add_fracture_texture
+
+    volume, segmentation = abdomen
+    levels = {name: level.model_copy(update={"fracture_suspected": name == "L2"})
+              for name, level in measure_levels(volume, segmentation).items()}
+    out = add_fracture_texture(levels, volume, segmentation)
+    assert set(out["L2"].fracture_texture) == SEED003_FEATURES
+    assert all(out[name].fracture_texture is None for name in out if name != "L2")
+    unfractured = {name: level.model_copy(update={"fracture_suspected": False}) for name, level in levels.items()}
+    assert add_fracture_texture(unfractured, volume, segmentation) == unfractured
