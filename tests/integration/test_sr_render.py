@@ -61,8 +61,10 @@ def _mean_hu_by_level(sr: pydicom.Dataset) -> dict[str, str]:
                                 and str(c.ConceptNameCodeSequence[0].CodeMeaning) == "Finding"
                                 and "vertebra" in str(c.ConceptCodeSequence[0].CodeMeaning)), None)
                 for child in children:
-                    if finding and child.get("ValueType") == "NUM" and any(
-                            str(m.ConceptCodeSequence[0].CodeMeaning) == "Mean"
+                    if finding and child.get("ValueType") == "NUM" and str(
+                            child.MeasuredValueSequence[0].MeasurementUnitsCodeSequence[0].CodeValue) == "[hnsf'U]" \
+                            and any(
+                            m.get("ValueType") == "CODE" and str(m.ConceptCodeSequence[0].CodeMeaning) == "Mean"
                             for m in child.get("ContentSequence", [])):
                         found[finding] = str(child.MeasuredValueSequence[0].NumericValue)
                 walk(children)
