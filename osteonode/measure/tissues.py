@@ -73,10 +73,13 @@ def lps_points(volume: Volume, index: tuple[np.ndarray, ...]) -> np.ndarray:
 
 def body_centres_mm(volume: Volume, labels: np.ndarray) -> dict[int, np.ndarray]:
     """Centroid (LPS, mm) of every labelled vertebral body in a ``(z, y, x)`` label map."""
-    ids = [int(v) for v in np.unique(labels) if v in VERTEBRA_NAMES]
-    centres = ndi.center_of_mass(np.ones(labels.shape, bool), labels, ids) if ids else []
-    return {vid: lps_points(volume, tuple(np.array([c]) for c in centre))[0]
-            for vid, centre in zip(ids, centres)}
+    index = np.nonzero(labels)  # one pass over the volume; the sums below touch labelled voxels only
+    values = labels[index].astype(np.intp)
+    counts = np.bincount(values, minlength=256)
+    sums = [np.bincount(values, weights=axis, minlength=256) for axis in index]
+    ids = [vid for vid in VERTEBRA_NAMES if counts[vid]]
+    return {vid: lps_points(volume, tuple(np.array([axis_sum[vid] / counts[vid]]) for axis_sum in sums))[0]
+            for vid in ids}
 
 
 def _axial_axis(volume: Volume) -> int:
