@@ -169,10 +169,14 @@ def _print_summary(result: AnalysisResult, received: list[Path], elapsed_s: floa
               f"{'yes' if ds.StudyInstanceUID == result.study_instance_uid else 'NO'}")
     print(f"\nstatus: {result.status}" + (f" ({result.reason})" if result.reason else ""))
     if result.levels:
-        print(f"{'level':6} {'mean HU':>8} {'median HU':>10} {'ROI mm3':>9} {'confidence':>11}")
+        print(f"{'level':6} {'mean HU':>8} {'median HU':>10} {'vBMD mg/cm3':>12} {'Genant':>7} {'confidence':>11}")
         for name, lv in result.levels.items():
-            print(f"{name:6} {lv.trabecular_hu_mean:8.1f} {lv.trabecular_hu_median:10.1f} "
-                  f"{lv.trabecular_roi_volume_mm3:9.0f} {lv.label_confidence:11.2f}")
+            vbmd = "n/a" if lv.vbmd_mg_cm3 is None else f"{lv.vbmd_mg_cm3:.1f}"
+            genant = "n/a" if lv.genant_grade is None else str(lv.genant_grade)
+            print(f"{name:6} {lv.trabecular_hu_mean:8.1f} {lv.trabecular_hu_median:10.1f} {vbmd:>12} {genant:>7} "
+                  f"{lv.label_confidence:11.2f}")
+    for side, femur in result.proximal_femur.items():
+        print(f"proximal femur, {side}: {femur.status}" + (f" ({femur.reason})" if femur.reason else ""))
     print(f"bone status: {result.bone_status.category} - {result.bone_status.basis}")
     print(f"levels identified by: {result.labelling_method or '-'}")
     print("stage timings (s): " + ", ".join(f"{k} {v:.2f}" for k, v in result.timings_s.items()))

@@ -21,7 +21,8 @@ def test_demo_round_trip_prints_summary(tmp_path):
     assert "SEG osteonode SEG" in out and "SR  osteonode Bone Health SR" in out
     assert "OT  osteonode Key Images" in out and "DOC osteonode Report" in out
     assert out.count("same study: yes") == 5
-    assert "status: ok" in out and "bone status:" in out
+    assert "status: ok" in out and "bone status:" in out and "vBMD mg/cm3" in out
+    assert "proximal femur, left: excluded (metal" in out
     for level in ("L1", "L2", "L3", "L4"):
         assert f"\n{level} " in out
     assert sorted(p.name.split("_")[0] for p in (tmp_path / "demo" / "pacs").iterdir()) == \
