@@ -18,7 +18,6 @@ from osteonode.segment import FemurSegmentation
 from osteonode.segment.femur import METAL_HU, metal_cm3_near, segment_proximal_femurs
 from osteonode.volume import Volume
 from tests.conftest import DATA, require_data
-from tests.unit.test_segment_spine import refs, volume  # noqa: F401 (the shared real-CT fixtures)
 
 ABDOMEN = DATA / "totalseg-example-abdomen"
 CTA = DATA / "totalseg-thoracic-cta-crop" / "ct_cropped.nii.gz"

@@ -17,7 +17,6 @@ from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, VERTEBRA_IDS
 from osteonode.segment.imported import load_totalsegmentator
 from osteonode.volume import load_series
 from tests.conftest import DATA, require_data
-from tests.unit.test_segment_spine import refs, volume  # noqa: F401 (the shared real-CT fixtures)
 
 ABDOMEN = DATA / "totalseg-example-abdomen"
 J2K_SEG = DATA / "totalseg-example-dicom" / "ref_v2_multilabel_seg.nii.gz"

@@ -14,7 +14,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from bench.segmentation import (LUMBAR, NOISE_HU, crop_below, dice, evaluate, example_image, load_references,
+from bench.segmentation import (LUMBAR, NOISE_HU, crop_below, dice, evaluate, example_image,
                                 noisy, on_reference_grid, reversed_axes, thin)
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import FemurSegmentation, SpineSegmentation
@@ -28,16 +28,6 @@ CTA = DATA / "totalseg-thoracic-cta-crop"
 MIN_DICE_L1_L4 = 0.85
 #: T12 is cut by the field of view; L5 is tilted: looser floor.
 MIN_DICE_T12_L5 = 0.70
-
-
-@pytest.fixture(scope="module")
-def refs():
-    return load_references(require_data)
-
-
-@pytest.fixture(scope="module")
-def volume(refs) -> Volume:
-    return Volume.from_sitk(example_image())
 
 
 @pytest.fixture(scope="module")

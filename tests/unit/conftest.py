@@ -1,0 +1,21 @@
+"""Real-CT fixtures shared by the segmentation tests (one load per test session)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.segmentation import example_image, load_references
+from osteonode.volume import Volume
+from tests.conftest import require_data
+
+
+@pytest.fixture(scope="session")
+def refs():
+    """Reference masks of the example abdomen CT (TotalSegmentator output; for measuring only)."""
+    return load_references(require_data)
+
+
+@pytest.fixture(scope="session")
+def volume(refs) -> Volume:
+    """The example abdomen CT as a Volume ((z, y, x) HU)."""
+    return Volume.from_sitk(example_image())
