@@ -270,16 +270,29 @@ def test_real_ct_measurement_stable_under_noise(real):
         assert abs(after[name].vbmd_mg_cm3 - before[name].vbmd_mg_cm3) <= 5.0, name
 
 
-@pytest.mark.xfail(strict=True, reason="segment_spine's trabecular ROI shrinks under SD 35 HU noise "
-                                       "(L2: 545 -> 128 voxels, mean +24 HU): the segmentation, not the "
-                                       "measurement, is unstable (osteonode/segment/spine.py)")
-def test_real_ct_end_to_end_stable_under_noise(real):
-    """Noise of SD 35 HU, re-segmented: trabecular HU within ±5 HU per level."""
+@pytest.fixture(scope="module", params=[1, 2, 3])
+def resegmented_noisy(request, real):
+    """Trabecular HU on the clean CT, and on the CT with SD 35 HU noise (seed ``param``) re-segmented."""
     volume, seg = real
-    noisy = _noisy(volume)
-    before, after = measure_levels(volume, seg), measure_levels(noisy, segment_spine(noisy))
+    noisy = _noisy(volume, request.param)
+    return measure_levels(volume, seg), measure_levels(noisy, segment_spine(noisy))
+
+
+def test_real_ct_end_to_end_stable_under_noise(resegmented_noisy):
+    """Noise of SD 35 HU, re-segmented: trabecular HU of L1-L4 within ±5 HU."""
+    before, after = resegmented_noisy
     for name in LEVELS:
         assert abs(after[name].trabecular_hu_mean - before[name].trabecular_hu_mean) <= 5.0, name
+
+
+@pytest.mark.xfail(strict=True, reason="under SD 35 HU noise the L5 body grows anteriorly (towards the iliac "
+                                       "vessels) and its ROI takes in denser bone near the anterior cortex: "
+                                       "+8 to +14 HU over noise seeds 2-8, +3 HU at seed 1 "
+                                       "(osteonode/segment/spine.py)")
+@pytest.mark.parametrize("resegmented_noisy", [2, 3], indirect=True)
+def test_real_ct_l5_stable_under_noise(resegmented_noisy):
+    before, after = resegmented_noisy
+    assert abs(after["L5"].trabecular_hu_mean - before["L5"].trabecular_hu_mean) <= 5.0
 
 
 def test_real_ct_follows_local_density_change(real):
