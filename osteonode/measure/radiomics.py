@@ -61,6 +61,7 @@ import numpy as np
 import pykwalify.errors
 import radiomics
 import ruamel.yaml.error
+from radiomics import imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 from scipy import ndimage
 
@@ -84,6 +85,30 @@ _PRESET_KEYS = {"params_file", "source", "roi", "roi_note", "levels", "intensity
 _RESCALE_KEYS = {"lower_percentile", "upper_percentile", "output_min", "output_max"}
 #: z-slab size (voxels) for the chunked image histogram: bounds the extra memory of the percentiles.
 _HISTOGRAM_CHUNK_VOXELS = 1 << 22
+
+
+_PYRADIOMICS_BIN_EDGES = imageoperations.getBinEdges
+
+
+def _bin_edges(parameterValues, **kwargs):  # noqa: N803 (pyradiomics' signature)
+    """pyradiomics' ``getBinEdges`` given only the minimum and maximum of the ROI's values.
+
+    With a bin width, pyradiomics computes the edges from ``min(values)`` and
+    ``max(values)`` using Python's built-in ``min``/``max``, which walk a numpy
+    array element by element: 0.5 s of the 2.7 s per vertebra of ``seed000`` on
+    a 0.8 x 0.8 x 1.25 mm CT (6 binnings x 13 images). Handing it the two-element
+    array ``[min, max]`` (numpy's reductions) gives the same edges with the same
+    code; with ``binCount`` (a histogram of all values) the values go through
+    unchanged. Installed in ``radiomics.imageoperations`` when this module is
+    imported; ``tests/unit/test_radiomics.py`` checks that the features are equal.
+    """
+    if kwargs.get("binCount") is None:
+        values = np.asarray(parameterValues)
+        parameterValues = np.array([values.min(), values.max()])
+    return _PYRADIOMICS_BIN_EDGES(parameterValues, **kwargs)
+
+
+imageoperations.getBinEdges = _bin_edges
 
 
 class RadiomicsParamsError(ValueError):

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from osteonode.measure.radiomics import (FEATURE_TABLE_NAME, META_COLUMNS, RadiomicsParamsError,
-                                         _rescale, extract_features, image_percentiles, load_preset,
+from radiomics import imageoperations
+
+from osteonode.measure.radiomics import (_PYRADIOMICS_BIN_EDGES, FEATURE_TABLE_NAME, META_COLUMNS,
+                                         RadiomicsParamsError, _bin_edges, _rescale, extract_features, image_percentiles, load_preset,
                                          read_feature_table, write_feature_table)
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import segment_spine
@@ -163,6 +165,22 @@ def test_crop_margin_leaves_seed000_features_unchanged(abdomen, params_dir):
         names = _feature_names(a)
         got, want = np.array([a[k] for k in names]), np.array([b[k] for k in names])
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("values", [np.array([3.0, 250.0, 17.5, 99.0]), np.array([50.0, 50.0]),
+                                    np.array([-1024.0, 3071.0, 0.0]), np.array([25.0, 75.0, 74.9])])
+@pytest.mark.parametrize("settings", [{"binWidth": 25}, {"binWidth": 0.5}, {"binCount": 7}, {}])
+def test_bin_edges_equal_pyradiomics(values, settings):
+    np.testing.assert_array_equal(_bin_edges(values, **settings), _PYRADIOMICS_BIN_EDGES(values, **settings))
+
+
+def test_features_equal_with_pyradiomics_own_bin_edges(abdomen, monkeypatch):
+    """The faster bin edges (installed when osteonode.measure.radiomics is imported) change no feature."""
+    assert imageoperations.getBinEdges is _bin_edges
+    ours = extract_features(*abdomen, "seed000")
+    monkeypatch.setattr(imageoperations, "getBinEdges", _PYRADIOMICS_BIN_EDGES)
+    theirs = extract_features(*abdomen, "seed000")
+    assert ours == theirs
 
 
 def test_level_missing_from_the_segmentation_is_skipped(abdomen):

@@ -1,0 +1,85 @@
+"""Time and memory of the seed000 radiomics (1,210 pyradiomics features) per vertebra.
+
+For each grid -- the example CT as given (3 mm) and resampled (linear) to
+0.8 x 0.8 x 1.25 mm -- the CT is segmented once with the built-in backend, then
+the L1-L4 features are extracted REPEATS times in two ways, alternating:
+
+* ``osteonode``: :func:`osteonode.measure.radiomics.extract_features` as
+  ``analyze`` runs it;
+* ``reference``: the same call with pyradiomics' own ``getBinEdges`` put back
+  (the reference, in the same process: what the node cost before it passed
+  pyradiomics only the minimum and maximum of each ROI).
+
+Prints the median wall-clock seconds per vertebra of each, their ratio, and
+the process's peak resident memory (which includes reading, resampling and
+segmenting the CT; each grid runs in its own process).
+
+Usage: python bench/features.py [--repeats 5] [--grids native thin]
+(the file is not called radiomics.py: run as a script, bench/ comes first on
+``sys.path`` and would hide the pyradiomics package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import multiprocessing
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import median  # noqa: E402
+from segmentation import example_image, thin  # noqa: E402
+
+from radiomics import imageoperations  # noqa: E402
+
+from osteonode.measure import radiomics as node_radiomics  # noqa: E402
+from osteonode.segment.spine import segment_spine  # noqa: E402
+from osteonode.volume import Volume  # noqa: E402
+
+GRIDS = ("native", "thin")
+
+
+def _per_vertebra(volume: Volume, segmentation) -> float:
+    start = time.perf_counter()
+    rows = node_radiomics.extract_features(volume, segmentation, "seed000")
+    return (time.perf_counter() - start) / len(rows)
+
+
+def run_grid(grid: str, repeats: int, queue) -> None:
+    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    volume = Volume.from_sitk(example_image()) if grid == "native" else thin(example_image())
+    segmentation = segment_spine(volume)
+    ours, reference = [], []
+    for _ in range(repeats):
+        ours.append(_per_vertebra(volume, segmentation))
+        imageoperations.getBinEdges = node_radiomics._PYRADIOMICS_BIN_EDGES
+        try:
+            reference.append(_per_vertebra(volume, segmentation))
+        finally:
+            imageoperations.getBinEdges = node_radiomics._bin_edges
+    queue.put((grid, volume.shape, median(ours), median(reference),
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grids", nargs="+", choices=GRIDS, default=list(GRIDS))
+    args = parser.parse_args()
+    ctx = multiprocessing.get_context("spawn")
+    print(f"seed000, L1-L4, {args.repeats} runs each, medians (s per vertebra)")
+    print(f"{'grid':8} {'shape':>14} {'osteonode':>10} {'reference':>10} {'ratio':>6} {'peak MiB':>9}")
+    for grid in args.grids:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=run_grid, args=(grid, args.repeats, queue))
+        proc.start()
+        name, shape, ours, ref, peak = queue.get()
+        proc.join()
+        print(f"{name:8} {'x'.join(map(str, shape)):>14} {ours:10.2f} {ref:10.2f} {ours / ref:6.2f} {peak:9.0f}")
+
+
+if __name__ == "__main__":
+    main()
