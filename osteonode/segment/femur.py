@@ -451,13 +451,13 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
     """
     view = view or canonical_view(volume)
     frame, hc, sp = view.frame, view.hc, view.frame.spacing
-    labels_c = np.zeros(hc.shape, np.uint8)
+    labels, labels_c = frame.zeros(volume.shape)
     g, c, offset = COARSE_MM, view.coarse, view.offset
     sides: dict[Side, FemurSide] = {}
     if min(c.shape) < 8:
         reason = "the volume is too small to contain a hip"
-        return FemurSegmentation(frame.to_native(labels_c), {"right": FemurSide("not_in_view", reason),
-                                                             "left": FemurSide("not_in_view", reason)})
+        return FemurSegmentation(labels, {"right": FemurSide("not_in_view", reason),
+                                          "left": FemurSide("not_in_view", reason)})
     cols = view.patient.sum(axis=(0, 1)).astype(float)
     midline = float((cols * np.arange(c.shape[2])).sum() / max(cols.sum(), 1.0)) * g + offset[2]
     clipped = np.clip(c, -100.0, 700.0)
@@ -510,7 +510,7 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
         target[mask & (target == 0)] = fid
         sides[side] = FemurSide("segmented", None, *_head_geometry(head, frame, volume))
     log.info("proximal femurs: %s", {s: f.status for s, f in sides.items()})
-    return FemurSegmentation(labels=frame.to_native(labels_c), sides=sides)
+    return FemurSegmentation(labels=labels, sides=sides)
 
 
 def _head_geometry(head: _Head | None, frame: CanonicalFrame, volume: Volume

@@ -175,6 +175,15 @@ class CanonicalFrame:
         view = array.transpose(self.perm)
         return view[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
 
+    def zeros(self, shape: tuple[int, int, int], dtype=np.uint8) -> tuple[np.ndarray, np.ndarray]:
+        """A native ``(z, y, x)`` array of zeros of ``shape`` and its canonical ``(s, a, l)`` view.
+
+        Label maps are written through the view and returned as the native
+        array: no strided copy back (0.2 s per 512 x 512 x 300 map).
+        """
+        native = np.zeros(shape, dtype)
+        return native, self.to_canonical(native)
+
     def to_native(self, array: np.ndarray) -> np.ndarray:
         unflipped = array[tuple(slice(None, None, -1) if f else slice(None) for f in self.flips)]
         return np.ascontiguousarray(unflipped.transpose(np.argsort(self.perm)))
@@ -672,9 +681,9 @@ def coarse_to_native(mask: np.ndarray, sl: tuple[slice, slice, slice], offset: n
     return mask[np.ix_(*index)], tuple(native)
 
 
-def _whole_vertebrae(view: CanonicalView, bodies: np.ndarray, foreign_above: float | None,
-                     foreign_below: float | None) -> np.ndarray:
-    """Whole vertebrae (body and posterior elements), canonical ``(s, a, l)`` uint8 labels.
+def _add_posterior_elements(view: CanonicalView, whole: np.ndarray, foreign_above: float | None,
+                            foreign_below: float | None) -> None:
+    """Grow the labelled bodies in ``whole`` (canonical ``(s, a, l)`` uint8, in place) to whole vertebrae.
 
     On the coarse grid, bone (> ``ARCH_BONE_HU``) within 100 mm behind and 30 mm
     to either side of the bodies is flooded from the bodies (marker watershed on
@@ -685,12 +694,11 @@ def _whole_vertebrae(view: CanonicalView, bodies: np.ndarray, foreign_above: flo
     its exact native voxels.
     """
     c, offset, sp, g = view.coarse, view.offset, view.frame.spacing, COARSE_MM
-    whole = bodies.copy()
     index = [np.clip(np.round((np.arange(n) * g + o) / p).astype(int), 0, m - 1)
-             for n, o, p, m in zip(c.shape, offset, sp, bodies.shape)]
-    coarse_bodies = bodies[np.ix_(*index)]
+             for n, o, p, m in zip(c.shape, offset, sp, whole.shape)]
+    coarse_bodies = whole[np.ix_(*index)]
     if not np.isin(coarse_bodies, [SACRUM, 0], invert=True).any():
-        return whole
+        return
     box = bounding_box(coarse_bodies > 0, 0)
     grow = [(25.0, 25.0), (100.0, 5.0), (30.0, 30.0)]  # mm below/above, behind/in front, right/left
     sl = tuple(slice(max(0, b.start - int(np.ceil(lo / g))), min(n, b.stop + int(np.ceil(hi / g))))
@@ -707,11 +715,10 @@ def _whole_vertebrae(view: CanonicalView, bodies: np.ndarray, foreign_above: flo
     cost = np.where(bone, np.clip(1000.0 - crop, 0.0, 2000.0), 65535.0).astype(np.uint16)
     flooded = ndi.watershed_ift(cost, markers) * bone
     flooded[(flooded == FOREIGN) | (flooded == SACRUM)] = 0
-    labels, native = coarse_to_native(flooded, sl, offset, g, sp, bodies.shape)
+    labels, native = coarse_to_native(flooded, sl, offset, g, sp, whole.shape)
     target = whole[native]
     put = (labels > 0) & (target == 0)
     target[put] = labels[put]
-    return whole
 
 
 def bounding_box(mask: np.ndarray, pad) -> tuple[slice, slice, slice]:
@@ -827,15 +834,12 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     """
     view = view or canonical_view(volume)
     frame, hc, sp = view.frame, view.hc, view.frame.spacing
-    bodies_c = np.zeros(hc.shape, np.uint8)
-    trab_c = np.zeros(hc.shape, np.uint8)
+    bodies, bodies_c = frame.zeros(volume.shape)
+    trabecular, trab_c = frame.zeros(volume.shape)
 
-    whole_c = bodies_c
-
-    def result(confidence, method, reason):
-        return SpineSegmentation(bodies=frame.to_native(bodies_c), trabecular=frame.to_native(trab_c),
-                                 confidence=confidence, method=method, not_evaluable_reason=reason,
-                                 whole=frame.to_native(whole_c))
+    def result(confidence, method, reason, whole=bodies):
+        return SpineSegmentation(bodies=bodies, trabecular=trabecular, confidence=confidence, method=method,
+                                 not_evaluable_reason=reason, whole=whole)
 
     g, c, offset = COARSE_MM, view.coarse, view.offset
     if min(c.shape) < 8:
@@ -994,9 +998,10 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         above = segments[max(done)][1].z * g + offset[0] + 8.0  # superior articular processes rise ~ 8 mm
     if done and segments[min(done)][0] is not None and labels.get(min(done) - 1) != SACRUM:
         below = segments[min(done)][0].z * g + offset[0] - 15.0  # inferior ones reach ~ 15 mm below the disc
-    whole_c = _whole_vertebrae(view, bodies_c, above, below)
+    whole = bodies.copy()
+    _add_posterior_elements(view, frame.to_canonical(whole), above, below)
     log.info("spine levels: %s (%s)", [VERTEBRA_NAMES[v] for v in sorted(confidence)], method)
-    return result(confidence, method, missing_levels_reason(complete, confidence))
+    return result(confidence, method, missing_levels_reason(complete, confidence), whole)
 
 
 def missing_levels_reason(complete: set[int], confidence: dict[int, float]) -> str | None:
