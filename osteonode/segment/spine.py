@@ -47,17 +47,42 @@ Pipeline
      hypoplastic 12th rib) 0.4, using the sacral count, as the counting method of
      most radiology reports. No anchor: nothing is labelled and
      :attr:`SpineSegmentation.not_evaluable_reason` says why.
-5. **Vertebral body** on the native grid, resampled to 1 mm where it is finer
-   (thin slices smoothed with a 0.8 mm Gaussian first, noisy images with the
+5. **Vertebral body** on the native grid, resampled (linear) to 1 mm where it is
+   finer (thin slices smoothed with a 0.8 mm Gaussian first, noisy images with the
    Gaussian that brings the noise to 12 HU), in the vertebra's own frame (spine
    axis, and anterior-posterior / left-right directions perpendicular to it):
 
-   * between the planes through the two neighbouring disc boundaries, voxels above
-     an adaptive threshold: half-way between soft tissue (40 HU) and the median HU
-     of a 7 mm sphere at the body centre, bounded to [70, 140] HU, so that
+   * the threshold is half-way between soft tissue (40 HU) and the core HU (median
+     of a 7 mm sphere at the body centre), bounded to [70, 140] HU, so that
      osteoporotic bodies are not lost;
-   * from a disc boundary to the disc centre only voxels at least 40 HU denser than
-     the disc itself (tilted endplates, e.g. at L5/S1, without disc tissue);
+   * **blur-invariant outline**: the outline is thresholded on a copy of the crop
+     whose HU are clipped, before the smoothing, at the core HU plus the
+     threshold's height above soft tissue (in the unbounded range: the threshold
+     mirrored about the core). A step from soft tissue to the core level keeps
+     its half-way crossing where it is under any Gaussian blur (the half-maximum
+     rule for object edges in CT: Hangartner TN, J Musculoskelet Neuronal
+     Interact 2007;7:9-16). Unclipped, the thin dense cortex and endplates
+     (300-1000 HU) spread above the threshold as the Gaussian widens with the
+     noise (3 mm CT: 1.0 mm clean, 1.7 mm at SD 35 HU), and the body grew by
+     about a voxel (L5 +6 % and its trabecular mean +12 HU with no noise added,
+     only the wider Gaussian). The core's own noise, up to the same margin above
+     the core, is left unclipped, so that the outline is not biased by noise;
+   * between the planes through the two neighbouring disc boundaries, voxels above
+     the threshold; from 4 mm inside a boundary plane on a side with a disc out to
+     the disc centre, voxels above half-way between the disc HU and the core HU
+     (the half-maximum of the disc-to-bone step): disc tissue (70-110 HU, as dense
+     as osteopenic trabecular bone) can lie that far inside the plane, which is
+     found on 2 mm slices (+-1 mm) and lies perpendicular to the smoothed
+     centreline, while each endplate of a lordotic, wedge-shaped disc is tilted by
+     half the disc angle (about 2 mm over half an endplate) and endplates are
+     concave (mean central depth 1.5 mm for the endplate above a disc: Wang Y,
+     Battie MC, Videman T, Eur Spine J 2012;21:2316-2323). The disc HU is the mean
+     of the clipped copy within 1.6 mm of the disc centre planes and 10 mm of the
+     axis: noise leaves a mean unbiased, but moves the median of a zone mixing disc
+     and endplate (around L5: 82 -> 94 HU at SD 35 HU);
+   * from a disc boundary to the disc centre, in addition, only voxels at least
+     40 HU denser than the disc on the unclipped crop (tilted endplates, e.g. at
+     L5/S1, without disc tissue);
    * anterior to the posterior body wall: on the anterior-posterior profile through
      the centre, the spinal canal is the first point below 50 HU (fluid/fat) and the
      wall is where the profile, coming back from there, rises above the threshold.
@@ -65,8 +90,9 @@ Pipeline
      posterior wall of a lumbar body is concave around the canal). This cut
      removes the pedicles and the neural arch;
    * inside a 32 mm radius envelope, then opened (2 mm ball), largest component,
-     slice-wise hole filling and closing. The segmentation is run twice, the
-     second time centred on the first result's centroid.
+     slice-wise hole filling and closing. A first pass with these rules on the
+     unclipped crop, centred on the tracked centreline, gives the centre of the
+     final pass: its centroid.
 
    A vertebra that is cut by the field of view (no disc on one side) keeps its
    label with half the confidence -- its body and ROI are incomplete -- unless
@@ -77,7 +103,10 @@ Pipeline
    the body surface -- which keeps the ROI clear of the cortical shell -- restricted
    to a mid-vertebral slab, the middle 40 % of the body height (10-12 mm of a
    lumbar body, like the 8-10 mm mid-vertebral slab of QCT), and excluding the
-   posterior fifth of the body depth (basivertebral venous plexus). The slab, not
+   posterior fifth of the body depth (basivertebral venous plexus), measured along
+   the vertebra's own anterior-posterior direction (for an L5 tilted by 30-45
+   degrees the depth along the scanner's axis was ~48 mm and the cut ran
+   obliquely, leaving dense pedicle bases in the ROI). The slab, not
    the 5 mm margin, keeps the ROI off the endplates: they are concave, and their
    centre reaches 2-4 mm further into the body than the filled body mask says
    (at 3 mm slices a 60 % slab took in endplate bone: L1 mean 130 vs median
@@ -94,10 +123,15 @@ Pipeline
    "unlabelled vertebra" marker instead (the articular processes reach that far).
 
 All thresholds are anatomical (HU of tissue classes, sizes of vertebrae in mm)
-and none is fitted numerically to reference masks. Honest caveat: the tracking
-smoothness (40 HU) and the posterior concavity (3 mm) were chosen while
-watching the Dice on the one patient with reference masks (the example CT),
-so they are not independently validated (see ``bench/segmentation.py``).
+or physical (half-maximum edges, noise) and none is fitted numerically to
+reference masks. Honest caveat: the tracking smoothness (40 HU), the posterior
+concavity (3 mm) and the endplate band (4 mm) were chosen while watching the
+Dice on the one patient with reference masks (the example CT), the band and the
+clipping level also while watching how stable its trabecular HU stay under
+added noise (bands of 4-5 mm did equally well, 2-3 mm left L4/L5 disc tissue
+in the noisy L5; clipping higher, at the core plus twice the threshold's height,
+left L5 less stable), so they are not independently validated (see
+``bench/segmentation.py``).
 """
 
 from __future__ import annotations
@@ -135,6 +169,8 @@ FOREIGN = 255
 NOISE_TARGET_HU = 12.0
 #: Finest grid (mm) on which bodies are segmented; thinner slices and pixels are resampled to it.
 WORK_MM = 1.0
+#: Depth (mm) inside a disc boundary plane where disc tissue may lie (plane error, disc wedge, endplate concavity).
+ENDPLATE_BAND_MM = 4.0
 #: Distance (mm) of the trabecular ROI from the body surface.
 TRABECULAR_MARGIN_MM = 5.0
 #: Fraction of the body height, centred at mid-height, that the trabecular ROI may occupy.
@@ -404,6 +440,25 @@ def _track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> t
 # -------------------------------------------------------------------------- discs
 
 
+def _perpendicular_frame(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Anterior-posterior and left-right unit vectors perpendicular to a spine ``axis``.
+
+    Parameters
+    ----------
+    axis : numpy.ndarray
+        ``(3,)`` unit vector (canonical ``(s, a, l)`` components) of the spine axis.
+
+    Returns
+    -------
+    tuple of numpy.ndarray
+        ``u``: the canonical anterior direction with its component along
+        ``axis`` removed (pointing anterior); ``w = axis x u`` (pointing left).
+    """
+    u = np.array([0.0, 1.0, 0.0]) - axis * axis[1]
+    u /= np.linalg.norm(u)
+    return u, np.cross(axis, u)
+
+
 def _plane_profile(c: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Mean HU in 22 x 32 mm planes perpendicular to the smoothed centreline.
 
@@ -418,9 +473,7 @@ def _plane_profile(c: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndar
     clipped = np.clip(c, -100, 500)
     samples = np.empty((nz, 3, uu.size))
     for i, (p, t) in enumerate(zip(pts, tangent)):
-        u = np.array([0.0, 1.0, 0.0]) - t * t[1]
-        u /= np.linalg.norm(u)
-        w = np.cross(t, u)
+        u, w = _perpendicular_frame(t)
         samples[i] = (p[:, None] + u[:, None] * uu.ravel() + w[:, None] * ww.ravel())
     vals = ndi.map_coordinates(clipped, samples.transpose(1, 0, 2).reshape(3, -1), order=1, mode="nearest")
     profile = vals.reshape(nz, -1).mean(axis=1)
@@ -553,19 +606,53 @@ def _rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[f
 # ------------------------------------------------------------------------- bodies
 
 
-def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
+def _body_threshold(core_hu: float) -> float:
+    """Body threshold (HU): half-way between soft tissue and the core HU, bounded to [70, 140]."""
+    return float(np.clip(0.5 * (SOFT_TISSUE_HU + core_hu), 70.0, 140.0))
+
+
+def _core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray], centre: np.ndarray) -> float:
+    """Median HU of ``hs`` (canonical ``(s, a, l)`` crop) within 7 mm of ``centre`` (mm); 150 if none."""
+    Z, Y, X = np.meshgrid(*(c - c0 for c, c0 in zip(coords_mm, centre)), indexing="ij", sparse=True)
+    core = np.broadcast_to(Z ** 2 + Y ** 2 + X ** 2 <= 49.0, hs.shape)
+    return float(np.median(hs[core])) if core.any() else 150.0
+
+
+def _segment_body(hs: np.ndarray, hb: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
                   centre: np.ndarray, axis: np.ndarray, top: tuple[np.ndarray, np.ndarray],
                   bottom: tuple[np.ndarray, np.ndarray], spacing: np.ndarray,
                   outer_top: tuple[np.ndarray, np.ndarray], outer_bottom: tuple[np.ndarray, np.ndarray],
-                  ) -> np.ndarray:
-    """Segment one vertebral body inside a canonical native crop.
+                  core_hu: float) -> np.ndarray:
+    """Segment one vertebral body inside a canonical crop (module docstring, step 5).
 
-    ``hs`` is the smoothed crop in HU; ``coords_mm`` the canonical mm coordinate
-    of each crop axis; ``centre`` the body centre (mm); ``axis`` the unit spine
-    axis (pointing superior); ``top``/``bottom`` the (point, normal) of the planes
-    through the disc boundaries next to the body, ``outer_top``/``outer_bottom``
-    the planes through the disc centres. Between a disc boundary and the disc
-    centre only voxels clearly denser than the disc are kept (tilted endplates).
+    Parameters
+    ----------
+    hs : numpy.ndarray
+        ``(s, a, l)`` crop in HU, smoothed: tells bone clearly denser than the disc.
+    hb : numpy.ndarray
+        The same crop (same shape, HU) clipped at the core HU plus the
+        threshold's height above soft tissue before smoothing: the outline is
+        thresholded on it (the centring pass passes ``hs`` again).
+    coords_mm : tuple of numpy.ndarray
+        Canonical position (mm) of each index along the three axes of ``hb``.
+    centre : numpy.ndarray
+        ``(3,)`` body centre (canonical mm).
+    axis : numpy.ndarray
+        ``(3,)`` unit spine axis (pointing superior).
+    top, bottom : tuple of numpy.ndarray
+        (point, unit normal) of the planes through the disc boundaries above and below.
+    spacing : numpy.ndarray
+        ``(3,)`` voxel spacing of ``hb`` in mm.
+    outer_top, outer_bottom : tuple of numpy.ndarray
+        Planes through the disc centres above and below (equal to ``top`` /
+        ``bottom`` where the field of view ends without a disc).
+    core_hu : float
+        Median HU of ``hs`` in the 7 mm sphere at ``centre``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean ``(s, a, l)`` mask of the body, same shape as ``hb``.
     """
     zc, yc, xc = coords_mm
     Z, Y, X = np.meshgrid(zc, yc, xc, indexing="ij", sparse=True)
@@ -575,32 +662,28 @@ def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
         p, n = plane
         return (Z - p[0]) * n[0] + (Y - p[1]) * n[1] + (X - p[2]) * n[2]
 
-    inner = (signed(top) <= 0) & (signed(bottom) >= 0)
+    s_top, s_bottom = signed(top), signed(bottom)
+    inner = (s_top <= 0) & (s_bottom >= 0)
     s_ot, s_ob = signed(outer_top), signed(outer_bottom)
     slab = (s_ot <= 0) & (s_ob >= 0)
     radial2 = rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2 - (rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]) ** 2
     disc_zone = (radial2 <= 100.0) & ((np.abs(s_ot) <= 1.6) | (np.abs(s_ob) <= 1.6))
     disc_zone = disc_zone & ~inner
-    disc_hu = float(np.median(hs[disc_zone])) if disc_zone.any() else np.nan
-    # core HU: sphere of 7 mm at the centre
-    core = inner & ((rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2) <= 49.0)
-    core_hu = float(np.median(hs[core])) if core.any() else 150.0
-    thr = float(np.clip(0.5 * (SOFT_TISSUE_HU + core_hu), 70.0, 140.0))
+    disc_hu = float(np.mean(hb[disc_zone])) if disc_zone.any() else np.nan
+    thr = _body_threshold(core_hu)
     # vertebra frame: a = anterior-posterior and w = left-right, both perpendicular to the
     # spine axis (so that tilted vertebrae, e.g. L5, are cut along their own posterior wall)
-    u = np.array([0.0, 1.0, 0.0]) - axis * axis[1]
-    u /= np.linalg.norm(u)
-    w = np.cross(axis, u)
+    u, w = _perpendicular_frame(axis)
     along = rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]
     a = rel[0] * u[0] + rel[1] * u[1] + rel[2] * u[2]
     lr = rel[0] * w[0] + rel[1] * w[1] + rel[2] * w[2]
     # posterior wall: AP profile through the centre (|along| < 8 mm, |lr| < 6 mm), 1 mm bins
     ap_band = inner & (np.abs(lr) < 6.0) & (np.abs(along) < 8.0)
-    a_band = np.broadcast_to(a, hs.shape)[ap_band]
+    a_band = np.broadcast_to(a, hb.shape)[ap_band]
     bins = np.arange(-35.5, 0.0, 1.0)
     idx = np.digitize(a_band, bins) - 1
     ok = (idx >= 0) & (idx < len(bins) - 1)
-    sums = np.bincount(idx[ok], weights=hs[ap_band][ok], minlength=len(bins) - 1)
+    sums = np.bincount(idx[ok], weights=hb[ap_band][ok], minlength=len(bins) - 1)
     counts = np.bincount(idx[ok], minlength=len(bins) - 1)
     with np.errstate(invalid="ignore", divide="ignore"):
         prof = sums / counts  # bin k centred at -35 + k mm; NaN where empty
@@ -623,10 +706,21 @@ def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
     # the posterior wall is concave: lateral to the canal the body reaches a little further back
     behind = np.where(np.abs(lr) >= CANAL_HALF_WIDTH_MM, POSTERIOR_CONCAVITY_MM, 0.0)
     envelope = ((lr / 32.0) ** 2 + (a / 32.0) ** 2 <= 1.0) & (a >= wall - behind)
-    thr_disc = max(thr, disc_hu + 40.0) if np.isfinite(disc_hu) else np.inf
-    log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm", np.round(centre), core_hu, thr, disc_hu, wall)
-    full = envelope & (hs > thr) & (inner | (slab & (hs > thr_disc)))
-    out = np.zeros(hs.shape, bool)
+    # outline on the clipped copy: the body threshold deep inside; half-way between disc and core
+    # (where disc tissue may lie) from ENDPLATE_BAND_MM inside a disc boundary out to the disc
+    # centre; beyond the boundary, also bone clearly denser than the disc (disc + 40 HU, unclipped)
+    if np.isfinite(disc_hu):
+        band = ~inner
+        for s_inner, s_outer, sign in ((s_top, s_ot, -1.0), (s_bottom, s_ob, 1.0)):
+            if np.any(s_inner != s_outer):  # a disc on this side
+                band = band | (sign * s_inner < ENDPLATE_BAND_MM)
+        outline = hb > np.where(band, max(thr, 0.5 * (disc_hu + core_hu)), thr)
+        full = envelope & slab & outline & (inner | (hs > max(thr, disc_hu + 40.0)))
+    else:
+        full = envelope & inner & (hb > thr)
+    log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm",
+              np.round(centre), core_hu, thr, disc_hu, wall)
+    out = np.zeros(hb.shape, bool)
     if not full.any():
         return out
     rad = np.maximum(1, np.round(2.0 / spacing)).astype(int)
@@ -637,7 +731,7 @@ def _segment_body(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
     if not mask.any():
         return out
     mask = largest_component_filled(mask)  # the largest component is the body
-    keep = np.broadcast_to(slab & envelope, hs.shape)[box]
+    keep = np.broadcast_to(slab & envelope, hb.shape)[box]
     mask = ndi.binary_closing(mask, structure=ball) & keep
     out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
     return out
@@ -655,7 +749,14 @@ def _working_grid(crop: np.ndarray, coords: tuple[np.ndarray, ...], spacing: np.
         return crop, coords, np.ix_(*(np.arange(n) for n in crop.shape))
     step = work / spacing
     shape = tuple(int(np.floor((n - 1) / st)) + 1 for n, st in zip(crop.shape, step))
-    out = ndi.affine_transform(crop, step, output_shape=shape, order=1, prefilter=False, mode="nearest")
+    out = crop
+    for ax, (st, n) in enumerate(zip(step, shape)):  # trilinear = linear along each axis in turn
+        if np.isclose(st, 1.0):
+            continue
+        x = np.arange(n) * st
+        i0 = np.minimum(np.floor(x).astype(int), out.shape[ax] - 1)
+        frac = (x - i0).astype(np.float32).reshape([-1 if j == ax else 1 for j in range(out.ndim)])
+        out = np.take(out, i0, ax) * (1.0 - frac) + np.take(out, np.minimum(i0 + 1, out.shape[ax] - 1), ax) * frac
     work_coords = tuple(c[0] + np.arange(n) * w for c, n, w in zip(coords, shape, work))
     back = tuple(np.clip(np.round((c - c[0]) / w).astype(int), 0, n - 1)
                  for c, w, n in zip(coords, work, shape))
@@ -760,9 +861,10 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
     numpy.ndarray
         Boolean mask of the ROI: body voxels at least 5 mm (4 or 3 mm if the ROI
         would be under 0.2 cm3) from the body surface, in the middle 40 % of the
-        body height along ``axis``, excluding the posterior fifth of the body depth.
-        Source: Pickhardt PJ et al., Ann Intern Med 2013;158:588-595, and the
-        ACR-SPR-SSR Practice Parameter for QCT (2018).
+        body height along ``axis``, excluding the posterior fifth of the body depth
+        along the anterior direction perpendicular to ``axis``. Source: Pickhardt
+        PJ et al., Ann Intern Med 2013;158:588-595, and the ACR-SPR-SSR Practice
+        Parameter for QCT (2018).
     """
     if not body.any():
         return body
@@ -770,13 +872,14 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
     dist = np.zeros(body.shape)
     dist[box] = ndi.distance_transform_edt(np.pad(body[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     Z, Y, X = np.meshgrid(*coords_mm, indexing="ij", sparse=True)
-    along = Z * axis[0] + Y * axis[1] + X * axis[2]
-    inside = np.broadcast_to(along, body.shape)[body]
-    # fractional height along the spine axis (0 = lowest body voxel, 1 = highest)
-    height = (along - inside.min()) / max(float(inside.max() - inside.min()), 1e-3)
-    ys = np.nonzero(body.any(axis=(0, 2)))[0]
-    y_post, y_ant = coords_mm[1][ys.min()], coords_mm[1][ys.max()]
-    roi = body & (np.abs(height - 0.5) <= 0.5 * ROI_HEIGHT_FRACTION) & (Y >= y_post + 0.2 * (y_ant - y_post))
+    u, _ = _perpendicular_frame(axis)
+
+    def fraction(direction):  # position along direction: 0 at the body's first voxel, 1 at its last
+        position = Z * direction[0] + Y * direction[1] + X * direction[2]
+        inside = np.broadcast_to(position, body.shape)[body]
+        return (position - inside.min()) / max(float(inside.max() - inside.min()), 1e-3)
+
+    roi = body & (np.abs(fraction(axis) - 0.5) <= 0.5 * ROI_HEIGHT_FRACTION) & (fraction(u) >= 0.2)
     for margin in (TRABECULAR_MARGIN_MM, 4.0, 3.0):
         out = roi & (dist >= margin)
         if out.sum() * np.prod(spacing) >= 200.0:  # at least 0.2 cm3
@@ -933,6 +1036,9 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     log.info("image noise %.0f HU: smoothing sigma %s mm", view.noise_hu, np.round(sigma * sp, 2))
     work_sp = np.maximum(sp, WORK_MM)
 
+    def smooth(crop: np.ndarray) -> np.ndarray:
+        return ndi.gaussian_filter(crop, sigma) if sigma.any() else crop
+
     def plane_at(zc_idx: float):
         i = int(np.clip(round(zc_idx), 0, nz - 1))
         return pts_mm[i] + (zc_idx - i) * g * tangent[i], tangent[i] * 1.0
@@ -965,22 +1071,25 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         crop = np.asarray(hc[sl], dtype=np.float32)
         if crop.size == 0:
             continue
-        if sigma.any():
-            crop = ndi.gaussian_filter(crop, sigma)
         native_coords = (zmm[sl[0]], ymm[sl[1]], xmm[sl[2]])
-        crop, coords, back = _working_grid(crop, native_coords, sp, work_sp)
-        body = _segment_body(crop, coords, centre, tangent[im], top, bottom, work_sp, outer_top, outer_bottom)
+        hs, coords, back = _working_grid(smooth(crop), native_coords, sp, work_sp)
+        # centring pass on the smoothed copy: the final pass is centred on this body's centroid
+        # (the tracked centre leans towards the canal because the tracking score rewards it)
+        body = _segment_body(hs, hs, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
+                             outer_bottom, _core_hu(hs, coords, centre))
         if body.any():
-            # second pass centred on the first body's centroid (the tracked centre leans
-            # towards the canal because the tracking score rewards the canal behind it)
             cen = np.array([float(np.average(cc, weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
                             for ax, cc in enumerate(coords)])
             shift = cen - centre
             shift -= tangent[im] * float(shift @ tangent[im])
             if np.linalg.norm(shift) > 1.0:
                 centre = centre + shift
-                body = _segment_body(crop, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
-                                     outer_bottom)
+        core_hu = _core_hu(hs, coords, centre)
+        # clipped before smoothing, so that the dense cortex cannot spread above the threshold
+        clip = core_hu + _body_threshold(core_hu) - SOFT_TISSUE_HU
+        hb = _working_grid(smooth(np.minimum(crop, clip)), native_coords, sp, work_sp)[0]
+        body = _segment_body(hs, hb, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
+                             outer_bottom, core_hu)
         roi = trabecular_roi(body, coords, work_sp, tangent[im]) if vid != SACRUM else np.zeros_like(body)
         body, roi = body[back], roi[back]
         body &= bodies_c[sl] == 0

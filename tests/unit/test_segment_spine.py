@@ -235,6 +235,22 @@ def test_synthetic_body_cut_by_the_field_of_view_is_incomplete():
     assert seg.not_evaluable_reason is not None and "L4" in seg.not_evaluable_reason
 
 
+def test_synthetic_outline_is_blur_invariant():
+    # noise of SD 35 HU widens the smoothing Gaussian (0 -> 1.1 mm on this 2 mm grid); the bodies
+    # (400 HU shell and endplates, 160 HU core, 80 HU discs) must keep their outline and their ROI.
+    # Thresholded without clipping the shell, they grew by 18-24 % and the ROI moved by up to +7 HU.
+    column = _synthetic_column(6, ribs_on=4)
+    clean = segment_spine(column)
+    rng = np.random.default_rng(1)
+    noisy = segment_spine(Volume(hu=(column.hu + rng.normal(0.0, 35.0, column.shape)).astype(np.float32),
+                                 affine=column.affine))
+    for name in ("L1", "L2", "L3"):
+        vid = VERTEBRA_IDS[name]
+        assert (noisy.bodies == vid).sum() == pytest.approx((clean.bodies == vid).sum(), rel=0.05), name
+        shift = column.hu[noisy.trabecular == vid].mean() - column.hu[clean.trabecular == vid].mean()
+        assert abs(shift) <= 3.0, (name, shift)
+
+
 def test_noise_estimate_and_smoothing():
     rng = np.random.default_rng(3)
     hu = np.full((40, 64, 64), 40.0, np.float32) + rng.normal(0.0, 35.0, (40, 64, 64)).astype(np.float32)
@@ -258,6 +274,23 @@ def test_trabecular_roi_rule_on_a_box():
     assert a.min() >= 10 + 0.2 * 29  # not in the posterior fifth
     dist = ndi.distance_transform_edt(body)
     assert dist[roi].min() >= 5.0  # 5 mm from every surface
+
+
+def test_trabecular_roi_posterior_cut_in_the_vertebra_frame():
+    # a 40 x 30 x 26 mm box body tilted by 35 degrees (its top leaning anterior, like L5):
+    # the posterior fifth is cut perpendicular to the vertebra's own anterior-posterior direction
+    tilt = np.deg2rad(35.0)
+    axis = np.array([np.cos(tilt), np.sin(tilt), 0.0])
+    ap = np.array([-np.sin(tilt), np.cos(tilt), 0.0])
+    coords = tuple(np.arange(n, dtype=float) - n // 2 for n in (60, 60, 60))
+    s, a, l = np.meshgrid(*coords, indexing="ij")
+    along, depth = s * axis[0] + a * axis[1], s * ap[0] + a * ap[1]
+    body = (np.abs(along) <= 13.0) & (np.abs(depth) <= 15.0) & (np.abs(l) <= 20.0)
+    roi = trabecular_roi(body, coords, np.ones(3), axis)
+    assert roi.any() and np.all(body[roi])
+    assert depth[roi].min() >= -15.0 + 0.2 * 30.0 - 1.0  # posterior fifth of the own depth (1 mm voxels)
+    assert depth[roi].min() <= -15.0 + 0.2 * 30.0 + 1.5  # and no more: the cut is not oblique
+    assert np.all(np.abs(along[roi]) <= 0.2 * 26.0 + 1.0)  # middle 40 % of the height
 
 
 def test_empty_volume_is_not_evaluable():
