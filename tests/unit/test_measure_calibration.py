@@ -275,13 +275,14 @@ def test_real_ct_measurement_stable_under_noise(same_roi_noisy):
         assert abs(after[name].trabecular_hu_mean - before[name].trabecular_hu_mean) <= 5.0, name
 
 
-@pytest.mark.xfail(strict=True, reason="under SD 35 HU noise the aortic blood reference reads high (47-61 HU over "
-                                       "noise seeds 1-8, 45.8 HU clean): osteonode/measure/tissues.py takes the "
-                                       "9 mm square with the highest mean minus 2 SD, which favours positive noise; "
-                                       "the calibration shifts vBMD by 2-9 mg/cm3 (seed 1: L1 5.1 mg/cm3, "
-                                       "trabecular HU unchanged)")
 def test_real_ct_vbmd_stable_under_noise(same_roi_noisy):
-    """Gaussian noise of SD 35 HU, same ROIs: vBMD within ±5 mg/cm3."""
+    """Gaussian noise of SD 35 HU, same ROIs: vBMD within ±5 mg/cm3.
+
+    Noise seed 1. Over seeds 1-8 the L1-L4 vBMD moved by at most 3.5 mg/cm3 except at
+    seed 4 (L1 -6.1: its aortic blood read 49.9 HU, 43.4 clean); before the blood was
+    measured on slices independent of the ones it is found on, seeds 3, 4, 6 and 7
+    moved it by up to 8.2 mg/cm3.
+    """
     before, _, after = same_roi_noisy
     for name in LEVELS:
         assert abs(after[name].vbmd_mg_cm3 - before[name].vbmd_mg_cm3) <= 5.0, name
