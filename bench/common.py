@@ -13,12 +13,15 @@ EXAMPLE_CT = Path(__file__).resolve().parents[1].parent / "shared/data/ct/totals
 GRID = (512, 512, 300)  # x, y, z
 
 
+def spacing_512(image: sitk.Image) -> tuple[float, float, float]:
+    """Spacing (x, y, z mm) that puts ``GRID`` voxels over ``image``'s extent."""
+    return tuple(n * s / m for n, s, m in zip(image.GetSize(), image.GetSpacing(), GRID))
+
+
 def series_512(out_dir: Path) -> list[Path]:
     """Resample the example CT (linear) onto 512 x 512 x 300 voxels over the same extent and write it."""
     image = read_image(EXAMPLE_CT)
-    extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
-    spacing = [e / n for e, n in zip(extent, GRID)]
-    resampled = sitk.Resample(image, GRID, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
+    resampled = sitk.Resample(image, GRID, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing_512(image),
                               image.GetDirection(), -1024.0, sitk.sitkInt16)
     return write_ct_series(resampled, out_dir)
 

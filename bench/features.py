@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GRID, median  # noqa: E402
+from common import median, spacing_512  # noqa: E402
 from segmentation import example_image, thin  # noqa: E402
 
 from radiomics import imageoperations  # noqa: E402
@@ -50,8 +50,7 @@ def load(grid: str) -> Volume:
         return Volume.from_sitk(image)
     if grid == "thin":
         return thin(image)
-    extent = [n * s for n, s in zip(image.GetSize(), image.GetSpacing())]
-    return thin(image, tuple(e / n for e, n in zip(extent, GRID)))
+    return thin(image, spacing_512(image))
 
 
 def _per_vertebra(volume: Volume, segmentation) -> float:

@@ -35,11 +35,11 @@ largest LoG kernel (4 sigma = 10 mm) plus 2 mm, more than the 6-tap coif1
 wavelet needs. On the real CT the features differ from those of a 45 mm
 margin by at most 2e-3 (relative; the median of the LoG 2.5 mm image, a value
 near zero, by 0.004 on the 0-255 scale) at 3 mm and 6e-4 at 0.8 x 0.8 x 1.25 mm;
-a 15 mm margin kept them within 3e-4 but cost 9 % more time. 30 mm with B-spline resampling (seed003, seed004):
-the B-spline prefilter is recursive over the whole input and its boundary
-effect decays by 0.27 per source voxel, so it needs some 10 voxels of a 3 mm
-CT; with 15 mm some wavelet features moved by up to 1 % (relative), with
-30 mm by at most 2e-3.
+a 15 mm margin kept them within 3e-4 but cost 9 % more time. 30 mm with B-spline
+resampling (seed003, seed004): the B-spline prefilter is recursive over the
+whole input and its boundary effect decays by 0.27 per source voxel, so it
+needs some 10 voxels of a 3 mm CT; with 15 mm some wavelet features moved by
+up to 1 % (relative), with 30 mm by at most 2e-3.
 
 Arrays are ``(z, y, x)`` numpy; SimpleITK images are ``(x, y, z)``
 (:meth:`osteonode.volume.Volume.to_sitk` converts).

@@ -132,9 +132,14 @@ def _slice_at(volume: Volume, labels: np.ndarray, centre: np.ndarray) -> _Slice:
                   pixel_mm=(spacing[in_plane[0]], spacing[in_plane[1]]), slab=slab, slab_offsets=offsets)
 
 
+def _box_size(size_mm: float, pixel_mm: tuple[float, float]) -> list[int]:
+    """Odd side lengths (pixels) of a square of about ``size_mm`` mm."""
+    return [max(1, int(round(size_mm / p))) | 1 for p in pixel_mm]
+
+
 def _box(values: np.ndarray, size_mm: float, pixel_mm: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
     """Mean and SD in a ``size_mm`` square around every pixel."""
-    size = [max(1, int(round(size_mm / p))) | 1 for p in pixel_mm]
+    size = _box_size(size_mm, pixel_mm)
     mean = ndi.uniform_filter(values.astype(np.float64), size=size, mode="nearest")
     sq = ndi.uniform_filter(values.astype(np.float64) ** 2, size=size, mode="nearest")
     return mean, np.sqrt(np.maximum(sq - mean ** 2, 0.0))
@@ -171,7 +176,7 @@ def _aorta(sl: _Slice) -> tuple[float, np.ndarray, int] | None:
     best = np.unravel_index(int(np.argmax(score)), score.shape)
     if not np.isfinite(score[best]):
         return None
-    half = [max(1, int(round(9.0 / p))) // 2 for p in sl.pixel_mm]
+    half = [n // 2 for n in _box_size(9.0, sl.pixel_mm)]
     square = (slice(None), *(slice(max(0, b - h), b + h + 1) for b, h in zip(best, half)))
     values = (measured if len(measured) else chooser)[square]
     return float(values.mean()), sl.rel_mm[best], int(values.size)
