@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 from pathlib import Path
 
 import SimpleITK as sitk
@@ -28,3 +30,62 @@ def series_512(out_dir: Path) -> list[Path]:
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+class TreePeak:
+    """Peak resident memory of this process and its descendants together, in MiB (Linux /proc).
+
+    A thread polls every ``interval_s`` seconds and sums the peak resident size
+    (``VmHWM``) of this process and of every descendant alive at that moment
+    (e.g. radiomics workers and their forkserver); :attr:`mib` is the largest
+    such sum. Peaks of different processes need not coincide, so this is an
+    upper bound of the memory the tree held at once.
+
+    Use as a context manager: ``with TreePeak() as peak: ...; peak.mib``.
+    """
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "TreePeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _poll(self) -> None:
+        while True:
+            self.mib = max(self.mib, sum(_hwm_mib(pid) for pid in [os.getpid(), *_descendants(os.getpid())]))
+            if self._stop.wait(self.interval_s):
+                return
+
+
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process has exited
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _hwm_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0

@@ -3,19 +3,23 @@
 For each grid -- the example CT as given (3 mm), resampled (linear) to
 0.8 x 0.8 x 1.25 mm, and resampled to 512 x 512 x 300 voxels over the same extent
 (0.71 x 0.59 x 1.12 mm) -- the CT is segmented once with the built-in backend, then
-the L1-L4 features are extracted REPEATS times in two ways, alternating:
+the L1-L4 features are extracted REPEATS times in three ways, in turn:
 
-* ``osteonode``: :func:`osteonode.measure.radiomics.extract_features` as
-  ``analyze`` runs it;
-* ``reference``: the same call with pyradiomics' own ``getBinEdges`` put back
+* ``2 processes``: :func:`osteonode.measure.radiomics.extract_features` as
+  ``analyze`` runs it by default (``radiomics_processes = 2``: levels in two
+  worker processes);
+* ``1 process``: the same in this process (``radiomics_processes = 1``);
+* ``reference``: one process with pyradiomics' own ``getBinEdges`` put back
   (the reference, in the same process: what the node cost before it passed
-  pyradiomics only the minimum and maximum of each ROI).
+  pyradiomics only the minimum and maximum of each ROI, and before the
+  worker processes).
 
-Prints the median wall-clock seconds per vertebra of each, their ratio, and
-the process's peak resident memory (which includes reading, resampling and
-segmenting the CT; each grid runs in its own process).
+Prints the median wall-clock seconds per vertebra of each, the ratios to the
+reference, and the peak memory of the process tree (this process, which holds
+the CT and its segmentation, plus the forkserver and the workers; the sum of
+the peaks of the processes alive together, an upper bound: ``TreePeak``).
 
-Usage: python bench/features.py [--repeats 5] [--grids native thin]
+Usage: python bench/features.py [--repeats 5] [--grids native thin grid512]
 (the file is not called radiomics.py: run as a script, bench/ comes first on
 ``sys.path`` and would hide the pyradiomics package).
 """
@@ -25,13 +29,12 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
-import resource
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, spacing_512  # noqa: E402
+from common import TreePeak, median, spacing_512  # noqa: E402
 from segmentation import example_image, thin  # noqa: E402
 
 from radiomics import imageoperations  # noqa: E402
@@ -53,9 +56,9 @@ def load(grid: str) -> Volume:
     return thin(image, spacing_512(image))
 
 
-def _per_vertebra(volume: Volume, segmentation) -> float:
+def _per_vertebra(volume: Volume, segmentation, processes: int = 1) -> float:
     start = time.perf_counter()
-    rows = node_radiomics.extract_features(volume, segmentation, "seed000")
+    rows = node_radiomics.extract_features(volume, segmentation, "seed000", processes=processes)
     return (time.perf_counter() - start) / len(rows)
 
 
@@ -63,16 +66,17 @@ def run_grid(grid: str, repeats: int, queue) -> None:
     logging.getLogger("radiomics").setLevel(logging.ERROR)
     volume = load(grid)
     segmentation = segment_spine(volume)
-    ours, reference = [], []
-    for _ in range(repeats):
-        ours.append(_per_vertebra(volume, segmentation))
-        imageoperations.getBinEdges = node_radiomics._PYRADIOMICS_BIN_EDGES
-        try:
-            reference.append(_per_vertebra(volume, segmentation))
-        finally:
-            imageoperations.getBinEdges = node_radiomics._bin_edges
-    queue.put((grid, volume.shape, median(ours), median(reference),
-               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+    parallel, serial, reference = [], [], []
+    with TreePeak() as peak:
+        for _ in range(repeats):
+            parallel.append(_per_vertebra(volume, segmentation, processes=2))
+            serial.append(_per_vertebra(volume, segmentation))
+            imageoperations.getBinEdges = node_radiomics._PYRADIOMICS_BIN_EDGES
+            try:
+                reference.append(_per_vertebra(volume, segmentation))
+            finally:
+                imageoperations.getBinEdges = node_radiomics._bin_edges
+    queue.put((grid, volume.shape, median(parallel), median(serial), median(reference), peak.mib))
 
 
 def main() -> None:
@@ -81,16 +85,16 @@ def main() -> None:
     parser.add_argument("--grids", nargs="+", choices=GRIDS, default=list(GRIDS))
     args = parser.parse_args()
     ctx = multiprocessing.get_context("spawn")
-    print(f"seed000, L1-L4, {args.repeats} runs each, medians (s per vertebra)")
-    print(f"{'grid':8} {'shape':>14} {'osteonode':>10} {'reference':>10} {'ratio':>6} {'peak MiB':>9}")
+    print(f"seed000, L1-L4, {args.repeats} runs each, medians (s per vertebra; ratio to the reference)")
+    print(f"{'grid':8} {'shape':>14} {'2 processes':>16} {'1 process':>16} {'reference':>10} {'peak MiB':>9}")
     for grid in args.grids:
         queue = ctx.Queue()
         proc = ctx.Process(target=run_grid, args=(grid, args.repeats, queue))
         proc.start()
-        name, shape, ours, ref, peak = queue.get()
+        name, shape, parallel, serial, ref, peak = queue.get()
         proc.join()
-        print(f"{name:8} {'x'.join(map(str, shape)):>14} {ours:10.2f} {ref:10.2f} {ours / ref:6.2f} {peak:9.0f}")
-
+        print(f"{name:8} {'x'.join(map(str, shape)):>14} {parallel:8.2f} ({parallel / ref:4.2f}) "
+              f"{serial:8.2f} ({serial / ref:4.2f}) {ref:10.2f} {peak:9.0f}")
 
 if __name__ == "__main__":
     main()

@@ -35,9 +35,9 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
         raise typer.Exit()
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pynetdicom logs every DIMSE message at INFO: keep only its warnings unless DEBUG is asked for
+    # (pyradiomics' logger: osteonode.measure.radiomics, as pyradiomics resets it when imported)
     if logging.getLogger().level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-        logging.getLogger("radiomics").setLevel(logging.WARNING)  # pyradiomics logs each filter at INFO
 
 
 def _settings(config: Path | None) -> Settings:

@@ -90,6 +90,9 @@ class AnalysisSettings(_Strict):
     radiomics_preset: str | None = Field(
         default="seed000", description="pyradiomics preset for radiomics.csv (seed000, seed003, seed004); "
                                        "none: no radiomics")
+    radiomics_processes: int = Field(
+        default=2, ge=1, description="processes that extract the levels' radiomics features in parallel "
+                                     "(pyradiomics holds the GIL); 1: in the worker process")
     model: ModelSettings | None = Field(default=None, description="trained model; absent: rule only")
     banner: str = Field(default="RESEARCH USE ONLY - NOT FOR DIAGNOSTIC USE",
                         description="text banner on key images and the PDF report; empty: none")

@@ -122,11 +122,12 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
             levels = apply_calibration(levels, calibration, contrast)
         with _timed(timings, "genant"):
             levels = apply_genant(levels, grade_levels(series.volume, segmentation))
-            levels = add_fracture_texture(levels, series.volume, segmentation)
+            levels = add_fracture_texture(levels, series.volume, segmentation, settings.radiomics_processes)
         feature_rows = []
         if settings.radiomics_preset:
             with _timed(timings, "radiomics"):
-                feature_rows = extract_features(series.volume, segmentation, settings.radiomics_preset)
+                feature_rows = extract_features(series.volume, segmentation, settings.radiomics_preset,
+                                                processes=settings.radiomics_processes)
                 write_feature_table(feature_rows, out_dir / FEATURE_TABLE_NAME)
         with _timed(timings, "classify"):
             bone_status = classify_bone_status(levels, feature_rows, settings)

@@ -59,10 +59,13 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import billiard
 import numpy as np
 import pykwalify.errors
 import radiomics
 import ruamel.yaml.error
+import SimpleITK as sitk
+from billiard.einfo import ExceptionWithTraceback
 from radiomics import imageoperations
 from radiomics.featureextractor import RadiomicsFeatureExtractor
 from scipy import ndimage
@@ -88,6 +91,12 @@ _RESCALE_KEYS = {"lower_percentile", "upper_percentile", "output_min", "output_m
 #: z-slab size (voxels) for the chunked image histogram: bounds the extra memory of the percentiles.
 _HISTOGRAM_CHUNK_VOXELS = 1 << 22
 
+
+# pyradiomics sets its logger to INFO when imported, whatever the application configured, and
+# logs every filter and feature class there (some 80 records per vertebra): keep its warnings
+# only, unless DEBUG logging is on.
+if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+    logging.getLogger("radiomics").setLevel(logging.WARNING)
 
 _PYRADIOMICS_BIN_EDGES = imageoperations.getBinEdges
 
@@ -265,12 +274,14 @@ def _extractor(params_file: Path) -> RadiomicsFeatureExtractor:
 
 
 def extract_features(volume: Volume, segmentation: SpineSegmentation, params: str = "seed000", *,
-                     params_dir: Path | None = None) -> list[dict[str, float | int | str]]:
+                     params_dir: Path | None = None, processes: int = 1) -> list[dict[str, float | int | str]]:
     """Radiomics features of each level of a preset, one row per level.
 
     Each level is cropped to its ROI's bounding box plus the preset's margin
     before pyradiomics sees it, so memory and time scale with the vertebra, not
-    with the CT.
+    with the CT. With ``processes`` > 1 the levels are extracted in parallel
+    worker processes (pyradiomics' C code holds the GIL, so threads would not
+    help); the rows are the same as with one process.
 
     Parameters
     ----------
@@ -283,6 +294,11 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
         Preset name (``"seed000"``, ``"seed003"``, ``"seed004"``).
     params_dir : pathlib.Path, optional
         Folder with ``presets.json`` and parameter files instead of the shipped ones.
+    processes : int
+        Worker processes for the levels (at most one per level). 1: extract in
+        this process. The workers are started from a ``forkserver`` that has
+        imported this module once (:func:`_process_context`); each receives the
+        cropped image and mask of one level at a time.
 
     Returns
     -------
@@ -299,10 +315,47 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
     RadiomicsParamsError
         If the preset is unknown or invalid.
     ValueError
-        If the label maps are not on the volume's grid, or pyradiomics rejects
-        an ROI (e.g. fewer than 3 dimensions after resampling).
+        If the label maps are not on the volume's grid, ``processes`` < 1, or
+        pyradiomics rejects an ROI (e.g. fewer than 3 dimensions after
+        resampling).
+    RuntimeError
+        If a worker process died (e.g. killed for memory).
     """
+    if processes < 1:
+        raise ValueError(f"processes must be >= 1, got {processes}")
     preset, extractor = load_preset(params, params_dir)
+    crops = _level_crops(volume, segmentation, preset)
+    if processes > 1 and len(crops) > 1:
+        with _process_context().Pool(min(processes, len(crops)), initializer=_init_worker) as pool:
+            try:
+                features = pool.starmap(_extract_in_worker, [(params, params_dir, c.image, c.mask) for c in crops])
+            except ExceptionWithTraceback as exc:  # billiard's wrapper of WorkerLostError
+                raise RuntimeError(f"radiomics {preset.name}: a worker process died: {exc.exc}") from exc.exc
+    else:
+        features = [_extract(extractor, c.image, c.mask) for c in crops]
+    rows = []
+    for crop, values in zip(crops, features):
+        row: dict[str, float | int | str] = {
+            "level": crop.level, "vertebra_id": VERTEBRA_IDS[crop.level], "preset": preset.name,
+            "preset_sha256": preset.sha256, "roi": preset.roi, "roi_voxel_count": crop.voxel_count}
+        row.update(values)
+        rows.append(row)
+        log.debug("radiomics %s: %s, %d features", preset.name, crop.level, len(values))
+    return rows
+
+
+@dataclass(frozen=True)
+class _LevelCrop:
+    """One level's input to pyradiomics: the cropped (and rescaled) image and its ``(z, y, x)`` uint8 mask."""
+
+    level: str
+    voxel_count: int
+    image: Volume
+    mask: np.ndarray
+
+
+def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset) -> list[_LevelCrop]:
+    """Crop every preset level present (at least :data:`MIN_ROI_VOXELS`) to its ROI box plus the margin."""
     labels = segmentation.bodies if preset.roi == "bodies" else segmentation.trabecular
     if labels.shape != volume.hu.shape:
         raise ValueError(f"{preset.roi} label map shape {labels.shape} != volume shape {volume.hu.shape}")
@@ -311,7 +364,7 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
         r = preset.intensity_rescale
         bounds = image_percentiles(volume.hu, (r.lower_percentile, r.upper_percentile))
     boxes = ndimage.find_objects(labels)  # one pass: bounding box of every label value
-    rows = []
+    crops = []
     for level in preset.levels:
         vid = VERTEBRA_IDS[level]
         box = boxes[vid - 1] if vid <= len(boxes) else None
@@ -327,15 +380,43 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
         hu = volume.hu[crop]
         if bounds is not None:
             hu = _rescale(hu, bounds, preset.intensity_rescale)
-        cropped = _cropped_volume(volume, crop, hu)
-        features = extractor.execute(cropped.to_sitk(), cropped.to_sitk(mask), label=1)
-        row: dict[str, float | int | str] = {
-            "level": level, "vertebra_id": vid, "preset": preset.name, "preset_sha256": preset.sha256,
-            "roi": preset.roi, "roi_voxel_count": voxel_count}
-        row.update((key, float(value)) for key, value in features.items())
-        rows.append(row)
-        log.debug("radiomics %s: %s, %d features", preset.name, level, len(features))
-    return rows
+        crops.append(_LevelCrop(level, voxel_count, _cropped_volume(volume, crop, hu), mask))
+    return crops
+
+
+def _extract(extractor: RadiomicsFeatureExtractor, image: Volume, mask: np.ndarray) -> dict[str, float]:
+    """pyradiomics' features of label 1 of ``mask`` in ``image``, as floats."""
+    features = extractor.execute(image.to_sitk(), image.to_sitk(mask), label=1)
+    return {key: float(value) for key, value in features.items()}
+
+
+def _extract_in_worker(params: str, params_dir: Path | None, image: Volume, mask: np.ndarray) -> dict[str, float]:
+    """:func:`_extract` in a worker process, with the preset loaded there (26 ms)."""
+    return _extract(load_preset(params, params_dir)[1], image, mask)
+
+
+def _init_worker() -> None:
+    """Worker initializer: one ITK thread each, as the workers already share the cores (LoG filters)."""
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+def _process_context() -> billiard.context.BaseContext:
+    """billiard's ``forkserver`` context, whose server has imported this module and the main one.
+
+    The server starts once per process (0.8 s); the workers it forks find
+    pyradiomics and the program's main module imported.
+
+    billiard is Celery's fork of :mod:`multiprocessing`: unlike it, it lets the
+    daemonic processes of Celery's prefork pool (where ``worker.tasks.analyze_series``
+    runs) start children, and it raises ``WorkerLostError`` instead of hanging
+    when a worker is killed (after some 10 s). Not
+    ``fork``: the caller may hold threads (SimpleITK's pool, Celery's) whose
+    locks a forked child would inherit; not ``spawn``: every worker would
+    import pyradiomics again.
+    """
+    context = billiard.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", __name__])
+    return context
 
 
 def image_percentiles(hu: np.ndarray, percentiles: tuple[float, float]) -> tuple[float, float]:
@@ -488,8 +569,8 @@ def read_feature_table(path: Path) -> list[dict[str, float | int | str]]:
     return rows
 
 
-def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segmentation: SpineSegmentation
-                         ) -> dict[str, LevelResult]:
+def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segmentation: SpineSegmentation,
+                         processes: int = 1) -> dict[str, LevelResult]:
     """Attach seed 003's 8 texture features to every level with a suspected fracture.
 
     Goller SS et al. (2023) compared global variance and skewness, GLCM energy
@@ -505,6 +586,8 @@ def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segment
         CT volume, ``(z, y, x)`` in HU.
     segmentation : SpineSegmentation
         Bodies on the same grid.
+    processes : int
+        Worker processes, as for :func:`extract_features`.
 
     Returns
     -------
@@ -515,7 +598,7 @@ def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segment
     fractured = {name for name, level in levels.items() if level.fracture_suspected}
     if not fractured:
         return levels
-    rows = {str(row["level"]): row for row in extract_features(volume, segmentation, "seed003")}
+    rows = {str(row["level"]): row for row in extract_features(volume, segmentation, "seed003", processes=processes)}
     return {name: level.model_copy(update={"fracture_texture": {
                 key: float(value) for key, value in rows[name].items() if key not in META_COLUMNS}})
             if name in fractured and name in rows else level

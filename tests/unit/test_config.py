@@ -44,6 +44,7 @@ def test_valid_file_gives_typed_settings(tmp_path):
     ('broker_url = "amqp://x"', "broker_url must be redis://"),
     ('[analysis]\nsegmentation = "totalsegmentator"', "needs segmentation_dir"),
     ('[analysis]\nbone_status_rule = "coin_toss"', "analysis.bone_status_rule"),
+    ("[analysis]\nradiomics_processes = 0", "analysis.radiomics_processes"),
     ('[[destinations]]\nname = "p"\nae_title = "X"\nhost = "h"\nport = 99999', "destinations.0.port"),
 ])
 def test_invalid_values_are_named_in_the_error(tmp_path, line, expected):

@@ -184,6 +184,18 @@ def test_features_equal_with_pyradiomics_own_bin_edges(abdomen, monkeypatch):
     assert ours == theirs
 
 
+def test_worker_processes_give_the_rows_of_one_process(abdomen):
+    """Levels extracted in parallel worker processes (billiard forkserver) give exactly the same rows."""
+    one = extract_features(*abdomen, "seed000")
+    assert extract_features(*abdomen, "seed000", processes=2) == one
+    assert extract_features(*abdomen, "seed000", processes=8) == one  # at most one worker per level
+
+
+def test_processes_must_be_positive(abdomen):
+    with pytest.raises(ValueError, match="processes must be >= 1"):
+        extract_features(*abdomen, "seed000", processes=0)
+
+
 def test_level_missing_from_the_segmentation_is_skipped(abdomen):
     volume, segmentation = abdomen
     without_l3 = SpineSegmentation(bodies=np.where(segmentation.bodies == 22, 0, segmentation.bodies),
