@@ -44,7 +44,7 @@ class TreePeak:
     Use as a context manager: ``with TreePeak() as peak: ...; peak.mib``.
     """
 
-    def __init__(self, interval_s: float = 0.05) -> None:
+    def __init__(self, interval_s: float = 0.1) -> None:
         self.interval_s = interval_s
         self.mib = 0.0
         self._stop = threading.Event()

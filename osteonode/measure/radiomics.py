@@ -41,6 +41,14 @@ whole input and its boundary effect decays by 0.27 per source voxel, so it
 needs some 10 voxels of a 3 mm CT; with 15 mm some wavelet features moved by
 up to 1 % (relative), with 30 mm by at most 2e-3.
 
+Time: pyradiomics' C code holds the GIL, so the levels are extracted in
+parallel worker *processes* (``processes``, the ``radiomics_processes``
+setting): billiard, Celery's fork of :mod:`multiprocessing`, because the Celery
+worker runs analyses in daemonic processes that the standard library forbids to
+have children. On the example CT resampled to 512 x 512 x 300, seed000 took
+1.85 s per vertebra with 2 processes against 3.12 s with one (2 cores;
+``python bench/features.py --repeats 5 --grids grid512``).
+
 Arrays are ``(z, y, x)`` numpy; SimpleITK images are ``(x, y, z)``
 (:meth:`osteonode.volume.Volume.to_sitk` converts).
 """
@@ -54,6 +62,8 @@ import logging
 import math
 import os
 import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -296,9 +306,10 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
         Folder with ``presets.json`` and parameter files instead of the shipped ones.
     processes : int
         Worker processes for the levels (at most one per level). 1: extract in
-        this process. The workers are started from a ``forkserver`` that has
-        imported this module once (:func:`_process_context`); each receives the
-        cropped image and mask of one level at a time.
+        this process. The workers are forked from a ``forkserver`` that has
+        imported this module (:func:`_process_context`), started on first use
+        and kept for later calls (:func:`_worker_pool`); each receives the
+        cropped image and mask of one level at a time, as soon as it is cropped.
 
     Returns
     -------
@@ -325,23 +336,55 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
         raise ValueError(f"processes must be >= 1, got {processes}")
     preset, extractor = load_preset(params, params_dir)
     crops = _level_crops(volume, segmentation, preset)
-    if processes > 1 and len(crops) > 1:
-        with _process_context().Pool(min(processes, len(crops)), initializer=_init_worker) as pool:
-            try:
-                features = pool.starmap(_extract_in_worker, [(params, params_dir, c.image, c.mask) for c in crops])
-            except ExceptionWithTraceback as exc:  # billiard's wrapper of WorkerLostError
-                raise RuntimeError(f"radiomics {preset.name}: a worker process died: {exc.exc}") from exc.exc
+    if processes == 1:
+        extracted = [(crop.level, crop.voxel_count, _extract(extractor, crop.image, crop.mask)) for crop in crops]
     else:
-        features = [_extract(extractor, c.image, c.mask) for c in crops]
+        extracted = _extract_in_workers(preset, params_dir, crops, min(processes, len(preset.levels)))
     rows = []
-    for crop, values in zip(crops, features):
+    for level, voxel_count, values in extracted:
         row: dict[str, float | int | str] = {
-            "level": crop.level, "vertebra_id": VERTEBRA_IDS[crop.level], "preset": preset.name,
-            "preset_sha256": preset.sha256, "roi": preset.roi, "roi_voxel_count": crop.voxel_count}
+            "level": level, "vertebra_id": VERTEBRA_IDS[level], "preset": preset.name,
+            "preset_sha256": preset.sha256, "roi": preset.roi, "roi_voxel_count": voxel_count}
         row.update(values)
         rows.append(row)
-        log.debug("radiomics %s: %s, %d features", preset.name, crop.level, len(values))
+        log.debug("radiomics %s: %s, %d features", preset.name, level, len(values))
     return rows
+
+
+def _extract_in_workers(preset: Preset, params_dir: Path | None, crops: Iterator[_LevelCrop], processes: int
+                        ) -> list[tuple[str, int, dict[str, float]]]:
+    """Each level's features in this process's worker pool, sent to it as soon as the level is cropped.
+
+    Returns ``(level, ROI voxel count, features)`` in the order of ``crops``.
+    """
+    pool = _worker_pool(processes)
+    try:
+        pending = [(crop.level, crop.voxel_count,
+                    pool.apply_async(_extract_in_worker, (preset.name, params_dir, crop.image, crop.mask)))
+                   for crop in crops]
+        return [(level, voxel_count, job.get()) for level, voxel_count, job in pending]
+    except ExceptionWithTraceback as exc:  # billiard's wrapper of WorkerLostError; the pool replaces the worker
+        raise RuntimeError(f"radiomics {preset.name}: a worker process died: {exc.exc}") from exc.exc
+
+
+_pools: dict[int, billiard.pool.Pool] = {}
+_pools_lock = threading.Lock()
+
+
+def _worker_pool(processes: int) -> billiard.pool.Pool:
+    """This process's pool of ``processes`` radiomics workers: started on first use, then kept.
+
+    Kept because starting and stopping a billiard pool costs 0.5-1.5 s (its
+    threads poll at up to 1 s), a quarter of a 512 x 512 x 300 CT's extraction.
+    Idle workers hold little of their own memory: they are forked from the
+    forkserver, which has pyradiomics imported, and numpy returns the large
+    arrays of a finished level to the system. billiard replaces a worker that
+    dies and terminates the pool when this process exits.
+    """
+    with _pools_lock:
+        if processes not in _pools:
+            _pools[processes] = _process_context().Pool(processes, initializer=_init_worker)
+        return _pools[processes]
 
 
 @dataclass(frozen=True)
@@ -354,8 +397,11 @@ class _LevelCrop:
     mask: np.ndarray
 
 
-def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset) -> list[_LevelCrop]:
-    """Crop every preset level present (at least :data:`MIN_ROI_VOXELS`) to its ROI box plus the margin."""
+def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset) -> Iterator[_LevelCrop]:
+    """Crop every preset level present (at least :data:`MIN_ROI_VOXELS`) to its ROI box plus the margin, in turn.
+
+    Raises ValueError (when first iterated) if the label map is not on the volume's grid.
+    """
     labels = segmentation.bodies if preset.roi == "bodies" else segmentation.trabecular
     if labels.shape != volume.hu.shape:
         raise ValueError(f"{preset.roi} label map shape {labels.shape} != volume shape {volume.hu.shape}")
@@ -364,7 +410,6 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
         r = preset.intensity_rescale
         bounds = image_percentiles(volume.hu, (r.lower_percentile, r.upper_percentile))
     boxes = ndimage.find_objects(labels)  # one pass: bounding box of every label value
-    crops = []
     for level in preset.levels:
         vid = VERTEBRA_IDS[level]
         box = boxes[vid - 1] if vid <= len(boxes) else None
@@ -380,8 +425,7 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
         hu = volume.hu[crop]
         if bounds is not None:
             hu = _rescale(hu, bounds, preset.intensity_rescale)
-        crops.append(_LevelCrop(level, voxel_count, _cropped_volume(volume, crop, hu), mask))
-    return crops
+        yield _LevelCrop(level, voxel_count, _cropped_volume(volume, crop, hu), mask)
 
 
 def _extract(extractor: RadiomicsFeatureExtractor, image: Volume, mask: np.ndarray) -> dict[str, float]:
