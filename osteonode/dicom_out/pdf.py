@@ -157,6 +157,10 @@ def render_pdf(source: pydicom.Dataset, result: AnalysisResult, *, banner: str) 
                     "Height A/M/P mm"), rows, widths=(0.8, 0.8, 0.9, 1.0, 0.8, 0.8, 1.2, 1.1, 1.4))
     else:
         page.paragraph("No vertebral level was measured.")
+    for name in summary.ordered_levels(result.levels):
+        texture = summary.fracture_texture(name, result.levels[name])
+        if texture is not None:
+            page.paragraph(texture)
     page.heading("Method")
     for text in method(result):
         page.paragraph(text)

@@ -84,7 +84,7 @@ from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equ
                                         series_number, settle_character_set, source_datasets,
                                         with_type2_defaults)
 from osteonode.dicom_out.seg import tracking_id, tracking_uid
-from osteonode.dicom_out.summary import genant, ordered_levels, status_comments
+from osteonode.dicom_out.summary import fracture_texture, genant, ordered_levels, status_comments
 from osteonode.result import AnalysisResult, LevelResult
 from osteonode.uids import derived_uid
 from osteonode.volume import Series
@@ -194,8 +194,12 @@ def _level_measurements(measures: LevelResult, site: hd.sr.CodedConcept,
     return measurements
 
 
-def _fracture_evaluation(measures: LevelResult, sr_codes: Mapping) -> hd.sr.QualitativeEvaluation | None:
+def _fracture_evaluation(level: str, measures: LevelResult, sr_codes: Mapping
+                         ) -> hd.sr.QualitativeEvaluation | None:
     """(125605004, SCT, "Fracture of bone") of one level with its Genant grade as a Comment.
+
+    A second Comment holds seed 003's texture features when the level has them
+    (:func:`osteonode.dicom_out.summary.fracture_texture`).
 
     Suspected for Genant grade >= 1, Absent for grade 0, Undetermined when the
     body was measured (a height is known) but not graded; ``None`` when there
@@ -211,8 +215,12 @@ def _fracture_evaluation(measures: LevelResult, sr_codes: Mapping) -> hd.sr.Qual
     evaluation = hd.sr.QualitativeEvaluation(name=coded(sr_codes["fracture"]),
                                              value=coded(sr_codes["fracture_values"][key]))
     grade = "not graded" if measures.genant_grade is None else genant(measures.genant_grade)
-    _add_children(evaluation[0], [_text(sr_codes["comment"], f"Genant semi-quantitative grade: {grade} "
-                                        f"(Genant et al. 1993)", hd.sr.RelationshipTypeValues.HAS_PROPERTIES)])
+    comments = [f"Genant semi-quantitative grade: {grade} (Genant et al. 1993)"]
+    texture = fracture_texture(level, measures)
+    if texture is not None:
+        comments.append(texture)
+    _add_children(evaluation[0], [_text(sr_codes["comment"], text, hd.sr.RelationshipTypeValues.HAS_PROPERTIES)
+                                  for text in comments])
     return evaluation
 
 
@@ -222,7 +230,7 @@ def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segmen
                  ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
     """TID 1411 group of one vertebral level (measurements and fracture evaluation, see the module docstring)."""
     site_code = coded(segment_template["type"])
-    fracture = _fracture_evaluation(measures, sr_codes)
+    fracture = _fracture_evaluation(level, measures, sr_codes)
     return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         # The SEG segment's Tracking UID/ID, so SEG segment and SR group are one tracked object.
         tracking_identifier=hd.sr.TrackingIdentifier(

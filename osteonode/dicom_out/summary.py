@@ -1,4 +1,4 @@
-"""Human-readable text of a result, shared by the key images and the PDF report.
+"""Human-readable text of a result, shared by the key images, the PDF report and the SR's comments.
 
 Missing values (e.g. ``vbmd_mg_cm3`` or ``genant_grade`` before the stages
 that fill them exist) are printed as :data:`NA`, never as 0 or blank.
@@ -62,6 +62,37 @@ def ordered_levels(levels: Mapping[str, LevelResult]) -> list[str]:
     if unknown:
         raise ValueError(f"unknown vertebral level name(s) in the result: {unknown}")
     return sorted(levels, key=VERTEBRA_IDS.__getitem__)
+
+
+#: Seed 003's texture features (pyradiomics names, original image) as printed, in the paper's order.
+FRACTURE_TEXTURE_LABELS = {
+    "original_firstorder_Variance": "variance",
+    "original_firstorder_Skewness": "skewness",
+    "original_glcm_JointEnergy": "GLCM joint energy",
+    "original_glcm_JointEntropy": "GLCM joint entropy",
+    "original_glrlm_ShortRunEmphasis": "GLRLM short-run emphasis",
+    "original_glrlm_LongRunEmphasis": "GLRLM long-run emphasis",
+    "original_glrlm_RunLengthNonUniformity": "GLRLM run-length non-uniformity",
+    "original_glrlm_RunPercentage": "GLRLM run percentage",
+}
+
+
+def fracture_texture(name: str, level: LevelResult) -> str | None:
+    """Seed 003's texture features of a level with a suspected fracture, as one sentence; None without them.
+
+    Goller SS et al. (2023) compared these features between benign and
+    malignant vertebral fractures; they are printed for the reader to weigh,
+    no classification is made. Values with 4 significant digits; the names of
+    :data:`FRACTURE_TEXTURE_LABELS`, features without a label by their
+    pyradiomics name.
+    """
+    texture = level.fracture_texture
+    if not texture:
+        return None
+    named = [(label, texture[key]) for key, label in FRACTURE_TEXTURE_LABELS.items() if key in texture]
+    named += [(key, value) for key, value in texture.items() if key not in FRACTURE_TEXTURE_LABELS]
+    return (f"Texture of {name} (suspected fracture; features of Goller et al. 2023, "
+            f"not a benign/malignant classification): {', '.join(f'{k} {v:.4g}' for k, v in named)}.")
 
 
 def level_rows(result: AnalysisResult) -> list[LevelRow]:

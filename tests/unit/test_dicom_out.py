@@ -476,6 +476,11 @@ RATIO = hd.sr.CodedConcept("118586006", "SCT", "Ratio")
 FRACTURE = hd.sr.CodedConcept("125605004", "SCT", "Fracture of bone")
 EQUIVALENT_MEANING = ("121050", "DCM")
 COMMENT = ("121106", "DCM")
+#: Seed 003 features of a fractured level, as pyradiomics names them.
+FRACTURE_TEXTURE = {"original_firstorder_Variance": 1234.5678, "original_firstorder_Skewness": -0.25,
+                    "original_glcm_JointEnergy": 0.0812, "original_glcm_JointEntropy": 4.1,
+                    "original_glrlm_ShortRunEmphasis": 0.85, "original_glrlm_LongRunEmphasis": 1.9,
+                    "original_glrlm_RunLengthNonUniformity": 3456.0, "original_glrlm_RunPercentage": 0.81}
 
 
 def complete_result(series: Series) -> AnalysisResult:
@@ -493,6 +498,7 @@ def complete_result(series: Series) -> AnalysisResult:
             "height_ratios": {"anterior_posterior": round((25.0 - number) / 28.0, 3), "middle_posterior": 0.929,
                               "posterior_reference": 1.0},
             "genant_grade": grade, "fracture_suspected": suspected})
+    result.levels["L2"].fracture_texture = dict(FRACTURE_TEXTURE)
     result.calibration = Calibration(method="internal (phantomless) calibration: air, fat, blood",
                                      slope_mg_cm3_per_hu=0.766, intercept_mg_cm3=-1.6, plausible=True,
                                      note=CALIBRATION_NOTE)
@@ -570,9 +576,17 @@ def test_sr_reports_fracture_suspicion_with_the_genant_grade(complete):
         assert (evaluation.value.value, evaluation.value.scheme_designator) == (value, "SCT")
         # highdicom's QualitativeEvaluation keeps name and value only: read the Comment from the group itself.
         [fracture] = [item for item in group[0].ContentSequence if _code(item) == ("125605004", "SCT")]
-        comment = _children(fracture)[COMMENT]
-        assert comment.RelationshipType == "HAS PROPERTIES"
-        assert comment.TextValue == f"Genant semi-quantitative grade: {grade} (Genant et al. 1993)"
+        comments = [child for child in fracture.ContentSequence if _code(child) == COMMENT]
+        assert all(comment.RelationshipType == "HAS PROPERTIES" for comment in comments)
+        assert comments[0].TextValue == f"Genant semi-quantitative grade: {grade} (Genant et al. 1993)"
+        if value == "415684004":  # L2, suspected: seed 003's texture features, in the paper's order
+            assert comments[1].TextValue == (
+                "Texture of L2 (suspected fracture; features of Goller et al. 2023, not a benign/malignant "
+                "classification): variance 1235, skewness -0.25, GLCM joint energy 0.0812, GLCM joint entropy 4.1, "
+                "GLRLM short-run emphasis 0.85, GLRLM long-run emphasis 1.9, GLRLM run-length non-uniformity "
+                "3456, GLRLM run percentage 0.81.")
+        else:
+            assert len(comments) == 1
 
 
 def test_sr_reports_calibration_and_contrast_phase(complete):

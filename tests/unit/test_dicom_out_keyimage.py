@@ -98,6 +98,8 @@ def test_pdf_report_is_a_valid_encapsulated_pdf_with_the_results(case, tmp_path)
     result = make_result(case.series)
     result.contrast = ContrastPhase(phase="portal_venous", aorta_hu=190.0)
     result.calibration = Calibration(method="internal: air, fat, muscle", plausible=False, note="slope out of range")
+    result.levels["L2"].fracture_texture = {"original_glrlm_RunPercentage": 0.8123456,
+                                            "original_firstorder_Variance": 1500.0}
     ds = build_pdf_report(case.series, result, banner=BANNER)
     assert_valid(ds, tmp_path / "report.dcm")
     back = round_trip(ds)
@@ -124,6 +126,8 @@ def test_pdf_report_is_a_valid_encapsulated_pdf_with_the_results(case, tmp_path)
     assert lines["L1"][6:8] == ["n/a", "n/a"]
     assert lines["L2"][6:9] == ["96", "2", "(moderate)"]
     assert "Contrast phase portal venous" in text
+    assert "GLRLM run percentage 0.8123" in " ".join(text.split())  # seed 003 texture of the fractured L2
+    assert "Texture of L2" in text and "Texture of L1" not in text
     assert "vBMD calibration: internal: air, fat, muscle (slope out of range)." in text
     assert "calibration is not plausible (see Method)" in text
     assert "Uncertain level identification" not in text  # every confidence >= 50 %
