@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -23,7 +24,8 @@ import SimpleITK as sitk
 from radiomics import imageoperations
 
 from osteonode.measure.radiomics import (_PYRADIOMICS_BIN_EDGES, FEATURE_TABLE_NAME, META_COLUMNS,
-                                         RadiomicsParamsError, _bin_edges, _rescale, extract_features, image_percentiles, load_preset,
+                                         RadiomicsParamsError, _bin_edges, _extract_in_workers, _LevelCrop,
+                                         _rescale, extract_features, image_percentiles, load_preset,
                                          read_feature_table, write_feature_table)
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import segment_spine
@@ -189,6 +191,21 @@ def test_worker_processes_give_the_rows_of_one_process(abdomen):
     one = extract_features(*abdomen, "seed000")
     assert extract_features(*abdomen, "seed000", processes=2) == one
     assert extract_features(*abdomen, "seed000", processes=8) == one  # at most one worker per level
+
+
+class _ExitsWhenRead:
+    """A cropped image that ends the worker process reading it, as the kernel's OOM killer would."""
+
+    def to_sitk(self, *args):
+        os._exit(1)
+
+
+def test_worker_that_dies_gives_a_clear_error_and_the_pool_recovers(abdomen):
+    preset, _ = load_preset("seed003")
+    crop = _LevelCrop(level="L1", voxel_count=100, image=_ExitsWhenRead(), mask=np.ones((3, 3, 3), np.uint8))
+    with pytest.raises(RuntimeError, match="radiomics seed003: a worker process died"):
+        _extract_in_workers(preset, None, iter([crop]), 2)
+    assert len(extract_features(*abdomen, "seed003", processes=2)) == 6  # T12-L5, in the same worker pool
 
 
 def test_processes_must_be_positive(abdomen):
