@@ -42,9 +42,9 @@ SEED003_FEATURES = {
 #: seed000 with pyradiomics 3.1: 14 shape + 13 images x (18 first order + 23 GLCM + 16 GLRLM
 #: + 16 GLSZM + 14 GLDM + 5 NGTDM); the paper had 1,197.
 SEED000_FEATURE_COUNT = 1210
-#: Generous bounds (regression guards) for a shared 2-core machine; the figures come from
-#: ``python bench/features.py --repeats 3`` on an idle machine: 3 mm CT 0.16 s/vertebra;
-#: 0.8 x 0.8 x 1.25 mm CT 1.86 s/vertebra (0.74 GB peak, including segmentation).
+#: Generous bounds (regression guards, one process) for a shared 2-core machine; the figures
+#: come from ``python bench/features.py --repeats 3`` on an idle machine, in one process: 3 mm CT
+#: 0.18 s/vertebra; 0.8 x 0.8 x 1.25 mm CT 2.04 s/vertebra (1.31 s with 2 processes).
 MAX_S_PER_VERTEBRA = {"native": 3.0, "thin": 8.0}
 MAX_PEAK_RSS_MB = 2048
 
