@@ -39,6 +39,7 @@ from osteonode.measure.radiomics import (
     FEATURE_TABLE_NAME,
     add_fracture_texture,
     extract_features,
+    start_worker_pool,
     write_feature_table,
 )
 from osteonode.measure.tissues import measure_reference_tissues
@@ -88,6 +89,8 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
     if not files:
         raise FileNotFoundError("no DICOM files to analyse")
     settings = settings or AnalysisSettings()
+    if settings.radiomics_preset:
+        start_worker_pool(settings.radiomics_processes)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_FILES:
         (out_dir / name).unlink(missing_ok=True)

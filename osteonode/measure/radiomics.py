@@ -305,8 +305,7 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
     params_dir : pathlib.Path, optional
         Folder with ``presets.json`` and parameter files instead of the shipped ones.
     processes : int
-        Worker processes for the levels (at most one per level). 1: extract in
-        this process. The workers are forked from a ``forkserver`` that has
+        Worker processes for the levels. 1: extract in this process. The workers are forked from a ``forkserver`` that has
         imported this module (:func:`_process_context`), started on first use
         and kept for later calls (:func:`_worker_pool`); each receives the
         cropped image and mask of one level at a time, as soon as it is cropped.
@@ -339,7 +338,7 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
     if processes == 1:
         extracted = [(crop.level, crop.voxel_count, _extract(extractor, crop.image, crop.mask)) for crop in crops]
     else:
-        extracted = _extract_in_workers(preset, params_dir, crops, min(processes, len(preset.levels)))
+        extracted = _extract_in_workers(preset, params_dir, crops, processes)
     rows = []
     for level, voxel_count, values in extracted:
         row: dict[str, float | int | str] = {
@@ -365,6 +364,16 @@ def _extract_in_workers(preset: Preset, params_dir: Path | None, crops: Iterator
         return [(level, voxel_count, job.get()) for level, voxel_count, job in pending]
     except ExceptionWithTraceback as exc:  # billiard's wrapper of WorkerLostError; the pool replaces the worker
         raise RuntimeError(f"radiomics {preset.name}: a worker process died: {exc.exc}") from exc.exc
+
+
+def start_worker_pool(processes: int) -> None:
+    """Start this process's pool of ``processes`` radiomics workers in the background; 1: nothing to start.
+
+    The first start imports pyradiomics in the forkserver (about 1 s): started
+    when an analysis begins, it is done by the time the levels are segmented.
+    """
+    if processes > 1:
+        threading.Thread(target=_worker_pool, args=(processes,), name="radiomics-pool-start", daemon=True).start()
 
 
 _pools: dict[int, billiard.pool.Pool] = {}

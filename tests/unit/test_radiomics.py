@@ -25,7 +25,8 @@ from radiomics import imageoperations
 
 from osteonode.measure.radiomics import (_PYRADIOMICS_BIN_EDGES, FEATURE_TABLE_NAME, META_COLUMNS,
                                          RadiomicsParamsError, _bin_edges, _extract_in_workers, _LevelCrop,
-                                         _rescale, extract_features, image_percentiles, load_preset,
+                                         _rescale, _worker_pool, extract_features, image_percentiles,
+                                         load_preset, start_worker_pool,
                                          read_feature_table, write_feature_table)
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import segment_spine
@@ -190,7 +191,14 @@ def test_worker_processes_give_the_rows_of_one_process(abdomen):
     """Levels extracted in parallel worker processes (billiard forkserver) give exactly the same rows."""
     one = extract_features(*abdomen, "seed000")
     assert extract_features(*abdomen, "seed000", processes=2) == one
-    assert extract_features(*abdomen, "seed000", processes=8) == one  # at most one worker per level
+    assert extract_features(*abdomen, "seed000", processes=3) == one  # 4 levels on 3 workers: same order
+
+
+def test_worker_pool_started_in_the_background_is_the_one_used(abdomen):
+    start_worker_pool(3)
+    pool = _worker_pool(3)  # waits for the background start: one pool per size and process
+    assert len(extract_features(*abdomen, "seed003", processes=3)) == 6
+    assert _worker_pool(3) is pool
 
 
 class _ExitsWhenRead:
