@@ -46,8 +46,8 @@ parallel worker *processes* (``processes``, the ``radiomics_processes``
 setting): billiard, Celery's fork of :mod:`multiprocessing`, because the Celery
 worker runs analyses in daemonic processes that the standard library forbids to
 have children. On the example CT resampled to 512 x 512 x 300, seed000 took
-1.85 s per vertebra with 2 processes against 3.12 s with one (2 cores;
-``python bench/features.py --repeats 5 --grids grid512``).
+1.85-1.99 s per vertebra with 2 processes against 3.1-3.2 s with one (2 cores;
+medians of ``python bench/features.py --repeats 5``, two runs).
 
 Arrays are ``(z, y, x)`` numpy; SimpleITK images are ``(x, y, z)``
 (:meth:`osteonode.volume.Volume.to_sitk` converts).
@@ -305,10 +305,11 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
     params_dir : pathlib.Path, optional
         Folder with ``presets.json`` and parameter files instead of the shipped ones.
     processes : int
-        Worker processes for the levels. 1: extract in this process. The workers are forked from a ``forkserver`` that has
-        imported this module (:func:`_process_context`), started on first use
-        and kept for later calls (:func:`_worker_pool`); each receives the
-        cropped image and mask of one level at a time, as soon as it is cropped.
+        Worker processes for the levels; 1: extract in this process. The
+        workers are forked from a ``forkserver`` that has imported this module
+        (:func:`_process_context`), started on first use and kept for later
+        calls (:func:`_worker_pool`); each receives the cropped image and mask
+        of one level at a time, as soon as it is cropped.
 
     Returns
     -------
@@ -462,10 +463,9 @@ def _process_context() -> billiard.context.BaseContext:
     billiard is Celery's fork of :mod:`multiprocessing`: unlike it, it lets the
     daemonic processes of Celery's prefork pool (where ``worker.tasks.analyze_series``
     runs) start children, and it raises ``WorkerLostError`` instead of hanging
-    when a worker is killed (after some 10 s). Not
-    ``fork``: the caller may hold threads (SimpleITK's pool, Celery's) whose
-    locks a forked child would inherit; not ``spawn``: every worker would
-    import pyradiomics again.
+    when a worker is killed (after some 10 s). Not ``fork``: the caller may
+    hold threads (SimpleITK's pool, Celery's) whose locks a forked child would
+    inherit; not ``spawn``: every worker would import pyradiomics again.
     """
     context = billiard.get_context("forkserver")
     context.set_forkserver_preload(["__main__", __name__])
