@@ -98,5 +98,6 @@ def main() -> None:
         print(f"{name:8} {'x'.join(map(str, shape)):>14} {parallel:8.2f} ({parallel / ref:4.2f}) "
               f"{serial:8.2f} ({serial / ref:4.2f}) {ref:10.2f} {peak:9.0f}")
 
+
 if __name__ == "__main__":
     main()

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (
 
 from osteonode.config import Destination
 from osteonode.ctseries import read_image, write_ct_series
+from osteonode.dicom_out import summary
 from osteonode.dispatch import delivery_state, send_files
 from osteonode.result import AnalysisResult
 
@@ -171,9 +172,8 @@ def _print_summary(result: AnalysisResult, received: list[Path], elapsed_s: floa
     if result.levels:
         print(f"{'level':6} {'mean HU':>8} {'median HU':>10} {'vBMD mg/cm3':>12} {'Genant':>7} {'confidence':>11}")
         for name, lv in result.levels.items():
-            vbmd = "n/a" if lv.vbmd_mg_cm3 is None else f"{lv.vbmd_mg_cm3:.1f}"
-            genant = "n/a" if lv.genant_grade is None else str(lv.genant_grade)
-            print(f"{name:6} {lv.trabecular_hu_mean:8.1f} {lv.trabecular_hu_median:10.1f} {vbmd:>12} {genant:>7} "
+            print(f"{name:6} {lv.trabecular_hu_mean:8.1f} {lv.trabecular_hu_median:10.1f} "
+                  f"{summary.number(lv.vbmd_mg_cm3, 1):>12} {summary.number(lv.genant_grade):>7} "
                   f"{lv.label_confidence:11.2f}")
     for side, femur in result.proximal_femur.items():
         print(f"proximal femur, {side}: {femur.status}" + (f" ({femur.reason})" if femur.reason else ""))
