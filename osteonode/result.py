@@ -15,6 +15,17 @@ from osteonode import __version__
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
+QualityFlag = Literal["cut_by_field_of_view", "heterogeneous", "mean_median_discordant",
+                      "focal_lesion_excluded", "excluded_over_limit"]
+#: Words for each quality flag, as the SR, the PDF and the key images say them.
+QUALITY_FLAG_TEXT: dict[str, str] = {
+    "cut_by_field_of_view": "cut by the edge of the scan: heights not reported",
+    "heterogeneous": "heterogeneous trabecular ROI (high standard deviation)",
+    "mean_median_discordant": "mean and median of the trabecular ROI far apart",
+    "focal_lesion_excluded": "focal sclerotic or lytic focus excluded from the ROI",
+    "excluded_over_limit": "over 30 % of the ROI excluded as focal lesion: level not used for the bone status",
+}
+
 
 class LevelResult(BaseModel):
     """Measurements of one vertebral level (trabecular ROI of the body)."""
@@ -27,6 +38,16 @@ class LevelResult(BaseModel):
     trabecular_hu_sd: float = Field(description="standard deviation in the trabecular ROI, HU")
     trabecular_voxel_count: int = Field(ge=0)
     trabecular_roi_volume_mm3: float = Field(ge=0.0)
+    excluded_focal_volume_mm3: float = Field(
+        default=0.0, ge=0.0, description="volume of focal sclerotic or lytic foci excluded from the ROI, mm³")
+    excluded_fraction: float = Field(
+        default=0.0, ge=0.0, le=1.0, description="excluded foci as a fraction of the geometric ROI")
+    cut_by_field_of_view: bool = Field(
+        default=False, description="the body is cut by the edge of the scan: heights are not reported")
+    quality_flags: list[QualityFlag] = Field(
+        default_factory=list, description="why the level's measurement may be unreliable (codes, QUALITY_FLAG_TEXT)")
+    used_for_bone_status: bool = Field(
+        default=True, description="False when the level is not usable for the bone status (see quality_flags)")
     # filled by later stages when available (issue 4): calibrated density and Genant grading
     vbmd_mg_cm3: float | None = Field(default=None, description="volumetric BMD, mg/cm³ calcium hydroxyapatite")
     height_anterior_mm: float | None = None
@@ -83,6 +104,10 @@ class BoneStatus(BaseModel):
 
     category: BoneCategory
     basis: str
+    statistic: str | None = Field(
+        default=None, description="the statistic the rule or model used, e.g. 'mean trabecular HU of L1'")
+    uncertainty_note: str | None = Field(
+        default=None, description="set when the category would change within the measurement uncertainty")
 
 
 class AnalysisResult(BaseModel):
@@ -90,7 +115,7 @@ class AnalysisResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = 1
+    schema_version: int = 2
     osteonode_version: str = __version__
     status: Literal["ok", "not_evaluable"]
     reason: str | None = None

@@ -84,6 +84,9 @@ class SpineSegmentation:
         Proximal femurs, when the backend segments them (the imported label map
         does); None otherwise (the pipeline then runs
         :func:`osteonode.segment.femur.segment_proximal_femurs`).
+    cut_by_field_of_view : set of int
+        VerSe IDs of the labelled vertebrae whose body is cut by the edge of
+        the scan (heights not reported for them).
     """
 
     bodies: np.ndarray
@@ -93,6 +96,7 @@ class SpineSegmentation:
     not_evaluable_reason: str | None = None
     whole: np.ndarray | None = None
     femurs: FemurSegmentation | None = None
+    cut_by_field_of_view: set[int] = field(default_factory=set)
 
     def label_map(self) -> np.ndarray:
         """``(z, y, x)`` uint8: vertebral bodies (VerSe IDs) and proximal femurs (90 right, 91 left).

@@ -1110,7 +1110,9 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     whole = bodies.copy()
     _add_posterior_elements(view, frame.to_canonical(whole), above, below)
     log.info("spine levels: %s (%s)", [VERTEBRA_NAMES[v] for v in sorted(confidence)], method)
-    return result(confidence, method, missing_levels_reason(complete, confidence), whole)
+    out = result(confidence, method, missing_levels_reason(complete, confidence), whole)
+    out.cut_by_field_of_view = {vid for vid in confidence if vid not in complete}
+    return out
 
 
 def missing_levels_reason(complete: set[int], confidence: dict[int, float]) -> str | None:
