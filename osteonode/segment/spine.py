@@ -53,7 +53,8 @@ Pipeline
    axis, and anterior-posterior / left-right directions perpendicular to it):
 
    * the threshold is half-way between soft tissue (40 HU) and the core HU (median
-     of a 7 mm sphere at the body centre), bounded to [70, 140] HU, so that
+     of a 10 mm sphere at the body centre, taken again without voxels
+     150 HU or more from it: focal lesions), bounded to [70, 140] HU, so that
      osteoporotic bodies are not lost;
    * **blur-invariant outline**: the outline is thresholded on a copy of the crop
      whose HU are clipped, before the smoothing, at the core HU plus the
@@ -153,6 +154,10 @@ log = logging.getLogger(__name__)
 IN_PLANE = np.zeros((3, 3, 3), bool)
 IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
 
+#: Radius (mm) of the sphere at the body centre whose robust median is the core HU.
+CORE_RADIUS_MM = 10.0
+#: Voxels further (HU) from the sphere's first median are left out of the core HU (focal lesions).
+CORE_FOCUS_HU = 150.0
 #: Grid spacing (mm) of the coarse copy used for detection.
 COARSE_MM = 2.0
 #: Soft-tissue reference HU (skeletal muscle).
@@ -612,10 +617,21 @@ def _body_threshold(core_hu: float) -> float:
 
 
 def _core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray], centre: np.ndarray) -> float:
-    """Median HU of ``hs`` (canonical ``(s, a, l)`` crop) within 7 mm of ``centre`` (mm); 150 if none."""
+    """Trabecular core HU: robust median of ``hs`` (canonical ``(s, a, l)`` crop) within 10 mm of ``centre`` (mm).
+
+    The median of the sphere is taken again over the voxels within
+    ``CORE_FOCUS_HU`` of the first median, so that a focal lesion at the centre
+    (a bone island of up to 15 mm, ~40 % of the sphere) does not set the body
+    threshold. 150 HU if the sphere is empty.
+    """
     Z, Y, X = np.meshgrid(*(c - c0 for c, c0 in zip(coords_mm, centre)), indexing="ij", sparse=True)
-    core = np.broadcast_to(Z ** 2 + Y ** 2 + X ** 2 <= 49.0, hs.shape)
-    return float(np.median(hs[core])) if core.any() else 150.0
+    core = np.broadcast_to(Z ** 2 + Y ** 2 + X ** 2 <= CORE_RADIUS_MM ** 2, hs.shape)
+    if not core.any():
+        return 150.0
+    values = hs[core]
+    first = float(np.median(values))
+    kept = values[np.abs(values - first) <= CORE_FOCUS_HU]
+    return float(np.median(kept)) if kept.size else first
 
 
 def _segment_body(hs: np.ndarray, hb: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -647,7 +663,7 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, coords_mm: tuple[np.ndarray, n
         Planes through the disc centres above and below (equal to ``top`` /
         ``bottom`` where the field of view ends without a disc).
     core_hu : float
-        Median HU of ``hs`` in the 7 mm sphere at ``centre``.
+        Core HU (:func:`_core_hu`) at ``centre``.
 
     Returns
     -------
@@ -879,12 +895,26 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
         inside = np.broadcast_to(position, body.shape)[body]
         return (position - inside.min()) / max(float(inside.max() - inside.min()), 1e-3)
 
-    roi = body & (np.abs(fraction(axis) - 0.5) <= 0.5 * ROI_HEIGHT_FRACTION) & (fraction(u) >= 0.2)
+    slab = np.abs(fraction(axis) - 0.5) <= 0.5 * ROI_HEIGHT_FRACTION
+    mid = body & slab
+    if not mid.any():
+        return mid
+    # elliptical cylinder inscribed in the mid-slab body cross-section, behind the anterior cortex
+    # margin and in front of the posterior fifth (basivertebral veins)
+    w = np.cross(axis, u)
+    ap = np.broadcast_to(Z * u[0] + Y * u[1] + X * u[2], body.shape)
+    lr = np.broadcast_to(Z * w[0] + Y * w[1] + X * w[2], body.shape)
+    a_lo, a_hi = np.percentile(ap[mid], [1, 99])
+    w_lo, w_hi = np.percentile(lr[mid], [1, 99])
+    depth = a_hi - a_lo
+    ap_lo = a_lo + 0.2 * depth
+    ellipse = (((ap - 0.5 * (ap_lo + a_hi)) / max(0.5 * (a_hi - ap_lo), 1e-3)) ** 2
+               + ((lr - 0.5 * (w_lo + w_hi)) / max(0.5 * (w_hi - w_lo), 1e-3)) ** 2) <= 1.0
     for margin in (TRABECULAR_MARGIN_MM, 4.0, 3.0):
-        out = roi & (dist >= margin)
+        out = mid & ellipse & (dist >= margin)
         if out.sum() * np.prod(spacing) >= 200.0:  # at least 0.2 cm3
             return out
-    return roi & (dist >= 3.0)
+    return mid & (dist >= 3.0)
 
 
 # -------------------------------------------------------------------------- main
