@@ -35,7 +35,8 @@ Pipeline
      mobile vertebra above it is L5.
    * *Lowest rib-bearing vertebra = T12 (cranial anchor)*: bone components lateral
      to the column (> 150 HU, after removing a 44 mm wide central column) that start at the
-     column, reach at least 45 mm lateral and run at least 16 mm cranio-caudally
+     column, reach at least 60 mm lateral (lumbar transverse processes end within
+     ~50 mm) and run at least 16 mm cranio-caudally
      are ribs, unless the bottom of the field of view cuts them (a cut iliac crest
      looks alike); the vertebra at the z of their medial end bears the rib. The lowest
      rib-bearing vertebra counts as T12 only if at least one complete rib-free
@@ -149,6 +150,7 @@ from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
+_DEBUG = None
 
 #: 4-connected structuring element within one (z) slice: fills holes slice by slice.
 IN_PLANE = np.zeros((3, 3, 3), bool)
@@ -158,6 +160,32 @@ IN_PLANE[1] = ndi.generate_binary_structure(2, 1)
 CORE_RADIUS_MM = 10.0
 #: Voxels further (HU) from the sphere's first median are left out of the core HU (focal lesions).
 CORE_FOCUS_HU = 150.0
+#: Bone of a cortical shell or endplate on the coarse copy (HU); what it encloses counts as body.
+SHELL_HU = 150.0
+#: Weight (HU) of the shell cover (0..1) in the canal-tracking score.
+CANAL_RING_HU = 200.0
+#: Distance (mm) from the spinal canal's centre to the centre of a lumbar vertebral body.
+CANAL_TO_BODY_MM = 22.0
+#: Percentile of the HU in a plane across the column that the disc profile follows.
+PROFILE_PERCENTILE = 85.0
+#: Tilts (degrees, about the left-right axis) of the planes of the disc profile; the lowest
+#: upper quartile over them is kept, so that a wedge-shaped (lordotic) disc is crossed flat.
+PROFILE_TILTS_DEG = (-20.0, -10.0, 0.0, 10.0, 20.0)
+#: Left-right shifts of the column cost this many times more than anterior-posterior ones
+#: (lordosis bends the column in the sagittal plane; the sacral foramina beside the midline
+#: look like a canal).
+LATERAL_STIFFNESS = 4.0
+#: Gaps (mm) in the cortical shell of a body that are bridged before its interior is filled.
+SHELL_GAP_MM = 6.0
+#: Notch depth (HU) of the disc profile for a candidate disc.
+MIN_NOTCH_HU = 12.0
+#: Distance (mm) between consecutive disc centres: one vertebral body and one disc, T11 to S1.
+SEGMENT_MM = (24.0, 50.0)
+#: Cost (HU per mm^2) of a change of the disc-to-disc spacing between consecutive segments.
+SPACING_PENALTY_HU_PER_MM2 = 0.4
+#: A rib reaches at least this far (mm) from the midline; lumbar transverse processes end within
+#: ~50 mm (L3, the longest, measured 48-50 mm on the example CT), a 12th rib beyond 70 mm.
+RIB_REACH_MM = 60.0
 #: Grid spacing (mm) of the coarse copy used for detection.
 COARSE_MM = 2.0
 #: Soft-tissue reference HU (skeletal muscle).
@@ -375,12 +403,77 @@ def largest_component_filled(mask: np.ndarray) -> np.ndarray:
     return ndi.binary_fill_holes(largest, structure=IN_PLANE)
 
 
+def shell_cover(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
+    """Fraction of 8 in-plane directions in which a bony shell surrounds each point.
+
+    For every voxel of the coarse ``(s, a, l)`` copy and each of the 8
+    directions (anterior, posterior, left, right and the diagonals) within its
+    axial slice, whether bone (> ``SHELL_HU``) lies 4-22 mm away. The centre of
+    a vertebral body is surrounded by its cortex in every direction whatever
+    the density of its trabecular bone (-50 HU in fatty marrow to +400 HU when
+    sclerotic); the psoas, the aorta and the bowel have bone on one side at
+    most. This makes column tracking depend on the cortical shell, which stays
+    visible in osteoporosis, not on the trabecular density.
+
+    Parameters
+    ----------
+    c : numpy.ndarray
+        Coarse canonical ``(s, a, l)`` array in HU.
+    g : float
+        Its spacing in mm.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape, float32 in [0, 1].
+    """
+    bone = c > SHELL_HU
+    steps = range(int(round(4.0 / g)), int(round(22.0 / g)) + 1)
+    cover = np.zeros(c.shape, np.float32)
+    for da, dl in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)):
+        hit = np.zeros(c.shape, bool)
+        for k in steps:
+            n = k if da == 0 or dl == 0 else max(1, int(round(k / np.sqrt(2.0))))
+            hit |= _shift(_shift(bone, -da * n, 1, False), -dl * n, 2, False)
+        cover += hit
+    return cover / 8.0
+
+
 def _track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
     """Centreline of the vertebral bodies on the coarse grid.
 
-    Returns ``path`` ``(nz, 2)`` (y, x coarse indices per slice) and a boolean
-    per slice telling whether the path point looks like a vertebral body with a
-    spinal canal behind it.
+    Each axial slice is scored for "vertebral body centre" and a dynamic
+    programme links the slices into one smooth line (at most 4 mm shift per
+    2 mm slice, each shift penalised by ``40 HU per (2 mm)^2``). The score adds
+    two kinds of evidence:
+
+    * the body itself: mean HU in an 18 mm square (clipped to [-100, 250]),
+      penalised when no fluid/fat spinal canal lies 18-26 mm behind it and
+      rewarded for bone (the neural arch) 30-54 mm behind it;
+    * the spinal canal ``CANAL_TO_BODY_MM`` behind the point, which does not
+      depend on the trabecular density: a tube of fluid and fat (-100 to 60 HU)
+      that bone surrounds in most directions (:func:`shell_cover`), with the
+      posterior body wall or disc in front and the laminae behind. In an
+      osteoporotic spine (trabecular bone at the HU of muscle) the body term
+      alone would follow the bright posterior wall and pedicles into the canal;
+      the canal term keeps the line in the body.
+
+    Parameters
+    ----------
+    c : numpy.ndarray
+        Coarse canonical ``(s, a, l)`` array, HU.
+    patient : numpy.ndarray
+        Boolean patient mask, same shape.
+    g : float
+        Coarse spacing, mm.
+
+    Returns
+    -------
+    path : numpy.ndarray
+        ``(ns, 2)`` float (a, l) coarse indices of the body centreline per slice.
+    valid : numpy.ndarray
+        ``(ns,)`` bool: the slice shows a body (denser than soft tissue, or with a
+        bone-surrounded canal behind it) with a spinal canal behind it.
     """
     nz, ny, nx = c.shape
     area = patient.sum(axis=(1, 2))
@@ -401,7 +494,11 @@ def _track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> t
     arch = np.zeros(sub.shape, np.float32)
     for mm in np.arange(30.0, 55.0, 4.0):
         arch = np.maximum(arch, _shift(arch_src, int(round(mm / g)), axis=1, fill=0.0))
-    score = body - 1.5 * np.maximum(0.0, canal - 60.0) + 0.5 * np.minimum(arch, 300.0)
+    canal_here, ring = _canal_score(sub, g)
+    behind = int(round(CANAL_TO_BODY_MM / g))
+    canal_evidence = _shift(canal_here, behind, axis=1, fill=0.0)
+    score = (body - 1.5 * np.maximum(0.0, canal - 60.0) + 0.5 * np.minimum(arch, 300.0)
+             + np.maximum(canal_evidence, 0.0))
     # priors: inside the patient, within 40 mm of the slice's left-right centre
     sub_patient = patient[:, :, x0:x1]
     score[~sub_patient] = -1e4
@@ -412,8 +509,45 @@ def _track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> t
             continue
         xc = ndi.center_of_mass(patient[z])[1]
         score[z][:, np.abs(xs_sub - xc) > 40.0 / g] = -1e4
-    # dynamic programme over slices
-    r, lam = 2, 40.0
+    path = _dynamic_path(score)
+    at = (np.arange(nz), path[:, 0], path[:, 1])
+    ring_behind = _shift(ring, behind, axis=1, fill=0.0)
+    # a slice is "on the column" when the body is denser than soft tissue or has a bone-surrounded
+    # canal behind it, and the canal is visible (this rejects tracks through vessels or a cut-off spine)
+    valid = (((body[at] > 60.0) | (ring_behind[at] >= 0.6)) & (canal[at] < 100.0) & (score[at] > -1e3))
+    path = path.astype(float)
+    path[:, 1] += x0
+    return path, valid
+
+
+def _canal_score(sub: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
+    """Spinal-canal evidence (HU-like score) at each point of a coarse ``(s, a, l)`` array, and the shell cover.
+
+    High where the point is fluid or fat (-100 to 60 HU), bone surrounds it
+    (:func:`shell_cover`), and bone or disc lies 6-14 mm in front (posterior
+    body wall) and 8-30 mm behind (laminae). Independent of the trabecular
+    density of the bodies.
+    """
+    small = ndi.uniform_filter(np.clip(sub, -300, 400), size=(1, 3, 3))
+    ring = shell_cover(sub, g)
+    front = np.full(sub.shape, -300.0, np.float32)
+    for mm in (6.0, 10.0, 14.0):
+        front = np.maximum(front, _shift(small, -int(round(mm / g)), axis=1, fill=-300.0))
+    behind = np.full(sub.shape, -300.0, np.float32)
+    for mm in np.arange(8.0, 31.0, 4.0):
+        behind = np.maximum(behind, _shift(small, int(round(mm / g)), axis=1, fill=-300.0))
+    score = (CANAL_RING_HU * (ring - 0.5) - 1.5 * np.maximum(0.0, np.abs(small - 0.0) - 100.0)
+             + 0.3 * np.clip(front, 0.0, 250.0) + 0.3 * np.clip(behind, 0.0, 250.0) - 100.0)
+    return score.astype(np.float32), ring
+
+
+def _dynamic_path(score: np.ndarray, r: int = 2, lam: float = 40.0) -> np.ndarray:
+    """Best smooth path through ``score`` ``(ns, na, nl)``: one (a, l) index per slice.
+
+    Maximises the summed score minus ``lam * (da^2 + LATERAL_STIFFNESS * dl^2)`` per slice step, with
+    steps of at most ``r`` voxels. Returns ``(ns, 2)`` int indices.
+    """
+    nz = score.shape[0]
     offs = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
     _, sy, sx = score.shape
     value = score[0].copy()
@@ -422,7 +556,7 @@ def _track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> t
         best = np.full((sy, sx), -1e9, np.float32)
         arg = np.zeros((sy, sx), np.int8)
         for i, (dy, dx) in enumerate(offs):
-            cand = _shift(_shift(value, dy, 0, -1e9), dx, 1, -1e9) - lam * (dy * dy + dx * dx)
+            cand = _shift(_shift(value, dy, 0, -1e9), dx, 1, -1e9) - lam * (dy * dy + LATERAL_STIFFNESS * dx * dx)
             upd = cand > best
             best[upd] = cand[upd]
             arg[upd] = i
@@ -433,13 +567,7 @@ def _track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> t
     for z in range(nz - 1, 0, -1):
         dy, dx = offs[back[z][tuple(path[z])]]
         path[z - 1] = path[z] - [dy, dx]
-    at = (np.arange(nz), path[:, 0], path[:, 1])
-    # a slice is "on the column" when the body is denser than soft tissue and the canal
-    # behind it is visible (this rejects tracks through vessels or a cut-off spine)
-    valid = (body[at] > 60.0) & (canal[at] < 100.0) & (score[at] > -1e3)
-    path = path.astype(float)
-    path[:, 1] += x0
-    return path, valid
+    return path
 
 
 # -------------------------------------------------------------------------- discs
@@ -465,7 +593,11 @@ def _perpendicular_frame(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _plane_profile(c: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mean HU in 22 x 32 mm planes perpendicular to the smoothed centreline.
+    """85th-percentile HU in 22 x 32 mm planes perpendicular to the smoothed centreline.
+
+    The 85th percentile, not the mean: it follows the cortical shell and the
+    endplates, which stay bright in osteoporosis, rather than the trabecular
+    interior (a mean of an osteoporotic body plane falls to the HU of the disc).
 
     Returns the profile, the smoothed centre points ``(nz, 3)`` and unit tangents.
     """
@@ -476,13 +608,15 @@ def _plane_profile(c: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndar
     tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
     uu, ww = np.meshgrid(np.arange(-6, 6), np.arange(-8, 9), indexing="ij")  # coarse voxels (2 mm)
     clipped = np.clip(c, -100, 500)
-    samples = np.empty((nz, 3, uu.size))
-    for i, (p, t) in enumerate(zip(pts, tangent)):
-        u, w = _perpendicular_frame(t)
-        samples[i] = (p[:, None] + u[:, None] * uu.ravel() + w[:, None] * ww.ravel())
-    vals = ndi.map_coordinates(clipped, samples.transpose(1, 0, 2).reshape(3, -1), order=1, mode="nearest")
-    profile = vals.reshape(nz, -1).mean(axis=1)
-    return profile, pts, tangent
+    profiles = []
+    for tilt in np.tan(np.radians(PROFILE_TILTS_DEG)):
+        samples = np.empty((nz, 3, uu.size))
+        for i, (p, t) in enumerate(zip(pts, tangent)):
+            u, w = _perpendicular_frame(t)
+            samples[i] = (p[:, None] + (u[:, None] + t[:, None] * tilt) * uu.ravel() + w[:, None] * ww.ravel())
+        vals = ndi.map_coordinates(clipped, samples.transpose(1, 0, 2).reshape(3, -1), order=1, mode="nearest")
+        profiles.append(np.percentile(vals.reshape(nz, -1), PROFILE_PERCENTILE, axis=1))
+    return np.min(profiles, axis=0), pts, tangent
 
 
 @dataclass
@@ -496,11 +630,13 @@ class _Disc:
 def _find_discs(profile: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) -> list[_Disc]:
     nz = len(profile)
     p = ndi.gaussian_filter1d(profile, 0.6, mode="nearest")
-    d = int(round(6.0 / g))
+    d = int(round(8.0 / g))
     left = np.full(nz, -1e3)
     right = np.full(nz, -1e3)
-    left[d:] = p[:-d]
-    right[:-d] = p[d:]
+    # flanks: the brightest plane 4-8 mm on each side (the endplates of both neighbours)
+    for k in range(int(round(4.0 / g)), d + 1):
+        left[k:] = np.maximum(left[k:], p[:-k])
+        right[:-k] = np.maximum(right[:-k], p[k:])
     flank = np.minimum(left, right)
     notch = flank - p
     # flanks must be bone (endplates), not a dip in soft tissue
@@ -511,13 +647,9 @@ def _find_discs(profile: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) ->
     notch[support < 0.5] = 0.0
     is_min = (p <= np.roll(p, 1)) & (p <= np.roll(p, -1))
     is_min[[0, -1]] = False
-    cands = [z for z in np.nonzero(is_min & (notch > 20.0))[0]]
-    cands.sort(key=lambda z: -notch[z])
-    chosen: list[int] = []
-    sep = 22.0 / g
-    for z in cands:
-        if all(abs(z - o) >= sep for o in chosen):
-            chosen.append(int(z))
+    cands = [int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]]
+    chosen = disc_chain([z * g for z in cands], [float(notch[z]) for z in cands])
+    chosen = [cands[i] for i in chosen]
     discs = []
     for z in sorted(chosen):
         # boundaries: half-way between the disc minimum and the flanking maxima within 10 mm
@@ -535,6 +667,69 @@ def _find_discs(profile: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) ->
             za += 1
         discs.append(_Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5))
     return discs
+
+
+def disc_chain(positions_mm: list[float], depths_hu: list[float]) -> list[int]:
+    """Choose the intervertebral discs among candidate minima of the disc profile.
+
+    A pure function of the candidates: the chosen discs form one chain, ordered
+    along the spine, in which consecutive discs lie ``SEGMENT_MM`` apart (one
+    vertebral body plus one disc: 24-50 mm from T11 to S1) and consecutive
+    spacings change little (vertebral heights change slowly along the column).
+    The chain maximises the summed notch depths minus
+    ``SPACING_PENALTY_HU_PER_MM2`` times the squared change of spacing. This
+    keeps a low-density vertebra's mid-body dip (about half a segment from
+    the discs) out, where a greedy choice by depth would take it.
+
+    Parameters
+    ----------
+    positions_mm : list of float
+        Candidate positions along the column (mm), ascending.
+    depths_hu : list of float
+        Their notch depths (HU), same length.
+
+    Returns
+    -------
+    list of int
+        Indices of the chosen candidates, ascending; empty if there are none.
+
+    Raises
+    ------
+    ValueError
+        If the lists differ in length or the positions are not ascending.
+    """
+    n = len(positions_mm)
+    if len(depths_hu) != n:
+        raise ValueError("positions_mm and depths_hu differ in length")
+    if any(b < a for a, b in zip(positions_mm, positions_mm[1:])):
+        raise ValueError("positions_mm must be ascending")
+    if n == 0:
+        return []
+    lo, hi = SEGMENT_MM
+    pair: dict[tuple[int, int], float] = {}
+    back: dict[tuple[int, int], tuple[int, int] | None] = {}
+    for j in range(n):
+        for i in range(j):
+            gap = positions_mm[j] - positions_mm[i]
+            if not lo <= gap <= hi:
+                continue
+            best, arg = depths_hu[i] + depths_hu[j], None
+            for h in range(i):
+                if (h, i) in pair:
+                    change = gap - (positions_mm[i] - positions_mm[h])
+                    score = pair[(h, i)] + depths_hu[j] - SPACING_PENALTY_HU_PER_MM2 * change * change
+                    if score > best:
+                        best, arg = score, (h, i)
+            pair[(i, j)], back[(i, j)] = best, arg
+    single = int(np.argmax(depths_hu))
+    if not pair or depths_hu[single] >= max(pair.values()):
+        return [single]
+    key: tuple[int, int] | None = max(pair, key=pair.get)
+    chain = [key[1]]
+    while key is not None:
+        chain.append(key[0])
+        key = back[key]
+    return sorted(chain)
 
 
 def _neighbour_height(segments: list, i: int, g: float) -> float:
@@ -597,7 +792,7 @@ def _rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[f
         xx = xx + sl[2].start
         dx = np.abs(xx - path[zz, 1]) * g
         dy = (yy - path[zz, 0]) * g
-        if dx.min() > 26.0 or dx.max() < 45.0 or (zz.max() - zz.min() + 1) * g < 16.0:
+        if dx.min() > 26.0 or dx.max() < RIB_REACH_MM or (zz.max() - zz.min() + 1) * g < 16.0:
             continue
         if zz.min() == 0:  # cut by the bottom of the field of view (e.g. an iliac crest): cannot be told
             continue
@@ -634,7 +829,7 @@ def _core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray
     return float(np.median(kept)) if kept.size else first
 
 
-def _segment_body(hs: np.ndarray, hb: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
+def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
                   centre: np.ndarray, axis: np.ndarray, top: tuple[np.ndarray, np.ndarray],
                   bottom: tuple[np.ndarray, np.ndarray], spacing: np.ndarray,
                   outer_top: tuple[np.ndarray, np.ndarray], outer_bottom: tuple[np.ndarray, np.ndarray],
@@ -649,6 +844,10 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, coords_mm: tuple[np.ndarray, n
         The same crop (same shape, HU) clipped at the core HU plus the
         threshold's height above soft tissue before smoothing: the outline is
         thresholded on it (the centring pass passes ``hs`` again).
+    raw : numpy.ndarray
+        The same crop (same shape, HU) unsmoothed: the cortical shell is found
+        on it (smoothing for noise would blur a one-voxel cortex below the
+        shell threshold).
     coords_mm : tuple of numpy.ndarray
         Canonical position (mm) of each index along the three axes of ``hb``.
     centre : numpy.ndarray
@@ -699,26 +898,38 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, coords_mm: tuple[np.ndarray, n
     bins = np.arange(-35.5, 0.0, 1.0)
     idx = np.digitize(a_band, bins) - 1
     ok = (idx >= 0) & (idx < len(bins) - 1)
-    sums = np.bincount(idx[ok], weights=hb[ap_band][ok], minlength=len(bins) - 1)
-    counts = np.bincount(idx[ok], minlength=len(bins) - 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        prof = sums / counts  # bin k centred at -35 + k mm; NaN where empty
     centres = bins[:-1] + 0.5
-    good = np.isfinite(prof)
-    if good.sum() >= 2:  # bins between voxel rows stay empty on coarse grids: interpolate
-        prof = np.interp(centres, centres[good], prof[good])
-    # the spinal canal is the first fluid/fat-density point (< 50 HU) walking posteriorly
-    # from the centre; the wall is where the profile, coming back anteriorly from there,
-    # rises above the body threshold again (the posterior cortex). A lucent spot inside
-    # the body (basivertebral veins) stays above 50 HU and is not taken for the canal.
-    wall = -30.0
+    counts = np.bincount(idx[ok], minlength=len(bins) - 1)
+    good = counts > 0
+
+    def ap_profile(image: np.ndarray) -> np.ndarray:  # bin k centred at -35 + k mm
+        sums = np.bincount(idx[ok], weights=image[ap_band][ok], minlength=len(bins) - 1)
+        prof = np.full(len(centres), np.nan)
+        prof[good] = sums[good] / counts[good]
+        if good.sum() >= 2:  # bins between voxel rows stay empty on coarse grids: interpolate
+            prof = np.interp(centres, centres[good], prof[good])
+        return prof
+
+    prof, shell_prof = ap_profile(hb), ap_profile(hs)
+    shell_thr = max(SHELL_HU, thr + 30.0)
     order = [k for k in range(len(centres) - 1, -1, -1) if centres[k] <= -4.0]
-    k_canal = next((k for k in order if prof[k] < 50.0), None)
-    if k_canal is not None:
-        j = k_canal
-        while j + 1 < len(centres) and prof[j] < thr:
-            j += 1
-        wall = float(centres[j]) - 0.5
+    # the posterior cortex: walking posteriorly from the centre, the first bright bin (cortical
+    # shell) with fluid or fat (< 50 HU, the spinal canal) within 6 mm behind it. This holds for
+    # any trabecular density: an osteoporotic interior (-50 to 90 HU) lies in front of the cortex.
+    k_wall = next((k for k in order if shell_prof[k] > shell_thr
+                   and np.min(shell_prof[max(0, k - 6):k], initial=np.inf) < 50.0), None)
+    wall = -30.0
+    if k_wall is not None:
+        wall = float(centres[k_wall]) - 1.5  # keep the cortex inside the envelope
+    else:
+        # no clear cortex: the canal is the first fluid/fat-density point walking posteriorly,
+        # and the wall is where the profile, coming back anteriorly, rises above the threshold
+        k_canal = next((k for k in order if prof[k] < 50.0), None)
+        if k_canal is not None:
+            j = k_canal
+            while j + 1 < len(centres) and prof[j] < thr:
+                j += 1
+            wall = float(centres[j]) - 0.5
     # the posterior wall is concave: lateral to the canal the body reaches a little further back
     behind = np.where(np.abs(lr) >= CANAL_HALF_WIDTH_MM, POSTERIOR_CONCAVITY_MM, 0.0)
     envelope = ((lr / 32.0) ** 2 + (a / 32.0) ** 2 <= 1.0) & (a >= wall - behind)
@@ -734,6 +945,16 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, coords_mm: tuple[np.ndarray, n
         full = envelope & slab & outline & (inner | (hs > max(thr, disc_hu + 40.0)))
     else:
         full = envelope & inner & (hb > thr)
+    # what the cortical shell encloses, whatever its density (osteoporotic or fatty marrow darker
+    # than the threshold): axial slices of the shell, closed behind the posterior wall, filled
+    shell = (raw > shell_thr) & np.broadcast_to(envelope, hb.shape)
+    shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), hb.shape)
+    enclosed = _enclosed(shell, SHELL_GAP_MM, spacing)
+    full = full | (enclosed & envelope & inner)
+    if _DEBUG is not None:
+        _DEBUG.append(dict(raw=raw, hs=hs, hb=hb, shell=shell, enclosed=enclosed, envelope=np.broadcast_to(envelope, hb.shape), inner=np.broadcast_to(inner, hb.shape), full=full.copy(), centre=centre, coords=coords_mm, thr=thr, wall=wall, top=top, bottom=bottom, axis=axis))
+    log.debug("shell thr %.0f: shell %d, enclosed %d, enclosed in envelope and inner %d, wall %.1f (k_wall %s)",
+              shell_thr, shell.sum(), enclosed.sum(), (enclosed & envelope & inner).sum(), wall, k_wall)
     log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm",
               np.round(centre), core_hu, thr, disc_hu, wall)
     out = np.zeros(hb.shape, bool)
@@ -750,6 +971,41 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, coords_mm: tuple[np.ndarray, n
     keep = np.broadcast_to(slab & envelope, hb.shape)[box]
     mask = ndi.binary_closing(mask, structure=ball) & keep
     out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
+    return out
+
+
+def _enclosed(shell: np.ndarray, gap_mm: float, spacing: np.ndarray) -> np.ndarray:
+    """What a shell encloses in axial, coronal or sagittal planes of a canonical ``(s, a, l)`` mask.
+
+    In each orientation the shell is dilated in-plane by half of ``gap_mm``,
+    its holes are filled plane by plane, and the filled mask is eroded back by
+    the same disk; the union over the three orientations is returned (boolean,
+    same shape: the shell and its interior). A vertebral body is enclosed by
+    its cortex in axial planes and by its cortex and endplates in coronal and
+    sagittal planes; a gap in one orientation (a thin cortex partly below the
+    shell threshold on one slice) is closed in another.
+
+    Parameters
+    ----------
+    shell : numpy.ndarray
+        Boolean ``(s, a, l)`` mask.
+    gap_mm : float
+        Widest gap bridged, mm.
+    spacing : numpy.ndarray
+        ``(3,)`` voxel spacing, mm.
+    """
+    out = np.zeros(shell.shape, bool)
+    for normal in range(3):
+        axes = [ax for ax in range(3) if ax != normal]
+        r = [max(1, int(round(0.5 * gap_mm / spacing[ax]))) for ax in axes]
+        grids = np.meshgrid(*[np.arange(-k, k + 1) * spacing[ax] for k, ax in zip(r, axes)], indexing="ij")
+        disk = np.expand_dims(grids[0] ** 2 + grids[1] ** 2 <= (0.5 * gap_mm) ** 2 + 1e-6, normal)
+        plane = np.zeros((3, 3, 3), bool)
+        plane[tuple(1 if ax == normal else slice(None) for ax in range(3))] = \
+            ndi.generate_binary_structure(2, 1)
+        grown = ndi.binary_dilation(shell, structure=disk)
+        filled = ndi.binary_fill_holes(grown, structure=plane)
+        out |= ndi.binary_erosion(filled, structure=disk, border_value=1)
     return out
 
 
@@ -1103,9 +1359,10 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
             continue
         native_coords = (zmm[sl[0]], ymm[sl[1]], xmm[sl[2]])
         hs, coords, back = _working_grid(smooth(crop), native_coords, sp, work_sp)
+        raw = _working_grid(crop, native_coords, sp, work_sp)[0]
         # centring pass on the smoothed copy: the final pass is centred on this body's centroid
         # (the tracked centre leans towards the canal because the tracking score rewards it)
-        body = _segment_body(hs, hs, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
+        body = _segment_body(hs, hs, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
                              outer_bottom, _core_hu(hs, coords, centre))
         if body.any():
             cen = np.array([float(np.average(cc, weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
@@ -1118,7 +1375,7 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         # clipped before smoothing, so that the dense cortex cannot spread above the threshold
         clip = core_hu + _body_threshold(core_hu) - SOFT_TISSUE_HU
         hb = _working_grid(smooth(np.minimum(crop, clip)), native_coords, sp, work_sp)[0]
-        body = _segment_body(hs, hb, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
+        body = _segment_body(hs, hb, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
                              outer_bottom, core_hu)
         roi = trabecular_roi(body, coords, work_sp, tangent[im]) if vid != SACRUM else np.zeros_like(body)
         body, roi = body[back], roi[back]
