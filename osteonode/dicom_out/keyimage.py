@@ -262,8 +262,8 @@ def _draw_side_panel(ax: Axes, result: AnalysisResult) -> None:
     column = _Column(ax)
     column.write(summary.title(), 16, 60, weight="bold")
     column.write(f"Bone status: {summary.status_line(result)}", 19, 40, weight="bold")
-    column.write("\n".join(summary.status_details(result)), 13, 62, weight="bold", color=render.BANNER_COLOR)
-    column.write("\n".join(summary.status_comments(result)), 12, 66)
+    column.write("\n".join(summary.status_details(result)), 13, 50, weight="bold", color=render.BANNER_COLOR)
+    column.write("\n".join(summary.status_comments(result)), 12, 60)
     rows = [(row.level, row.hu_mean, row.vbmd_mg_cm3, row.genant) for row in summary.level_rows(result)]
     row_in = 0.36
     height = row_in * (len(rows) + 1) / column.height_in
@@ -273,12 +273,12 @@ def _draw_side_panel(ax: Axes, result: AnalysisResult) -> None:
                       row_height=1.0 / (len(rows) + 1), widths=(0.8, 0.7, 1.3, 1.2))
     column.y -= height
     column.skip(8)
-    column.write(summary.marks_legend(result), 12, 70)
-    column.write("\n".join(summary.level_note_lines(result)), 12, 70)
+    column.write(summary.marks_legend(result), 12, 60)
+    column.write("\n".join(summary.level_note_lines(result)), 12, 60)
     legend = ("Lines: vertebral body outline in the level's colour; lighter inner line: trabecular ROI (as in "
               "the SEG). HU: mean trabecular attenuation. vBMD: volumetric bone mineral density. "
               f"Levels: {result.labelling_method or summary.NA}.")
-    column.write(legend, 11, 76, color="#333333")
+    column.write(legend, 11, 68, color="#333333")
 
 
 def render_view(series: Series, segmentation: SpineSegmentation, result: AnalysisResult, view: str,

@@ -152,7 +152,7 @@ def render_pdf(source: pydicom.Dataset, result: AnalysisResult, *, banner: str) 
     page.line("\n".join(summary.identity_lines(source)))
     page.heading(f"Result: {summary.status_line(result)}")
     for text in summary.status_details(result):
-        page.line(textwrap.fill(text, WRAP_CHARACTERS - 10), size=BODY_PT + 1, weight="bold")
+        page.line(textwrap.fill(text, 95), size=BODY_PT + 1, weight="bold")
     for text in summary.status_comments(result):
         page.paragraph(text)
     page.heading("Measurements per vertebral level")

@@ -212,8 +212,10 @@ def _fracture_evaluation(level: str, measures: LevelResult, sr_codes: Mapping
 
     Suspected for Genant grade >= 1, Absent for grade 0, Undetermined when the
     body was measured (a height is known) but not graded; ``None`` when there
-    is neither a grade nor a height.
+    is neither a grade nor a height, or the body is cut by the edge of the scan.
     """
+    if measures.cut_by_field_of_view:
+        return None  # the heights of a cut body are not those of the vertebra
     if measures.fracture_suspected is not None:
         key = "suspected" if measures.fracture_suspected else "absent"
     elif any(h is not None for h in (measures.height_anterior_mm, measures.height_middle_mm,

@@ -183,7 +183,8 @@ def level_rows(result: AnalysisResult) -> list[LevelRow]:
     The level name carries its mark (:func:`marked_name`). HU and vBMD without
     decimals, ROI volume in cm³ with one decimal, heights
     anterior/middle/posterior in mm (:data:`NA` unless all three are known and
-    the body is not cut by the edge of the scan).
+    the body is not cut by the edge of the scan; the Genant grade of a cut body
+    is :data:`NA` too).
 
     Raises
     ------
@@ -202,7 +203,7 @@ def level_rows(result: AnalysisResult) -> list[LevelRow]:
             hu_sd=number(level.trabecular_hu_sd),
             roi_volume_cm3=number(level.trabecular_roi_volume_mm3 / 1000.0, 1),
             vbmd_mg_cm3=number(level.vbmd_mg_cm3),
-            genant=genant(level.genant_grade),
+            genant=NA if level.cut_by_field_of_view else genant(level.genant_grade),
             heights_mm=NA if None in heights else "/".join(number(h) for h in heights),
         ))
     return rows
