@@ -11,42 +11,60 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
   listed in the evidence (Current Requested Procedure Evidence Sequence).
 * Row 6: Imaging Measurements, with
 
-  - evaluable series: one TID 1411 "Volumetric ROI Measurements" group per
-    reported level, referencing the SEG segment of that level
-    (121191, DCM, "Referenced Segment") and the source series
-    (121232, DCM, "Source series for segmentation"), with the tracking
-    identifier and UID of that SEG segment, finding
-    category/type/site (CID 7151 vertebra codes), the algorithm (TID 4019) and
-    TID 300 measurements:
+  - evaluable series: two TID 1411 "Volumetric ROI Measurements" groups per
+    reported level, each referencing one SEG segment (121191, DCM,
+    "Referenced Segment") and the source series (121232, DCM, "Source series
+    for segmentation"), with the tracking identifier and UID of that SEG
+    segment, finding category, finding site (the level's vertebra, CID 7151)
+    and the algorithm (TID 4019):
 
-    * attenuation coefficient (112031, DCM) with derivation mean / median /
-      standard deviation (CID 7464) in ``[hnsf'U]``;
-    * the level label confidence as (111012, DCM, "Certainty of Finding") in
-      ``%`` (the finding being the vertebral level of the group);
-    * when known, vBMD as (C0005938, UMLS, "Bone Density") in ``mg/cm3``
-      (CID 301) with derivation (373098007, SCT, "Mean") and, as
-      HAS CONCEPT MOD (TID 1210), a TEXT (121050, DCM, "Equivalent Meaning of
-      Concept Name") saying volumetric, calcium hydroxyapatite, phantomless
-      calibration (no standard code exists for that method);
-    * vertebral body heights as (121207, DCM, "Height", CID 7470) in ``mm``,
-      each with its own finding site (the vertebra) and topographical modifier
-      (106233006, SCT) Anterior / Central / Posterior (CID 2) for the
-      anterior / middle / posterior height;
-    * height ratios as (118586006, SCT, "Ratio") in UCUM ``1`` ("no units",
-      CID 7181), each named by an Equivalent Meaning of Concept Name TEXT;
+    * the **vertebral body** group (segment of the body, finding type the
+      vertebra), with the TID 300 measurements
 
-    and one qualitative evaluation (TID 1411 row 15): (125605004, SCT,
-    "Fracture of bone") = (415684004, SCT, "Suspected") for Genant grade >= 1,
-    (272519000, SCT, "Absent") for grade 0, (373068000, SCT, "Undetermined")
-    for a measured but ungraded body, with the Genant grade as a HAS PROPERTIES
-    TEXT (121106, DCM, "Comment"): SNOMED CT has no concept for a Genant grade;
+      - the level label confidence as (111012, DCM, "Certainty of Finding") in
+        ``%`` (the finding being the vertebral level of the group);
+      - vertebral body heights as (121207, DCM, "Height", CID 7470) in ``mm``,
+        each with its own finding site (the vertebra) and topographical
+        modifier (106233006, SCT) Anterior / Central / Posterior (CID 2) for the
+        anterior / middle / posterior height;
+      - height ratios as (118586006, SCT, "Ratio") in UCUM ``1`` ("no units",
+        CID 7181), each named by an Equivalent Meaning of Concept Name TEXT;
+
+      and one qualitative evaluation (TID 1411 row 15): (125605004, SCT,
+      "Fracture of bone") = (415684004, SCT, "Suspected") for Genant grade
+      >= 1, (272519000, SCT, "Absent") for grade 0, (373068000, SCT,
+      "Undetermined") for a measured but ungraded body, with the Genant grade
+      as a HAS PROPERTIES TEXT (121106, DCM, "Comment"): SNOMED CT has no
+      concept for a Genant grade. A body cut by the edge of the scan
+      (``cut_by_field_of_view``) has no heights, no ratios and no fracture
+      evaluation, whatever the level result holds;
+    * the **trabecular ROI** group (segment of the level's trabecular ROI,
+      finding type (3138006, SCT, "Bone")), with the TID 300 measurements
+
+      - attenuation coefficient (112031, DCM) with derivation mean / median /
+        standard deviation (CID 7464) in ``[hnsf'U]``;
+      - when known, vBMD as (C0005938, UMLS, "Bone Density") in ``mg/cm3``
+        (CID 301) with derivation (373098007, SCT, "Mean") and, as HAS CONCEPT
+        MOD (TID 1210), a TEXT (121050, DCM, "Equivalent Meaning of Concept
+        Name") saying volumetric, calcium hydroxyapatite, phantomless
+        calibration (no standard code exists for that method);
+
+    and, in either group, one CONTAINS TEXT (121106, DCM, "Comment") per
+    quality note of that part (TID 1411 qualitative evaluations as text;
+    :func:`osteonode.dicom_out.summary.level_notes`): the words of each
+    quality flag (:data:`osteonode.result.QUALITY_FLAG_TEXT`; "cut by the
+    edge of the scan" in the body group, the others in the ROI group), the
+    excluded focal volume and "not used for the bone status";
   - not-evaluable series: one TID 1501 group referencing every source image
     (121112, DCM, "Source of Measurement") with the algorithm and the
     finding (373121007, SCT, "Not Evaluated") (CID 3703).
 
 * Row 12: Qualitative Evaluations (C0034375, UMLS): the bone status as CODE
   (121071, DCM, "Finding") = Normal / Osteopenia / Osteoporosis / Indeterminate
-  / Not Evaluated (SNOMED CT), and TEXT items: (121106, DCM, "Comment") with
+  / Not Evaluated (SNOMED CT), with HAS PROPERTIES TEXT (121106, DCM,
+  "Comment") children "Statistic: ..." (the statistic the rule used) and
+  "Uncertainty: ..." (when the category would change within the measurement
+  uncertainty), each when the result has it, and TEXT items: (121106, DCM, "Comment") with
   the basis of the category and, when not evaluable, the reason; (370129005,
   SCT, "Measurement Method") with the level identification method. Then, when
   the result has them:
@@ -394,7 +412,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         (same Study Instance UID; absent Type 2 attributes are written empty).
     result : AnalysisResult
         The analysis result. For ``status == "ok"`` every level in
-        ``result.levels`` becomes a TID 1411 group; values are written as
+        ``result.levels`` becomes two TID 1411 groups (body, trabecular ROI);
+        values are written as
         given: HU in ``[hnsf'U]`` (mean, median, SD of the trabecular ROI),
         vBMD in ``mg/cm3``, heights in ``mm``, height ratios in ``1``, each
         only when known, and the Genant grade with the fracture evaluation.
@@ -406,8 +425,9 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     seg : highdicom.seg.Segmentation or None
         The SEG from :func:`osteonode.dicom_out.seg.build_seg` of this series;
         required when the result is evaluable and ignored otherwise. Segments
-        are matched to levels by Segment Label (from ``segments.json``); each
-        SR group reuses its segment's Tracking ID and Tracking UID.
+        are matched to levels by Segment Label (from ``segments.json``: the
+        body's label and ``trabecular_roi.label``); each SR group reuses its
+        segment's Tracking ID and Tracking UID.
 
     Returns
     -------
@@ -424,8 +444,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     ------
     ValueError
         If there is no source instance, the result belongs to another series,
-        an evaluable result has no SEG or no level, a level has no segment in
-        the SEG, a level name is unknown, or a height ratio has no concept
+        an evaluable result has no SEG or no level, a level has no body or no
+        trabecular ROI segment in the SEG, a level name is unknown, or a height ratio has no concept
         name in ``sr_codes.json``.
     """
     datasets = source_datasets(series)
