@@ -15,8 +15,8 @@ C.10.7.1.1). The conversion is highdicom's :class:`highdicom.color.CIELabColor`.
 
 from __future__ import annotations
 
-import numpy as np
 import highdicom as hd
+import numpy as np
 
 import dicom_templates
 

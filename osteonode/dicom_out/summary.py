@@ -143,16 +143,19 @@ def level_notes(level: LevelResult, part: str | None = None) -> list[str]:
 
 
 def level_note_lines(result: AnalysisResult) -> list[str]:
-    """One line per level with :func:`level_notes`, e.g. ``"L2†: heterogeneous ...; not used for the bone status."``.
+    """The :func:`level_notes` of the levels, one line per distinct set of notes.
 
-    The level is named as in :func:`level_rows` (with its mark).
+    Levels with the same notes share a line (``"L1†, L2†: heterogeneous ...; not used for the
+    bone status."``), so that the page stays short when many levels are flagged alike. Lines
+    follow the cranio-caudal order of their first level; levels are named as in
+    :func:`level_rows` (with their mark).
     """
-    lines = []
+    groups: dict[tuple[str, ...], list[str]] = {}
     for name in ordered_levels(result.levels):
-        notes = level_notes(result.levels[name])
+        notes = tuple(level_notes(result.levels[name]))
         if notes:
-            lines.append(f"{marked_name(name, result.levels[name])}: {'; '.join(notes)}.")
-    return lines
+            groups.setdefault(notes, []).append(marked_name(name, result.levels[name]))
+    return [f"{', '.join(names)}: {'; '.join(notes)}." for notes, names in groups.items()]
 
 
 def marked_name(name: str, level: LevelResult) -> str:

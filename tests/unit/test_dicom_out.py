@@ -187,8 +187,10 @@ def make_result(series: Series) -> AnalysisResult:
                                                  basis="L1 mean trabecular attenuation 121.5 HU (100-160 HU)"))
 
 
-def level_groups(report: hd.sr.Comprehensive3DSR) -> list[tuple[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations,
-                                                                hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]]:
+Group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+
+
+def level_groups(report: hd.sr.Comprehensive3DSR) -> list[tuple[Group, Group]]:
     """The TID 1411 groups of each level in order: (vertebral body group, trabecular ROI group)."""
     groups = report.content.get_volumetric_roi_measurement_groups()
     return list(zip(groups[0::2], groups[1::2], strict=True))

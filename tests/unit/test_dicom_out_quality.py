@@ -163,3 +163,19 @@ def test_key_images_with_flags_are_valid(case, tmp_path):
     images = build_key_images(case.series, case.segmentation, flagged_result(case.series), banner=BANNER)
     for number, image in enumerate(images, start=1):
         assert_valid(image, tmp_path / f"key_{number}.dcm")
+
+
+def test_levels_with_the_same_notes_share_a_line_and_the_pdf_keeps_one_page(case, tmp_path):
+    result = flagged_result(case.series)
+    for name in ("L1", "L2", "L3"):
+        result.levels[name] = result.levels[name].model_copy(update={
+            "quality_flags": ["heterogeneous", "mean_median_discordant", "focal_lesion_excluded",
+                              "excluded_over_limit"],
+            "excluded_focal_volume_mm3": 4321.0, "excluded_fraction": 0.37, "used_for_bone_status": False})
+    shared, cut = summary.level_note_lines(result)  # L2 is also cut by the edge of the scan
+    assert shared.startswith("L1†, L3†: " + QUALITY_FLAG_TEXT["heterogeneous"])
+    assert cut.startswith("L2†: " + QUALITY_FLAG_TEXT["cut_by_field_of_view"])
+    document = pdf_document(build_pdf_report(case.series, result, banner=BANNER))
+    assert pdf_pages(document, tmp_path) == 1
+    text = " ".join(pdf_text(document, tmp_path).split())
+    assert "Fractures, metal, sclerotic lesions and surgery" in text  # the caveats still fit on the page
