@@ -8,11 +8,15 @@ Images" of the source study:
 2. an axial reformat through the centre of the L1 body (or another level),
    patient right on the left of the image, anterior up.
 
-Each shows the vertebral bodies filled in their level colour
-(``segments.json``) with the level name and mean trabecular HU, the
-trabecular ROIs outlined, a side panel with HU, vBMD and Genant grade per
-level (``n/a`` when not available) and the overall result, the patient and
-study identity of the source, and an optional banner (e.g. research use).
+Each shows the outline (contour) of every vertebral body in its level colour
+and the outline of each level's trabecular ROI, as cut by the plane, in the
+level's ROI tint (:mod:`osteonode.dicom_out.palette`, the SEG's colours), so
+the bone stays visible; the level name (with its table mark) and mean
+trabecular HU beside each body; a side panel with the overall result, the
+statistic it rests on and its uncertainty note, HU, vBMD and Genant grade per
+level (``n/a`` when not available), the quality notes of each level, the
+patient and study identity of the source, and an optional banner (e.g.
+research use).
 
 Reformats sample the volume in patient space (LPS) through its affine, so the
 views are the same whatever the orientation and slice order of the source.
@@ -33,7 +37,7 @@ from scipy import ndimage
 
 import dicom_templates
 from osteonode.anatomy import VERTEBRA_IDS, VERTEBRA_NAMES
-from osteonode.dicom_out import render, summary
+from osteonode.dicom_out import palette, render, summary
 from osteonode.dicom_out.common import (UTF8, copy_optional_identity, equipment_attributes, series_number,
                                         settle_character_set, with_type2_defaults)
 from osteonode.result import AnalysisResult
@@ -47,11 +51,12 @@ KEY_IMAGES_SERIES_DESCRIPTION = "osteonode Key Images"
 #: Display window (centre, width) of the CT in HU.
 WINDOW_HU = (300.0, 1500.0)
 #: Pixels along the longer side of a reformatted plane.
-PLANE_PIXELS = 768
-#: Size of a key image: inches and dots per inch (1600 x 1000 pixels).
-FIGURE_IN, DPI = (16.0, 10.0), 100
-#: Opacity of the filled vertebral bodies.
-BODY_ALPHA = 0.35
+PLANE_PIXELS = 640
+#: Size of a key image: inches and dots per inch (1024 x 640 pixels; text sizes are in points of these inches).
+FIGURE_IN, DPI = (16.0, 10.0), 64
+#: Line widths (points) of the body and trabecular ROI outlines: at :data:`DPI` the body line is
+#: over 2 pixels wide, so its colour is drawn unblended along it.
+BODY_LINE_PT, ROI_LINE_PT = 2.5, 2.0
 #: In-plane unit vectors (LPS) along a row and down a column of each view.
 VIEWS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
     "sagittal": ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0)),  # anterior -> posterior, head -> feet
@@ -198,54 +203,82 @@ def body_centre_lps(volume: Volume, bodies: np.ndarray, label: int | None = None
 
 def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.ndarray, plane: Plane,
                 result: AnalysisResult, view: str) -> None:
-    """CT in :data:`WINDOW_HU`, bodies filled, ROIs outlined, level names, orientation letters."""
+    """CT in :data:`WINDOW_HU`, body and ROI outlines in the palette colours, level names, orientation letters."""
     centre, width = WINDOW_HU
     ax.imshow(hu, cmap="gray", vmin=centre - width / 2, vmax=centre + width / 2, interpolation="bilinear")
-    templates = dicom_templates.load("segments")["segments"]
-    overlay = np.zeros((*hu.shape, 4))
     for label in np.unique(bodies[bodies > 0]):
         name = VERTEBRA_NAMES.get(int(label))
         if name is None:
             continue
-        colour = np.array(templates[name]["color_rgb"]) / 255.0
-        overlay[bodies == label] = (*colour, BODY_ALPHA)
+        colour = palette.unit_rgb(palette.level_rgb(name))
+        # Contours of the nearest-neighbour reformats: the real cut of body and ROI, bone visible inside.
+        ax.contour(bodies == label, levels=[0.5], colors=[colour], linewidths=BODY_LINE_PT, antialiased=True)
         if (trabecular == label).any():
-            ax.contour(trabecular == label, levels=[0.5], colors=[colour], linewidths=1.5)
+            ax.contour(trabecular == label, levels=[0.5], colors=[palette.unit_rgb(palette.roi_rgb(name))],
+                       linewidths=ROI_LINE_PT)
         rows, columns = np.nonzero(bodies == label)
         level = result.levels.get(name)
-        text = name if level is None else f"{name}  {level.trabecular_hu_mean:.0f} HU"
+        text = name if level is None else f"{summary.marked_name(name, level)}  {level.trabecular_hu_mean:.0f} HU"
         if view == "sagittal":  # beside the anterior edge of the body
             position, align = (columns.min() - 10, rows.mean()), {"ha": "right", "va": "center"}
         else:  # above the anterior edge
             position, align = (columns.mean(), rows.min() - 10), {"ha": "center", "va": "bottom"}
-        render.add_text(ax, *position, text, outline=True, color=colour, fontsize=13, weight="bold", **align)
-    ax.imshow(overlay, interpolation="nearest")
+        render.add_text(ax, *position, text, outline=True, color=colour, fontsize=14, weight="bold", **align)
     edges = ((0.5, 0.99, "center", "top", -plane.column_direction),
              (0.5, 0.01, "center", "bottom", plane.column_direction),
              (0.01, 0.5, "left", "center", -plane.row_direction),
              (0.99, 0.5, "right", "center", plane.row_direction))
     for x, y, ha, va, direction in edges:
         render.add_text(ax, x, y, orientation_letter(direction), outline=True, transform=ax.transAxes,
-                        color="yellow", fontsize=16, weight="bold", ha=ha, va=va)
+                        color="yellow", fontsize=17, weight="bold", ha=ha, va=va)
+    ax.set_xlim(-0.5, hu.shape[1] - 0.5)
+    ax.set_ylim(hu.shape[0] - 0.5, -0.5)
     ax.set_axis_off()
+
+
+class _Column:
+    """A top-down text cursor in an axes (axes fraction, 1 = top)."""
+
+    def __init__(self, ax: Axes) -> None:
+        self.ax = ax
+        self.height_in = ax.get_position().height * ax.figure.get_figheight()
+        self.y = 1.0
+
+    def skip(self, points: float) -> None:
+        self.y -= points / 72.0 / self.height_in
+
+    def write(self, text: str, size: float, width: int, **kwargs) -> None:
+        """Write ``text`` wrapped at ``width`` characters (each paragraph of it) and move below it."""
+        if not text:
+            return
+        lines = "\n".join(textwrap.fill(paragraph, width) for paragraph in text.split("\n"))
+        render.add_text(self.ax, 0.0, self.y, lines, fontsize=size, va="top", linespacing=1.25, **kwargs)
+        self.skip(size * 1.25 * (lines.count("\n") + 1) + size * 0.5)
 
 
 def _draw_side_panel(ax: Axes, result: AnalysisResult) -> None:
-    """Title, overall result and its basis, the table per level, legend and method."""
+    """Title, overall result with its statistic and uncertainty, its basis, the level table, notes, legend."""
     ax.set_axis_off()
-    render.add_text(ax, 0.0, 1.0, summary.title(), fontsize=16, weight="bold", va="top")
-    render.add_text(ax, 0.0, 0.93, f"Bone status: {summary.status_line(result)}", fontsize=18,
-                    weight="bold", va="top")
-    comments = "\n".join(textwrap.fill(text, 60) for text in summary.status_comments(result))
-    render.add_text(ax, 0.0, 0.87, comments, fontsize=12, va="top")
+    column = _Column(ax)
+    column.write(summary.title(), 16, 60, weight="bold")
+    column.write(f"Bone status: {summary.status_line(result)}", 19, 40, weight="bold")
+    column.write("\n".join(summary.status_details(result)), 13, 50, weight="bold", color=render.BANNER_COLOR)
+    column.write("\n".join(summary.status_comments(result)), 12, 60)
     rows = [(row.level, row.hu_mean, row.vbmd_mg_cm3, row.genant) for row in summary.level_rows(result)]
-    table_ax = ax.inset_axes((0.0, 0.25, 1.0, 0.45))
-    render.draw_table(table_ax, ("Level", "HU", "vBMD mg/cm³", "Genant"), rows, fontsize=13,
-                      row_height=min(1.0 / 9, 1.0 / (len(rows) + 1)))
-    legend = ("Filled: vertebral body, one colour per level. Outline: trabecular ROI. "
-              "HU: mean trabecular attenuation. vBMD: volumetric bone mineral density. "
+    row_in = 0.36
+    height = row_in * (len(rows) + 1) / column.height_in
+    column.skip(4)
+    table_ax = ax.inset_axes((0.0, column.y - height, 1.0, height))
+    render.draw_table(table_ax, ("Level", "HU", "vBMD mg/cm³", "Genant"), rows, fontsize=14,
+                      row_height=1.0 / (len(rows) + 1), widths=(0.8, 0.7, 1.3, 1.2))
+    column.y -= height
+    column.skip(8)
+    column.write(summary.marks_legend(result), 12, 60)
+    column.write("\n".join(summary.level_note_lines(result)), 12, 60)
+    legend = ("Lines: vertebral body outline in the level's colour; lighter inner line: trabecular ROI (as in "
+              "the SEG). HU: mean trabecular attenuation. vBMD: volumetric bone mineral density. "
               f"Levels: {result.labelling_method or summary.NA}.")
-    render.add_text(ax, 0.0, 0.2, textwrap.fill(legend, 70), fontsize=11, va="top")
+    column.write(legend, 11, 68, color="#333333")
 
 
 def render_view(series: Series, segmentation: SpineSegmentation, result: AnalysisResult, view: str,
@@ -272,7 +305,7 @@ def render_view(series: Series, segmentation: SpineSegmentation, result: Analysi
     Returns
     -------
     numpy.ndarray
-        ``(1000, 1600, 3)`` uint8 RGB.
+        ``(640, 1024, 3)`` uint8 RGB (:data:`FIGURE_IN` x :data:`DPI`).
     """
     row_direction, column_direction = VIEWS[view]
     plane = plane_through(series.volume, centre_lps, row_direction, column_direction)
@@ -315,8 +348,8 @@ def build_key_images(series: Series, segmentation: SpineSegmentation, result: An
     Returns
     -------
     list of highdicom.sc.SCImage
-        Two Secondary Capture Image Storage instances (PS3.3 A.8.1), 1000 x
-        1600 RGB, sagittal (Instance Number 1) then axial (2), Series
+        Two Secondary Capture Image Storage instances (PS3.3 A.8.1), 640 x
+        1024 RGB, sagittal (Instance Number 1) then axial (2), Series
         Description "osteonode Key Images", Series Number from
         ``algorithm.json``, UIDs from :func:`osteonode.uids.derived_uid` (roles
         ``"key-images-series"``, ``"key-image-sagittal"``,

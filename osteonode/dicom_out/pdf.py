@@ -2,9 +2,13 @@
 
 The page (A4 portrait, drawn with matplotlib, text embedded as fonts so it
 can be searched and copied) holds the optional banner, the patient and study
-identity of the source, the overall result with its basis, a table per level
-(label confidence, trabecular HU mean / median / SD, ROI volume, vBMD, Genant
-grade, heights; ``n/a`` when not available), the method and the caveats
+identity of the source, the overall result with, next to it, the statistic
+the rule used and the uncertainty note (when set), then its basis, a table per
+level (label confidence, trabecular HU mean / median / SD, ROI volume, vBMD,
+Genant grade, heights; ``n/a`` when not available, heights also for a body cut
+by the edge of the scan; levels marked † when not used for the bone status,
+* when they have notes), the quality notes of each level (flags in words,
+excluded focal volume), the method and the caveats
 (``dicom_templates/report.json`` plus those that the result calls for).
 
 The DICOM instance carries the Patient and General Study modules of the
@@ -147,6 +151,8 @@ def render_pdf(source: pydicom.Dataset, result: AnalysisResult, *, banner: str) 
     page.line(summary.title(), size=15, weight="bold")
     page.line("\n".join(summary.identity_lines(source)))
     page.heading(f"Result: {summary.status_line(result)}")
+    for text in summary.status_details(result):
+        page.line(textwrap.fill(text, 95), size=BODY_PT + 1, weight="bold")
     for text in summary.status_comments(result):
         page.paragraph(text)
     page.heading("Measurements per vertebral level")
@@ -157,6 +163,11 @@ def render_pdf(source: pydicom.Dataset, result: AnalysisResult, *, banner: str) 
                     "Height A/M/P mm"), rows, widths=(0.8, 0.8, 0.9, 1.0, 0.8, 0.8, 1.2, 1.1, 1.4))
     else:
         page.paragraph("No vertebral level was measured.")
+    legend = summary.marks_legend(result)
+    if legend:
+        page.paragraph(legend + ".")
+    for text in summary.level_note_lines(result):
+        page.paragraph(text)
     for name in summary.ordered_levels(result.levels):
         texture = summary.fracture_texture(name, result.levels[name])
         if texture is not None:

@@ -1,16 +1,23 @@
 """Encode the vertebral-body label map as a binary DICOM Segmentation (SEG).
 
 The SEG is a Segmentation Storage instance (PS3.3 A.51) with one segment per
-level (and proximal femur) present in :meth:`SpineSegmentation.label_map`. Segments are described by
-``dicom_templates/segments.json`` (Segment Description macro, PS3.3 C.8.20.4;
-codes from PS3.16 CID 7150 "Segmentation Property Categories" and CID 7151
-"Segmentation Property Types").
+level (and proximal femur) present in :meth:`SpineSegmentation.label_map`
+(segment numbers 1..N), then one segment per level's trabecular ROI present
+in ``SpineSegmentation.trabecular`` (N+1 ...; the ROIs lie inside the bodies,
+so segments overlap). Segments are described by ``dicom_templates/segments.json``
+(Segment Description macro, PS3.3 C.8.20.4; codes from PS3.16 CID 7150
+"Segmentation Property Categories", CID 7151 "Segmentation Property Types" and,
+for the ROIs, category Tissue / type Bone of CID 7166 with the vertebra as
+Anatomic Region); their Recommended Display CIELab Values come from
+:mod:`osteonode.dicom_out.palette`.
 
 The frames are placed on the source grid through :class:`highdicom.Volume`:
 the label map is wrapped with the affine of the loaded series, so highdicom
 derives Plane Position / Orientation (PS3.3 C.7.6.16.2.3/4) and the per-frame
 source image references from geometry rather than from array order. This is
-correct for any patient orientation and any slice order of the source.
+correct for any patient orientation and any slice order of the source. Only
+the slab of slices (along the first array axis) that holds a label is encoded:
+highdicom omits empty frames anyway, and the stacked segment array stays small.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, VERTEBRA_NAMES
+from osteonode.dicom_out import palette
 from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equipment_attributes,
                                         series_number, settle_character_set, with_type2_defaults)
 from osteonode.segment import SpineSegmentation
@@ -37,6 +45,13 @@ SEG_SERIES_DESCRIPTION = "osteonode SEG"
 
 #: Label-map ID -> key in ``segments.json``.
 LABEL_KEYS: dict[int, str] = {**VERTEBRA_NAMES, FEMUR_RIGHT: "femur_right", FEMUR_LEFT: "femur_left"}
+#: Suffix of the key of a level's trabecular ROI segment (e.g. ``"L1 trabecular ROI"``) in :func:`segment_map`.
+ROI_SUFFIX = " trabecular ROI"
+
+
+def roi_key(level: str) -> str:
+    """Key of the trabecular ROI segment of ``level`` (``"L1"`` -> ``"L1 trabecular ROI"``)."""
+    return f"{level}{ROI_SUFFIX}"
 
 
 def algorithm_identification() -> hd.AlgorithmIdentificationSequence:
@@ -58,38 +73,72 @@ def tracking_uid(source_series_uid: str, key: str) -> str:
     source_series_uid : str
         Series Instance UID of the source CT.
     key : str
-        Level name, e.g. ``"L1"``.
+        Level name, e.g. ``"L1"``, or :func:`roi_key` of a level.
     """
     return str(derived_uid(source_series_uid, f"tracking-{key}"))
 
 
 def tracking_id(key: str) -> str:
-    """Human-readable Tracking ID of the structure ``key`` (e.g. ``"L1 vertebral body"``)."""
-    entry = dicom_templates.load("segments")["segments"][key]
-    return str(entry["description"])
+    """Human-readable Tracking ID of the structure ``key``.
+
+    ``"L1"`` -> ``"L1 vertebral body"``; ``roi_key("L1")`` -> ``"Trabecular bone ROI of the L1 vertebral body"``.
+    """
+    return str(_description_entry(key, dicom_templates.load("segments"))["description"])
 
 
-def _segment_description(number: int, key: str, entry: Mapping[str, Any], category: Mapping[str, str],
+def _description_entry(key: str, template: Mapping[str, Any]) -> dict[str, Any]:
+    """Segment description of ``key`` (a structure of ``segments.json`` or a :func:`roi_key`) in one form.
+
+    Returns
+    -------
+    dict
+        ``label``, ``description``, ``category``, ``type`` (template entries),
+        ``modifier`` (or None), ``region`` (Anatomic Region code entry, or None)
+        and ``rgb`` (palette colour, 0..255).
+    """
+    if key.endswith(ROI_SUFFIX):
+        level = key[:-len(ROI_SUFFIX)]
+        roi = template["trabecular_roi"]
+        return {"label": roi["label"].format(level=level), "description": roi["description"].format(level=level),
+                "category": roi["category"], "type": roi["type"], "modifier": None,
+                "region": template["segments"][level]["type"], "rgb": palette.roi_rgb(level)}
+    entry = template["segments"][key]
+    return {"label": entry["label"], "description": entry["description"], "category": template["category"],
+            "type": entry["type"], "modifier": entry.get("modifier"), "region": None,
+            "rgb": palette.level_rgb(key)}
+
+
+def _segment_description(number: int, key: str, template: Mapping[str, Any],
                          algorithm: hd.AlgorithmIdentificationSequence,
                          source_series_uid: str) -> hd.seg.SegmentDescription:
+    entry = _description_entry(key, template)
+    region = entry["region"]
     description = hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=entry["label"],
-        segmented_property_category=coded(category),
+        segmented_property_category=coded(entry["category"]),
         segmented_property_type=coded(entry["type"]),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         tracking_uid=tracking_uid(source_series_uid, key),
         tracking_id=entry["description"],
-        display_color=hd.color.CIELabColor.from_rgb(*entry["color_rgb"]),
+        # Anatomic Region Sequence (0008,2218): the vertebra an ROI lies in.
+        anatomic_regions=None if region is None else [coded(region)],
+        display_color=palette.cielab(entry["rgb"]),
     )
     # Segment Description (0062,0006) is Type 3 in the Segment Description macro.
     description.SegmentDescription = entry["description"]
-    if "modifier" in entry:
+    if entry["modifier"] is not None:
         # Segmented Property Type Modifier Code Sequence (0062,0011), e.g. laterality (CID 244).
         description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
             coded(entry["modifier"])]
     return description
+
+
+def _present(labels: np.ndarray) -> list[int]:
+    """Non-zero values of a uint8 label map, increasing."""
+    counts = np.bincount(np.asarray(labels, dtype=np.uint8).ravel(), minlength=256)
+    return [int(v) for v in np.flatnonzero(counts) if v != 0]
 
 
 def segment_numbers(segmentation: SpineSegmentation) -> dict[int, int]:
@@ -97,23 +146,47 @@ def segment_numbers(segmentation: SpineSegmentation) -> dict[int, int]:
 
     Segment numbers are ``1..N`` in increasing label-ID order (T11 first, then
     T12, L1 ..., sacrum, femurs), so a level's number depends only on which
-    levels are present.
+    levels are present. The trabecular ROI segments follow (:func:`segment_map`).
 
     Raises
     ------
     ValueError
         If a label ID has no entry in ``segments.json``.
     """
-    counts = np.bincount(segmentation.label_map().ravel(), minlength=256)
-    present = [int(v) for v in np.flatnonzero(counts) if v != 0]
+    present = _present(segmentation.label_map())
     unknown = [v for v in present if v not in LABEL_KEYS]
     if unknown:
         raise ValueError(f"label IDs without a SEG segment template: {unknown}")
     return {label: number for number, label in enumerate(present, start=1)}
 
 
+def segment_map(segmentation: SpineSegmentation) -> dict[str, tuple[int, np.ndarray]]:
+    """Every SEG segment: key -> (segment number, ``(z, y, x)`` bool mask).
+
+    Keys are ``segments.json`` structure names (bodies and femurs, numbered
+    1..N as :func:`segment_numbers`) then :func:`roi_key` of each vertebral
+    level with a non-empty trabecular ROI, numbered N+1 ... in level order.
+
+    Raises
+    ------
+    ValueError
+        If a label ID of the bodies, femurs or trabecular ROIs has no entry in ``segments.json``.
+    """
+    labels = segmentation.label_map()
+    segments = {LABEL_KEYS[label]: (number, labels == label)
+                for label, number in segment_numbers(segmentation).items()}
+    trabecular = np.asarray(segmentation.trabecular, dtype=np.uint8)
+    rois = _present(trabecular)
+    unknown = [v for v in rois if v not in VERTEBRA_NAMES]
+    if unknown:
+        raise ValueError(f"trabecular ROI label IDs without a vertebral level: {unknown}")
+    for number, label in enumerate(rois, start=len(segments) + 1):
+        segments[roi_key(VERTEBRA_NAMES[label])] = (number, trabecular == label)
+    return segments
+
+
 def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segmentation:
-    """Build a binary SEG of the vertebral bodies and proximal femurs on the grid of the source series.
+    """Build a binary SEG of the vertebral bodies, proximal femurs and trabecular ROIs on the source grid.
 
     Parameters
     ----------
@@ -122,14 +195,17 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         ``series.datasets`` (headers only) give patient, study and frame of
         reference and become the Referenced Series / Source Image sequences.
     segmentation : SpineSegmentation
-        ``label_map()`` is a ``(z, y, x)`` uint8 label map with VerSe IDs (and 90/91) on the grid
-        of ``series.volume`` (same shape and axis order as ``series.volume.hu``).
+        ``label_map()`` (bodies with VerSe IDs, femurs 90/91) and ``trabecular``
+        (VerSe IDs): ``(z, y, x)`` uint8 label maps on the grid of
+        ``series.volume`` (same shape and axis order as ``series.volume.hu``).
 
     Returns
     -------
     highdicom.seg.Segmentation
         Segmentation Storage instance (PS3.3 A.51): Segmentation Type BINARY,
-        one segment per label present (label in ``segments.json``), Segment
+        one segment per body / femur label present (label in ``segments.json``)
+        and one per level's trabecular ROI (:func:`segment_map`), Recommended
+        Display CIELab Value from :mod:`osteonode.dicom_out.palette`, Segment
         Algorithm Type AUTOMATIC with the Algorithm Identification macro,
         Series Description "osteonode SEG", Series/SOP Instance UIDs and the
         Dimension Organization UID (0020,9164) of the Multi-frame Dimension
@@ -145,33 +221,30 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
     Raises
     ------
     ValueError
-        If the label map does not match the volume shape, contains no label, or
-        contains a label without a template entry.
+        If a label map does not match the volume shape, the label map contains
+        no label, or a label has no template entry.
     """
-    bodies = segmentation.label_map()
-    if bodies.shape != series.volume.shape:
-        raise ValueError(f"label map shape {bodies.shape} != volume shape {series.volume.shape}")
-    numbers = segment_numbers(segmentation)
-    if not numbers:
+    for name, labels in (("label map", segmentation.label_map()), ("trabecular ROI map", segmentation.trabecular)):
+        if np.shape(labels) != series.volume.shape:
+            raise ValueError(f"{name} shape {np.shape(labels)} != volume shape {series.volume.shape}")
+    if not segment_numbers(segmentation):
         raise ValueError("the segmentation contains no labelled structure")
+    segments = segment_map(segmentation)
 
     template = dicom_templates.load("segments")
     algorithm = algorithm_identification()
     source_uid = series.series_instance_uid
 
-    # Label-map style array: pixel value = segment number (1..N), 0 = background.
-    lut = np.zeros(256, dtype=np.uint8)
-    for label, number in numbers.items():
-        lut[label] = number
-    labelmap = lut[bodies.astype(np.uint8, copy=False)]
-    descriptions = [
-        _segment_description(number, LABEL_KEYS[label], template["segments"][LABEL_KEYS[label]],
-                             template["category"], algorithm, source_uid)
-        for label, number in numbers.items()
-    ]
+    # Stacked-segments array (z, y, x, segment), restricted to the slab of slices holding a label.
+    occupied = np.flatnonzero(np.any([mask.any(axis=(1, 2)) for _, mask in segments.values()], axis=0))
+    first, last = int(occupied[0]), int(occupied[-1]) + 1
+    stacked = np.stack([mask[first:last] for _, mask in segments.values()], axis=-1).astype(np.uint8)
+    numbers = [number for number, _ in segments.values()]
+    descriptions = [_segment_description(number, key, template, algorithm, source_uid)
+                    for key, (number, _) in segments.items()]
     seg = hd.seg.Segmentation(
         source_images=with_type2_defaults(series.datasets),
-        pixel_array=series.hd_volume.with_array(labelmap),
+        pixel_array=series.hd_volume[first:last].with_array(stacked, channels={"SegmentNumber": numbers}),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=derived_uid(source_uid, "seg-series"),
@@ -180,7 +253,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         instance_number=1,
         **equipment_attributes(),
         content_label="OSTEONODE",
-        content_description="Vertebral bodies and proximal femurs (osteonode)",
+        content_description="Vertebral bodies, trabecular ROIs, proximal femurs (osteonode)",
         series_description=SEG_SERIES_DESCRIPTION,
         specific_character_set=UTF8,
     )
@@ -190,10 +263,10 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         item.DimensionOrganizationUID = dimension_organization_uid
     copy_optional_identity(series.datasets[0], seg)
     settle_character_set(seg, series.datasets[0])
-    log.info("built SEG: %d segment(s) (%s), %d frame(s)", len(descriptions),
-             ", ".join(LABEL_KEYS[label] for label in numbers), int(seg.NumberOfFrames))
+    log.info("built SEG: %d segment(s) (%s), %d frame(s)", len(descriptions), ", ".join(segments),
+             int(seg.NumberOfFrames))
     return seg
 
 
-__all__ = ["build_seg", "algorithm_identification", "segment_numbers", "tracking_uid", "tracking_id",
-           "LABEL_KEYS", "SEG_SERIES_DESCRIPTION"]
+__all__ = ["build_seg", "algorithm_identification", "segment_numbers", "segment_map", "roi_key", "tracking_uid",
+           "tracking_id", "LABEL_KEYS", "ROI_SUFFIX", "SEG_SERIES_DESCRIPTION"]

@@ -11,42 +11,60 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
   listed in the evidence (Current Requested Procedure Evidence Sequence).
 * Row 6: Imaging Measurements, with
 
-  - evaluable series: one TID 1411 "Volumetric ROI Measurements" group per
-    reported level, referencing the SEG segment of that level
-    (121191, DCM, "Referenced Segment") and the source series
-    (121232, DCM, "Source series for segmentation"), with the tracking
-    identifier and UID of that SEG segment, finding
-    category/type/site (CID 7151 vertebra codes), the algorithm (TID 4019) and
-    TID 300 measurements:
+  - evaluable series: two TID 1411 "Volumetric ROI Measurements" groups per
+    reported level, each referencing one SEG segment (121191, DCM,
+    "Referenced Segment") and the source series (121232, DCM, "Source series
+    for segmentation"), with the tracking identifier and UID of that SEG
+    segment, finding category, finding site (the level's vertebra, CID 7151)
+    and the algorithm (TID 4019):
 
-    * attenuation coefficient (112031, DCM) with derivation mean / median /
-      standard deviation (CID 7464) in ``[hnsf'U]``;
-    * the level label confidence as (111012, DCM, "Certainty of Finding") in
-      ``%`` (the finding being the vertebral level of the group);
-    * when known, vBMD as (C0005938, UMLS, "Bone Density") in ``mg/cm3``
-      (CID 301) with derivation (373098007, SCT, "Mean") and, as
-      HAS CONCEPT MOD (TID 1210), a TEXT (121050, DCM, "Equivalent Meaning of
-      Concept Name") saying volumetric, calcium hydroxyapatite, phantomless
-      calibration (no standard code exists for that method);
-    * vertebral body heights as (121207, DCM, "Height", CID 7470) in ``mm``,
-      each with its own finding site (the vertebra) and topographical modifier
-      (106233006, SCT) Anterior / Central / Posterior (CID 2) for the
-      anterior / middle / posterior height;
-    * height ratios as (118586006, SCT, "Ratio") in UCUM ``1`` ("no units",
-      CID 7181), each named by an Equivalent Meaning of Concept Name TEXT;
+    * the **vertebral body** group (segment of the body, finding type the
+      vertebra), with the TID 300 measurements
 
-    and one qualitative evaluation (TID 1411 row 15): (125605004, SCT,
-    "Fracture of bone") = (415684004, SCT, "Suspected") for Genant grade >= 1,
-    (272519000, SCT, "Absent") for grade 0, (373068000, SCT, "Undetermined")
-    for a measured but ungraded body, with the Genant grade as a HAS PROPERTIES
-    TEXT (121106, DCM, "Comment"): SNOMED CT has no concept for a Genant grade;
+      - the level label confidence as (111012, DCM, "Certainty of Finding") in
+        ``%`` (the finding being the vertebral level of the group);
+      - vertebral body heights as (121207, DCM, "Height", CID 7470) in ``mm``,
+        each with its own finding site (the vertebra) and topographical
+        modifier (106233006, SCT) Anterior / Central / Posterior (CID 2) for the
+        anterior / middle / posterior height;
+      - height ratios as (118586006, SCT, "Ratio") in UCUM ``1`` ("no units",
+        CID 7181), each named by an Equivalent Meaning of Concept Name TEXT;
+
+      and one qualitative evaluation (TID 1411 row 15): (125605004, SCT,
+      "Fracture of bone") = (415684004, SCT, "Suspected") for Genant grade
+      >= 1, (272519000, SCT, "Absent") for grade 0, (373068000, SCT,
+      "Undetermined") for a measured but ungraded body, with the Genant grade
+      as a HAS PROPERTIES TEXT (121106, DCM, "Comment"): SNOMED CT has no
+      concept for a Genant grade. A body cut by the edge of the scan
+      (``cut_by_field_of_view``) has no heights, no ratios and no fracture
+      evaluation, whatever the level result holds;
+    * the **trabecular ROI** group (segment of the level's trabecular ROI,
+      finding type (3138006, SCT, "Bone")), with the TID 300 measurements
+
+      - attenuation coefficient (112031, DCM) with derivation mean / median /
+        standard deviation (CID 7464) in ``[hnsf'U]``;
+      - when known, vBMD as (C0005938, UMLS, "Bone Density") in ``mg/cm3``
+        (CID 301) with derivation (373098007, SCT, "Mean") and, as HAS CONCEPT
+        MOD (TID 1210), a TEXT (121050, DCM, "Equivalent Meaning of Concept
+        Name") saying volumetric, calcium hydroxyapatite, phantomless
+        calibration (no standard code exists for that method);
+
+    and, in either group, one CONTAINS TEXT (121106, DCM, "Comment") per
+    quality note of that part (TID 1411 qualitative evaluations as text;
+    :func:`osteonode.dicom_out.summary.level_notes`): the words of each
+    quality flag (:data:`osteonode.result.QUALITY_FLAG_TEXT`; "cut by the
+    edge of the scan" in the body group, the others in the ROI group), the
+    excluded focal volume and "not used for the bone status";
   - not-evaluable series: one TID 1501 group referencing every source image
     (121112, DCM, "Source of Measurement") with the algorithm and the
     finding (373121007, SCT, "Not Evaluated") (CID 3703).
 
 * Row 12: Qualitative Evaluations (C0034375, UMLS): the bone status as CODE
   (121071, DCM, "Finding") = Normal / Osteopenia / Osteoporosis / Indeterminate
-  / Not Evaluated (SNOMED CT), and TEXT items: (121106, DCM, "Comment") with
+  / Not Evaluated (SNOMED CT), with HAS PROPERTIES TEXT (121106, DCM,
+  "Comment") children "Statistic: ..." (the statistic the rule used) and
+  "Uncertainty: ..." (when the category would change within the measurement
+  uncertainty), each when the result has it, and TEXT items: (121106, DCM, "Comment") with
   the basis of the category and, when not evaluable, the reason; (370129005,
   SCT, "Measurement Method") with the level identification method. Then, when
   the result has them:
@@ -83,8 +101,9 @@ from osteonode import __version__
 from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equipment_attributes,
                                         series_number, settle_character_set, source_datasets,
                                         with_type2_defaults)
-from osteonode.dicom_out.seg import tracking_id, tracking_uid
-from osteonode.dicom_out.summary import fracture_texture, genant, ordered_levels, status_comments
+from osteonode.dicom_out.seg import roi_key, tracking_id, tracking_uid
+from osteonode.dicom_out.summary import (fracture_texture, genant, level_notes, ordered_levels, reported_heights,
+                                         status_comments, status_details)
 from osteonode.result import AnalysisResult, LevelResult
 from osteonode.uids import derived_uid
 from osteonode.volume import Series
@@ -127,7 +146,9 @@ def _segments_by_label(seg: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
 
 
 def _add_children(item: hd.sr.ContentItem, children: Sequence[hd.sr.ContentItem]) -> None:
-    """Append ``children`` to the Content Sequence of ``item``, creating it when absent."""
+    """Append ``children`` to the Content Sequence of ``item``, creating it when absent; nothing when empty."""
+    if not children:
+        return
     if "ContentSequence" not in item:
         item.ContentSequence = hd.sr.ContentSequence()
     item.ContentSequence.extend(children)
@@ -145,26 +166,14 @@ def _named(measurement: hd.sr.Measurement, meaning: str, sr_codes: Mapping) -> h
     return measurement
 
 
-def _level_measurements(measures: LevelResult, site: hd.sr.CodedConcept,
-                        sr_codes: Mapping) -> list[hd.sr.Measurement]:
-    """TID 300 measurements of one level: HU statistics, label certainty, vBMD, heights, height ratios.
-
-    Raises
-    ------
-    ValueError
-        If ``measures.height_ratios`` has a ratio without a name in ``sr_codes.json``.
-    """
+def _roi_measurements(measures: LevelResult, sr_codes: Mapping) -> list[hd.sr.Measurement]:
+    """TID 300 measurements of a level's trabecular ROI: HU mean, median, SD and vBMD (when known)."""
     hu = coded(sr_codes["unit_hounsfield"])
     attenuation = coded(sr_codes["attenuation_coefficient"])
     measurements = [
-        hd.sr.Measurement(name=attenuation, value=float(measures.trabecular_hu_mean), unit=hu,
-                          derivation=coded(sr_codes["mean"])),
-        hd.sr.Measurement(name=attenuation, value=float(measures.trabecular_hu_median), unit=hu,
-                          derivation=coded(sr_codes["median"])),
-        hd.sr.Measurement(name=attenuation, value=float(measures.trabecular_hu_sd), unit=hu,
-                          derivation=coded(sr_codes["standard_deviation"])),
-        hd.sr.Measurement(name=coded(sr_codes["label_confidence"]),
-                          value=round(100.0 * measures.label_confidence, 6), unit=coded(sr_codes["unit_percent"])),
+        hd.sr.Measurement(name=attenuation, value=float(value), unit=hu, derivation=coded(sr_codes[derivation]))
+        for derivation, value in (("mean", measures.trabecular_hu_mean), ("median", measures.trabecular_hu_median),
+                                  ("standard_deviation", measures.trabecular_hu_sd))
     ]
     if measures.vbmd_mg_cm3 is not None:
         # vBMD is calibrated from the mean trabecular attenuation, hence derivation Mean.
@@ -172,8 +181,26 @@ def _level_measurements(measures: LevelResult, site: hd.sr.CodedConcept,
             hd.sr.Measurement(name=coded(sr_codes["bone_density"]), value=float(measures.vbmd_mg_cm3),
                               unit=coded(sr_codes["unit_mg_per_cm3"]), derivation=coded(sr_codes["mean"])),
             sr_codes["vbmd_equivalent_meaning"], sr_codes))
-    heights = {"anterior": measures.height_anterior_mm, "middle": measures.height_middle_mm,
-               "posterior": measures.height_posterior_mm}
+    return measurements
+
+
+def _body_measurements(measures: LevelResult, site: hd.sr.CodedConcept,
+                       sr_codes: Mapping) -> list[hd.sr.Measurement]:
+    """TID 300 measurements of a vertebral body: label certainty, heights and height ratios.
+
+    Heights and ratios are left out for a body cut by the edge of the scan
+    (``measures.cut_by_field_of_view``), whatever the level result holds.
+
+    Raises
+    ------
+    ValueError
+        If ``measures.height_ratios`` has a ratio without a name in ``sr_codes.json``.
+    """
+    measurements = [
+        hd.sr.Measurement(name=coded(sr_codes["label_confidence"]),
+                          value=round(100.0 * measures.label_confidence, 6), unit=coded(sr_codes["unit_percent"])),
+    ]
+    heights = dict(zip(("anterior", "middle", "posterior"), reported_heights(measures), strict=True))
     measurements += [
         hd.sr.Measurement(name=coded(sr_codes["height"]), value=float(height), unit=coded(sr_codes["unit_mm"]),
                           finding_sites=[hd.sr.FindingSite(
@@ -181,7 +208,7 @@ def _level_measurements(measures: LevelResult, site: hd.sr.CodedConcept,
                               topographical_modifier=coded(sr_codes["height_positions"][position]))])
         for position, height in heights.items() if height is not None
     ]
-    ratios = measures.height_ratios or {}
+    ratios = {} if measures.cut_by_field_of_view else (measures.height_ratios or {})
     meanings = sr_codes["height_ratio_meanings"]
     unknown = sorted(set(ratios) - set(meanings))
     if unknown:
@@ -203,8 +230,10 @@ def _fracture_evaluation(level: str, measures: LevelResult, sr_codes: Mapping
 
     Suspected for Genant grade >= 1, Absent for grade 0, Undetermined when the
     body was measured (a height is known) but not graded; ``None`` when there
-    is neither a grade nor a height.
+    is neither a grade nor a height, or the body is cut by the edge of the scan.
     """
+    if measures.cut_by_field_of_view:
+        return None  # the heights of a cut body are not those of the vertebra
     if measures.fracture_suspected is not None:
         key = "suspected" if measures.fracture_suspected else "absent"
     elif any(h is not None for h in (measures.height_anterior_mm, measures.height_middle_mm,
@@ -224,18 +253,20 @@ def _fracture_evaluation(level: str, measures: LevelResult, sr_codes: Mapping
     return evaluation
 
 
-def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segment: pydicom.Dataset,
-                 source_series_uid: str, sr_codes: Mapping, segment_template: Mapping,
-                 algorithm: hd.sr.AlgorithmIdentification,
-                 ) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
-    """TID 1411 group of one vertebral level (measurements and fracture evaluation, see the module docstring)."""
-    site_code = coded(segment_template["type"])
-    fracture = _fracture_evaluation(level, measures, sr_codes)
-    return hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+def _group(key: str, seg: pydicom.Dataset, segment: pydicom.Dataset, source_series_uid: str, sr_codes: Mapping,
+           finding_type: hd.sr.CodedConcept, site: hd.sr.CodedConcept, algorithm: hd.sr.AlgorithmIdentification,
+           measurements: Sequence[hd.sr.Measurement], evaluations: Sequence[hd.sr.QualitativeEvaluation],
+           notes: Sequence[str]) -> hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations:
+    """TID 1411 group on one SEG segment (``key``: a level or :func:`~osteonode.dicom_out.seg.roi_key`).
+
+    ``notes`` become CONTAINS TEXT (121106, DCM, "Comment") items of the group
+    (TID 1411 qualitative evaluations as text).
+    """
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         # The SEG segment's Tracking UID/ID, so SEG segment and SR group are one tracked object.
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=str(segment.get("TrackingUID") or tracking_uid(source_series_uid, level)),
-            identifier=str(segment.get("TrackingID") or tracking_id(level))),
+            uid=str(segment.get("TrackingUID") or tracking_uid(source_series_uid, key)),
+            identifier=str(segment.get("TrackingID") or tracking_id(key))),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
             sop_instance_uid=seg.SOPInstanceUID,
@@ -243,12 +274,42 @@ def _level_group(level: str, measures: LevelResult, seg: pydicom.Dataset, segmen
             source_series=hd.sr.SourceSeriesForSegmentation(source_series_uid),
         ),
         finding_category=coded(sr_codes["finding_category"]),
-        finding_type=site_code,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=site_code)],
+        finding_type=finding_type,
+        finding_sites=[hd.sr.FindingSite(anatomic_location=site)],
         algorithm_id=algorithm,
-        measurements=_level_measurements(measures, site_code, sr_codes),
-        qualitative_evaluations=None if fracture is None else [fracture],
+        measurements=list(measurements),
+        qualitative_evaluations=list(evaluations) or None,
     )
+    _add_children(group[0], [_text(sr_codes["comment"], note, hd.sr.RelationshipTypeValues.CONTAINS)
+                             for note in notes])
+    return group
+
+
+def _level_groups(level: str, measures: LevelResult, seg: pydicom.Dataset, segments: Mapping[str, pydicom.Dataset],
+                  source_series_uid: str, sr_codes: Mapping, segment_templates: Mapping,
+                  algorithm: hd.sr.AlgorithmIdentification,
+                  ) -> list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations]:
+    """The two TID 1411 groups of one level: vertebral body, then trabecular ROI (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        If the SEG lacks the body or the trabecular ROI segment of ``level``.
+    """
+    labels = {"body": segment_templates["segments"][level]["label"],
+              "roi": segment_templates["trabecular_roi"]["label"].format(level=level)}
+    missing = [part for part, label in labels.items() if label not in segments]
+    if missing:
+        raise ValueError(f"the SEG has no {' and no '.join(missing)} segment for level {level}")
+    site = coded(segment_templates["segments"][level]["type"])
+    fracture = _fracture_evaluation(level, measures, sr_codes)
+    body = _group(level, seg, segments[labels["body"]], source_series_uid, sr_codes, site, site, algorithm,
+                  _body_measurements(measures, site, sr_codes), [] if fracture is None else [fracture],
+                  level_notes(measures, "body"))
+    roi = _group(roi_key(level), seg, segments[labels["roi"]], source_series_uid, sr_codes,
+                 coded(segment_templates["trabecular_roi"]["type"]), site, algorithm,
+                 _roi_measurements(measures, sr_codes), [], level_notes(measures, "roi"))
+    return [body, roi]
 
 
 def _source_image_references(datasets: Sequence[pydicom.Dataset]) -> list[hd.sr.SourceImageForMeasurementGroup]:
@@ -323,10 +384,10 @@ def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr
     """TID 1500 row 12 container: bone status (row 13 CODE), its texts (row 14 TEXT), calibration and contrast."""
     contains = hd.sr.RelationshipTypeValues.CONTAINS
     status_key = "not_evaluable" if result.status == "not_evaluable" else result.bone_status.category
+    # The statistic the rule used and the uncertainty note qualify the category itself: HAS PROPERTIES.
     items: list[hd.sr.ContentItem] = [
-        hd.sr.CodeContentItem(name=coded(sr_codes["bone_status"]),
-                              value=coded(sr_codes["bone_status_values"][status_key]),
-                              relationship_type=contains),
+        _explained(sr_codes["bone_status"], sr_codes["bone_status_values"][status_key],
+                   [(sr_codes["comment"], text) for text in status_details(result)]),
     ]
     items += [_text(sr_codes["comment"], comment, contains) for comment in status_comments(result)]
     if result.labelling_method:
@@ -351,7 +412,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         (same Study Instance UID; absent Type 2 attributes are written empty).
     result : AnalysisResult
         The analysis result. For ``status == "ok"`` every level in
-        ``result.levels`` becomes a TID 1411 group; values are written as
+        ``result.levels`` becomes two TID 1411 groups (body, trabecular ROI);
+        values are written as
         given: HU in ``[hnsf'U]`` (mean, median, SD of the trabecular ROI),
         vBMD in ``mg/cm3``, heights in ``mm``, height ratios in ``1``, each
         only when known, and the Genant grade with the fracture evaluation.
@@ -363,8 +425,9 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     seg : highdicom.seg.Segmentation or None
         The SEG from :func:`osteonode.dicom_out.seg.build_seg` of this series;
         required when the result is evaluable and ignored otherwise. Segments
-        are matched to levels by Segment Label (from ``segments.json``); each
-        SR group reuses its segment's Tracking ID and Tracking UID.
+        are matched to levels by Segment Label (from ``segments.json``: the
+        body's label and ``trabecular_roi.label``); each SR group reuses its
+        segment's Tracking ID and Tracking UID.
 
     Returns
     -------
@@ -381,8 +444,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     ------
     ValueError
         If there is no source instance, the result belongs to another series,
-        an evaluable result has no SEG or no level, a level has no segment in
-        the SEG, a level name is unknown, or a height ratio has no concept
+        an evaluable result has no SEG or no level, a level has no body or no
+        trabecular ROI segment in the SEG, a level name is unknown, or a height ratio has no concept
         name in ``sr_codes.json``.
     """
     datasets = source_datasets(series)
@@ -390,7 +453,7 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     if result.series_instance_uid != source_uid:
         raise ValueError("the result does not belong to the given series")
     sr_codes = dicom_templates.load("sr_codes")
-    segment_templates = dicom_templates.load("segments")["segments"]
+    segment_templates = dicom_templates.load("segments")
     algorithm = _algorithm()
 
     evaluable = result.status == "ok"
@@ -402,11 +465,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         segments = _segments_by_label(seg)
         groups = []
         for level in ordered_levels(result.levels):
-            segment = segments.get(segment_templates[level]["label"])
-            if segment is None:
-                raise ValueError(f"the SEG has no segment for level {level}")
-            groups.append(_level_group(level, result.levels[level], seg, segment, source_uid,
-                                       sr_codes, segment_templates[level], algorithm))
+            groups += _level_groups(level, result.levels[level], seg, segments, source_uid, sr_codes,
+                                    segment_templates, algorithm)
         evidence: list[pydicom.Dataset] = [*with_type2_defaults(datasets), seg]
     else:
         groups = [_not_evaluable_group(datasets, source_uid, sr_codes, algorithm)]

@@ -16,13 +16,19 @@ from pydicom.valuerep import PersonName
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.result import AnalysisResult, LevelResult
+from osteonode.result import QUALITY_FLAG_TEXT, AnalysisResult, LevelResult
 
 #: Printed for a value that is not available.
 NA = "n/a"
 
 #: Genant et al. 1993 semi-quantitative grades.
 GENANT_GRADES = {0: "normal", 1: "mild", 2: "moderate", 3: "severe"}
+#: Quality flags about the vertebral body as a whole (its heights); the others concern the trabecular ROI.
+BODY_FLAGS = frozenset({"cut_by_field_of_view"})
+#: Said of a level whose ``used_for_bone_status`` is False (unless a flag's words already say it).
+NOT_USED = "not used for the bone status"
+#: Marks after a level name in the tables: not used for the bone status / other notes (listed below the table).
+MARK_NOT_USED, MARK_NOTES = "†", "*"
 
 
 @dataclass(frozen=True)
@@ -95,11 +101,93 @@ def fracture_texture(name: str, level: LevelResult) -> str | None:
             f"not a benign/malignant classification): {', '.join(f'{k} {v:.4g}' for k, v in named)}.")
 
 
+def quality_flags(level: LevelResult) -> list[str]:
+    """The level's quality flag codes, with ``cut_by_field_of_view`` when that field is set, without duplicates."""
+    flags = list(dict.fromkeys(level.quality_flags))
+    if level.cut_by_field_of_view and "cut_by_field_of_view" not in flags:
+        flags.insert(0, "cut_by_field_of_view")
+    return flags
+
+
+def level_notes(level: LevelResult, part: str | None = None) -> list[str]:
+    """Why a level's measurement may be unreliable, in words (SR comments, PDF and key-image notes).
+
+    Parameters
+    ----------
+    level : LevelResult
+        One level of the result.
+    part : {None, "body", "roi"}
+        ``"body"``: only the notes on the vertebral body (:data:`BODY_FLAGS`,
+        e.g. cut by the edge of the scan, heights not reported); ``"roi"``: only
+        the notes on the trabecular ROI (the other flags, the excluded focal
+        volume, :data:`NOT_USED`); None: both, body first.
+
+    Returns
+    -------
+    list of str
+        The words of each flag (:data:`osteonode.result.QUALITY_FLAG_TEXT`), then,
+        for the ROI, the excluded focal volume in cm³ with its fraction of the
+        ROI when it is above 0, and :data:`NOT_USED` when the level is not used
+        for the bone status and no flag's words already say so.
+    """
+    flags = quality_flags(level)
+    notes = [QUALITY_FLAG_TEXT[flag] for flag in flags if flag in BODY_FLAGS] if part != "roi" else []
+    if part != "body":
+        notes += [QUALITY_FLAG_TEXT[flag] for flag in flags if flag not in BODY_FLAGS]
+        if level.excluded_focal_volume_mm3 > 0:
+            notes.append(f"{level.excluded_focal_volume_mm3 / 1000.0:.1f} cm³ of focal foci excluded from the ROI "
+                         f"({100.0 * level.excluded_fraction:.0f} % of the ROI)")
+        if not level.used_for_bone_status and not any(NOT_USED in note for note in notes):
+            notes.append(NOT_USED)
+    return notes
+
+
+def level_note_lines(result: AnalysisResult) -> list[str]:
+    """The :func:`level_notes` of the levels, one line per distinct set of notes.
+
+    Levels with the same notes share a line (``"L1†, L2†: heterogeneous ...; not used for the
+    bone status."``), so that the page stays short when many levels are flagged alike. Lines
+    follow the cranio-caudal order of their first level; levels are named as in
+    :func:`level_rows` (with their mark).
+    """
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name in ordered_levels(result.levels):
+        notes = tuple(level_notes(result.levels[name]))
+        if notes:
+            groups.setdefault(notes, []).append(marked_name(name, result.levels[name]))
+    return [f"{', '.join(names)}: {'; '.join(notes)}." for notes, names in groups.items()]
+
+
+def marked_name(name: str, level: LevelResult) -> str:
+    """``name`` with :data:`MARK_NOT_USED` when the level is not used for the bone status, else with
+    :data:`MARK_NOTES` when it has notes (:func:`level_notes`), else unchanged."""
+    if not level.used_for_bone_status:
+        return name + MARK_NOT_USED
+    return name + MARK_NOTES if level_notes(level) else name
+
+
+def marks_legend(result: AnalysisResult) -> str:
+    """Explanation of the marks that the level table of ``result`` uses; empty when it uses none."""
+    marks = {marked_name(name, level)[len(name):] for name, level in result.levels.items()}
+    texts = {MARK_NOT_USED: f"{MARK_NOT_USED} {NOT_USED}", MARK_NOTES: f"{MARK_NOTES} see the notes on the level"}
+    return "; ".join(texts[mark] for mark in (MARK_NOT_USED, MARK_NOTES) if mark in marks)
+
+
+def reported_heights(level: LevelResult) -> tuple[float | None, float | None, float | None]:
+    """Anterior, middle and posterior height (mm) as reported: all None for a body cut by the edge of the scan."""
+    if level.cut_by_field_of_view:
+        return None, None, None
+    return level.height_anterior_mm, level.height_middle_mm, level.height_posterior_mm
+
+
 def level_rows(result: AnalysisResult) -> list[LevelRow]:
     """The printed rows of ``result.levels``, cranio-caudal.
 
-    HU and vBMD without decimals, ROI volume in cm³ with one decimal, heights
-    anterior/middle/posterior in mm (:data:`NA` unless all three are known).
+    The level name carries its mark (:func:`marked_name`). HU and vBMD without
+    decimals, ROI volume in cm³ with one decimal, heights
+    anterior/middle/posterior in mm (:data:`NA` unless all three are known and
+    the body is not cut by the edge of the scan; the Genant grade of a cut body
+    is :data:`NA` too).
 
     Raises
     ------
@@ -109,16 +197,16 @@ def level_rows(result: AnalysisResult) -> list[LevelRow]:
     rows = []
     for name in ordered_levels(result.levels):
         level = result.levels[name]
-        heights = (level.height_anterior_mm, level.height_middle_mm, level.height_posterior_mm)
+        heights = reported_heights(level)
         rows.append(LevelRow(
-            level=name,
+            level=marked_name(name, level),
             confidence_percent=number(100.0 * level.label_confidence),
             hu_mean=number(level.trabecular_hu_mean),
             hu_median=number(level.trabecular_hu_median),
             hu_sd=number(level.trabecular_hu_sd),
             roi_volume_cm3=number(level.trabecular_roi_volume_mm3 / 1000.0, 1),
             vbmd_mg_cm3=number(level.vbmd_mg_cm3),
-            genant=genant(level.genant_grade),
+            genant=NA if level.cut_by_field_of_view else genant(level.genant_grade),
             heights_mm=NA if None in heights else "/".join(number(h) for h in heights),
         ))
     return rows
@@ -129,6 +217,22 @@ def status_line(result: AnalysisResult) -> str:
     if result.status == "not_evaluable":
         return "Not evaluable"
     return result.bone_status.category.capitalize()
+
+
+def status_details(result: AnalysisResult) -> list[str]:
+    """What to read next to the bone status category: the statistic the rule used and the uncertainty note.
+
+    Returns
+    -------
+    list of str
+        ``"Statistic: <bone_status.statistic>"`` and ``"Uncertainty: <bone_status.uncertainty_note>"``,
+        each only when set.
+    """
+    status = result.bone_status
+    texts = [f"Statistic: {status.statistic}"] if status.statistic else []
+    if status.uncertainty_note:
+        texts.append(f"Uncertainty: {status.uncertainty_note}")
+    return texts
 
 
 def status_comments(result: AnalysisResult) -> list[str]:
@@ -200,5 +304,7 @@ def title() -> str:
     return str(dicom_templates.load("report")["title"]).format(version=__version__)
 
 
-__all__ = ["NA", "GENANT_GRADES", "LevelRow", "number", "genant", "ordered_levels", "level_rows",
-           "status_line", "status_comments", "display_name", "display_date", "identity_lines", "title"]
+__all__ = ["NA", "GENANT_GRADES", "BODY_FLAGS", "NOT_USED", "MARK_NOT_USED", "MARK_NOTES", "LevelRow", "number",
+           "genant", "ordered_levels", "quality_flags", "level_notes", "level_note_lines", "marked_name",
+           "marks_legend", "reported_heights", "level_rows", "status_line", "status_details", "status_comments",
+           "display_name", "display_date", "identity_lines", "title"]

@@ -38,8 +38,17 @@ posterior height of the neighbouring levels: the vertebra's own posterior
 height cannot serve as the reference when the whole body is compressed. A
 grade of 1 or more flags a possible fracture. Measured but not graded (and
 not used as a reference): L5, which is wedge-shaped in health (Genant's
-method grades T4-L4), and bodies within 3 mm of the edge of the volume
-(possibly cut by the field of view).
+method grades T4-L4).
+
+Bodies cut by the field of view
+-------------------------------
+A body within 3 mm of the edge of the volume, or listed in
+``SpineSegmentation.cut_by_field_of_view`` by the segmentation backend, may
+be cut by the edge of the scan: its heights would be those of the cut, not of
+the vertebra. It gets no heights, no ratios and no grade, is not a reference
+for its neighbours, and :func:`apply_genant` sets its ``cut_by_field_of_view``
+and adds the quality flag ``"cut_by_field_of_view"``
+(:data:`osteonode.result.QUALITY_FLAG_TEXT`).
 """
 
 from __future__ import annotations
@@ -68,6 +77,8 @@ WINDOWS = {"anterior": (0.05, 0.15), "middle": (0.45, 0.55), "posterior": (0.85,
 GRADED_LEVELS = ("T12", "L1", "L2", "L3", "L4")
 #: A body closer than this (mm) to the edge of the volume may be cut by the field of view.
 EDGE_MARGIN_MM = 3.0
+#: Reason of a level whose body is cut by the field of view.
+CUT_REASON = "not measured: the body reaches the edge of the volume (cut by the field of view)"
 #: Height-loss limits of grades 1, 2, 3 (Genant et al. 1993).
 GRADE_LIMITS = (0.20, 0.25, 0.40)
 GENANT_CITATION = "Genant HK et al., J Bone Miner Res 1993;8:1137-1148"
@@ -79,8 +90,8 @@ class GenantMeasurement:
 
     Attributes
     ----------
-    height_anterior_mm, height_middle_mm, height_posterior_mm : float
-        Body heights along the spine axis, mm.
+    height_anterior_mm, height_middle_mm, height_posterior_mm : float or None
+        Body heights along the spine axis, mm; None for a body cut by the field of view.
     reference_posterior_mm : float or None
         Mean posterior height of the neighbouring levels, mm.
     height_ratios : dict[str, float]
@@ -94,17 +105,20 @@ class GenantMeasurement:
         Grade >= 1; ``None`` when not graded.
     reason : str or None
         Why the level was not graded.
+    cut_by_field_of_view : bool
+        The body is (possibly) cut by the edge of the scan: not measured.
     """
 
-    height_anterior_mm: float
-    height_middle_mm: float
-    height_posterior_mm: float
+    height_anterior_mm: float | None
+    height_middle_mm: float | None
+    height_posterior_mm: float | None
     reference_posterior_mm: float | None
     height_ratios: dict[str, float]
-    height_loss: float
+    height_loss: float | None
     genant_grade: int | None
     fracture_suspected: bool | None
     reason: str | None = None
+    cut_by_field_of_view: bool = False
 
 
 def genant_grade(height_loss: float) -> int:
@@ -167,13 +181,17 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
     volume : Volume
         CT volume: only its grid (``affine`` to LPS mm, shape ``(z, y, x)``) is used.
     segmentation : SpineSegmentation
-        ``bodies`` ``(z, y, x)`` label map, VerSe IDs, on the volume's grid.
+        ``bodies`` ``(z, y, x)`` label map, VerSe IDs, on the volume's grid;
+        ``cut_by_field_of_view``: VerSe IDs of bodies cut by the edge of the scan.
 
     Returns
     -------
     dict[str, GenantMeasurement]
         Level name -> measurement, cranio-caudal order; levels whose body is
-        missing or too small to sample are absent.
+        missing or too small to sample are absent. A body within
+        :data:`EDGE_MARGIN_MM` of the edge of the volume or in
+        ``segmentation.cut_by_field_of_view`` has a measurement without heights
+        (``cut_by_field_of_view=True``, reason :data:`CUT_REASON`).
 
     Raises
     ------
@@ -186,21 +204,27 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
     centres = body_centres_mm(volume, bodies)
     raw: dict[int, tuple[dict[str, float], str | None]] = {}
     margin = [1 + int(np.ceil(EDGE_MARGIN_MM / sp)) for sp in volume.spacing]  # edge voxel + 3 mm
+    cut: list[int] = []
     for name in REPORTED_LEVELS:
         vid = VERTEBRA_IDS[name]
         if vid not in centres:
             continue
         mask = bodies == vid
+        if vid in segmentation.cut_by_field_of_view or any(
+                mask.take(np.r_[0:m, n - m:n], axis=ax).any() for ax, (m, n) in enumerate(zip(margin, mask.shape))):
+            cut.append(vid)
+            continue
         heights = _heights(volume, mask.view(np.uint8), centres[vid], _frame(centres, vid))
         if heights is None:
             continue
         reason = None
         if name not in GRADED_LEVELS:
             reason = f"{name} not graded: wedge-shaped in health (Genant's method grades T4-L4)"
-        elif any(mask.take(np.r_[0:m, n - m:n], axis=ax).any() for ax, (m, n) in enumerate(zip(margin, mask.shape))):
-            reason = "not graded: the body reaches the edge of the volume (possibly cut by the field of view)"
         raw[vid] = (heights, reason)
-    out = {}
+    out = {VERTEBRA_NAMES[vid]: GenantMeasurement(
+        height_anterior_mm=None, height_middle_mm=None, height_posterior_mm=None, reference_posterior_mm=None,
+        height_ratios={}, height_loss=None, genant_grade=None, fracture_suspected=None, reason=CUT_REASON,
+        cut_by_field_of_view=True) for vid in cut}
     for vid, (heights, reason) in raw.items():
         neighbours = [raw[n][0]["posterior"] for n in (vid - 1, vid + 1) if n in raw and raw[n][1] is None]
         reference = float(np.mean(neighbours)) if neighbours else None
@@ -218,8 +242,9 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
             height_ratios=ratios, height_loss=round(loss, 3), genant_grade=grade,
             fracture_suspected=None if grade is None else grade >= 1,
             reason=reason)
-    log.info("Genant grades: %s", {k: m.genant_grade for k, m in out.items()})
-    return out
+    log.info("Genant grades: %s; cut by the field of view: %s", {k: m.genant_grade for k, m in out.items()},
+             [VERTEBRA_NAMES[vid] for vid in cut])
+    return {name: out[name] for name in REPORTED_LEVELS if name in out}
 
 
 def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantMeasurement]
@@ -236,13 +261,23 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
     Returns
     -------
     dict[str, LevelResult]
-        Copies of ``levels``; a level without a measurement is unchanged.
+        Copies of ``levels``; a level without a measurement is unchanged. A
+        level whose body is cut by the field of view gets no heights, ratios,
+        grade or fracture flag, ``cut_by_field_of_view=True`` and the quality
+        flag ``"cut_by_field_of_view"`` (added once).
     """
     out = {}
     for name, level in levels.items():
         m = measurements.get(name)
-        out[name] = level if m is None else level.model_copy(update={
-            "height_anterior_mm": m.height_anterior_mm, "height_middle_mm": m.height_middle_mm,
-            "height_posterior_mm": m.height_posterior_mm, "height_ratios": m.height_ratios,
-            "genant_grade": m.genant_grade, "fracture_suspected": m.fracture_suspected})
+        if m is None:
+            out[name] = level
+            continue
+        update = {"height_anterior_mm": m.height_anterior_mm, "height_middle_mm": m.height_middle_mm,
+                  "height_posterior_mm": m.height_posterior_mm, "height_ratios": m.height_ratios or None,
+                  "genant_grade": m.genant_grade, "fracture_suspected": m.fracture_suspected}
+        if m.cut_by_field_of_view:
+            flags = list(level.quality_flags)
+            update |= {"cut_by_field_of_view": True,
+                       "quality_flags": flags if "cut_by_field_of_view" in flags else ["cut_by_field_of_view", *flags]}
+        out[name] = level.model_copy(update=update)
     return out

@@ -49,7 +49,11 @@ def _text(markup: str) -> str:
 
 
 def _mean_hu_by_level(sr: pydicom.Dataset) -> dict[str, str]:
-    """``{"L1 vertebra": "128.3", ...}``: the encoded mean attenuation of each TID 1411 group."""
+    """``{"L1 vertebra": "128.3", ...}``: the encoded mean attenuation of each level's TID 1411 groups.
+
+    The level is the vertebra named by the group's Finding or Finding Site (the
+    mean HU is in the trabecular ROI group, whose Finding is "Bone").
+    """
     found: dict[str, str] = {}
 
     def walk(items) -> None:
@@ -58,7 +62,7 @@ def _mean_hu_by_level(sr: pydicom.Dataset) -> dict[str, str]:
                 children = list(item.get("ContentSequence", []))
                 finding = next((str(c.ConceptCodeSequence[0].CodeMeaning) for c in children
                                 if c.get("ValueType") == "CODE"
-                                and str(c.ConceptNameCodeSequence[0].CodeMeaning) == "Finding"
+                                and str(c.ConceptNameCodeSequence[0].CodeMeaning) in ("Finding", "Finding Site")
                                 and "vertebra" in str(c.ConceptCodeSequence[0].CodeMeaning)), None)
                 for child in children:
                     if finding and child.get("ValueType") == "NUM" and str(

@@ -187,6 +187,15 @@ def make_result(series: Series) -> AnalysisResult:
                                                  basis="L1 mean trabecular attenuation 121.5 HU (100-160 HU)"))
 
 
+Group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+
+
+def level_groups(report: hd.sr.Comprehensive3DSR) -> list[tuple[Group, Group]]:
+    """The TID 1411 groups of each level in order: (vertebral body group, trabecular ROI group)."""
+    groups = report.content.get_volumetric_roi_measurement_groups()
+    return list(zip(groups[0::2], groups[1::2], strict=True))
+
+
 def round_trip(dataset: pydicom.Dataset) -> pydicom.Dataset:
     """``dataset`` written as a PS3.10 stream and read back."""
     buffer = io.BytesIO()
@@ -271,25 +280,31 @@ def test_sr_content_round_trips(axial):
     assert report.ContentTemplateSequence[0].TemplateIdentifier == "1500"
 
     groups = report.content.get_volumetric_roi_measurement_groups()
-    assert [g.tracking_identifier for g in groups] == ["L1 vertebral body", "L2 vertebral body",
-                                                      "L3 vertebral body"]
+    assert [g.tracking_identifier for g in groups] == [
+        text for level in ("L1", "L2", "L3")
+        for text in (f"{level} vertebral body", f"Trabecular bone ROI of the {level} vertebral body")]
     seg_tracking = {int(item.SegmentNumber): str(item.TrackingUID) for item in seg.SegmentSequence}
     hu_code = hd.sr.CodedConcept("112031", "DCM", "Attenuation Coefficient")
     certainty = hd.sr.CodedConcept("111012", "DCM", "Certainty of Finding")
-    expected = zip(groups, (121.5, 118.25, 115.0), (95.0, 90.0, 85.0), strict=True)
-    for number, (group, mean, confidence) in enumerate(expected, start=1):
-        items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in group.referenced_segment}
-        ref = items["Referenced Segment"].ReferencedSOPSequence[0]
-        assert ref.ReferencedSegmentNumber == number
-        assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
-        assert items["Source Series for Segmentation"].UID == case.series.series_instance_uid
-        assert str(group.tracking_uid) == seg_tracking[number]
-        values = {m.derivation.meaning: (m.value, m.unit.value) for m in group.get_measurements(name=hu_code)}
+    expected = zip(level_groups(report), (121.5, 118.25, 115.0), (95.0, 90.0, 85.0), strict=True)
+    for number, ((body, roi), mean, confidence) in enumerate(expected, start=1):
+        # body group on the body segment (1..3), ROI group on the ROI segment (4..6) of the same level
+        for group, segment_number in ((body, number), (roi, number + 3)):
+            items = {item.ConceptNameCodeSequence[0].CodeMeaning: item for item in group.referenced_segment}
+            ref = items["Referenced Segment"].ReferencedSOPSequence[0]
+            assert ref.ReferencedSegmentNumber == segment_number
+            assert ref.ReferencedSOPInstanceUID == seg.SOPInstanceUID
+            assert items["Source Series for Segmentation"].UID == case.series.series_instance_uid
+            assert str(group.tracking_uid) == seg_tracking[segment_number]
+            assert group.finding_sites[0].value == body.finding_type  # the vertebra
+        assert (roi.finding_type.value, roi.finding_type.scheme_designator) == ("3138006", "SCT")  # Bone
+        values = {m.derivation.meaning: (m.value, m.unit.value) for m in roi.get_measurements(name=hu_code)}
         assert values["Mean"] == (mean, "[hnsf'U]")
         assert values["Median"] == (mean - 2.0, "[hnsf'U]")
-        [level_certainty] = group.get_measurements(name=certainty)
+        assert body.get_measurements(name=hu_code) == []  # HU only on the ROI
+        [level_certainty] = body.get_measurements(name=certainty)
         assert (level_certainty.value, level_certainty.unit.value) == (confidence, "%")
-        assert group.finding_sites[0].value.scheme_designator == "SCT"
+        assert body.finding_sites[0].value.scheme_designator == "SCT"
 
     # TID 1500 row 12: bone status and its texts.
     qual = [item for item in report.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]
@@ -331,7 +346,7 @@ def test_seg_and_sr_pass_dciodvfy_without_warnings_and_dsrdump(axial, tmp_path):
     assert proc.stderr == ""
     assert "Comprehensive 3D SR Document" in proc.stdout
     assert "# TID 1500" in proc.stdout
-    assert proc.stdout.count("# TID 1411") == 3
+    assert proc.stdout.count("# TID 1411") == 6  # body and trabecular ROI of each level
     assert "Osteopenia" in proc.stdout
 
 
@@ -534,8 +549,8 @@ def complete(axial):
 
 def test_sr_reports_vbmd_with_its_unit_derivation_and_meaning(complete):
     _, _, report = complete
-    groups = report.content.get_volumetric_roi_measurement_groups()
-    for number, group in enumerate(groups):
+    for number, (body, group) in enumerate(level_groups(report)):
+        assert body.get_measurements(name=BONE_DENSITY) == []  # vBMD is of the trabecular ROI
         [vbmd] = group.get_measurements(name=BONE_DENSITY)
         assert vbmd.value == 100.0 - 5.0 * number
         assert (vbmd.unit.value, vbmd.unit.scheme_designator, vbmd.unit.meaning) == ("mg/cm3", "UCUM", "mg/cm^3")
@@ -547,8 +562,8 @@ def test_sr_reports_vbmd_with_its_unit_derivation_and_meaning(complete):
 
 def test_sr_reports_heights_with_topographical_modifiers_and_ratios(complete):
     _, _, report = complete
-    groups = report.content.get_volumetric_roi_measurement_groups()
-    for number, group in enumerate(groups):
+    for number, (group, roi) in enumerate(level_groups(report)):
+        assert roi.get_measurements(name=HEIGHT) == roi.get_measurements(name=RATIO) == []
         vertebra = group.finding_sites[0].value
         heights = {}
         for height in group.get_measurements(name=HEIGHT):
@@ -569,7 +584,7 @@ def test_sr_reports_heights_with_topographical_modifiers_and_ratios(complete):
 
 def test_sr_reports_fracture_suspicion_with_the_genant_grade(complete):
     _, _, report = complete
-    groups = report.content.get_volumetric_roi_measurement_groups()
+    groups = [body for body, _ in level_groups(report)]
     expected = [("272519000", "0 (normal)"), ("415684004", "2 (moderate)"), ("373068000", "not graded")]
     for group, (value, grade) in zip(groups, expected, strict=True):
         [evaluation] = group.get_qualitative_evaluations(name=FRACTURE)
@@ -625,7 +640,7 @@ def test_complete_sr_passes_dciodvfy_and_dsrdump(complete, tmp_path):
                           check=False)
     assert (proc.returncode, proc.stderr) == (0, "")
     assert "# TID 1500" in proc.stdout
-    assert proc.stdout.count("# TID 1411") == 3
+    assert proc.stdout.count("# TID 1411") == 6
     assert proc.stdout.count('(C0005938,UMLS,"Bone Density")="') == 3
     assert '(125605004,SCT,"Fracture of bone")=(415684004,SCT,"Suspected")' in proc.stdout
     assert '(122505,DCM,"Calibration")=(111222,DCM,"Succeeded")' in proc.stdout
@@ -640,9 +655,10 @@ def test_implausible_calibration_says_vbmd_not_evaluable_with_the_reason(axial, 
                                      note="adipose -40 HU outside -135..-65 HU")
     sr = build_sr(case.series, result, seg)
     report = hd.sr.Comprehensive3DSR.from_dataset(round_trip(sr))
-    for group in report.content.get_volumetric_roi_measurement_groups():
-        assert group.get_measurements(name=BONE_DENSITY) == []
-        assert len(group.get_measurements(name=HEIGHT)) == 3  # the rest of the group stays
+    for body, roi in level_groups(report):
+        assert roi.get_measurements(name=BONE_DENSITY) == []
+        assert len(roi.get_measurements(name=hd.sr.CodedConcept("112031", "DCM", "Attenuation Coefficient"))) == 3
+        assert len(body.get_measurements(name=HEIGHT)) == 3  # the rest of the level stays
     evaluations = _report_evaluations(report)
     assert evaluations[("122505", "DCM")].ConceptCodeSequence[0].CodeValue == "111224"  # Failed
     vbmd = evaluations[("C0005938", "UMLS")]

@@ -24,8 +24,8 @@ from osteonode.dicom_out.keyimage import VIEWS, body_centre_lps, plane_through, 
 from osteonode.errors import NotEvaluable
 from osteonode.result import AnalysisResult
 from osteonode.volume import load_series
-from test_dicom_out import (BANNER, BOXES, DIRECTIONS, PATIENT_POSITIONS, assert_valid, make_case, make_result,
-                            round_trip)
+from test_dicom_out import (BANNER, BOXES, DIRECTIONS, PATIENT_POSITIONS, ROI_MARGIN_MM, assert_valid,
+                            file_pixel_centres, make_case, make_result, phantom_labels, round_trip)
 
 ORIENTATIONS = sorted(DIRECTIONS)
 
@@ -38,19 +38,22 @@ def test_seg_frames_lie_exactly_on_the_source_voxels(tmp_path, orientation):
 
     assert seg.SegmentationType == "BINARY"
     numbers = {str(item.SegmentLabel): int(item.SegmentNumber) for item in seg.SegmentSequence}
-    assert numbers == {"L1 vertebra": 1, "L2 vertebra": 2, "L3 vertebra": 3}
+    assert numbers == {"L1 vertebra": 1, "L2 vertebra": 2, "L3 vertebra": 3,
+                       "L1 trabecular ROI": 4, "L2 trabecular ROI": 5, "L3 trabecular ROI": 6}
     assert seg.SegmentSequence[0].SegmentedPropertyTypeCodeSequence[0].CodeValue == "66794005"
 
-    # Ground truth per source file, from that file's own Image Plane attributes.
+    # Ground truth per source file, from that file's own Image Plane attributes: bodies, then ROIs.
     source = [pydicom.dcmread(f, stop_before_pixels=True) for f in case.files]
     uids = [str(ds.SOPInstanceUID) for ds in source]
-    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3],
+    pixels = seg.get_pixels_by_source_instance(uids, segment_numbers=[1, 2, 3, 4, 5, 6],
                                                assert_missing_frames_are_empty=True)
-    assert pixels.shape == (len(case.files), *case.truth[0].shape, 3)
+    assert pixels.shape == (len(case.files), *case.truth[0].shape, 6)
     truth = np.stack(case.truth)
-    assert all((truth == vid).any() for vid in BOXES)
+    roi_truth = np.stack([phantom_labels(file_pixel_centres(ds), ROI_MARGIN_MM) for ds in source])
+    assert all((truth == vid).any() and (roi_truth == vid).any() for vid in BOXES)
     for number, vid in enumerate(sorted(BOXES)):
         np.testing.assert_array_equal(pixels[..., number].astype(bool), truth == vid)
+        np.testing.assert_array_equal(pixels[..., 3 + number].astype(bool), roi_truth == vid)
 
     # Each frame lies on the plane of the source image it references, with its orientation and spacing.
     positions = {str(ds.SOPInstanceUID): np.array(ds.ImagePositionPatient, dtype=float) for ds in source}

@@ -46,9 +46,9 @@ def test_key_images_are_valid_secondary_captures_of_the_source_study(case, key_i
         assert (ds.StudyInstanceUID, ds.PatientID, ds.PatientName) == (
             source.StudyInstanceUID, source.PatientID, source.PatientName)
         assert (ds.SeriesDescription, int(ds.SeriesNumber)) == ("osteonode Key Images", 903)
-        assert (ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.Rows, ds.Columns) == ("RGB", 3, 1000, 1600)
+        assert (ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.Rows, ds.Columns) == ("RGB", 3, 640, 1024)
         assert (ds.BurnedInAnnotation, ds.ConversionType) == ("YES", "WSD")
-        assert ds.pixel_array.shape == (1000, 1600, 3)
+        assert ds.pixel_array.shape == (640, 1024, 3)
         assert ds.DerivationDescription
         assert_valid(image, tmp_path / f"key_{int(ds.InstanceNumber)}.dcm")
     assert "sagittal" in key_images[0].DerivationDescription
@@ -56,17 +56,14 @@ def test_key_images_are_valid_secondary_captures_of_the_source_study(case, key_i
     assert len({image.SeriesInstanceUID for image in key_images}) == 1
 
 
-def test_key_images_show_the_banner_and_the_level_colours(case, key_images):
+def test_key_images_show_the_banner(case, key_images):
+    """The banner band; the level colours are tested in test_dicom_out_palette."""
     sagittal = key_images[0].pixel_array
-    band = sagittal[5:40, 100:200].reshape(-1, 3)
+    band = sagittal[4:26, 100:200].reshape(-1, 3)
     assert (np.abs(band.astype(int) - BANNER_RGB).max(axis=1) <= 2).mean() > 0.9
-    # The L1 body colour (segments.json 177,122,101) blended over the CT in the image panel.
-    image_panel = sagittal[150:, :950].astype(int)
-    tint = (image_panel[..., 0] - image_panel[..., 2] > 40) & (image_panel[..., 1] > image_panel[..., 2])
-    assert tint.sum() > 200
 
     no_banner = build_key_images(case.series, case.segmentation, make_result(case.series), banner="")
-    top = no_banner[0].pixel_array[5:40, 100:200].reshape(-1, 3)
+    top = no_banner[0].pixel_array[4:26, 100:200].reshape(-1, 3)
     assert (np.abs(top.astype(int) - BANNER_RGB).max(axis=1) <= 2).mean() == 0.0
 
 
@@ -175,4 +172,6 @@ def test_every_output_of_the_real_ct_is_valid(abdomen_series, tmp_path):
     assert proc.returncode == 0 and "# TID 1500" in proc.stdout, proc.stderr
     text = pdf_text(pdf_document(pydicom.dcmread(paths[-1])), tmp_path)
     for level in result.levels:
-        assert any(line.split()[:1] == [level] for line in text.splitlines()), level
+        # the level's row; its name may carry a mark (summary.MARK_NOT_USED / MARK_NOTES)
+        assert any(line.split()[:1] and line.split()[0].rstrip(summary.MARK_NOT_USED + summary.MARK_NOTES) == level
+                   for line in text.splitlines()), level

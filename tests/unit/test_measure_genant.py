@@ -109,7 +109,7 @@ def test_grade_limits():
     assert [genant_grade(x) for x in (0.0, 0.199, 0.20, 0.249, 0.25, 0.40, 0.401, 0.9)] == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def test_body_at_the_edge_not_graded_nor_reference():
+def test_body_at_the_edge_not_measured_nor_reference():
     volume, seg = _spine()
     top = 30  # crop the 15 mm above T12's upper endplate minus 1 mm: T12 touches the edge
     affine = volume.affine.copy()
@@ -117,9 +117,33 @@ def test_body_at_the_edge_not_graded_nor_reference():
     bodies = np.ascontiguousarray(seg.bodies[:, top:])
     cropped = Volume(hu=np.ascontiguousarray(volume.hu[:, top:]), affine=affine)
     result = grade_levels(cropped, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
-    assert result["T12"].genant_grade is None and "edge of the volume" in result["T12"].reason
-    assert result["L1"].genant_grade == 0
+    t12 = result["T12"]
+    assert t12.cut_by_field_of_view and "edge of the volume" in t12.reason
+    assert (t12.height_anterior_mm, t12.height_middle_mm, t12.height_posterior_mm) == (None, None, None)
+    assert (t12.height_ratios, t12.genant_grade, t12.fracture_suspected) == ({}, None, None)
+    assert list(result) == list(NAMES)  # cranio-caudal, the cut level included
+    assert result["L1"].genant_grade == 0 and not result["L1"].cut_by_field_of_view
     assert result["L1"].reference_posterior_mm == pytest.approx(HEIGHT, abs=0.6)  # from L2 only
+
+
+def test_backend_cut_by_field_of_view_is_honoured_and_applied():
+    """A body the backend reports cut (SpineSegmentation.cut_by_field_of_view) gets no heights, ratios or grade."""
+    volume, seg = _spine(_wedge(0.45))
+    seg.trabecular[seg.bodies > 0] = seg.bodies[seg.bodies > 0]
+    seg.cut_by_field_of_view = {VERTEBRA_IDS["L2"]}
+    measurements = grade_levels(volume, seg)
+    assert measurements["L2"].cut_by_field_of_view and measurements["L2"].genant_grade is None
+    assert measurements["L1"].height_ratios["posterior_reference"] == pytest.approx(1.0, abs=0.03)  # T12 only
+    levels = measure_levels(volume, seg)
+    levels["L2"] = levels["L2"].model_copy(update={"quality_flags": ["heterogeneous"]})
+    applied = apply_genant(levels, measurements)
+    l2 = applied["L2"]
+    assert l2.cut_by_field_of_view and l2.quality_flags == ["cut_by_field_of_view", "heterogeneous"]
+    assert (l2.height_anterior_mm, l2.height_middle_mm, l2.height_posterior_mm, l2.height_ratios) == (
+        None, None, None, None)
+    assert (l2.genant_grade, l2.fracture_suspected) == (None, None)
+    assert apply_genant(applied, measurements)["L2"].quality_flags == l2.quality_flags  # the flag once
+    assert not applied["L1"].cut_by_field_of_view and applied["L1"].quality_flags == []
 
 
 def test_apply_genant_fills_level_results():
@@ -134,7 +158,8 @@ def test_apply_genant_fills_level_results():
 def test_real_ct_heights_plausible():
     volume = Volume.from_sitk(sitk.ReadImage(str(require_data(ABDOMEN_NIFTI))))
     result = grade_levels(volume, segment_spine(volume))
-    # T12 reaches the top of the field of view; L5 is measured only
+    # T12 reaches the top of the field of view: not measured; L5 is measured only
+    assert result["T12"].cut_by_field_of_view and result["T12"].height_posterior_mm is None
     assert result["T12"].genant_grade is None and result["L5"].genant_grade is None
     for name in ("L1", "L2", "L3", "L4"):
         m = result[name]
