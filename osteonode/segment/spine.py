@@ -913,11 +913,15 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tu
     prof, shell_prof = ap_profile(hb), ap_profile(hs)
     shell_thr = max(SHELL_HU, thr + 30.0)
     order = [k for k in range(len(centres) - 1, -1, -1) if centres[k] <= -4.0]
-    # the posterior cortex: walking posteriorly from the centre, the first bright bin (cortical
-    # shell) with fluid or fat (< 50 HU, the spinal canal) within 6 mm behind it. This holds for
-    # any trabecular density: an osteoporotic interior (-50 to 90 HU) lies in front of the cortex.
-    k_wall = next((k for k in order if shell_prof[k] > shell_thr
-                   and np.min(shell_prof[max(0, k - 6):k], initial=np.inf) < 50.0), None)
+    # the posterior cortex: a bright bin (cortical shell) with fluid or fat (< 50 HU, the spinal
+    # canal) within 6 mm behind it. This holds for any trabecular density: an osteoporotic
+    # interior (-50 to 90 HU) lies in front of the cortex.
+    walls = [k for k in order if shell_prof[k] > shell_thr
+             and np.min(shell_prof[max(0, k - 6):k], initial=np.inf) < 50.0]
+    # of several (a dense focus in front of an osteoporotic interior, the laminae behind the
+    # canal), the one whose canal lies nearest to where the column tracking expects it
+    k_wall = min(walls, key=lambda k: abs(centres[max(0, k - 6) + int(np.argmin(shell_prof[max(0, k - 6):k]))]
+                                          + CANAL_TO_BODY_MM), default=None)
     wall = -30.0
     if k_wall is not None:
         wall = float(centres[k_wall]) - 1.5  # keep the cortex inside the envelope
