@@ -56,6 +56,7 @@ from scipy import ndimage as ndi
 from bench.segmentation import References
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.genant import GenantMeasurement, genant_grade, grade_levels
+from osteonode.measure.tissues import body_centres_mm
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import builtin
 from osteonode.volume import Volume
@@ -276,11 +277,11 @@ def _spine_frame(volume: Volume, anatomy: Anatomy, level: str) -> tuple[np.ndarr
     """Centre, height (superior), anterior and left unit axes (LPS) of ``level``'s body.
 
     The height axis is the spine axis through the centroids of the
-    neighbouring bodies, as :mod:`osteonode.measure.genant` measures heights.
+    neighbouring bodies, the frame in which :mod:`osteonode.measure.genant`
+    measures heights (its rule, restated here: that frame is not public).
     """
     vid = VERTEBRA_IDS[level]
-    centres = {v: _centre_mm(volume, anatomy.bodies == v) for v in (vid - 1, vid, vid + 1)
-               if (anatomy.bodies == v).any()}
+    centres = body_centres_mm(volume, anatomy.bodies)
     here = centres[vid]
     axis = centres.get(vid - 1, here) - centres.get(vid + 1, here)
     if np.linalg.norm(axis) < 1e-6:
