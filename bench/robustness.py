@@ -54,6 +54,7 @@ from bench.variants import (Anatomy, Variant, add_island, add_noise, baseline, d
 from osteonode.anatomy import FEMUR_RIGHT, VERTEBRA_IDS  # noqa: E402
 from osteonode.measure.genant import apply_genant, grade_levels  # noqa: E402
 from osteonode.measure.hu import measure_levels  # noqa: E402
+from osteonode.segment import SpineSegmentation  # noqa: E402
 from osteonode.segment.backends import builtin  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
 
@@ -76,11 +77,24 @@ LOSSES = (0.20, 0.30, 0.45)
 
 @dataclass
 class Analysis:
-    """The measurement chain's output for one volume."""
+    """The measurement chain's output for one volume.
 
-    levels: dict  # name -> LevelResult (with Genant fields)
-    seg: object  # SpineSegmentation (femurs attached)
-    seconds: float  # segmentation
+    Attributes
+    ----------
+    levels : dict[str, LevelResult]
+        Level name -> trabecular HU statistics with the Genant fields filled in.
+    seg : SpineSegmentation
+        ``(z, y, x)`` label maps on the volume's grid, ``femurs`` attached.
+    seconds : float
+        Wall time of the segmentation (spine and femurs), s.
+    peak_mib : float
+        Peak resident memory of this process from the start of the
+        segmentation to the end of the measurement, MiB.
+    """
+
+    levels: dict
+    seg: SpineSegmentation
+    seconds: float
     peak_mib: float
 
 
@@ -97,7 +111,20 @@ def _peak_mib() -> float:
 
 
 def analyse(volume: Volume) -> Analysis:
-    """Segment (spine and femurs) and measure ``volume`` as the pipeline does, without writing DICOM."""
+    """Segment (spine and femurs) and measure ``volume`` as the pipeline does, without writing DICOM.
+
+    Parameters
+    ----------
+    volume : Volume
+        ``(z, y, x)`` HU.
+
+    Returns
+    -------
+    Analysis
+        ``builtin`` -> ``measure_levels`` -> ``grade_levels`` / ``apply_genant``
+        (no calibration, contrast or radiomics step: they do not change the
+        trabecular HU or the grades).
+    """
     _reset_peak()
     start = time.perf_counter()
     seg = builtin(volume)
@@ -144,7 +171,27 @@ def dices(variant: Variant, result: Analysis) -> dict[str, float]:
 
 
 def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
-    """One table row: labels, HU change vs the un-edited run, Dice, Genant, time and memory."""
+    """One table row: labels, HU change vs the un-edited run, Dice, Genant, time and memory.
+
+    Parameters
+    ----------
+    variant : Variant
+        The edited CT, its truth and its moved reference masks.
+    result : Analysis
+        :func:`analyse` of ``variant.volume``.
+    base : Analysis
+        :func:`analyse` of the un-edited CT.
+
+    Returns
+    -------
+    dict
+        ``variant``, ``truth``, ``labels`` (:func:`level_check`), ``d_hu``
+        (L1-L4 reported trabecular mean minus the base's, HU; ``None`` when
+        either is missing), ``offset`` (applied, HU), ``dice``
+        (:func:`dices`), ``grades`` (L1-L4 Genant grade, ``None`` not graded,
+        ``"."`` absent), ``fracture`` (suspected, per measured level),
+        ``seconds``, ``peak_mib``, ``not_evaluable``.
+    """
     d_hu = {}
     for name in LEVELS:
         now, then = result.levels.get(name), base.levels.get(name)

@@ -6,13 +6,22 @@ edits, to score the result. Where an edit needs to know where a vertebral
 body is, it uses :class:`Anatomy`: the bodies found by the built-in
 segmentation (:func:`osteonode.segment.backends.builtin`) on the
 *unmodified* CT, computed once. Each body's **trabecular core** is the body
-minus a cortical shell: a voxel's depth is its distance (mm) from the body's
-outer surface (Euclidean distance transform to the nearest voxel outside the
-body, minus half a voxel); the core weight is 0 at depths up to
-``SHELL_MM - RAMP_MM / 2``, 1 from ``SHELL_MM + RAMP_MM / 2`` inwards and
-linear in between, so a density edit never leaves a step edge inside the
-body and never touches the cortical shell (on the 3 mm example the outermost
-voxel layer of each body is kept, the next is fully edited).
+minus a thin cortical shell, with partial-volume weights: a voxel of size
+``s`` (the finest spacing) whose centre lies ``e`` mm from the nearest voxel
+outside the body spans depths ``e - s .. e`` below the body surface; its core
+weight is the fraction of that span deeper than ``SHELL_MM`` (the cortex):
+``clip((e - SHELL_MM) / s, 0, 1)``. A density edit thus blends over one voxel
+(about 1 mm on thin slices) instead of making a step edge, leaves the outer
+``SHELL_MM`` of cortex alone, and edits the outermost voxel layer of a
+coarse grid by its trabecular fraction (5/6 of the offset on the 3 mm
+example, the next layer fully).
+Why not a 2-3 mm erosion: on the 3 mm example that leaves the whole outer
+voxel layer unedited, and where a correct body outline lies one voxel beyond
+ours (posteriorly, mostly) 15-30 % of a correct 5 mm-margin ROI would be
+unedited: with the reference bodies standing in for the segmentation (body
+eroded by one voxel as ROI), an all-level -60 HU edit then reads -44 to -52 HU;
+with these weights -55 to -59 HU (L4 reads -55: 7 % of that ROI lies outside
+our L4 body altogether).
 
 Arrays are numpy ``(z, y, x)`` (:class:`osteonode.volume.Volume`); SimpleITK
 images are ``(x, y, z)``. HU throughout; lengths and positions in mm, in
@@ -63,10 +72,9 @@ from osteonode.volume import Volume
 
 #: Levels that get a trabecular core (T12-L5).
 CORE_LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5")
-#: Thickness of the kept cortical shell (mm, centre of the blending ramp).
-SHELL_MM = 3.0
-#: Width of the 0..1 blending ramp between shell and core (mm).
-RAMP_MM = 1.0
+#: Thickness of the cortical shell that density edits leave alone (mm): the lumbar vertebral shell is a
+#: few tenths of a millimetre thick (Silva MJ et al., Bone 1994;15:409-414).
+SHELL_MM = 0.5
 #: Attenuation of a bone island (HU).
 ISLAND_HU = 900.0
 #: Sub-samples per voxel and axis for the partial-volume fraction of an island.
@@ -113,15 +121,14 @@ class Anatomy:
     @classmethod
     def from_bodies(cls, volume: Volume, bodies: np.ndarray) -> "Anatomy":
         """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid)."""
-        half_voxel = 0.5 * min(volume.spacing)
+        step = min(volume.spacing)
         cores = {}
         for name in CORE_LEVELS:
             body = bodies == VERTEBRA_IDS[name]
             if not body.any():
                 continue
             depth = ndi.distance_transform_edt(np.pad(body, 1), sampling=volume.spacing)[1:-1, 1:-1, 1:-1]
-            depth = np.where(body, depth - half_voxel, 0.0)
-            cores[name] = np.clip((depth - (SHELL_MM - RAMP_MM / 2)) / RAMP_MM, 0.0, 1.0).astype(np.float32)
+            cores[name] = np.where(body, np.clip((depth - SHELL_MM) / step, 0.0, 1.0), 0.0).astype(np.float32)
         if not cores:
             raise ValueError("the built-in segmentation found no vertebral body T12-L5 on the unmodified CT")
         heights = grade_levels(volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
@@ -154,7 +161,22 @@ class Variant:
 
 
 def baseline(volume: Volume, refs: References, name: str = "base") -> Variant:
-    """The unmodified CT: every L1-L4 offset 0, no noise, no deformity."""
+    """Start a chain of edits from the unmodified CT.
+
+    Parameters
+    ----------
+    volume : Volume
+        The CT, ``(z, y, x)`` HU.
+    refs : References
+        Its reference masks (on their own grid, LPS geometry in ``refs.image``).
+    name : str
+        Row name.
+
+    Returns
+    -------
+    Variant
+        Truth: no offset (0 HU on every level), no noise, no island, no deformity.
+    """
     return Variant(name, volume, refs, {"offset": {}, "noise_sigma": 0.0, "island": None, "deformity": None,
                                         "expected_grade": {}})
 
@@ -179,7 +201,7 @@ def offset_cores(variant: Variant, anatomy: Anatomy, offsets: dict[str, float]) 
         Of the unmodified CT.
     offsets : dict[str, float]
         Level name (``"L2"``) -> HU added where the core weight is 1
-        (``weight * offset`` on the ramp).
+        (``weight * offset`` at the edge of the core).
 
     Returns
     -------
@@ -243,13 +265,31 @@ def _subsamples(start: int, stop: int, sub: np.ndarray, axis: int) -> np.ndarray
 
 def add_island(variant: Variant, anatomy: Anatomy, level: str, diameter_mm: float,
                hu: float = ISLAND_HU) -> Variant:
-    """Put a sphere of ``hu`` and ``diameter_mm`` into the core of ``level``.
+    """Put a bone island (enostosis) into the trabecular core of ``level``.
 
     Each voxel becomes ``(1 - f) * HU + f * hu`` where ``f`` is the fraction
     of the voxel inside the sphere (``ISLAND_SUPERSAMPLING``³ sub-samples),
-    so the island has a partial-volume edge as a scanner would give it.
-    Truth: ``island = {"level", "diameter_mm"}``; the level's trabecular
-    mean should move by at most 5 HU (the offsets are unchanged).
+    so the island has a partial-volume edge as a scanner would give it. The
+    centre is chosen by :func:`_island_centre` (anterior half, mid-height).
+
+    Parameters
+    ----------
+    variant : Variant
+        Not yet warped.
+    anatomy : Anatomy
+        Of the unmodified CT.
+    level : str
+        ``"L1"`` ... ``"L4"`` (any level with a core).
+    diameter_mm : float
+        Sphere diameter, mm.
+    hu : float
+        Attenuation of the island, HU.
+
+    Returns
+    -------
+    Variant
+        Truth ``island = {"level", "diameter_mm"}``; the level's reported
+        trabecular HU should move by at most 5 HU beyond its offset.
     """
     _check_unwarped(variant, "add_island")
     vol = variant.volume
@@ -378,8 +418,27 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     from outside the original field of view are cropped (they would show a
     vertebra cut by air inside the scan); the reference masks keep their grid.
 
-    Truth: ``deformity = {"level", "kind", "loss", "compression"}`` and
-    ``expected_grade`` of that level = ``genant_grade(loss)`` (Genant 1993).
+    Parameters
+    ----------
+    variant : Variant
+        Not yet warped (density edits and islands come first).
+    anatomy : Anatomy
+        Of the unmodified CT (bodies and their heights).
+    level : str
+        The level to deform, e.g. ``"L1"``; it needs a body in ``anatomy``.
+    kind : str
+        ``"wedge"``, ``"biconcave"`` or ``"crush"``.
+    loss : float
+        Genant height loss to reach, 0..1 (0.3 = 30 %).
+
+    Returns
+    -------
+    Variant
+        Image resampled (linear), possibly with fewer slices; reference masks
+        resampled (nearest) on their grid. Truth ``deformity = {"level",
+        "kind", "loss", "compression"}`` and ``expected_grade`` of that level
+        ``= genant_grade(loss)`` (Genant 1993: < 20 % 0, 20-25 % 1, 25-40 %
+        2, > 40 % 3).
 
     Raises
     ------
@@ -435,14 +494,33 @@ def spine_centre(volume: Volume, anatomy: Anatomy) -> np.ndarray:
 
 def transform(variant: Variant, anatomy: Anatomy, scale: float = 1.0, tilt_lr_deg: float = 0.0,
               tilt_ap_deg: float = 0.0) -> Variant:
-    """Scale the anatomy by ``scale`` and rotate it about the spine centre.
+    """Scale the anatomy and rotate it about the spine centre (L1-L4 centroid of the unmodified CT).
 
-    ``scale`` > 1 enlarges the patient (isotropic, about the L1-L4 centroid of
-    the unmodified CT); ``tilt_lr_deg`` rotates about the left-right axis
-    (sagittal tilt: positive turns the superior end towards anterior),
-    ``tilt_ap_deg`` about the anterior-posterior axis (coronal tilt: positive
-    turns the superior end towards patient left). Out-of-view content is
-    ``-1024`` HU. Truth unchanged (no density change, grade 0).
+    The rotation about the left-right axis is applied first, then the one
+    about the anterior-posterior axis, then the scaling (all about the same
+    centre). The image is resampled linearly on its own grid (``-1024`` HU
+    where the content comes from outside the field of view), the reference
+    masks by nearest neighbour on theirs.
+
+    Parameters
+    ----------
+    variant : Variant
+        Any variant (density edits must come before).
+    anatomy : Anatomy
+        Of the unmodified CT (for the centre).
+    scale : float
+        Isotropic scale of the patient; > 1 enlarges.
+    tilt_lr_deg : float
+        Rotation about the left-right axis, degrees (sagittal tilt; positive
+        turns the superior end towards anterior).
+    tilt_ap_deg : float
+        Rotation about the anterior-posterior axis, degrees (coronal tilt;
+        positive turns the superior end towards patient left).
+
+    Returns
+    -------
+    Variant
+        Truth unchanged (no density change; grades stay 0).
     """
     centre = spine_centre(variant.volume, anatomy)
     # forward map p -> centre + scale * R (p - centre); superior (z) towards anterior (-y) about x, towards left (+x)
@@ -458,7 +536,22 @@ def transform(variant: Variant, anatomy: Anatomy, scale: float = 1.0, tilt_lr_de
 
 
 def add_noise(variant: Variant, sigma: float, seed: int = 0) -> Variant:
-    """Add white Gaussian noise of ``sigma`` HU (numpy ``default_rng(seed)``)."""
+    """Add white Gaussian noise (numpy ``default_rng(seed)``, so the same seed gives the same noise).
+
+    Parameters
+    ----------
+    variant : Variant
+        Any variant; noise is the last edit of a chain (acquisition).
+    sigma : float
+        Standard deviation, HU.
+    seed : int
+        Random seed.
+
+    Returns
+    -------
+    Variant
+        Truth ``noise_sigma``: the root sum of squares of all noise added.
+    """
     rng = np.random.default_rng(seed)
     hu = variant.volume.hu + rng.normal(0.0, sigma, variant.volume.shape).astype(np.float32)
     return replace(variant, volume=Volume(hu=hu, affine=variant.volume.affine),
