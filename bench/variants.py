@@ -191,7 +191,7 @@ def _check_unwarped(variant: Variant, edit: str) -> None:
 
 
 def offset_cores(variant: Variant, anatomy: Anatomy, offsets: dict[str, float]) -> Variant:
-    """Add ``offsets`` (level -> HU) to the trabecular cores, blended over the shell ramp.
+    """Add ``offsets`` (level -> HU) to the trabecular cores (partial-volume weights at their edge).
 
     Parameters
     ----------
