@@ -1,0 +1,418 @@
+"""Robustness of segmentation, trabecular HU and Genant grading to edits of the real CT (issue 10).
+
+Every variant of ``bench/variants.py`` (density offsets of the trabecular
+cores, noise, bone islands, deformities, scaling and tilt, combinations) goes
+through the measurement chain of :mod:`osteonode.pipeline` without writing
+DICOM: the built-in segmentation (:func:`osteonode.segment.backends.builtin`:
+spine and proximal femurs), :func:`osteonode.measure.hu.measure_levels`,
+:func:`osteonode.measure.genant.grade_levels` and
+:func:`osteonode.measure.genant.apply_genant`. One table row per variant:
+
+* ``labels``: how many of L1-L4 are found and correctly labelled; a level is
+  correct when most of our body (resampled onto the reference grid, nearest
+  neighbour) lies in the reference body of that level and no other reference
+  body holds more of it;
+* ``dHU Lx``: reported trabecular mean minus that of the un-edited CT, and the
+  applied core offset after the slash;
+* ``Dice``: L1-L4 bodies (``ref_v2_spine_vertebrae`` where
+  ``ref_v2_vertebrae_body == 1``) and right femur (v1 label 89), inside the
+  variant's field of view, the references moved with the variant;
+* ``Genant``: grades of L1-L4 (``-`` not graded, ``.`` absent) and, for a
+  deformity, the expected grade of the deformed level;
+* ``seg s``: segmentation time; ``MiB``: peak resident memory of this process
+  while segmenting and measuring (high-water mark reset before each variant).
+
+The summary checks the targets of issue 10 (PASS/FAIL); the time and memory
+targets are measured on the example CT resampled (linear) onto the 512 x 512
+x 300 grid of ``bench/common.py`` in memory (median of ``--repeats-512``).
+Results go to ``bench/README.md``.
+
+Usage: python bench/robustness.py [--quick] [--only PATTERN] [--out FILE.md] [--repeats-512 N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import GRID, _hwm_mib, spacing_512  # noqa: E402
+from bench.segmentation import REF_V2_ID, dice, example_image, load_references, on_reference_grid  # noqa: E402
+from bench.variants import (Anatomy, Variant, add_island, add_noise, baseline, deform,  # noqa: E402
+                            offset_cores, transform)
+from osteonode.anatomy import FEMUR_RIGHT, VERTEBRA_IDS  # noqa: E402
+from osteonode.measure.genant import apply_genant, grade_levels  # noqa: E402
+from osteonode.measure.hu import measure_levels  # noqa: E402
+from osteonode.segment import SpineSegmentation  # noqa: E402
+from osteonode.segment.backends import builtin  # noqa: E402
+from osteonode.volume import Volume  # noqa: E402
+
+log = logging.getLogger("bench.robustness")
+
+LEVELS = ("L1", "L2", "L3", "L4")
+#: Targets of issue 10.
+HU_TOLERANCE = 5.0
+SLOPE_TOLERANCE = 0.05
+MAX_NOISE_FOR_HU = 25.0
+MIN_DICE = 0.85
+MIN_EXACT_GRADES = 0.90
+MAX_SECONDS_512 = 5.0
+MAX_MIB = 2048.0
+OFFSETS = tuple(range(-10, -121, -10))
+NOISE = (10, 20, 25, 30, 40)
+ISLANDS_MM = (5, 10, 15)
+LOSSES = (0.20, 0.30, 0.45)
+
+
+@dataclass
+class Analysis:
+    """The measurement chain's output for one volume.
+
+    Attributes
+    ----------
+    levels : dict[str, LevelResult]
+        Level name -> trabecular HU statistics with the Genant fields filled in.
+    seg : SpineSegmentation
+        ``(z, y, x)`` label maps on the volume's grid, ``femurs`` attached.
+    seconds : float
+        Wall time of the segmentation (spine and femurs), s.
+    peak_mib : float
+        Peak resident memory of this process from the start of the
+        segmentation to the end of the measurement, MiB.
+    """
+
+    levels: dict
+    seg: SpineSegmentation
+    seconds: float
+    peak_mib: float
+
+
+def _reset_peak() -> None:
+    """Reset this process's resident high-water mark (Linux >= 4.0; no-op elsewhere)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_mib() -> float:
+    return _hwm_mib(os.getpid())
+
+
+def analyse(volume: Volume) -> Analysis:
+    """Segment (spine and femurs) and measure ``volume`` as the pipeline does, without writing DICOM.
+
+    Parameters
+    ----------
+    volume : Volume
+        ``(z, y, x)`` HU.
+
+    Returns
+    -------
+    Analysis
+        ``builtin`` -> ``measure_levels`` -> ``grade_levels`` / ``apply_genant``
+        (no calibration, contrast or radiomics step: they do not change the
+        trabecular HU or the grades).
+    """
+    _reset_peak()
+    start = time.perf_counter()
+    seg = builtin(volume)
+    seconds = time.perf_counter() - start
+    levels = measure_levels(volume, seg)
+    levels = apply_genant(levels, grade_levels(volume, seg))
+    return Analysis(levels, seg, seconds, _peak_mib())
+
+
+def level_check(variant: Variant, result: Analysis) -> dict[str, str]:
+    """Per L1-L4: ``ok``, ``missing``, ``<50%`` (right level, but less than half of our body in it) or
+    the reference level that holds most of our body (``none``: no reference body)."""
+    refs = variant.refs
+    ours = on_reference_grid(variant.volume, result.seg.bodies, refs)
+    bodies = np.where(refs.body == 1, refs.vertebrae, 0)
+    name_of = {rid: name for name, rid in ((n, REF_V2_ID[VERTEBRA_IDS[n]]) for n in
+                                           ("T12", "L1", "L2", "L3", "L4", "L5"))}
+    out = {}
+    for name in LEVELS:
+        mask = ours == VERTEBRA_IDS[name]
+        if not mask.any():
+            out[name] = "missing"
+            continue
+        ids, counts = np.unique(bodies[mask], return_counts=True)
+        hits = {int(i): int(c) for i, c in zip(ids, counts) if i != 0}
+        best = max(hits, key=hits.get) if hits else 0
+        right = best == REF_V2_ID[VERTEBRA_IDS[name]] and hits[best] >= 0.5 * mask.sum()
+        out[name] = "ok" if right else ("<50%" if best == REF_V2_ID[VERTEBRA_IDS[name]]
+                                          else name_of.get(best, "none"))
+    return out
+
+
+def dices(variant: Variant, result: Analysis) -> dict[str, float]:
+    """Dice of the L1-L4 bodies and the right femur inside the variant's field of view (reference grid)."""
+    refs = variant.refs
+    fov = on_reference_grid(variant.volume, np.ones(variant.volume.shape, np.uint8), refs) > 0
+    ours = on_reference_grid(variant.volume, result.seg.bodies, refs)
+    out = {name: dice((ours == VERTEBRA_IDS[name]) & fov,
+                      (refs.vertebrae == REF_V2_ID[VERTEBRA_IDS[name]]) & (refs.body == 1) & fov)
+           for name in LEVELS}
+    femurs = result.seg.femurs.labels if result.seg.femurs is not None else np.zeros(variant.volume.shape, np.uint8)
+    out["femur_R"] = dice(on_reference_grid(variant.volume, femurs, refs) == FEMUR_RIGHT, refs.femur_right & fov)
+    return out
+
+
+def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
+    """One table row: labels, HU change vs the un-edited run, Dice, Genant, time and memory.
+
+    Parameters
+    ----------
+    variant : Variant
+        The edited CT, its truth and its moved reference masks.
+    result : Analysis
+        :func:`analyse` of ``variant.volume``.
+    base : Analysis
+        :func:`analyse` of the un-edited CT.
+
+    Returns
+    -------
+    dict
+        ``variant``, ``truth``, ``labels`` (:func:`level_check`), ``d_hu``
+        (L1-L4 reported trabecular mean minus the base's, HU; ``None`` when
+        either is missing), ``offset`` (applied, HU), ``dice``
+        (:func:`dices`), ``grades`` (L1-L4 Genant grade, ``None`` not graded,
+        ``"."`` absent), ``fracture`` (suspected, per measured level),
+        ``seconds``, ``peak_mib``, ``not_evaluable``.
+    """
+    d_hu = {}
+    for name in LEVELS:
+        now, then = result.levels.get(name), base.levels.get(name)
+        d_hu[name] = None if now is None or then is None else now.trabecular_hu_mean - then.trabecular_hu_mean
+    grades = {name: (result.levels[name].genant_grade if name in result.levels else ".") for name in LEVELS}
+    return {"variant": variant.name, "truth": variant.truth, "labels": level_check(variant, result),
+            "d_hu": d_hu, "offset": {n: variant.truth["offset"].get(n, 0.0) for n in LEVELS},
+            "dice": dices(variant, result), "grades": grades,
+            "fracture": {n: result.levels[n].fracture_suspected for n in LEVELS if n in result.levels},
+            "seconds": result.seconds, "peak_mib": result.peak_mib,
+            "not_evaluable": result.seg.not_evaluable_reason}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A variant to build: ``group`` selects the targets it is checked against."""
+
+    name: str
+    group: str  # base, offset_all, offset_one, sclerotic, noise, island, deformity, geometry, combination
+    build: Callable[[Variant, Anatomy], Variant]
+
+
+def specs() -> list[Spec]:
+    """Every variant of the full bench, in table order."""
+    out = [Spec("base", "base", lambda b, a: b)]
+    out += [Spec(f"core_all{o:+d}", "offset_all", lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(LEVELS, o)))
+            for o in OFFSETS]
+    out += [Spec(f"core_{n}{o:+d}", "offset_one", lambda b, a, n=n, o=o: offset_cores(b, a, {n: o}))
+            for n in LEVELS for o in OFFSETS]
+    out += [Spec(f"core_all{o:+d}", "sclerotic", lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(LEVELS, o)))
+            for o in (100, 200)]
+    out += [Spec(f"noise{s}", "noise", lambda b, a, s=s: add_noise(b, s, seed=s)) for s in NOISE]
+    out += [Spec(f"island{d}_{n}", "island", lambda b, a, d=d, n=n: add_island(b, a, n, d))
+            for n in LEVELS for d in ISLANDS_MM]
+    out += [Spec(f"{k}{round(100 * f)}_{n}", "deformity", lambda b, a, k=k, f=f, n=n: deform(b, a, n, k, f))
+            for n in ("L1", "L3") for k in ("wedge", "biconcave", "crush") for f in LOSSES]
+    out += [Spec(f"scale{s:.2f}", "geometry", lambda b, a, s=s: transform(b, a, scale=s)) for s in (0.9, 1.1)]
+    out += [Spec(f"tilt_lr{t:+d}", "geometry", lambda b, a, t=t: transform(b, a, tilt_lr_deg=t)) for t in (10, -10)]
+    out += [Spec(f"tilt_ap{t:+d}", "geometry", lambda b, a, t=t: transform(b, a, tilt_ap_deg=t)) for t in (10, -10)]
+    out += [
+        Spec("core_all-80+noise25", "combination",
+             lambda b, a: add_noise(offset_cores(b, a, dict.fromkeys(LEVELS, -80)), 25, seed=25)),
+        Spec("core_all-60+island10_L2", "combination",
+             lambda b, a: add_island(offset_cores(b, a, dict.fromkeys(LEVELS, -60)), a, "L2", 10)),
+        Spec("tilt_lr+10+scale0.90+core_all-50", "combination",
+             lambda b, a: transform(offset_cores(b, a, dict.fromkeys(LEVELS, -50)), a, scale=0.9, tilt_lr_deg=10)),
+        Spec("wedge30_L1+core_all-60", "combination",
+             lambda b, a: deform(offset_cores(b, a, dict.fromkeys(LEVELS, -60)), a, "L1", "wedge", 0.30)),
+    ]
+    return out
+
+
+QUICK = ("base", "core_all-60", "core_L2-60", "core_all+200", "noise25", "island10_L3", "wedge30_L1",
+         "crush45_L3", "tilt_lr+10", "core_all-80+noise25")
+
+
+def select(all_specs: list[Spec], quick: bool, only: str | None) -> list[Spec]:
+    """The specs to run: ``--quick`` keeps ``QUICK``; ``--only`` keeps names matching a glob or substring."""
+    chosen = [s for s in all_specs if not quick or s.name in QUICK]
+    if only:
+        chosen = [s for s in chosen if fnmatch.fnmatch(s.name, only) or only in s.name or s.name == "base"]
+    return chosen
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def row_cells(row: dict) -> list[str]:
+    """Table cells of one row (see the module docstring)."""
+    labels = row["labels"]
+    bad = [f"{n}->{s}" for n, s in labels.items() if s != "ok"]
+    deformity = row["truth"]["deformity"]
+    expected = f" exp {deformity['level']}={row['truth']['expected_grade'][deformity['level']]}" if deformity else ""
+    return [row["variant"], f"{4 - len(bad)}/4" + (f" ({' '.join(bad)})" if bad else ""),
+            *[f"{_fmt(row['d_hu'][n], '+.1f')}/{row['offset'][n]:+.0f}" for n in LEVELS],
+            " ".join(f"{row['dice'][n]:.2f}" for n in (*LEVELS, "femur_R")),
+            "".join("-" if g is None else str(g) for g in row["grades"].values()) + expected,
+            f"{row['seconds']:.2f}", f"{row['peak_mib']:.0f}"]
+
+
+HEADER = ["variant", "L1-L4 labels", "dHU L1", "dHU L2", "dHU L3", "dHU L4", "Dice L1 L2 L3 L4 femR",
+          "Genant L1-L4", "seg s", "MiB"]
+
+
+def table(rows: list[dict], markdown: bool = False) -> str:
+    """The rows as plain text (aligned columns) or as a markdown table."""
+    cells = [HEADER] + [row_cells(r) for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(c) + " |" for c in cells]
+        lines.insert(1, "|" + "|".join(" --- " for _ in HEADER) + "|")
+        return "\n".join(lines)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
+
+
+def _slope(pairs: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope (with intercept) of the reported HU change on the applied offset."""
+    x = np.array([p[0] for p in pairs], float)
+    y = np.array([p[1] for p in pairs], float)
+    return None if len(set(x.tolist())) < 2 else float(np.polyfit(x, y, 1)[0])
+
+
+def _island_move(row: dict) -> float | None:
+    """HU change of the island's level beyond its applied core offset."""
+    name = row["truth"]["island"]["level"]
+    return None if row["d_hu"][name] is None else row["d_hu"][name] - row["offset"][name]
+
+
+def summary(rows: list[tuple[Spec, dict]], time_512: list[float], mib_512: float | None) -> list[tuple[str, bool,
+                                                                                                            str]]:
+    """(target, passed, detail) for each target of issue 10 that the rows cover."""
+    out = []
+    wrong = [r["variant"] for _, r in rows if any(s != "ok" for s in r["labels"].values())]
+    out.append(("L1-L4 found and correctly labelled (100 % of variants; the edits keep the cortex visible)",
+                not wrong, f"{len(rows) - len(wrong)}/{len(rows)}" + (f"; wrong: {', '.join(wrong)}" if wrong else "")))
+    for group, title in (("offset_all", "all levels"), ("offset_one", "one level")):
+        if not any(s.group == group for s, _ in rows):
+            continue
+        pairs = [(r["offset"][n], r["d_hu"][n]) for s, r in rows if s.group in (group, "base") for n in LEVELS
+                 if (group == "offset_all" or r["offset"][n] or s.group == "base") and r["d_hu"][n] is not None]
+        slope = _slope(pairs)
+        out.append((f"dHU vs applied offset 0..{min(OFFSETS)} HU, {title}: slope 1.00 +- {SLOPE_TOLERANCE:.2f}",
+                    slope is not None and abs(slope - 1.0) <= SLOPE_TOLERANCE,
+                    f"slope {_fmt(slope, '.3f')} (least squares with intercept) over {len(pairs)} (level, offset) "
+                    "pairs, the edited levels only"))
+    checked = [(s, r) for s, r in rows if s.group not in ("island", "geometry", "deformity")
+               and r["truth"]["noise_sigma"] <= MAX_NOISE_FOR_HU]
+    misses = [f"{r['variant']} {n} {_fmt(r['d_hu'][n], '+.1f')}/{r['offset'][n]:+.0f}" for _, r in checked
+              for n in LEVELS if r["d_hu"][n] is None or abs(r["d_hu"][n] - r["offset"][n]) > HU_TOLERANCE]
+    out.append((f"every L1-L4 dHU within +-{HU_TOLERANCE:.0f} HU of the offset at noise <= {MAX_NOISE_FOR_HU:.0f} HU "
+                "(density, noise, combination variants)", not misses,
+                f"{len(checked) * 4 - len(misses)}/{len(checked) * 4} level values" +
+                (f"; off: {'; '.join(misses[:12])}{' ...' if len(misses) > 12 else ''}" if misses else "")))
+    islands = [r for _, r in rows if r["truth"]["island"] is not None]
+    if islands:
+        moves = [(r["variant"], _island_move(r)) for r in islands]
+        bad = [f"{v} {_fmt(m, '+.1f')}" for v, m in moves if m is None or abs(m) > HU_TOLERANCE]
+        out.append((f"focal lesion 5-15 mm: level HU moves <= {HU_TOLERANCE:.0f} HU", not bad,
+                    f"{len(islands) - len(bad)}/{len(islands)}" + (f"; moved: {', '.join(bad)}" if bad else "")))
+    geo = [(s, r) for s, r in rows if s.group == "geometry"]
+    if geo:
+        misses = [f"{r['variant']} {n} {_fmt(r['d_hu'][n], '+.1f')}" for _, r in geo for n in LEVELS
+                  if r["d_hu"][n] is None or abs(r["d_hu"][n]) > HU_TOLERANCE]
+        out.append((f"(no target) geometric variants: dHU within +-{HU_TOLERANCE:.0f} HU", not misses,
+                    f"{len(geo) * 4 - len(misses)}/{len(geo) * 4}" + (f"; off: {'; '.join(misses)}" if misses else "")))
+    deformed = [r for _, r in rows if r["truth"]["deformity"] is not None]
+    if deformed:
+        found = [(r["variant"], r["grades"][r["truth"]["deformity"]["level"]],
+                  r["truth"]["expected_grade"][r["truth"]["deformity"]["level"]]) for r in deformed]
+        exact = sum(g == e for _, g, e in found)
+        far = [f"{v} {g} vs {e}" for v, g, e in found if not isinstance(g, int) or abs(g - e) > 1]
+        out.append((f"Genant grade exact in >= {MIN_EXACT_GRADES:.0%} of deformities, never off by more than 1",
+                    exact >= MIN_EXACT_GRADES * len(found) and not far,
+                    f"exact {exact}/{len(found)}" + (f"; off by > 1 or ungraded: {', '.join(far)}" if far else "")))
+    low = [f"{r['variant']} {k} {v:.2f}" for _, r in rows for k, v in r["dice"].items() if v < MIN_DICE]
+    out.append((f"L1-L4 body and right-femur Dice >= {MIN_DICE} on every variant", not low,
+                f"{len(rows) * 5 - len(low)}/{len(rows) * 5}" +
+                (f"; below: {'; '.join(low[:12])}{' ...' if len(low) > 12 else ''}" if low else "")))
+    if time_512:
+        med = statistics.median(time_512)
+        out.append((f"segmentation of 512 x 512 x 300 <= {MAX_SECONDS_512:.0f} s", med <= MAX_SECONDS_512,
+                    f"median {med:.2f} s of {len(time_512)} run(s)"))
+    peaks = [r["peak_mib"] for _, r in rows] + ([mib_512] if mib_512 is not None else [])
+    out.append((f"peak memory <= {MAX_MIB / 1024:.0f} GB", max(peaks) <= MAX_MIB,
+                f"max {max(peaks):.0f} MiB" + (f" (512 grid {mib_512:.0f} MiB)" if mib_512 is not None else "")))
+    return out
+
+
+def grid_512_volume() -> Volume:
+    """The example CT resampled (linear) onto ``bench.common.GRID`` (512 x 512 x 300) in memory."""
+    image = example_image()
+    out = sitk.Resample(image, GRID, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing_512(image),
+                        image.GetDirection(), -1024.0, sitk.sitkFloat32)
+    return Volume.from_sitk(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--only", metavar="PATTERN", help="variants whose name matches (glob or substring)")
+    parser.add_argument("--out", type=Path, metavar="FILE.md", help="also write the table and summary as markdown")
+    parser.add_argument("--repeats-512", type=int, default=None,
+                        help="segmentations of the 512 x 512 x 300 grid (default 3, --quick 1, 0 to skip)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("osteonode").setLevel(logging.WARNING)
+    start = time.perf_counter()
+    volume, refs = Volume.from_sitk(example_image()), load_references()
+    anatomy = Anatomy.from_volume(volume)
+    base_variant = baseline(volume, refs)
+    base = analyse(volume)
+    rows = []
+    for spec in select(specs(), args.quick, args.only):
+        variant = spec.build(base_variant, anatomy)
+        variant = replace(variant, name=spec.name)
+        rows.append((spec, score(variant, analyse(variant.volume), base)))
+        log.info("%s done (%.0f s so far)", spec.name, time.perf_counter() - start)
+    repeats = args.repeats_512 if args.repeats_512 is not None else (1 if args.quick else 3)
+    times, mib = [], None
+    if repeats:
+        big = grid_512_volume()
+        for _ in range(repeats):
+            result = analyse(big)
+            times.append(result.seconds)
+            mib = max(mib or 0.0, result.peak_mib)
+        del big
+    text = table([r for _, r in rows])
+    checks = summary(rows, times, mib)
+    lines = [f"{'INFO' if title.startswith('(no target)') else 'PASS' if ok else 'FAIL'}  {title}: {detail}"
+             for title, ok, detail in checks]
+    print(text)
+    print()
+    print("\n".join(lines))
+    total = time.perf_counter() - start
+    print(f"\n{len(rows)} variants in {total:.0f} s")
+    if args.out:
+        args.out.write_text(table([r for _, r in rows], markdown=True) + "\n\n" +
+                            "\n".join(f"- {line}" for line in lines) + "\n", encoding="utf-8")
+    return 0 if all(ok for title, ok, _ in checks if not title.startswith("(no target)")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

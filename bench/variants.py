@@ -1,0 +1,559 @@
+"""Edited copies of the example CT with known truth, for ``bench/robustness.py`` and its CI subset.
+
+Every edit is made **from the image itself**: the reference masks
+(TotalSegmentator output) are only carried along, moved with the geometric
+edits, to score the result. Where an edit needs to know where a vertebral
+body is, it uses :class:`Anatomy`: the bodies found by the built-in
+segmentation (:func:`osteonode.segment.backends.builtin`) on the
+*unmodified* CT, computed once. Each body's **trabecular core** is the body
+minus a thin cortical shell, with partial-volume weights: a voxel of size
+``s`` (the finest spacing) whose centre lies ``e`` mm from the nearest voxel
+outside the body spans depths ``e - s .. e`` below the body surface; its core
+weight is the fraction of that span deeper than ``SHELL_MM`` (the cortex):
+``clip((e - SHELL_MM) / s, 0, 1)``. A density edit thus blends over one voxel
+(about 1 mm on thin slices) instead of making a step edge, leaves the outer
+``SHELL_MM`` of cortex alone, and edits the outermost voxel layer of a
+coarse grid by its trabecular fraction (5/6 of the offset on the 3 mm
+example, the next layer fully).
+Why not a 2-3 mm erosion: on the 3 mm example that leaves the whole outer
+voxel layer unedited, and where a correct body outline lies one voxel beyond
+ours (posteriorly, mostly) 15-30 % of a correct 5 mm-margin ROI would be
+unedited: with the reference bodies standing in for the segmentation (body
+eroded by one voxel as ROI), an all-level -60 HU edit then reads -44 to -52 HU;
+with these weights -55 to -59 HU (L4 reads -55: 7 % of that ROI lies outside
+our L4 body altogether).
+
+Arrays are numpy ``(z, y, x)`` (:class:`osteonode.volume.Volume`); SimpleITK
+images are ``(x, y, z)``. HU throughout; lengths and positions in mm, in
+DICOM patient space (LPS). Geometric edits resample the image (linear,
+``-1024`` HU outside the original field of view) and the reference masks
+(nearest neighbour) on their own grids with the same displacement, so that a
+variant stays on the grid of the input.
+
+Edits (each a function ``Variant -> Variant``; :func:`baseline` starts a chain):
+
+* :func:`offset_cores`: add a HU offset to the trabecular cores of some levels
+  (low density: negative; sclerosis: positive);
+* :func:`add_island`: a sphere of ``ISLAND_HU`` (a bone island, enostosis),
+  partial-volume blended, in the anterior half of a core at mid-height;
+* :func:`deform`: a wedge, biconcave or crush deformity of one level by a
+  smooth cranio-caudal displacement field along the local spine axis;
+* :func:`transform`: isotropic scaling about the spine centre and rotation
+  about the left-right and/or anterior-posterior axis;
+* :func:`add_noise`: white Gaussian noise with a fixed seed.
+
+Density edits and islands use the cores of the unmodified CT, so they come
+before any geometric edit in a chain (checked); noise comes last.
+
+The truth (:attr:`Variant.truth`) says what the measurement should report:
+``offset`` (level -> HU that the core offset adds to the trabecular mean),
+``noise_sigma`` (HU), ``island`` (level, diameter), ``deformity`` (level,
+kind, height loss) and ``expected_grade`` (level -> Genant grade of the
+applied height loss; levels not listed should grade 0).
+
+Figures from running the bench belong in ``bench/README.md``, not here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from bench.segmentation import References
+from osteonode.anatomy import VERTEBRA_IDS
+from osteonode.measure.genant import GenantMeasurement, genant_grade, grade_levels
+from osteonode.measure.tissues import body_centres_mm
+from osteonode.segment import SpineSegmentation
+from osteonode.segment.backends import builtin
+from osteonode.volume import Volume
+
+#: Levels that get a trabecular core (T12-L5).
+CORE_LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5")
+#: Thickness of the cortical shell that density edits leave alone (mm): the lumbar vertebral shell is a
+#: few tenths of a millimetre thick (Silva MJ et al., Bone 1994;15:409-414).
+SHELL_MM = 0.5
+#: Attenuation of a bone island (HU).
+ISLAND_HU = 900.0
+#: Sub-samples per voxel and axis for the partial-volume fraction of an island.
+ISLAND_SUPERSAMPLING = 5
+#: Gaussian sigma (mm) that smooths the kinks of a deformity's displacement field.
+FIELD_SMOOTHING_MM = 1.5
+#: Deformity kinds, see :func:`deform`.
+DEFORMITIES = ("wedge", "biconcave", "crush")
+OUTSIDE_HU = -1024.0
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """Where the vertebral bodies of the unmodified CT are, from the image alone.
+
+    Attributes
+    ----------
+    bodies : numpy.ndarray
+        ``(z, y, x)`` uint8 label map of the bodies found by the built-in
+        segmentation on the unmodified CT (VerSe IDs, 19 = T12 ... 24 = L5).
+    cores : dict[str, numpy.ndarray]
+        Level name -> ``(z, y, x)`` float32 core weight in ``[0, 1]`` (see the
+        module docstring).
+    heights : dict[str, GenantMeasurement]
+        Anterior, middle, posterior and reference posterior heights (mm) of
+        these bodies, measured by :func:`osteonode.measure.genant.grade_levels`.
+    """
+
+    bodies: np.ndarray
+    cores: dict[str, np.ndarray]
+    heights: dict[str, GenantMeasurement]
+
+    @classmethod
+    def from_volume(cls, volume: Volume) -> "Anatomy":
+        """Segment ``volume`` (the unmodified CT) and derive the cores of T12-L5.
+
+        Raises
+        ------
+        ValueError
+            If the built-in segmentation finds none of T12-L5.
+        """
+        return cls.from_bodies(volume, builtin(volume).bodies)
+
+    @classmethod
+    def from_bodies(cls, volume: Volume, bodies: np.ndarray) -> "Anatomy":
+        """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid)."""
+        step = min(volume.spacing)
+        cores = {}
+        for name in CORE_LEVELS:
+            body = bodies == VERTEBRA_IDS[name]
+            if not body.any():
+                continue
+            depth = ndi.distance_transform_edt(np.pad(body, 1), sampling=volume.spacing)[1:-1, 1:-1, 1:-1]
+            cores[name] = np.where(body, np.clip((depth - SHELL_MM) / step, 0.0, 1.0), 0.0).astype(np.float32)
+        if not cores:
+            raise ValueError("the built-in segmentation found no vertebral body T12-L5 on the unmodified CT")
+        heights = grade_levels(volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
+        return cls(bodies=bodies, cores=cores, heights=heights)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """An edited CT with its truth and the reference masks moved with it.
+
+    Attributes
+    ----------
+    name : str
+        Short name, e.g. ``core_L2-60``, ``wedge30_L1``.
+    volume : Volume
+        ``(z, y, x)`` HU on the grid of the input CT.
+    refs : References
+        Reference masks (scoring only), moved with every geometric edit.
+    truth : dict
+        See the module docstring.
+    warped : bool
+        A geometric edit has been applied (the cores no longer line up).
+    """
+
+    name: str
+    volume: Volume
+    refs: References
+    truth: dict = field(default_factory=dict)
+    warped: bool = False
+
+
+def baseline(volume: Volume, refs: References, name: str = "base") -> Variant:
+    """Start a chain of edits from the unmodified CT.
+
+    Parameters
+    ----------
+    volume : Volume
+        The CT, ``(z, y, x)`` HU.
+    refs : References
+        Its reference masks (on their own grid, LPS geometry in ``refs.image``).
+    name : str
+        Row name.
+
+    Returns
+    -------
+    Variant
+        Truth: no offset (0 HU on every level), no noise, no island, no deformity.
+    """
+    return Variant(name, volume, refs, {"offset": {}, "noise_sigma": 0.0, "island": None, "deformity": None,
+                                        "expected_grade": {}})
+
+
+def _truth(variant: Variant, **update) -> dict:
+    return {**variant.truth, **update}
+
+
+def _check_unwarped(variant: Variant, edit: str) -> None:
+    if variant.warped:
+        raise ValueError(f"{edit} uses the cores of the unmodified CT: apply it before any geometric edit")
+
+
+def offset_cores(variant: Variant, anatomy: Anatomy, offsets: dict[str, float]) -> Variant:
+    """Add ``offsets`` (level -> HU) to the trabecular cores (partial-volume weights at their edge).
+
+    Parameters
+    ----------
+    variant : Variant
+        Not yet warped.
+    anatomy : Anatomy
+        Of the unmodified CT.
+    offsets : dict[str, float]
+        Level name (``"L2"``) -> HU added where the core weight is 1
+        (``weight * offset`` at the edge of the core).
+
+    Returns
+    -------
+    Variant
+        Truth ``offset`` updated (offsets add up over repeated edits).
+    """
+    _check_unwarped(variant, "offset_cores")
+    hu = variant.volume.hu.copy()
+    for name, offset in offsets.items():
+        hu += np.float32(offset) * anatomy.cores[name]
+    total = dict(variant.truth["offset"])
+    for name, offset in offsets.items():
+        total[name] = total.get(name, 0.0) + offset
+    return replace(variant, volume=Volume(hu=hu, affine=variant.volume.affine),
+                   truth=_truth(variant, offset=total))
+
+
+def _points_mm(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """LPS coordinates (mm) of every voxel centre of a ``(z, y, x)`` grid, shape ``(*shape, 3)``."""
+    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
+    return index @ affine[:3, :3].T + affine[:3, 3]
+
+
+def _centre_mm(volume: Volume, mask: np.ndarray) -> np.ndarray:
+    """Centroid (LPS mm) of a ``(z, y, x)`` mask."""
+    return volume.affine[:3, :3] @ np.array(ndi.center_of_mass(mask)) + volume.affine[:3, 3]
+
+
+def _island_centre(volume: Volume, core: np.ndarray, radius_mm: float) -> np.ndarray:
+    """Centre (LPS mm) of an island of ``radius_mm`` in the anterior half of ``core`` at mid-height.
+
+    Candidates are the full-weight core voxels anterior of the core centroid
+    within half a voxel of its height (patient superior); the island goes
+    a quarter of the core depth in front of the centroid, moved back towards
+    it as far as needed to keep ``radius_mm`` inside the core (the deepest
+    candidate when no position does).
+    """
+    full = core >= 1.0
+    centre = _centre_mm(volume, full)
+    points = _points_mm(volume.affine, volume.shape)
+    rel = points - centre
+    anterior = -rel[..., 1]  # LPS y points posterior
+    inside = ndi.distance_transform_edt(np.pad(full, 1), sampling=volume.spacing)[1:-1, 1:-1, 1:-1]
+    mid = full & (np.abs(rel[..., 2]) <= 0.5 * volume.spacing[0] + 1e-6) & (anterior >= 0)
+    depth = anterior[full].max() - anterior[full].min()
+    fits = mid & (inside >= radius_mm)
+    if fits.any():
+        cost = np.abs(anterior - depth / 4) + np.abs(rel[..., 0])  # quarter depth, on the mid-sagittal plane
+        pick = np.unravel_index(np.argmin(np.where(fits, cost, np.inf)), full.shape)
+    else:
+        pick = np.unravel_index(np.argmax(np.where(mid, inside, -1.0)), full.shape)
+    return points[pick]
+
+
+def _subsamples(start: int, stop: int, sub: np.ndarray, axis: int) -> np.ndarray:
+    """Sub-sample indices ``start..stop-1 (+) sub`` shaped to broadcast as ``(nz, k, ny, k, nx, k)``."""
+    shape = [1] * 6
+    shape[2 * axis], shape[2 * axis + 1] = stop - start, sub.size
+    return (np.arange(start, stop)[:, None] + sub[None, :]).reshape(shape)
+
+
+def add_island(variant: Variant, anatomy: Anatomy, level: str, diameter_mm: float,
+               hu: float = ISLAND_HU) -> Variant:
+    """Put a bone island (enostosis) into the trabecular core of ``level``.
+
+    Each voxel becomes ``(1 - f) * HU + f * hu`` where ``f`` is the fraction
+    of the voxel inside the sphere (``ISLAND_SUPERSAMPLING``³ sub-samples),
+    so the island has a partial-volume edge as a scanner would give it. The
+    centre is chosen by :func:`_island_centre` (anterior half, mid-height).
+
+    Parameters
+    ----------
+    variant : Variant
+        Not yet warped.
+    anatomy : Anatomy
+        Of the unmodified CT.
+    level : str
+        ``"L1"`` ... ``"L4"`` (any level with a core).
+    diameter_mm : float
+        Sphere diameter, mm.
+    hu : float
+        Attenuation of the island, HU.
+
+    Returns
+    -------
+    Variant
+        Truth ``island = {"level", "diameter_mm"}``; the level's reported
+        trabecular HU should move by at most 5 HU beyond its offset.
+    """
+    _check_unwarped(variant, "add_island")
+    vol = variant.volume
+    radius = diameter_mm / 2.0
+    centre = _island_centre(vol, anatomy.cores[level], radius)
+    k = ISLAND_SUPERSAMPLING
+    sub = (np.arange(k) + 0.5) / k - 0.5  # sub-sample offsets in voxels
+    centre_index = np.linalg.solve(vol.affine[:3, :3], centre - vol.affine[:3, 3])
+    reach = [int(math.ceil(radius / sp)) + 1 for sp in vol.spacing]
+    lo = [max(0, int(round(c)) - r) for c, r in zip(centre_index, reach)]
+    hi = [min(n, int(round(c)) + r + 1) for c, r, n in zip(centre_index, reach, vol.shape)]
+    iz, iy, ix = (_subsamples(a, b, sub, axis) for axis, (a, b) in enumerate(zip(lo, hi)))
+    d = vol.affine[:3, :3]
+    dist2 = sum((d[a, 0] * iz + d[a, 1] * iy + d[a, 2] * ix + vol.affine[a, 3] - centre[a]) ** 2 for a in range(3))
+    frac = (dist2 <= radius ** 2).mean(axis=(1, 3, 5)).astype(np.float32)
+    out = vol.hu.copy()
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    out[box] = (1.0 - frac) * out[box] + frac * np.float32(hu)
+    return replace(variant, volume=Volume(hu=out, affine=vol.affine),
+                   truth=_truth(variant, island={"level": level, "diameter_mm": diameter_mm}))
+
+
+def _spine_frame(volume: Volume, anatomy: Anatomy, level: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                          np.ndarray]:
+    """Centre, height (superior), anterior and left unit axes (LPS) of ``level``'s body.
+
+    The height axis is the spine axis through the centroids of the
+    neighbouring bodies, the frame in which :mod:`osteonode.measure.genant`
+    measures heights (its rule, restated here: that frame is not public).
+    """
+    vid = VERTEBRA_IDS[level]
+    centres = body_centres_mm(volume, anatomy.bodies)
+    here = centres[vid]
+    axis = centres.get(vid - 1, here) - centres.get(vid + 1, here)
+    if np.linalg.norm(axis) < 1e-6:
+        axis = np.array([0.0, 0.0, 1.0])
+    height = axis / np.linalg.norm(axis) * (1.0 if axis[2] >= 0 else -1.0)
+    left = np.array([1.0, 0.0, 0.0]) - height * height[0]
+    left /= np.linalg.norm(left)
+    return here, height, np.cross(left, height), left
+
+
+def _resample(variant: Variant, source_mm, crop: bool = False) -> Variant:
+    """Resample image (linear) and reference masks (nearest) through a backward map.
+
+    ``source_mm(points, spacing)`` takes the ``(z, y, x, 3)`` LPS voxel centres
+    of an output grid (and that grid's ``(sz, sy, sx)`` spacing) and returns
+    the LPS points whose content lands there. With ``crop``, leading and
+    trailing slices (axis 0) whose voxels come mostly from outside the input
+    grid are dropped from the image.
+    """
+    outside: list[np.ndarray] = []
+
+    def pull(array: np.ndarray, affine: np.ndarray, spacing, order: int, cval: float) -> np.ndarray:
+        src = source_mm(_points_mm(affine, array.shape), spacing)
+        index = (src - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
+        coords = np.moveaxis(index, -1, 0)
+        outside.append(((coords < -0.5) | (coords > np.array(array.shape)[:, None, None, None] - 0.5)).any(axis=0))
+        return ndi.map_coordinates(array, coords, order=order, mode="constant", cval=cval, prefilter=False)
+
+    vol = variant.volume
+    hu = pull(vol.hu, vol.affine, vol.spacing, 1, OUTSIDE_HU).astype(np.float32)
+    affine = vol.affine
+    if crop:
+        keep = np.nonzero(outside[0].mean(axis=(1, 2)) <= 0.5)[0]
+        hu = np.ascontiguousarray(hu[keep[0]:keep[-1] + 1])
+        affine = vol.affine.copy()
+        affine[:3, 3] += vol.affine[:3, 0] * keep[0]
+    refs = variant.refs
+    ref_vol = Volume.from_sitk(refs.image)  # only its grid is used
+    masks = [pull(a.astype(np.uint8), ref_vol.affine, ref_vol.spacing, 0, 0)
+             for a in (refs.vertebrae, refs.body, refs.femur_right)]
+    moved = References(refs.image, masks[0].astype(refs.vertebrae.dtype), masks[1].astype(refs.body.dtype),
+                       masks[2] > 0)
+    return replace(variant, volume=Volume(hu=hu, affine=affine), refs=moved, warped=True)
+
+
+def _smooth_field(values: np.ndarray, spacing) -> np.ndarray:
+    return ndi.gaussian_filter(values, [FIELD_SMOOTHING_MM / s for s in spacing], mode="nearest")
+
+
+def _compression(anatomy: Anatomy, level: str, kind: str, loss: float) -> float:
+    """Fraction ``c`` by which the deformity compresses the measured height of ``level``.
+
+    Chosen so that Genant's ratio on the unmodified heights reaches ``loss``:
+    wedge ``(1 - c) Ha = (1 - loss) Hp``, biconcave ``(1 - c) Hm = (1 - loss)
+    Hp``, crush ``(1 - c) Hp = (1 - loss) Hp_ref`` (``Hp_ref``: mean
+    posterior height of the neighbours; ``Hp`` when there is none). Clipped
+    to ``0..0.9`` (a body already shorter than asked is left as it is).
+    """
+    m = anatomy.heights[level]
+    ha, hm, hp = m.height_anterior_mm, m.height_middle_mm, m.height_posterior_mm
+    target, own = {"wedge": (hp, ha), "biconcave": (hp, hm),
+                   "crush": (m.reference_posterior_mm or hp, hp)}[kind]
+    return float(np.clip(1.0 - (1.0 - loss) * target / own, 0.0, 0.9))
+
+
+def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: float) -> Variant:
+    """Deform the body of ``level`` so that its Genant height loss becomes ``loss`` (0..1).
+
+    Coordinates are those of the body in the unmodified CT: ``h`` along the
+    spine axis (superior, through the neighbouring centroids), ``a``
+    anterior, ``l`` left, from the body centroid; ``H = ht - hb`` is the
+    body's extent along ``h``, ``D`` its anterior-posterior depth; ``c`` is
+    :func:`_compression` (from the heights of the unmodified body, so that
+    e.g. a wedge of 30 % leaves ``Ha = 0.7 Hp`` even if ``Ha`` was larger than
+    ``Hp`` before). Every point moves only along the spine axis (a
+    cranio-caudal displacement field, smoothed with a Gaussian of
+    ``FIELD_SMOOTHING_MM`` to remove its kinks); every column of the body keeps
+    its shape along ``h`` and is shortened by the local compression:
+
+    * ``wedge``: the local compression is ``c`` at and in front of 10 % of
+      ``D`` behind the anterior margin, 0 at and behind 10 % of ``D`` in front
+      of the posterior margin, linear in between; the slab ``hb..ht`` is
+      compressed to ``hb..ht - c(a) H`` and all that lies above moves down by
+      ``c(a) H``;
+    * ``crush``: the same with ``c`` everywhere;
+    * ``biconcave``: both endplates sink towards mid-height by ``c(r) H / 2``,
+      ``c(r) = c`` at the centre of the body's axial footprint, falling
+      (cosine) to 0 at 65 % of the way to its margin (the anterior and
+      posterior height windows are untouched); the disc spaces over
+      ``c H / 2 + 4`` mm beyond each endplate are stretched into the dent;
+      nothing else moves.
+
+    Slices at either end of the array (axis 0) that would be filled mostly
+    from outside the original field of view are cropped (they would show a
+    vertebra cut by air inside the scan); the reference masks keep their grid.
+
+    Parameters
+    ----------
+    variant : Variant
+        Not yet warped (density edits and islands come first).
+    anatomy : Anatomy
+        Of the unmodified CT (bodies and their heights).
+    level : str
+        The level to deform, e.g. ``"L1"``; it needs a body in ``anatomy``.
+    kind : str
+        ``"wedge"``, ``"biconcave"`` or ``"crush"``.
+    loss : float
+        Genant height loss to reach, 0..1 (0.3 = 30 %).
+
+    Returns
+    -------
+    Variant
+        Image resampled (linear), possibly with fewer slices; reference masks
+        resampled (nearest) on their grid. Truth ``deformity = {"level",
+        "kind", "loss", "compression"}`` and ``expected_grade`` of that level
+        ``= genant_grade(loss)`` (Genant 1993: < 20 % 0, 20-25 % 1, 25-40 %
+        2, > 40 % 3).
+
+    Raises
+    ------
+    ValueError
+        If ``kind`` is not one of ``DEFORMITIES`` or ``loss`` not in (0, 1).
+    """
+    if kind not in DEFORMITIES or not 0.0 < loss < 1.0:
+        raise ValueError(f"bad deformity {kind!r} {loss}")
+    _check_unwarped(variant, "deform")
+    vol = variant.volume
+    comp = _compression(anatomy, level, kind, loss)
+    centre, up, ant, left = _spine_frame(vol, anatomy, level)
+    rel = _points_mm(vol.affine, vol.shape)[anatomy.bodies == VERTEBRA_IDS[level]] - centre
+    half_step = 0.5 * float(np.abs(vol.affine[:3, :3].T @ up).max())
+    hb, ht = (rel @ up).min() - half_step, (rel @ up).max() + half_step
+    a_post, a_ant = (rel @ ant).min(), (rel @ ant).max()
+    l_half = 0.5 * ((rel @ left).max() - (rel @ left).min())
+    height, depth = ht - hb, a_ant - a_post
+
+    def source(points: np.ndarray, spacing) -> np.ndarray:
+        p = points - centre
+        h, a = p @ up, p @ ant
+        if kind == "biconcave":
+            r = np.hypot((a - 0.5 * (a_post + a_ant)) / (depth / 2), (p @ left) / l_half)
+            dent = comp * height / 2 * 0.5 * (1.0 + np.cos(np.pi * np.clip((r - 0.15) / 0.5, 0.0, 1.0)))
+            band = comp * height / 2 + 4.0
+            # knots output -> source: hb-band -> hb-band, hb+dent -> hb, ht-dent -> ht, ht+band -> ht+band
+            src = np.where(h < hb + dent, hb - band + (h - (hb - band)) * band / (band + dent),
+                           np.where(h <= ht - dent, hb + (h - hb - dent) * height / (height - 2 * dent),
+                                    ht + (h - (ht - dent)) * band / (band + dent)))
+            src = np.where((h < hb - band) | (h > ht + band), h, src)
+        else:
+            c = comp * (np.ones_like(a) if kind == "crush" else
+                        np.clip((a - (a_post + 0.1 * depth)) / (0.8 * depth), 0.0, 1.0))
+            src = np.where(h <= hb, h, np.where(h <= ht - c * height, hb + (h - hb) / (1.0 - c),
+                                                h + c * height))
+        shift = _smooth_field(src - h, spacing)
+        return points + shift[..., None] * up
+
+    moved = _resample(variant, source, crop=True)
+    grades = {**variant.truth["expected_grade"], level: genant_grade(loss)}
+    return replace(moved, truth=_truth(variant, deformity={"level": level, "kind": kind, "loss": loss,
+                                                           "compression": round(comp, 3)},
+                                       expected_grade=grades))
+
+
+def spine_centre(volume: Volume, anatomy: Anatomy) -> np.ndarray:
+    """Centroid (LPS mm) of the L1-L4 bodies of ``anatomy`` (all its bodies when L1-L4 are missing)."""
+    ids = [VERTEBRA_IDS[n] for n in ("L1", "L2", "L3", "L4")]
+    mask = np.isin(anatomy.bodies, ids)
+    return _centre_mm(volume, mask if mask.any() else anatomy.bodies > 0)
+
+
+def transform(variant: Variant, anatomy: Anatomy, scale: float = 1.0, tilt_lr_deg: float = 0.0,
+              tilt_ap_deg: float = 0.0) -> Variant:
+    """Scale the anatomy and rotate it about the spine centre (L1-L4 centroid of the unmodified CT).
+
+    The rotation about the left-right axis is applied first, then the one
+    about the anterior-posterior axis, then the scaling (all about the same
+    centre). The image is resampled linearly on its own grid (``-1024`` HU
+    where the content comes from outside the field of view), the reference
+    masks by nearest neighbour on theirs.
+
+    Parameters
+    ----------
+    variant : Variant
+        Any variant (density edits must come before).
+    anatomy : Anatomy
+        Of the unmodified CT (for the centre).
+    scale : float
+        Isotropic scale of the patient; > 1 enlarges.
+    tilt_lr_deg : float
+        Rotation about the left-right axis, degrees (sagittal tilt; positive
+        turns the superior end towards anterior).
+    tilt_ap_deg : float
+        Rotation about the anterior-posterior axis, degrees (coronal tilt;
+        positive turns the superior end towards patient left).
+
+    Returns
+    -------
+    Variant
+        Truth unchanged (no density change; grades stay 0).
+    """
+    centre = spine_centre(variant.volume, anatomy)
+    # forward map p -> centre + scale * R (p - centre); superior (z) towards anterior (-y) about x, towards left (+x)
+    tx, ty = math.radians(tilt_lr_deg), math.radians(tilt_ap_deg)
+    rot_x = np.array([[1, 0, 0], [0, math.cos(tx), -math.sin(tx)], [0, math.sin(tx), math.cos(tx)]])
+    rot_y = np.array([[math.cos(ty), 0, math.sin(ty)], [0, 1, 0], [-math.sin(ty), 0, math.cos(ty)]])
+    inverse = np.linalg.inv(scale * rot_y @ rot_x)
+
+    def source(points: np.ndarray, spacing) -> np.ndarray:
+        return (points - centre) @ inverse.T + centre
+
+    return _resample(variant, source)
+
+
+def add_noise(variant: Variant, sigma: float, seed: int = 0) -> Variant:
+    """Add white Gaussian noise (numpy ``default_rng(seed)``, so the same seed gives the same noise).
+
+    Parameters
+    ----------
+    variant : Variant
+        Any variant; noise is the last edit of a chain (acquisition).
+    sigma : float
+        Standard deviation, HU.
+    seed : int
+        Random seed.
+
+    Returns
+    -------
+    Variant
+        Truth ``noise_sigma``: the root sum of squares of all noise added.
+    """
+    rng = np.random.default_rng(seed)
+    hu = variant.volume.hu + rng.normal(0.0, sigma, variant.volume.shape).astype(np.float32)
+    return replace(variant, volume=Volume(hu=hu, affine=variant.volume.affine),
+                   truth=_truth(variant, noise_sigma=float(np.hypot(variant.truth["noise_sigma"], sigma))))
+

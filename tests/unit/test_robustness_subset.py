@@ -1,0 +1,75 @@
+"""CI subset of the robustness bench (issue 10): four edited copies of the real abdomen CT.
+
+The variants and the scoring are those of ``bench/variants.py`` and
+``bench/robustness.py`` (one copy of each builder): the cores to edit come
+from the built-in segmentation of the unmodified CT, the TotalSegmentator
+reference masks only score. Targets: L1-L4 found and correctly labelled,
+body and right-femur Dice >= 0.85, reported trabecular HU change within
++-5 HU of the applied core offset, a 10 mm bone island moving its level by
+<= 5 HU, a 30 % wedge graded within one Genant grade and flagged.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.robustness import HU_TOLERANCE, LEVELS, MIN_DICE, analyse, score
+from bench.variants import Anatomy, add_island, baseline, deform, offset_cores
+
+XFAIL = pytest.mark.xfail(strict=False, reason="issue 10: segmentation under rework")
+
+
+@pytest.fixture(scope="module")
+def anatomy(volume) -> Anatomy:
+    return Anatomy.from_volume(volume)
+
+
+@pytest.fixture(scope="module")
+def base(volume):
+    return analyse(volume)
+
+
+@pytest.fixture(scope="module")
+def start(volume, refs):
+    return baseline(volume, refs)
+
+
+def _row(variant, base) -> dict:
+    row = score(variant, analyse(variant.volume), base)
+    assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
+    low = {k: round(v, 3) for k, v in row["dice"].items() if v < MIN_DICE}
+    assert not low, f"Dice below {MIN_DICE}: {low}"
+    return row
+
+
+def _assert_offsets(row: dict, levels) -> None:
+    for name in levels:
+        d_hu, offset = row["d_hu"][name], row["offset"][name]
+        assert d_hu is not None and abs(d_hu - offset) <= HU_TOLERANCE, (name, d_hu, offset)
+
+
+@XFAIL
+def test_low_density_spine(start, anatomy, base):
+    row = _row(offset_cores(start, anatomy, dict.fromkeys(LEVELS, -60.0)), base)
+    _assert_offsets(row, LEVELS)
+
+
+@XFAIL
+def test_single_level_low_density(start, anatomy, base):
+    row = _row(offset_cores(start, anatomy, {"L2": -60.0}), base)
+    _assert_offsets(row, ["L2"])
+
+
+@XFAIL
+def test_bone_island_moves_level_little(start, anatomy, base):
+    row = _row(add_island(start, anatomy, "L3", 10.0), base)
+    assert row["d_hu"]["L3"] is not None and abs(row["d_hu"]["L3"]) <= HU_TOLERANCE, row["d_hu"]
+
+
+@XFAIL
+def test_wedge_graded(start, anatomy, base):
+    variant = deform(start, anatomy, "L1", "wedge", 0.30)
+    row = _row(variant, base)
+    expected = variant.truth["expected_grade"]["L1"]
+    assert row["grades"]["L1"] is not None and abs(row["grades"]["L1"] - expected) <= 1, (row["grades"], expected)
+    assert row["fracture"]["L1"] is True, row["fracture"]
