@@ -175,6 +175,10 @@ PROFILE_TILTS_DEG = (-20.0, -10.0, 0.0, 10.0, 20.0)
 #: (lordosis bends the column in the sagittal plane; the sacral foramina beside the midline
 #: look like a canal).
 LATERAL_STIFFNESS = 4.0
+#: The cortical shell of a body is at least this much (HU) denser than its trabecular core ...
+SHELL_ABOVE_CORE_HU = 60.0
+#: ... and than this (HU; soft tissue is 20-60 HU).
+SHELL_MIN_HU = 110.0
 #: Gaps (mm) in the cortical shell of a body that are bridged before its interior is filled.
 SHELL_GAP_MM = 6.0
 #: Notch depth (HU) of the disc profile for a candidate disc.
@@ -592,14 +596,42 @@ def _perpendicular_frame(axis: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return u, np.cross(axis, u)
 
 
-def _plane_profile(c: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """85th-percentile HU in 22 x 32 mm planes perpendicular to the smoothed centreline.
+def _plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disc profile along the column: HU of the bone in planes across the smoothed centreline.
 
-    The 85th percentile, not the mean: it follows the cortical shell and the
-    endplates, which stay bright in osteoporosis, rather than the trabecular
-    interior (a mean of an osteoporotic body plane falls to the HU of the disc).
+    Two measures per plane, each the lowest over planes tilted by
+    ``PROFILE_TILTS_DEG`` (so that a wedge-shaped, lordotic disc is crossed
+    flat), and their maximum is the profile:
 
-    Returns the profile, the smoothed centre points ``(nz, 3)`` and unit tangents.
+    * the ``PROFILE_PERCENTILE`` (85th) percentile of the HU in a 22 x 32 mm
+      plane: bright at the endplates and in a dense body, low at a disc;
+    * the ring: along 13 rays in the plane (anterior and lateral, 6-26 mm from
+      the centreline), the brightest HU met, median over the rays: the cortical
+      shell of a body whatever its trabecular density, the annulus fibrosus
+      (~100 HU) at a disc.
+
+    An osteoporotic body's mid-plane is dark in the first measure (its
+    trabecular interior falls below the HU of the disc) but bright in the
+    second, so only discs are low in both.
+
+    Parameters
+    ----------
+    c : numpy.ndarray
+        Coarse canonical ``(s, a, l)`` array, HU.
+    path : numpy.ndarray
+        ``(ns, 2)`` centreline (a, l coarse indices per slice).
+    g : float
+        Coarse spacing, mm.
+
+    Returns
+    -------
+    profile : numpy.ndarray
+        ``(ns,)`` HU.
+    pts : numpy.ndarray
+        ``(ns, 3)`` smoothed centre points (coarse indices).
+    tangent : numpy.ndarray
+        ``(ns, 3)`` unit tangents.
     """
     nz = c.shape[0]
     pts = np.column_stack([np.arange(nz, dtype=float), path])
@@ -607,16 +639,26 @@ def _plane_profile(c: np.ndarray, path: np.ndarray) -> tuple[np.ndarray, np.ndar
     tangent = np.gradient(ndi.gaussian_filter1d(pts, 5.0, axis=0, mode="nearest"), axis=0)
     tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
     uu, ww = np.meshgrid(np.arange(-6, 6), np.arange(-8, 9), indexing="ij")  # coarse voxels (2 mm)
+    angles = np.radians(np.arange(-120.0, 121.0, 20.0))  # 0 = anterior
+    radii = np.arange(6.0, 27.0, 2.0) / g
     clipped = np.clip(c, -100, 500)
-    profiles = []
+    frames = [_perpendicular_frame(t) for t in tangent]
+    planes, rings = [], []
     for tilt in np.tan(np.radians(PROFILE_TILTS_DEG)):
         samples = np.empty((nz, 3, uu.size))
-        for i, (p, t) in enumerate(zip(pts, tangent)):
-            u, w = _perpendicular_frame(t)
+        rays = np.empty((nz, 3, angles.size * radii.size))
+        for i, (p, t, (u, w)) in enumerate(zip(pts, tangent, frames)):
             samples[i] = (p[:, None] + (u[:, None] + t[:, None] * tilt) * uu.ravel() + w[:, None] * ww.ravel())
+            dirs = np.cos(angles)[:, None] * (u + t * tilt) + np.sin(angles)[:, None] * w
+            rays[i] = (p[None, None, :] + dirs[:, None, :] * radii[None, :, None]).reshape(-1, 3).T
         vals = ndi.map_coordinates(clipped, samples.transpose(1, 0, 2).reshape(3, -1), order=1, mode="nearest")
-        profiles.append(np.percentile(vals.reshape(nz, -1), PROFILE_PERCENTILE, axis=1))
-    return np.min(profiles, axis=0), pts, tangent
+        planes.append(np.percentile(vals.reshape(nz, -1), PROFILE_PERCENTILE, axis=1))
+        hits = ndi.map_coordinates(clipped, rays.transpose(1, 0, 2).reshape(3, -1), order=1, mode="nearest")
+        rings.append(np.median(hits.reshape(nz, angles.size, radii.size).max(axis=2), axis=1))
+    # the ring's disc dip lies up to a slice off the plane's (it samples the disc's rim, out to
+    # 26 mm, where a tilt error moves it most): widened by one slice before the maximum
+    ring = ndi.minimum_filter1d(np.min(rings, axis=0), 3, mode="nearest")
+    return np.maximum(np.min(planes, axis=0), ring), pts, tangent
 
 
 @dataclass
@@ -627,8 +669,16 @@ class _Disc:
     lower: float  # coarse index of the lower boundary
 
 
-def _find_discs(profile: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) -> list[_Disc]:
+def _find_discs(profile: np.ndarray, valid: np.ndarray, pts: np.ndarray, g: float = COARSE_MM) -> list[_Disc]:
+    """Intervertebral discs along the column: notches of the disc profile chosen by :func:`disc_chain`.
+
+    ``profile`` and ``valid`` are per coarse slice; ``pts`` ``(ns, 3)`` are the
+    smoothed centreline points (coarse indices), whose arc length measures the
+    disc spacing (the lumbosacral junction is tilted by 30-45 degrees, so slice
+    indices understate it there).
+    """
     nz = len(profile)
+    arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))]) * g
     p = ndi.gaussian_filter1d(profile, 0.6, mode="nearest")
     d = int(round(8.0 / g))
     left = np.full(nz, -1e3)
@@ -648,7 +698,9 @@ def _find_discs(profile: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) ->
     is_min = (p <= np.roll(p, 1)) & (p <= np.roll(p, -1))
     is_min[[0, -1]] = False
     cands = [int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]]
-    chosen = disc_chain([z * g for z in cands], [float(notch[z]) for z in cands])
+    log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
+              [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
+    chosen = disc_chain([float(arc_mm[z]) for z in cands], [float(notch[z]) for z in cands])
     chosen = [cands[i] for i in chosen]
     discs = []
     for z in sorted(chosen):
@@ -911,7 +963,9 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tu
         return prof
 
     prof, shell_prof = ap_profile(hb), ap_profile(hs)
-    shell_thr = max(SHELL_HU, thr + 30.0)
+    # the cortical shell: clearly denser than the core (a thin, partial-volume cortex of an
+    # osteoporotic body is 100-200 HU at 3 mm), clearly denser than soft tissue
+    shell_thr = float(np.clip(core_hu + SHELL_ABOVE_CORE_HU, SHELL_MIN_HU, SHELL_HU))
     order = [k for k in range(len(centres) - 1, -1, -1) if centres[k] <= -4.0]
     # the posterior cortex: a bright bin (cortical shell) with fluid or fat (< 50 HU, the spinal
     # canal) within 6 mm behind it. This holds for any trabecular density: an osteoporotic
@@ -1239,7 +1293,7 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         return result({}, "", "the volume is too small to contain a vertebra")
     path, valid = _track_column(c, view.patient, g)
     profile, pts, tangent = _plane_profile(c, path)
-    discs = _find_discs(profile, valid, g)
+    discs = _find_discs(profile, valid, pts, g)
     log.info("column tracked over %d coarse slices; %d disc(s) found", c.shape[0], len(discs))
     no_anchor = ("neither the sacrum nor the lowest rib-bearing vertebra (T12) is in the field of view; "
                  "lumbar levels cannot be identified")
