@@ -55,3 +55,44 @@ def test_acr_skips_fractured_and_missing_levels():
 def test_acr_without_vbmd_is_indeterminate():
     assert classify_acr_vbmd(_vbmd({"L1": None, "L2": None})).category == "indeterminate"
     assert classify_acr_vbmd({}).category == "indeterminate"
+
+
+# ---------------------------------------------------------------- usable levels, statistic, uncertainty
+
+def _level(hu: float, median: float | None = None, **kwargs) -> LevelResult:
+    return LevelResult(label_confidence=1, trabecular_hu_mean=hu, trabecular_hu_median=hu if median is None else median,
+                       trabecular_hu_sd=10, trabecular_voxel_count=100, trabecular_roi_volume_mm3=100, **kwargs)
+
+
+def test_statistic_is_named():
+    status = classify_l1_hu(_l1(90))
+    assert status.statistic == "mean trabecular attenuation (HU) of L1, focal lesions excluded"
+    assert status.uncertainty_note is None
+
+
+@pytest.mark.parametrize("hu, median, other", [(113, 113, "osteoporosis"), (108, 108, "indeterminate"),
+                                               (157, 157, "normal"), (120, 105, "osteoporosis")])
+def test_uncertainty_note_near_a_cut_off(hu, median, other):
+    """Within 5 HU, or within the mean-median gap when larger, of a cut-off: the note names the other category."""
+    status = classify_l1_hu({"L1": _level(hu, median)})
+    assert status.uncertainty_note is not None and f"could be {other}" in status.uncertainty_note
+
+
+def test_unusable_l1_falls_back_to_l2():
+    """L1 with too much excluded as focal lesion (or fractured) is not used; L2 stands in and the basis says so."""
+    levels = {"L1": _level(60, used_for_bone_status=False, quality_flags=["excluded_over_limit"]),
+              "L2": _level(180)}
+    status = classify_l1_hu(levels)
+    assert status.category == "normal" and "L2 used instead" in status.basis
+    levels["L1"] = _level(60, fracture_suspected=True)
+    assert classify_l1_hu(levels).category == "normal"
+    levels["L2"] = _level(180, used_for_bone_status=False)
+    assert classify_l1_hu(levels).category == "indeterminate"
+
+
+def test_acr_skips_unusable_levels_and_notes_uncertainty():
+    levels = _vbmd({"L1": 50, "L2": 118, "L3": 121})
+    levels["L1"] = levels["L1"].model_copy(update={"used_for_bone_status": False})
+    status = classify_acr_vbmd(levels)
+    assert "L2 and L3" in status.basis and status.category == "osteopenia"
+    assert status.uncertainty_note is not None and "120" in status.uncertainty_note

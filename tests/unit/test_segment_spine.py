@@ -327,3 +327,31 @@ def test_canonical_frame_round_trip():
     # canonical index (1, 2, 3) is native (z, y, x) = (4 - 2, 5 - 1, 6 - 3)
     lps = frame.canonical_mm_to_lps(np.array([1, 2, 3]) * frame.spacing, volume)
     np.testing.assert_allclose(lps, affine[:3, :3] @ [2, 4, 3] + affine[:3, 3])
+
+
+# ------------------------------------------------------------------ disc chain (level naming input)
+
+def test_disc_chain_keeps_regular_discs_and_drops_mid_body_dips():
+    """Discs 36 mm apart with a deeper mid-body dip between two of them: the regular chain wins."""
+    from osteonode.segment.spine import disc_chain
+    positions = [0.0, 36.0, 54.0, 72.0, 108.0, 144.0]
+    depths = [60.0, 60.0, 70.0, 60.0, 60.0, 60.0]  # 54 mm: an osteoporotic body's mid-height dip
+    assert disc_chain(positions, depths) == [0, 1, 3, 4, 5]
+
+
+def test_disc_chain_follows_slowly_changing_spacing():
+    """Segments grow caudally (T12 ~32 mm to L5 ~40 mm): a chain of slowly changing spacing is kept whole."""
+    from osteonode.segment.spine import disc_chain
+    positions = [0.0, 40.0, 78.0, 114.0, 148.0, 180.0]
+    assert disc_chain(positions, [50.0] * 6) == [0, 1, 2, 3, 4, 5]
+
+
+def test_disc_chain_edge_cases():
+    from osteonode.segment.spine import disc_chain
+    assert disc_chain([], []) == []
+    assert disc_chain([10.0], [30.0]) == [0]
+    assert disc_chain([0.0, 10.0], [30.0, 50.0]) == [1]  # 10 mm apart: not two discs
+    with pytest.raises(ValueError):
+        disc_chain([0.0, 1.0], [1.0])
+    with pytest.raises(ValueError):
+        disc_chain([5.0, 1.0], [1.0, 1.0])
