@@ -159,7 +159,7 @@ def _multi(value: object) -> list[str]:
 
 
 def axial_deviation_deg(orientation: Sequence[float]) -> float:
-    """Angle between the slice normal and the patient's feet-head (z) axis, degrees (0 = axial, 90 = coronal or sagittal).
+    """Angle between the slice normal and the feet-head (z) axis, degrees (0 axial, 90 coronal or sagittal).
 
     ``orientation`` is Image Orientation (Patient) (0020,0037): row and column
     direction cosines in LPS (PS3.3 C.7.6.2.1.1).

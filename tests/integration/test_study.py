@@ -1,11 +1,11 @@
 """One result per study: dcmtk storescu -> osteonode serve (embedded queue) -> dcmtk storescp.
 
-A multi-series study is built from the shared real CT: a localizer, the
-axial soft-kernel series, a thin bone-kernel series, a coronal reformat, an
-arterial-phase copy, an X-Ray Radiation Dose SR and a Secondary Capture with
-Modality CT. Exactly one SEG and one SR (plus key images and PDF) must come
-back, made from the axial soft-kernel series; re-sending the study must add
-nothing. Further tests: the fallback when the best series is not evaluable,
+The multi-series study (``study`` fixture, tests/conftest.py) is built from
+the shared real CT: a localizer, the axial soft-kernel series, a thin
+bone-kernel series, a coronal reformat, an arterial-phase copy, an X-Ray
+Radiation Dose SR and a Secondary Capture with Modality CT. Exactly one SEG
+and one SR (plus key images and PDF) must come back, made from the axial
+soft-kernel series; re-sending the study must add nothing. Further tests: the fallback when the best series is not evaluable,
 and a study with no usable series (one not-evaluable SR naming each reason).
 """
 
@@ -17,11 +17,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-import SimpleITK as sitk
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage, generate_uid
 
-from osteonode.ctseries import read_image, write_ct_series
-from tests.conftest import ABDOMEN_NIFTI, require_data
+from tests.conftest import STUDY_PATIENT as PATIENT
 from node import write_config
 from services import dciodvfy, storescu, wait_for
 
@@ -29,63 +26,6 @@ pytestmark = pytest.mark.integration
 
 RESULT_TIMEOUT_S = 300
 QUIET_S = 2.0
-PATIENT = {"patient_name": "STUDY^TEST", "patient_id": "OSTEO-STUDY-1"}
-
-
-def _series(image: sitk.Image, folder: Path, study_uid: str, number: int, description: str, *,
-            image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"), kernel: str = "B30f") -> list[Path]:
-    """Write ``image`` as CT Image Storage with the series attributes the selection rules read."""
-    paths = write_ct_series(image, folder, study_instance_uid=study_uid, series_description=description, **PATIENT)
-    for path in paths:
-        ds = pydicom.dcmread(path)
-        ds.SeriesNumber, ds.ImageType, ds.ConvolutionKernel = number, list(image_type), kernel
-        ds.save_as(path, enforce_file_format=True)
-    return paths
-
-
-def _non_ct_objects(folder: Path, study_uid: str, ct: Path) -> list[Path]:
-    """A dose SR and a Secondary Capture with Modality CT (a dose screen) of the same study."""
-    folder.mkdir(parents=True, exist_ok=True)
-    source = pydicom.dcmread(ct)
-    screen = pydicom.dcmread(ct)
-    screen.SOPClassUID = screen.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    screen.SOPInstanceUID = screen.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    screen.SeriesInstanceUID, screen.SeriesNumber, screen.SeriesDescription = generate_uid(), 99, "Dose screen"
-    screen.ConversionType = "WSD"
-    dose = pydicom.Dataset()
-    dose.file_meta = pydicom.dataset.FileMetaDataset()
-    dose.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    dose.SOPClassUID = dose.file_meta.MediaStorageSOPClassUID = XRayRadiationDoseSRStorage
-    dose.SOPInstanceUID = dose.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    dose.StudyInstanceUID, dose.SeriesInstanceUID, dose.Modality = study_uid, generate_uid(), "SR"
-    dose.PatientName, dose.PatientID = source.PatientName, source.PatientID
-    paths = [folder / "screen.dcm", folder / "dose.dcm"]
-    screen.save_as(paths[0], enforce_file_format=True)
-    dose.save_as(paths[1], enforce_file_format=True)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict[str, list[Path]]:
-    """The multi-series study, by role; all series share one Study Instance UID."""
-    out = tmp_path_factory.mktemp("study")
-    image = read_image(require_data(ABDOMEN_NIFTI))  # 3 mm, axial
-    uid = generate_uid()
-    thin = sitk.Resample(image, [image.GetSize()[0], image.GetSize()[1], image.GetSize()[2] * 2],
-                         sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
-                         (*image.GetSpacing()[:2], image.GetSpacing()[2] / 2), image.GetDirection(), -1024)
-    mid = image.GetSize()[2] // 2
-    series = {
-        "localizer": _series(image[:, :, mid:mid + 1], out / "loc", uid, 1, "Topogram 0.6 T20f",
-                             image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), kernel="T20f"),
-        "soft": _series(image, out / "soft", uid, 2, "Abdomen 3.0 B30f"),
-        "bone": _series(thin, out / "bone", uid, 3, "Abdomen 1.5 B60f bone", kernel="B60f"),
-        "coronal": _series(sitk.PermuteAxes(image, [0, 2, 1]), out / "cor", uid, 4, "Cor MPR 3.0",
-                           image_type=("DERIVED", "SECONDARY", "REFORMATTED")),
-        "arterial": _series(image, out / "art", uid, 5, "Abdomen arterial 3.0 B30f"),
-    }
-    series["non_ct"] = _non_ct_objects(out / "other", uid, series["soft"][0])
-    return series
 
 
 def _uid(paths: list[Path], keyword: str = "SeriesInstanceUID") -> str:
