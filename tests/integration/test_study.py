@@ -63,10 +63,10 @@ def _wait_delivered(node_dir: Path, study_uid: str) -> dict:
     return json.loads((entry / "result.json").read_text())
 
 
-def _start(tmp_path, storescp, start_node):
+def _start(tmp_path, storescp, start_node, quiet_period_s: float = QUIET_S):
     """``osteonode serve`` on the embedded queue, sending to ``storescp``; returns (node dir, port, process)."""
     node_dir = tmp_path / "node"
-    config, port = write_config(node_dir, broker_url=None, quiet_period_s=QUIET_S,
+    config, port = write_config(node_dir, broker_url=None, quiet_period_s=quiet_period_s,
                                 destinations=[(storescp.aet, "127.0.0.1", storescp.port)])
     return node_dir, port, start_node(config, "serve", port=port)
 
@@ -148,3 +148,45 @@ def test_study_without_usable_series_gives_one_not_evaluable_sr(tmp_path, stores
     assert 'series 1 "Topogram 0.6 T20f": the series is a localizer' in text
     assert 'series 4 "Cor MPR 3.0": the series is not axial (coronal or sagittal' in text
     assert dciodvfy(storescp.files()[0])[0] == []
+
+
+def _sop_uids_by_modality(storescp) -> dict[str, set[str]]:
+    return {m: {str(ds.SOPInstanceUID) for ds in v} for m, v in _received(storescp).items()}
+
+
+def test_late_better_series_replaces_the_result_with_new_uids(tmp_path, storescp, start_node, study):
+    """Arterial series first (used), then the non-contrast soft series: re-analysed from the better series."""
+    node_dir, port, node = _start(tmp_path, storescp, start_node)
+    study_uid = _uid(study["soft"], "StudyInstanceUID")
+    storescu("127.0.0.1", port, "OSTEONODE", study["arterial"])
+    first = _wait_delivered(node_dir, study_uid)
+    assert first["series_instance_uid"] == _uid(study["arterial"])
+    (seg_first,) = _sop_uids_by_modality(storescp)["SEG"]
+    (node_dir / "outbox" / study_uid / "delivery-dest0.json").unlink()
+    storescu("127.0.0.1", port, "OSTEONODE", study["soft"])
+    second = _wait_delivered(node_dir, study_uid)
+    assert second["series_instance_uid"] == _uid(study["soft"])
+    assert second["series_selection"]["not_used"] == [
+        {"series_number": 5, "description": "Abdomen arterial 3.0 B30f", "reason": "ranked lower than the series used"}]
+    uids = _sop_uids_by_modality(storescp)
+    assert len(uids["SEG"]) == 2 and seg_first in uids["SEG"]  # a new set beside the earlier one (documented)
+    (seg_new,) = [ds for ds in _received(storescp)["SEG"] if str(ds.SOPInstanceUID) != seg_first]
+    assert {str(s.SeriesInstanceUID) for s in seg_new.ReferencedSeriesSequence} == {_uid(study["soft"])}
+    assert node.log_path.read_text().count("study quiet for") == 2
+
+
+def test_restart_of_serve_in_the_middle_of_a_study_gives_one_job(tmp_path, storescp, start_node, study):
+    """Half of the study, a restart of ``serve``, the other half: one job with both series, one result set."""
+    quiet_s = 15.0  # longer than a stop plus a start of serve, so the first half is not complete on its own
+    node_dir, port, node = _start(tmp_path, storescp, start_node, quiet_period_s=quiet_s)
+    study_uid = _uid(study["soft"], "StudyInstanceUID")
+    storescu("127.0.0.1", port, "OSTEONODE", study["soft"])
+    node.stop(timeout_s=30)
+    node.start()
+    storescu("127.0.0.1", port, "OSTEONODE", study["bone"])
+    result = _wait_delivered(node_dir, study_uid)
+    assert result["status"] == "ok" and result["series_instance_uid"] == _uid(study["soft"])
+    time.sleep(3)
+    log = node.log_path.read_text()
+    assert log.count("study quiet for") == 1 and "enqueued (2 candidate series, 0 not candidates)" in log
+    assert {m: len(v) for m, v in _sop_uids_by_modality(storescp).items()} == {"DOC": 1, "OT": 2, "SEG": 1, "SR": 1}
