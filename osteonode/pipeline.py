@@ -34,6 +34,7 @@ from osteonode.classify import classify_bone_status
 from osteonode.config import AnalysisSettings, SelectionSettings
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, write
 from osteonode.errors import NotEvaluable
+from osteonode.ingest.spool import instance_files
 from osteonode.measure.calibration import apply_calibration, calibrate
 from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
@@ -46,7 +47,6 @@ from osteonode.measure.radiomics import (
     write_feature_table,
 )
 from osteonode.measure.tissues import measure_reference_tissues
-from osteonode.ingest.spool import instance_files
 from osteonode.result import AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import select_backend
@@ -68,7 +68,7 @@ def analyze_study(ranking: SeriesRanking, out_dir: Path, settings: AnalysisSetti
 
     Exactly one set of outputs is left in ``out_dir``: that of the first
     evaluable candidate, or, when none is, one not-evaluable SR (and PDF)
-    whose reason names why each series was not used. Either way
+    that names why each series was not used. Either way
     ``result.series_selection`` names the series used and the others with
     their reasons.
 
@@ -148,7 +148,9 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
     selection : SeriesSelection, optional
         How this series was chosen from its study, recorded in the result (SR
         and PDF). With ``selection.used`` None the study has no usable series:
-        the result is not evaluable, its reason lists each series' reason.
+        the result is not evaluable, with the reason of its only series, or
+        saying that none of its series could be analysed (each one's reason
+        is in ``selection.not_used``).
     selection_rules : SelectionSettings, optional
         Candidate rules of the single-series check (defaults when omitted).
 
