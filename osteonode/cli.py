@@ -69,21 +69,22 @@ def serve(config: ConfigOpt = None) -> None:
     """Run the DICOM listener; with the embedded queue, also the worker, in this process."""
     from kombu.exceptions import OperationalError
 
-    from osteonode.ingest.completion import SeriesJob, watch
+    from osteonode.ingest.completion import StudyJob, watch
     from osteonode.ingest.scp import start_scp
     from worker.app import configure
-    from worker.tasks import analyze_series
+    from worker.tasks import analyze_study_task
 
     settings = _settings(config)
     celery_app = configure(settings)
 
-    def enqueue(job: SeriesJob) -> None:
-        analyze_series.apply_async(args=[job.model_dump(mode="json")])
+    def enqueue(job: StudyJob) -> None:
+        analyze_study_task.apply_async(args=[job.model_dump(mode="json")])
 
     server = start_scp(settings)
     stop = threading.Event()
-    watcher = threading.Thread(target=watch, name="series-completion", daemon=True,
-                               args=(settings.spool_dir, settings.quiet_period_s, enqueue, stop),
+    watcher = threading.Thread(target=watch, name="study-completion", daemon=True,
+                               args=(settings.spool_dir, settings.study_quiet_period_s, settings.selection,
+                                     enqueue, stop),
                                kwargs={"retry_on": (OSError, OperationalError)})
     watcher.start()
     try:
@@ -115,19 +116,37 @@ def worker(config: ConfigOpt = None,
 
 @app.command()
 def analyze(input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
-                                                      help="Folder holding one DICOM CT series.")],
+                                                      help="Folder holding one DICOM CT study or series.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
             segmentation: Annotated[Optional[Path], typer.Option(
                 exists=True, dir_okay=False,
                 help="TotalSegmentator multilabel NIfTI (v1 or v2 class ids) to use instead of the built-in "
                      "segmentation.")] = None,
             config: ConfigOpt = None) -> None:
-    """Run the whole pipeline on one series on disk, without any service."""
-    from osteonode.pipeline import analyze_files
+    """Run the whole pipeline on one study (or series) on disk, without any service.
+
+    With several series (grouped by Series Instance UID), the series is chosen
+    by the selection rules as for a study the node receives.
+    """
+    import pydicom
+
+    from osteonode.pipeline import analyze_files, analyze_study
+    from osteonode.series import describe_headers, rank_series
 
     settings = load_settings(config, require_dirs=False) if config else Settings()
     files = [p for p in sorted(input_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
-    result = analyze_files(files, out, settings.analysis, segmentation_file=segmentation)
+    headers: dict[str, list[pydicom.Dataset]] = {}
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        headers.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    if len(headers) <= 1:
+        result = analyze_files(files, out, settings.analysis, segmentation_file=segmentation,
+                               selection_rules=settings.selection)
+    else:
+        ranking = rank_series([describe_headers(series, settings.selection) for series in headers.values()],
+                              settings.selection)
+        result = analyze_study(ranking, out, settings.analysis, settings.selection,
+                               files_of=lambda info: [Path(ds.filename) for ds in headers[info.series_instance_uid]])
     typer.echo(result.model_dump_json(indent=2))
     if result.status != "ok":
         raise typer.Exit(3)

@@ -102,6 +102,76 @@ class AnalysisSettings(_Strict):
         default=False, description="true: a series that cannot be analysed gets no SR at all")
 
 
+KernelClass = Literal["soft", "unknown", "bone", "sharp", "lung"]
+ContrastPhaseName = Literal["non_contrast", "unknown", "portal_venous", "delayed", "arterial"]
+KERNEL_CLASSES: tuple[str, ...] = KernelClass.__args__
+CONTRAST_PHASES: tuple[str, ...] = ContrastPhaseName.__args__
+
+
+def _is_permutation(values: list[str], allowed: tuple[str, ...], key: str) -> list[str]:
+    if sorted(values) != sorted(allowed):
+        raise ValueError(f"{key} must list each of {', '.join(allowed)} exactly once, got {values}")
+    return values
+
+
+class SelectionSettings(_Strict):
+    """Which series of a study is analysed: candidate rules and ranking (``osteonode.series``).
+
+    A candidate is a CT image series (CT, Enhanced CT or Legacy Converted
+    Enhanced CT Image Storage) that is not a localizer, has at least
+    ``min_slices`` slices, is axial within ``axial_tolerance_deg``, has
+    slices no thicker than ``max_slice_thickness_mm`` and no gantry tilt above
+    ``max_gantry_tilt_deg``; a derived (secondary, reformatted) series is one
+    only when the study has no original axial candidate. Candidates are ranked
+    by kernel class (``kernel_order``, classes from the kernel table), then
+    contrast phase from the Series Description (``phase_order``,
+    ``phase_keywords``), then slice thickness (thinnest inside
+    ``preferred_thickness_mm`` first), then the number of slices.
+    """
+
+    axial_tolerance_deg: float = Field(
+        default=10.0, ge=0.0, le=45.0,
+        description="largest angle between the slice normal and the patient's feet-head axis, degrees "
+                    "(PS3.3 C.7.6.2 Image Orientation (Patient))")
+    max_slice_thickness_mm: float = Field(default=5.0, gt=0.0, description="Slice Thickness (0018,0050) limit, mm")
+    max_gantry_tilt_deg: float = Field(default=0.5, ge=0.0, description="Gantry/Detector Tilt (0018,1120) limit")
+    min_slices: int = Field(default=8, ge=1, description="fewer slices cannot hold the lumbar vertebrae")
+    preferred_thickness_mm: tuple[float, float] = Field(
+        default=(1.0, 3.0), description="thinnest slices inside this range rank first, mm")
+    kernel_order: list[KernelClass] = Field(
+        default_factory=lambda: ["soft", "unknown", "bone", "sharp", "lung"],
+        description="kernel classes, best first (soft tissue before bone, sharp and lung kernels)")
+    phase_order: list[ContrastPhaseName] = Field(
+        default_factory=lambda: ["non_contrast", "unknown", "portal_venous", "delayed", "arterial"],
+        description="contrast phases, best first (unknown: the description names none)")
+    phase_keywords: dict[Literal["non_contrast", "portal_venous", "delayed", "arterial"], list[str]] = Field(
+        default_factory=lambda: {
+            "non_contrast": ["non-contrast", "non contrast", "noncontrast", "without contrast", "w/o",
+                             "unenhanced", "plain", "native", "nativ", "nc"],
+            "arterial": ["arterial", "art", "cta", "angio"],
+            "portal_venous": ["portal", "venous", "pv", "pvp"],
+            "delayed": ["delayed", "late", "excretory", "urographic"],
+        },
+        description="words (case-insensitive, whole words) of the Series Description that name a phase; "
+                    "checked in the order non_contrast, arterial, portal_venous, delayed")
+    kernel_table: Path | None = Field(
+        default=None, description="JSON kernel table replacing the shipped dicom_templates/kernels.json")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SelectionSettings":
+        _is_permutation(list(self.kernel_order), KERNEL_CLASSES, "kernel_order")
+        _is_permutation(list(self.phase_order), CONTRAST_PHASES, "phase_order")
+        low, high = self.preferred_thickness_mm
+        if not 0 < low <= high:
+            raise ValueError(f"preferred_thickness_mm must be [low, high] with 0 < low <= high, got {[low, high]}")
+        if any(not word.strip() for words in self.phase_keywords.values() for word in words):
+            raise ValueError("phase_keywords must not contain empty words")
+        from osteonode.series import load_kernel_table  # validates the table (patterns, classes)
+
+        load_kernel_table(self.kernel_table)
+        return self
+
+
 class Settings(BaseSettings):
     """Effective configuration of one node (ingest, queue, worker, dispatch)."""
 
@@ -117,11 +187,23 @@ class Settings(BaseSettings):
     outbox_dir: Path = DEFAULT_DATA_DIR / "outbox"
     queue_dir: Path = Field(default=DEFAULT_DATA_DIR / "queue",
                             description="on-disk queue of the embedded broker")
-    quiet_period_s: float = Field(default=10.0, gt=0)
+    study_quiet_period_s: float = Field(
+        default=30.0, gt=0, description="seconds without a new instance of a study after which it is complete")
+    accept_all_storage: bool = Field(
+        default=True, description="accept every Storage SOP class at association and discard what is not CT")
     broker_url: str | None = Field(default=None, description="redis://...; absent: embedded queue")
     destinations: list[Destination] = Field(default_factory=list)
     dispatch: DispatchSettings = DispatchSettings()
     analysis: AnalysisSettings = AnalysisSettings()
+    selection: SelectionSettings = SelectionSettings()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: object) -> object:
+        if isinstance(data, dict) and "quiet_period_s" in data:
+            raise ValueError("quiet_period_s was replaced by study_quiet_period_s (the node now waits for "
+                             "whole studies; see docs/admin.md)")
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

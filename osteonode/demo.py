@@ -84,7 +84,7 @@ def run_demo(ct: Path, workdir: Path, timeout_s: float = 600.0) -> AnalysisResul
     config.write_text(
         f'ae_title = "{NODE_AE}"\nbind_address = "127.0.0.1"\nport = {node_port}\n'
         f'spool_dir = "{node_dir / "spool"}"\noutbox_dir = "{node_dir / "outbox"}"\n'
-        f'queue_dir = "{node_dir / "queue"}"\nquiet_period_s = 2.0\n\n'
+        f'queue_dir = "{node_dir / "queue"}"\nstudy_quiet_period_s = 2.0\n\n'
         f'[[destinations]]\nname = "demo-pacs"\nae_title = "{PACS_AE}"\nhost = "127.0.0.1"\nport = {pacs_port}\n',
         encoding="utf-8")
     pacs = _start_pacs(pacs_dir, pacs_port)

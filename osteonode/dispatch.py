@@ -120,9 +120,9 @@ def _file_syntaxes(paths: Sequence[Path]) -> dict[Path, tuple[UID, UID]]:
     return syntaxes
 
 
-def outbox_entry(outbox_dir: Path, series_uid: str) -> Path:
-    """The outbox folder holding the outputs made from one source series."""
-    return outbox_dir / series_uid
+def outbox_entry(outbox_dir: Path, study_uid: str) -> Path:
+    """The outbox folder holding the one set of outputs made for a source study."""
+    return outbox_dir / study_uid
 
 
 def record_delivery(entry: Path, destination: str, state: str, attempts: int, detail: str = "") -> None:

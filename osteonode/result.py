@@ -110,6 +110,56 @@ class BoneStatus(BaseModel):
         default=None, description="set when the category would change within the measurement uncertainty")
 
 
+class SeriesUsed(BaseModel):
+    """The series of the study that the results were made from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    series_number: int | None = None
+    description: str = ""
+    kernel: str = ""
+    slice_thickness_mm: float | None = None
+
+
+class SeriesNotUsed(BaseModel):
+    """Another series of the study, and why it was not used."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    series_number: int | None = None
+    description: str = ""
+    reason: str
+
+
+class SeriesSelection(BaseModel):
+    """Which series of the study was analysed, and why the others were not (``osteonode.series``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    used: SeriesUsed | None = Field(default=None, description="None: no series of the study could be analysed")
+    not_used: list[SeriesNotUsed] = Field(default_factory=list)
+
+    def text(self) -> str:
+        """One sentence for the SR and the PDF, e.g. ``Series used: 2 "Abdomen" (kernel B30f, 3 mm). ...``."""
+        if self.used is None:
+            parts = ["No series of the study was used."]
+        else:
+            used = self.used
+            details = [f"kernel {used.kernel}" if used.kernel else "kernel not recorded"]
+            if used.slice_thickness_mm is not None:
+                details.append(f"{used.slice_thickness_mm:g} mm")
+            parts = [f"Series used: {_series_name(used.series_number, used.description)} ({', '.join(details)})."]
+        if self.not_used:
+            parts.append("Not used: " + "; ".join(f"{_series_name(s.series_number, s.description)}: {s.reason}"
+                                                  for s in self.not_used) + ".")
+        return " ".join(parts)
+
+
+def _series_name(number: int | None, description: str) -> str:
+    name = f"series {number}" if number is not None else "series (no number)"
+    return f'{name} "{description}"' if description else name
+
+
 class AnalysisResult(BaseModel):
     """Everything the node concludes about one CT series."""
 
@@ -128,6 +178,8 @@ class AnalysisResult(BaseModel):
     contrast: ContrastPhase | None = None
     proximal_femur: dict[Literal["right", "left"], ProximalFemurResult] = Field(default_factory=dict)
     radiomics_file: str | None = Field(default=None, description="feature table, one row per level")
+    series_selection: SeriesSelection | None = Field(
+        default=None, description="the series used and why the study's other series were not (study jobs)")
     timings_s: dict[str, float] = Field(default_factory=dict)
 
     def write(self, path: Path) -> None:

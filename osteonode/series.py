@@ -1,45 +1,348 @@
-"""Which series to analyse.
+"""Which series of a study to analyse: candidate rules and ranking, from configuration.
 
-A series is analysed when it is an axial-stack CT of the body with enough
-slices to hold lumbar vertebrae. Anything else is "not evaluable" with the
-reason, which the node reports in an SR (or skips, per configuration).
+A study usually holds several series (localizer, soft and bone kernels,
+reformats, contrast phases); the node analyses one. :func:`describe_series`
+reads what the rules need from one series' headers, :func:`series_problem`
+says why a series cannot be a candidate, and :func:`rank_series` orders the
+candidates of a study best first (:class:`osteonode.config.SelectionSettings`
+documents the rules). All three are pure functions of headers and settings.
 """
 
 from __future__ import annotations
 
+import json
+import math
+import re
 from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
 
+import numpy as np
 import pydicom
+from pydantic import BaseModel, ConfigDict
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
 
+import dicom_templates
+from osteonode.config import KERNEL_CLASSES, SelectionSettings
 from osteonode.errors import NotEvaluable
 
-MIN_SLICES = 8
-MAX_SLICE_THICKNESS_MM = 6.0
+CT_IMAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+#: Image Type (0008,0008) values that mark a reformat or projection rather than an acquired axial stack.
+REFORMAT_IMAGE_TYPES = frozenset({"REFORMATTED", "MPR", "MIP", "MINIP", "CURVED", "PROJECTION IMAGE"})
+#: Phases checked in this order against the Series Description.
+_PHASE_CHECK_ORDER = ("non_contrast", "arterial", "portal_venous", "delayed")
 
 
-def check_series(headers: Sequence[pydicom.Dataset]) -> None:
-    """Raise :class:`NotEvaluable` if the series is not one we can analyse.
+class SeriesInfo(BaseModel):
+    """What the selection rules need to know about one series (no pixel data, no patient data)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    series_instance_uid: str
+    series_dir: str
+    instance_count: int
+    series_number: int | None = None
+    description: str = ""
+    modality: str = ""
+    sop_class_uid: str = ""
+    image_type: tuple[str, ...] = ()
+    kernel: str = ""
+    kernel_class: str = "unknown"
+    phase: str = "unknown"
+    slice_thickness_mm: float | None = None
+    slice_count: int = 0
+    axial_deviation_deg: float | None = None
+    gantry_tilt_deg: float = 0.0
+
+    @property
+    def derived(self) -> bool:
+        """True for a derived, secondary or reformatted series (Image Type, PS3.3 C.7.6.1.1.2)."""
+        values = self.image_type
+        return ((len(values) > 0 and values[0] == "DERIVED") or (len(values) > 1 and values[1] == "SECONDARY")
+                or bool(REFORMAT_IMAGE_TYPES.intersection(values)))
+
+
+class RejectedSeries(BaseModel):
+    """A series of the study that is not a candidate, and why."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    series: SeriesInfo
+    reason: str
+
+
+class SeriesRanking(BaseModel):
+    """The series of one study: candidates best first, and the rejected ones with reasons."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    candidates: list[SeriesInfo]
+    rejected: list[RejectedSeries]
+
+
+@lru_cache(maxsize=8)
+def _kernel_rules(path: Path | None) -> tuple[tuple[re.Pattern[str], str], ...]:
+    document = (json.loads(path.read_text(encoding="utf-8")) if path is not None
+                else dicom_templates.load("kernels"))
+    rules = []
+    for i, rule in enumerate(document.get("rules", [])):
+        kernel_class = rule.get("class")
+        if kernel_class not in KERNEL_CLASSES or kernel_class == "unknown":
+            raise ValueError(f"kernel table rule {i}: class must be one of soft, bone, sharp, lung, "
+                             f"got {kernel_class!r}")
+        try:
+            rules.append((re.compile(str(rule["pattern"]), re.IGNORECASE), kernel_class))
+        except (KeyError, re.error) as exc:
+            raise ValueError(f"kernel table rule {i}: bad or missing pattern ({exc})") from None
+    if not rules:
+        raise ValueError("the kernel table has no rules")
+    return tuple(rules)
+
+
+def load_kernel_table(path: Path | None = None) -> tuple[tuple[re.Pattern[str], str], ...]:
+    """Load and check a kernel table: ``(compiled pattern, class)`` pairs, first match wins.
+
+    Parameters
+    ----------
+    path : pathlib.Path, optional
+        JSON file shaped like ``dicom_templates/kernels.json``; the shipped
+        table when omitted.
+
+    Raises
+    ------
+    ValueError
+        If the file is unreadable or not JSON, a rule has no valid regular
+        expression, or a class is not one of soft, bone, sharp, lung.
+    """
+    try:
+        return _kernel_rules(path)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read kernel table {path}: {exc}") from None
+
+
+def kernel_class(kernel: str, table_path: Path | None = None) -> str:
+    """Class (soft, bone, sharp, lung or unknown) of a Convolution Kernel (0018,1210) value."""
+    value = kernel.strip().upper()
+    for pattern, name in load_kernel_table(table_path):
+        if pattern.fullmatch(value):
+            return name
+    return "unknown"
+
+
+def contrast_phase(description: str, rules: SelectionSettings) -> str:
+    """Contrast phase named by a Series Description (0008,103E), or ``"unknown"``."""
+    for phase in _PHASE_CHECK_ORDER:
+        for word in rules.phase_keywords.get(phase, []):
+            if re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", description.lower()):
+                return phase
+    return "unknown"
+
+
+def _find(ds: pydicom.Dataset, keyword: str) -> object:
+    """``keyword`` at the top level, else in the first Shared/Per-frame Functional Groups items (PS3.3 C.7.6.16)."""
+    if keyword in ds:
+        return ds.get(keyword)
+    for groups in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        for group in ds.get(groups, [])[:1]:
+            for element in group:
+                if element.VR == "SQ" and element.value and keyword in element.value[0]:
+                    return element.value[0].get(keyword)
+    return None
+
+
+def _multi(value: object) -> list[str]:
+    if value is None or value == "":
+        return []
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return [str(v) for v in value]
+    return [str(value)]
+
+
+def axial_deviation_deg(orientation: Sequence[float]) -> float:
+    """Angle between the slice normal and the feet-head (z) axis, degrees (0 axial, 90 coronal or sagittal).
+
+    ``orientation`` is Image Orientation (Patient) (0020,0037): row and column
+    direction cosines in LPS (PS3.3 C.7.6.2.1.1).
+    """
+    row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:6], float)
+    normal = np.cross(row, col)
+    norm = float(np.linalg.norm(normal))
+    if norm == 0.0:
+        raise ValueError("Image Orientation (Patient) has parallel row and column directions")
+    return math.degrees(math.acos(min(1.0, abs(normal[2]) / norm)))
+
+
+def describe_series(files: Sequence[Path], rules: SelectionSettings | None = None) -> SeriesInfo:
+    """Read what the selection rules need from a series' files.
+
+    Only the first file's header is read, unless the series is multi-frame
+    (then every header, to count the frames).
+
+    Parameters
+    ----------
+    files : sequence of pathlib.Path
+        The series' PS3.10 files, all from one folder.
+    rules : SelectionSettings, optional
+        For the kernel table and the phase keywords (defaults when omitted).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``files`` is empty.
+    pydicom.errors.InvalidDicomError
+        If a file read is not DICOM.
+    """
+    if not files:
+        raise FileNotFoundError("the series has no files")
+    files = sorted(files)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    if int(first.get("NumberOfFrames", 1) or 1) > 1:
+        headers = [first, *(pydicom.dcmread(f, stop_before_pixels=True) for f in files[1:])]
+        return describe_headers(headers, rules, series_dir=files[0].parent)
+    return describe_headers([first], rules, series_dir=files[0].parent, instance_count=len(files))
+
+
+def describe_headers(headers: Sequence[pydicom.Dataset], rules: SelectionSettings | None = None, *,
+                     series_dir: Path | str = "", instance_count: int | None = None) -> SeriesInfo:
+    """Describe a series from its headers (pixel data not needed).
+
+    Parameters
+    ----------
+    headers : sequence of pydicom.Dataset
+        Every instance of the series, or only the first one of a single-frame
+        series when ``instance_count`` is given.
+    rules : SelectionSettings, optional
+        For the kernel table and the phase keywords (defaults when omitted).
+    series_dir : pathlib.Path or str
+        Folder of the series' files, recorded for the job.
+    instance_count : int, optional
+        Number of single-frame instances; by default the frames of ``headers`` are counted.
+    """
+    rules = rules or SelectionSettings()
+    first = headers[0]
+    if instance_count is None:
+        instance_count = len(headers)
+        slice_count = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers)
+    else:
+        slice_count = instance_count
+    orientation = _multi(_find(first, "ImageOrientationPatient"))
+    thickness = _find(first, "SliceThickness")
+    kernels = _multi(_find(first, "ConvolutionKernel"))
+    description = str(first.get("SeriesDescription", ""))
+    number = first.get("SeriesNumber")
+    return SeriesInfo(
+        series_instance_uid=str(first.get("SeriesInstanceUID", "")),
+        series_dir=str(series_dir),
+        instance_count=instance_count,
+        series_number=int(number) if number not in (None, "") else None,
+        description=description,
+        modality=str(first.get("Modality", "")),
+        sop_class_uid=str(first.get("SOPClassUID", "")),
+        image_type=tuple(v.upper() for v in _multi(first.get("ImageType"))),
+        kernel=kernels[0] if kernels else "",
+        kernel_class=kernel_class(kernels[0], rules.kernel_table) if kernels else "unknown",
+        phase=contrast_phase(description, rules),
+        slice_thickness_mm=float(thickness) if thickness not in (None, "") else None,
+        slice_count=slice_count,
+        axial_deviation_deg=(axial_deviation_deg([float(v) for v in orientation])
+                             if len(orientation) == 6 else None),
+        gantry_tilt_deg=float(_find(first, "GantryDetectorTilt") or 0.0),
+    )
+
+
+def series_problem(info: SeriesInfo, rules: SelectionSettings) -> str | None:
+    """Why ``info`` cannot be analysed on its own, or None when it is a candidate.
+
+    The checks that need the rest of the study (a reformat is used only when
+    there is no original axial series) are in :func:`rank_series`.
+    """
+    if info.modality != "CT":
+        return f"the series is not CT (modality {info.modality or 'missing'})"
+    if info.sop_class_uid and info.sop_class_uid not in CT_IMAGE_SOP_CLASSES:
+        return f"the series is not a CT image ({pydicom.uid.UID(info.sop_class_uid).name})"
+    if "LOCALIZER" in info.image_type:
+        return "the series is a localizer (scout), not a cross-sectional CT"
+    if info.slice_count < rules.min_slices:
+        return f"the series has {info.slice_count} slice(s); at least {rules.min_slices} are needed"
+    if info.axial_deviation_deg is None:
+        return "the series has no Image Orientation (Patient): the slice plane is unknown"
+    if info.axial_deviation_deg > rules.axial_tolerance_deg:
+        plane = "coronal or sagittal" if info.axial_deviation_deg > 45 else "oblique"
+        return (f"the series is not axial ({plane}: slices {info.axial_deviation_deg:.0f}° from axial, "
+                f"tolerance {rules.axial_tolerance_deg:g}°)")
+    if info.slice_thickness_mm is not None and info.slice_thickness_mm > rules.max_slice_thickness_mm:
+        return f"slice thickness {info.slice_thickness_mm:g} mm exceeds {rules.max_slice_thickness_mm:g} mm"
+    if abs(info.gantry_tilt_deg) > rules.max_gantry_tilt_deg:
+        return f"gantry tilt {info.gantry_tilt_deg:g}° (limit {rules.max_gantry_tilt_deg:g}°)"
+    return None
+
+
+def _thickness_key(thickness_mm: float | None, rules: SelectionSettings) -> tuple[int, float]:
+    low, high = rules.preferred_thickness_mm
+    if thickness_mm is None:
+        return (2, 0.0)
+    if low <= thickness_mm <= high:
+        return (0, thickness_mm)  # thinnest inside the preferred range first
+    return (1, low - thickness_mm if thickness_mm < low else thickness_mm - high)  # nearest to the range
+
+
+def rank_key(info: SeriesInfo, rules: SelectionSettings) -> tuple:
+    """Sort key of a candidate: kernel class, contrast phase, thickness, more slices, then series number and UID."""
+    return (rules.kernel_order.index(info.kernel_class), rules.phase_order.index(info.phase),
+            _thickness_key(info.slice_thickness_mm, rules), -info.slice_count,
+            info.series_number if info.series_number is not None else math.inf, info.series_instance_uid)
+
+
+def rank_series(series: Sequence[SeriesInfo], rules: SelectionSettings) -> SeriesRanking:
+    """Split a study's series into ranked candidates and rejected series.
+
+    Parameters
+    ----------
+    series : sequence of SeriesInfo
+        Every series of the study (:func:`describe_series`).
+    rules : SelectionSettings
+        Candidate rules and ranking order.
+
+    Returns
+    -------
+    SeriesRanking
+        ``candidates`` best first (:func:`rank_key`); ``rejected`` in series
+        number order, each with the reason. A derived (secondary, reformatted)
+        series is rejected when an original candidate exists.
+    """
+    rejected, passing = [], []
+    for info in series:
+        problem = series_problem(info, rules)
+        if problem is None:
+            passing.append(info)
+        else:
+            rejected.append(RejectedSeries(series=info, reason=problem))
+    if any(not info.derived for info in passing):
+        for info in [i for i in passing if i.derived]:
+            rejected.append(RejectedSeries(series=info, reason="the series is derived (secondary or reformatted); "
+                                                               "an original axial series exists"))
+        passing = [info for info in passing if not info.derived]
+    rejected.sort(key=lambda r: (r.series.series_number if r.series.series_number is not None else math.inf,
+                                 r.series.series_instance_uid))
+    return SeriesRanking(candidates=sorted(passing, key=lambda i: rank_key(i, rules)), rejected=rejected)
+
+
+def check_series(headers: Sequence[pydicom.Dataset], rules: SelectionSettings | None = None) -> None:
+    """Raise :class:`NotEvaluable` if a series on its own is not one we can analyse.
 
     Parameters
     ----------
     headers : sequence of pydicom.Dataset
         The series' instances (pixel data not needed).
+    rules : SelectionSettings, optional
+        Candidate rules (defaults when omitted).
 
     Raises
     ------
     NotEvaluable
-        Not CT, a localizer/scout, too few slices, or slices thicker than 6 mm.
+        With the reason from :func:`series_problem`.
     """
-    first = headers[0]
-    modality = str(first.get("Modality", ""))
-    if modality != "CT":
-        raise NotEvaluable(f"the series is not CT (modality {modality or 'missing'})")
-    image_type = [str(v).upper() for v in first.get("ImageType", [])]
-    if "LOCALIZER" in image_type:
-        raise NotEvaluable("the series is a localizer (scout), not a cross-sectional CT")
-    n_slices = sum(int(ds.get("NumberOfFrames", 1) or 1) for ds in headers)
-    if n_slices < MIN_SLICES:
-        raise NotEvaluable(f"the series has {n_slices} slice(s); at least {MIN_SLICES} are needed")
-    thickness = first.get("SliceThickness")
-    if thickness not in (None, "") and float(thickness) > MAX_SLICE_THICKNESS_MM:
-        raise NotEvaluable(f"slice thickness {float(thickness):g} mm exceeds {MAX_SLICE_THICKNESS_MM:g} mm")
+    rules = rules or SelectionSettings()
+    problem = series_problem(describe_headers(headers, rules), rules)
+    if problem is not None:
+        raise NotEvaluable(problem)

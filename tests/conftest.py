@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
+import SimpleITK as sitk
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage, generate_uid
 
 from osteonode.ctseries import read_image, write_ct_series
 
@@ -15,6 +16,8 @@ DATA = Path(os.environ.get("OSTEONODE_TEST_DATA",
                            Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"))
 ABDOMEN_NIFTI = DATA / "totalseg-example-abdomen" / "example_ct.nii.gz"
 J2K_DIR = DATA / "totalseg-example-dicom" / "dicom"
+#: Patient of the multi-series ``study`` fixture (synthetic identity).
+STUDY_PATIENT = {"patient_name": "STUDY^TEST", "patient_id": "OSTEO-STUDY-1"}
 
 
 def require_data(path: Path) -> Path:
@@ -67,3 +70,60 @@ def recompress_series(files: list[Path], out_dir: Path, transfer_syntax: str) ->
         paths.append(out_dir / path.name)
         ds.save_as(paths[-1], enforce_file_format=True)
     return paths
+
+
+def _series(image: sitk.Image, folder: Path, study_uid: str, number: int, description: str, *,
+            image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL"), kernel: str = "B30f") -> list[Path]:
+    """Write ``image`` as CT Image Storage with the series attributes the selection rules read."""
+    paths = write_ct_series(image, folder, study_instance_uid=study_uid, series_description=description,
+                            **STUDY_PATIENT)
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        ds.SeriesNumber, ds.ImageType, ds.ConvolutionKernel = number, list(image_type), kernel
+        ds.save_as(path, enforce_file_format=True)
+    return paths
+
+
+def _non_ct_objects(folder: Path, study_uid: str, ct: Path) -> list[Path]:
+    """A dose SR and a Secondary Capture with Modality CT (a dose screen) of the same study."""
+    folder.mkdir(parents=True, exist_ok=True)
+    source = pydicom.dcmread(ct)
+    screen = pydicom.dcmread(ct)
+    screen.SOPClassUID = screen.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    screen.SOPInstanceUID = screen.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    screen.SeriesInstanceUID, screen.SeriesNumber, screen.SeriesDescription = generate_uid(), 99, "Dose screen"
+    screen.ConversionType = "WSD"
+    dose = pydicom.Dataset()
+    dose.file_meta = pydicom.dataset.FileMetaDataset()
+    dose.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dose.SOPClassUID = dose.file_meta.MediaStorageSOPClassUID = XRayRadiationDoseSRStorage
+    dose.SOPInstanceUID = dose.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dose.StudyInstanceUID, dose.SeriesInstanceUID, dose.Modality = study_uid, generate_uid(), "SR"
+    dose.PatientName, dose.PatientID = source.PatientName, source.PatientID
+    paths = [folder / "screen.dcm", folder / "dose.dcm"]
+    screen.save_as(paths[0], enforce_file_format=True)
+    dose.save_as(paths[1], enforce_file_format=True)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def study(tmp_path_factory) -> dict[str, list[Path]]:
+    """The multi-series study, by role; all series share one Study Instance UID."""
+    out = tmp_path_factory.mktemp("study")
+    image = read_image(require_data(ABDOMEN_NIFTI))  # 3 mm, axial
+    uid = generate_uid()
+    thin = sitk.Resample(image, [image.GetSize()[0], image.GetSize()[1], image.GetSize()[2] * 2],
+                         sitk.Transform(), sitk.sitkLinear, image.GetOrigin(),
+                         (*image.GetSpacing()[:2], image.GetSpacing()[2] / 2), image.GetDirection(), -1024)
+    mid = image.GetSize()[2] // 2
+    series = {
+        "localizer": _series(image[:, :, mid:mid + 1], out / "loc", uid, 1, "Topogram 0.6 T20f",
+                             image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"), kernel="T20f"),
+        "soft": _series(image, out / "soft", uid, 2, "Abdomen 3.0 B30f"),
+        "bone": _series(thin, out / "bone", uid, 3, "Abdomen 1.5 B60f bone", kernel="B60f"),
+        "coronal": _series(sitk.PermuteAxes(image, [0, 2, 1]), out / "cor", uid, 4, "Cor MPR 3.0",
+                           image_type=("DERIVED", "SECONDARY", "REFORMATTED")),
+        "arterial": _series(image, out / "art", uid, 5, "Abdomen arterial 3.0 B30f"),
+    }
+    series["non_ct"] = _non_ct_objects(out / "other", uid, series["soft"][0])
+    return series

@@ -1,7 +1,8 @@
 """Thin Celery tasks: each validates its JSON payload and calls plain functions.
 
-* ``osteonode.analyze_series``: run the pipeline on a spooled series, write the
-  outputs to the outbox, then enqueue one delivery per destination.
+* ``osteonode.analyze_study``: run the pipeline on the best candidate series of a
+  spooled study (falling back to the next while not evaluable), write the one
+  set of outputs to the study's outbox entry, then enqueue one delivery per destination.
 * ``osteonode.deliver``: C-STORE an outbox entry to one destination; retried
   with exponential back-off; after the last retry the files stay in the
   outbox, ``delivery-<name>.json`` records why, and the log says so.
@@ -15,28 +16,27 @@ from pathlib import Path
 from osteonode.config import load_settings
 from osteonode.dispatch import outbox_entry, record_delivery, send_files
 from osteonode.errors import DeliveryFailed
-from osteonode.ingest.completion import SeriesJob, log_id
-from osteonode.ingest.spool import instance_files
-from osteonode.pipeline import analyze_files
+from osteonode.ingest.completion import StudyJob, log_id
+from osteonode.pipeline import analyze_study
 from worker.app import app
 
 log = logging.getLogger(__name__)
 
 
-@app.task(name="osteonode.analyze_series")
-def analyze_series(job: dict) -> str:
-    """Analyse one complete series (payload: :class:`SeriesJob` as JSON) and queue its delivery."""
+@app.task(name="osteonode.analyze_study")
+def analyze_study_task(job: dict) -> str:
+    """Analyse one complete study (payload: :class:`StudyJob` as JSON) and queue its delivery."""
     settings = load_settings()
-    series_job = SeriesJob.model_validate(job)
-    entry = outbox_entry(settings.outbox_dir, series_job.series_instance_uid)
-    result = analyze_files(instance_files(Path(series_job.series_dir)), entry, settings.analysis)
+    study_job = StudyJob.model_validate(job)
+    entry = outbox_entry(settings.outbox_dir, study_job.study_instance_uid)
+    result = analyze_study(study_job.ranking, entry, settings.analysis, settings.selection)
     if result.status == "not_evaluable" and settings.analysis.skip_not_evaluable:
-        log.info("job %s: not evaluable, skipped by configuration (%s)", series_job.job_id, result.reason)
+        log.info("job %s: not evaluable, skipped by configuration (%s)", study_job.job_id, result.reason)
         return result.status
     for destination in settings.destinations:
         record_delivery(entry, destination.name, "pending", 0)
         deliver.delay(str(entry), destination.name)
-    log.info("job %s: %s, queued for %d destination(s)", series_job.job_id, result.status,
+    log.info("job %s: %s, queued for %d destination(s)", study_job.job_id, result.status,
              len(settings.destinations))
     return result.status
 

@@ -125,6 +125,8 @@ def method(result: AnalysisResult) -> list[str]:
         texts.append(f"vBMD calibration: {result.calibration.method}{note}.")
     if result.contrast is not None:
         texts.append(f"Contrast phase: {result.contrast.phase.replace('_', ' ')}.")
+    if result.series_selection is not None:
+        texts.append(result.series_selection.text())
     return texts
 
 

@@ -392,6 +392,8 @@ def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr
     items += [_text(sr_codes["comment"], comment, contains) for comment in status_comments(result)]
     if result.labelling_method:
         items.append(_text(sr_codes["labelling_method"], result.labelling_method, contains))
+    if result.series_selection is not None:  # the series used and why the study's others were not
+        items.append(_text(sr_codes["comment"], result.series_selection.text(), contains))
     items += _calibration_and_contrast(result, sr_codes)
     container = hd.sr.ContainerContentItem(name=coded(sr_codes["qualitative_evaluations"]),
                                            relationship_type=contains)

@@ -1,14 +1,20 @@
-"""Series completion by quiet period, and the job that is enqueued for a complete series.
+"""Study completion by quiet period, and the one job that is enqueued per complete study.
 
-DICOM has no "series complete" message, so a series is taken as complete
-once no instance has arrived for ``quiet_period_s`` seconds (the approach of
-mercure and most routers). The state lives on disk, in the spool: the
-series folder's modification time is the time of the last arrival (every
-instance is renamed into it), and ``<spool>/.jobs/<SeriesInstanceUID>.json``
-records which arrival time a job was enqueued for. A restart therefore
-neither loses nor repeats a job; instances that arrive after a job was
-enqueued cause a new job for the whole series, whose outputs replace the
-earlier ones (output UIDs are deterministic).
+DICOM has no "study complete" message, so a study is taken as complete once
+no instance of it has arrived for ``study_quiet_period_s`` seconds (mercure's
+study trigger; mercure waits 900 s by default, osteonode 30 s, see
+docs/admin.md). Its series are then described and ranked by the selection
+rules (:mod:`osteonode.series`) and one job is enqueued: the study UID and the
+ranked candidate series (paths and header summaries, JSON; no pixel data).
+
+The state lives on disk, in the spool, so a restart neither loses nor repeats
+a job: a series folder's modification time is the time of its last arrival
+(every instance is renamed into it), and ``<spool>/.jobs/<StudyInstanceUID>.json``
+records the arrival time a job was enqueued for and the fingerprint of its
+candidates (series UIDs and SOP Instance UIDs). A study that changes after its
+job was enqueued is ranked again; a new job follows only when its candidates
+changed (a new or grown candidate series). A re-sent identical study, or a new
+series that is not a candidate, enqueues nothing.
 """
 
 from __future__ import annotations
@@ -22,29 +28,40 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
+from pydicom.errors import InvalidDicomError
 
+from osteonode.config import SelectionSettings
 from osteonode.ingest.spool import instance_files
+from osteonode.series import SeriesInfo, SeriesRanking, describe_series, rank_series
 
 log = logging.getLogger(__name__)
 
 JOBS_DIR = ".jobs"
 
 
-class SeriesJob(BaseModel):
-    """The broker payload for one complete series: paths and UIDs only (JSON)."""
+class StudyJob(BaseModel):
+    """The broker payload for one complete study: paths, UIDs and header summaries only (JSON)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     study_instance_uid: str
-    series_instance_uid: str
-    series_dir: str
-    instance_count: int
     last_arrival_ns: int
+    ranking: SeriesRanking
+    fingerprint: str
 
     @property
     def job_id(self) -> str:
         """Short, non-identifying handle for logs (UIDs themselves are not logged)."""
-        return log_id(self.series_instance_uid)
+        return log_id(self.study_instance_uid)
+
+
+class _Marker(BaseModel):
+    """What ``.jobs/<StudyInstanceUID>.json`` records: the last arrival handled and the candidates enqueued."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    last_arrival_ns: int
+    fingerprint: str
 
 
 def log_id(uid: str) -> str:
@@ -52,51 +69,94 @@ def log_id(uid: str) -> str:
     return hashlib.sha256(uid.encode()).hexdigest()[:10]
 
 
-Enqueue = Callable[[SeriesJob], None]
+Enqueue = Callable[[StudyJob], None]
 
 
-def find_due_series(spool: Path, quiet_period_s: float, now_s: float | None = None) -> list[SeriesJob]:
-    """Series folders quiet for at least ``quiet_period_s`` seconds and not yet enqueued.
+def candidates_fingerprint(candidates: list[SeriesInfo]) -> str:
+    """SHA-256 of the candidates' Series and SOP Instance UIDs (file names), in rank order."""
+    digest = hashlib.sha256()
+    for info in candidates:
+        digest.update(info.series_instance_uid.encode() + b"\0")
+        for path in instance_files(Path(info.series_dir)):
+            digest.update(path.name.encode() + b"\0")
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def study_last_arrival_ns(study: Path) -> int:
+    """Time of the latest arrival in a study folder: the newest modification time of it and its series folders."""
+    return max([study.stat().st_mtime_ns, *(series.stat().st_mtime_ns for series in _subdirs(study))])
+
+
+def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionSettings,
+                     now_s: float | None = None) -> list[StudyJob]:
+    """Studies quiet for at least ``study_quiet_period_s`` seconds that changed since they were last handled.
 
     Parameters
     ----------
     spool : pathlib.Path
         Spool root (``<study>/<series>/<sop>.dcm``).
-    quiet_period_s : float
-        Seconds without a new instance after which a series counts as complete.
+    study_quiet_period_s : float
+        Seconds without a new instance of a study after which it counts as complete.
+    rules : SelectionSettings
+        Series selection rules used to rank the study's series.
     now_s : float, optional
         Current time (epoch seconds); defaults to :func:`time.time`.
+
+    Returns
+    -------
+    list of StudyJob
+        One per due study, its series ranked. Whether it must be enqueued is
+        :func:`needs_job`'s decision (a study whose candidates are unchanged
+        does not).
     """
     now_ns = int((time.time() if now_s is None else now_s) * 1e9)
-    quiet_ns = int(quiet_period_s * 1e9)
+    quiet_ns = int(study_quiet_period_s * 1e9)
     due = []
     for study in _subdirs(spool):
-        for series in _subdirs(study):
-            last_arrival_ns = series.stat().st_mtime_ns
-            if now_ns - last_arrival_ns < quiet_ns or _enqueued_arrival_ns(spool, series.name) >= last_arrival_ns:
+        last_arrival_ns = study_last_arrival_ns(study)
+        marker = _read_marker(spool, study.name)
+        if now_ns - last_arrival_ns < quiet_ns or (marker is not None and marker.last_arrival_ns >= last_arrival_ns):
+            continue
+        series = []
+        for folder in _subdirs(study):
+            files = instance_files(folder)
+            if not files:
                 continue
-            files = instance_files(series)
-            if files:
-                due.append(SeriesJob(study_instance_uid=study.name, series_instance_uid=series.name,
-                                     series_dir=str(series.resolve()), instance_count=len(files),
-                                     last_arrival_ns=last_arrival_ns))
+            try:
+                series.append(describe_series(files, rules))
+            except (InvalidDicomError, OSError, ValueError) as exc:  # a broken file must not stall the study
+                log.warning("study %s: a series cannot be described (%s); it is not a candidate",
+                            log_id(study.name), type(exc).__name__)
+        if not series:
+            continue
+        ranking = rank_series(series, rules)
+        due.append(StudyJob(study_instance_uid=study.name, last_arrival_ns=last_arrival_ns, ranking=ranking,
+                            fingerprint=candidates_fingerprint(ranking.candidates)))
     return due
 
 
-def mark_enqueued(spool: Path, job: SeriesJob) -> None:
-    """Record on disk that ``job`` was enqueued (atomic replace)."""
+def needs_job(spool: Path, job: StudyJob) -> bool:
+    """True unless a job with the same candidates (same series and instances) was enqueued before."""
+    marker = _read_marker(spool, job.study_instance_uid)
+    return marker is None or marker.fingerprint != job.fingerprint
+
+
+def mark_handled(spool: Path, job: StudyJob) -> None:
+    """Record on disk that ``job``'s study was handled up to its last arrival (atomic replace)."""
     jobs = spool / JOBS_DIR
     jobs.mkdir(parents=True, exist_ok=True)
-    tmp = jobs / f".{job.series_instance_uid}.tmp"
-    tmp.write_text(job.model_dump_json(), encoding="utf-8")
-    os.replace(tmp, jobs / f"{job.series_instance_uid}.json")
+    tmp = jobs / f".{job.study_instance_uid}.tmp"
+    tmp.write_text(_Marker(last_arrival_ns=job.last_arrival_ns, fingerprint=job.fingerprint).model_dump_json(),
+                   encoding="utf-8")
+    os.replace(tmp, jobs / f"{job.study_instance_uid}.json")
 
 
-def _enqueued_arrival_ns(spool: Path, series_uid: str) -> int:
-    marker = spool / JOBS_DIR / f"{series_uid}.json"
+def _read_marker(spool: Path, study_uid: str) -> _Marker | None:
+    marker = spool / JOBS_DIR / f"{study_uid}.json"
     if not marker.is_file():
-        return -1
-    return SeriesJob.model_validate_json(marker.read_text(encoding="utf-8")).last_arrival_ns
+        return None
+    return _Marker.model_validate_json(marker.read_text(encoding="utf-8"))
 
 
 def _subdirs(folder: Path) -> list[Path]:
@@ -105,21 +165,27 @@ def _subdirs(folder: Path) -> list[Path]:
     return [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
 
 
-def watch(spool: Path, quiet_period_s: float, enqueue: Enqueue, stop: threading.Event,
-          poll_interval_s: float = 1.0, retry_on: tuple[type[Exception], ...] = (OSError,)) -> None:
-    """Poll the spool until ``stop`` is set, enqueueing each series once it is complete.
+def watch(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, enqueue: Enqueue,
+          stop: threading.Event, poll_interval_s: float = 1.0,
+          retry_on: tuple[type[Exception], ...] = (OSError,)) -> None:
+    """Poll the spool until ``stop`` is set, enqueueing one job per complete, changed study.
 
     An enqueue error of a type in ``retry_on`` (broker down) is logged and
-    retried at the next poll; the series stays due because it was not marked.
+    retried at the next poll; the study stays due because it was not marked.
     """
     while not stop.is_set():
-        for job in find_due_series(spool, quiet_period_s):
+        for job in find_due_studies(spool, study_quiet_period_s, rules):
+            if not needs_job(spool, job):
+                mark_handled(spool, job)
+                log.info("job %s: study changed but its candidate series did not; not analysed again",
+                         job.job_id)
+                continue
             try:
                 enqueue(job)
             except retry_on as exc:
                 log.error("job %s: cannot enqueue (%s); will retry", job.job_id, exc)
                 continue
-            mark_enqueued(spool, job)
-            log.info("job %s: series quiet for %.1f s, enqueued (%d instances)",
-                     job.job_id, quiet_period_s, job.instance_count)
+            mark_handled(spool, job)
+            log.info("job %s: study quiet for %.1f s, enqueued (%d candidate series, %d not candidates)",
+                     job.job_id, study_quiet_period_s, len(job.ranking.candidates), len(job.ranking.rejected))
         stop.wait(poll_interval_s)

@@ -2,9 +2,14 @@
 
 Handlers are plain functions bound to pynetdicom events; they return a
 status and never raise (PS3.4 B.2.3 C-STORE statuses, PS3.7 9.1.1).
-Association policy (PS3.8): only CT Image Storage, Enhanced CT Image
-Storage, Legacy Converted Enhanced CT Image Storage and Verification are
-accepted; other abstract syntaxes are rejected at association. When
+Association policy (PS3.8): with ``accept_all_storage`` (the default) every
+Storage SOP class is accepted at association, so a PACS that routes whole
+studies (dose reports, Secondary Captures, presentation states) does not fail
+on a refused presentation context; only CT Image Storage, Enhanced CT Image
+Storage and Legacy Converted Enhanced CT Image Storage instances are stored,
+the others are answered with success, discarded unread and counted per SOP
+class in one log line per association. Without it, only the three CT classes
+and Verification are accepted. When
 ``allowed_calling_ae_titles`` is set, other callers are rejected with
 "calling AE title not recognized"; a called AE title other than ours is
 rejected with "called AE title not recognized". Rejections and refused
@@ -14,6 +19,8 @@ presentation contexts are logged at WARNING.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,7 +43,7 @@ from pydicom.uid import (
     RLELossless,
 )
 import pydicom
-from pynetdicom import AE, evt
+from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -66,17 +73,48 @@ def handle_echo(event: evt.Event) -> int:
     return STATUS_SUCCESS
 
 
-def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = None) -> int:
+class DiscardCounter:
+    """Counts, per association, the instances of non-CT SOP classes answered with success and discarded."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[int, Counter[str]] = {}
+
+    def add(self, event: evt.Event) -> None:
+        """Count the C-STORE request of ``event`` under its SOP class name."""
+        with self._lock:
+            self._counts.setdefault(id(event.assoc), Counter())[str(event.context.abstract_syntax.name)] += 1
+
+    def log_and_forget(self, event: evt.Event) -> None:
+        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: log (once) the association's discarded counts (SOP class names only)."""
+        with self._lock:
+            counts = self._counts.pop(id(event.assoc), None)
+        if counts:
+            log.info("association from %s: discarded %d instance(s) that are not CT images: %s",
+                     event.assoc.requestor.ae_title, sum(counts.values()),
+                     ", ".join(f"{n} x {name}" for name, n in sorted(counts.items())))
+
+
+def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = None,
+                 discarded: DiscardCounter | None = None) -> int:
     """C-STORE: check the data set, write it durably to the spool, then answer.
+
+    An instance of a SOP class other than the CT image classes (accepted
+    only with ``accept_all_storage``) is not decoded nor stored: it is
+    counted in ``discarded`` and answered with success.
 
     Returns
     -------
     int
-        0x0000 once the file is fsynced under its final name; 0xA900 when the
-        data set does not match its SOP class (wrong class, missing or bad
-        UIDs, pixel data that does not decode); 0xC210 when it cannot be
-        parsed at all; 0xA700 when it cannot be written to disk.
+        0x0000 once the file is fsynced under its final name (or discarded);
+        0xA900 when the data set does not match its SOP class (wrong class,
+        missing or bad UIDs, pixel data that does not decode); 0xC210 when it
+        cannot be parsed at all; 0xA700 when it cannot be written to disk.
     """
+    if event.context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
+        if discarded is not None:
+            discarded.add(event)
+        return STATUS_SUCCESS
     caller = event.assoc.requestor.ae_title
     try:
         study_uid, series_uid, sop_uid = _check_dataset(event)
@@ -159,7 +197,11 @@ def log_refused_contexts(event: evt.Event) -> None:
 def make_ae(settings: Settings) -> AE:
     """Build the Application Entity with the node's association policy."""
     ae = AE(ae_title=settings.ae_title)
-    for sop_class in ACCEPTED_SOP_CLASSES:
+    sop_classes = list(ACCEPTED_SOP_CLASSES)
+    if settings.accept_all_storage:
+        sop_classes += [cx.abstract_syntax for cx in AllStoragePresentationContexts
+                        if cx.abstract_syntax not in ACCEPTED_SOP_CLASSES]
+    for sop_class in sop_classes:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     if settings.allowed_calling_ae_titles:
@@ -178,12 +220,16 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
         If the port cannot be bound.
     """
     ae = make_ae(settings)
+    discarded = DiscardCounter()
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_REJECTED, log_association_rejected),
         (evt.EVT_ACCEPTED, log_refused_contexts),
+        (evt.EVT_RELEASED, discarded.log_and_forget),
+        (evt.EVT_ABORTED, discarded.log_and_forget),
+        (evt.EVT_CONN_CLOSE, discarded.log_and_forget),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [settings.spool_dir, on_stored]),
+        (evt.EVT_C_STORE, handle_store, [settings.spool_dir, on_stored, discarded]),
     ]
     server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers)
     log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind_address, settings.port)

@@ -461,7 +461,7 @@ def _process_context() -> billiard.context.BaseContext:
     pyradiomics and the program's main module imported.
 
     billiard is Celery's fork of :mod:`multiprocessing`: unlike it, it lets the
-    daemonic processes of Celery's prefork pool (where ``worker.tasks.analyze_series``
+    daemonic processes of Celery's prefork pool (where ``worker.tasks.analyze_study_task``
     runs) start children, and it raises ``WorkerLostError`` instead of hanging
     when a worker is killed (after some 10 s). Not ``fork``: the caller may
     hold threads (SimpleITK's pool, Celery's) whose locks a forked child would

@@ -16,7 +16,7 @@ def write_config(workdir: Path, *, broker_url: str | None, destinations: list[tu
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     text = (f'ae_title = "OSTEONODE"\nbind_address = "127.0.0.1"\nport = {port}\n'
             f'spool_dir = "{workdir / "spool"}"\noutbox_dir = "{workdir / "outbox"}"\n'
-            f'queue_dir = "{workdir / "queue"}"\nquiet_period_s = {quiet_period_s}\n'
+            f'queue_dir = "{workdir / "queue"}"\nstudy_quiet_period_s = {quiet_period_s}\n'
             + (f'broker_url = "{broker_url}"\n' if broker_url else "") + extra + "\n")
     for i, (aet, host, dport) in enumerate(destinations):
         text += f'[[destinations]]\nname = "dest{i}"\nae_title = "{aet}"\nhost = "{host}"\nport = {dport}\n'

@@ -98,3 +98,21 @@ def test_analyze_with_an_imported_totalsegmentator_label_map(abdomen_series, tmp
     assert {"L1", "L2", "L3", "L4"} <= set(result["levels"])
     assert result["proximal_femur"]["right"]["status"] == "segmented"
     assert dciodvfy(tmp_path / "seg.dcm") == ([], [])
+
+
+def test_analyze_a_study_folder_chooses_the_series_by_the_rules(study, tmp_path):
+    """A folder with a localizer, the arterial copy and the soft series (mixed files): the soft one is used."""
+    folder = tmp_path / "study"
+    folder.mkdir()
+    for role in ("localizer", "arterial", "soft"):
+        for path in study[role]:
+            (folder / f"{role}-{path.name}").write_bytes(path.read_bytes())
+    run = subprocess.run([sys.executable, "-m", "osteonode", "analyze", str(folder), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    soft = pydicom.dcmread(study["soft"][0], stop_before_pixels=True)
+    assert result["series_instance_uid"] == soft.SeriesInstanceUID
+    assert result["series_selection"]["used"] == {"series_number": 2, "description": "Abdomen 3.0 B30f",
+                                                  "kernel": "B30f", "slice_thickness_mm": 3.0}
+    assert [s["series_number"] for s in result["series_selection"]["not_used"]] == [5, 1]

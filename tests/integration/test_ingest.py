@@ -14,6 +14,8 @@ from pydicom.uid import (
     JPEGLSLossless,
     MRImageStorage,
     RLELossless,
+    SecondaryCaptureImageStorage,
+    XRayRadiationDoseSRStorage,
     generate_uid,
 )
 from pynetdicom import AE, _config
@@ -24,16 +26,18 @@ from osteonode.ingest.scp import start_scp
 from osteonode.ingest.spool import instance_files
 from osteonode.volume import load_series
 from tests.conftest import recompress_series
-from services import free_port, run_tool
+from services import free_port, run_tool, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def node(tmp_path):
+def node(tmp_path, request):
+    """The SCP on loopback; ``accept_all_storage`` from an indirect parameter (default True)."""
     settings = Settings(ae_title="OSTEONODE", bind_address="127.0.0.1", port=free_port(),
                         allowed_calling_ae_titles=["STORESCU", "TESTSCU", "ECHOSCU"],
-                        spool_dir=tmp_path / "spool", outbox_dir=tmp_path / "outbox", queue_dir=tmp_path / "q")
+                        spool_dir=tmp_path / "spool", outbox_dir=tmp_path / "outbox", queue_dir=tmp_path / "q",
+                        accept_all_storage=getattr(request, "param", True))
     server = start_scp(settings)
     yield settings
     server.shutdown()
@@ -107,6 +111,7 @@ def test_enhanced_ct_is_accepted_and_loads_to_the_same_volume(node, abdomen_seri
     np.testing.assert_allclose(loaded.affine, reference.affine, atol=1e-3)
 
 
+@pytest.mark.parametrize("node", [False], indirect=True, ids=["ct-only"])
 def test_bad_input_is_answered_and_the_node_keeps_running(node, abdomen_series, tmp_path, caplog):
     # 1. truncated file: sent raw (not decodable) -> failure status, nothing spooled
     truncated = tmp_path / "truncated.dcm"
@@ -168,3 +173,35 @@ def test_dataset_whose_pixel_data_is_short_is_refused(node, abdomen_series):
     assoc.release()
     assert status.Status == 0xA900
     assert not list(node.spool_dir.rglob("*.dcm"))
+
+
+def test_accept_all_storage_stores_ct_and_discards_the_rest_with_a_count(node, abdomen_series, tmp_path, caplog):
+    """A routed study's dose SR, Secondary Capture (Modality CT) and MR are accepted, counted and not stored."""
+    ct = pydicom.dcmread(abdomen_series[0])
+    others = []
+    for name, sop_class in (("sc", SecondaryCaptureImageStorage), ("mr", MRImageStorage)):
+        ds = pydicom.dcmread(abdomen_series[1])
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.SeriesInstanceUID = generate_uid()
+        others.append(tmp_path / f"{name}.dcm")
+        ds.save_as(others[-1], enforce_file_format=True)
+    dose = pydicom.Dataset()
+    dose.file_meta = pydicom.dataset.FileMetaDataset()
+    dose.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    dose.SOPClassUID = dose.file_meta.MediaStorageSOPClassUID = XRayRadiationDoseSRStorage
+    dose.SOPInstanceUID = dose.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    dose.StudyInstanceUID, dose.SeriesInstanceUID, dose.Modality = ct.StudyInstanceUID, generate_uid(), "SR"
+    others.append(tmp_path / "dose.dcm")
+    dose.save_as(others[-1], enforce_file_format=True)
+    with caplog.at_level("INFO", logger="osteonode.ingest.scp"):
+        run = _dcmtk("storescu", "-aet", "STORESCU", "-aec", "OSTEONODE", "127.0.0.1", str(node.port),
+                     str(abdomen_series[0]), *map(str, others))
+        assert run.returncode == 0, run.stdout + run.stderr
+        wait_for(lambda: "discarded 3 instance(s)" in caplog.text, 5, what="the discard log line")
+    stored = sorted(p.parent.name for p in node.spool_dir.rglob("*.dcm"))
+    assert stored == [ct.SeriesInstanceUID]  # only the CT image is in the spool
+    line = next(r.getMessage() for r in caplog.records if "discarded" in r.getMessage())
+    assert "1 x MR Image Storage" in line and "1 x Secondary Capture Image Storage" in line
+    assert "1 x X-Ray Radiation Dose SR Storage" in line
+    assert ct.StudyInstanceUID not in caplog.text and "OSTEO-DEMO" not in caplog.text  # no UIDs, no patient

@@ -2,11 +2,13 @@
 
 Orthanc runs with ``deploy/orthanc-autoroute.lua`` loaded the way
 ``deploy/orthanc.json`` loads it (``LuaScripts``) and the ``osteonode``
-modality of that file (only host and port changed to the test node). A CT
+modality of that file (only host and port changed to the test node). The
+multi-series study (``study`` fixture: localizer, soft and bone kernels,
+coronal reformat, arterial copy, dose SR, Secondary Capture with Modality CT)
 is uploaded to Orthanc over REST and nothing else is done: the Lua script
-must send the stable CT series to the node, and the node's SEG and SR must
-arrive in the same study. The results must not be routed back to the node
-(the script only routes CT series).
+must send the stable study's CT series to the node, and exactly one SEG and
+one SR, made from the soft axial series, must arrive in the same study. The
+results make the study stable again, but nothing is routed a second time.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ def _modalities(orthanc: OrthancServer, study_id: str) -> dict[str, list[dict]]:
     return by_modality
 
 
-def test_orthanc_lua_routes_stable_ct_series_to_the_node(tmp_path, routing_orthanc, start_node, abdomen_series):
+def test_orthanc_lua_routes_the_stable_study_and_one_result_set_comes_back(tmp_path, routing_orthanc, start_node,
+                                                                          study):
     orthanc = routing_orthanc
     # the node accepts Orthanc's AE title only, as the example config recommends
     config, port = write_config(tmp_path / "node", broker_url=None,
@@ -67,7 +70,7 @@ def test_orthanc_lua_routes_stable_ct_series_to_the_node(tmp_path, routing_ortha
     orthanc.add_modality("osteonode", modality["AET"], "127.0.0.1", port)
     assert orthanc.echo_modality("osteonode"), "Orthanc cannot C-ECHO the node"
 
-    for path in abdomen_series:
+    for path in (p for paths in study.values() for p in paths):
         reply = orthanc.upload(path)  # REST upload only: no /store call from the test
     study_id = reply["ParentStudy"]
 
@@ -75,37 +78,43 @@ def test_orthanc_lua_routes_stable_ct_series_to_the_node(tmp_path, routing_ortha
         if "Traceback" in node.log_tail(400):  # a failed job would otherwise only time out
             pytest.fail(f"the node failed:\n{node.log_tail(80)}")
         found = _modalities(orthanc, study_id)
-        return found if found.get("SEG") and found.get("SR") else None
+        return found if _node_series(found, "SEG") and _node_series(found, "SR") else None
 
     try:
         found = wait_for(results_arrived, timeout_s=RESULT_TIMEOUT_S, interval_s=0.5, what="SEG and SR routed back")
     except TimeoutError as exc:
         pytest.fail(f"{exc}\n--- orthanc log ---\n{orthanc.log_tail(60)}\n--- node log ---\n{node.log_tail(60)}")
-    assert "auto-routing: CT series" in orthanc.log_tail(400), "the Lua script did not run"
+    # the six CT series (incl. the Secondary Capture with Modality CT) went in one job
+    assert "auto-routing: 6 CT series of study" in orthanc.log_tail(400), "the Lua script did not run"
 
-    ct = pydicom.dcmread(abdomen_series[0], stop_before_pixels=True)
+    soft = pydicom.dcmread(study["soft"][0], stop_before_pixels=True)
     for modality_name in ("SEG", "SR"):
-        (series,) = found[modality_name]
+        (series,) = _node_series(found, modality_name)
         (instance,) = orthanc.instances_of_series(series["ID"])
         path = orthanc.download_instance(instance["ID"], tmp_path)
         errors, _warnings = dciodvfy(path)
         assert errors == [], f"{modality_name}: {errors}"
         ds = pydicom.dcmread(path, stop_before_pixels=True)
-        assert ds.StudyInstanceUID == ct.StudyInstanceUID
-    assert len(found["CT"][0]["Instances"]) == len(abdomen_series)
+        assert ds.StudyInstanceUID == soft.StudyInstanceUID
+        if modality_name == "SEG":
+            assert [str(s.SeriesInstanceUID) for s in ds.ReferencedSeriesSequence] == [soft.SeriesInstanceUID]
 
-    # the results (SEG, SR) become stable too, but are not sent back to the node:
-    # exactly one analysis job for exactly one spooled series
-    time.sleep(3 * orthanc.stable_age_s + 2)
-    spooled = [p for study in node_dirs(tmp_path)["spool"].iterdir() if not study.name.startswith(".")
-               for p in study.iterdir()]
-    assert len(spooled) == 1, spooled
-    routed = [line for line in orthanc.log_tail(1000).splitlines() if "auto-routing: CT series" in line]
+    # the results make the study stable again, but nothing is routed again and no second set comes back
+    time.sleep(3 * orthanc.stable_age_s + 4)
+    routed = [line for line in orthanc.log_tail(1000).splitlines() if "auto-routing:" in line]
     assert len(routed) == 1, routed
+    found = _modalities(orthanc, study_id)
+    assert {m: len(v) for m, v in found.items() if m != "CT"} == {"SEG": 1, "SR": 2, "OT": 1, "DOC": 1}, found
     outbox = [p for p in node_dirs(tmp_path)["outbox"].iterdir() if p.is_dir()]
     assert len(outbox) == 1
     state = json.loads((outbox[0] / "delivery-dest0.json").read_text())
     assert state["state"] == "delivered"
+
+
+def _node_series(found: dict[str, list[dict]], modality: str) -> list[dict]:
+    """The node's result series of ``modality`` (the study's own dose report is an SR too)."""
+    return [s for s in found.get(modality, [])
+            if s["MainDicomTags"].get("SeriesDescription", "").startswith("osteonode")]
 
 
 def node_dirs(tmp_path: Path) -> dict[str, Path]:

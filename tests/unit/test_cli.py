@@ -58,3 +58,14 @@ def test_config_check_masks_the_broker_password(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "s3cret" not in result.output
     assert json.loads(result.output)["broker_url"] == "redis://osteo:****@10.1.2.3:6379/0"
+
+
+def test_config_check_validates_the_series_selection_rules(tmp_path, monkeypatch):
+    monkeypatch.delenv("OSTEONODE_CONFIG", raising=False)
+    config = tmp_path / "rules.toml"
+    config.write_text('[selection]\nbogus = 1\n')
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 2 and "selection.bogus: Extra inputs are not permitted" in result.output
+    config.write_text('[selection]\nkernel_order = ["lung", "soft"]\n')
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 2 and "kernel_order must list each of soft, unknown, bone, sharp, lung" in result.output

@@ -26,10 +26,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 
 def test_valid_file_gives_typed_settings(tmp_path):
     path = _write(tmp_path, 'ae_title = "BONE"\nport = 4242\nallowed_calling_ae_titles = ["PACS"]\n'
-                            'quiet_period_s = 3.5\nbroker_url = "redis://localhost:6379/0"\n'
+                            'study_quiet_period_s = 3.5\nbroker_url = "redis://localhost:6379/0"\n'
                             '[[destinations]]\nname = "pacs"\nae_title = "ORTHANC"\nhost = "10.0.0.5"\nport = 4242\n')
     s = load_settings(path)
-    assert (s.ae_title, s.port, s.quiet_period_s) == ("BONE", 4242, 3.5)
+    assert (s.ae_title, s.port, s.study_quiet_period_s) == ("BONE", 4242, 3.5)
     assert s.allowed_calling_ae_titles == ["PACS"]
     assert s.destinations[0].ae_title == "ORTHANC" and not s.embedded_broker
 
@@ -46,6 +46,15 @@ def test_valid_file_gives_typed_settings(tmp_path):
     ('[analysis]\nbone_status_rule = "coin_toss"', "analysis.bone_status_rule"),
     ("[analysis]\nradiomics_processes = 0", "analysis.radiomics_processes"),
     ('[[destinations]]\nname = "p"\nae_title = "X"\nhost = "h"\nport = 99999', "destinations.0.port"),
+    ("quiet_period_s = 10", "quiet_period_s was replaced by study_quiet_period_s"),
+    ("study_quiet_period_s = 0", "study_quiet_period_s: Input should be greater than 0"),
+    ('[selection]\nkernel_order = ["soft", "bone"]', "kernel_order must list each of soft, unknown, bone"),
+    ('[selection]\nkernel_order = ["soft", "soft", "unknown", "bone", "lung"]', "exactly once"),
+    ('[selection]\nphase_order = ["venous"]', "selection.phase_order.0"),
+    ("[selection]\npreferred_thickness_mm = [3.0, 1.0]", "preferred_thickness_mm must be [low, high]"),
+    ("[selection]\naxial_tolerance_deg = 60", "selection.axial_tolerance_deg"),
+    ('[selection]\nphase_keywords = {arterial = [""]}', "phase_keywords must not contain empty words"),
+    ('[selection]\nkernel_table = "/nonexistent/kernels.json"', "cannot read kernel table"),
 ])
 def test_invalid_values_are_named_in_the_error(tmp_path, line, expected):
     with pytest.raises(ConfigError) as err:
@@ -78,3 +87,22 @@ def test_example_config_is_valid(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     s = load_settings(example, require_dirs=False)
     assert s.destinations and s.ae_title
+
+
+def test_selection_rules_and_kernel_table_from_the_file(tmp_path):
+    table = tmp_path / "kernels.json"
+    table.write_text('{"rules": [{"pattern": "SITE[0-9]+", "class": "soft"}]}', encoding="utf-8")
+    path = _write(tmp_path, f'[selection]\nmax_slice_thickness_mm = 3.0\nkernel_table = "{table}"\n'
+                            'phase_order = ["portal_venous", "non_contrast", "unknown", "delayed", "arterial"]\n')
+    s = load_settings(path)
+    assert s.selection.max_slice_thickness_mm == 3.0 and s.selection.phase_order[0] == "portal_venous"
+    assert s.study_quiet_period_s == 30.0 and s.accept_all_storage
+
+    from osteonode.series import kernel_class
+    assert kernel_class("site7", s.selection.kernel_table) == "soft"
+    assert kernel_class("B30f", s.selection.kernel_table) == "unknown"
+    table.write_text('{"rules": [{"pattern": "(", "class": "soft"}]}', encoding="utf-8")
+    other = tmp_path / "bad.json"
+    other.write_text('{"rules": [{"pattern": "B", "class": "medium"}]}', encoding="utf-8")
+    with pytest.raises(ConfigError, match="class must be one of soft, bone, sharp, lung"):
+        load_settings(_write(tmp_path, f'[selection]\nkernel_table = "{other}"\n'))
