@@ -21,7 +21,8 @@ The label map is sampled (nearest neighbour, 0.5 mm) on three sagittal planes
 through the centroid and 3 mm to either side (mid-sagittal). On each plane,
 every anterior-posterior column gives a height (its superior-most minus
 inferior-most sample inside the body, plus one step). Over the body depth
-``D`` (posterior to anterior margin on that plane):
+``D`` (posterior to anterior margin on that plane, the margins being the
+outermost columns at least half the median column height tall):
 
 * anterior height ``Ha``: median column height 5-15 % of ``D`` behind the anterior margin,
 * middle height ``Hm``: 45-55 % of ``D``,
@@ -73,6 +74,8 @@ STEP_MM = 0.5
 PLANE_OFFSETS_MM = (-3.0, 0.0, 3.0)
 #: Fractions of the body depth, from the anterior margin, of the three height windows.
 WINDOWS = {"anterior": (0.05, 0.15), "middle": (0.45, 0.55), "posterior": (0.85, 0.95)}
+#: Columns shorter than this fraction of the median column height do not set the body's margins.
+MARGIN_HEIGHT_FRACTION = 0.5
 #: Levels graded (Genant et al. 1993 grade T4-L4; L5 is measured only).
 GRADED_LEVELS = ("T12", "L1", "L2", "L3", "L4")
 #: A body closer than this (mm) to the edge of the volume may be cut by the field of view.
@@ -162,7 +165,11 @@ def _heights(volume: Volume, mask: np.ndarray, centre: np.ndarray,
         bottom = np.where(inside[cols], h[cols], np.inf).min(axis=1)
         col_height = top - bottom + STEP_MM
         pos = grid[cols]
-        front, back = pos.max(), pos.min()
+        # the margins are those of the body proper: columns at least MARGIN_HEIGHT_FRACTION of the
+        # median column height (a thin protrusion -- osteophyte, pedicle base, a voxel of the
+        # posterior wall at mid-height -- would otherwise move a margin and its 5-15 % window)
+        proper = col_height >= MARGIN_HEIGHT_FRACTION * float(np.median(col_height))
+        front, back = pos[proper].max(), pos[proper].min()
         depth = front - back
         windows = {name: (pos <= front - f0 * depth + 1e-9) & (pos >= front - f1 * depth - 1e-9)
                    for name, (f0, f1) in WINDOWS.items()}

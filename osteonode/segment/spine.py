@@ -150,7 +150,6 @@ from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
-_DEBUG = None
 
 #: 4-connected structuring element within one (z) slice: fills holes slice by slice.
 IN_PLANE = np.zeros((3, 3, 3), bool)
@@ -179,6 +178,8 @@ LATERAL_STIFFNESS = 4.0
 SHELL_ABOVE_CORE_HU = 60.0
 #: ... and than this (HU; soft tissue is 20-60 HU).
 SHELL_MIN_HU = 110.0
+#: Bright specks smaller than this (mm3) are noise, not cortical shell.
+SPECK_MM3 = 30.0
 #: Gaps (mm) in the cortical shell of a body that are bridged before its interior is filled.
 SHELL_GAP_MM = 6.0
 #: Notch depth (HU) of the disc profile for a candidate disc.
@@ -190,6 +191,8 @@ SPACING_PENALTY_HU_PER_MM2 = 0.4
 #: A rib reaches at least this far (mm) from the midline; lumbar transverse processes end within
 #: ~50 mm (L3, the longest, measured 48-50 mm on the example CT), a 12th rib beyond 70 mm.
 RIB_REACH_MM = 60.0
+#: The spinal canal (CSF and epidural fat, partial-volume averaged on 3 mm slices) is below this HU.
+CANAL_MAX_HU = 60.0
 #: Grid spacing (mm) of the coarse copy used for detection.
 COARSE_MM = 2.0
 #: Soft-tissue reference HU (skeletal muscle).
@@ -210,6 +213,9 @@ WORK_MM = 1.0
 ENDPLATE_BAND_MM = 4.0
 #: Distance (mm) of the trabecular ROI from the body surface.
 TRABECULAR_MARGIN_MM = 5.0
+#: Posterior fraction of the body depth left out of the trabecular ROI (basivertebral veins,
+#: pedicle bases).
+ROI_POSTERIOR_FRACTION = 0.25
 #: Fraction of the body height, centred at mid-height, that the trabecular ROI may occupy.
 ROI_HEIGHT_FRACTION = 0.4
 
@@ -885,7 +891,7 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tu
                   centre: np.ndarray, axis: np.ndarray, top: tuple[np.ndarray, np.ndarray],
                   bottom: tuple[np.ndarray, np.ndarray], spacing: np.ndarray,
                   outer_top: tuple[np.ndarray, np.ndarray], outer_bottom: tuple[np.ndarray, np.ndarray],
-                  core_hu: float) -> np.ndarray:
+                  core_hu: float, fill_shell: bool = True) -> np.ndarray:
     """Segment one vertebral body inside a canonical crop (module docstring, step 5).
 
     Parameters
@@ -915,6 +921,9 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tu
         ``bottom`` where the field of view ends without a disc).
     core_hu : float
         Core HU (:func:`_core_hu`) at ``centre``.
+    fill_shell : bool
+        Add what the cortical shell encloses (False for the sacrum, whose
+        canal and foramina bone encloses too).
 
     Returns
     -------
@@ -944,8 +953,8 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tu
     along = rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]
     a = rel[0] * u[0] + rel[1] * u[1] + rel[2] * u[2]
     lr = rel[0] * w[0] + rel[1] * w[1] + rel[2] * w[2]
-    # posterior wall: AP profile through the centre (|along| < 8 mm, |lr| < 6 mm), 1 mm bins
-    ap_band = inner & (np.abs(lr) < 6.0) & (np.abs(along) < 8.0)
+    # posterior wall: AP profile through the centre (|along| < 4 mm, |lr| < 6 mm), 1 mm bins
+    ap_band = inner & (np.abs(lr) < 6.0) & (np.abs(along) < 4.0)
     a_band = np.broadcast_to(a, hb.shape)[ap_band]
     bins = np.arange(-35.5, 0.0, 1.0)
     idx = np.digitize(a_band, bins) - 1
@@ -967,18 +976,26 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tu
     # osteoporotic body is 100-200 HU at 3 mm), clearly denser than soft tissue
     shell_thr = float(np.clip(core_hu + SHELL_ABOVE_CORE_HU, SHELL_MIN_HU, SHELL_HU))
     order = [k for k in range(len(centres) - 1, -1, -1) if centres[k] <= -4.0]
-    # the posterior cortex: a bright bin (cortical shell) with fluid or fat (< 50 HU, the spinal
-    # canal) within 6 mm behind it. This holds for any trabecular density: an osteoporotic
-    # interior (-50 to 90 HU) lies in front of the cortex.
-    walls = [k for k in order if shell_prof[k] > shell_thr
-             and np.min(shell_prof[max(0, k - 6):k], initial=np.inf) < 50.0]
-    # of several (a dense focus in front of an osteoporotic interior, the laminae behind the
-    # canal), the one whose canal lies nearest to where the column tracking expects it
-    k_wall = min(walls, key=lambda k: abs(centres[max(0, k - 6) + int(np.argmin(shell_prof[max(0, k - 6):k]))]
-                                          + CANAL_TO_BODY_MM), default=None)
+
+    # the spinal canal: the longest run of fluid/fat bins (CSF, epidural fat: < CANAL_MAX_HU)
+    # 10-32 mm behind the centre; the posterior wall is the first bin in front of it that is
+    # denser than the body threshold (the posterior cortex, however thin), within 6 mm
+    fluid = (shell_prof < CANAL_MAX_HU) & (centres >= -32.0) & (centres <= -10.0)
+    runs, start = [], None
+    for k in range(len(centres) + 1):
+        if k < len(centres) and fluid[k]:
+            start = k if start is None else start
+        elif start is not None:
+            runs.append((start, k - 1))
+            start = None
+    k_wall = None
+    if runs:
+        _, front = max(runs, key=lambda r: (r[1] - r[0], r[1]))
+        k_wall = next((k for k in range(front + 1, min(front + 7, len(centres)))
+                      if shell_prof[k] > thr + 15.0), front + 1)
     wall = -30.0
     if k_wall is not None:
-        wall = float(centres[k_wall]) - 1.5  # keep the cortex inside the envelope
+        wall = float(centres[k_wall]) + 0.5  # the posterior cortex inside the envelope (1 mm bins)
     else:
         # no clear cortex: the canal is the first fluid/fat-density point walking posteriorly,
         # and the wall is where the profile, coming back anteriorly, rises above the threshold
@@ -1004,15 +1021,11 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tu
     else:
         full = envelope & inner & (hb > thr)
     # what the cortical shell encloses, whatever its density (osteoporotic or fatty marrow darker
-    # than the threshold): axial slices of the shell, closed behind the posterior wall, filled
-    shell = (raw > shell_thr) & np.broadcast_to(envelope, hb.shape)
-    shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), hb.shape)
-    enclosed = _enclosed(shell, SHELL_GAP_MM, spacing)
-    full = full | (enclosed & envelope & inner)
-    if _DEBUG is not None:
-        _DEBUG.append(dict(raw=raw, hs=hs, hb=hb, shell=shell, enclosed=enclosed, envelope=np.broadcast_to(envelope, hb.shape), inner=np.broadcast_to(inner, hb.shape), full=full.copy(), centre=centre, coords=coords_mm, thr=thr, wall=wall, top=top, bottom=bottom, axis=axis))
-    log.debug("shell thr %.0f: shell %d, enclosed %d, enclosed in envelope and inner %d, wall %.1f (k_wall %s)",
-              shell_thr, shell.sum(), enclosed.sum(), (enclosed & envelope & inner).sum(), wall, k_wall)
+    # than the threshold), in axial, coronal or sagittal planes; closed behind the posterior wall
+    if fill_shell:
+        shell = _without_specks((raw > shell_thr) & np.broadcast_to(envelope, hb.shape), SPECK_MM3, spacing)
+        shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), hb.shape)
+        full = full | (_enclosed(shell, SHELL_GAP_MM, spacing) & envelope & inner)
     log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm",
               np.round(centre), core_hu, thr, disc_hu, wall)
     out = np.zeros(hb.shape, bool)
@@ -1030,6 +1043,19 @@ def _segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tu
     mask = ndi.binary_closing(mask, structure=ball) & keep
     out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
     return out
+
+
+def _without_specks(mask: np.ndarray, min_mm3: float, spacing: np.ndarray) -> np.ndarray:
+    """``mask`` without its connected components (26-connected) smaller than ``min_mm3``.
+
+    Noise specks brighter than the shell threshold would otherwise be bridged
+    to the shell across soft tissue (``spacing``: ``(3,)`` voxel size, mm).
+    """
+    labels, n = ndi.label(mask, structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:] * float(np.prod(spacing))
+    return np.isin(labels, 1 + np.nonzero(sizes >= min_mm3)[0])
 
 
 def _enclosed(shell: np.ndarray, gap_mm: float, spacing: np.ndarray) -> np.ndarray:
@@ -1221,7 +1247,7 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
     a_lo, a_hi = np.percentile(ap[mid], [1, 99])
     w_lo, w_hi = np.percentile(lr[mid], [1, 99])
     depth = a_hi - a_lo
-    ap_lo = a_lo + 0.2 * depth
+    ap_lo = a_lo + ROI_POSTERIOR_FRACTION * depth
     ellipse = (((ap - 0.5 * (ap_lo + a_hi)) / max(0.5 * (a_hi - ap_lo), 1e-3)) ** 2
                + ((lr - 0.5 * (w_lo + w_hi)) / max(0.5 * (w_hi - w_lo), 1e-3)) ** 2) <= 1.0
     for margin in (TRABECULAR_MARGIN_MM, 4.0, 3.0):
@@ -1421,7 +1447,7 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         # centring pass on the smoothed copy: the final pass is centred on this body's centroid
         # (the tracked centre leans towards the canal because the tracking score rewards it)
         body = _segment_body(hs, hs, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
-                             outer_bottom, _core_hu(hs, coords, centre))
+                             outer_bottom, _core_hu(hs, coords, centre), fill_shell=vid != SACRUM)
         if body.any():
             cen = np.array([float(np.average(cc, weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
                             for ax, cc in enumerate(coords)])
@@ -1434,7 +1460,7 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         clip = core_hu + _body_threshold(core_hu) - SOFT_TISSUE_HU
         hb = _working_grid(smooth(np.minimum(crop, clip)), native_coords, sp, work_sp)[0]
         body = _segment_body(hs, hb, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
-                             outer_bottom, core_hu)
+                             outer_bottom, core_hu, fill_shell=vid != SACRUM)
         roi = trabecular_roi(body, coords, work_sp, tangent[im]) if vid != SACRUM else np.zeros_like(body)
         body, roi = body[back], roi[back]
         body &= bodies_c[sl] == 0

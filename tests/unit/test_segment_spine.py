@@ -271,14 +271,20 @@ def test_trabecular_roi_rule_on_a_box():
     s, a, _ = np.nonzero(roi)
     assert roi.any() and np.all(body[roi])
     assert s.min() >= 8 + 0.3 * 23 and s.max() <= 8 + 0.7 * 23  # middle 40 % of the height
-    assert a.min() >= 10 + 0.2 * 29  # not in the posterior fifth
+    assert a.min() >= 10 + 0.25 * 29  # not in the posterior quarter
     dist = ndi.distance_transform_edt(body)
     assert dist[roi].min() >= 5.0  # 5 mm from every surface
+    # an elliptical cylinder inscribed in the anterior three quarters: the corners stay out
+    mid = roi[20]
+    a_c, l_c = (10 + 0.25 * 29 + 39) / 2, 29.5
+    half_a, half_l = (39 - 10 - 0.25 * 29) / 2, 19.5
+    aa, ll = np.nonzero(mid)
+    assert np.all(((aa - a_c) / half_a) ** 2 + ((ll - l_c) / half_l) ** 2 <= 1.0 + 0.15)
 
 
 def test_trabecular_roi_posterior_cut_in_the_vertebra_frame():
     # a 40 x 30 x 26 mm box body tilted by 35 degrees (its top leaning anterior, like L5):
-    # the posterior fifth is cut perpendicular to the vertebra's own anterior-posterior direction
+    # the posterior quarter is cut perpendicular to the vertebra's own anterior-posterior direction
     tilt = np.deg2rad(35.0)
     axis = np.array([np.cos(tilt), np.sin(tilt), 0.0])
     ap = np.array([-np.sin(tilt), np.cos(tilt), 0.0])
@@ -288,8 +294,8 @@ def test_trabecular_roi_posterior_cut_in_the_vertebra_frame():
     body = (np.abs(along) <= 13.0) & (np.abs(depth) <= 15.0) & (np.abs(l) <= 20.0)
     roi = trabecular_roi(body, coords, np.ones(3), axis)
     assert roi.any() and np.all(body[roi])
-    assert depth[roi].min() >= -15.0 + 0.2 * 30.0 - 1.0  # posterior fifth of the own depth (1 mm voxels)
-    assert depth[roi].min() <= -15.0 + 0.2 * 30.0 + 1.5  # and no more: the cut is not oblique
+    assert depth[roi].min() >= -15.0 + 0.25 * 30.0 - 1.0  # posterior quarter of the own depth (1 mm voxels)
+    assert depth[roi].min() <= -15.0 + 0.25 * 30.0 + 1.5  # and no more: the cut is not oblique
     assert np.all(np.abs(along[roi]) <= 0.2 * 26.0 + 1.0)  # middle 40 % of the height
 
 
