@@ -1368,34 +1368,11 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
              sacrum_seg, t12_seg, [round(z) for z in rib_z])
 
     # --- labelling
-    labels: dict[int, int] = {}
-    confidence: dict[int, float] = {}
-    if sacrum_seg is not None and t12_seg is not None:
-        agree = (t12_seg - sacrum_seg) == 6  # L5..L1 = five segments between
-        for i in range(len(segments)):
-            vid = SACRUM if i == sacrum_seg else L5 - (i - sacrum_seg - 1)
-            labels[i] = vid
-        conf = 0.9 if agree else 0.4
-        method = ("sacrum (caudal anchor) and lowest rib-bearing vertebra T12 (cranial anchor), "
-                  "disc counting; anchors agree" if agree else
-                  "sacrum (caudal anchor) and lowest rib-bearing vertebra (cranial anchor) DISAGREE "
-                  f"({t12_seg - sacrum_seg - 1} mobile vertebrae between them; transitional anatomy "
-                  "or a missed rib); levels counted from the sacrum")
-    elif sacrum_seg is not None:
-        for i in range(len(segments)):
-            labels[i] = SACRUM if i == sacrum_seg else L5 - (i - sacrum_seg - 1)
-        conf = 0.7
-        method = ("sacrum as caudal anchor (lowest mobile vertebra above it = L5), disc counting; "
-                  "lowest rib-bearing vertebra not confirmed")
-    elif t12_seg is not None:
-        for i in range(len(segments)):
-            labels[i] = T12 + (t12_seg - i)
-        conf = 0.6
-        method = ("lowest rib-bearing vertebra as T12 (cranial anchor), disc counting; "
-                  "sacrum not in the field of view or not confirmed")
-    else:
+    named = name_levels(len(segments), sacrum_seg, t12_seg)
+    if named is None:
         return result({}, "", no_anchor)
-    labels = {i: v for i, v in labels.items() if v in VERTEBRA_NAMES and (v <= L5 or v == SACRUM)}
+    labels, conf, method = named
+    confidence: dict[int, float] = {}
 
     # --- native segmentation of each labelled body
     zmm = np.arange(hc.shape[0]) * sp[0]
@@ -1484,6 +1461,51 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     out = result(confidence, method, missing_levels_reason(complete, confidence), whole)
     out.cut_by_field_of_view = {vid for vid in confidence if vid not in complete}
     return out
+
+
+def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None
+                ) -> tuple[dict[int, int], float, str] | None:
+    """Name the segments between discs from the anchors, by counting (a pure function).
+
+    Parameters
+    ----------
+    n_segments : int
+        Number of vertebral segments between the detected discs, caudal (0)
+        to cranial.
+    sacrum_segment : int or None
+        Index of the segment that is the sacrum (caudal anchor), if found.
+    t12_segment : int or None
+        Index of the lowest rib-bearing segment (cranial anchor), if found.
+
+    Returns
+    -------
+    tuple or None
+        ``(labels, confidence, method)``: segment index -> VerSe ID (T12-L5 and
+        the sacrum only), the label confidence (0.9 both anchors agree -- five
+        lumbar vertebrae between them; 0.4 they disagree, counted from the
+        sacrum; 0.7 sacrum only; 0.6 T12 only) and the method in words for the
+        SR. None when there is no anchor.
+    """
+    if sacrum_segment is not None:
+        labels = {i: SACRUM if i == sacrum_segment else L5 - (i - sacrum_segment - 1) for i in range(n_segments)}
+        if t12_segment is None:
+            conf, method = 0.7, ("sacrum as caudal anchor (lowest mobile vertebra above it = L5), disc counting; "
+                                 "lowest rib-bearing vertebra not confirmed")
+        elif t12_segment - sacrum_segment == 6:  # L5..L1 = five segments between
+            conf, method = 0.9, ("sacrum (caudal anchor) and lowest rib-bearing vertebra T12 (cranial anchor), "
+                                 "disc counting; anchors agree")
+        else:
+            conf, method = 0.4, ("sacrum (caudal anchor) and lowest rib-bearing vertebra (cranial anchor) DISAGREE "
+                                 f"({t12_segment - sacrum_segment - 1} mobile vertebrae between them; transitional "
+                                 "anatomy or a missed rib); levels counted from the sacrum")
+    elif t12_segment is not None:
+        labels = {i: T12 + (t12_segment - i) for i in range(n_segments)}
+        conf, method = 0.6, ("lowest rib-bearing vertebra as T12 (cranial anchor), disc counting; "
+                             "sacrum not in the field of view or not confirmed")
+    else:
+        return None
+    labels = {i: v for i, v in labels.items() if v in VERTEBRA_NAMES and (v <= L5 or v == SACRUM)}
+    return labels, conf, method
 
 
 def missing_levels_reason(complete: set[int], confidence: dict[int, float]) -> str | None:

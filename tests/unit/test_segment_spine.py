@@ -361,3 +361,27 @@ def test_disc_chain_edge_cases():
         disc_chain([0.0, 1.0], [1.0])
     with pytest.raises(ValueError):
         disc_chain([5.0, 1.0], [1.0, 1.0])
+
+
+# ------------------------------------------------------------------ level naming (pure)
+
+def test_name_levels_from_both_anchors():
+    from osteonode.segment.spine import name_levels
+    labels, conf, method = name_levels(8, 0, 6)  # sacrum, L5..L1, T12, T11
+    assert [labels[i] for i in range(8)] == [26, 24, 23, 22, 21, 20, 19, 18]
+    assert conf == 0.9 and "agree" in method
+
+
+def test_name_levels_disagreeing_anchors_count_from_the_sacrum():
+    from osteonode.segment.spine import name_levels
+    labels, conf, method = name_levels(8, 0, 7)  # six mobile segments between: L6 or a missed rib
+    assert labels[1] == 24 and labels[5] == 20 and conf == 0.4 and "DISAGREE" in method
+
+
+def test_name_levels_single_anchor_and_none():
+    from osteonode.segment.spine import name_levels
+    labels, conf, _ = name_levels(4, None, 3)  # T12 anchor only: L3, L2, L1, T12
+    assert labels == {0: 22, 1: 21, 2: 20, 3: 19} and conf == 0.6
+    labels, conf, _ = name_levels(3, 0, None)
+    assert labels == {0: 26, 1: 24, 2: 23} and conf == 0.7
+    assert name_levels(5, None, None) is None
