@@ -58,7 +58,8 @@ from common import median, series_512  # noqa: E402
 from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
 from osteonode.segment import FemurSegmentation, SpineSegmentation  # noqa: E402
 from osteonode.segment.femur import segment_proximal_femurs  # noqa: E402
-from osteonode.segment.spine import canonical_view, segment_spine  # noqa: E402
+from osteonode.segment.frame import canonical_view  # noqa: E402
+from osteonode.segment.spine import segment_spine  # noqa: E402
 from osteonode.volume import Volume, load_series  # noqa: E402
 
 DATA = Path(os.environ.get("OSTEONODE_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"))

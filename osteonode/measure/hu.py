@@ -34,7 +34,7 @@ from scipy import ndimage as ndi
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, REPORTED_LEVELS, VERTEBRA_IDS
 from osteonode.result import LevelResult, ProximalFemurResult
 from osteonode.segment import FemurSegmentation, SpineSegmentation
-from osteonode.segment.spine import bounding_box
+from osteonode.segment.frame import bounding_box
 from osteonode.volume import Volume
 
 #: Fewer ROI voxels than this and the level is not reported (too small to be a trabecular ROI).

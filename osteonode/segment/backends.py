@@ -18,7 +18,8 @@ from osteonode.config import AnalysisSettings
 from osteonode.segment import Backend, SpineSegmentation
 from osteonode.segment.femur import segment_proximal_femurs
 from osteonode.segment.imported import load_totalsegmentator
-from osteonode.segment.spine import canonical_view, segment_spine
+from osteonode.segment.frame import canonical_view
+from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)

@@ -82,8 +82,9 @@ from scipy import ndimage as ndi
 
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation, FemurSide, Side
-from osteonode.segment.spine import (COARSE_MM, IN_PLANE, SOFT_TISSUE_HU, CanonicalFrame, CanonicalView,
-                                     bounding_box, canonical_view, coarse_to_native, ellipsoid)
+from osteonode.segment.body import SOFT_TISSUE_HU
+from osteonode.segment.frame import (COARSE_MM, IN_PLANE, CanonicalFrame, CanonicalView, bounding_box, canonical_view,
+                                     coarse_to_native, ellipsoid)
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -426,7 +427,7 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
         ``volume.affine`` maps ``(z, y, x, 1)`` to LPS mm. Any orientation and
         slice order, any slice thickness.
     view : CanonicalView, optional
-        ``osteonode.segment.spine.canonical_view(volume)``, when the caller
+        ``osteonode.segment.frame.canonical_view(volume)``, when the caller
         already has it (it is shared with the spine segmentation).
 
     Returns

@@ -43,7 +43,7 @@ Derived structures, with the rules of the built-in backend
   anterior edge, interpolated between slices where the ring is open, is the
   posterior wall of the body); where no slice encloses it, the first point
   below 50 HU walking posteriorly from the front of the vertebra in the midline;
-* trabecular ROIs: :func:`osteonode.segment.spine.trabecular_roi`, the same rule
+* trabecular ROIs: :func:`osteonode.segment.roi.trabecular_roi`, the same rule
   as the built-in backend, with the spine axis from the body's shape;
 * proximal femurs: femur_right -> 90, femur_left -> 91 (the whole femur in
   view); a side with metal (> 2500 HU) within 10 mm of its femur is excluded.
@@ -67,8 +67,9 @@ from scipy import ndimage as ndi
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, VERTEBRA_IDS, VERTEBRA_NAMES
 from osteonode.segment import FemurSegmentation, FemurSide, Side, SpineSegmentation
 from osteonode.segment.femur import METAL_HU, MIN_FEMUR_CM3, MIN_METAL_CM3, metal_cm3_near
-from osteonode.segment.spine import (CanonicalFrame, bounding_box, largest_component_filled, missing_levels_reason,
-                                     trabecular_roi)
+from osteonode.segment.frame import CanonicalFrame, bounding_box, largest_component_filled
+from osteonode.segment.levels import missing_levels_reason
+from osteonode.segment.roi import trabecular_roi
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)

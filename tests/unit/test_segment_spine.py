@@ -18,7 +18,11 @@ from bench.segmentation import (LUMBAR, NOISE_HU, crop_below, dice, evaluate, ex
                                 noisy, on_reference_grid, reversed_axes, thin)
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import FemurSegmentation, SpineSegmentation
-from osteonode.segment.spine import CanonicalFrame, canonical_view, segment_spine, trabecular_roi
+from osteonode.segment.column import disc_chain
+from osteonode.segment.frame import CanonicalFrame, canonical_view
+from osteonode.segment.levels import name_levels
+from osteonode.segment.roi import trabecular_roi
+from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume, load_series
 from tests.conftest import DATA, require_data
 
@@ -339,7 +343,6 @@ def test_canonical_frame_round_trip():
 
 def test_disc_chain_keeps_regular_discs_and_drops_mid_body_dips():
     """Discs 36 mm apart with a deeper mid-body dip between two of them: the regular chain wins."""
-    from osteonode.segment.spine import disc_chain
     positions = [0.0, 36.0, 54.0, 72.0, 108.0, 144.0]
     depths = [60.0, 60.0, 70.0, 60.0, 60.0, 60.0]  # 54 mm: an osteoporotic body's mid-height dip
     assert disc_chain(positions, depths) == [0, 1, 3, 4, 5]
@@ -347,13 +350,11 @@ def test_disc_chain_keeps_regular_discs_and_drops_mid_body_dips():
 
 def test_disc_chain_follows_slowly_changing_spacing():
     """Segments grow caudally (T12 ~32 mm to L5 ~40 mm): a chain of slowly changing spacing is kept whole."""
-    from osteonode.segment.spine import disc_chain
     positions = [0.0, 40.0, 78.0, 114.0, 148.0, 180.0]
     assert disc_chain(positions, [50.0] * 6) == [0, 1, 2, 3, 4, 5]
 
 
 def test_disc_chain_edge_cases():
-    from osteonode.segment.spine import disc_chain
     assert disc_chain([], []) == []
     assert disc_chain([10.0], [30.0]) == [0]
     assert disc_chain([0.0, 10.0], [30.0, 50.0]) == [1]  # 10 mm apart: not two discs
@@ -366,20 +367,17 @@ def test_disc_chain_edge_cases():
 # ------------------------------------------------------------------ level naming (pure)
 
 def test_name_levels_from_both_anchors():
-    from osteonode.segment.spine import name_levels
     labels, conf, method = name_levels(8, 0, 6)  # sacrum, L5..L1, T12, T11
     assert [labels[i] for i in range(8)] == [26, 24, 23, 22, 21, 20, 19, 18]
     assert conf == 0.9 and "agree" in method
 
 
 def test_name_levels_disagreeing_anchors_count_from_the_sacrum():
-    from osteonode.segment.spine import name_levels
     labels, conf, method = name_levels(8, 0, 7)  # six mobile segments between: L6 or a missed rib
     assert labels[1] == 24 and labels[5] == 20 and conf == 0.4 and "DISAGREE" in method
 
 
 def test_name_levels_single_anchor_and_none():
-    from osteonode.segment.spine import name_levels
     labels, conf, _ = name_levels(4, None, 3)  # T12 anchor only: L3, L2, L1, T12
     assert labels == {0: 22, 1: 21, 2: 20, 3: 19} and conf == 0.6
     labels, conf, _ = name_levels(3, 0, None)

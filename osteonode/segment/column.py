@@ -1,0 +1,433 @@
+"""Column tracking and intervertebral disc detection on the 2 mm canonical copy.
+
+Tracking
+--------
+Each axial slice is scored for "vertebral body centre" and a dynamic programme
+links the slices into one smooth centreline (at most 4 mm shift per 2 mm slice,
+each shift penalised by 40 HU per (2 mm)^2, left-right shifts
+``LATERAL_STIFFNESS`` times more). The score adds the body (mean HU in an
+18 mm square, clipped to [-100, 250]; penalised without a fluid spinal canal
+18-26 mm behind, rewarded for the neural arch 30-54 mm behind) and the spinal
+canal ``CANAL_TO_BODY_MM`` behind the point: fluid or fat that bone surrounds
+in most directions (:func:`shell_cover`), with the posterior wall or disc in
+front and the laminae behind. The canal term does not depend on trabecular
+density; without it an osteoporotic body's bright posterior wall and pedicles
+pulled the line into the canal.
+
+Discs
+-----
+Along the centreline, :func:`plane_profile` samples planes across the column
+(tilted by up to 20 degrees, so that a lordotic disc is crossed flat): the
+85th percentile of the plane and the brightest HU on rays to the body's rim
+(the cortical shell of a body of any density, the annulus at a disc). A disc
+is a notch of at least ``MIN_NOTCH_HU`` between bright flanks (the endplates,
+4-8 mm on either side) where the column is confirmed; the discs are chosen as
+one chain (:func:`disc_chain`) whose spacing along the centreline's arc is
+that of vertebrae (24-50 mm) and changes slowly, which keeps the mid-height
+dip of a low-density body out.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from osteonode.segment.frame import COARSE_MM, perpendicular_frame, shift_along
+
+log = logging.getLogger(__name__)
+
+#: Cost (HU per mm^2) of a change of the disc-to-disc spacing between consecutive segments.
+SPACING_PENALTY_HU_PER_MM2 = 0.4
+
+#: Bone of a cortical shell or endplate on the coarse copy (HU); what it encloses counts as body.
+SHELL_HU = 150.0
+
+
+#: Weight (HU) of the shell cover (0..1) in the canal-tracking score.
+CANAL_RING_HU = 200.0
+
+
+#: Distance (mm) from the spinal canal's centre to the centre of a lumbar vertebral body.
+CANAL_TO_BODY_MM = 22.0
+
+
+#: Percentile of the HU in a plane across the column that the disc profile follows.
+PROFILE_PERCENTILE = 85.0
+
+
+#: Tilts (degrees, about the left-right axis) of the planes of the disc profile; the lowest
+#: upper quartile over them is kept, so that a wedge-shaped (lordotic) disc is crossed flat.
+PROFILE_TILTS_DEG = (-20.0, -10.0, 0.0, 10.0, 20.0)
+
+
+#: Left-right shifts of the column cost this many times more than anterior-posterior ones
+#: (lordosis bends the column in the sagittal plane; the sacral foramina beside the midline
+#: look like a canal).
+LATERAL_STIFFNESS = 4.0
+
+
+#: Notch depth (HU) of the disc profile for a candidate disc.
+MIN_NOTCH_HU = 12.0
+
+
+#: Distance (mm) between consecutive disc centres: one vertebral body and one disc, T11 to S1.
+SEGMENT_MM = (24.0, 50.0)
+
+
+def shell_cover(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
+    """Fraction of 8 in-plane directions in which a bony shell surrounds each point.
+
+    For every voxel of the coarse ``(s, a, l)`` copy and each of the 8
+    directions (anterior, posterior, left, right and the diagonals) within its
+    axial slice, whether bone (> ``SHELL_HU``) lies 4-22 mm away. The centre of
+    a vertebral body is surrounded by its cortex in every direction whatever
+    the density of its trabecular bone (-50 HU in fatty marrow to +400 HU when
+    sclerotic); the psoas, the aorta and the bowel have bone on one side at
+    most. This makes column tracking depend on the cortical shell, which stays
+    visible in osteoporosis, not on the trabecular density.
+
+    Parameters
+    ----------
+    c : numpy.ndarray
+        Coarse canonical ``(s, a, l)`` array in HU.
+    g : float
+        Its spacing in mm.
+
+    Returns
+    -------
+    numpy.ndarray
+        Same shape, float32 in [0, 1].
+    """
+    bone = c > SHELL_HU
+    steps = range(int(round(4.0 / g)), int(round(22.0 / g)) + 1)
+    cover = np.zeros(c.shape, np.float32)
+    for da, dl in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)):
+        hit = np.zeros(c.shape, bool)
+        for k in steps:
+            n = k if da == 0 or dl == 0 else max(1, int(round(k / np.sqrt(2.0))))
+            hit |= shift_along(shift_along(bone, -da * n, 1, False), -dl * n, 2, False)
+        cover += hit
+    return cover / 8.0
+
+
+def track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
+    """Centreline of the vertebral bodies on the coarse grid.
+
+    Each axial slice is scored for "vertebral body centre" and a dynamic
+    programme links the slices into one smooth line (at most 4 mm shift per
+    2 mm slice, each shift penalised by ``40 HU per (2 mm)^2``). The score adds
+    two kinds of evidence:
+
+    * the body itself: mean HU in an 18 mm square (clipped to [-100, 250]),
+      penalised when no fluid/fat spinal canal lies 18-26 mm behind it and
+      rewarded for bone (the neural arch) 30-54 mm behind it;
+    * the spinal canal ``CANAL_TO_BODY_MM`` behind the point, which does not
+      depend on the trabecular density: a tube of fluid and fat (-100 to 60 HU)
+      that bone surrounds in most directions (:func:`shell_cover`), with the
+      posterior body wall or disc in front and the laminae behind. In an
+      osteoporotic spine (trabecular bone at the HU of muscle) the body term
+      alone would follow the bright posterior wall and pedicles into the canal;
+      the canal term keeps the line in the body.
+
+    Parameters
+    ----------
+    c : numpy.ndarray
+        Coarse canonical ``(s, a, l)`` array, HU.
+    patient : numpy.ndarray
+        Boolean patient mask, same shape.
+    g : float
+        Coarse spacing, mm.
+
+    Returns
+    -------
+    path : numpy.ndarray
+        ``(ns, 2)`` float (a, l) coarse indices of the body centreline per slice.
+    valid : numpy.ndarray
+        ``(ns,)`` bool: the slice shows a body (denser than soft tissue, or with a
+        bone-surrounded canal behind it) with a spinal canal behind it.
+    """
+    nz, ny, nx = c.shape
+    area = patient.sum(axis=(1, 2))
+    xs = np.arange(nx)
+    # midline band: +-50 mm around the patient's left-right centre of mass
+    col = patient.sum(axis=(0, 1)).astype(float)
+    xmid = float((col * xs).sum() / max(col.sum(), 1.0))
+    half = int(round(50.0 / g))
+    x0, x1 = max(0, int(xmid) - half - 8), min(nx, int(xmid) + half + 9)
+    sub = c[:, :, x0:x1]
+    r_body = int(round(9.0 / g))
+    body = ndi.uniform_filter(np.clip(sub, -100, 250), size=(1, 2 * r_body + 1, 2 * r_body + 1))
+    small = ndi.uniform_filter(np.clip(sub, -100, 400), size=(1, 3, 3))
+    canal = np.full(sub.shape, 400.0, np.float32)
+    for mm in (18.0, 22.0, 26.0):
+        canal = np.minimum(canal, shift_along(small, int(round(mm / g)), axis=1, fill=400.0))
+    arch_src = ndi.maximum_filter(small, size=(1, 1, int(round(20.0 / g)) | 1))
+    arch = np.zeros(sub.shape, np.float32)
+    for mm in np.arange(30.0, 55.0, 4.0):
+        arch = np.maximum(arch, shift_along(arch_src, int(round(mm / g)), axis=1, fill=0.0))
+    canal_here, ring = _canal_score(sub, g)
+    behind = int(round(CANAL_TO_BODY_MM / g))
+    canal_evidence = shift_along(canal_here, behind, axis=1, fill=0.0)
+    score = (body - 1.5 * np.maximum(0.0, canal - 60.0) + 0.5 * np.minimum(arch, 300.0)
+             + np.maximum(canal_evidence, 0.0))
+    # priors: inside the patient, within 40 mm of the slice's left-right centre
+    sub_patient = patient[:, :, x0:x1]
+    score[~sub_patient] = -1e4
+    xs_sub = np.arange(x0, x1)
+    for z in range(nz):
+        if area[z] < 50:
+            score[z] = -1e4
+            continue
+        xc = ndi.center_of_mass(patient[z])[1]
+        score[z][:, np.abs(xs_sub - xc) > 40.0 / g] = -1e4
+    path = _dynamic_path(score)
+    at = (np.arange(nz), path[:, 0], path[:, 1])
+    ring_behind = shift_along(ring, behind, axis=1, fill=0.0)
+    # a slice is "on the column" when the body is denser than soft tissue or has a bone-surrounded
+    # canal behind it, and the canal is visible (this rejects tracks through vessels or a cut-off spine)
+    valid = (((body[at] > 60.0) | (ring_behind[at] >= 0.6)) & (canal[at] < 100.0) & (score[at] > -1e3))
+    path = path.astype(float)
+    path[:, 1] += x0
+    return path, valid
+
+
+def _canal_score(sub: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
+    """Spinal-canal evidence (HU-like score) at each point of a coarse ``(s, a, l)`` array, and the shell cover.
+
+    High where the point is fluid or fat (-100 to 60 HU), bone surrounds it
+    (:func:`shell_cover`), and bone or disc lies 6-14 mm in front (posterior
+    body wall) and 8-30 mm behind (laminae). Independent of the trabecular
+    density of the bodies.
+    """
+    small = ndi.uniform_filter(np.clip(sub, -300, 400), size=(1, 3, 3))
+    ring = shell_cover(sub, g)
+    front = np.full(sub.shape, -300.0, np.float32)
+    for mm in (6.0, 10.0, 14.0):
+        front = np.maximum(front, shift_along(small, -int(round(mm / g)), axis=1, fill=-300.0))
+    behind = np.full(sub.shape, -300.0, np.float32)
+    for mm in np.arange(8.0, 31.0, 4.0):
+        behind = np.maximum(behind, shift_along(small, int(round(mm / g)), axis=1, fill=-300.0))
+    score = (CANAL_RING_HU * (ring - 0.5) - 1.5 * np.maximum(0.0, np.abs(small - 0.0) - 100.0)
+             + 0.3 * np.clip(front, 0.0, 250.0) + 0.3 * np.clip(behind, 0.0, 250.0) - 100.0)
+    return score.astype(np.float32), ring
+
+
+def _dynamic_path(score: np.ndarray, r: int = 2, lam: float = 40.0) -> np.ndarray:
+    """Best smooth path through ``score`` ``(ns, na, nl)``: one (a, l) index per slice.
+
+    Maximises the summed score minus ``lam * (da^2 + LATERAL_STIFFNESS * dl^2)`` per slice step, with
+    steps of at most ``r`` voxels. Returns ``(ns, 2)`` int indices.
+    """
+    nz = score.shape[0]
+    offs = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1)]
+    _, sy, sx = score.shape
+    value = score[0].copy()
+    back = np.zeros(score.shape, np.int8)
+    for z in range(1, nz):
+        best = np.full((sy, sx), -1e9, np.float32)
+        arg = np.zeros((sy, sx), np.int8)
+        for i, (dy, dx) in enumerate(offs):
+            step_cost = lam * (dy * dy + LATERAL_STIFFNESS * dx * dx)
+            cand = shift_along(shift_along(value, dy, 0, -1e9), dx, 1, -1e9) - step_cost
+            upd = cand > best
+            best[upd] = cand[upd]
+            arg[upd] = i
+        value = score[z] + best
+        back[z] = arg
+    path = np.zeros((nz, 2), int)
+    path[-1] = np.unravel_index(int(np.argmax(value)), value.shape)
+    for z in range(nz - 1, 0, -1):
+        dy, dx = offs[back[z][tuple(path[z])]]
+        path[z - 1] = path[z] - [dy, dx]
+    return path
+
+
+def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Disc profile along the column: HU of the bone in planes across the smoothed centreline.
+
+    Two measures per plane, each the lowest over planes tilted by
+    ``PROFILE_TILTS_DEG`` (so that a wedge-shaped, lordotic disc is crossed
+    flat), and their maximum is the profile:
+
+    * the ``PROFILE_PERCENTILE`` (85th) percentile of the HU in a 22 x 32 mm
+      plane: bright at the endplates and in a dense body, low at a disc;
+    * the ring: along 13 rays in the plane (anterior and lateral, 6-26 mm from
+      the centreline), the brightest HU met, median over the rays: the cortical
+      shell of a body whatever its trabecular density, the annulus fibrosus
+      (~100 HU) at a disc.
+
+    An osteoporotic body's mid-plane is dark in the first measure (its
+    trabecular interior falls below the HU of the disc) but bright in the
+    second, so only discs are low in both.
+
+    Parameters
+    ----------
+    c : numpy.ndarray
+        Coarse canonical ``(s, a, l)`` array, HU.
+    path : numpy.ndarray
+        ``(ns, 2)`` centreline (a, l coarse indices per slice).
+    g : float
+        Coarse spacing, mm.
+
+    Returns
+    -------
+    profile : numpy.ndarray
+        ``(ns,)`` HU.
+    pts : numpy.ndarray
+        ``(ns, 3)`` smoothed centre points (coarse indices).
+    tangent : numpy.ndarray
+        ``(ns, 3)`` unit tangents.
+    """
+    nz = c.shape[0]
+    pts = np.column_stack([np.arange(nz, dtype=float), path])
+    pts = ndi.gaussian_filter1d(pts, 2.5, axis=0, mode="nearest")  # 5 mm
+    tangent = np.gradient(ndi.gaussian_filter1d(pts, 5.0, axis=0, mode="nearest"), axis=0)
+    tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
+    uu, ww = np.meshgrid(np.arange(-6, 6), np.arange(-8, 9), indexing="ij")  # coarse voxels (2 mm)
+    angles = np.radians(np.arange(-120.0, 121.0, 20.0))  # 0 = anterior
+    radii = np.arange(6.0, 27.0, 2.0) / g
+    clipped = np.clip(c, -100, 500)
+    frames = [perpendicular_frame(t) for t in tangent]
+    planes, rings = [], []
+    for tilt in np.tan(np.radians(PROFILE_TILTS_DEG)):
+        samples = np.empty((nz, 3, uu.size))
+        rays = np.empty((nz, 3, angles.size * radii.size))
+        for i, (p, t, (u, w)) in enumerate(zip(pts, tangent, frames)):
+            samples[i] = (p[:, None] + (u[:, None] + t[:, None] * tilt) * uu.ravel() + w[:, None] * ww.ravel())
+            dirs = np.cos(angles)[:, None] * (u + t * tilt) + np.sin(angles)[:, None] * w
+            rays[i] = (p[None, None, :] + dirs[:, None, :] * radii[None, :, None]).reshape(-1, 3).T
+        vals = ndi.map_coordinates(clipped, samples.transpose(1, 0, 2).reshape(3, -1), order=1, mode="nearest")
+        planes.append(np.percentile(vals.reshape(nz, -1), PROFILE_PERCENTILE, axis=1))
+        hits = ndi.map_coordinates(clipped, rays.transpose(1, 0, 2).reshape(3, -1), order=1, mode="nearest")
+        rings.append(np.median(hits.reshape(nz, angles.size, radii.size).max(axis=2), axis=1))
+    # the ring's disc dip lies up to a slice off the plane's (it samples the disc's rim, out to
+    # 26 mm, where a tilt error moves it most): widened by one slice before the maximum
+    ring = ndi.minimum_filter1d(np.min(rings, axis=0), 3, mode="nearest")
+    return np.maximum(np.min(planes, axis=0), ring), pts, tangent
+
+
+@dataclass
+class Disc:
+    z: float  # coarse slice index of the disc centre on the centreline
+    depth: float  # notch depth (HU)
+    upper: float  # coarse index of the disc's upper boundary (cranial endplate of the disc)
+    lower: float  # coarse index of the lower boundary
+
+
+def find_discs(profile: np.ndarray, valid: np.ndarray, pts: np.ndarray, g: float = COARSE_MM) -> list[Disc]:
+    """Intervertebral discs along the column: notches of the disc profile chosen by :func:`disc_chain`.
+
+    ``profile`` and ``valid`` are per coarse slice; ``pts`` ``(ns, 3)`` are the
+    smoothed centreline points (coarse indices), whose arc length measures the
+    disc spacing (the lumbosacral junction is tilted by 30-45 degrees, so slice
+    indices understate it there).
+    """
+    nz = len(profile)
+    arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))]) * g
+    p = ndi.gaussian_filter1d(profile, 0.6, mode="nearest")
+    d = int(round(8.0 / g))
+    left = np.full(nz, -1e3)
+    right = np.full(nz, -1e3)
+    # flanks: the brightest plane 4-8 mm on each side (the endplates of both neighbours)
+    for k in range(int(round(4.0 / g)), d + 1):
+        left[k:] = np.maximum(left[k:], p[:-k])
+        right[:-k] = np.maximum(right[:-k], p[k:])
+    flank = np.minimum(left, right)
+    notch = flank - p
+    # flanks must be bone (endplates), not a dip in soft tissue
+    notch[flank < 100.0] = 0.0
+    # the column must be confirmed (body + canal) around the disc
+    w = int(round(10.0 / g))
+    support = ndi.uniform_filter1d(valid.astype(float), 2 * w + 1, mode="constant")
+    notch[support < 0.5] = 0.0
+    is_min = (p <= np.roll(p, 1)) & (p <= np.roll(p, -1))
+    is_min[[0, -1]] = False
+    cands = [int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]]
+    log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
+              [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
+    chosen = disc_chain([float(arc_mm[z]) for z in cands], [float(notch[z]) for z in cands])
+    chosen = [cands[i] for i in chosen]
+    discs = []
+    for z in sorted(chosen):
+        # boundaries: half-way between the disc minimum and the flanking maxima within 10 mm
+        lo = max(0, z - int(10 / g))
+        hi = min(nz - 1, z + int(10 / g))
+        below_max = lo + int(np.argmax(p[lo:z + 1]))
+        above_max = z + int(np.argmax(p[z:hi + 1]))
+        lvl_b = 0.5 * (p[z] + p[below_max])
+        lvl_a = 0.5 * (p[z] + p[above_max])
+        zb = z
+        while zb > below_max and p[zb - 1] < lvl_b:
+            zb -= 1
+        za = z
+        while za < above_max and p[za + 1] < lvl_a:
+            za += 1
+        discs.append(Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5))
+    return discs
+
+
+def disc_chain(positions_mm: list[float], depths_hu: list[float]) -> list[int]:
+    """Choose the intervertebral discs among candidate minima of the disc profile.
+
+    A pure function of the candidates: the chosen discs form one chain, ordered
+    along the spine, in which consecutive discs lie ``SEGMENT_MM`` apart (one
+    vertebral body plus one disc: 24-50 mm from T11 to S1) and consecutive
+    spacings change little (vertebral heights change slowly along the column).
+    The chain maximises the summed notch depths minus
+    ``SPACING_PENALTY_HU_PER_MM2`` times the squared change of spacing. This
+    keeps a low-density vertebra's mid-body dip (about half a segment from
+    the discs) out, where a greedy choice by depth would take it.
+
+    Parameters
+    ----------
+    positions_mm : list of float
+        Candidate positions along the column (mm), ascending.
+    depths_hu : list of float
+        Their notch depths (HU), same length.
+
+    Returns
+    -------
+    list of int
+        Indices of the chosen candidates, ascending; empty if there are none.
+
+    Raises
+    ------
+    ValueError
+        If the lists differ in length or the positions are not ascending.
+    """
+    n = len(positions_mm)
+    if len(depths_hu) != n:
+        raise ValueError("positions_mm and depths_hu differ in length")
+    if any(b < a for a, b in zip(positions_mm, positions_mm[1:])):
+        raise ValueError("positions_mm must be ascending")
+    if n == 0:
+        return []
+    lo, hi = SEGMENT_MM
+    pair: dict[tuple[int, int], float] = {}
+    back: dict[tuple[int, int], tuple[int, int] | None] = {}
+    for j in range(n):
+        for i in range(j):
+            gap = positions_mm[j] - positions_mm[i]
+            if not lo <= gap <= hi:
+                continue
+            best, arg = depths_hu[i] + depths_hu[j], None
+            for h in range(i):
+                if (h, i) in pair:
+                    change = gap - (positions_mm[i] - positions_mm[h])
+                    score = pair[(h, i)] + depths_hu[j] - SPACING_PENALTY_HU_PER_MM2 * change * change
+                    if score > best:
+                        best, arg = score, (h, i)
+            pair[(i, j)], back[(i, j)] = best, arg
+    single = int(np.argmax(depths_hu))
+    if not pair or depths_hu[single] >= max(pair.values()):
+        return [single]
+    key: tuple[int, int] | None = max(pair, key=pair.get)
+    chain = [key[1]]
+    while key is not None:
+        chain.append(key[0])
+        key = back[key]
+    return sorted(chain)

@@ -1,0 +1,180 @@
+"""Level anchors and level naming: sacrum, lowest rib-bearing vertebra, disc counting.
+
+* *Sacrum (caudal anchor)*: the field of view continues at least 40 mm below the
+  lowest disc (so a further disc would have been seen), and in at least 60 % of
+  the slices 8-30 mm below it thick bone (> 120 HU, surviving an opening with an
+  8 mm disc, which removes ribs and transverse processes) lies on both sides,
+  24-110 mm lateral: the iliac bones at the sacro-iliac joints. The lowest
+  mobile vertebra above it is L5.
+* *Lowest rib-bearing vertebra = T12 (cranial anchor)*: bone components lateral
+  to the column (> 150 HU, after removing a 44 mm wide central column) that
+  start at the column, reach at least ``RIB_REACH_MM`` lateral (lumbar
+  transverse processes end within ~50 mm) and run at least 16 mm
+  cranio-caudally are ribs, unless the bottom of the field of view cuts them (a
+  cut iliac crest looks alike); the vertebra at the z of their medial end bears
+  the rib. It counts as T12 only if at least one complete rib-free vertebra is
+  seen below it.
+* Levels are then counted disc by disc from each anchor (:func:`name_levels`):
+  both anchors agreeing (five lumbar vertebrae between them) gives confidence
+  0.9; one anchor 0.7 (sacrum) or 0.6 (T12); disagreeing anchors (transitional
+  anatomy or a missed hypoplastic 12th rib) 0.4, counting from the sacrum, as
+  most radiology reports do. No anchor: nothing is labelled.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from osteonode.anatomy import REQUIRED_LEVELS, VERTEBRA_IDS, VERTEBRA_NAMES
+from osteonode.segment.column import Disc
+from osteonode.segment.frame import COARSE_MM, IN_PLANE
+
+log = logging.getLogger(__name__)
+
+#: A rib reaches at least this far (mm) from the midline; lumbar transverse processes end within
+#: ~50 mm (L3, the longest, measured 48-50 mm on the example CT), a 12th rib beyond 70 mm.
+RIB_REACH_MM = 60.0
+
+
+SACRUM = VERTEBRA_IDS["sacrum"]
+
+
+T12 = VERTEBRA_IDS["T12"]
+
+
+L5 = VERTEBRA_IDS["L5"]
+
+
+def neighbour_height(segments: list, i: int, g: float) -> float:
+    """Body height (mm, between disc boundaries) of the complete segment next to segment ``i``; inf if none."""
+    for j in (i + 1, i - 1):
+        if 0 <= j < len(segments) and segments[j][0] is not None and segments[j][1] is not None:
+            return (segments[j][1].lower - segments[j][0].upper) * g
+    return np.inf
+
+
+def has_sacrum(c: np.ndarray, path: np.ndarray, disc: Disc, g: float = COARSE_MM) -> bool:
+    """Whether the bone below ``disc`` is the sacrum (see module docstring)."""
+    z = int(disc.z)
+    z_lo = z - int(round(40.0 / g))
+    if z_lo < 0:
+        return False
+    # both iliac bones flank the bone below the disc: thick bone (an 8 mm disc survives an
+    # opening; ribs and transverse processes do not) lateral to the body on each side
+    zs = np.arange(z - int(round(30.0 / g)), z - int(round(8.0 / g)))
+    bone = ndi.uniform_filter(c[zs], size=(1, 3, 3)) > 120.0
+    bone = ndi.binary_fill_holes(bone, structure=IN_PLANE)
+    r = int(round(4.0 / g))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    thick = ndi.binary_opening(bone, structure=(yy ** 2 + xx ** 2 <= r * r)[None])
+    both = 0
+    for i, zz in enumerate(zs):
+        y, x = int(path[zz, 0]), int(path[zz, 1])
+        ya, yb = max(0, y - int(45 / g)), min(c.shape[1], y + int(15 / g))
+        lw = thick[i, ya:yb, max(0, x - int(110 / g)):max(0, x - int(24 / g))]
+        rw = thick[i, ya:yb, x + int(24 / g):x + int(110 / g)]
+        if lw.size and rw.size and min(lw.mean(), rw.mean()) >= 0.06:
+            both += 1
+    frac = both / max(len(zs), 1)
+    log.debug("sacrum test below disc at coarse z=%d: iliac bones beside %.0f%% of slices", z, 100 * frac)
+    return frac >= 0.6
+
+
+def rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[float]:
+    """Coarse z of the medial ends of rib-like bone components."""
+    bone = ndi.uniform_filter(c, size=(1, 2, 2)) > 150.0
+    nz, ny, nx = c.shape
+    xs = np.arange(nx)
+    dist_x = np.abs(xs[None, :] - path[:, 1:2]) * g  # (nz, nx)
+    bone &= (dist_x >= 22.0)[:, None, :]
+    lab, n = ndi.label(bone, structure=np.ones((3, 3, 3), bool))
+    ends = []
+    for i, sl in enumerate(ndi.find_objects(lab)):
+        if sl is None:
+            continue
+        m = lab[sl] == i + 1
+        vol_cm3 = m.sum() * g ** 3 / 1000.0
+        if vol_cm3 < 0.3 or vol_cm3 > 40.0:
+            continue
+        zz, yy, xx = np.nonzero(m)
+        zz = zz + sl[0].start
+        yy = yy + sl[1].start
+        xx = xx + sl[2].start
+        dx = np.abs(xx - path[zz, 1]) * g
+        dy = (yy - path[zz, 0]) * g
+        if dx.min() > 26.0 or dx.max() < RIB_REACH_MM or (zz.max() - zz.min() + 1) * g < 16.0:
+            continue
+        if zz.min() == 0:  # cut by the bottom of the field of view (e.g. an iliac crest): cannot be told
+            continue
+        medial = dx < dx.min() + 8.0
+        if not (-60.0 < dy[medial].mean() < 15.0):
+            continue
+        ends.append(float(zz[medial].mean()))
+    return ends
+
+
+def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None
+                ) -> tuple[dict[int, int], float, str] | None:
+    """Name the segments between discs from the anchors, by counting (a pure function).
+
+    Parameters
+    ----------
+    n_segments : int
+        Number of vertebral segments between the detected discs, caudal (0)
+        to cranial.
+    sacrum_segment : int or None
+        Index of the segment that is the sacrum (caudal anchor), if found.
+    t12_segment : int or None
+        Index of the lowest rib-bearing segment (cranial anchor), if found.
+
+    Returns
+    -------
+    tuple or None
+        ``(labels, confidence, method)``: segment index -> VerSe ID (T12-L5 and
+        the sacrum only), the label confidence (0.9 both anchors agree -- five
+        lumbar vertebrae between them; 0.4 they disagree, counted from the
+        sacrum; 0.7 sacrum only; 0.6 T12 only) and the method in words for the
+        SR. None when there is no anchor.
+    """
+    if sacrum_segment is not None:
+        labels = {i: SACRUM if i == sacrum_segment else L5 - (i - sacrum_segment - 1) for i in range(n_segments)}
+        if t12_segment is None:
+            conf, method = 0.7, ("sacrum as caudal anchor (lowest mobile vertebra above it = L5), disc counting; "
+                                 "lowest rib-bearing vertebra not confirmed")
+        elif t12_segment - sacrum_segment == 6:  # L5..L1 = five segments between
+            conf, method = 0.9, ("sacrum (caudal anchor) and lowest rib-bearing vertebra T12 (cranial anchor), "
+                                 "disc counting; anchors agree")
+        else:
+            conf, method = 0.4, ("sacrum (caudal anchor) and lowest rib-bearing vertebra (cranial anchor) DISAGREE "
+                                 f"({t12_segment - sacrum_segment - 1} mobile vertebrae between them; transitional "
+                                 "anatomy or a missed rib); levels counted from the sacrum")
+    elif t12_segment is not None:
+        labels = {i: T12 + (t12_segment - i) for i in range(n_segments)}
+        conf, method = 0.6, ("lowest rib-bearing vertebra as T12 (cranial anchor), disc counting; "
+                             "sacrum not in the field of view or not confirmed")
+    else:
+        return None
+    labels = {i: v for i, v in labels.items() if v in VERTEBRA_NAMES and (v <= L5 or v == SACRUM)}
+    return labels, conf, method
+
+
+def missing_levels_reason(complete: set[int], confidence: dict[int, float]) -> str | None:
+    """The "not evaluable" reason when any of L1-L4 is not labelled or not complete, else None.
+
+    Parameters
+    ----------
+    complete : set of int
+        VerSe IDs of the vertebrae seen whole (not cut by the field of view).
+    confidence : dict
+        VerSe ID -> label confidence of every labelled vertebra.
+    """
+    missing = [name for name in REQUIRED_LEVELS if VERTEBRA_IDS[name] not in complete
+               or VERTEBRA_IDS[name] not in confidence]
+    if not missing:
+        return None
+    seen = [VERTEBRA_NAMES[v] for v in sorted(confidence)]
+    return (f"L1-L4 are not all in the field of view (missing or cut off: {', '.join(missing)}; "
+            f"levels seen: {', '.join(seen) or 'none'})")
