@@ -74,6 +74,8 @@ SHELL_ABOVE_CORE_HU = 60.0
 SHELL_MIN_HU = 110.0
 
 
+#: Endplates are looked for in this fraction of the body height next to each disc.
+PLATE_ZONE = 0.35
 #: Bright specks smaller than this (mm3) are noise, not cortical shell.
 SPECK_MM3 = 30.0
 
@@ -277,6 +279,9 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
         shell = _without_specks((raw > shell_thr) & np.broadcast_to(envelope, hb.shape), SPECK_MM3, spacing)
         shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), hb.shape)
         full = full | (_enclosed(shell, SHELL_GAP_MM, spacing) & envelope & inner)
+        height = np.broadcast_to(s_bottom / np.maximum(s_bottom - s_top, 1e-3), hb.shape)
+        plates = shell & full
+        full = _within_endplates(full, plates & (height >= 1.0 - PLATE_ZONE), plates & (height <= PLATE_ZONE))
     log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm",
               np.round(centre), core_hu, thr, disc_hu, wall)
     out = np.zeros(hb.shape, bool)
@@ -294,6 +299,24 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     mask = ndi.binary_closing(mask, structure=ball) & keep
     out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
     return out
+
+
+def _within_endplates(body: np.ndarray, upper: np.ndarray, lower: np.ndarray) -> np.ndarray:
+    """``body`` (canonical ``(s, a, l)``) cut, column by column along s, to between its endplates.
+
+    In each column the body keeps the voxels from the lowest ``lower`` voxel
+    to the highest ``upper`` voxel (bone of the endplates, which stays denser
+    than the core in osteoporosis, looked for in the upper and lower
+    ``PLATE_ZONE`` of the body height, so that a dense focus at mid-height is
+    not taken for one). Disc tissue beyond a tilted endplate -- in front of a
+    wedge-compressed anterior body, as dense as osteoporotic bone -- lies
+    outside them. A column without an endplate voxel on a side is not cut on
+    that side.
+    """
+    s_index = np.arange(body.shape[0])[:, None, None]
+    top = np.where(upper.any(axis=0), np.where(upper, s_index, -1).max(axis=0), body.shape[0])
+    bottom = np.where(lower.any(axis=0), np.where(lower, s_index, body.shape[0]).min(axis=0), -1)
+    return body & (s_index >= bottom) & (s_index <= top)
 
 
 def _without_specks(mask: np.ndarray, min_mm3: float, spacing: np.ndarray) -> np.ndarray:

@@ -16,7 +16,9 @@ import pytest
 from bench.robustness import HU_TOLERANCE, LEVELS, MIN_DICE, analyse, score
 from bench.variants import Anatomy, add_island, baseline, deform, offset_cores
 
-XFAIL = pytest.mark.xfail(strict=False, reason="issue 10: segmentation under rework")
+WEDGE_NOT_GRADED = pytest.mark.xfail(
+    strict=True, reason="issue 10, open: a 30 % wedge of L1 is not graded yet (the body outline follows the disc "
+                        "boundary plane, not the compressed anterior endplate, and the variant crops T12)")
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +50,22 @@ def _assert_offsets(row: dict, levels) -> None:
         assert d_hu is not None and abs(d_hu - offset) <= HU_TOLERANCE, (name, d_hu, offset)
 
 
-@XFAIL
 def test_low_density_spine(start, anatomy, base):
     row = _row(offset_cores(start, anatomy, dict.fromkeys(LEVELS, -60.0)), base)
     _assert_offsets(row, LEVELS)
 
 
-@XFAIL
 def test_single_level_low_density(start, anatomy, base):
     row = _row(offset_cores(start, anatomy, {"L2": -60.0}), base)
     _assert_offsets(row, ["L2"])
 
 
-@XFAIL
 def test_bone_island_moves_level_little(start, anatomy, base):
     row = _row(add_island(start, anatomy, "L3", 10.0), base)
     assert row["d_hu"]["L3"] is not None and abs(row["d_hu"]["L3"]) <= HU_TOLERANCE, row["d_hu"]
 
 
-@XFAIL
+@WEDGE_NOT_GRADED
 def test_wedge_graded(start, anatomy, base):
     variant = deform(start, anatomy, "L1", "wedge", 0.30)
     row = _row(variant, base)
