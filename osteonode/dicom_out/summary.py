@@ -126,7 +126,7 @@ def level_notes(level: LevelResult, part: str | None = None) -> list[str]:
     -------
     list of str
         The words of each flag (:data:`osteonode.result.QUALITY_FLAG_TEXT`), then,
-        for the ROI, the excluded focal volume in cm³ with its fraction of the
+        for the ROI, the excluded focal volume in cm3 (ASCII: SR text) with its fraction of the
         ROI when it is above 0, and :data:`NOT_USED` when the level is not used
         for the bone status and no flag's words already say so.
     """
@@ -135,7 +135,7 @@ def level_notes(level: LevelResult, part: str | None = None) -> list[str]:
     if part != "body":
         notes += [QUALITY_FLAG_TEXT[flag] for flag in flags if flag not in BODY_FLAGS]
         if level.excluded_focal_volume_mm3 > 0:
-            notes.append(f"{level.excluded_focal_volume_mm3 / 1000.0:.1f} cm³ of focal foci excluded from the ROI "
+            notes.append(f"{level.excluded_focal_volume_mm3 / 1000.0:.1f} cm3 of focal foci excluded from the ROI "
                          f"({100.0 * level.excluded_fraction:.0f} % of the ROI)")
         if not level.used_for_bone_status and not any(NOT_USED in note for note in notes):
             notes.append(NOT_USED)

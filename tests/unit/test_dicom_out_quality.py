@@ -2,7 +2,7 @@
 
 Hand-built results on the synthetic phantom of :mod:`test_dicom_out`:
 
-* L1: heterogeneous, a focal lesion excluded (1.2 cm³, 8 % of the ROI), used;
+* L1: heterogeneous, a focal lesion excluded (1.2 cm3, 8 % of the ROI), used;
 * L2: body cut by the edge of the scan, although the level result still holds
   heights and ratios (they must not be reported);
 * L3: over 30 % excluded, not used for the bone status;
@@ -70,12 +70,12 @@ def test_level_notes_in_words(case):
     levels = flagged_result(case.series).levels
     assert summary.level_notes(levels["L1"]) == [
         QUALITY_FLAG_TEXT["heterogeneous"], QUALITY_FLAG_TEXT["focal_lesion_excluded"],
-        "1.2 cm³ of focal foci excluded from the ROI (8 % of the ROI)"]
+        "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI)"]
     assert summary.level_notes(levels["L2"], "body") == [QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
     assert summary.level_notes(levels["L2"], "roi") == []
     # excluded_over_limit already says "not used for the bone status": not said twice
     assert summary.level_notes(levels["L3"]) == [QUALITY_FLAG_TEXT["excluded_over_limit"],
-                                                 "0.3 cm³ of focal foci excluded from the ROI (35 % of the ROI)"]
+                                                 "0.3 cm3 of focal foci excluded from the ROI (35 % of the ROI)"]
     unused = levels["L1"].model_copy(update={"used_for_bone_status": False, "quality_flags": [],
                                              "excluded_focal_volume_mm3": 0.0})
     assert summary.level_notes(unused) == [summary.NOT_USED]
@@ -93,7 +93,7 @@ def test_sr_states_flags_in_the_level_groups_and_omits_cut_heights(sr, tmp_path)
     (l1_body, l1_roi), (l2_body, l2_roi), (l3_body, l3_roi) = level_groups(report)
     assert _comments(l1_body) == []
     assert _comments(l1_roi) == [QUALITY_FLAG_TEXT["heterogeneous"], QUALITY_FLAG_TEXT["focal_lesion_excluded"],
-                                 "1.2 cm³ of focal foci excluded from the ROI (8 % of the ROI)"]
+                                 "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI)"]
     assert _comments(l2_body) == [QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
     assert _comments(l2_roi) == []
     assert l2_body.get_measurements(name=HEIGHT) == [] and l2_body.get_measurements(name=RATIO) == []
@@ -150,7 +150,7 @@ def test_pdf_states_flags_marks_statistic_and_uncertainty_on_one_page(case, tmp_
     assert "L1* " in text and "L3† " in text and "L2* " in text
     assert "† not used for the bone status; * see the notes on the level" in text
     assert (f"L1*: {QUALITY_FLAG_TEXT['heterogeneous']}; {QUALITY_FLAG_TEXT['focal_lesion_excluded']}; "
-            "1.2 cm³ of focal foci excluded from the ROI (8 % of the ROI).") in text
+            "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI).") in text
     assert f"L2*: {QUALITY_FLAG_TEXT['cut_by_field_of_view']}." in text
     assert f"L3†: {QUALITY_FLAG_TEXT['excluded_over_limit']}" in text
     lines = {line.split()[0]: line.split() for line in pdf_text(document, tmp_path).splitlines()
