@@ -278,7 +278,12 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     if fill_shell:
         shell = _without_specks((raw > shell_thr) & np.broadcast_to(envelope, hb.shape), SPECK_MM3, spacing)
         shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), hb.shape)
-        full = full | (_enclosed(shell, SHELL_GAP_MM, spacing) & envelope & inner)
+        region = np.broadcast_to(envelope & inner, hb.shape)
+        enclosed = np.zeros(hb.shape, bool)
+        if region.any():  # fill within the envelope's box only (padded by the widest gap)
+            box = bounding_box(region, np.ceil(SHELL_GAP_MM / spacing).astype(int) + 1)
+            enclosed[box] = _enclosed(shell[box], SHELL_GAP_MM, spacing)
+        full = full | (enclosed & region)
         height = np.broadcast_to(s_bottom / np.maximum(s_bottom - s_top, 1e-3), hb.shape)
         plates = shell & full
         full = _within_endplates(full, plates & (height >= 1.0 - PLATE_ZONE), plates & (height <= PLATE_ZONE))
