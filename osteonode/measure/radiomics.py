@@ -82,7 +82,7 @@ from scipy import ndimage
 
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.hu import MIN_ROI_VOXELS
-from osteonode.result import LevelResult
+from osteonode.result import FEATURE_TABLE_NAME, LevelResult  # noqa: F401 (re-exported)
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
 
@@ -91,8 +91,6 @@ log = logging.getLogger(__name__)
 #: pyradiomics version, for model cards and provenance.
 PYRADIOMICS_VERSION = radiomics.__version__
 PRESETS_FILE = "presets.json"
-#: File name the analysis writes its feature table to, in the study's output folder.
-FEATURE_TABLE_NAME = "radiomics.csv"
 #: Columns of a feature table that are not features, in this order.
 META_COLUMNS = ("level", "vertebra_id", "preset", "preset_sha256", "roi", "roi_voxel_count")
 _ROI_KINDS = ("bodies", "trabecular")
