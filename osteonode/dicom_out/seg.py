@@ -255,17 +255,16 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
     algorithm = algorithm_identification()
     source_uid = series.series_instance_uid
 
-    # Stacked-segments array (z, y, x, segment), restricted to the slab of slices holding a label,
-    # filled in place (one allocation: no per-segment masks of the whole CT).
+    # Stacked-segments array (z, y, x, segment), restricted to the slab of slices holding a label:
+    # one allocation, segment-major in memory (each mask written contiguously, each SEG frame read
+    # contiguously), seen as (z, y, x, segment) by highdicom.
     occupied = np.flatnonzero((labels.reshape(len(labels), -1).max(axis=1) > 0)
                               | (trabecular.reshape(len(trabecular), -1).max(axis=1) > 0))
     first, last = int(occupied[0]), int(occupied[-1]) + 1
-    stacked = np.empty((last - first, *labels.shape[1:], len(segments)), dtype=bool)
-    body_ids = np.array([label for _, roi, label in segments.values() if not roi], dtype=np.uint8)
-    roi_ids = np.array([label for _, roi, label in segments.values() if roi], dtype=np.uint8)
-    np.equal(labels[first:last, ..., None], body_ids, out=stacked[..., :len(body_ids)])  # bodies, femurs first
-    np.equal(trabecular[first:last, ..., None], roi_ids, out=stacked[..., len(body_ids):])
-    stacked = stacked.view(np.uint8)
+    by_segment = np.empty((len(segments), last - first, *labels.shape[1:]), dtype=bool)
+    for i, (_, roi, label) in enumerate(segments.values()):
+        np.equal((trabecular if roi else labels)[first:last], label, out=by_segment[i])
+    stacked = np.moveaxis(by_segment.view(np.uint8), 0, -1)
     numbers = [number for number, _, _ in segments.values()]
     descriptions = [_segment_description(number, key, template, algorithm, source_uid)
                     for key, (number, _, _) in segments.items()]
