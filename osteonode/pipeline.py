@@ -314,23 +314,39 @@ def _extract_features(series: Series, segmentation: SpineSegmentation, settings:
 def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings,
                    publish: Publish | None) -> AnalysisResult:
     """Write the SEG and SR, publish them, then the follow-up outputs, publish those; write result.json."""
+    result = analysis.result
+    critical = _write_critical(analysis, out_dir)
+    result.write(out_dir / RESULT_JSON)
+    if publish is not None:
+        publish(result, critical)
+    written = _write_follow_up(analysis, out_dir, settings)
+    if publish is not None and written:
+        publish(result, written)
+    result.write(out_dir / RESULT_JSON)
+    log.info("analysis %s in %.1f s (stage times)%s", result.status, sum(result.timings_s.values()),
+             f": {result.reason}" if result.reason else "")
+    return result
+
+
+def _write_critical(analysis: _Analysis, out_dir: Path) -> list[Path]:
+    """Write the SEG (when evaluable) and the SR; their paths."""
+    result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
+    written: list[Path] = []
+    with _timed(result.timings_s, "encode"):
+        seg = None
+        if result.status == "ok" and series is not None and segmentation is not None:
+            seg = build_seg(series, segmentation)
+            written.append(write(seg, out_dir / SEG_FILE))
+        written.append(write(build_sr(analysis.headers, result, seg), out_dir / SR_FILE))
+    return written
+
+
+def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings) -> list[Path]:
+    """Write the label map, key images, PDF report and feature table as configured; the DICOM files' paths."""
     result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
     timings = result.timings_s
     evaluable = result.status == "ok" and series is not None and segmentation is not None
-    critical: list[Path] = []
-    with _timed(timings, "encode"):
-        seg = None
-        if evaluable:
-            seg = build_seg(series, segmentation)
-            critical.append(write(seg, out_dir / SEG_FILE))
-        critical.append(write(build_sr(analysis.headers, result, seg), out_dir / SR_FILE))
-    del seg
-    result.write(out_dir / RESULT_JSON)
-    log.info("analysis %s in %.1f s%s; SEG and SR written", result.status, sum(timings.values()),
-             f": {result.reason}" if result.reason else "")
-    if publish is not None:
-        publish(result, critical)
-    follow_up: list[Path] = []
+    written: list[Path] = []
     if series is not None and segmentation is not None:
         with _timed(timings, "labels"):
             sitk.WriteImage(series.volume.to_sitk(segmentation.label_map()), str(out_dir / LABELS_NIFTI),
@@ -338,11 +354,11 @@ def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSetting
     if evaluable and settings.key_images:
         with _timed(timings, "key_images"):
             images = build_key_images(series, segmentation, result, banner=settings.banner)
-            follow_up += [write(image, out_dir / name) for image, name in zip(images, KEY_IMAGE_FILES, strict=True)]
+            written += [write(image, out_dir / name) for image, name in zip(images, KEY_IMAGE_FILES, strict=True)]
     if settings.pdf_report:
         with _timed(timings, "pdf"):
-            follow_up.append(write(build_pdf_report(series or analysis.headers, result, banner=settings.banner),
-                                   out_dir / PDF_FILE))
+            written.append(write(build_pdf_report(series or analysis.headers, result, banner=settings.banner),
+                                 out_dir / PDF_FILE))
     if evaluable and settings.radiomics_export and radiomics_needed(settings):
         from osteonode.measure.radiomics import write_feature_table
         rows = analysis.feature_rows  # extracted already when a model classified from them
@@ -351,10 +367,7 @@ def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSetting
                 rows = _extract_features(series, segmentation, settings)
         write_feature_table(rows, out_dir / FEATURE_TABLE_NAME)
         result.radiomics_file = FEATURE_TABLE_NAME if rows else None
-    result.write(out_dir / RESULT_JSON)
-    if publish is not None and follow_up:
-        publish(result, follow_up)
-    return result
+    return written
 
 
 def _kvp(headers: Sequence[pydicom.Dataset]) -> float | None:
