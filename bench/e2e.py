@@ -14,9 +14,9 @@ warm worker) and when its SEG, key images and PDF are all there.
 
 The node runs one ``serve`` process for all runs; the first run is cold
 (imports, radiomics pool), the medians are over the runs after it (warm).
-Printed per run: the latencies, the analysis stage times (``result.json``) of
-the critical phase (up to ``encode``: SEG and SR) and of the follow-up phase,
-and the rest (completion polling, queue, delivery).
+Printed per run: the latencies, the analysis stage times (``result.json``) up
+to the SR (``encode_sr``) and after it (the SEG, then key images and PDF), and
+what remains of the time to the SR (completion polling, queue, delivery).
 
 Usage: python bench/e2e.py [--grid thin|512] [--quiet-period-s 2] [--repeats 4] [--radiomics-export]
 """
@@ -43,8 +43,8 @@ from services import OrthancServer, wait_for  # noqa: E402
 from osteonode.ctseries import write_ct_series  # noqa: E402
 
 RESULT_MODALITIES = {"SEG", "SR", "OT", "DOC"}
-#: Stages of the follow-up phase (after the SEG and SR are sent; radiomics: no model is configured here).
-FOLLOW_UP_STAGES = ("labels", "key_images", "pdf", "radiomics")
+#: Stages after the SR is written: the SEG, then the follow-up (radiomics: no model is configured here).
+FOLLOW_UP_STAGES = ("encode_seg", "labels", "key_images", "pdf", "radiomics")
 POLL_S = 0.1
 
 
@@ -133,9 +133,9 @@ def main() -> None:
             print(f"run {repeat + 1}{' (cold)' if repeat == 0 else ''}: {len(files)} instances sent in "
                   f"{run['send']:.1f} s; completion (last instance + {q:.1f} s quiet) -> SR in Orthanc "
                   f"{run['sr'] - q:.1f} s, -> all results {run['all'] - q:.1f} s")
-            print(f"  critical {sum(critical.values()):.1f} s ({', '.join(f'{k} {v:.2f}' for k, v in critical.items())});"
+            print(f"  to the SR {sum(critical.values()):.1f} s ({', '.join(f'{k} {v:.2f}' for k, v in critical.items())});"
                   f" rest to SR (completion poll, queue, delivery) {run['sr'] - q - sum(critical.values()):.1f} s")
-            print(f"  follow-up {sum(follow_up.values()):.1f} s ({', '.join(f'{k} {v:.2f}' for k, v in follow_up.items())})")
+            print(f"  after the SR {sum(follow_up.values()):.1f} s ({', '.join(f'{k} {v:.2f}' for k, v in follow_up.items())})")
         warm = runs[1:] or runs
         send, sr, everything = (median([r[k] for r in warm]) for k in ("send", "sr", "all"))
         print(f"\nmedians of {len(warm)} warm run(s), grid {args.grid}, radiomics_export {args.radiomics_export}:")

@@ -6,14 +6,16 @@ evaluable; :func:`analyze_files` analyses one series:
 select -> load -> segment -> measure (HU) -> calibrate (vBMD, contrast) -> Genant ->
 classify -> encode. Used both by the Celery worker and by ``osteonode analyze``.
 
-The outputs are written in two phases, each handed to an optional ``publish``
+The outputs are written in batches, each handed to an optional ``publish``
 callback as soon as it is on disk, so that the results the PACS needs first
-do not wait for the rest (the worker sends each phase at once):
+do not wait for the rest (the worker sends each batch at once):
 
-1. critical: ``seg.dcm`` and ``sr.dcm`` (and ``result.json``); radiomics
-   features are extracted before them only when a configured ``model``
-   classifies from them;
-2. follow-up: ``labels.nii.gz``, the key images, the PDF report and, with
+1. ``sr.dcm`` (and ``result.json``), built from the SEG's deterministic UIDs
+   and segments (:func:`~osteonode.dicom_out.seg.seg_reference`) before the
+   SEG is encoded; radiomics features are extracted before it only when a
+   configured ``model`` classifies from them;
+2. ``seg.dcm``;
+3. follow-up: ``labels.nii.gz``, the key images, the PDF report and, with
    ``radiomics_export``, ``radiomics.csv``.
 
 Outputs written to ``out_dir``:
@@ -49,6 +51,7 @@ from osteonode.anatomy import REQUIRED_LEVELS
 from osteonode.classify import classify_bone_status
 from osteonode.config import AnalysisSettings, SelectionSettings
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, write
+from osteonode.dicom_out.seg import seg_reference
 from osteonode.errors import NotEvaluable
 from osteonode.ingest.spool import instance_files
 from osteonode.measure.calibration import apply_calibration, calibrate
@@ -99,9 +102,10 @@ def analyze_study(ranking: SeriesRanking, out_dir: Path, settings: AnalysisSetti
         The files of a series; by default the instance files of its spool
         folder (``series_dir``).
     publish : callable, optional
-        ``publish(result, paths)``: called with the SEG and SR files as soon as
-        they are written, then with the DICOM files of the follow-up phase
-        (key images, PDF) if any. The worker sends each batch at once.
+        ``publish(result, paths)``: called with the SR file as soon as it is
+        written, then with the SEG file (when evaluable), then with the DICOM
+        files of the follow-up (key images, PDF) if any. The worker sends each
+        batch at once.
 
     Returns
     -------
@@ -154,9 +158,8 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
                   selection_rules: SelectionSettings | None = None, publish: Publish | None = None) -> AnalysisResult:
     """Analyse one CT series and write the outputs to ``out_dir``.
 
-    The outputs are written in two phases (see :func:`analyze_study`): the SEG
-    and SR first, handed to ``publish``, then the key images, PDF report and
-    radiomics feature table.
+    The outputs are written in batches (see the module docstring): the SR, the
+    SEG, then the key images, PDF report and radiomics feature table.
 
     Parameters
     ----------
@@ -178,9 +181,9 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
     selection_rules : SelectionSettings, optional
         Candidate rules of the single-series check (defaults when omitted).
     publish : callable, optional
-        ``publish(result, paths)``, called once with the SEG and SR files as
-        soon as they are written and once more with the DICOM files of the
-        follow-up phase (key images, PDF), if any.
+        ``publish(result, paths)``, called with each batch of DICOM files as
+        soon as it is written: the SR, the SEG (when evaluable), the key
+        images and PDF (if any), as for :func:`analyze_study`.
 
     Returns
     -------
@@ -313,32 +316,36 @@ def _extract_features(series: Series, segmentation: SpineSegmentation, settings:
 
 def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings,
                    publish: Publish | None) -> AnalysisResult:
-    """Write the SEG and SR, publish them, then the follow-up outputs, publish those; write result.json."""
-    result = analysis.result
-    critical = _write_critical(analysis, out_dir)
+    """Write the SR, the SEG, then the follow-up outputs, publishing each batch as soon as it is written.
+
+    The SR is built from :func:`~osteonode.dicom_out.seg.seg_reference` (the
+    SEG's UIDs and segments) and goes first: encoding the SEG's frames takes
+    several seconds. ``result.json`` is written after the SR and at the end.
+    """
+    result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
+    evaluable = result.status == "ok" and series is not None and segmentation is not None
+    with _timed(result.timings_s, "encode_sr"):  # from the SEG's UIDs and segments, before the SEG is encoded
+        sr = write(build_sr(analysis.headers, result, seg_reference(series, segmentation) if evaluable else None),
+                   out_dir / SR_FILE)
     result.write(out_dir / RESULT_JSON)
-    if publish is not None:
-        publish(result, critical)
-    written = _write_follow_up(analysis, out_dir, settings)
-    if publish is not None and written:
-        publish(result, written)
+    batches = [lambda: [sr]]
+    if evaluable:
+        batches.append(lambda: _write_seg(analysis, out_dir))
+    batches.append(lambda: _write_follow_up(analysis, out_dir, settings))
+    for batch in batches:
+        written = batch()
+        if publish is not None and written:
+            publish(result, written)
     result.write(out_dir / RESULT_JSON)
     log.info("analysis %s in %.1f s (stage times)%s", result.status, sum(result.timings_s.values()),
              f": {result.reason}" if result.reason else "")
     return result
 
 
-def _write_critical(analysis: _Analysis, out_dir: Path) -> list[Path]:
-    """Write the SEG (when evaluable) and the SR; their paths."""
-    result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
-    written: list[Path] = []
-    with _timed(result.timings_s, "encode"):
-        seg = None
-        if result.status == "ok" and series is not None and segmentation is not None:
-            seg = build_seg(series, segmentation)
-            written.append(write(seg, out_dir / SEG_FILE))
-        written.append(write(build_sr(analysis.headers, result, seg), out_dir / SR_FILE))
-    return written
+def _write_seg(analysis: _Analysis, out_dir: Path) -> list[Path]:
+    """Encode and write the SEG of an evaluable analysis; its path."""
+    with _timed(analysis.result.timings_s, "encode_seg"):
+        return [write(build_seg(analysis.series, analysis.segmentation), out_dir / SEG_FILE)]
 
 
 def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings) -> list[Path]:

@@ -2,8 +2,8 @@
 
 * ``osteonode.analyze_study``: run the pipeline on the best candidate series of a
   spooled study (falling back to the next while not evaluable), write the one
-  set of outputs to the study's outbox entry and send them in two batches as
-  they are written: the SEG and SR at once, then the key images and PDF
+  set of outputs to the study's outbox entry and send them in batches as
+  they are written: the SR, the SEG, then the key images and PDF
   (:class:`PhasedDelivery`). A batch a destination did not take is handed to
   ``osteonode.deliver``.
 * ``osteonode.deliver``: C-STORE an outbox entry (or some of its files) to one
@@ -47,8 +47,8 @@ def analyze_study_task(job: dict) -> str:
 class PhasedDelivery:
     """The first delivery attempt of a study's outputs, batch by batch, from inside the analysis task.
 
-    The SEG and SR are sent the moment they are written, before the key images
-    and PDF are rendered: a ``deliver`` task queued instead would wait for the
+    The SR and the SEG are each sent the moment they are written, before the
+    key images and PDF are rendered: a ``deliver`` task queued instead would wait for the
     whole analysis in the embedded mode's single worker. Per destination:
 
     * each batch is sent once, at once;
@@ -118,7 +118,7 @@ class PhasedDelivery:
             return
         if not self.batches:
             return  # the analysis failed before it wrote anything: nothing was sent, nothing recorded
-        note = f"the analysis failed after the SEG and SR were written ({type(error).__name__})" if error else ""
+        note = f"the analysis failed after the SR was written ({type(error).__name__})" if error else ""
         for destination in self.settings.destinations:
             name = destination.name
             if name in self.refused:

@@ -47,7 +47,7 @@ def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
         assert level["trabecular_voxel_count"] > 0 and level["trabecular_roi_volume_mm3"] > 0
     assert result["bone_status"]["category"] in ("normal", "osteopenia", "osteoporosis", "indeterminate")
     assert "Pickhardt" in result["bone_status"]["basis"]
-    assert {"load", "segment", "measure", "classify", "encode", "key_images", "pdf", "radiomics"} <= set(
+    assert {"load", "segment", "measure", "classify", "encode_sr", "encode_seg", "key_images", "pdf", "radiomics"} <= set(
         result["timings_s"])
     # labels.nii.gz lies on the source CT's voxel grid (the same voxel centres in patient space;
     # the index order may differ), with VerSe IDs
