@@ -23,7 +23,7 @@ def spacing_512(image: sitk.Image) -> tuple[float, float, float]:
 #: Spacing (x, y, z mm) of the ``thin`` grid: 458 x 379 x 269 voxels over the example CT (issue 13's series).
 THIN_MM = (0.8, 0.8, 1.25)
 #: The benchmark grids: name -> function of the example CT giving (size, spacing), both (x, y, z).
-GRIDS = {"thin": lambda image: ([int(round(n * s / t)) for n, s, t in zip(image.GetSize(), image.GetSpacing(), THIN_MM)],
+GRIDS = {"thin": lambda image: ([round(n * s / t) for n, s, t in zip(image.GetSize(), image.GetSpacing(), THIN_MM)],
                                 THIN_MM),
          "512": lambda image: (GRID, spacing_512(image))}
 

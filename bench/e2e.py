@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT / "tests" / "integration"))
 from common import GRIDS, example_on_grid, median  # noqa: E402
 from node import NodeProcess, write_config  # noqa: E402
-from services import OrthancServer, wait_for  # noqa: E402
+from services import OrthancServer  # noqa: E402
 
 from osteonode.ctseries import write_ct_series  # noqa: E402
 

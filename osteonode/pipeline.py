@@ -59,7 +59,7 @@ from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
 from osteonode.measure.hu import measure_levels, measure_proximal_femurs
 from osteonode.measure.tissues import measure_reference_tissues
-from osteonode.result import (FEATURE_TABLE_NAME, AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed)
+from osteonode.result import FEATURE_TABLE_NAME, AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import select_backend
 from osteonode.series import CT_IMAGE_SOP_CLASSES, SeriesInfo, SeriesRanking, check_series
@@ -204,7 +204,7 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
     return _write_outputs(analysis, out_dir, settings, publish)
 
 
-def radiomics_needed(settings: AnalysisSettings) -> Literal["critical", "follow_up", None]:
+def radiomics_needed(settings: AnalysisSettings) -> Literal["critical", "follow_up"] | None:
     """When radiomics features are extracted, if at all.
 
     Parameters
