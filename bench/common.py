@@ -1,4 +1,4 @@
-"""Shared benchmark input: the example CT on a 512 x 512 x 300 grid, as a CT Image Storage series."""
+"""Shared benchmark input: the example CT on a 512 x 512 x 300 (or 458 x 379 x 269) grid, as a CT series."""
 
 from __future__ import annotations
 
@@ -20,12 +20,25 @@ def spacing_512(image: sitk.Image) -> tuple[float, float, float]:
     return tuple(n * s / m for n, s, m in zip(image.GetSize(), image.GetSpacing(), GRID))
 
 
-def series_512(out_dir: Path) -> list[Path]:
-    """Resample the example CT (linear) onto 512 x 512 x 300 voxels over the same extent and write it."""
+#: Spacing (x, y, z mm) of the ``thin`` grid: 458 x 379 x 269 voxels over the example CT (issue 13's series).
+THIN_MM = (0.8, 0.8, 1.25)
+#: The benchmark grids: name -> function of the example CT giving (size, spacing), both (x, y, z).
+GRIDS = {"thin": lambda image: ([round(n * s / t) for n, s, t in zip(image.GetSize(), image.GetSpacing(), THIN_MM)],
+                                THIN_MM),
+         "512": lambda image: (GRID, spacing_512(image))}
+
+
+def example_on_grid(grid: str = "512") -> sitk.Image:
+    """The example CT resampled (linear, int16 HU) onto ``grid`` (a key of :data:`GRIDS`) over the same extent."""
     image = read_image(EXAMPLE_CT)
-    resampled = sitk.Resample(image, GRID, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing_512(image),
-                              image.GetDirection(), -1024.0, sitk.sitkInt16)
-    return write_ct_series(resampled, out_dir)
+    size, spacing = GRIDS[grid](image)
+    return sitk.Resample(image, size, sitk.Transform(), sitk.sitkLinear, image.GetOrigin(), spacing,
+                         image.GetDirection(), -1024.0, sitk.sitkInt16)
+
+
+def series_512(out_dir: Path, grid: str = "512") -> list[Path]:
+    """Write the example CT on ``grid`` (default 512 x 512 x 300 voxels) as a CT series; its files."""
+    return write_ct_series(example_on_grid(grid), out_dir)
 
 
 def median(values: list[float]) -> float:

@@ -88,8 +88,11 @@ class AnalysisSettings(_Strict):
         description="pickhardt_l1_hu: L1 HU <=110 / >=160 (Pickhardt 2013); acr_vbmd: ACR QCT vBMD cut-offs "
                     "on phantomless calibration (research use)")
     radiomics_preset: str | None = Field(
-        default="seed000", description="pyradiomics preset for radiomics.csv (seed000, seed003, seed004); "
-                                       "none: no radiomics")
+        default="seed000", description="pyradiomics preset of the features a model classifies from and of "
+                                       "radiomics.csv (seed000, seed003, seed004); none: no radiomics")
+    radiomics_export: bool = Field(
+        default=False, description="write radiomics.csv (after the SEG and SR are sent); false: features are "
+                                   "extracted only when a model needs them")
     radiomics_processes: int = Field(
         default=2, ge=1, description="processes that extract the levels' radiomics features in parallel "
                                      "(pyradiomics holds the GIL); 1: in the worker process")

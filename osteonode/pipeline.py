@@ -4,18 +4,34 @@
 (:mod:`osteonode.series`) and falls back to the next one when it is not
 evaluable; :func:`analyze_files` analyses one series:
 select -> load -> segment -> measure (HU) -> calibrate (vBMD, contrast) -> Genant ->
-radiomics -> classify -> encode. Used both by the
-Celery worker and by ``osteonode analyze``. Outputs written to ``out_dir``:
+classify -> encode. Used both by the Celery worker and by ``osteonode analyze``.
+
+The outputs are written in batches, each handed to an optional ``publish``
+callback as soon as it is on disk, so that the results the PACS needs first
+do not wait for the rest (the worker sends each batch at once):
+
+1. ``sr.dcm`` (and ``result.json``), built from the SEG's deterministic UIDs
+   and segments (:func:`~osteonode.dicom_out.seg.seg_reference`) before the
+   SEG is encoded; radiomics features are extracted before it only when a
+   configured ``model`` classifies from them;
+2. ``seg.dcm``;
+3. follow-up: ``labels.nii.gz``, the key images, the PDF report and, with
+   ``radiomics_export``, ``radiomics.csv``.
+
+Outputs written to ``out_dir``:
 
 * ``result.json`` - :class:`~osteonode.result.AnalysisResult` (format in README.md),
+  written after each phase,
 * ``labels.nii.gz`` - vertebral bodies (VerSe IDs) and proximal femurs (90/91) on the source CT grid,
 * ``seg.dcm`` - DICOM Segmentation (when the series was evaluable),
 * ``sr.dcm`` - Comprehensive 3D SR, TID 1500 (always, also when not evaluable),
 * ``key_1.dcm``, ``key_2.dcm`` - Secondary Capture key images, mid-sagittal and
   axial through L1 (when evaluable and ``key_images`` is on),
 * ``report.dcm`` - one-page Encapsulated PDF report (when ``pdf_report`` is on),
-* ``radiomics.csv`` - pyradiomics features, one row per level (when evaluable and
-  ``radiomics_preset`` is set).
+* ``radiomics.csv`` - pyradiomics features of ``radiomics_preset``, one row per
+  level (when evaluable and ``radiomics_export`` is on).
+
+pyradiomics is imported only when features are extracted.
 """
 
 from __future__ import annotations
@@ -24,7 +40,9 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pydicom
 import SimpleITK as sitk
@@ -33,21 +51,15 @@ from osteonode.anatomy import REQUIRED_LEVELS
 from osteonode.classify import classify_bone_status
 from osteonode.config import AnalysisSettings, SelectionSettings
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, write
+from osteonode.dicom_out.seg import seg_reference
 from osteonode.errors import NotEvaluable
 from osteonode.ingest.spool import instance_files
 from osteonode.measure.calibration import apply_calibration, calibrate
 from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
 from osteonode.measure.hu import measure_levels, measure_proximal_femurs
-from osteonode.measure.radiomics import (
-    FEATURE_TABLE_NAME,
-    add_fracture_texture,
-    extract_features,
-    start_worker_pool,
-    write_feature_table,
-)
 from osteonode.measure.tissues import measure_reference_tissues
-from osteonode.result import AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed
+from osteonode.result import FEATURE_TABLE_NAME, AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import select_backend
 from osteonode.series import CT_IMAGE_SOP_CLASSES, SeriesInfo, SeriesRanking, check_series
@@ -59,18 +71,22 @@ RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE = "result.json", "labels.nii.gz", "
 KEY_IMAGE_FILES = ("key_1.dcm", "key_2.dcm")  # mid-sagittal, axial through L1
 PDF_FILE = "report.dcm"
 OUTPUT_FILES = (RESULT_JSON, LABELS_NIFTI, SEG_FILE, SR_FILE, *KEY_IMAGE_FILES, PDF_FILE, FEATURE_TABLE_NAME)
+#: ``publish(result, paths)``: called with the DICOM files of each phase once they are written.
+Publish = Callable[[AnalysisResult, list[Path]], None]
 
 
 def analyze_study(ranking: SeriesRanking, out_dir: Path, settings: AnalysisSettings | None = None,
                   selection_rules: SelectionSettings | None = None, *,
-                  files_of: Callable[[SeriesInfo], list[Path]] | None = None) -> AnalysisResult:
+                  files_of: Callable[[SeriesInfo], list[Path]] | None = None,
+                  publish: Publish | None = None) -> AnalysisResult:
     """Analyse the best candidate series of a study, falling back to the next while not evaluable.
 
     Exactly one set of outputs is left in ``out_dir``: that of the first
     evaluable candidate, or, when none is, one not-evaluable SR (and PDF)
     that names why each series was not used. Either way
     ``result.series_selection`` names the series used and the others with
-    their reasons.
+    their reasons. Nothing is written for a candidate that was not
+    evaluable, so ``publish`` sees only the final outputs.
 
     Parameters
     ----------
@@ -85,6 +101,11 @@ def analyze_study(ranking: SeriesRanking, out_dir: Path, settings: AnalysisSetti
     files_of : callable, optional
         The files of a series; by default the instance files of its spool
         folder (``series_dir``).
+    publish : callable, optional
+        ``publish(result, paths)``: called with the SR file as soon as it is
+        written, then with the SEG file (when evaluable), then with the DICOM
+        files of the follow-up (key images, PDF) if any. The worker sends each
+        batch at once.
 
     Returns
     -------
@@ -99,6 +120,8 @@ def analyze_study(ranking: SeriesRanking, out_dir: Path, settings: AnalysisSetti
         If a series folder holds no files.
     """
     files_of = files_of or (lambda info: instance_files(Path(info.series_dir)))
+    settings = settings or AnalysisSettings()
+    _prepare(out_dir, settings)
     failed: list[SeriesNotUsed] = []
     rejected = [_not_used(r.series, r.reason) for r in ranking.rejected]
     for i, candidate in enumerate(ranking.candidates):
@@ -107,10 +130,11 @@ def analyze_study(ranking: SeriesRanking, out_dir: Path, settings: AnalysisSetti
                                                      description=candidate.description, kernel=candidate.kernel,
                                                      slice_thickness_mm=candidate.slice_thickness_mm),
                                     not_used=[*failed, *lower, *rejected])
-        result = analyze_files(files_of(candidate), out_dir, settings,
-                               selection=selection, selection_rules=selection_rules)
+        analysis = _analyze_series(files_of(candidate), settings, None, selection, selection_rules)
+        result = analysis.result
         if result.status == "ok":
-            return result
+            return _write_outputs(analysis, out_dir, settings, publish)
+        del analysis  # the volume of a failed candidate is not kept while the next one loads
         log.info("candidate %d of %d not evaluable; %s", i + 1, len(ranking.candidates),
                  "trying the next" if i + 1 < len(ranking.candidates) else "no candidate left")
         failed.append(_not_used(candidate, result.reason or "not evaluable"))
@@ -120,9 +144,9 @@ def analyze_study(ranking: SeriesRanking, out_dir: Path, settings: AnalysisSetti
     if not sources:
         raise ValueError("the study has no series")
     source = sources[0]
-    return analyze_files(files_of(source), out_dir, settings,
-                         selection=SeriesSelection(used=None, not_used=[*failed, *rejected]),
-                         selection_rules=selection_rules)
+    analysis = _analyze_series(files_of(source), settings, None,
+                               SeriesSelection(used=None, not_used=[*failed, *rejected]), selection_rules)
+    return _write_outputs(analysis, out_dir, settings, publish)
 
 
 def _not_used(info: SeriesInfo, reason: str) -> SeriesNotUsed:
@@ -131,8 +155,11 @@ def _not_used(info: SeriesInfo, reason: str) -> SeriesNotUsed:
 
 def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettings | None = None,
                   segmentation_file: Path | None = None, *, selection: SeriesSelection | None = None,
-                  selection_rules: SelectionSettings | None = None) -> AnalysisResult:
+                  selection_rules: SelectionSettings | None = None, publish: Publish | None = None) -> AnalysisResult:
     """Analyse one CT series and write the outputs to ``out_dir``.
+
+    The outputs are written in batches (see the module docstring): the SR, the
+    SEG, then the key images, PDF report and radiomics feature table.
 
     Parameters
     ----------
@@ -153,6 +180,10 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
         is in ``selection.not_used``).
     selection_rules : SelectionSettings, optional
         Candidate rules of the single-series check (defaults when omitted).
+    publish : callable, optional
+        ``publish(result, paths)``, called with each batch of DICOM files as
+        soon as it is written: the SR, the SEG (when evaluable), the key
+        images and PDF (if any), as for :func:`analyze_study`.
 
     Returns
     -------
@@ -167,20 +198,67 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
     pydicom.errors.InvalidDicomError
         If a file is not DICOM at all (the spool never holds such files).
     """
-    if not files:
-        raise FileNotFoundError("no DICOM files to analyse")
     settings = settings or AnalysisSettings()
-    if settings.radiomics_preset:
+    _prepare(out_dir, settings)
+    analysis = _analyze_series(files, settings, segmentation_file, selection, selection_rules)
+    return _write_outputs(analysis, out_dir, settings, publish)
+
+
+def radiomics_needed(settings: AnalysisSettings) -> Literal["critical", "follow_up"] | None:
+    """When radiomics features are extracted, if at all.
+
+    Parameters
+    ----------
+    settings : AnalysisSettings
+        ``radiomics_preset``, ``model`` and ``radiomics_export``.
+
+    Returns
+    -------
+    {"critical", "follow_up", None}
+        ``"critical"`` when a configured model classifies from the features
+        (the SR needs them); ``"follow_up"`` when only ``radiomics.csv`` is
+        exported; None when no preset is set or nothing needs the features.
+    """
+    if not settings.radiomics_preset:
+        return None
+    if settings.model is not None:
+        return "critical"
+    return "follow_up" if settings.radiomics_export else None
+
+
+def _prepare(out_dir: Path, settings: AnalysisSettings) -> None:
+    """Create ``out_dir`` without earlier outputs; start the radiomics workers if features will be extracted."""
+    if radiomics_needed(settings):
+        from osteonode.measure.radiomics import start_worker_pool
         start_worker_pool(settings.radiomics_processes)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in OUTPUT_FILES:
         (out_dir / name).unlink(missing_ok=True)
+
+
+@dataclass
+class _Analysis:
+    """One analysed series between the computation and the writing of its outputs."""
+
+    result: AnalysisResult
+    headers: list[pydicom.Dataset]
+    series: Series | None
+    segmentation: SpineSegmentation | None
+    feature_rows: list[dict]
+
+
+def _analyze_series(files: Sequence[Path], settings: AnalysisSettings, segmentation_file: Path | None,
+                    selection: SeriesSelection | None, selection_rules: SelectionSettings | None) -> _Analysis:
+    """Everything up to the bone status (the SR's content), nothing written; see :func:`analyze_files`."""
+    if not files:
+        raise FileNotFoundError("no DICOM files to analyse")
     timings: dict[str, float] = {}
     headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(files)]
     study_uid = str(headers[0].get("StudyInstanceUID", ""))
     series_uid = str(headers[0].get("SeriesInstanceUID", ""))
     series: Series | None = None
     segmentation: SpineSegmentation | None = None
+    feature_rows: list[dict] = []
     try:
         with _timed(timings, "select"):
             if selection is not None and selection.used is None:
@@ -210,51 +288,93 @@ def analyze_files(files: Sequence[Path], out_dir: Path, settings: AnalysisSettin
             levels = apply_calibration(levels, calibration, contrast)
         with _timed(timings, "genant"):
             levels = apply_genant(levels, grade_levels(series.volume, segmentation))
-            levels = add_fracture_texture(levels, series.volume, segmentation, settings.radiomics_processes)
-        feature_rows = []
-        if settings.radiomics_preset:
+            if any(level.fracture_suspected for level in levels.values()):
+                from osteonode.measure.radiomics import add_fracture_texture
+                levels = add_fracture_texture(levels, series.volume, segmentation, settings.radiomics_processes)
+        if radiomics_needed(settings) == "critical":
             with _timed(timings, "radiomics"):
-                feature_rows = extract_features(series.volume, segmentation, settings.radiomics_preset,
-                                                processes=settings.radiomics_processes)
-                write_feature_table(feature_rows, out_dir / FEATURE_TABLE_NAME)
+                feature_rows = _extract_features(series, segmentation, settings)
         with _timed(timings, "classify"):
             bone_status = classify_bone_status(levels, feature_rows, settings)
         result = AnalysisResult(status="ok", study_instance_uid=study_uid, series_instance_uid=series_uid,
                                 labelling_method=segmentation.method, levels=levels,
                                 proximal_femur=measure_proximal_femurs(series.volume, segmentation.femurs),
                                 bone_status=bone_status, calibration=calibration, contrast=contrast,
-                                radiomics_file=FEATURE_TABLE_NAME if feature_rows else None,
                                 series_selection=selection, timings_s=timings)
     except NotEvaluable as exc:
         result = AnalysisResult.not_evaluable(
             str(exc), study_uid, series_uid, timings_s=timings, series_selection=selection,
             labelling_method=segmentation.method if segmentation else "")
-    with _timed(timings, "encode"):
-        _write_outputs(out_dir, headers, series, segmentation, result, settings)
-    result.timings_s.update(timings)
+    return _Analysis(result, headers, series, segmentation, feature_rows)
+
+
+def _extract_features(series: Series, segmentation: SpineSegmentation, settings: AnalysisSettings) -> list[dict]:
+    from osteonode.measure.radiomics import extract_features
+    return extract_features(series.volume, segmentation, settings.radiomics_preset,
+                            processes=settings.radiomics_processes)
+
+
+def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings,
+                   publish: Publish | None) -> AnalysisResult:
+    """Write the SR, the SEG, then the follow-up outputs, publishing each batch as soon as it is written.
+
+    The SR is built from :func:`~osteonode.dicom_out.seg.seg_reference` (the
+    SEG's UIDs and segments) and goes first: encoding the SEG's frames takes
+    several seconds. ``result.json`` is written after the SR and at the end.
+    """
+    result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
+    evaluable = result.status == "ok" and series is not None and segmentation is not None
+    with _timed(result.timings_s, "encode_sr"):  # from the SEG's UIDs and segments, before the SEG is encoded
+        sr = write(build_sr(analysis.headers, result, seg_reference(series, segmentation) if evaluable else None),
+                   out_dir / SR_FILE)
     result.write(out_dir / RESULT_JSON)
-    log.info("analysis %s in %.1f s%s", result.status, sum(timings.values()),
+    batches = [lambda: [sr]]
+    if evaluable:
+        batches.append(lambda: _write_seg(analysis, out_dir))
+    batches.append(lambda: _write_follow_up(analysis, out_dir, settings))
+    for batch in batches:
+        written = batch()
+        if publish is not None and written:
+            publish(result, written)
+    result.write(out_dir / RESULT_JSON)
+    log.info("analysis %s in %.1f s (stage times)%s", result.status, sum(result.timings_s.values()),
              f": {result.reason}" if result.reason else "")
     return result
 
 
-def _write_outputs(out_dir: Path, headers: Sequence[pydicom.Dataset], series: Series | None,
-                   segmentation: SpineSegmentation | None, result: AnalysisResult,
-                   settings: AnalysisSettings) -> None:
-    seg = None
+def _write_seg(analysis: _Analysis, out_dir: Path) -> list[Path]:
+    """Encode and write the SEG of an evaluable analysis; its path."""
+    with _timed(analysis.result.timings_s, "encode_seg"):
+        return [write(build_seg(analysis.series, analysis.segmentation), out_dir / SEG_FILE)]
+
+
+def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings) -> list[Path]:
+    """Write the label map, key images, PDF report and feature table as configured; the DICOM files' paths."""
+    result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
+    timings = result.timings_s
+    evaluable = result.status == "ok" and series is not None and segmentation is not None
+    written: list[Path] = []
     if series is not None and segmentation is not None:
-        sitk.WriteImage(series.volume.to_sitk(segmentation.label_map()), str(out_dir / LABELS_NIFTI),
-                        useCompression=True)
-    if result.status == "ok" and series is not None and segmentation is not None:
-        seg = build_seg(series, segmentation)
-        write(seg, out_dir / SEG_FILE)
-        if settings.key_images:
+        with _timed(timings, "labels"):
+            sitk.WriteImage(series.volume.to_sitk(segmentation.label_map()), str(out_dir / LABELS_NIFTI),
+                            useCompression=True)
+    if evaluable and settings.key_images:
+        with _timed(timings, "key_images"):
             images = build_key_images(series, segmentation, result, banner=settings.banner)
-            for image, name in zip(images, KEY_IMAGE_FILES, strict=True):
-                write(image, out_dir / name)
-    write(build_sr(headers, result, seg), out_dir / SR_FILE)
+            written += [write(image, out_dir / name) for image, name in zip(images, KEY_IMAGE_FILES, strict=True)]
     if settings.pdf_report:
-        write(build_pdf_report(series or headers, result, banner=settings.banner), out_dir / PDF_FILE)
+        with _timed(timings, "pdf"):
+            written.append(write(build_pdf_report(series or analysis.headers, result, banner=settings.banner),
+                                 out_dir / PDF_FILE))
+    if evaluable and settings.radiomics_export and radiomics_needed(settings):
+        from osteonode.measure.radiomics import write_feature_table
+        rows = analysis.feature_rows  # extracted already when a model classified from them
+        if not rows:
+            with _timed(timings, "radiomics"):
+                rows = _extract_features(series, segmentation, settings)
+        write_feature_table(rows, out_dir / FEATURE_TABLE_NAME)
+        result.radiomics_file = FEATURE_TABLE_NAME if rows else None
+    return written
 
 
 def _kvp(headers: Sequence[pydicom.Dataset]) -> float | None:

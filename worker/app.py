@@ -44,6 +44,9 @@ def configure(settings: Settings) -> Celery:
                 "processed_folder": str(queue / "processed"),
                 "control_folder": str(queue / "control"),
                 "store_processed": False,
+                # the worker looks for a new message every 0.1 s instead of kombu's 1 s: a job waits
+                # 0.05 s on average, not 0.5 s (a directory listing each time, negligible)
+                "polling_interval": 0.1,
             },
         )
     else:

@@ -4,6 +4,9 @@
 configured model is used only when its artifact passes the SHA-256 check and
 its task yields a bone-status category; otherwise the configured rule gives
 the status and the basis says why the model was not used.
+
+The model module (scikit-learn, pyradiomics: some 2 s to import) is imported
+only when a model is configured.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ import logging
 from collections.abc import Sequence
 from typing import Any, get_args
 
-from osteonode.classify.model import ModelArtifactError, load_model
 from osteonode.classify.rules import classify_acr_vbmd, classify_l1_hu
 from osteonode.config import AnalysisSettings
 from osteonode.result import BoneCategory, BoneStatus, LevelResult
@@ -44,6 +46,7 @@ def classify_bone_status(levels: dict[str, LevelResult], feature_rows: Sequence[
     status = RULES[settings.bone_status_rule](levels)
     if settings.model is None:
         return status
+    from osteonode.classify.model import ModelArtifactError, load_model
     try:
         model = load_model(settings.model.path, settings.model.sha256)
         positive, negative = model.metadata["positive_class"], model.metadata["negative_class"]

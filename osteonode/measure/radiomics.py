@@ -63,7 +63,7 @@ import math
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -82,7 +82,7 @@ from scipy import ndimage
 
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.hu import MIN_ROI_VOXELS
-from osteonode.result import LevelResult
+from osteonode.result import FEATURE_TABLE_NAME, LevelResult  # noqa: F401 (re-exported)
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
 
@@ -91,8 +91,6 @@ log = logging.getLogger(__name__)
 #: pyradiomics version, for model cards and provenance.
 PYRADIOMICS_VERSION = radiomics.__version__
 PRESETS_FILE = "presets.json"
-#: File name the analysis writes its feature table to, in the study's output folder.
-FEATURE_TABLE_NAME = "radiomics.csv"
 #: Columns of a feature table that are not features, in this order.
 META_COLUMNS = ("level", "vertebra_id", "preset", "preset_sha256", "roi", "roi_voxel_count")
 _ROI_KINDS = ("bodies", "trabecular")
@@ -284,7 +282,8 @@ def _extractor(params_file: Path) -> RadiomicsFeatureExtractor:
 
 
 def extract_features(volume: Volume, segmentation: SpineSegmentation, params: str = "seed000", *,
-                     params_dir: Path | None = None, processes: int = 1) -> list[dict[str, float | int | str]]:
+                     params_dir: Path | None = None, processes: int = 1,
+                     levels: Collection[str] | None = None) -> list[dict[str, float | int | str]]:
     """Radiomics features of each level of a preset, one row per level.
 
     Each level is cropped to its ROI's bounding box plus the preset's margin
@@ -310,6 +309,9 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
         (:func:`_process_context`), started on first use and kept for later
         calls (:func:`_worker_pool`); each receives the cropped image and mask
         of one level at a time, as soon as it is cropped.
+    levels : collection of str, optional
+        Only these of the preset's levels (e.g. ``{"L1"}``); default all. A
+        level's features do not depend on which other levels are extracted.
 
     Returns
     -------
@@ -335,7 +337,7 @@ def extract_features(volume: Volume, segmentation: SpineSegmentation, params: st
     if processes < 1:
         raise ValueError(f"processes must be >= 1, got {processes}")
     preset, extractor = load_preset(params, params_dir)
-    crops = _level_crops(volume, segmentation, preset)
+    crops = _level_crops(volume, segmentation, preset, levels)
     if processes == 1:
         extracted = [(crop.level, crop.voxel_count, _extract(extractor, crop.image, crop.mask)) for crop in crops]
     else:
@@ -407,8 +409,10 @@ class _LevelCrop:
     mask: np.ndarray
 
 
-def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset) -> Iterator[_LevelCrop]:
-    """Crop every preset level present (at least :data:`MIN_ROI_VOXELS`) to its ROI box plus the margin, in turn.
+def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset,
+                 levels: Collection[str] | None = None) -> Iterator[_LevelCrop]:
+    """Crop every preset level present (at least :data:`MIN_ROI_VOXELS`; of ``levels`` if given) to its ROI box
+    plus the margin, in turn.
 
     Raises ValueError (when first iterated) if the label map is not on the volume's grid.
     """
@@ -420,7 +424,7 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
         r = preset.intensity_rescale
         bounds = image_percentiles(volume.hu, (r.lower_percentile, r.upper_percentile))
     boxes = ndimage.find_objects(labels)  # one pass: bounding box of every label value
-    for level in preset.levels:
+    for level in (lv for lv in preset.levels if levels is None or lv in levels):
         vid = VERTEBRA_IDS[level]
         box = boxes[vid - 1] if vid <= len(boxes) else None
         if box is None:
@@ -640,7 +644,7 @@ def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segment
     segmentation : SpineSegmentation
         Bodies on the same grid.
     processes : int
-        Worker processes, as for :func:`extract_features`.
+        Worker processes, as for :func:`extract_features`; at most one per fractured level.
 
     Returns
     -------
@@ -651,7 +655,9 @@ def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segment
     fractured = {name for name, level in levels.items() if level.fracture_suspected}
     if not fractured:
         return levels
-    rows = {str(row["level"]): row for row in extract_features(volume, segmentation, "seed003", processes=processes)}
+    # only the fractured levels are extracted; one level is extracted in this process (no pool to wait for)
+    rows = {str(row["level"]): row for row in extract_features(volume, segmentation, "seed003", levels=fractured,
+                                                               processes=min(processes, len(fractured)))}
     return {name: level.model_copy(update={"fracture_texture": {
                 key: float(value) for key, value in rows[name].items() if key not in META_COLUMNS}})
             if name in fractured and name in rows else level

@@ -30,7 +30,9 @@ def test_converted_real_ct_is_a_clean_ct_image_series(abdomen_series):
 
 
 def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
-    run = _analyze(abdomen_series, tmp_path)
+    config = tmp_path / "export.toml"
+    config.write_text("[analysis]\nradiomics_export = true\n", encoding="utf-8")
+    run = _analyze(abdomen_series, tmp_path, "--config", str(config))
     assert run.returncode == 0, run.stderr
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["status"] == "ok" and result["reason"] is None
@@ -45,7 +47,8 @@ def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
         assert level["trabecular_voxel_count"] > 0 and level["trabecular_roi_volume_mm3"] > 0
     assert result["bone_status"]["category"] in ("normal", "osteopenia", "osteoporosis", "indeterminate")
     assert "Pickhardt" in result["bone_status"]["basis"]
-    assert {"load", "segment", "measure", "classify", "encode"} <= set(result["timings_s"])
+    assert {"load", "segment", "measure", "classify", "encode_sr", "encode_seg", "key_images", "pdf", "radiomics"} <= set(
+        result["timings_s"])
     # labels.nii.gz lies on the source CT's voxel grid (the same voxel centres in patient space;
     # the index order may differ), with VerSe IDs
     labels = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
@@ -72,11 +75,16 @@ def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
     assert all(result["levels"][n]["genant_grade"] in (0, 1, 2, 3) for n in ("L1", "L2", "L3", "L4"))
     for name in ("seg.dcm", "sr.dcm", "key_1.dcm", "key_2.dcm", "report.dcm"):
         assert dciodvfy(tmp_path / name) == ([], [])
-    # deterministic outputs: re-analysis yields the same SOP Instance UIDs
+    # deterministic outputs: re-analysis yields the same SOP Instance UIDs; by default (no model, no
+    # radiomics_export) no radiomics features are extracted
     again = tmp_path / "again"
     assert _analyze(abdomen_series, again).returncode == 0
-    for name in ("seg.dcm", "sr.dcm"):
+    for name in ("seg.dcm", "sr.dcm", "key_1.dcm", "key_2.dcm", "report.dcm"):
         assert (pydicom.dcmread(tmp_path / name).SOPInstanceUID == pydicom.dcmread(again / name).SOPInstanceUID)
+    default = json.loads((again / "result.json").read_text())
+    assert not (again / "radiomics.csv").exists() and default["radiomics_file"] is None
+    assert "radiomics" not in default["timings_s"]
+    assert default["bone_status"] == result["bone_status"]
 
 
 def test_analyze_jpeg2000_t11_t12_is_not_evaluable(j2k_series, tmp_path):

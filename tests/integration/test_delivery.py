@@ -130,3 +130,35 @@ def test_undeliverable_result_stays_in_outbox_with_reason(tmp_path, monkeypatch,
     assert run.returncode == 0, run.stderr
     assert [p.name for p in received.iterdir()] == ["1.2.3.4.dcm"]
     assert json.loads((entry / "delivery-dest0.json").read_text())["state"] == "delivered"
+
+
+def test_phased_delivery_sends_each_batch_and_records_a_refused_sop_class_as_failed(tmp_path):
+    """The analysis task's first attempt: batch by batch, the refused SOP class is permanent, the rest arrives."""
+    from osteonode.config import load_settings
+    from osteonode.result import AnalysisResult
+    from worker.tasks import PhasedDelivery
+
+    received = tmp_path / "received"
+    received.mkdir()
+    port = free_port()
+    config, _ = write_config(tmp_path / "node", broker_url=None, destinations=[("LATEPACS", "127.0.0.1", port)])
+    entry = tmp_path / "node" / "outbox" / "1.2.3"
+    entry.mkdir(parents=True)
+    sr, seg, key, pdf = (_file(entry, sop_class, f"1.2.3.{i}") for i, sop_class in enumerate(
+        (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage, EncapsulatedPDFStorage)))
+    result = AnalysisResult.not_evaluable("test", "1.2.3", "1.2.3.9")
+    delivery = PhasedDelivery(entry, load_settings(config), "job")
+    server = _receiver(received, port, sop_classes=(SegmentationStorage, Comprehensive3DSRStorage,
+                                                    SecondaryCaptureImageStorage))
+    try:
+        delivery.publish(result, [sr])
+        assert [p.name for p in received.iterdir()] == ["1.2.3.0.dcm"]  # the SR is there before the rest is sent
+        assert json.loads((entry / "delivery-dest0.json").read_text())["state"] == "pending"
+        delivery.publish(result, [seg])
+        delivery.publish(result, [key, pdf])
+        delivery.finish()
+    finally:
+        server.shutdown()
+    assert sorted(p.name for p in received.iterdir()) == ["1.2.3.0.dcm", "1.2.3.1.dcm", "1.2.3.2.dcm"]
+    state = json.loads((entry / "delivery-dest0.json").read_text())
+    assert state["state"] == "failed" and "does not accept Encapsulated PDF Storage" in state["detail"]

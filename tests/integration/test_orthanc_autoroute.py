@@ -7,8 +7,10 @@ multi-series study (``study`` fixture: localizer, soft and bone kernels,
 coronal reformat, arterial copy, dose SR, Secondary Capture with Modality CT)
 is uploaded to Orthanc over REST and nothing else is done: the Lua script
 must send the stable study's CT series to the node, and exactly one SEG and
-one SR, made from the soft axial series, must arrive in the same study. The
-results make the study stable again, but nothing is routed a second time.
+one SR, made from the soft axial series, must arrive in the same study,
+before the key images and the PDF (Orthanc's change log orders the
+arrivals), each instance once. The results make the study stable again, but
+nothing is routed a second time.
 """
 
 from __future__ import annotations
@@ -109,6 +111,19 @@ def test_orthanc_lua_routes_the_stable_study_and_one_result_set_comes_back(tmp_p
     assert len(outbox) == 1
     state = json.loads((outbox[0] / "delivery-dest0.json").read_text())
     assert state["state"] == "delivered"
+    # the SEG and SR were stored before the key images and the PDF, each instance once
+    arrivals = _arrival_order(orthanc, {s["ID"]: m for m, series in found.items() for s in _node_series(found, m)})
+    assert sorted(arrivals) == ["DOC", "OT", "OT", "SEG", "SR"], arrivals
+    assert set(arrivals[:2]) == {"SEG", "SR"}, arrivals
+
+
+def _arrival_order(orthanc: OrthancServer, modality_of_series: dict[str, str]) -> list[str]:
+    """Modalities of the instances of the given series, in the order Orthanc stored them (``/changes``)."""
+    series_of = {i["ID"]: series_id for series_id in modality_of_series
+                 for i in orthanc.instances_of_series(series_id)}
+    changes = orthanc.get("/changes?since=0&limit=10000")["Changes"]
+    return [modality_of_series[series_of[c["ID"]]] for c in sorted(changes, key=lambda c: c["Seq"])
+            if c["ChangeType"] == "NewInstance" and c["ID"] in series_of]
 
 
 def _node_series(found: dict[str, list[dict]], modality: str) -> list[dict]:

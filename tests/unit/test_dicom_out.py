@@ -33,6 +33,7 @@ from osteonode.dicom_out import keyimage as keyimage_module
 from osteonode.dicom_out import pdf as pdf_module
 from osteonode.dicom_out import seg as seg_module
 from osteonode.dicom_out import sr as sr_module
+from osteonode.dicom_out.seg import seg_reference
 from osteonode.result import AnalysisResult, BoneStatus, Calibration, ContrastPhase, LevelResult
 from osteonode.segment import SpineSegmentation
 from osteonode.uids import derived_uid
@@ -404,6 +405,21 @@ def test_uids_are_identical_when_built_twice(axial):
     assert (seg2.SeriesInstanceUID, seg2.SOPInstanceUID) == (seg.SeriesInstanceUID, seg.SOPInstanceUID)
     assert (sr2.SeriesInstanceUID, sr2.SOPInstanceUID) == (sr.SeriesInstanceUID, sr.SOPInstanceUID)
     assert [i.TrackingUID for i in seg2.SegmentSequence] == [i.TrackingUID for i in seg.SegmentSequence]
+
+
+def test_seg_reference_stands_for_the_seg_in_the_sr(axial):
+    """The SR is built before the SEG is encoded, from seg_reference: the same UIDs, segments and SR content."""
+    case, seg, sr = axial
+    reference = seg_reference(case.series, case.segmentation)
+    uids = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
+    assert [reference[k].value for k in uids] == [seg[k].value for k in uids]
+    segments = lambda ds: [(int(i.SegmentNumber), i.SegmentLabel, i.TrackingUID, i.TrackingID)
+                           for i in ds.SegmentSequence]
+    assert segments(reference) == segments(seg) and len(segments(seg)) > 1
+    early = build_sr(case.series, make_result(case.series), reference)
+    assert early.SOPInstanceUID == sr.SOPInstanceUID
+    assert early.ContentSequence == sr.ContentSequence
+    assert early.CurrentRequestedProcedureEvidenceSequence == sr.CurrentRequestedProcedureEvidenceSequence
 
 
 def test_a_new_version_yields_new_series_uids(axial):
