@@ -59,7 +59,8 @@ from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
 from osteonode.measure.hu import measure_levels, measure_proximal_femurs
 from osteonode.measure.tissues import measure_reference_tissues
-from osteonode.result import FEATURE_TABLE_NAME, AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed
+from osteonode.feature_table import FEATURE_TABLE_NAME, write_feature_table
+from osteonode.result import AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import select_backend
 from osteonode.series import CT_IMAGE_SOP_CLASSES, SeriesInfo, SeriesRanking, check_series
@@ -367,7 +368,6 @@ def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSetti
             written.append(write(build_pdf_report(series or analysis.headers, result, banner=settings.banner),
                                  out_dir / PDF_FILE))
     if evaluable and settings.radiomics_export and radiomics_needed(settings):
-        from osteonode.measure.radiomics import write_feature_table
         rows = analysis.feature_rows  # extracted already when a model classified from them
         if not rows:
             with _timed(timings, "radiomics"):

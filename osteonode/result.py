@@ -17,8 +17,6 @@ BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
 QualityFlag = Literal["cut_by_field_of_view", "heterogeneous", "mean_median_discordant",
                       "focal_lesion_excluded", "excluded_over_limit"]
-#: File name of the radiomics feature table in a study's output folder.
-FEATURE_TABLE_NAME = "radiomics.csv"
 #: Words for each quality flag, as the SR, the PDF and the key images say them.
 QUALITY_FLAG_TEXT: dict[str, str] = {
     "cut_by_field_of_view": "cut by the edge of the scan: heights not reported",

@@ -41,7 +41,7 @@ from sklearn.metrics import confusion_matrix, roc_curve
 
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.classify.model import ModelArtifactError, Unit, feature_vectors, load_model, to_matrix
-from osteonode.measure.radiomics import FEATURE_TABLE_NAME, read_feature_table
+from osteonode.feature_table import FEATURE_TABLE_NAME, read_feature_table
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,7 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 
 from osteonode.errors import OsteonodeError
-from osteonode.measure.radiomics import META_COLUMNS
+from osteonode.feature_table import META_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def feature_vectors(rows: Sequence[dict[str, Any]], unit: Unit,
     Parameters
     ----------
     rows : sequence of dict
-        Rows of :func:`osteonode.measure.radiomics.read_feature_table`, one per level.
+        Rows of :func:`osteonode.feature_table.read_feature_table`, one per level.
     unit : {"study", "vertebra"}
         ``"study"``: one sample per study, the features of every level in
         ``levels`` side by side, named ``"<level>:<feature>"`` (Xue 2022 used
@@ -431,7 +431,7 @@ class Model:
         Parameters
         ----------
         rows : sequence of dict
-            One study's rows (:func:`osteonode.measure.radiomics.read_feature_table`).
+            One study's rows (:func:`osteonode.feature_table.read_feature_table`).
 
         Returns
         -------

@@ -45,9 +45,7 @@ Time: pyradiomics' C code holds the GIL, so the levels are extracted in
 parallel worker *processes* (``processes``, the ``radiomics_processes``
 setting): billiard, Celery's fork of :mod:`multiprocessing`, because the Celery
 worker runs analyses in daemonic processes that the standard library forbids to
-have children. On the example CT resampled to 512 x 512 x 300, seed000 took
-1.85-1.99 s per vertebra with 2 processes against 3.1-3.2 s with one (2 cores;
-medians of ``python bench/features.py --repeats 5``, two runs).
+have children. Measured times: ``bench/features.py`` and bench/README.md.
 
 Arrays are ``(z, y, x)`` numpy; SimpleITK images are ``(x, y, z)``
 (:meth:`osteonode.volume.Volume.to_sitk` converts).
@@ -55,13 +53,10 @@ Arrays are ``(z, y, x)`` numpy; SimpleITK images are ``(x, y, z)``
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import threading
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
@@ -82,7 +77,8 @@ from scipy import ndimage
 
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.hu import MIN_ROI_VOXELS
-from osteonode.result import FEATURE_TABLE_NAME, LevelResult  # noqa: F401 (re-exported)
+from osteonode.feature_table import META_COLUMNS
+from osteonode.result import LevelResult
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
 
@@ -92,7 +88,6 @@ log = logging.getLogger(__name__)
 PYRADIOMICS_VERSION = radiomics.__version__
 PRESETS_FILE = "presets.json"
 #: Columns of a feature table that are not features, in this order.
-META_COLUMNS = ("level", "vertebra_id", "preset", "preset_sha256", "roi", "roi_voxel_count")
 _ROI_KINDS = ("bodies", "trabecular")
 _PRESET_KEYS = {"params_file", "source", "roi", "roi_note", "levels", "intensity_rescale", "crop_margin_mm"}
 _RESCALE_KEYS = {"lower_percentile", "upper_percentile", "output_min", "output_max"}
@@ -118,8 +113,8 @@ def _bin_edges(parameterValues, **kwargs):  # noqa: N803 (pyradiomics' signature
     a 0.8 x 0.8 x 1.25 mm CT (6 binnings x 13 images). Handing it the two-element
     array ``[min, max]`` (numpy's reductions) gives the same edges with the same
     code; with ``binCount`` (a histogram of all values) the values go through
-    unchanged. Installed in ``radiomics.imageoperations`` when this module is
-    imported; ``tests/unit/test_radiomics.py`` checks that the features are equal.
+    unchanged. Installed in ``radiomics.imageoperations`` by
+    :func:`install_fast_bin_edges`; ``tests/unit/test_radiomics.py`` checks that the features are equal.
     """
     if kwargs.get("binCount") is None:
         values = np.asarray(parameterValues)
@@ -127,7 +122,22 @@ def _bin_edges(parameterValues, **kwargs):  # noqa: N803 (pyradiomics' signature
     return _PYRADIOMICS_BIN_EDGES(parameterValues, **kwargs)
 
 
-imageoperations.getBinEdges = _bin_edges
+def install_fast_bin_edges() -> None:
+    """Put :func:`_bin_edges` in place of pyradiomics' ``getBinEdges``, once per process.
+
+    Called explicitly where an extractor is built (:func:`_extractor`, in this
+    process and in each radiomics worker process), not at import: importing
+    this module changes nothing in pyradiomics. Idempotent; a caller that puts
+    pyradiomics' own function back afterwards (the equality test, the
+    reference run of ``bench/features.py``) keeps it.
+    """
+    global _FAST_BIN_EDGES_INSTALLED
+    if not _FAST_BIN_EDGES_INSTALLED:
+        imageoperations.getBinEdges = _bin_edges
+        _FAST_BIN_EDGES_INSTALLED = True
+
+
+_FAST_BIN_EDGES_INSTALLED = False
 
 
 class RadiomicsParamsError(ValueError):
@@ -271,6 +281,7 @@ def _check_entry(name: str, entry: object) -> None:
 
 def _extractor(params_file: Path) -> RadiomicsFeatureExtractor:
     """Build the extractor; pyradiomics validates the file against its pykwalify schema."""
+    install_fast_bin_edges()
     try:
         return RadiomicsFeatureExtractor(str(params_file))
     except (pykwalify.errors.PyKwalifyException, ruamel.yaml.error.YAMLError) as exc:
@@ -551,79 +562,6 @@ def _cropped_volume(volume: Volume, crop: tuple[slice, slice, slice], hu: np.nda
     affine = volume.affine.copy()
     affine[:3, 3] = volume.affine[:3, :3] @ np.array([s.start for s in crop], dtype=float) + volume.affine[:3, 3]
     return Volume(hu=np.ascontiguousarray(hu, dtype=np.float32), affine=affine)
-
-
-def write_feature_table(rows: list[dict[str, float | int | str]], path: Path) -> None:
-    """Write feature rows as CSV (one row per level), atomically.
-
-    Parameters
-    ----------
-    rows : list of dict
-        Rows of :func:`extract_features`; all rows must have the same columns.
-    path : pathlib.Path
-        Output file; replaced if it exists. Floats are written with full
-        precision (``repr``), so reading gives back the same values.
-
-    Raises
-    ------
-    ValueError
-        If ``rows`` is empty or the rows' columns differ.
-    """
-    if not rows:
-        raise ValueError("no feature rows to write")
-    columns = list(rows[0])
-    for row in rows[1:]:
-        if list(row) != columns:
-            raise ValueError(f"level {row.get('level')!r} has different columns from level {rows[0].get('level')!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_feature_table(path: Path) -> list[dict[str, float | int | str]]:
-    """Read a table written by :func:`write_feature_table`.
-
-    Parameters
-    ----------
-    path : pathlib.Path
-        The CSV file.
-
-    Returns
-    -------
-    list of dict
-        One row per level: ``vertebra_id`` and ``roi_voxel_count`` as int, the
-        other :data:`META_COLUMNS` as str, every other column as float.
-
-    Raises
-    ------
-    ValueError
-        If a meta column is missing or a feature value is not a number.
-    """
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in META_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path.name}: not a radiomics feature table (missing columns {missing})")
-        rows = []
-        for raw in reader:
-            row: dict[str, float | int | str] = {}
-            for key, value in raw.items():
-                if key in ("vertebra_id", "roi_voxel_count"):
-                    row[key] = int(value)
-                elif key in META_COLUMNS:
-                    row[key] = value
-                else:
-                    row[key] = float(value)
-            rows.append(row)
-    return rows
 
 
 def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segmentation: SpineSegmentation,

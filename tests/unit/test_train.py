@@ -19,7 +19,7 @@ from osteonode.classify.evaluate import (TASKS, binary_metrics, delong_auc, eval
 from osteonode.classify.model import (MRMRLassoSelector, ModelArtifactError, load_model, mrmr_order,
                                       sha256_file)
 from osteonode.classify.train import NOT_CLINICALLY_VALID, RESEARCH_ONLY, train
-from osteonode.measure.radiomics import FEATURE_TABLE_NAME, read_feature_table, write_feature_table
+from osteonode.feature_table import FEATURE_TABLE_NAME, read_feature_table, write_feature_table
 
 LEVELS = ("L1", "L2", "L3", "L4")
 SIGNAL = [f"original_firstorder_Signal{j}" for j in range(3)]
