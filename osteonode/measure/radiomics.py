@@ -45,7 +45,7 @@ Time: pyradiomics' C code holds the GIL, so the levels are extracted in
 parallel worker *processes* (``processes``, the ``radiomics_processes``
 setting): billiard, Celery's fork of :mod:`multiprocessing`, because the Celery
 worker runs analyses in daemonic processes that the standard library forbids to
-have children. Measured times: ``bench/features.py`` and bench/README.md.
+have children. Measured times: ``bench/features.py`` (figures in README.md, Benchmarks).
 
 Arrays are ``(z, y, x)`` numpy; SimpleITK images are ``(x, y, z)``
 (:meth:`osteonode.volume.Volume.to_sitk` converts).
