@@ -100,6 +100,9 @@ class AnalysisSettings(_Strict):
     pdf_report: bool = Field(default=True, description="send a one-page Encapsulated PDF report")
     skip_not_evaluable: bool = Field(
         default=False, description="true: a series that cannot be analysed gets no SR at all")
+    failed_sr: bool = Field(
+        default=True, description='send an SR saying "processing failed: <reason>" when an analysis fails '
+                                  "unexpectedly (result.json records the failure either way)")
 
 
 KernelClass = Literal["soft", "unknown", "bone", "sharp", "lung"]

@@ -1,0 +1,236 @@
+"""Never lose, never hide (issue 12): failed jobs are recorded, the watcher survives, payloads are checked."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from osteonode.config import SelectionSettings
+from osteonode.errors import describe
+from osteonode.ingest.completion import JOBS_DIR, find_due_studies, watch
+from osteonode.ingest.spool import write_instance
+from osteonode.pipeline import analyze_files
+
+RULES = SelectionSettings()
+UID_IN_TEXT = re.compile(r"\d+\.\d+\.\d+")
+
+
+def _header(study_uid: str, series_uid: str, sop_uid: str) -> bytes:
+    """A minimal CT header as PS3.10 bytes (the watcher never reads pixels)."""
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality = CTImageStorage, sop_uid, "CT"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SeriesNumber = study_uid, series_uid, 1
+    ds.ImageType, ds.ConvolutionKernel, ds.SliceThickness = ["ORIGINAL", "PRIMARY", "AXIAL"], "B30f", 3.0
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def _spool_quiet_study(spool: Path, study_uid: str) -> None:
+    """Ten instances of one series, their folders aged 60 s (quiet)."""
+    for i in range(10):
+        write_instance(spool, study_uid, f"{study_uid}.1", f"{study_uid}.1.{i}",
+                       _header(study_uid, f"{study_uid}.1", f"{study_uid}.1.{i}"))
+    for folder in (spool / study_uid, spool / study_uid / f"{study_uid}.1"):
+        st = folder.stat()
+        os.utime(folder, ns=(st.st_atime_ns, st.st_mtime_ns - 60 * 10**9))
+
+
+def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_watcher_survives_an_oserror_in_one_study_and_handles_later_ones(tmp_path, caplog):
+    """ENOSPC-like failure of mark_handled (a folder in the way of the marker) must not kill the watcher."""
+    spool = tmp_path
+    _spool_quiet_study(spool, "1.2.1")
+    (spool / JOBS_DIR / ".1.2.1.tmp").mkdir(parents=True)  # the marker write raises IsADirectoryError (OSError)
+    enqueued: list[str] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=watch, args=(spool, 5, RULES, lambda j: enqueued.append(j.study_instance_uid),
+                                                  stop), kwargs={"poll_interval_s": 0.02}, daemon=True)
+    with caplog.at_level(logging.INFO, logger="osteonode.ingest.completion"):
+        thread.start()
+        try:
+            assert _wait_for(lambda: "study not handled (IsADirectoryError" in caplog.text)
+            _spool_quiet_study(spool, "1.2.2")  # a later study
+            assert _wait_for(lambda: "1.2.2" in enqueued), "a later study was not enqueued"
+            assert thread.is_alive()
+            (spool / JOBS_DIR / ".1.2.1.tmp").rmdir()  # the disk has room again
+            assert _wait_for(lambda: (spool / JOBS_DIR / "1.2.1.json").is_file()), "the failed study was not retried"
+            n = len(enqueued)
+            time.sleep(0.2)
+            assert len(enqueued) == n, "a handled study is enqueued again"
+        finally:
+            stop.set()
+            thread.join(5)
+    assert not thread.is_alive()
+    assert not UID_IN_TEXT.search(caplog.text), "a UID was logged"
+
+
+def test_a_corrupt_marker_does_not_stall_other_studies(tmp_path):
+    _spool_quiet_study(tmp_path, "1.2.1")
+    _spool_quiet_study(tmp_path, "1.2.2")
+    (tmp_path / JOBS_DIR).mkdir()
+    (tmp_path / JOBS_DIR / "1.2.1.json").write_text("{not json", encoding="utf-8")
+    assert [job.study_instance_uid for job in find_due_studies(tmp_path, 5, RULES)] == ["1.2.2"]
+
+
+def test_describe_masks_uids_and_paths():
+    assert describe(FileNotFoundError(2, "No such file or directory", "/spool/1.2.3/4.5.6.dcm")) == \
+        "FileNotFoundError: No such file or directory"
+    text = describe(KeyError("series 1.2.840.1234.5 in /data/spool/1.2.3/x.dcm"))
+    assert "1.2.840" not in text and "/data" not in text and text.startswith("KeyError: ")
+    assert len(describe(ValueError("x" * 1000))) < 230
+
+
+def _copy_with_bad_position(files: list[Path], out: Path, index: int) -> list[Path]:
+    """Copy a series, one slice with ImagePositionPatient ``-100.0\\1x0\\5.0`` (a malformed DS, written raw)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, src in enumerate(files):
+        ds = pydicom.dcmread(src)
+        if i == index:
+            value = b"-100.0\\1x0\\5.0"
+            ds._dict[Tag(0x00200032)] = RawDataElement(Tag(0x00200032), "DS", len(value), value, 0, False, True)
+        paths.append(out / src.name)
+        ds.save_as(paths[-1], enforce_file_format=True)
+    return paths
+
+
+def test_one_malformed_slice_position_makes_the_series_not_evaluable(j2k_series, tmp_path):
+    files = _copy_with_bad_position(j2k_series, tmp_path / "in", index=5)
+    result = analyze_files(files, tmp_path / "out")
+    assert result.status == "not_evaluable"
+    assert "malformed Image Orientation or Image Position" in result.reason
+    assert "1x0" not in result.reason
+    assert json.loads((tmp_path / "out" / "result.json").read_text())["status"] == "not_evaluable"
+    assert (tmp_path / "out" / "sr.dcm").is_file()
+
+
+@pytest.fixture
+def node_dirs(tmp_path, monkeypatch) -> tuple[Path, Path]:
+    """Spool and outbox of a node configured by environment only (no destinations: no broker needed)."""
+    spool, outbox = tmp_path / "spool", tmp_path / "outbox"
+    spool.mkdir(), outbox.mkdir()
+    monkeypatch.delenv("OSTEONODE_CONFIG", raising=False)
+    monkeypatch.setenv("OSTEONODE_SPOOL_DIR", str(spool))
+    monkeypatch.setenv("OSTEONODE_OUTBOX_DIR", str(outbox))
+    monkeypatch.setenv("OSTEONODE_QUEUE_DIR", str(tmp_path / "queue"))
+    return spool, outbox
+
+
+def _spooled_job(files: list[Path], spool: Path) -> dict:
+    """Spool a real series as the SCP would and return its study's job payload (JSON)."""
+    for path in files:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        write_instance(spool, ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID, path.read_bytes())
+    (job,) = find_due_studies(spool, 0, RULES, now_s=time.time() + 60)
+    return job.model_dump(mode="json")
+
+
+def _sr_texts(ds: pydicom.Dataset) -> list[str]:
+    """Every TEXT value of an SR content tree."""
+    texts = []
+    for item in ds.get("ContentSequence", []):
+        if "TextValue" in item:
+            texts.append(str(item.TextValue))
+        texts += _sr_texts(item)
+    return texts
+
+
+def _analysis_log_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "analysis FAILED" in r.getMessage()]
+
+
+def test_an_unexpected_error_is_recorded_as_failed_with_an_sr(j2k_series, node_dirs, caplog):
+    from worker.tasks import analyze_study_task
+
+    spool, outbox = node_dirs
+    job = _spooled_job(j2k_series, spool)
+    entry = outbox / job["study_instance_uid"]
+    (entry / "labels.nii.gz").mkdir(parents=True)  # a folder in the way: the pipeline raises IsADirectoryError
+    with caplog.at_level(logging.INFO):
+        assert analyze_study_task(job) == "failed"
+    result = json.loads((entry / "result.json").read_text())
+    assert result["status"] == "failed" and result["error_class"] == "IsADirectoryError"
+    assert result["reason"].startswith("IsADirectoryError: ")
+    sr = pydicom.dcmread(entry / "sr.dcm")
+    assert sr.StudyInstanceUID == job["study_instance_uid"]
+    assert any("processing failed: IsADirectoryError" in text for text in _sr_texts(sr))
+    lines = _analysis_log_lines(caplog)
+    assert len(lines) == 1 and re.match(r"job [0-9a-f]{10}: analysis FAILED: IsADirectoryError: ", lines[0])
+    assert not UID_IN_TEXT.search(lines[0])
+
+
+def test_failed_sr_can_be_switched_off(j2k_series, node_dirs, monkeypatch):
+    from worker.tasks import analyze_study_task
+
+    monkeypatch.setenv("OSTEONODE_ANALYSIS__FAILED_SR", "false")
+    spool, outbox = node_dirs
+    job = _spooled_job(j2k_series, spool)
+    entry = outbox / job["study_instance_uid"]
+    (entry / "labels.nii.gz").mkdir(parents=True)
+    assert analyze_study_task(job) == "failed"
+    assert json.loads((entry / "result.json").read_text())["status"] == "failed"
+    assert not list(entry.glob("*.dcm"))
+
+
+def test_a_job_whose_worker_died_twice_is_failed_not_run_again(j2k_series, node_dirs, caplog):
+    """acks_late redelivers a job whose worker died; the third start records the failure instead of a loop."""
+    from worker.tasks import MAX_ANALYSIS_STARTS, analyze_study_task
+
+    spool, outbox = node_dirs
+    job = _spooled_job(j2k_series, spool)
+    entry = outbox / job["study_instance_uid"]
+    entry.mkdir()
+    (entry / f".starts-{job['fingerprint'][:16]}").write_text(str(MAX_ANALYSIS_STARTS))
+    with caplog.at_level(logging.INFO):
+        assert analyze_study_task(job) == "failed"
+    result = json.loads((entry / "result.json").read_text())
+    assert result["error_class"] == "WorkerLost" and "never finished" in result["reason"]
+    assert "timings_s" in result and result["timings_s"] == {}  # the analysis was not run again
+    assert not list(entry.glob(".starts-*"))
+    assert len(_analysis_log_lines(caplog)) == 1
+
+
+@pytest.mark.parametrize("forge", ["series_uid", "series_dir", "study_uid"])
+def test_a_forged_payload_is_rejected_before_any_file_is_touched(j2k_series, node_dirs, tmp_path, forge, caplog):
+    from worker.tasks import analyze_study_task
+
+    spool, outbox = node_dirs
+    job = _spooled_job(j2k_series, spool)
+    candidate = job["ranking"]["candidates"][0]
+    if forge == "series_uid":
+        candidate["series_instance_uid"] = "../escape-outbox"
+    elif forge == "series_dir":
+        outside = tmp_path / "elsewhere"
+        shutil.copytree(candidate["series_dir"], outside)
+        candidate["series_dir"] = str(outside)
+    else:
+        job["study_instance_uid"] = "../escape-outbox"
+    with caplog.at_level(logging.ERROR):
+        assert analyze_study_task(job) == "rejected"
+    assert list(outbox.iterdir()) == [] and not (tmp_path / "escape-outbox").exists()
+    assert "job rejected: invalid payload" in caplog.text and "escape" not in caplog.text
