@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from osteonode.config import load_settings
 from osteonode.dispatch import outbox_entry, record_delivery, send_files
-from osteonode.errors import DeliveryFailed, InputRejected
+from osteonode.errors import DeliveryFailed, InputRejected, describe
 from osteonode.failure import record_failure
 from osteonode.ingest.completion import StudyJob, log_id, validate_job
 from osteonode.pipeline import analyze_study
@@ -119,7 +119,9 @@ def deliver(self, entry: str, destination_name: str) -> str:
     try:
         send_files(sorted(folder.glob("*.dcm")), destination, calling_ae_title=settings.ae_title,
                    timeout_s=settings.dispatch.timeout_s)
-    except DeliveryFailed as exc:
+    except Exception as exc:  # noqa: BLE001 - top-level recorder: any error becomes a (bounded) failed attempt
+        if not isinstance(exc, DeliveryFailed):
+            exc = DeliveryFailed(f"unexpected {describe(exc)}")
         if exc.permanent or self.request.retries >= settings.dispatch.max_retries:
             record_delivery(folder, destination.name, "failed", attempt, str(exc))
             log.error("job %s: NOT (fully) delivered after %d attempt(s), outputs kept in the outbox: %s",

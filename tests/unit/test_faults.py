@@ -234,3 +234,49 @@ def test_a_forged_payload_is_rejected_before_any_file_is_touched(j2k_series, nod
         assert analyze_study_task(job) == "rejected"
     assert list(outbox.iterdir()) == [] and not (tmp_path / "escape-outbox").exists()
     assert "job rejected: invalid payload" in caplog.text and "escape" not in caplog.text
+
+
+def test_an_unexpected_delivery_error_is_recorded_as_failed(node_dirs, monkeypatch, caplog):
+    from worker.tasks import deliver
+
+    monkeypatch.setenv("OSTEONODE_DESTINATIONS", '[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", '
+                                                 '"port": 1}]')
+    monkeypatch.setenv("OSTEONODE_DISPATCH__MAX_RETRIES", "0")
+    _, outbox = node_dirs
+    entry = outbox / "1.2.3"
+    entry.mkdir()
+    (entry / "sr.dcm").write_bytes(b"not DICOM at all")
+    with caplog.at_level(logging.INFO):
+        assert deliver(str(entry), "pacs") == "failed"
+    record = json.loads((entry / "delivery-pacs.json").read_text())
+    assert record["state"] == "failed" and record["detail"].startswith("unexpected InvalidDicomError")
+    assert "NOT (fully) delivered after 1 attempt(s)" in caplog.text
+    assert deliver(str(outbox.parent / "elsewhere"), "pacs") == "rejected"
+
+
+@pytest.mark.parametrize(("status", "stored"), [(0x0000, True), (0x0001, True), (0x0107, True), (0x0116, True),
+                                                (0xB000, True), (0xA700, False), (0xC210, False)])
+def test_cstore_status_categories_come_from_pynetdicom(tmp_path, status, stored):
+    """A real SCP on loopback answers ``status``; warnings count as stored (PS3.7 C.4.2.3), failures raise."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage as CTStorage
+
+    from osteonode.config import Destination
+    from osteonode.dispatch import send_files
+    from osteonode.errors import DeliveryFailed
+
+    scp = AE(ae_title="PACS")
+    scp.add_supported_context(CTStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", 0), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: status)])
+    try:
+        path = tmp_path / "sr.dcm"
+        path.write_bytes(_header("1.2.3", "1.2.3.4", "1.2.3.4.5"))
+        destination = Destination(name="pacs", ae_title="PACS", host="127.0.0.1", port=server.server_address[1])
+        if stored:
+            send_files([path], destination, calling_ae_title="OSTEONODE", timeout_s=5)
+        else:
+            with pytest.raises(DeliveryFailed, match=f"0x{status:04X}"):
+                send_files([path], destination, calling_ae_title="OSTEONODE", timeout_s=5)
+    finally:
+        server.shutdown()
