@@ -19,6 +19,7 @@ presentation contexts are logged at WARNING.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -51,7 +52,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from osteonode.config import Settings
 from osteonode.dispatch import set_tcp_nodelay
 from osteonode.errors import InputRejected
-from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, check_uid, write_instance
+from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, UMASK, check_uid, write_instance
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,7 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
     OSError
         If the port cannot be bound.
     """
+    os.umask(UMASK)  # spooled instances 0640, their folders 0750
     ae = make_ae(settings)
     discarded = DiscardCounter()
     handlers = [

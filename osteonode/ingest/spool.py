@@ -18,6 +18,8 @@ from osteonode.errors import InputRejected
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 TMP_PREFIX = ".tmp-"
+#: Process umask of the node: files it writes are 0640, folders 0750 (patient data are not world-readable).
+UMASK = 0o027
 STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 

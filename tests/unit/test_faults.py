@@ -280,3 +280,38 @@ def test_cstore_status_categories_come_from_pynetdicom(tmp_path, status, stored)
                 send_files([path], destination, calling_ae_title="OSTEONODE", timeout_s=5)
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+def info_log():
+    """The node's logging at INFO into a buffer; third-party levels restored afterwards."""
+    from osteonode.logs import QUIET_LOGGERS, configure_logging
+
+    levels = {name: logging.getLogger(name).level for name in (*QUIET_LOGGERS, "")}
+    buffer = io.StringIO()
+    handler = configure_logging("INFO", buffer)
+    yield buffer
+    logging.getLogger().removeHandler(handler)
+    logging.captureWarnings(False)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_an_analysis_logged_at_info_holds_no_uid_or_patient_data(j2k_series, tmp_path, info_log):
+    """highdicom logs source UIDs at INFO and pydicom quotes malformed values: neither may reach the log."""
+    files = _copy_with_bad_position(j2k_series, tmp_path / "in", index=5)
+    for path in files:  # malformed input that pydicom warns about, quoting the value
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID = "SECRET^PATIENT", "SECRETID42"
+        value = b"SECRET\\ID\\" + b"X" * 80
+        ds._dict[Tag(0x00100021)] = RawDataElement(Tag(0x00100021), "LO", len(value), value, 0, False, True)
+        ds.save_as(path, enforce_file_format=True)
+    assert analyze_files(files, tmp_path / "bad").status == "not_evaluable"
+    assert analyze_files(j2k_series, tmp_path / "ok").status in ("ok", "not_evaluable")
+    text = info_log.getvalue()
+    assert "analysis not_evaluable" in text  # the log was written
+    headers = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for secret in ("SECRET", str(headers.StudyInstanceUID), str(headers.SeriesInstanceUID),
+                   *(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:3])):
+        assert secret not in text, f"{secret[:6]}... logged"
+    assert not UID_IN_TEXT.search(text)
