@@ -86,12 +86,14 @@ def serve(config: ConfigOpt = None) -> None:
     """Run the DICOM listener; with the embedded queue, also the worker, in this process."""
     from kombu.exceptions import OperationalError
 
+    from osteonode.atomic import remove_orphans
     from osteonode.ingest.completion import StudyJob, watch
     from osteonode.ingest.scp import start_scp
     from worker.app import configure
     from worker.tasks import analyze_study_task
 
     settings = _settings(config)
+    remove_orphans(settings.spool_dir, settings.outbox_dir)  # nothing writes there before the SCP starts
     celery_app = configure(settings)
 
     def enqueue(job: StudyJob) -> None:

@@ -22,6 +22,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import build_context
 from pynetdicom.status import code_to_category
 
+from osteonode.atomic import write_atomic
 from osteonode.config import Destination
 from osteonode.errors import DeliveryFailed
 
@@ -139,11 +140,9 @@ def outbox_entry(outbox_dir: Path, study_uid: str) -> Path:
 
 def record_delivery(entry: Path, destination: str, state: str, attempts: int, detail: str = "") -> None:
     """Write ``entry/delivery-<destination>.json``: state (pending/delivered/failed), attempts, last error."""
-    path = entry / f"delivery-{destination}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"destination": destination, "state": state, "attempts": attempts,
-                               "detail": detail}, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(entry / f"delivery-{destination}.json",
+                 json.dumps({"destination": destination, "state": state, "attempts": attempts,
+                             "detail": detail}, indent=2).encode())
 
 
 def delivery_state(entry: Path, destination: str) -> dict | None:

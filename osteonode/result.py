@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from osteonode import __version__
+from osteonode.atomic import write_atomic
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
@@ -185,8 +186,8 @@ class AnalysisResult(BaseModel):
     timings_s: dict[str, float] = Field(default_factory=dict)
 
     def write(self, path: Path) -> None:
-        """Write the result as indented JSON to ``path``."""
-        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        """Write the result as indented JSON to ``path``, atomically (:func:`osteonode.atomic.write_atomic`)."""
+        write_atomic(path, (self.model_dump_json(indent=2) + "\n").encode())
 
     @classmethod
     def not_evaluable(cls, reason: str, study_instance_uid: str, series_instance_uid: str,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,6 +29,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 from pydicom.errors import InvalidDicomError
 
+from osteonode.atomic import write_atomic
 from osteonode.config import SelectionSettings
 from osteonode.errors import InputRejected, describe
 from osteonode.ingest.spool import check_uid, instance_files
@@ -180,10 +180,8 @@ def mark_handled(spool: Path, job: StudyJob) -> None:
     """Record on disk that ``job``'s study was handled up to its last arrival (atomic replace)."""
     jobs = spool / JOBS_DIR
     jobs.mkdir(parents=True, exist_ok=True)
-    tmp = jobs / f".{job.study_instance_uid}.tmp"
-    tmp.write_text(_Marker(last_arrival_ns=job.last_arrival_ns, fingerprint=job.fingerprint).model_dump_json(),
-                   encoding="utf-8")
-    os.replace(tmp, jobs / f"{job.study_instance_uid}.json")
+    write_atomic(jobs / f"{job.study_instance_uid}.json",
+                 _Marker(last_arrival_ns=job.last_arrival_ns, fingerprint=job.fingerprint).model_dump_json().encode())
 
 
 def _read_marker(spool: Path, study_uid: str) -> _Marker | None:

@@ -62,10 +62,11 @@ def _wait_for(predicate, timeout_s: float = 10.0) -> bool:
 
 
 def test_watcher_survives_an_oserror_in_one_study_and_handles_later_ones(tmp_path, caplog):
-    """ENOSPC-like failure of mark_handled (a folder in the way of the marker) must not kill the watcher."""
+    """An OSError in mark_handled (as ENOSPC did) must not kill the watcher; a later study is still enqueued."""
     spool = tmp_path
     _spool_quiet_study(spool, "1.2.1")
-    (spool / JOBS_DIR / ".1.2.1.tmp").mkdir(parents=True)  # the marker write raises IsADirectoryError (OSError)
+    blocker = spool / JOBS_DIR / "1.2.1.json"
+    blocker.mkdir(parents=True)  # a folder in the way: renaming the marker onto it raises IsADirectoryError
     enqueued: list[str] = []
     stop = threading.Event()
     thread = threading.Thread(target=watch, args=(spool, 5, RULES, lambda j: enqueued.append(j.study_instance_uid),
@@ -77,7 +78,7 @@ def test_watcher_survives_an_oserror_in_one_study_and_handles_later_ones(tmp_pat
             _spool_quiet_study(spool, "1.2.2")  # a later study
             assert _wait_for(lambda: "1.2.2" in enqueued), "a later study was not enqueued"
             assert thread.is_alive()
-            (spool / JOBS_DIR / ".1.2.1.tmp").rmdir()  # the disk has room again
+            blocker.rmdir()  # the disk has room again
             assert _wait_for(lambda: (spool / JOBS_DIR / "1.2.1.json").is_file()), "the failed study was not retried"
             n = len(enqueued)
             time.sleep(0.2)
@@ -315,3 +316,20 @@ def test_an_analysis_logged_at_info_holds_no_uid_or_patient_data(j2k_series, tmp
                    *(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files[:3])):
         assert secret not in text, f"{secret[:6]}... logged"
     assert not UID_IN_TEXT.search(text)
+
+
+def test_orphan_tmp_files_are_removed_and_writes_are_atomic(tmp_path, caplog):
+    from osteonode.atomic import remove_orphans, write_atomic
+
+    spool, outbox = tmp_path / "spool", tmp_path / "outbox"
+    final = write_instance(spool, "1.2", "1.2.3", "1.2.3.4", b"DICM")
+    orphan = final.parent / ".tmp-0123abcd"  # what a kill -9 during a write leaves
+    orphan.write_bytes(b"half a file with patient data")
+    (outbox / "1.2").mkdir(parents=True)
+    write_atomic(outbox / "1.2" / "result.json", b"{}")
+    (outbox / "1.2" / ".tmp-feed").write_bytes(b"{")
+    with caplog.at_level(logging.WARNING):
+        assert remove_orphans(spool, outbox, tmp_path / "absent") == 2
+    assert not orphan.exists() and final.read_bytes() == b"DICM"
+    assert sorted(p.name for p in (outbox / "1.2").iterdir()) == ["result.json"]
+    assert "removed 2 incomplete file(s)" in caplog.text and "1.2" not in caplog.text
