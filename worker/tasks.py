@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from osteonode.config import load_settings
@@ -70,7 +71,13 @@ def analyze_study_task(job: dict) -> str:
         return result.status
     for destination in settings.destinations:
         record_delivery(entry, destination.name, "pending", 0)
-        deliver.delay(str(entry), destination.name)
+        try:
+            deliver.delay(str(entry), destination.name)
+        except OperationalError as exc:  # broker gone since the job started: say so instead of "pending" forever
+            record_delivery(entry, destination.name, "failed", 0, f"delivery not queued: {describe(exc)}")
+            log.error("job %s: delivery to %s NOT queued, the broker cannot be reached (%s); outputs kept in "
+                      "the outbox, re-send with `osteonode send`", study_job.job_id, destination.name,
+                      describe(exc))
     log.info("job %s: %s, queued for %d destination(s)", study_job.job_id, result.status,
              len(settings.destinations))
     return result.status

@@ -333,3 +333,28 @@ def test_orphan_tmp_files_are_removed_and_writes_are_atomic(tmp_path, caplog):
     assert not orphan.exists() and final.read_bytes() == b"DICM"
     assert sorted(p.name for p in (outbox / "1.2").iterdir()) == ["result.json"]
     assert "removed 2 incomplete file(s)" in caplog.text and "1.2" not in caplog.text
+
+
+def test_a_delivery_that_cannot_be_queued_is_recorded_not_left_pending(j2k_series, node_dirs, monkeypatch, caplog):
+    """Redis gone between the analysis and the delivery: delivery-<dest>.json says failed, the log says so."""
+    from osteonode.config import Settings
+    from worker.app import app, configure
+    from worker.tasks import analyze_study_task
+
+    monkeypatch.setenv("OSTEONODE_DESTINATIONS", '[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", '
+                                                 '"port": 1}]')
+    spool, outbox = node_dirs
+    job = _spooled_job(j2k_series, spool)
+    entry = outbox / job["study_instance_uid"]
+    (entry / "labels.nii.gz").mkdir(parents=True)  # fail fast: the point here is the delivery
+    saved = {key: app.conf[key] for key in ("broker_url", "broker_transport_options")}
+    configure(Settings(broker_url="redis://127.0.0.1:1/0"))  # nothing listens on port 1
+    try:
+        with caplog.at_level(logging.INFO):
+            assert analyze_study_task(job) == "failed"
+    finally:
+        app.close()  # drop the connection pool made for the unreachable broker
+        app.conf.update(saved)
+    record = json.loads((entry / "delivery-pacs.json").read_text())
+    assert record["state"] == "failed" and record["detail"].startswith("delivery not queued: OperationalError")
+    assert "delivery to pacs NOT queued" in caplog.text
