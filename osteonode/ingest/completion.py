@@ -205,10 +205,13 @@ def watch(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, en
     An enqueue error of a type in ``retry_on`` (broker down) is logged and
     retried at the next poll; the study stays due because it was not marked.
     An error while handling one study (e.g. ENOSPC writing its marker) is
-    logged with its class and the study is retried at the next poll; an
-    error while scanning the spool is logged and the scan repeated at the
-    next poll. The watcher itself only ends when ``stop`` is set.
+    logged with its class and the study is retried at the next poll; a job
+    already enqueued is not enqueued again while only its marker is
+    missing. An error while scanning the spool is logged and the scan
+    repeated at the next poll. The watcher itself only ends when ``stop``
+    is set.
     """
+    unmarked: dict[str, StudyJob] = {}  # enqueued, but the marker could not be written yet
     while not stop.is_set():
         try:
             due = find_due_studies(spool, study_quiet_period_s, rules)
@@ -217,25 +220,28 @@ def watch(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, en
             due = []
         for job in due:
             try:
-                _handle_due(spool, job, study_quiet_period_s, enqueue, retry_on)
+                if unmarked.get(job.study_instance_uid) != job:  # not enqueued yet (or changed since)
+                    if not _enqueue_if_needed(spool, job, study_quiet_period_s, enqueue, retry_on):
+                        continue
+                    unmarked[job.study_instance_uid] = job
+                mark_handled(spool, job)
+                unmarked.pop(job.study_instance_uid, None)
             except Exception as exc:  # noqa: BLE001 - one study's error must not stop the others; logged, retried
                 log.error("job %s: study not handled (%s); will retry", job.job_id, describe(exc))
         stop.wait(poll_interval_s)
 
 
-def _handle_due(spool: Path, job: StudyJob, study_quiet_period_s: float, enqueue: Enqueue,
-                retry_on: tuple[type[Exception], ...]) -> None:
-    """Enqueue one due study unless its candidates are unchanged, then mark it handled."""
+def _enqueue_if_needed(spool: Path, job: StudyJob, study_quiet_period_s: float, enqueue: Enqueue,
+                       retry_on: tuple[type[Exception], ...]) -> bool:
+    """Enqueue one due study unless its candidates are unchanged; False when the broker refused (retry)."""
     if not needs_job(spool, job):
-        mark_handled(spool, job)
         log.info("job %s: study changed but its candidate series did not; not analysed again", job.job_id)
-        return
+        return True
     try:
         enqueue(job)
     except retry_on as exc:
         log.error("job %s: cannot enqueue (%s); will retry", job.job_id, describe(exc))
-        return
-    mark_handled(spool, job)
+        return False
     log.info("job %s: study quiet for %.1f s, enqueued (%d candidate series, %d not candidates)",
              job.job_id, study_quiet_period_s, len(job.ranking.candidates), len(job.ranking.rejected))
-
+    return True
