@@ -6,7 +6,7 @@ so careful: highdicom logs source SOP Instance UIDs at INFO, and pydicom's
 warnings about malformed input quote element values, patient name and ID
 included. So, unless DEBUG is asked for:
 
-* the loggers in :data:`QUIET_LOGGERS` are raised to WARNING;
+* the loggers in :data:`QUIET_LOGGERS` are raised to WARNING (Celery's stay at INFO);
 * Python warnings are captured into logging (``py.warnings``);
 * every record of a logger outside osteonode passes :class:`RedactValues`,
   which masks quoted values and UID-like strings.
@@ -19,8 +19,9 @@ import re
 import sys
 from typing import TextIO
 
-#: Third-party loggers that log UIDs or element values at INFO (or are just chatty).
-QUIET_LOGGERS = ("highdicom", "pydicom", "pynetdicom", "celery", "kombu", "radiomics", "py.warnings")
+#: Third-party loggers that log UIDs or element values at INFO (or are just chatty). Celery stays at
+#: INFO (its "ready." and task lines carry task ids and statuses, our payloads are not logged), redacted.
+QUIET_LOGGERS = ("highdicom", "pydicom", "pynetdicom", "kombu", "radiomics", "py.warnings")
 #: Our own loggers, whose messages are written without patient data and are left as they are.
 OWN_LOGGERS = ("osteonode", "worker", "__main__")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
