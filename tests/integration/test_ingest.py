@@ -71,6 +71,9 @@ def test_dcmtk_echo_and_store_land_in_spool(node, abdomen_series, j2k_series):
         back = pydicom.dcmread(stored[0])
         assert back.file_meta.TransferSyntaxUID == uid.file_meta.TransferSyntaxUID
         assert back.SOPInstanceUID == stored[0].stem
+        # patient data are not world-readable: files 0640, folders 0750
+        assert {p.stat().st_mode & 0o777 for p in stored} == {0o640}
+        assert stored[0].parent.stat().st_mode & 0o777 == stored[0].parent.parent.stat().st_mode & 0o777 == 0o750
 
 
 def _stored_series(node, files):
