@@ -7,6 +7,7 @@ import os
 import re
 import logging
 import signal
+import tempfile
 import threading
 from pathlib import Path
 from typing import Annotated, Optional
@@ -15,6 +16,8 @@ import typer
 
 from osteonode import __version__
 from osteonode.config import CONFIG_ENV, ConfigError, Destination, Settings, ensure_dirs, load_settings
+from osteonode.ingest.spool import UMASK
+from osteonode.logs import configure_logging
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +30,22 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", envvar="OST
                                                    help="TOML config file (default: embedded defaults).")]
 
 
-@app.callback()
-def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
-          version: Annotated[bool, typer.Option("--version", help="Print the version.")] = False) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    """Eager ``--version``: print and exit before any command is required."""
+    if value:
         typer.echo(__version__)
         raise typer.Exit()
-    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # pynetdicom logs every DIMSE message at INFO: keep only its warnings unless DEBUG is asked for
+
+
+@app.callback()
+def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "INFO",
+          version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    # third-party loggers quiet and redacted (no UIDs or patient data), see osteonode.logs
     # (pyradiomics' logger: osteonode.measure.radiomics, as pyradiomics resets it when imported)
-    if logging.getLogger().level > logging.DEBUG:
-        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    configure_logging(log_level)
+    # patient data on disk: files 0640, folders 0750 (spool, .jobs, outbox, queue)
+    os.umask(UMASK)
 
 
 def _settings(config: Path | None) -> Settings:
@@ -52,6 +60,15 @@ def _settings(config: Path | None) -> Settings:
     if config is None:
         ensure_dirs(settings)
     return settings
+
+
+def _settings_no_dirs(config: Path | None) -> Settings:
+    """Settings for a one-off command (``analyze``, ``send``): no folders created; a bad file is one line, exit 2."""
+    try:
+        return load_settings(config, require_dirs=False) if config else Settings()
+    except ConfigError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(2) from None
 
 
 @config_app.command("check")
@@ -69,12 +86,14 @@ def serve(config: ConfigOpt = None) -> None:
     """Run the DICOM listener; with the embedded queue, also the worker, in this process."""
     from kombu.exceptions import OperationalError
 
+    from osteonode.atomic import remove_orphans
     from osteonode.ingest.completion import StudyJob, watch
     from osteonode.ingest.scp import start_scp
     from worker.app import configure
     from worker.tasks import analyze_study_task
 
     settings = _settings(config)
+    remove_orphans(settings.spool_dir, settings.outbox_dir)  # nothing writes there before the SCP starts
     celery_app = configure(settings)
 
     def enqueue(job: StudyJob) -> None:
@@ -128,13 +147,89 @@ def analyze(input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=Fal
     With several series (grouped by Series Instance UID), the series is chosen
     by the selection rules as for a study the node receives.
     """
+    settings = _settings_no_dirs(config)
+    files, skipped = _dicom_files(input_dir)
+    if skipped:
+        typer.echo(f"skipped {skipped} file(s) that are not DICOM", err=True)
+    if not files:
+        typer.echo(f"no DICOM files in {input_dir}", err=True)
+        raise typer.Exit(2)
+    with tempfile.TemporaryDirectory(prefix="osteonode-analyze-") as scratch:
+        files, filled = _fill_empty_uids(files, input_dir, Path(scratch))
+        if filled:
+            typer.echo(f"note: {filled} file(s) had empty UIDs; filled from the file meta or derived from the "
+                       "folder (the outputs refer to these derived UIDs)", err=True)
+        result = _analyze_files(files, out, settings, segmentation)
+    typer.echo(result.model_dump_json(indent=2))
+    if result.status != "ok":
+        raise typer.Exit(3)
+
+
+def _dicom_files(folder: Path) -> tuple[list[Path], int]:
+    """The DICOM files under ``folder`` (hidden files ignored) and the number of other files skipped."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    files, skipped = [], 0
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        try:
+            pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except (InvalidDicomError, OSError, ValueError):
+            skipped += 1
+            continue
+        files.append(path)
+    return files, skipped
+
+
+#: The UIDs ``analyze`` fills when a (de-identified) file leaves them empty.
+_FILLED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+def _fill_empty_uids(files: list[Path], folder: Path, scratch: Path) -> tuple[list[Path], int]:
+    """Copies in ``scratch`` of the files whose UIDs are empty, with the UIDs filled; the number of such files.
+
+    SOP Class and Instance UIDs come from the File Meta Information
+    (0002,0002)/(0002,0003) when present; Study and Series Instance UIDs (and
+    an absent SOP Instance UID) are derived from the folder's path, the
+    Series Number and the file name, so a re-run gives the same UIDs.
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    out, filled = [], 0
+    root = str(folder.resolve())
+    for i, path in enumerate(files):
+        header = pydicom.dcmread(path, stop_before_pixels=True)
+        if all(str(header.get(keyword, "")).strip() for keyword in _FILLED_UIDS):
+            out.append(path)
+            continue
+        ds = pydicom.dcmread(path)
+        meta = ds.file_meta
+        if not str(ds.get("SOPClassUID", "")).strip():
+            ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        if not str(ds.get("SOPInstanceUID", "")).strip():
+            ds.SOPInstanceUID = str(meta.get("MediaStorageSOPInstanceUID", "")).strip() or \
+                generate_uid(entropy_srcs=[root, str(path.relative_to(folder))])
+        if not str(ds.get("StudyInstanceUID", "")).strip():
+            ds.StudyInstanceUID = generate_uid(entropy_srcs=[root, "study"])
+        if not str(ds.get("SeriesInstanceUID", "")).strip():
+            ds.SeriesInstanceUID = generate_uid(entropy_srcs=[root, "series", str(ds.get("SeriesNumber", ""))])
+        meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        out.append(scratch / f"{i:06d}.dcm")
+        ds.save_as(out[-1], enforce_file_format=True)
+        filled += 1
+    return out, filled
+
+
+def _analyze_files(files: list[Path], out: Path, settings: Settings, segmentation: Path | None):
+    """Analyse one series, or a study's best series when ``files`` hold several (selection rules)."""
     import pydicom
 
     from osteonode.pipeline import analyze_files, analyze_study
     from osteonode.series import describe_headers, rank_series
 
-    settings = load_settings(config, require_dirs=False) if config else Settings()
-    files = [p for p in sorted(input_dir.rglob("*")) if p.is_file() and not p.name.startswith(".")]
     headers: dict[str, list[pydicom.Dataset]] = {}
     for path in files:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
@@ -147,9 +242,7 @@ def analyze(input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=Fal
                               settings.selection)
         result = analyze_study(ranking, out, settings.analysis, settings.selection,
                                files_of=lambda info: [Path(ds.filename) for ds in headers[info.series_instance_uid]])
-    typer.echo(result.model_dump_json(indent=2))
-    if result.status != "ok":
-        raise typer.Exit(3)
+    return result
 
 
 @app.command()
@@ -163,7 +256,10 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
     from osteonode.dispatch import delivery_state, record_delivery, send_files
     from osteonode.errors import DeliveryFailed
 
-    settings = load_settings(config, require_dirs=False) if config else Settings()
+    settings = _settings_no_dirs(config)
+    if (host is None) != (port is None):
+        typer.echo("--host and --port go together: give both, or --to NAME", err=True)
+        raise typer.Exit(2)
     if host is not None and port is not None:
         destinations = [Destination(name=f"{host}:{port}", ae_title=called_aet, host=host, port=port)]
     elif to is not None:
@@ -173,6 +269,9 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
             raise typer.Exit(2)
     else:
         destinations = list(settings.destinations)
+    if not destinations:
+        typer.echo("no destination: give --to NAME or --host and --port (or configure destinations)", err=True)
+        raise typer.Exit(2)
     files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.dcm")))]
     try:
         for destination in destinations:
@@ -230,6 +329,10 @@ def evaluate(model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, 
                f"  report {report.report_json}\n  ROC {report.roc_png}")
 
 
+#: What a folder made by an earlier `osteonode demo` holds; any other non-empty folder is not replaced.
+DEMO_MARKERS = ("osteonode.toml", "node.log", "pacs")
+
+
 def _metrics_line(metrics: dict) -> str:
     low, high = metrics["auc_ci95"]
     return (f"AUC {metrics['auc']:.3f} (95 % CI {low:.3f}-{high:.3f}, DeLong), sensitivity "
@@ -239,11 +342,17 @@ def _metrics_line(metrics: dict) -> str:
 
 @app.command()
 def demo(ct: Annotated[Optional[Path], typer.Option(help="NIfTI CT or DICOM folder (default: the shared example CT).")] = None,
-         workdir: Annotated[Path, typer.Option(help="Scratch folder (replaced).")] = Path("osteonode-demo"),
+         workdir: Annotated[Path, typer.Option(help="Scratch folder: new, empty, or one a previous demo made "
+                                                    "(it is replaced).")] = Path("osteonode-demo"),
          timeout_s: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 600.0) -> None:
     """Start a node on embedded defaults, send it a CT, and print what comes back to the PACS."""
     from osteonode.demo import DEFAULT_CT, run_demo
 
+    if workdir.exists() and any(workdir.iterdir()) and not all(
+            (workdir / name).exists() for name in DEMO_MARKERS):
+        typer.echo(f"{workdir} is not empty and was not made by `osteonode demo`; it is replaced by the demo, "
+                   "so give a new or empty folder with --workdir", err=True)
+        raise typer.Exit(2)
     ct = ct or DEFAULT_CT
     if not ct.exists():
         typer.echo(f"CT not found: {ct} (pass --ct)", err=True)

@@ -103,6 +103,9 @@ class AnalysisSettings(_Strict):
     pdf_report: bool = Field(default=True, description="send a one-page Encapsulated PDF report")
     skip_not_evaluable: bool = Field(
         default=False, description="true: a series that cannot be analysed gets no SR at all")
+    failed_sr: bool = Field(
+        default=True, description='send an SR saying "processing failed: <reason>" when an analysis fails '
+                                  "unexpectedly (result.json records the failure either way)")
 
 
 KernelClass = Literal["soft", "unknown", "bone", "sharp", "lung"]
@@ -186,6 +189,16 @@ class Settings(BaseSettings):
     port: Port = 11112
     allowed_calling_ae_titles: list[AETitle] = Field(
         default_factory=list, description="empty list: any calling AE title may associate")
+    network_timeout_s: float = Field(
+        default=20.0, gt=0, description="SCP: close a connection silent for this long (stalled or half-sent PDU)")
+    acse_timeout_s: float = Field(default=10.0, gt=0, description="SCP: time allowed for association negotiation")
+    dimse_timeout_s: float = Field(default=30.0, gt=0, description="SCP: time allowed for a DIMSE message")
+    max_associations: int = Field(default=10, ge=1, description="SCP: simultaneous associations accepted")
+    max_rows_columns: int = Field(
+        default=4096, ge=64, description="SCP: largest Rows or Columns accepted (checked before any decode)")
+    max_decoded_bytes: int = Field(
+        default=2 * 1024**3, ge=1, description="SCP: largest decoded pixel data of one instance, bytes "
+                                               "(Rows x Columns x frames x samples x bits/8, checked before any decode)")
     spool_dir: Path = DEFAULT_DATA_DIR / "spool"
     outbox_dir: Path = DEFAULT_DATA_DIR / "outbox"
     queue_dir: Path = Field(default=DEFAULT_DATA_DIR / "queue",

@@ -20,7 +20,9 @@ import pydicom
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import build_context
+from pynetdicom.status import code_to_category
 
+from osteonode.atomic import write_atomic
 from osteonode.config import Destination
 from osteonode.errors import DeliveryFailed
 
@@ -29,7 +31,18 @@ log = logging.getLogger(__name__)
 #: Send files as stored, without decoding them into memory.
 _config.STORE_SEND_CHUNKED_DATASET = True
 
-WARNING_STATUSES = {0xB000, 0xB007, 0xB006}  # PS3.4 B.2.3: coercion / elements discarded / mismatch
+STATUS_SUCCESS, STATUS_WARNING = "Success", "Warning"  # pynetdicom's status categories (PS3.7 C.4.2.3)
+
+
+def is_stored(code: int) -> bool:
+    """True when a C-STORE status means the instance was stored: Success or Warning.
+
+    Warnings include 0x0001 (PS3.7 C), 0x0107 (attribute list error), 0x0116
+    (attribute value out of range) and 0xBxxx (coercion, elements discarded,
+    SOP class mismatch, PS3.4 B.2.3); the category comes from
+    :func:`pynetdicom.status.code_to_category`, not a hand-written list.
+    """
+    return code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
 def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_title: str,
@@ -78,10 +91,10 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
             code = int(status.Status) if "Status" in status else None
             if code is None:
                 raise DeliveryFailed(f"{destination.name}: no C-STORE response for {path.name}")
-            if code in WARNING_STATUSES:
-                log.warning("%s: C-STORE of %s answered warning 0x%04X", destination.name, path.name, code)
-            elif code != 0x0000:
+            if not is_stored(code):
                 raise DeliveryFailed(f"{destination.name}: C-STORE of {path.name} failed with status 0x{code:04X}")
+            if code != 0x0000:
+                log.warning("%s: C-STORE answered warning 0x%04X (stored)", destination.name, code)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -127,11 +140,9 @@ def outbox_entry(outbox_dir: Path, study_uid: str) -> Path:
 
 def record_delivery(entry: Path, destination: str, state: str, attempts: int, detail: str = "") -> None:
     """Write ``entry/delivery-<destination>.json``: state (pending/delivered/failed), attempts, last error."""
-    path = entry / f"delivery-{destination}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"destination": destination, "state": state, "attempts": attempts,
-                               "detail": detail}, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    write_atomic(entry / f"delivery-{destination}.json",
+                 json.dumps({"destination": destination, "state": state, "attempts": attempts,
+                             "detail": detail}, indent=2).encode())
 
 
 def delivery_state(entry: Path, destination: str) -> dict | None:

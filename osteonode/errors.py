@@ -9,6 +9,31 @@ Each class maps to one reaction of the node:
 
 from __future__ import annotations
 
+import re
+
+#: Longest message kept by :func:`describe` (characters).
+MAX_REASON_CHARS = 200
+_UID_LIKE = re.compile(r"\d+(?:\.\d+){2,}")
+_PATH_LIKE = re.compile(r"(?:/[^\s/'\"]+){2,}/?")
+
+
+def describe(exc: BaseException) -> str:
+    """``"<Class>: <message>"`` of ``exc`` for logs, ``result.json`` and the SR, free of UIDs and paths.
+
+    Exception messages may quote file names (UIDs in the spool and outbox) or
+    element values: UID-like strings become ``<uid>``, absolute paths
+    ``<path>``, and the message is cut at ``MAX_REASON_CHARS`` characters.
+    An :class:`OSError` is described by its ``strerror`` only (its file name
+    is a UID).
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        message = exc.strerror
+    else:
+        message = _UID_LIKE.sub("<uid>", _PATH_LIKE.sub("<path>", str(exc)))
+    if len(message) > MAX_REASON_CHARS:
+        message = message[:MAX_REASON_CHARS - 3] + "..."
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
 
 class OsteonodeError(Exception):
     """Base class of every error osteonode raises on purpose."""

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from osteonode import __version__
+from osteonode.atomic import write_atomic
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
@@ -167,8 +168,10 @@ class AnalysisResult(BaseModel):
 
     schema_version: int = 2
     osteonode_version: str = __version__
-    status: Literal["ok", "not_evaluable"]
+    status: Literal["ok", "not_evaluable", "failed"]
     reason: str | None = None
+    error_class: str | None = Field(
+        default=None, description='status "failed": class name of the unexpected error (reason: its message)')
     study_instance_uid: str
     series_instance_uid: str
     labelling_method: str = ""
@@ -183,8 +186,8 @@ class AnalysisResult(BaseModel):
     timings_s: dict[str, float] = Field(default_factory=dict)
 
     def write(self, path: Path) -> None:
-        """Write the result as indented JSON to ``path``."""
-        path.write_text(self.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        """Write the result as indented JSON to ``path``, atomically (:func:`osteonode.atomic.write_atomic`)."""
+        write_atomic(path, (self.model_dump_json(indent=2) + "\n").encode())
 
     @classmethod
     def not_evaluable(cls, reason: str, study_instance_uid: str, series_instance_uid: str,
@@ -193,4 +196,13 @@ class AnalysisResult(BaseModel):
         return cls(status="not_evaluable", reason=reason, study_instance_uid=study_instance_uid,
                    series_instance_uid=series_instance_uid,
                    bone_status=BoneStatus(category="indeterminate", basis=f"not evaluable: {reason}"),
+                   **kwargs)
+
+    @classmethod
+    def failed(cls, error_class: str, reason: str, study_instance_uid: str, series_instance_uid: str,
+               **kwargs) -> AnalysisResult:
+        """A result that records an unexpected processing failure (``error_class``: the exception's class)."""
+        return cls(status="failed", reason=reason, error_class=error_class, study_instance_uid=study_instance_uid,
+                   series_instance_uid=series_instance_uid,
+                   bone_status=BoneStatus(category="indeterminate", basis=f"processing failed: {reason}"),
                    **kwargs)

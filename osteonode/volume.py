@@ -197,7 +197,7 @@ def _check_stack_geometry(datasets: list[pydicom.Dataset]) -> None:
     Raises
     ------
     NotEvaluable
-        Missing Image Plane attributes, mixed orientations, or shear beyond
+        Missing or malformed Image Plane attributes, mixed orientations, or shear beyond
         ``MAX_STACK_SHEAR_DEG`` degrees.
     """
     try:
@@ -205,6 +205,14 @@ def _check_stack_geometry(datasets: list[pydicom.Dataset]) -> None:
         positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
     except AttributeError as exc:
         raise NotEvaluable(f"the series lacks Image Plane attributes ({exc})") from exc
+    except (ValueError, TypeError) as exc:
+        # a malformed DS value, e.g. ImagePositionPatient "-100.0\\1x0\\5.0"; the value itself is not
+        # repeated in the reason (it goes into the SR and the log)
+        raise NotEvaluable("a slice of the series has a malformed Image Orientation or Image Position "
+                           f"(Patient) value ({type(exc).__name__})") from exc
+    if orientations.shape[1:] != (6,) or positions.shape[1:] != (3,):
+        raise NotEvaluable("a slice of the series has an Image Orientation or Image Position (Patient) "
+                           "with the wrong number of values")
     if np.abs(orientations - orientations[0]).max() > 1e-3:
         raise NotEvaluable("the slices of the series do not share one orientation")
     normal = np.cross(orientations[0, :3], orientations[0, 3:])

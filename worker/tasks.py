@@ -16,32 +16,74 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from kombu.exceptions import OperationalError
+from pydantic import ValidationError
+
 from osteonode.config import DispatchSettings, Settings, load_settings
 from osteonode.dispatch import outbox_entry, record_delivery, send_files
-from osteonode.errors import DeliveryFailed
-from osteonode.ingest.completion import StudyJob, log_id
-from osteonode.pipeline import analyze_study
+from osteonode.errors import DeliveryFailed, InputRejected, describe
+from osteonode.failure import record_failure
+from osteonode.ingest.completion import StudyJob, log_id, validate_job
+from osteonode.pipeline import SR_FILE, analyze_study
 from osteonode.result import AnalysisResult
 from worker.app import app
 
 log = logging.getLogger(__name__)
 
 
+#: Times a job may start before it is recorded as failed without running again: a job whose worker
+#: process dies (out of memory, hard time limit, kill -9) is redelivered (acks_late), which must not loop.
+MAX_ANALYSIS_STARTS = 2
+_STARTS_FILE = ".starts-{fingerprint}"
+
+
 @app.task(name="osteonode.analyze_study")
 def analyze_study_task(job: dict) -> str:
-    """Analyse one complete study (payload: :class:`StudyJob` as JSON) and send its outputs as they are written."""
+    """Analyse one complete study (payload: :class:`StudyJob` as JSON) and send its outputs as they are written.
+
+    Every job ends in a recorded state: ``ok`` or ``not_evaluable`` from the
+    pipeline, ``failed`` (``result.json`` with the error class and reason,
+    plus a "processing failed" SR when ``analysis.failed_sr``) for an
+    unexpected error before anything was sent, or ``rejected`` (logged;
+    nothing read or written) for a payload that fails :func:`validate_job`.
+    An error after the SR and SEG were sent (key images, PDF, radiomics
+    export) leaves what was sent and is logged and recorded with the
+    deliveries. The analysis is not retried; a job that was started
+    ``MAX_ANALYSIS_STARTS`` times without finishing (its worker died) is
+    recorded as failed instead of being run again.
+    """
     settings = load_settings()
-    study_job = StudyJob.model_validate(job)
+    try:
+        study_job = StudyJob.model_validate(job)
+        validate_job(study_job, settings.spool_dir)
+    except (ValidationError, InputRejected) as exc:
+        log.error("job rejected: invalid payload (%s)", _payload_error(exc))
+        return "rejected"
     entry = outbox_entry(settings.outbox_dir, study_job.study_instance_uid)
     delivery = PhasedDelivery(entry, settings, study_job.job_id)
+    starts = _starts_file(entry, study_job.fingerprint)
+    error: BaseException | None = None
     try:
-        result = analyze_study(study_job.ranking, entry, settings.analysis, settings.selection,
-                               publish=delivery.publish)
-    except BaseException as exc:
-        delivery.finish(error=exc)
-        raise
-    delivery.finish()
-    return result.status
+        if _count_start(starts) > MAX_ANALYSIS_STARTS:
+            raise WorkerLost(f"the analysis was started {MAX_ANALYSIS_STARTS} times and never finished "
+                             "(worker killed, out of memory or over the time limit)")
+        status = analyze_study(study_job.ranking, entry, settings.analysis, settings.selection,
+                               publish=delivery.publish).status
+    except Exception as exc:  # noqa: BLE001 - top-level recorder: the class and reason go to result.json and the log
+        error = exc
+        if delivery.batches:  # the SR (and SEG) went out: keep them, the later outputs are missing
+            status = "failed"
+            log.error("job %s: analysis FAILED after the SR was sent: %s", study_job.job_id, describe(exc))
+        else:
+            result = record_failure(exc, study_job.study_instance_uid, study_job.ranking, entry, settings.analysis)
+            status = result.status
+            log.error("job %s: analysis FAILED: %s", study_job.job_id, result.reason)
+            if settings.analysis.failed_sr and (entry / SR_FILE).is_file():
+                delivery.publish(result, [entry / SR_FILE])
+    finally:
+        starts.unlink(missing_ok=True)
+    delivery.finish(error=error)
+    return status
 
 
 class PhasedDelivery:
@@ -127,8 +169,14 @@ class PhasedDelivery:
                           self.refused[name])
             elif name in self.unsent:
                 record_delivery(self.entry, name, "pending", 1, self.errors[name])
-                deliver.apply_async((str(self.entry), name, self.unsent[name]),
-                                    countdown=retry_delay_s(self.settings.dispatch, 0))
+                try:
+                    deliver.apply_async((str(self.entry), name, self.unsent[name]),
+                                        countdown=retry_delay_s(self.settings.dispatch, 0))
+                except OperationalError as exc:  # broker gone: say so instead of "pending" forever
+                    record_delivery(self.entry, name, "failed", 1, f"retry not queued: {describe(exc)}")
+                    log.error("job %s: retry of the delivery to %s NOT queued, the broker cannot be reached "
+                              "(%s); outputs kept in the outbox, re-send with `osteonode send`",
+                              self.job_id, name, describe(exc))
             else:
                 record_delivery(self.entry, name, "delivered", 1, note)
         log.info("job %s: %d batch(es) sent to %d destination(s)%s", self.job_id, self.batches,
@@ -140,12 +188,39 @@ def retry_delay_s(dispatch: DispatchSettings, retries: int) -> float:
     return min(dispatch.retry_backoff_s * 2 ** retries, dispatch.retry_backoff_max_s)
 
 
+class WorkerLost(RuntimeError):
+    """A job whose earlier runs never finished (recorded as failed, not run again)."""
+
+
+def _starts_file(entry: Path, fingerprint: str) -> Path:
+    """Where the number of starts of the job ``fingerprint`` is kept (in its outbox entry, never delivered)."""
+    return entry / _STARTS_FILE.format(fingerprint=fingerprint[:16])
+
+
+def _count_start(path: Path) -> int:
+    """Record one more start in the counter file ``path``; return the number of starts."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    starts = int(path.read_text(encoding="ascii") or 0) + 1 if path.is_file() else 1
+    path.write_text(str(starts), encoding="ascii")
+    return starts
+
+
+def _payload_error(exc: ValidationError | InputRejected) -> str:
+    """What is wrong with a payload, without its values (field names only)."""
+    if isinstance(exc, InputRejected):
+        return str(exc)
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['type']}" for e in exc.errors()[:5])
+
+
 @app.task(name="osteonode.deliver", bind=True, max_retries=None)
 def deliver(self, entry: str, destination_name: str, files: list[str] | None = None) -> str:
     """Send the DICOM files of outbox ``entry`` (``files``, names in it; default all) to ``destination_name``."""
     settings = load_settings()
     folder = Path(entry)
     job_id = log_id(folder.name)
+    if not folder.resolve().is_relative_to(settings.outbox_dir.resolve()):
+        log.error("delivery rejected: invalid payload (the entry lies outside the outbox)")
+        return "rejected"
     destination = next((d for d in settings.destinations if d.name == destination_name), None)
     if destination is None:
         log.error("job %s: destination %r is no longer configured; outputs stay in the outbox",
@@ -156,7 +231,9 @@ def deliver(self, entry: str, destination_name: str, files: list[str] | None = N
     paths = [folder / name for name in files] if files else sorted(folder.glob("*.dcm"))
     try:
         send_files(paths, destination, calling_ae_title=settings.ae_title, timeout_s=settings.dispatch.timeout_s)
-    except DeliveryFailed as exc:
+    except Exception as exc:  # noqa: BLE001 - top-level recorder: any error becomes a (bounded) failed attempt
+        if not isinstance(exc, DeliveryFailed):
+            exc = DeliveryFailed(f"unexpected {describe(exc)}")
         if exc.permanent or self.request.retries >= settings.dispatch.max_retries:
             record_delivery(folder, destination.name, "failed", attempt, str(exc))
             log.error("job %s: NOT (fully) delivered after %d attempt(s), outputs kept in the outbox: %s",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -30,8 +29,10 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict
 from pydicom.errors import InvalidDicomError
 
+from osteonode.atomic import write_atomic
 from osteonode.config import SelectionSettings
-from osteonode.ingest.spool import instance_files
+from osteonode.errors import InputRejected, describe
+from osteonode.ingest.spool import check_uid, instance_files
 from osteonode.series import SeriesInfo, SeriesRanking, describe_series, rank_series
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,27 @@ def log_id(uid: str) -> str:
 
 
 Enqueue = Callable[[StudyJob], None]
+
+
+def validate_job(job: StudyJob, spool: Path) -> None:
+    """Check a job payload from the broker before anything reads or writes a path of it.
+
+    Anyone who can write to the broker can forge a payload, so its UIDs must
+    follow the UID grammar (PS3.5 9.1; they become outbox folder names) and
+    every series folder must resolve inside ``spool``.
+
+    Raises
+    ------
+    InputRejected
+        Naming the first offending field (not its value).
+    """
+    check_uid(job.study_instance_uid, "Study Instance UID")
+    root = spool.resolve()
+    for info in [*job.ranking.candidates, *(r.series for r in job.ranking.rejected)]:
+        check_uid(info.series_instance_uid, "Series Instance UID")
+        folder = Path(info.series_dir).resolve()
+        if not folder.is_relative_to(root):
+            raise InputRejected("a series folder of the job lies outside the spool")
 
 
 def candidates_fingerprint(candidates: list[SeriesInfo]) -> str:
@@ -114,26 +136,38 @@ def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionS
     quiet_ns = int(study_quiet_period_s * 1e9)
     due = []
     for study in _subdirs(spool):
-        last_arrival_ns = study_last_arrival_ns(study)
-        marker = _read_marker(spool, study.name)
-        if now_ns - last_arrival_ns < quiet_ns or (marker is not None and marker.last_arrival_ns >= last_arrival_ns):
+        try:
+            job = _due_job(spool, study, now_ns, quiet_ns, rules)
+        except (OSError, ValueError) as exc:  # one study's broken marker or folder must not stall the others
+            log.error("study %s: cannot be checked for completion (%s); will retry", log_id(study.name),
+                      describe(exc))
             continue
-        series = []
-        for folder in _subdirs(study):
-            files = instance_files(folder)
-            if not files:
-                continue
-            try:
-                series.append(describe_series(files, rules))
-            except (InvalidDicomError, OSError, ValueError) as exc:  # a broken file must not stall the study
-                log.warning("study %s: a series cannot be described (%s); it is not a candidate",
-                            log_id(study.name), type(exc).__name__)
-        if not series:
-            continue
-        ranking = rank_series(series, rules)
-        due.append(StudyJob(study_instance_uid=study.name, last_arrival_ns=last_arrival_ns, ranking=ranking,
-                            fingerprint=candidates_fingerprint(ranking.candidates)))
+        if job is not None:
+            due.append(job)
     return due
+
+
+def _due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int, rules: SelectionSettings) -> StudyJob | None:
+    """The job of ``study`` if it is quiet and changed since it was handled, else None."""
+    last_arrival_ns = study_last_arrival_ns(study)
+    marker = _read_marker(spool, study.name)
+    if now_ns - last_arrival_ns < quiet_ns or (marker is not None and marker.last_arrival_ns >= last_arrival_ns):
+        return None
+    series = []
+    for folder in _subdirs(study):
+        files = instance_files(folder)
+        if not files:
+            continue
+        try:
+            series.append(describe_series(files, rules))
+        except (InvalidDicomError, OSError, ValueError) as exc:  # a broken file must not stall the study
+            log.warning("study %s: a series cannot be described (%s); it is not a candidate",
+                        log_id(study.name), type(exc).__name__)
+    if not series:
+        return None
+    ranking = rank_series(series, rules)
+    return StudyJob(study_instance_uid=study.name, last_arrival_ns=last_arrival_ns, ranking=ranking,
+                    fingerprint=candidates_fingerprint(ranking.candidates))
 
 
 def needs_job(spool: Path, job: StudyJob) -> bool:
@@ -146,10 +180,8 @@ def mark_handled(spool: Path, job: StudyJob) -> None:
     """Record on disk that ``job``'s study was handled up to its last arrival (atomic replace)."""
     jobs = spool / JOBS_DIR
     jobs.mkdir(parents=True, exist_ok=True)
-    tmp = jobs / f".{job.study_instance_uid}.tmp"
-    tmp.write_text(_Marker(last_arrival_ns=job.last_arrival_ns, fingerprint=job.fingerprint).model_dump_json(),
-                   encoding="utf-8")
-    os.replace(tmp, jobs / f"{job.study_instance_uid}.json")
+    write_atomic(jobs / f"{job.study_instance_uid}.json",
+                 _Marker(last_arrival_ns=job.last_arrival_ns, fingerprint=job.fingerprint).model_dump_json().encode())
 
 
 def _read_marker(spool: Path, study_uid: str) -> _Marker | None:
@@ -172,20 +204,44 @@ def watch(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, en
 
     An enqueue error of a type in ``retry_on`` (broker down) is logged and
     retried at the next poll; the study stays due because it was not marked.
+    An error while handling one study (e.g. ENOSPC writing its marker) is
+    logged with its class and the study is retried at the next poll; a job
+    already enqueued is not enqueued again while only its marker is
+    missing. An error while scanning the spool is logged and the scan
+    repeated at the next poll. The watcher itself only ends when ``stop``
+    is set.
     """
+    unmarked: dict[str, StudyJob] = {}  # enqueued, but the marker could not be written yet
     while not stop.is_set():
-        for job in find_due_studies(spool, study_quiet_period_s, rules):
-            if not needs_job(spool, job):
-                mark_handled(spool, job)
-                log.info("job %s: study changed but its candidate series did not; not analysed again",
-                         job.job_id)
-                continue
+        try:
+            due = find_due_studies(spool, study_quiet_period_s, rules)
+        except Exception as exc:  # noqa: BLE001 - the watcher thread must outlive any error; class logged, retried
+            log.error("spool scan failed (%s); retrying in %.0f s", describe(exc), poll_interval_s)
+            due = []
+        for job in due:
             try:
-                enqueue(job)
-            except retry_on as exc:
-                log.error("job %s: cannot enqueue (%s); will retry", job.job_id, exc)
-                continue
-            mark_handled(spool, job)
-            log.info("job %s: study quiet for %.1f s, enqueued (%d candidate series, %d not candidates)",
-                     job.job_id, study_quiet_period_s, len(job.ranking.candidates), len(job.ranking.rejected))
+                if unmarked.get(job.study_instance_uid) != job:  # not enqueued yet (or changed since)
+                    if not _enqueue_if_needed(spool, job, study_quiet_period_s, enqueue, retry_on):
+                        continue
+                    unmarked[job.study_instance_uid] = job
+                mark_handled(spool, job)
+                unmarked.pop(job.study_instance_uid, None)
+            except Exception as exc:  # noqa: BLE001 - one study's error must not stop the others; logged, retried
+                log.error("job %s: study not handled (%s); will retry", job.job_id, describe(exc))
         stop.wait(poll_interval_s)
+
+
+def _enqueue_if_needed(spool: Path, job: StudyJob, study_quiet_period_s: float, enqueue: Enqueue,
+                       retry_on: tuple[type[Exception], ...]) -> bool:
+    """Enqueue one due study unless its candidates are unchanged; False when the broker refused (retry)."""
+    if not needs_job(spool, job):
+        log.info("job %s: study changed but its candidate series did not; not analysed again", job.job_id)
+        return True
+    try:
+        enqueue(job)
+    except retry_on as exc:
+        log.error("job %s: cannot enqueue (%s); will retry", job.job_id, describe(exc))
+        return False
+    log.info("job %s: study quiet for %.1f s, enqueued (%d candidate series, %d not candidates)",
+             job.job_id, study_quiet_period_s, len(job.ranking.candidates), len(job.ranking.rejected))
+    return True

@@ -19,10 +19,12 @@ presentation contexts are logged at WARNING.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from pydicom.uid import (
     CTImageStorage,
@@ -50,7 +52,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from osteonode.config import Settings
 from osteonode.dispatch import set_tcp_nodelay
 from osteonode.errors import InputRejected
-from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, check_uid, write_instance
+from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, UMASK, check_uid, write_instance
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +98,21 @@ class DiscardCounter:
 
 
 def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = None,
-                 discarded: DiscardCounter | None = None) -> int:
+                 discarded: DiscardCounter | None = None, limits: PixelLimits | None = None) -> int:
     """C-STORE: check the data set, write it durably to the spool, then answer.
 
     An instance of a SOP class other than the CT image classes (accepted
     only with ``accept_all_storage``) is not decoded nor stored: it is
-    counted in ``discarded`` and answered with success.
+    counted in ``discarded`` and answered with success. An image larger
+    than ``limits`` (default :class:`PixelLimits`) is refused before its
+    pixel data are decoded.
 
     Returns
     -------
     int
         0x0000 once the file is fsynced under its final name (or discarded);
         0xA900 when the data set does not match its SOP class (wrong class,
-        missing or bad UIDs, pixel data that does not decode); 0xC210 when it
+        missing or bad UIDs, an image over ``limits``, pixel data that does not decode); 0xC210 when it
         cannot be parsed at all; 0xA700 when it cannot be written to disk.
     """
     if event.context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
@@ -117,7 +121,7 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
         return STATUS_SUCCESS
     caller = event.assoc.requestor.ae_title
     try:
-        study_uid, series_uid, sop_uid = _check_dataset(event)
+        study_uid, series_uid, sop_uid = _check_dataset(event, limits or PixelLimits())
     except InputRejected as exc:
         log.warning("C-STORE from %s refused (0x%04X): %s", caller, exc.status, exc)
         return exc.status
@@ -136,7 +140,7 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
     return STATUS_SUCCESS
 
 
-def _check_dataset(event: evt.Event) -> tuple[str, str, str]:
+def _check_dataset(event: evt.Event, limits: PixelLimits) -> tuple[str, str, str]:
     """Decode the request's data set and check it against its SOP class.
 
     Returns ``(study_uid, series_uid, sop_instance_uid)``; raises InputRejected.
@@ -154,8 +158,47 @@ def _check_dataset(event: evt.Event) -> tuple[str, str, str]:
     series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
     if "PixelData" not in ds:
         raise InputRejected("the data set has no Pixel Data", status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+    check_pixel_bounds(ds, limits)
     _check_pixel_data(ds, event)
     return study_uid, series_uid, sop_uid
+
+
+def check_pixel_bounds(ds: pydicom.Dataset, limits: PixelLimits) -> None:
+    """Refuse an image too large to decode safely, from its Image Pixel attributes alone (no decode).
+
+    Rows (0028,0010), Columns (0028,0011), Number of Frames (0028,0008),
+    Samples per Pixel (0028,0002) and Bits Allocated (0028,0100) give the
+    decoded size (PS3.3 C.7.6.3); a 2 KB JPEG-LS instance may claim
+    16384 x 16384 and would cost gigabytes to decode.
+
+    Raises
+    ------
+    InputRejected
+        0xA900 when an attribute is missing or not an integer, Rows or Columns
+        exceed ``limits.max_rows_columns``, or the decoded size exceeds
+        ``limits.max_decoded_bytes``.
+    """
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise InputRejected(f"Image Pixel attributes missing or malformed ({type(exc).__name__})",
+                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from exc
+    if not (0 < rows <= limits.max_rows_columns and 0 < columns <= limits.max_rows_columns):
+        raise InputRejected(f"image size {rows} x {columns} outside 1..{limits.max_rows_columns}",
+                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+    decoded = rows * columns * frames * samples * ((bits + 7) // 8)
+    if frames < 1 or decoded > limits.max_decoded_bytes:
+        raise InputRejected(f"decoded pixel data of {decoded} bytes ({frames} frame(s)) over the limit of "
+                            f"{limits.max_decoded_bytes}", status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+
+
+class PixelLimits(NamedTuple):
+    """Largest image the C-STORE handler decodes (``Settings.max_rows_columns``, ``max_decoded_bytes``)."""
+
+    max_rows_columns: int = 4096
+    max_decoded_bytes: int = 2 * 1024**3
 
 
 def _check_pixel_data(ds: pydicom.Dataset, event: evt.Event) -> None:
@@ -181,9 +224,38 @@ def _check_pixel_data(ds: pydicom.Dataset, event: evt.Event) -> None:
 
 
 def log_association_rejected(event: evt.Event) -> None:
-    """EVT_REJECTED: say who was turned away and why (no patient data involved)."""
-    log.warning("association from %s (%s) rejected: calling AE title not allowed or called AE title not ours",
-                event.assoc.requestor.ae_title, event.assoc.requestor.address)
+    """EVT_REJECTED: say who was turned away and why (no patient data involved).
+
+    pynetdicom does not pass the reason with the event, so it is derived the
+    way the acceptor decided it (PS3.8 9.3.4: the A-ASSOCIATE-RJ reasons).
+    """
+    assoc = event.assoc
+    request = assoc.requestor.primitive
+    acceptors = sum(a.is_acceptor for a in assoc.ae.active_associations)
+    allowed = [t.strip() for t in assoc.ae.require_calling_aet]
+    if acceptors > assoc.ae.maximum_associations:
+        reason = f"local limit exceeded ({acceptors - 1} of {assoc.ae.maximum_associations} associations in use)"
+    elif request is not None and assoc.ae.require_called_aet and \
+            request.called_ae_title != assoc.acceptor.ae_title.strip():
+        reason = f"called AE title {request.called_ae_title!r} is not ours"
+    elif allowed and assoc.requestor.ae_title not in allowed:
+        reason = "calling AE title not allowed"
+    else:
+        reason = "refused during negotiation"
+    log.warning("association from %s (%s) rejected: %s",
+                assoc.requestor.ae_title, assoc.requestor.address, reason)
+
+
+def set_socket_timeout(event: evt.Event, timeout_s: float) -> None:
+    """EVT_CONN_OPEN handler: make every read of an accepted connection time out after ``timeout_s``.
+
+    pynetdicom sets ``network_timeout`` on the listening socket only; the
+    sockets it accepts block forever, so a peer that sends a PDU header and
+    then nothing holds one of ``maximum_associations`` slots for good.
+    """
+    sock = event.assoc.dul.socket.socket
+    if sock is not None:
+        sock.settimeout(timeout_s)
 
 
 def log_refused_contexts(event: evt.Event) -> None:
@@ -208,6 +280,12 @@ def make_ae(settings: Settings) -> AE:
         ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
     ae.require_called_aet = True  # answer only to our own AE title
     ae.maximum_pdu_size = 0  # no limit on what we receive
+    # stalled or half-sent PDUs: reads time out after network_timeout_s (also set on each accepted
+    # socket, see set_socket_timeout), so idle connections cannot hold the max_associations slots
+    ae.network_timeout = settings.network_timeout_s
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.maximum_associations = settings.max_associations
     return ae
 
 
@@ -219,17 +297,20 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
     OSError
         If the port cannot be bound.
     """
+    os.umask(UMASK)  # spooled instances 0640, their folders 0750
     ae = make_ae(settings)
     discarded = DiscardCounter()
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
+        (evt.EVT_CONN_OPEN, set_socket_timeout, [settings.network_timeout_s]),
         (evt.EVT_REJECTED, log_association_rejected),
         (evt.EVT_ACCEPTED, log_refused_contexts),
         (evt.EVT_RELEASED, discarded.log_and_forget),
         (evt.EVT_ABORTED, discarded.log_and_forget),
         (evt.EVT_CONN_CLOSE, discarded.log_and_forget),
         (evt.EVT_C_ECHO, handle_echo),
-        (evt.EVT_C_STORE, handle_store, [settings.spool_dir, on_stored, discarded]),
+        (evt.EVT_C_STORE, handle_store,
+         [settings.spool_dir, on_stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
     ]
     server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers)
     log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind_address, settings.port)

@@ -1,23 +1,22 @@
 """The spool: received instances on disk, one folder per series.
 
 Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``.
-Each file is written to a temporary name in the same folder, fsynced, renamed
-into place and the folder fsynced, so a file that exists under its final name
-is complete and durable (POSIX rename is atomic). Only then does the SCP
-answer success.
+Each file is written with :func:`osteonode.atomic.write_atomic` (temporary
+name, fsync, rename, folder fsync), so a file that exists under its final name
+is complete and durable. Only then does the SCP answer success.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import uuid
 from pathlib import Path
 
+from osteonode.atomic import TMP_PREFIX, write_atomic
 from osteonode.errors import InputRejected
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
-TMP_PREFIX = ".tmp-"
+#: Process umask of the node: files it writes are 0640, folders 0750 (patient data are not world-readable).
+UMASK = 0o027
 STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 
@@ -65,22 +64,7 @@ def write_instance(spool: Path, study_uid: str, series_uid: str, sop_uid: str, d
     """
     folder = series_dir(spool, study_uid, series_uid)
     folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{sop_uid}.dcm"
-    tmp = folder / f"{TMP_PREFIX}{uuid.uuid4().hex}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return final
+    return write_atomic(folder / f"{sop_uid}.dcm", data)
 
 
 def instance_files(folder: Path) -> list[Path]:

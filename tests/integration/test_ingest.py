@@ -71,6 +71,9 @@ def test_dcmtk_echo_and_store_land_in_spool(node, abdomen_series, j2k_series):
         back = pydicom.dcmread(stored[0])
         assert back.file_meta.TransferSyntaxUID == uid.file_meta.TransferSyntaxUID
         assert back.SOPInstanceUID == stored[0].stem
+        # patient data are not world-readable: files 0640, folders 0750
+        assert {p.stat().st_mode & 0o777 for p in stored} == {0o640}
+        assert stored[0].parent.stat().st_mode & 0o777 == stored[0].parent.parent.stat().st_mode & 0o777 == 0o750
 
 
 def _stored_series(node, files):
@@ -156,23 +159,64 @@ def test_bad_input_is_answered_and_the_node_keeps_running(node, abdomen_series, 
     assert _echo_ok(node)
     # the refusals were logged, without patient identifiers
     assert "refused" in caplog.text
-    assert "association from INTRUDER" in caplog.text and "rejected" in caplog.text
+    assert "association from INTRUDER (127.0.0.1) rejected: calling AE title not allowed" in caplog.text
+    assert "rejected: called AE title 'NOT_THE_NODE' is not ours" in caplog.text
     assert "presentation contexts not accepted for MR Image Storage" in caplog.text
     patient = pydicom.dcmread(abdomen_series[0], stop_before_pixels=True)
     for identifier in (str(patient.PatientName), str(patient.PatientID), str(patient.StudyInstanceUID)):
         assert identifier not in caplog.text
 
 
-def test_dataset_whose_pixel_data_is_short_is_refused(node, abdomen_series):
-    ds = pydicom.dcmread(abdomen_series[0])
-    ds.PixelData = ds.PixelData[:1000]
+def _store_one(node, ds: pydicom.Dataset, transfer_syntax: str) -> int:
+    """C-STORE ``ds`` in one association; the status answered."""
     ae = AE(ae_title="TESTSCU")
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.add_requested_context(CTImageStorage, transfer_syntax)
     assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEONODE")
     status = assoc.send_c_store(ds)
     assoc.release()
-    assert status.Status == 0xA900
+    return status.Status
+
+
+def test_dataset_whose_pixel_data_is_short_is_refused(node, abdomen_series):
+    ds = pydicom.dcmread(abdomen_series[0])
+    ds.PixelData = ds.PixelData[:1000]
+    assert _store_one(node, ds, ExplicitVRLittleEndian) == 0xA900
     assert not list(node.spool_dir.rglob("*.dcm"))
+
+
+def test_an_image_claiming_16384_squared_is_refused_before_any_decode(node, j2k_series, caplog):
+    """A 2 KB JPEG 2000 instance claiming 16384 x 16384 is answered 0xA900 from its header alone."""
+    ds = pydicom.dcmread(j2k_series[0])
+    ds.Rows = ds.Columns = 16384
+    assert _store_one(node, ds, JPEG2000Lossless) == 0xA900
+    assert "refused (0xA900): image size 16384 x 16384 outside 1..4096" in caplog.text
+    assert not list(node.spool_dir.rglob("*.dcm"))
+    assert _echo_ok(node)
+
+
+def test_ten_stalled_connections_lock_a_sender_out_for_at_most_30_s(node, caplog):
+    """10 connections each send a 6-byte PDU header and then nothing; a real sender gets in within 30 s."""
+    import socket
+    import time
+
+    stalled = []
+    for _ in range(10):
+        sock = socket.create_connection(("127.0.0.1", node.port))
+        sock.sendall(bytes([0x01, 0x00, 0x00, 0x00, 0x01, 0x00]))  # A-ASSOCIATE-RQ, 256 bytes announced, none sent
+        stalled.append(sock)
+    start = time.monotonic()
+    try:
+        time.sleep(1)
+        while not _echo_ok(node):
+            assert time.monotonic() - start < 30, "still locked out after 30 s"
+            time.sleep(1)
+        waited = time.monotonic() - start
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert waited < 30
+    assert "rejected: local limit exceeded (10 of 10 associations in use)" in caplog.text
+    assert "calling AE title not allowed" not in caplog.text
 
 
 def test_accept_all_storage_stores_ct_and_discards_the_rest_with_a_count(node, abdomen_series, tmp_path, caplog):

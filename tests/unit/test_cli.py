@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -69,3 +70,59 @@ def test_config_check_validates_the_series_selection_rules(tmp_path, monkeypatch
     config.write_text('[selection]\nkernel_order = ["lung", "soft"]\n')
     result = runner.invoke(app, ["config", "check", str(config)])
     assert result.exit_code == 2 and "kernel_order must list each of soft, unknown, bone, sharp, lung" in result.output
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the console script as an admin would (a real process; PYTHONPATH inherited)."""
+    return subprocess.run([sys.executable, "-m", "osteonode", *args], capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def test_version_prints_and_exits_0():
+    from osteonode import __version__
+
+    run = _cli("--version")
+    assert run.returncode == 0 and run.stdout.strip() == __version__
+
+
+def test_demo_refuses_a_non_empty_folder_it_did_not_make(tmp_path):
+    (tmp_path / "thesis.txt").write_text("five years of work")
+    run = _cli("demo", "--workdir", str(tmp_path))
+    assert run.returncode == 2 and "was not made by `osteonode demo`" in run.stderr
+    assert (tmp_path / "thesis.txt").read_text() == "five years of work"
+
+
+def test_send_without_destination_or_port_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.delenv("OSTEONODE_CONFIG", raising=False)
+    (tmp_path / "x.dcm").write_bytes(b"")
+    no_destination = _cli("send", str(tmp_path))
+    assert no_destination.returncode == 2 and "no destination" in no_destination.stderr
+    no_port = _cli("send", str(tmp_path), "--host", "127.0.0.1")
+    assert no_port.returncode == 2 and "--host and --port go together" in no_port.stderr
+
+
+def test_a_missing_config_file_is_one_line_without_traceback(tmp_path):
+    for command in (["send", str(tmp_path), "--to", "pacs"], ["analyze", str(tmp_path), "-o", str(tmp_path / "o")]):
+        run = _cli(*command, "--config", str(tmp_path / "missing.toml"))
+        assert run.returncode == 2 and "Traceback" not in run.stderr
+        assert run.stderr.strip() == f"config file not found: {tmp_path / 'missing.toml'}"
+
+
+def test_analyze_skips_non_dicom_fills_empty_uids_and_writes_private_files(tmp_path, monkeypatch):
+    """The real JPEG 2000 series has empty UIDs; a readme.txt beside it is skipped with a count."""
+    from tests.conftest import J2K_DIR, require_data
+
+    monkeypatch.delenv("OSTEONODE_CONFIG", raising=False)
+    series = tmp_path / "in"
+    shutil.copytree(require_data(J2K_DIR), series)
+    (series / "readme.txt").write_text("not DICOM")
+    out = tmp_path / "out"
+    run = _cli("analyze", str(series), "-o", str(out))
+    assert run.returncode in (0, 3), run.stderr  # 3: not evaluable (this crop shows T11-T12 only)
+    assert "skipped 1 file(s) that are not DICOM" in run.stderr
+    assert "note: 20 file(s) had empty UIDs" in run.stderr and "Traceback" not in run.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["study_instance_uid"] and result["series_instance_uid"]
+    assert (out / "sr.dcm").is_file()
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}
