@@ -173,7 +173,7 @@ class PhasedDelivery:
                     deliver.apply_async((str(self.entry), name, self.unsent[name]),
                                         countdown=retry_delay_s(self.settings.dispatch, 0))
                 except OperationalError as exc:  # broker gone: say so instead of "pending" forever
-                    record_delivery(self.entry, name, "failed", 1, f"retry not queued: {describe(exc)}")
+                    record_delivery(self.entry, name, "failed", 1, f"delivery not queued: {describe(exc)}")
                     log.error("job %s: retry of the delivery to %s NOT queued, the broker cannot be reached "
                               "(%s); outputs kept in the outbox, re-send with `osteonode send`",
                               self.job_id, name, describe(exc))
