@@ -73,12 +73,42 @@ def _settings_no_dirs(config: Path | None) -> Settings:
 
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="TOML config file to validate.")]) -> None:
-    """Validate FILE and print the effective configuration (exit 2 on errors)."""
+    """Validate FILE and print the effective configuration (exit 2 on errors).
+
+    Beyond the keys, the radiomics preset and the trained model are loaded as
+    a job loads them (the preset's pyradiomics parameter file validated
+    against pyradiomics' schema; the model artifact's SHA-256 and format), so
+    that a typo such as ``radiomics_preset = "seed00O"`` fails here, not in
+    every job.
+    """
     settings = _settings(file)
+    problems = _analysis_problems(settings)
+    if problems:
+        for problem in problems:
+            typer.echo(problem, err=True)
+        raise typer.Exit(2)
     effective = settings.model_dump(mode="json")
     if effective["broker_url"]:
         effective["broker_url"] = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:****@", effective["broker_url"])
     typer.echo(json.dumps(effective, indent=2))
+
+
+def _analysis_problems(settings: Settings) -> list[str]:
+    """What a job would reject in ``settings.analysis``: the radiomics preset and the model artifact."""
+    problems = []
+    if settings.analysis.radiomics_preset:
+        from osteonode.measure.radiomics import RadiomicsParamsError, load_preset
+        try:
+            load_preset(settings.analysis.radiomics_preset)
+        except RadiomicsParamsError as exc:
+            problems.append(f"analysis.radiomics_preset: {exc}")
+    if settings.analysis.model is not None:
+        from osteonode.classify.model import ModelArtifactError, load_model
+        try:
+            load_model(settings.analysis.model.path, settings.analysis.model.sha256)
+        except ModelArtifactError as exc:
+            problems.append(f"analysis.model: {exc}")
+    return problems
 
 
 @app.command()

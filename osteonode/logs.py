@@ -21,7 +21,7 @@ from typing import TextIO
 
 #: Third-party loggers that log UIDs or element values at INFO (or are just chatty). Celery stays at
 #: INFO (its "ready." and task lines carry task ids and statuses, our payloads are not logged), redacted.
-QUIET_LOGGERS = ("highdicom", "pydicom", "pynetdicom", "kombu", "radiomics", "py.warnings")
+QUIET_LOGGERS = ("highdicom", "pydicom", "pynetdicom", "kombu", "radiomics", "pykwalify", "py.warnings")
 #: Our own loggers, whose messages are written without patient data and are left as they are.
 OWN_LOGGERS = ("osteonode", "worker", "__main__")
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -32,7 +32,7 @@ def test_config_check_prints_effective_config(tmp_path, monkeypatch):
     config.write_text(text)
     result = runner.invoke(app, ["config", "check", str(config)])
     assert result.exit_code == 0, result.output
-    effective = json.loads(result.output)
+    effective = json.loads(result.stdout)  # stderr may carry a logged warning
     assert effective["ae_title"] == "OSTEONODE" and effective["destinations"][0]["port"] == 4242
     assert effective["spool_dir"] == str(tmp_path / "spool")
 
@@ -58,7 +58,7 @@ def test_config_check_masks_the_broker_password(tmp_path, monkeypatch):
     result = runner.invoke(app, ["config", "check", str(config)])
     assert result.exit_code == 0, result.output
     assert "s3cret" not in result.output
-    assert json.loads(result.output)["broker_url"] == "redis://osteo:****@10.1.2.3:6379/0"
+    assert json.loads(result.stdout)["broker_url"] == "redis://osteo:****@10.1.2.3:6379/0"
 
 
 def test_config_check_validates_the_series_selection_rules(tmp_path, monkeypatch):
@@ -126,3 +126,22 @@ def test_analyze_skips_non_dicom_fills_empty_uids_and_writes_private_files(tmp_p
     assert (out / "sr.dcm").is_file()
     assert out.stat().st_mode & 0o777 == 0o750
     assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o640}
+
+
+def test_config_check_loads_the_radiomics_preset_and_the_model_as_a_job_would(tmp_path, monkeypatch):
+    """A mistyped preset or a missing/mismatched model fails `config check` (exit 2), not every job."""
+    monkeypatch.delenv("OSTEONODE_CONFIG", raising=False)
+    for sub in ("spool", "outbox"):
+        (tmp_path / sub).mkdir()
+    dirs = (f'spool_dir = "{tmp_path}/spool"\noutbox_dir = "{tmp_path}/outbox"\n'
+            'broker_url = "redis://127.0.0.1:6379/0"\n')  # no queue folder needed
+    config = tmp_path / "node.toml"
+    config.write_text(dirs + '[analysis]\nradiomics_preset = "seed00O"\n')
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 2 and "analysis.radiomics_preset" in result.output and "seed00O" in result.output
+    config.write_text(dirs + f'[analysis.model]\npath = "{tmp_path}/missing.joblib"\nsha256 = "{"0" * 64}"\n')
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 2 and "analysis.model" in result.output and "does not exist" in result.output
+    config.write_text(dirs + '[analysis]\nradiomics_preset = "seed003"\n')
+    result = runner.invoke(app, ["config", "check", str(config)])
+    assert result.exit_code == 0, result.output
