@@ -39,7 +39,7 @@ ROI_HEIGHT_FRACTION = 0.4
 
 def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
                    spacing: np.ndarray, axis: np.ndarray) -> np.ndarray:
-    """Trabecular ROI of one vertebral body (the rule of the module docstring, step 6).
+    """Trabecular ROI of one vertebral body (the rule of the module docstring).
 
     Parameters
     ----------
@@ -56,10 +56,12 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
     Returns
     -------
     numpy.ndarray
-        Boolean mask of the ROI: body voxels at least 5 mm (4 or 3 mm if the ROI
-        would be under 0.2 cm3) from the body surface, in the middle 40 % of the
-        body height along ``axis``, excluding the posterior fifth of the body depth
-        along the anterior direction perpendicular to ``axis``. Source: Pickhardt
+        Boolean mask of the ROI: the elliptical cylinder inscribed in the body's
+        cross-section (in the vertebra's own anterior-posterior and left-right
+        directions, perpendicular to ``axis``) in front of the posterior quarter
+        of the body depth, over the middle 40 % of the body height along
+        ``axis``; only body voxels at least 5 mm (4 or 3 mm if the ROI would be
+        under 0.2 cm3) from the body surface. Source: Pickhardt
         PJ et al., Ann Intern Med 2013;158:588-595, and the ACR-SPR-SSR Practice
         Parameter for QCT (2018).
     """
@@ -69,7 +71,7 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
     dist = np.zeros(body.shape)
     dist[box] = ndi.distance_transform_edt(np.pad(body[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     Z, Y, X = np.meshgrid(*coords_mm, indexing="ij", sparse=True)
-    u, _ = perpendicular_frame(axis)
+    u, w = perpendicular_frame(axis)
 
     def fraction(direction):  # position along direction: 0 at the body's first voxel, 1 at its last
         position = Z * direction[0] + Y * direction[1] + X * direction[2]
@@ -81,8 +83,7 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
     if not mid.any():
         return mid
     # elliptical cylinder inscribed in the mid-slab body cross-section, behind the anterior cortex
-    # margin and in front of the posterior fifth (basivertebral veins)
-    w = np.cross(axis, u)
+    # margin and in front of the posterior quarter (basivertebral veins)
     ap = np.broadcast_to(Z * u[0] + Y * u[1] + X * u[2], body.shape)
     lr = np.broadcast_to(Z * w[0] + Y * w[1] + X * w[2], body.shape)
     a_lo, a_hi = np.percentile(ap[mid], [1, 99])
