@@ -18,6 +18,7 @@ from osteonode import __version__
 from osteonode.config import CONFIG_ENV, ConfigError, Destination, Settings, ensure_dirs, load_settings
 from osteonode.ingest.spool import UMASK
 from osteonode.logs import configure_logging
+from osteonode.network import init_pynetdicom
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,7 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
     # third-party loggers quiet and redacted (no UIDs or patient data), see osteonode.logs
     # (pyradiomics' logger: osteonode.measure.radiomics, as pyradiomics resets it when imported)
     configure_logging(log_level)
+    init_pynetdicom()  # chunked C-STORE of files as stored (osteonode.network)
     # patient data on disk: files 0640, folders 0750 (spool, .jobs, outbox, queue)
     os.umask(UMASK)
 
@@ -283,8 +285,9 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
          called_aet: Annotated[str, typer.Option(help="Peer AE title.")] = "ANY-SCP",
          config: ConfigOpt = None) -> None:
     """C-STORE files (e.g. an outbox entry) to a configured destination or to HOST:PORT."""
-    from osteonode.dispatch import delivery_state, record_delivery, send_files
+    from osteonode.dispatch import send_files
     from osteonode.errors import DeliveryFailed
+    from osteonode.outbox import delivery_state, record_delivery
 
     settings = _settings_no_dirs(config)
     if (host is None) != (port is None):

@@ -20,23 +20,39 @@ from pydantic_settings import (
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
-from pynetdicom._validators import validate_ae
 
 CONFIG_ENV = "OSTEONODE_CONFIG"
 DEFAULT_DATA_DIR = Path("osteonode-data")
 
 
-def _check_ae_title(value: str) -> str:
-    """Validate an AE title with pynetdicom's rules (PS3.5 6.2, VR AE)."""
-    ok, why = validate_ae(value)
-    if not ok:
-        raise ValueError(f"invalid AE title {value!r}: {why}")
+#: Longest AE title (PS3.5 6.2, VR AE: 16 bytes maximum).
+AE_TITLE_MAX_CHARS = 16
+
+
+def check_ae_title(value: str) -> str:
+    """Validate an AE title (PS3.5 6.2, VR AE) and return it without leading and trailing spaces.
+
+    An AE title is 1 to 16 characters of the Default Character Repertoire
+    (ISO-IR 6, printable ASCII) without backslash (the value delimiter) nor
+    control characters; leading and trailing spaces are not significant, and
+    a value of only spaces is empty.
+
+    Raises
+    ------
+    ValueError
+        Naming the rule the value breaks.
+    """
+    if len(value) > AE_TITLE_MAX_CHARS:
+        raise ValueError(f"invalid AE title {value!r}: must not exceed {AE_TITLE_MAX_CHARS} characters")
+    if any(c == "\\" or not (" " <= c <= "~") for c in value):
+        raise ValueError(f"invalid AE title {value!r}: must not contain control characters or backslashes "
+                         "(printable ASCII only)")
     if not value.strip():
         raise ValueError("invalid AE title: must not be empty or only spaces")
     return value.strip()
 
 
-AETitle = Annotated[str, AfterValidator(_check_ae_title)]
+AETitle = Annotated[str, AfterValidator(check_ae_title)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 
 

@@ -32,7 +32,8 @@ from pynetdicom.sop_class import (
 from osteonode.config import Destination
 from osteonode.ctseries import read_image, write_ct_series
 from osteonode.dicom_out import summary
-from osteonode.dispatch import delivery_state, send_files
+from osteonode.dispatch import send_files
+from osteonode.outbox import delivery_state
 from osteonode.result import AnalysisResult
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """Send DICOM files to a destination by C-STORE (SCU), checking every status.
 
-The files are streamed from disk as encoded (pynetdicom's chunked send), in
-the transfer syntax they were written in. A destination that cannot be
+The files are streamed from disk as encoded (pynetdicom's chunked send, set
+by :func:`osteonode.network.init_pynetdicom`), in the transfer syntax they
+were written in. A destination that cannot be
 reached, rejects the association or answers a failure status raises
 :class:`~osteonode.errors.DeliveryFailed`; the caller (the worker's deliver
 task) retries with back-off and leaves the files in the outbox when retries
@@ -10,39 +11,21 @@ run out.
 
 from __future__ import annotations
 
-import json
 import logging
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import UID
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.presentation import build_context
-from pynetdicom.status import code_to_category
 
-from osteonode.atomic import write_atomic
 from osteonode.config import Destination
+from osteonode.dimse_status import SUCCESS, is_stored
 from osteonode.errors import DeliveryFailed
+from osteonode.network import set_tcp_nodelay
 
 log = logging.getLogger(__name__)
-
-#: Send files as stored, without decoding them into memory.
-_config.STORE_SEND_CHUNKED_DATASET = True
-
-STATUS_SUCCESS, STATUS_WARNING = "Success", "Warning"  # pynetdicom's status categories (PS3.7 C.4.2.3)
-
-
-def is_stored(code: int) -> bool:
-    """True when a C-STORE status means the instance was stored: Success or Warning.
-
-    Warnings include 0x0001 (PS3.7 C), 0x0107 (attribute list error), 0x0116
-    (attribute value out of range) and 0xBxxx (coercion, elements discarded,
-    SOP class mismatch, PS3.4 B.2.3); the category comes from
-    :func:`pynetdicom.status.code_to_category`, not a hand-written list.
-    """
-    return code_to_category(code) in (STATUS_SUCCESS, STATUS_WARNING)
 
 
 def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_title: str,
@@ -93,7 +76,7 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
                 raise DeliveryFailed(f"{destination.name}: no C-STORE response for {path.name}")
             if not is_stored(code):
                 raise DeliveryFailed(f"{destination.name}: C-STORE of {path.name} failed with status 0x{code:04X}")
-            if code != 0x0000:
+            if code != SUCCESS:
                 log.warning("%s: C-STORE answered warning 0x%04X (stored)", destination.name, code)
     finally:
         if assoc.is_established:
@@ -104,17 +87,6 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
         raise DeliveryFailed(f"{destination.name}: {destination.ae_title} does not accept "
                              f"{', '.join(refused)} (presentation context rejected); {sent} other file(s) "
                              "delivered", permanent=True)
-
-
-def set_tcp_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: disable Nagle's algorithm on the association's socket.
-
-    Without it each C-STORE waits for the peer's delayed ACK (~40 ms on Linux),
-    capping throughput near 20 instances/s.
-    """
-    sock = event.assoc.dul.socket.socket
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _file_syntaxes(paths: Sequence[Path]) -> dict[Path, tuple[UID, UID]]:
@@ -131,21 +103,3 @@ def _file_syntaxes(paths: Sequence[Path]) -> dict[Path, tuple[UID, UID]]:
         raise DeliveryFailed(f"{len(set(syntaxes.values()))} presentation contexts needed; at most 128 fit "
                              "one association", permanent=True)
     return syntaxes
-
-
-def outbox_entry(outbox_dir: Path, study_uid: str) -> Path:
-    """The outbox folder holding the one set of outputs made for a source study."""
-    return outbox_dir / study_uid
-
-
-def record_delivery(entry: Path, destination: str, state: str, attempts: int, detail: str = "") -> None:
-    """Write ``entry/delivery-<destination>.json``: state (pending/delivered/failed), attempts, last error."""
-    write_atomic(entry / f"delivery-{destination}.json",
-                 json.dumps({"destination": destination, "state": state, "attempts": attempts,
-                             "detail": detail}, indent=2).encode())
-
-
-def delivery_state(entry: Path, destination: str) -> dict | None:
-    """The recorded delivery state of ``entry`` for ``destination``, or None."""
-    path = entry / f"delivery-{destination}.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None

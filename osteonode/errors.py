@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from osteonode.dimse_status import CANNOT_UNDERSTAND
+
 #: Longest message kept by :func:`describe` (characters).
 MAX_REASON_CHARS = 200
 _UID_LIKE = re.compile(r"\d+(?:\.\d+){2,}")
@@ -51,7 +53,7 @@ class InputRejected(OsteonodeError):
         (data set does not match SOP class) or ``0xC210`` (cannot understand).
     """
 
-    def __init__(self, message: str, status: int = 0xC210) -> None:
+    def __init__(self, message: str, status: int = CANNOT_UNDERSTAND) -> None:
         super().__init__(message)
         self.status = status
 

@@ -20,10 +20,11 @@ from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
 from osteonode.config import DispatchSettings, Settings, load_settings
-from osteonode.dispatch import outbox_entry, record_delivery, send_files
+from osteonode.dispatch import send_files
 from osteonode.errors import DeliveryFailed, InputRejected, describe
 from osteonode.failure import record_failure
 from osteonode.ingest.completion import StudyJob, log_id, validate_job
+from osteonode.outbox import outbox_entry, record_delivery
 from osteonode.pipeline import SR_FILE, analyze_study
 from osteonode.result import AnalysisResult
 from worker.app import app

@@ -50,9 +50,10 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from osteonode.config import Settings
-from osteonode.dispatch import set_tcp_nodelay
+from osteonode.dimse_status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, SUCCESS
 from osteonode.errors import InputRejected
-from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, UMASK, check_uid, write_instance
+from osteonode.ingest.spool import UMASK, check_uid, write_instance
+from osteonode.network import set_tcp_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +63,6 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
     JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit,
 ]
-STATUS_SUCCESS = 0x0000
-STATUS_OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused: Out of Resources
-STATUS_CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3 Error: Cannot understand (pynetdicom's decode failure code)
 
 #: Called with (study_uid, series_uid) after an instance is safely on disk.
 OnStored = Callable[[str, str], None]
@@ -72,7 +70,7 @@ OnStored = Callable[[str, str], None]
 
 def handle_echo(event: evt.Event) -> int:
     """C-ECHO: always success (PS3.7 9.3.5)."""
-    return STATUS_SUCCESS
+    return SUCCESS
 
 
 class DiscardCounter:
@@ -118,7 +116,7 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
     if event.context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
         if discarded is not None:
             discarded.add(event)
-        return STATUS_SUCCESS
+        return SUCCESS
     caller = event.assoc.requestor.ae_title
     try:
         study_uid, series_uid, sop_uid = _check_dataset(event, limits or PixelLimits())
@@ -127,17 +125,17 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
         return exc.status
     except Exception as exc:  # noqa: BLE001 - a DIMSE handler must answer with a status, never raise
         log.warning("C-STORE from %s refused (0x%04X): data set cannot be decoded (%s)",
-                    caller, STATUS_CANNOT_UNDERSTAND, type(exc).__name__)
-        return STATUS_CANNOT_UNDERSTAND
+                    caller, CANNOT_UNDERSTAND, type(exc).__name__)
+        return CANNOT_UNDERSTAND
     try:
         write_instance(spool, study_uid, series_uid, sop_uid, event.encoded_dataset())
     except OSError as exc:
         log.error("C-STORE from %s refused (0x%04X): spool write failed: %s",
-                  caller, STATUS_OUT_OF_RESOURCES, exc.strerror)
-        return STATUS_OUT_OF_RESOURCES
+                  caller, OUT_OF_RESOURCES, exc.strerror)
+        return OUT_OF_RESOURCES
     if on_stored is not None:
         on_stored(study_uid, series_uid)
-    return STATUS_SUCCESS
+    return SUCCESS
 
 
 def _check_dataset(event: evt.Event, limits: PixelLimits) -> tuple[str, str, str]:
@@ -149,15 +147,15 @@ def _check_dataset(event: evt.Event, limits: PixelLimits) -> tuple[str, str, str
     context_class = event.context.abstract_syntax
     if ds.get("SOPClassUID") != context_class:
         raise InputRejected("SOP Class UID in the data set differs from the presentation context",
-                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                            status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
     if sop_uid != event.request.AffectedSOPInstanceUID:
         raise InputRejected("SOP Instance UID differs from the C-STORE request's Affected SOP Instance UID",
-                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                            status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
     series_uid = check_uid(ds.get("SeriesInstanceUID"), "Series Instance UID")
     if "PixelData" not in ds:
-        raise InputRejected("the data set has no Pixel Data", status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+        raise InputRejected("the data set has no Pixel Data", status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     check_pixel_bounds(ds, limits)
     _check_pixel_data(ds, event)
     return study_uid, series_uid, sop_uid
@@ -184,14 +182,14 @@ def check_pixel_bounds(ds: pydicom.Dataset, limits: PixelLimits) -> None:
         samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.BitsAllocated)
     except (AttributeError, TypeError, ValueError) as exc:
         raise InputRejected(f"Image Pixel attributes missing or malformed ({type(exc).__name__})",
-                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from exc
+                            status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from exc
     if not (0 < rows <= limits.max_rows_columns and 0 < columns <= limits.max_rows_columns):
         raise InputRejected(f"image size {rows} x {columns} outside 1..{limits.max_rows_columns}",
-                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                            status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     decoded = rows * columns * frames * samples * ((bits + 7) // 8)
     if frames < 1 or decoded > limits.max_decoded_bytes:
         raise InputRejected(f"decoded pixel data of {decoded} bytes ({frames} frame(s)) over the limit of "
-                            f"{limits.max_decoded_bytes}", status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                            f"{limits.max_decoded_bytes}", status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
 
 
 class PixelLimits(NamedTuple):
@@ -214,13 +212,13 @@ def _check_pixel_data(ds: pydicom.Dataset, event: evt.Event) -> None:
             expected = ds.Rows * ds.Columns * ds.SamplesPerPixel * frames * ds.BitsAllocated // 8
             if len(ds.PixelData) < expected:
                 raise InputRejected(f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)",
-                                    status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                                    status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
             return
         ds.file_meta = event.file_meta
         ds.pixel_array  # noqa: B018 - decoding is the check
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError) as exc:
         raise InputRejected(f"pixel data cannot be decoded ({type(exc).__name__})",
-                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from exc
+                            status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS) from exc
 
 
 def log_association_rejected(event: evt.Event) -> None:

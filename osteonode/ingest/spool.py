@@ -12,12 +12,12 @@ import re
 from pathlib import Path
 
 from osteonode.atomic import TMP_PREFIX, write_atomic
+from osteonode.dimse_status import DATA_SET_DOES_NOT_MATCH_SOP_CLASS
 from osteonode.errors import InputRejected
 
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 #: Process umask of the node: files it writes are 0640, folders 0750 (patient data are not world-readable).
 UMASK = 0o027
-STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 
 
 def check_uid(value: object, keyword: str) -> str:
@@ -31,7 +31,7 @@ def check_uid(value: object, keyword: str) -> str:
     text = str(value or "").strip()
     if not text or len(text) > 64 or not _UID.match(text):
         raise InputRejected(f"{keyword} is missing or not a valid UID",
-                            status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
+                            status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     return text
 
 

@@ -38,6 +38,8 @@ def test_valid_file_gives_typed_settings(tmp_path):
     ('ae_title = "ABCDEFGHIJKLMNOPQ"', "ae_title: Value error, invalid AE title 'ABCDEFGHIJKLMNOPQ': must not exceed 16"),
     ('ae_title = "BAD\\\\AE"', "must not contain control characters or backslashes"),
     ('ae_title = "   "', "must not be empty"),
+    ('ae_title = "TAB\\tAE"', "must not contain control characters"),
+    ('ae_title = "KNOCHEN\u00c4"', "printable ASCII only"),
     ("port = 70000", "port: Input should be less than or equal to 65535"),
     ("port = 0", "port: Input should be greater than or equal to 1"),
     ("colour = 1", "colour: Extra inputs are not permitted"),
