@@ -1,4 +1,4 @@
-"""Command line: ``osteonode serve | worker | analyze | send | demo | config check``."""
+"""Command line: ``osteonode serve | worker | analyze | send | echo | demo | config check``."""
 
 from __future__ import annotations
 
@@ -277,24 +277,17 @@ def _analyze_files(files: list[Path], out: Path, settings: Settings, segmentatio
     return result
 
 
-@app.command()
-def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM files or folders.")],
-         to: Annotated[Optional[str], typer.Option(help="Name of a configured destination.")] = None,
-         host: Annotated[Optional[str], typer.Option(help="Peer host (instead of --to).")] = None,
-         port: Annotated[Optional[int], typer.Option(help="Peer port.")] = None,
-         called_aet: Annotated[str, typer.Option(help="Peer AE title.")] = "ANY-SCP",
-         config: ConfigOpt = None) -> None:
-    """C-STORE files (e.g. an outbox entry) to a configured destination or to HOST:PORT."""
-    from osteonode.dispatch import send_files
-    from osteonode.errors import DeliveryFailed
-    from osteonode.outbox import delivery_state, record_delivery
-
-    settings = _settings_no_dirs(config)
+def _destinations(settings: Settings, to: str | None, host: str | None, port: int | None, called_aet: str,
+                  tls: bool) -> list[Destination]:
+    """The destinations ``send`` and ``echo`` address: ``--host``/``--port``, ``--to NAME``, or every configured one."""
     if (host is None) != (port is None):
         typer.echo("--host and --port go together: give both, or --to NAME", err=True)
         raise typer.Exit(2)
+    if tls and settings.tls is None:
+        typer.echo("--tls needs the [tls] section (certificate, private_key) in the configuration", err=True)
+        raise typer.Exit(2)
     if host is not None and port is not None:
-        destinations = [Destination(name=f"{host}:{port}", ae_title=called_aet, host=host, port=port)]
+        destinations = [Destination(name=f"{host}:{port}", ae_title=called_aet, host=host, port=port, tls=tls)]
     elif to is not None:
         destinations = [d for d in settings.destinations if d.name == to]
         if not destinations:
@@ -305,11 +298,33 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
     if not destinations:
         typer.echo("no destination: give --to NAME or --host and --port (or configure destinations)", err=True)
         raise typer.Exit(2)
+    return destinations
+
+
+ToOpt = Annotated[Optional[str], typer.Option(help="Name of a configured destination.")]
+HostOpt = Annotated[Optional[str], typer.Option(help="Peer host (instead of --to).")]
+PortOpt = Annotated[Optional[int], typer.Option(help="Peer port.")]
+CalledAetOpt = Annotated[str, typer.Option(help="Peer AE title.")]
+TlsOpt = Annotated[bool, typer.Option("--tls", help="With --host: DICOM TLS with the [tls] certificate "
+                                                    "(configured destinations use their own tls key).")]
+
+
+@app.command()
+def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM files or folders.")],
+         to: ToOpt = None, host: HostOpt = None, port: PortOpt = None, called_aet: CalledAetOpt = "ANY-SCP",
+         tls: TlsOpt = False, config: ConfigOpt = None) -> None:
+    """C-STORE files (e.g. an outbox entry) to a configured destination or to HOST:PORT."""
+    from osteonode.dispatch import send_files
+    from osteonode.errors import DeliveryFailed
+    from osteonode.outbox import delivery_state, record_delivery
+
+    settings = _settings_no_dirs(config)
+    destinations = _destinations(settings, to, host, port, called_aet, tls)
     files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.dcm")))]
     try:
         for destination in destinations:
             send_files(files, destination, calling_ae_title=settings.ae_title,
-                       timeout_s=settings.dispatch.timeout_s)
+                       timeout_s=settings.dispatch.timeout_s, tls=settings.tls)
             typer.echo(f"sent {len(files)} file(s) to {destination.name}")
             for entry in paths:  # an outbox entry re-sent by hand: record the delivery beside it
                 if delivery_state(entry, destination.name) is not None:
@@ -317,6 +332,30 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
     except DeliveryFailed as exc:
         typer.echo(f"delivery failed: {exc}", err=True)
         raise typer.Exit(1) from None
+
+
+@app.command()
+def echo(to: ToOpt = None, host: HostOpt = None, port: PortOpt = None, called_aet: CalledAetOpt = "ANY-SCP",
+         tls: TlsOpt = False, config: ConfigOpt = None) -> None:
+    """C-ECHO a configured destination (all by default) or HOST:PORT; exit 1 if one does not answer success."""
+    from osteonode.dimse_status import SUCCESS
+    from osteonode.dispatch import echo as c_echo
+    from osteonode.errors import DeliveryFailed
+
+    settings = _settings_no_dirs(config)
+    failed = False
+    for destination in _destinations(settings, to, host, port, called_aet, tls):
+        try:
+            status = c_echo(destination, calling_ae_title=settings.ae_title, timeout_s=settings.dispatch.timeout_s,
+                            tls=settings.tls)
+        except DeliveryFailed as exc:
+            typer.echo(f"echo failed: {exc}", err=True)
+            failed = True
+            continue
+        typer.echo(f"{destination.name}: C-ECHO status 0x{status:04X}")
+        failed |= status != SUCCESS
+    if failed:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -60,6 +60,42 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class TLSSettings(_Strict):
+    """DICOM TLS of the node (``[tls]``): the Non-downgrading BCP 195 profile of PS3.15 B.9, TLS 1.2 or higher.
+
+    The certificate and key identify the node both as SCP (the listener, when
+    ``scp``) and as SCU (destinations with ``tls = true``, which then get it
+    as client certificate). Validation loads the files as a connection
+    would, so ``config check`` reports a missing file or a key that does not
+    match the certificate.
+    """
+
+    certificate: Path = Field(description="PEM certificate of the node (may be followed by its chain)")
+    private_key: Path = Field(description="PEM private key of the certificate, unencrypted (keep it 0600)")
+    ca_bundle: Path | None = Field(
+        default=None, description="PEM CA certificates trusted to sign the peers' certificates; absent: the "
+                                  "system's trust store")
+    require_peer_certificate: bool = Field(
+        default=True, description="the listener requires a client certificate signed by a trusted CA, and the "
+                                  "SCUs verify the destination's certificate; false: no peer authentication")
+    check_hostname: bool = Field(
+        default=True, description="SCUs also require the destination's certificate to name its configured host")
+    scp: bool = Field(default=True, description="the listener accepts TLS connections only; false: plain TCP")
+
+    @model_validator(mode="after")
+    def _check_files(self) -> "TLSSettings":
+        import ssl
+
+        from osteonode.network import client_context, server_context
+
+        try:
+            server_context(self)
+            client_context(self)
+        except (OSError, ssl.SSLError) as exc:
+            raise ValueError(f"cannot load the TLS certificate, key or CA bundle: {exc}") from None
+        return self
+
+
 class Destination(_Strict):
     """A DICOM node that receives the results (C-STORE SCP)."""
 
@@ -67,6 +103,7 @@ class Destination(_Strict):
     ae_title: AETitle
     host: str = Field(min_length=1)
     port: Port
+    tls: bool = Field(default=False, description="associate over DICOM TLS with the [tls] certificate")
 
 
 class DispatchSettings(_Strict):
@@ -225,6 +262,7 @@ class Settings(BaseSettings):
         default=True, description="accept every Storage SOP class at association and discard what is not CT")
     broker_url: str | None = Field(default=None, description="redis://...; absent: embedded queue")
     destinations: list[Destination] = Field(default_factory=list)
+    tls: TLSSettings | None = Field(default=None, description="DICOM TLS; absent: plain TCP everywhere")
     dispatch: DispatchSettings = DispatchSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     selection: SelectionSettings = SelectionSettings()
@@ -244,6 +282,8 @@ class Settings(BaseSettings):
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError("destination names must be unique")
+        if self.tls is None and any(d.tls for d in self.destinations):
+            raise ValueError("a destination with tls = true needs the [tls] section (certificate, private_key)")
         return self
 
     @property

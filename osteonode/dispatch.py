@@ -1,4 +1,4 @@
-"""Send DICOM files to a destination by C-STORE (SCU), checking every status.
+"""Send DICOM files to a destination by C-STORE (SCU), checking every status; C-ECHO a destination.
 
 The files are streamed from disk as encoded (pynetdicom's chunked send, set
 by :func:`osteonode.network.init_pynetdicom`), in the transfer syntax they
@@ -6,7 +6,8 @@ were written in. A destination that cannot be
 reached, rejects the association or answers a failure status raises
 :class:`~osteonode.errors.DeliveryFailed`; the caller (the worker's deliver
 task) retries with back-off and leaves the files in the outbox when retries
-run out.
+run out. A destination with ``tls = true`` is reached over DICOM TLS
+(:func:`osteonode.network.client_context`).
 """
 
 from __future__ import annotations
@@ -17,19 +18,20 @@ from pathlib import Path
 
 import pydicom
 from pydicom.uid import UID
-from pynetdicom import AE, evt
-from pynetdicom.presentation import build_context
+from pynetdicom import AE, Association, evt
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
 
-from osteonode.config import Destination
+from osteonode.config import Destination, TLSSettings
 from osteonode.dimse_status import SUCCESS, is_stored
 from osteonode.errors import DeliveryFailed
-from osteonode.network import set_tcp_nodelay
+from osteonode.network import client_context, set_tcp_nodelay
 
 log = logging.getLogger(__name__)
 
 
 def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_title: str,
-               timeout_s: float = 30.0) -> None:
+               timeout_s: float = 30.0, tls: TLSSettings | None = None) -> None:
     """C-STORE each file to ``destination`` in one association.
 
     Files whose SOP class (in their transfer syntax) the destination does not
@@ -46,26 +48,21 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
         Our AE title.
     timeout_s : float
         Connection, ACSE and DIMSE timeout in seconds.
+    tls : TLSSettings, optional
+        The node's TLS settings; used when ``destination.tls``.
 
     Raises
     ------
     DeliveryFailed
-        Association not established or rejected, a C-STORE answered with a
+        Association not established or rejected (or the TLS handshake failed), a C-STORE answered with a
         failure status or not at all (retryable); or presentation contexts not
         accepted (``permanent=True``, after the accepted files were sent).
     """
     if not paths:
         return
     syntaxes = _file_syntaxes(paths)
-    ae = AE(ae_title=calling_ae_title)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     contexts = [build_context(sop_class, syntax) for sop_class, syntax in sorted(set(syntaxes.values()))]
-    assoc = ae.associate(destination.host, destination.port, contexts, ae_title=destination.ae_title,
-                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
-    if not assoc.is_established:
-        raise DeliveryFailed(f"{destination.name}: association with {destination.ae_title}@"
-                             f"{destination.host}:{destination.port} not established "
-                             f"({'rejected' if assoc.is_rejected else 'aborted or no answer'})")
+    assoc = _associate(destination, contexts, calling_ae_title, timeout_s, tls)
     accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
     refused = sorted({syntaxes[p][0].name for p in paths if syntaxes[p] not in accepted})
     try:
@@ -87,6 +84,47 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
         raise DeliveryFailed(f"{destination.name}: {destination.ae_title} does not accept "
                              f"{', '.join(refused)} (presentation context rejected); {sent} other file(s) "
                              "delivered", permanent=True)
+
+
+def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 30.0,
+         tls: TLSSettings | None = None) -> int:
+    """C-ECHO ``destination`` (Verification SOP Class, PS3.4 A.4) and return its status (0x0000: success).
+
+    Parameters are those of :func:`send_files`.
+
+    Raises
+    ------
+    DeliveryFailed
+        Association not established (refused, rejected, TLS handshake failed) or no C-ECHO response.
+    """
+    assoc = _associate(destination, [build_context(Verification)], calling_ae_title, timeout_s, tls)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if "Status" not in status:
+        raise DeliveryFailed(f"{destination.name}: no C-ECHO response")
+    return int(status.Status)
+
+
+def _associate(destination: Destination, contexts: list[PresentationContext], calling_ae_title: str,
+               timeout_s: float, tls: TLSSettings | None) -> Association:
+    """Open an association to ``destination`` (over TLS when ``destination.tls``) or raise DeliveryFailed."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    tls_args = None
+    if destination.tls:
+        if tls is None:
+            raise DeliveryFailed(f"{destination.name}: TLS requested but no [tls] settings", permanent=True)
+        tls_args = (client_context(tls), destination.host)
+    assoc = ae.associate(destination.host, destination.port, contexts, ae_title=destination.ae_title,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)], tls_args=tls_args)
+    if not assoc.is_established:
+        raise DeliveryFailed(f"{destination.name}: association with {destination.ae_title}@"
+                             f"{destination.host}:{destination.port}{' (TLS)' if tls_args else ''} not "
+                             f"established ({'rejected' if assoc.is_rejected else 'aborted or no answer'})")
+    return assoc
 
 
 def _file_syntaxes(paths: Sequence[Path]) -> dict[Path, tuple[UID, UID]]:

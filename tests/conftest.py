@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pydicom
 import pytest
@@ -127,3 +128,90 @@ def study(tmp_path_factory) -> dict[str, list[Path]]:
     }
     series["non_ct"] = _non_ct_objects(out / "other", uid, series["soft"][0])
     return series
+
+
+class PKI(NamedTuple):
+    """PEM files of a throw-away CA, certificates it signed, and one it did not (``tls_pki`` fixture).
+
+    ``node``, ``peer``: for localhost and 127.0.0.1; ``elsewhere``: signed by the CA for another host name
+    only; ``rogue``: self-signed.
+    """
+
+    ca: Path
+    node_cert: Path
+    node_key: Path
+    peer_cert: Path
+    peer_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+    elsewhere_cert: Path
+    elsewhere_key: Path
+
+
+def _issue(folder: Path, name: str, issuer_name, issuer_key, *, ca: bool = False, host: str | None = None):
+    """Write ``<name>.crt`` / ``<name>.key``: an EC P-256 certificate for ``host`` or localhost and 127.0.0.1 (1 day)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
+               .public_key(key.public_key()).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if not ca:
+        names = [x509.DNSName(host)] if host else [x509.DNSName("localhost"),
+                                                    x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(issuer_key or key, hashes.SHA256())
+    (folder / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (folder / f"{name}.key").write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                                           serialization.PrivateFormat.TraditionalOpenSSL,
+                                                           serialization.NoEncryption()))
+    return cert.subject, key
+
+
+@pytest.fixture(scope="session")
+def tls_pki(tmp_path_factory) -> PKI:
+    """A CA with a node and a peer certificate (both for localhost/127.0.0.1), and a self-signed rogue one."""
+    out = tmp_path_factory.mktemp("pki")
+    ca_name, ca_key = _issue(out, "ca", None, None, ca=True)
+    _issue(out, "node", ca_name, ca_key)
+    _issue(out, "peer", ca_name, ca_key)
+    _issue(out, "rogue", None, None)
+    _issue(out, "elsewhere", ca_name, ca_key, host="elsewhere.invalid")
+    return PKI(*(out / f for f in ("ca.crt", "node.crt", "node.key", "peer.crt", "peer.key",
+                                   "rogue.crt", "rogue.key", "elsewhere.crt", "elsewhere.key")))
+
+
+@pytest.fixture(scope="session")
+def tiny_ct():
+    """``tiny_ct(path, study_uid=None, patient_id="TINY-1")`` writes a valid 16 x 16 CT instance and returns ``path``."""
+    return _write_tiny_ct
+
+
+def _write_tiny_ct(path: Path, study_uid: str | None = None, patient_id: str = "TINY-1") -> Path:
+    """Write a valid 16 x 16 CT Image Storage instance (no shared data needed) for network tests."""
+    import numpy as np
+    from pydicom.uid import CTImageStorage
+
+    ds = pydicom.Dataset()
+    ds.file_meta = pydicom.dataset.FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid or generate_uid(), generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = patient_id, "TINY^CT", "CT"
+    ds.Rows = ds.Columns = 16
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
+    ds.PixelData = np.zeros((16, 16), dtype=np.int16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path

@@ -139,7 +139,8 @@ class PhasedDelivery:
                 continue
             try:
                 send_files(paths, destination, calling_ae_title=self.settings.ae_title,
-                           timeout_s=self.settings.dispatch.timeout_s)
+                           timeout_s=self.settings.dispatch.timeout_s,
+                           tls=self.settings.tls)
             except DeliveryFailed as exc:
                 if exc.permanent:
                     self.refused[destination.name] = str(exc)
@@ -231,7 +232,8 @@ def deliver(self, entry: str, destination_name: str, files: list[str] | None = N
     attempt = self.request.retries + 1
     paths = [folder / name for name in files] if files else sorted(folder.glob("*.dcm"))
     try:
-        send_files(paths, destination, calling_ae_title=settings.ae_title, timeout_s=settings.dispatch.timeout_s)
+        send_files(paths, destination, calling_ae_title=settings.ae_title, timeout_s=settings.dispatch.timeout_s,
+                   tls=settings.tls)
     except Exception as exc:  # noqa: BLE001 - top-level recorder: any error becomes a (bounded) failed attempt
         if not isinstance(exc, DeliveryFailed):
             exc = DeliveryFailed(f"unexpected {describe(exc)}")

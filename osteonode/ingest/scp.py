@@ -13,7 +13,9 @@ and Verification are accepted. When
 ``allowed_calling_ae_titles`` is set, other callers are rejected with
 "calling AE title not recognized"; a called AE title other than ours is
 rejected with "called AE title not recognized". Rejections and refused
-presentation contexts are logged at WARNING.
+presentation contexts are logged at WARNING. With ``[tls]`` (and ``tls.scp``)
+the listener accepts DICOM TLS connections only
+(:func:`osteonode.network.server_context`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from osteonode.config import Settings
 from osteonode.dimse_status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, SUCCESS
 from osteonode.errors import InputRejected
 from osteonode.ingest.spool import UMASK, check_uid, write_instance
-from osteonode.network import set_tcp_nodelay
+from osteonode.network import server_context, set_tcp_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +312,10 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
         (evt.EVT_C_STORE, handle_store,
          [settings.spool_dir, on_stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
     ]
-    server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers)
-    log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind_address, settings.port)
+    tls = settings.tls is not None and settings.tls.scp
+    server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers,
+                             ssl_context=server_context(settings.tls) if tls else None)
+    log.info("SCP %s listening on %s:%d%s", settings.ae_title, settings.bind_address, settings.port,
+             " (DICOM TLS)" if tls else "")
     return server
 

@@ -108,3 +108,15 @@ def test_selection_rules_and_kernel_table_from_the_file(tmp_path):
     other.write_text('{"rules": [{"pattern": "B", "class": "medium"}]}', encoding="utf-8")
     with pytest.raises(ConfigError, match="class must be one of soft, bone, sharp, lung"):
         load_settings(_write(tmp_path, f'[selection]\nkernel_table = "{other}"\n'))
+
+
+def test_tls_configuration_errors_are_named(tmp_path, tls_pki):
+    with pytest.raises(ConfigError, match="tls = true needs the \\[tls\\] section"):
+        load_settings(_write(tmp_path, '[[destinations]]\nname = "p"\nae_title = "P"\nhost = "h"\nport = 1\n'
+                                       "tls = true\n"))
+    with pytest.raises(ConfigError, match="tls: Value error, cannot load the TLS certificate"):
+        load_settings(_write(tmp_path, f'[tls]\ncertificate = "{tls_pki.node_cert}"\n'
+                                       f'private_key = "{tls_pki.peer_key}"\n'))
+    settings = load_settings(_write(tmp_path, f'[tls]\ncertificate = "{tls_pki.node_cert}"\n'
+                                              f'private_key = "{tls_pki.node_key}"\nca_bundle = "{tls_pki.ca}"\n'))
+    assert settings.tls.require_peer_certificate and settings.tls.scp
