@@ -15,6 +15,7 @@ from typing import Annotated, Optional
 import typer
 
 from osteonode import __version__
+from osteonode.audit import audit_event, configure_audit, os_user
 from osteonode.config import CONFIG_ENV, ConfigError, Destination, Settings, ensure_dirs, load_settings
 from osteonode.ingest.spool import UMASK
 from osteonode.logs import configure_logging
@@ -73,6 +74,17 @@ def _settings_no_dirs(config: Path | None) -> Settings:
         raise typer.Exit(2) from None
 
 
+def _configure_audit(settings: Settings) -> None:
+    """Set up the audit trail (``[audit]``); exit 2 with one line when its file or TLS set-up cannot be used."""
+    import ssl
+
+    try:
+        configure_audit(settings)
+    except (OSError, ssl.SSLError) as exc:
+        typer.echo(f"audit: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @config_app.command("check")
 def config_check(file: Annotated[Path, typer.Argument(help="TOML config file to validate.")]) -> None:
     """Validate FILE and print the effective configuration (exit 2 on errors).
@@ -127,11 +139,13 @@ def serve(config: ConfigOpt = None) -> None:
     settings = _settings(config)
     remove_orphans(settings.spool_dir, settings.outbox_dir)  # nothing writes there before the SCP starts
     celery_app = configure(settings)
+    _configure_audit(settings)
 
     def enqueue(job: StudyJob) -> None:
         analyze_study_task.apply_async(args=[job.model_dump(mode="json")])
 
     server = start_scp(settings)
+    audit_event("application_start")
     stop = threading.Event()
     watcher = threading.Thread(target=watch, name="study-completion", daemon=True,
                                args=(settings.spool_dir, settings.study_quiet_period_s, settings.selection,
@@ -152,6 +166,7 @@ def serve(config: ConfigOpt = None) -> None:
         stop.set()
         server.shutdown()
         watcher.join(timeout=5)
+        audit_event("application_stop")
         log.info("node stopped")
 
 
@@ -162,6 +177,7 @@ def worker(config: ConfigOpt = None,
     from worker.app import configure
 
     settings = _settings(config)
+    _configure_audit(settings)
     configure(settings).worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}"])
 
 
@@ -320,11 +336,12 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
 
     settings = _settings_no_dirs(config)
     destinations = _destinations(settings, to, host, port, called_aet, tls)
+    _configure_audit(settings)
     files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.dcm")))]
     try:
         for destination in destinations:
             send_files(files, destination, calling_ae_title=settings.ae_title,
-                       timeout_s=settings.dispatch.timeout_s, tls=settings.tls)
+                       timeout_s=settings.dispatch.timeout_s, tls=settings.tls, exported_by=os_user())
             typer.echo(f"sent {len(files)} file(s) to {destination.name}")
             for entry in paths:  # an outbox entry re-sent by hand: record the delivery beside it
                 if delivery_state(entry, destination.name) is not None:

@@ -96,6 +96,31 @@ class TLSSettings(_Strict):
         return self
 
 
+class AuditSettings(_Strict):
+    """The audit trail (``[audit]``): DICOM PS3.15 A.5 audit messages, see :mod:`osteonode.audit`.
+
+    Each message goes to ``file`` (one XML message per line, appended) and,
+    when ``syslog_host`` is set, to a syslog collector (RFC 5424) over UDP
+    (RFC 5426), TCP (RFC 6587 octet counting) or TLS (RFC 5425).
+    """
+
+    file: Path | None = Field(default=None, description="append-only file of audit messages, one XML message "
+                                                        "per line; absent: no file")
+    syslog_host: str | None = Field(default=None, description="syslog collector; absent: no syslog")
+    syslog_port: Port | None = Field(default=None, description="default 514 (udp, tcp) or 6514 (tls)")
+    syslog_transport: Literal["udp", "tcp", "tls"] = "udp"
+    syslog_ca_bundle: Path | None = Field(
+        default=None, description="tls: PEM CAs trusted for the collector's certificate; absent: [tls] ca_bundle, "
+                                  "else the system's store")
+    source_id: str | None = Field(default=None, description="AuditSourceID; absent: <ae_title>@<host name>")
+    enterprise_site_id: str | None = Field(default=None, description="AuditEnterpriseSiteID (e.g. the hospital)")
+
+    @property
+    def enabled(self) -> bool:
+        """True when audit messages go anywhere."""
+        return self.file is not None or self.syslog_host is not None
+
+
 class Destination(_Strict):
     """A DICOM node that receives the results (C-STORE SCP)."""
 
@@ -263,6 +288,7 @@ class Settings(BaseSettings):
     broker_url: str | None = Field(default=None, description="redis://...; absent: embedded queue")
     destinations: list[Destination] = Field(default_factory=list)
     tls: TLSSettings | None = Field(default=None, description="DICOM TLS; absent: plain TCP everywhere")
+    audit: AuditSettings = AuditSettings()
     dispatch: DispatchSettings = DispatchSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     selection: SelectionSettings = SelectionSettings()

@@ -7,14 +7,17 @@ reached, rejects the association or answers a failure status raises
 :class:`~osteonode.errors.DeliveryFailed`; the caller (the worker's deliver
 task) retries with back-off and leaves the files in the outbox when retries
 run out. A destination with ``tls = true`` is reached over DICOM TLS
-(:func:`osteonode.network.client_context`).
+(:func:`osteonode.network.client_context`). Every send is recorded in the
+audit trail ("DICOM Instances Transferred", :mod:`osteonode.audit`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pydicom
 from pydicom.uid import UID
@@ -22,6 +25,7 @@ from pynetdicom import AE, Association, evt
 from pynetdicom.presentation import PresentationContext, build_context
 from pynetdicom.sop_class import Verification
 
+from osteonode.audit import audit_event
 from osteonode.config import Destination, TLSSettings
 from osteonode.dimse_status import SUCCESS, is_stored
 from osteonode.errors import DeliveryFailed
@@ -31,7 +35,7 @@ log = logging.getLogger(__name__)
 
 
 def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_title: str,
-               timeout_s: float = 30.0, tls: TLSSettings | None = None) -> None:
+               timeout_s: float = 30.0, tls: TLSSettings | None = None, exported_by: str | None = None) -> None:
     """C-STORE each file to ``destination`` in one association.
 
     Files whose SOP class (in their transfer syntax) the destination does not
@@ -50,6 +54,10 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
         Connection, ACSE and DIMSE timeout in seconds.
     tls : TLSSettings, optional
         The node's TLS settings; used when ``destination.tls``.
+    exported_by : str, optional
+        A person who sent the files by hand (``osteonode send``): the audit
+        trail records an Export by them instead of "DICOM Instances
+        Transferred".
 
     Raises
     ------
@@ -60,30 +68,57 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
     """
     if not paths:
         return
-    syntaxes = _file_syntaxes(paths)
-    contexts = [build_context(sop_class, syntax) for sop_class, syntax in sorted(set(syntaxes.values()))]
-    assoc = _associate(destination, contexts, calling_ae_title, timeout_s, tls)
-    accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
-    refused = sorted({syntaxes[p][0].name for p in paths if syntaxes[p] not in accepted})
+    files = _read_files(paths)
+    stored: list[Path] = []
     try:
-        for path in (p for p in paths if syntaxes[p] in accepted):
-            status = assoc.send_c_store(path)
-            code = int(status.Status) if "Status" in status else None
-            if code is None:
-                raise DeliveryFailed(f"{destination.name}: no C-STORE response for {path.name}")
-            if not is_stored(code):
-                raise DeliveryFailed(f"{destination.name}: C-STORE of {path.name} failed with status 0x{code:04X}")
-            if code != SUCCESS:
-                log.warning("%s: C-STORE answered warning 0x%04X (stored)", destination.name, code)
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    sent = sum(syntaxes[p] in accepted for p in paths)
-    log.info("%s: delivered %d file(s) to %s", destination.name, sent, destination.ae_title)
-    if refused:
-        raise DeliveryFailed(f"{destination.name}: {destination.ae_title} does not accept "
-                             f"{', '.join(refused)} (presentation context rejected); {sent} other file(s) "
-                             "delivered", permanent=True)
+        contexts = [build_context(*context) for context in sorted({f.context for f in files.values()})]
+        assoc = _associate(destination, contexts, calling_ae_title, timeout_s, tls)
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0]) for cx in assoc.accepted_contexts}
+        refused = sorted({files[p].context[0].name for p in paths if files[p].context not in accepted})
+        try:
+            for path in (p for p in paths if files[p].context in accepted):
+                _store(assoc, path, destination)
+                stored.append(path)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        log.info("%s: delivered %d file(s) to %s", destination.name, len(stored), destination.ae_title)
+        if refused:
+            raise DeliveryFailed(f"{destination.name}: {destination.ae_title} does not accept "
+                                 f"{', '.join(refused)} (presentation context rejected); {len(stored)} other "
+                                 "file(s) delivered", permanent=True)
+    except DeliveryFailed as exc:
+        _audit_sent(files, stored or list(paths), destination, exported_by, str(exc))
+        raise
+    _audit_sent(files, stored, destination, exported_by)
+
+
+def _store(assoc: Association, path: Path, destination: Destination) -> None:
+    """C-STORE one file; raise DeliveryFailed unless its status is Success or Warning."""
+    status = assoc.send_c_store(path)
+    code = int(status.Status) if "Status" in status else None
+    if code is None:
+        raise DeliveryFailed(f"{destination.name}: no C-STORE response for {path.name}")
+    if not is_stored(code):
+        raise DeliveryFailed(f"{destination.name}: C-STORE of {path.name} failed with status 0x{code:04X}")
+    if code != SUCCESS:
+        log.warning("%s: C-STORE answered warning 0x%04X (stored)", destination.name, code)
+
+
+def _audit_sent(files: dict[Path, _File], paths: Sequence[Path], destination: Destination,
+                exported_by: str | None, failure: str | None = None) -> None:
+    """One "DICOM Instances Transferred" (or Export) audit message per patient: the studies and SOP classes of ``paths``.
+
+    On ``failure``, ``paths`` are the files that were to be sent and the outcome is a minor failure.
+    """
+    by_patient: dict[str, dict[str, Counter[str]]] = {}
+    for path in paths:
+        info = files[path]
+        by_patient.setdefault(info.patient_id, {}).setdefault(info.study_uid, Counter())[str(info.context[0])] += 1
+    for patient_id, studies in by_patient.items():
+        audit_event("export" if exported_by else "instances_sent", outcome="minor_failure" if failure else "success",
+                    user=exported_by, remote_host=destination.host, remote_ae=destination.ae_title, study_uids=studies,
+                    patient_id=patient_id, detail=failure)
 
 
 def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 30.0,
@@ -127,17 +162,28 @@ def _associate(destination: Destination, contexts: list[PresentationContext], ca
     return assoc
 
 
-def _file_syntaxes(paths: Sequence[Path]) -> dict[Path, tuple[UID, UID]]:
-    """(SOP class, transfer syntax) of each file, from its File Meta Information.
+class _File(NamedTuple):
+    """What the dispatcher reads of a file: its presentation context and, for the audit trail, study and patient."""
+
+    context: tuple[UID, UID]  # (SOP Class UID, Transfer Syntax UID) from the File Meta Information
+    study_uid: str
+    patient_id: str
+
+
+def _read_files(paths: Sequence[Path]) -> dict[Path, _File]:
+    """(SOP class, transfer syntax), Study Instance UID and Patient ID of each file.
 
     Only the file's own transfer syntax is offered: files are streamed as
     stored, so the accepted syntax must be the one they are encoded in.
     """
-    syntaxes = {}
+    files = {}
     for path in paths:
-        meta = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).file_meta
-        syntaxes[path] = (UID(meta.MediaStorageSOPClassUID), UID(meta.TransferSyntaxUID))
-    if len(set(syntaxes.values())) > 128:
-        raise DeliveryFailed(f"{len(set(syntaxes.values()))} presentation contexts needed; at most 128 fit "
+        ds = pydicom.dcmread(path, stop_before_pixels=True,
+                             specific_tags=["SOPClassUID", "StudyInstanceUID", "PatientID"])
+        files[path] = _File((UID(ds.file_meta.MediaStorageSOPClassUID), UID(ds.file_meta.TransferSyntaxUID)),
+                            str(ds.get("StudyInstanceUID", "")), str(ds.get("PatientID", "")))
+    contexts = {f.context for f in files.values()}
+    if len(contexts) > 128:
+        raise DeliveryFailed(f"{len(contexts)} presentation contexts needed; at most 128 fit "
                              "one association", permanent=True)
-    return syntaxes
+    return files

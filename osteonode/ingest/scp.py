@@ -13,7 +13,9 @@ and Verification are accepted. When
 ``allowed_calling_ae_titles`` is set, other callers are rejected with
 "calling AE title not recognized"; a called AE title other than ours is
 rejected with "called AE title not recognized". Rejections and refused
-presentation contexts are logged at WARNING. With ``[tls]`` (and ``tls.scp``)
+presentation contexts are logged at WARNING and rejections recorded as
+Security Alerts in the audit trail, as are the studies received
+(:class:`ReceivedStudies`). With ``[tls]`` (and ``tls.scp``)
 the listener accepts DICOM TLS connections only
 (:func:`osteonode.network.server_context`).
 """
@@ -51,6 +53,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from osteonode.audit import audit_event
 from osteonode.config import Settings
 from osteonode.dimse_status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, SUCCESS
 from osteonode.errors import InputRejected
@@ -97,8 +100,45 @@ class DiscardCounter:
                      ", ".join(f"{n} x {name}" for name, n in sorted(counts.items())))
 
 
+class ReceivedStudies:
+    """The audit trail of each association: what it stored, by patient and study (PS3.15 A.5.3.3, A.5.3.4).
+
+    The first instance of a study in an association records "Begin
+    Transferring DICOM Instances"; the end of the association (release,
+    abort or closed connection) records one "DICOM Instances Transferred"
+    per patient with the instances per study and SOP class, not one message
+    per instance.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._received: dict[int, dict[str, dict[str, Counter[str]]]] = {}  # assoc -> patient -> study -> class
+
+    def add(self, event: evt.Event, patient_id: str, study_uid: str) -> None:
+        """Count one stored instance of the association of ``event``."""
+        with self._lock:
+            studies = self._received.setdefault(id(event.assoc), {}).setdefault(patient_id, {})
+            first = study_uid not in studies
+            studies.setdefault(study_uid, Counter())[str(event.context.abstract_syntax)] += 1
+        if first:
+            audit_event("begin_transfer", **_remote(event), study_uids=[study_uid], patient_id=patient_id)
+
+    def finish(self, event: evt.Event) -> None:
+        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: record what the association stored (once)."""
+        with self._lock:
+            patients = self._received.pop(id(event.assoc), None)
+        for patient_id, studies in (patients or {}).items():
+            audit_event("instances_received", **_remote(event), study_uids=studies, patient_id=patient_id)
+
+
+def _remote(event: evt.Event) -> dict[str, str]:
+    """The requestor of ``event``'s association as :func:`~osteonode.audit.audit_event` keywords."""
+    return {"remote_host": str(event.assoc.requestor.address), "remote_ae": str(event.assoc.requestor.ae_title)}
+
+
 def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = None,
-                 discarded: DiscardCounter | None = None, limits: PixelLimits | None = None) -> int:
+                 discarded: DiscardCounter | None = None, limits: PixelLimits | None = None,
+                 received: ReceivedStudies | None = None) -> int:
     """C-STORE: check the data set, write it durably to the spool, then answer.
 
     An instance of a SOP class other than the CT image classes (accepted
@@ -135,6 +175,8 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
         log.error("C-STORE from %s refused (0x%04X): spool write failed: %s",
                   caller, OUT_OF_RESOURCES, exc.strerror)
         return OUT_OF_RESOURCES
+    if received is not None:
+        received.add(event, str(event.dataset.get("PatientID", "")), study_uid)
     if on_stored is not None:
         on_stored(study_uid, series_uid)
     return SUCCESS
@@ -244,6 +286,8 @@ def log_association_rejected(event: evt.Event) -> None:
         reason = "refused during negotiation"
     log.warning("association from %s (%s) rejected: %s",
                 assoc.requestor.ae_title, assoc.requestor.address, reason)
+    audit_event("security_alert", outcome="minor_failure", **_remote(event),
+                detail=f"association from {assoc.requestor.ae_title} rejected: {reason}")
 
 
 def set_socket_timeout(event: evt.Event, timeout_s: float) -> None:
@@ -299,7 +343,7 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
     """
     os.umask(UMASK)  # spooled instances 0640, their folders 0750
     ae = make_ae(settings)
-    discarded = DiscardCounter()
+    discarded, received = DiscardCounter(), ReceivedStudies()
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, set_socket_timeout, [settings.network_timeout_s]),
@@ -308,9 +352,13 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
         (evt.EVT_RELEASED, discarded.log_and_forget),
         (evt.EVT_ABORTED, discarded.log_and_forget),
         (evt.EVT_CONN_CLOSE, discarded.log_and_forget),
+        (evt.EVT_RELEASED, received.finish),
+        (evt.EVT_ABORTED, received.finish),
+        (evt.EVT_CONN_CLOSE, received.finish),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store,
-         [settings.spool_dir, on_stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
+         [settings.spool_dir, on_stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes),
+          received]),
     ]
     tls = settings.tls is not None and settings.tls.scp
     server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers,
