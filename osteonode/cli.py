@@ -133,6 +133,7 @@ def serve(config: ConfigOpt = None) -> None:
     from osteonode.atomic import remove_orphans
     from osteonode.ingest.completion import StudyJob, watch
     from osteonode.ingest.scp import start_scp
+    from osteonode.retention import retention_loop
     from worker.app import configure
     from worker.tasks import analyze_study_task
 
@@ -152,6 +153,8 @@ def serve(config: ConfigOpt = None) -> None:
                                      enqueue, stop),
                                kwargs={"retry_on": (OSError, OperationalError)})
     watcher.start()
+    retention = threading.Thread(target=retention_loop, name="retention", daemon=True, args=(settings, stop))
+    retention.start()
     try:
         if settings.embedded_broker:
             log.info("embedded queue in %s: running the worker in this process", settings.queue_dir)
@@ -166,6 +169,7 @@ def serve(config: ConfigOpt = None) -> None:
         stop.set()
         server.shutdown()
         watcher.join(timeout=5)
+        retention.join(timeout=5)
         audit_event("application_stop")
         log.info("node stopped")
 

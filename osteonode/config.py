@@ -286,6 +286,14 @@ class Settings(BaseSettings):
     accept_all_storage: bool = Field(
         default=True, description="accept every Storage SOP class at association and discard what is not CT")
     broker_url: str | None = Field(default=None, description="redis://...; absent: embedded queue")
+    retention_days: float | None = Field(
+        default=None, gt=0, description="remove the spool and outbox data of studies delivered to every destination "
+                                        "more than this many days ago; absent: keep everything")
+    retention_interval_s: float = Field(default=3600.0, gt=0, description="serve: seconds between retention passes")
+    min_free_percent: float = Field(
+        default=5.0, ge=0, lt=100, description="SCP: answer C-STORE with 0xA700 while the spool's file system has "
+                                               "less free space than this share; 0: no limit")
+    min_free_bytes: int = Field(default=0, ge=0, description="SCP: the same as an absolute number of bytes; 0: no limit")
     destinations: list[Destination] = Field(default_factory=list)
     tls: TLSSettings | None = Field(default=None, description="DICOM TLS; absent: plain TCP everywhere")
     audit: AuditSettings = AuditSettings()

@@ -59,6 +59,7 @@ from osteonode.dimse_status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SO
 from osteonode.errors import InputRejected
 from osteonode.ingest.spool import UMASK, check_uid, write_instance
 from osteonode.network import server_context, set_tcp_nodelay
+from osteonode.retention import Watermark
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,15 @@ def _remote(event: evt.Event) -> dict[str, str]:
 
 def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = None,
                  discarded: DiscardCounter | None = None, limits: PixelLimits | None = None,
-                 received: ReceivedStudies | None = None) -> int:
+                 received: ReceivedStudies | None = None, watermark: Watermark | None = None) -> int:
     """C-STORE: check the data set, write it durably to the spool, then answer.
 
     An instance of a SOP class other than the CT image classes (accepted
     only with ``accept_all_storage``) is not decoded nor stored: it is
     counted in ``discarded`` and answered with success. An image larger
     than ``limits`` (default :class:`PixelLimits`) is refused before its
-    pixel data are decoded.
+    pixel data are decoded. Below the disk ``watermark`` a CT instance is
+    refused with 0xA700 before it is read.
 
     Returns
     -------
@@ -153,13 +155,16 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
         0x0000 once the file is fsynced under its final name (or discarded);
         0xA900 when the data set does not match its SOP class (wrong class,
         missing or bad UIDs, an image over ``limits``, pixel data that does not decode); 0xC210 when it
-        cannot be parsed at all; 0xA700 when it cannot be written to disk.
+        cannot be parsed at all; 0xA700 when it cannot be written to disk or
+        the disk is below the watermark.
     """
     if event.context.abstract_syntax not in ACCEPTED_SOP_CLASSES:
         if discarded is not None:
             discarded.add(event)
         return SUCCESS
     caller = event.assoc.requestor.ae_title
+    if watermark is not None and not watermark.ok():
+        return OUT_OF_RESOURCES
     try:
         study_uid, series_uid, sop_uid = _check_dataset(event, limits or PixelLimits())
     except InputRejected as exc:
@@ -358,7 +363,7 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store,
          [settings.spool_dir, on_stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes),
-          received]),
+          received, Watermark(settings.spool_dir, settings.min_free_percent, settings.min_free_bytes)]),
     ]
     tls = settings.tls is not None and settings.tls.scp
     server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers,
