@@ -161,8 +161,14 @@ class Watermark:
         self._lock = threading.Lock()
 
     def free(self) -> tuple[int, int]:
-        """(bytes available to the node, file-system size in bytes), from :func:`os.statvfs`."""
-        st = os.statvfs(self.path)
+        """(bytes available to the node, file-system size in bytes), from :func:`os.statvfs`.
+
+        A ``path`` not created yet is measured at its nearest existing parent (the file system it will be on).
+        """
+        path = self.path
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        st = os.statvfs(path)
         return st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
 
     def ok(self) -> bool:

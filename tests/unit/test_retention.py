@@ -104,6 +104,7 @@ def test_watermark_compares_free_space_with_both_limits(tmp_path, caplog):
     available, size = Watermark(tmp_path, 0, 0).free()
     assert 0 < available <= size
     assert Watermark(tmp_path, 0, 0).ok()
+    assert Watermark(tmp_path / "spool" / "not-yet", 1, 0).ok()  # measured at the nearest existing parent
     assert Watermark(tmp_path, 0, available // 2).ok()
     low = Watermark(tmp_path, 0, available + size)  # more than the disk holds
     with caplog.at_level(logging.INFO, logger="osteonode.retention"):
