@@ -302,7 +302,7 @@ class AuditTrail:
 
     def _send_syslog(self, xml: str) -> None:
         frame = syslog_frame(xml, hostname=socket.gethostname())
-        host, transport = self.settings.syslog_host, self.settings.syslog_transport
+        host, transport = str(self.settings.syslog_host), self.settings.syslog_transport
         port = self.settings.syslog_port or (6514 if transport == "tls" else 514)
         if transport == "udp":
             with socket.socket(_family(host), socket.SOCK_DGRAM) as sock:
@@ -322,7 +322,7 @@ class AuditTrail:
         """The kept TCP/TLS connection of this process (a forked worker opens its own)."""
         if self._stream is None or self._stream_pid != os.getpid():
             sock = socket.create_connection((host, port), timeout=10)
-            if self.settings.syslog_transport == "tls":
+            if self.tls_context is not None:  # syslog_transport = "tls"
                 sock = self.tls_context.wrap_socket(sock, server_hostname=host)
             self._stream, self._stream_pid = sock, os.getpid()
         return self._stream
@@ -360,8 +360,9 @@ def _append_line(path: Path, line: str) -> None:
 
 
 def syslog_frame(msg: str, *, hostname: str, when: datetime.datetime | None = None) -> bytes:
-    """An RFC 5424 syslog message carrying an audit message: ``<85>1 TIMESTAMP HOST osteonode PID IHE+RFC-3881 - BOM MSG``.
+    """An RFC 5424 syslog message carrying an audit message.
 
+    Format: ``<85>1 TIMESTAMP HOST osteonode PID IHE+RFC-3881 - BOM MSG``.
     The MSG is UTF-8 with a leading BOM (RFC 5424 6.4); no structured data
     (``-``). Fields longer than RFC 5424 allows are cut (HOSTNAME 255, APP-NAME 48).
     """

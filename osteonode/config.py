@@ -293,7 +293,8 @@ class Settings(BaseSettings):
     min_free_percent: float = Field(
         default=5.0, ge=0, lt=100, description="SCP: answer C-STORE with 0xA700 while the spool's file system has "
                                                "less free space than this share; 0: no limit")
-    min_free_bytes: int = Field(default=0, ge=0, description="SCP: the same as an absolute number of bytes; 0: no limit")
+    min_free_bytes: int = Field(default=0, ge=0,
+                                description="SCP: the same as an absolute number of bytes; 0: no limit")
     destinations: list[Destination] = Field(default_factory=list)
     tls: TLSSettings | None = Field(default=None, description="DICOM TLS; absent: plain TCP everywhere")
     audit: AuditSettings = AuditSettings()

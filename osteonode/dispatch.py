@@ -107,7 +107,7 @@ def _store(assoc: Association, path: Path, destination: Destination) -> None:
 
 def _audit_sent(files: dict[Path, _File], paths: Sequence[Path], destination: Destination,
                 exported_by: str | None, failure: str | None = None) -> None:
-    """One "DICOM Instances Transferred" (or Export) audit message per patient: the studies and SOP classes of ``paths``.
+    """One "DICOM Instances Transferred" (or Export) audit message per patient: studies and SOP classes of ``paths``.
 
     On ``failure``, ``paths`` are the files that were to be sent and the outcome is a minor failure.
     """

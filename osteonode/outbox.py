@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from osteonode.atomic import write_atomic
 
@@ -30,13 +30,13 @@ def record_delivery(entry: Path, destination: str, state: DeliveryState, attempt
                              "detail": detail}, indent=2).encode())
 
 
-def delivery_state(entry: Path, destination: str) -> dict | None:
+def delivery_state(entry: Path, destination: str) -> dict[str, Any] | None:
     """The recorded delivery state of ``entry`` for ``destination``, or None."""
     path = entry / _RECORD.format(destination=destination)
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def delivery_states(entry: Path) -> dict[str, dict]:
+def delivery_states(entry: Path) -> dict[str, dict[str, Any]]:
     """Every delivery record of ``entry``, by destination name (unreadable records are skipped)."""
     states = {}
     for path in entry.glob(_RECORD.format(destination="*")):

@@ -6,7 +6,6 @@ import xml.etree.ElementTree as ET
 
 import pydicom
 import pytest
-
 from node import write_config
 from services import ECHOSCU, run_tool, storescu, wait_for
 

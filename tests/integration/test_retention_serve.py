@@ -7,12 +7,11 @@ import shutil
 import time
 
 import pytest
+from node import write_config
+from services import STORESCU, free_port, run_tool, wait_for
 
 from osteonode.outbox import record_delivery
 from osteonode.retention import DAY_S, Watermark
-
-from node import write_config
-from services import STORESCU, free_port, run_tool, wait_for
 
 pytestmark = pytest.mark.integration
 

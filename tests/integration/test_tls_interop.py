@@ -12,7 +12,6 @@ import sys
 
 import pydicom
 import pytest
-
 from node import write_config
 from services import ECHOSCU, STORESCU, OrthancServer, StoreSCP, run_tool, wait_for
 

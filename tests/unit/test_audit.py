@@ -188,8 +188,8 @@ def test_scp_and_scu_record_transfers_and_rejections_in_the_audit_file(tmp_path,
     assert pydicom.dcmread(ct).PatientID == PATIENT
 
 
-_SYSLOG = re.compile(rb"^<85>1 (\S+) (\S+) osteonode (\d+) IHE\+RFC-3881 - \xef\xbb\xbf(<AuditMessage>.*</AuditMessage>)$",
-                     re.S)
+_SYSLOG = re.compile(rb"^<85>1 (\S+) (\S+) osteonode (\d+) IHE\+RFC-3881 - \xef\xbb\xbf"
+                     rb"(<AuditMessage>.*</AuditMessage>)$", re.S)
 
 
 def _check_syslog(frame: bytes) -> ET.Element:
