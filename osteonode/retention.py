@@ -29,6 +29,7 @@ import pydicom
 
 from osteonode.audit import audit_event
 from osteonode.config import Settings
+from osteonode.errors import describe
 from osteonode.ingest.completion import JOBS_DIR, study_last_arrival_ns
 from osteonode.outbox import delivery_states, outbox_entry
 
@@ -134,8 +135,8 @@ def retention_loop(settings: Settings, stop: threading.Event) -> None:
     while not stop.is_set():
         try:
             prune_delivered(settings)
-        except OSError as exc:  # the outbox unreadable for a moment: the next pass retries
-            log.error("retention pass failed: %s", exc.strerror or exc)
+        except Exception as exc:  # noqa: BLE001 - the thread must outlive a bad pass; the next one retries
+            log.error("retention pass failed: %s", describe(exc))
         stop.wait(settings.retention_interval_s)
 
 
