@@ -53,14 +53,15 @@ BCP195_TLS12_CIPHERS = ":".join([
 
 
 class _DeferredHandshakeContext(ssl.SSLContext):
-    """A server context whose handshake runs on the first read, in the association's own thread.
+    """A server context whose handshake is left to the connection's own thread.
 
     pynetdicom wraps each accepted socket in the thread that accepts
     connections; with the default ``do_handshake_on_connect`` one peer that
     connects and sends nothing would stop every other connection from being
-    accepted. Deferred, the handshake is bounded by the association's
-    ``network_timeout_s`` (``set_socket_timeout``), and a failed handshake
-    closes only that connection.
+    accepted. Deferred, the handshake runs in the connection's thread
+    (:func:`osteonode.ingest.scp.handshake_tls`, else at the first read),
+    bounded by ``network_timeout_s``, and a failed handshake closes only that
+    connection.
     """
 
     def wrap_socket(self, sock: socket.socket, server_side: bool = False,

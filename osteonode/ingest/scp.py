@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -307,6 +308,27 @@ def set_socket_timeout(event: evt.Event, timeout_s: float) -> None:
         sock.settimeout(timeout_s)
 
 
+def handshake_tls(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler of a TLS listener: run the TLS handshake now, in the connection's own thread.
+
+    A peer that fails it (no certificate, one no trusted CA signed, plain
+    TCP, TLS below 1.2) is logged at WARNING and recorded as a Security Alert
+    (Node Authentication); the association then ends at its first read. The
+    handshake is bounded by the socket timeout set before (``set_socket_timeout``).
+    """
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if not isinstance(sock, ssl.SSLSocket):
+        return
+    try:
+        sock.do_handshake()
+    except OSError as exc:  # ssl.SSLError, a timeout or a reset connection
+        reason = getattr(exc, "reason", None) or type(exc).__name__
+        log.warning("TLS handshake with %s failed: %s", event.assoc.requestor.address, reason)
+        audit_event("security_alert", outcome="minor_failure", remote_host=str(event.assoc.requestor.address),
+                    detail=f"TLS handshake failed: {reason}")
+
+
 def log_refused_contexts(event: evt.Event) -> None:
     """EVT_ACCEPTED: list the abstract syntaxes we did not accept (SOP classes we do not store)."""
     refused = sorted({str(cx.abstract_syntax.name) for cx in event.assoc.rejected_contexts})
@@ -352,6 +374,7 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, set_socket_timeout, [settings.network_timeout_s]),
+        (evt.EVT_CONN_OPEN, handshake_tls),
         (evt.EVT_REJECTED, log_association_rejected),
         (evt.EVT_ACCEPTED, log_refused_contexts),
         (evt.EVT_RELEASED, discarded.log_and_forget),

@@ -35,6 +35,8 @@ def test_serve_writes_ps3_15_audit_messages(tmp_path, start_node, tiny_ct):
     refused = run_tool([ECHOSCU, "-aet", "INTRUDER", "-aec", "OSTEONODE", "127.0.0.1", str(port)], check=False)
     assert refused.returncode != 0
     wait_for(lambda: len(_events(audit_file)) >= 4, timeout_s=10, what="four audit messages")
+    # SIGTERM before the embedded worker has installed its signal handlers would kill serve outright
+    wait_for(lambda: "ready." in node.log_tail(200), timeout_s=30, what="the embedded worker ready")
     node.stop(timeout_s=30)
     events = _events(audit_file)
     assert events[0] == ("110100", "E", "110120") and events[-1] == ("110100", "E", "110121")

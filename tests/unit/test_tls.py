@@ -5,14 +5,17 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import time
 import warnings
+import xml.etree.ElementTree as ET
 
 import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
-from osteonode.config import Destination, Settings, TLSSettings
+from osteonode import audit
+from osteonode.config import AuditSettings, Destination, Settings, TLSSettings
 from osteonode.dispatch import echo, send_files
 from osteonode.errors import DeliveryFailed
 from osteonode.ingest.scp import start_scp
@@ -62,8 +65,10 @@ def test_store_and_echo_over_tls_reach_the_spool(tls_node, tls_pki, tmp_path, ti
     assert (settings.spool_dir / ds.StudyInstanceUID / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm").is_file()
 
 
-def test_plain_tcp_caller_and_untrusted_certificate_are_refused(tls_node, tls_pki):
-    _, port = tls_node
+def test_plain_tcp_caller_and_untrusted_certificate_are_refused_and_audited(tls_node, tls_pki, tmp_path):
+    settings, port = tls_node
+    audit_file = tmp_path / "audit.log"
+    audit.configure_audit(settings.model_copy(update={"audit": AuditSettings(file=audit_file)}))
     plain = Destination(name="node", ae_title="OSTEONODE", host="127.0.0.1", port=port)
     with pytest.raises(DeliveryFailed, match="not established"):
         echo(plain, calling_ae_title="PEER", timeout_s=3)
@@ -71,8 +76,20 @@ def test_plain_tcp_caller_and_untrusted_certificate_are_refused(tls_node, tls_pk
     # the rogue certificate is self-signed: the node refuses it; and the rogue trusts only itself
     rogue_tls = TLSSettings(certificate=tls_pki.rogue_cert, private_key=tls_pki.rogue_key,
                             ca_bundle=tls_pki.ca)
-    with pytest.raises(DeliveryFailed, match="TLS"):
-        echo(rogue, calling_ae_title="PEER", timeout_s=3, tls=rogue_tls)
+    try:
+        with pytest.raises(DeliveryFailed, match="TLS"):
+            echo(rogue, calling_ae_title="PEER", timeout_s=3, tls=rogue_tls)
+        deadline = time.monotonic() + 5
+        while (audit_file.read_text() if audit_file.exists() else "").count("<AuditMessage>") < 2 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        audit._trail = None
+    alerts = [ET.fromstring(line) for line in audit_file.read_text().splitlines()]
+    assert [a.find("EventIdentification/EventID").get("csd-code") for a in alerts] == ["110113", "110113"]
+    reasons = [a.find("EventIdentification/EventOutcomeDescription").text for a in alerts]
+    assert "TLS handshake failed: WRONG_VERSION_NUMBER" in reasons  # plain TCP
+    assert "TLS handshake failed: CERTIFICATE_VERIFY_FAILED" in reasons  # the self-signed certificate
 
 
 def test_tls_1_1_is_refused_and_a_stalled_handshake_does_not_block_others(tls_node, tls_pki):
