@@ -166,8 +166,9 @@ def test_scp_and_scu_record_transfers_and_rejections_in_the_audit_file(tmp_path,
     server = start_scp(settings)
     try:
         ct = tiny_ct(tmp_path / "ct.dcm", study_uid=STUDY, patient_id=PATIENT)
-        send_files([ct], Destination(name="node", ae_title="OSTEONODE", host="127.0.0.1", port=port),
-                   calling_ae_title="PACS", timeout_s=5)
+        node = Destination(name="node", ae_title="OSTEONODE", host="127.0.0.1", port=port)
+        send_files([ct], node, calling_ae_title="PACS", timeout_s=5)
+        send_files([ct], node, calling_ae_title="PACS", timeout_s=5, exported_by="alice")  # osteonode send
         stranger = AE(ae_title="STRANGER")
         stranger.add_requested_context(Verification)
         assert stranger.associate("127.0.0.1", port, ae_title="OSTEONODE").is_rejected
@@ -176,8 +177,12 @@ def test_scp_and_scu_record_transfers_and_rejections_in_the_audit_file(tmp_path,
     messages = _lines(log_file)
     events = [(m.find("EventIdentification/EventID").get("csd-code"),
                m.find("EventIdentification").get("EventActionCode")) for m in messages]
-    assert sorted(events) == sorted([("110102", "E"), ("110104", "C"), ("110104", "R"), ("110113", "E")])
-    received = next(m for m in messages if m.find("EventIdentification").get("EventActionCode") == "C")
+    assert sorted(events) == sorted([("110102", "E"), ("110104", "C"), ("110104", "R"), ("110113", "E"),
+                                     ("110102", "E"), ("110104", "C"), ("110106", "R")])
+    export = next(m for m in messages if m.find("EventIdentification/EventID").get("csd-code") == "110106")
+    assert any(p.get("UserID") == "alice" and p.get("UserIsRequestor") == "true"
+               for p in export.findall("ActiveParticipant"))
+    received = [m for m in messages if m.find("EventIdentification").get("EventActionCode") == "C"][0]
     source = next(p for p in received.findall("ActiveParticipant") if p.find("RoleIDCode").get("csd-code") == "110153")
     assert (source.get("UserID"), source.get("NetworkAccessPointID")) == ("PACS", "127.0.0.1")
     ids = {o.get("ParticipantObjectID") for o in received.findall("ParticipantObjectIdentification")}
