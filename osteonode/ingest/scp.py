@@ -52,6 +52,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from osteonode.config import Settings
 from osteonode.dispatch import set_tcp_nodelay
 from osteonode.errors import InputRejected
+from osteonode.ingest.associations import AssociationTracker
 from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, UMASK, check_uid, write_instance
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused: Out of Resources
 STATUS_CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3 Error: Cannot understand (pynetdicom's decode failure code)
 
-#: Called with (study_uid, series_uid) after an instance is safely on disk.
-OnStored = Callable[[str, str], None]
+#: Called with (event, study_uid, series_uid) after an instance is safely on disk.
+OnStored = Callable[[evt.Event, str, str], None]
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -136,7 +137,7 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
                   caller, STATUS_OUT_OF_RESOURCES, exc.strerror)
         return STATUS_OUT_OF_RESOURCES
     if on_stored is not None:
-        on_stored(study_uid, series_uid)
+        on_stored(event, study_uid, series_uid)
     return STATUS_SUCCESS
 
 
@@ -289,8 +290,12 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_scp(settings: Settings, on_stored: OnStored | None = None) -> ThreadedAssociationServer:
+def start_scp(settings: Settings) -> ThreadedAssociationServer:
     """Start the SCP in background threads and return the server (call ``.shutdown()``).
+
+    The series each association stores are recorded until it is released
+    normally (:class:`~osteonode.ingest.associations.AssociationTracker`), so
+    a fragment left by an abort is not analysed as a complete series.
 
     Raises
     ------
@@ -300,6 +305,7 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
     os.umask(UMASK)  # spooled instances 0640, their folders 0750
     ae = make_ae(settings)
     discarded = DiscardCounter()
+    tracker = AssociationTracker(settings.spool_dir)
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, set_socket_timeout, [settings.network_timeout_s]),
@@ -308,9 +314,11 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
         (evt.EVT_RELEASED, discarded.log_and_forget),
         (evt.EVT_ABORTED, discarded.log_and_forget),
         (evt.EVT_CONN_CLOSE, discarded.log_and_forget),
+        (evt.EVT_RELEASED, tracker.released),
+        (evt.EVT_CONN_CLOSE, tracker.closed),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store,
-         [settings.spool_dir, on_stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
+         [settings.spool_dir, tracker.stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
     ]
     server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers)
     log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind_address, settings.port)
