@@ -63,6 +63,9 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
     JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit,
 ]
+#: Largest PDU we receive (bytes of the variable field), announced as Maximum Length (PS3.8 D.1) and enforced
+#: on every PDU read: dcmtk sends at most 128 KiB, pynetdicom SCUs up to the announced length.
+MAX_PDU_BYTES = 1024 * 1024
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused: Out of Resources
 STATUS_CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3 Error: Cannot understand (pynetdicom's decode failure code)
@@ -259,6 +262,30 @@ def set_socket_timeout(event: evt.Event, timeout_s: float) -> None:
         sock.settimeout(timeout_s)
 
 
+def bound_pdu_length(event: evt.Event, max_bytes: int) -> None:
+    """EVT_CONN_OPEN handler: close the connection when a PDU header announces more than ``max_bytes``.
+
+    pynetdicom reads a whole PDU into memory as its header announces (up to
+    4 GiB), whatever Maximum Length it negotiated, so a peer could make the
+    node allocate gigabytes per connection. The read of an over-long PDU
+    fails instead, before any of it is read; pynetdicom then closes the
+    connection (its "transport connection closed" event) and the log says why.
+    """
+    sock = event.assoc.dul.socket
+    if sock is None:
+        return
+    receive, peer = sock.recv, event.assoc.requestor.address
+
+    def bounded_recv(nr_bytes: int) -> bytearray:
+        if nr_bytes > max_bytes:
+            log.warning("connection from %s closed: a PDU of %d bytes announced, over the limit of %d bytes",
+                        peer, nr_bytes, max_bytes)
+            raise ConnectionAbortedError(f"PDU of {nr_bytes} bytes over the limit of {max_bytes}")
+        return receive(nr_bytes)
+
+    sock.recv = bounded_recv
+
+
 def log_refused_contexts(event: evt.Event) -> None:
     """EVT_ACCEPTED: list the abstract syntaxes we did not accept (SOP classes we do not store)."""
     refused = sorted({str(cx.abstract_syntax.name) for cx in event.assoc.rejected_contexts})
@@ -280,7 +307,7 @@ def make_ae(settings: Settings) -> AE:
     if settings.allowed_calling_ae_titles:
         ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
     ae.require_called_aet = True  # answer only to our own AE title
-    ae.maximum_pdu_size = 0  # no limit on what we receive
+    ae.maximum_pdu_size = MAX_PDU_BYTES  # announced; enforced on each read by bound_pdu_length
     # stalled or half-sent PDUs: reads time out after network_timeout_s (also set on each accepted
     # socket, see set_socket_timeout), so idle connections cannot hold the max_associations slots
     ae.network_timeout = settings.network_timeout_s
@@ -309,6 +336,7 @@ def start_scp(settings: Settings) -> ThreadedAssociationServer:
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, set_socket_timeout, [settings.network_timeout_s]),
+        (evt.EVT_CONN_OPEN, bound_pdu_length, [MAX_PDU_BYTES]),
         (evt.EVT_REJECTED, log_association_rejected),
         (evt.EVT_ACCEPTED, log_refused_contexts),
         (evt.EVT_RELEASED, discarded.log_and_forget),
