@@ -346,7 +346,8 @@ def start_scp(settings: Settings) -> ThreadedAssociationServer:
         (evt.EVT_CONN_CLOSE, tracker.closed),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store,
-         [settings.spool_dir, tracker.stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
+         [settings.spool_dir, tracker.stored, discarded,
+          PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
     ]
     server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers)
     log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind_address, settings.port)

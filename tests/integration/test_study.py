@@ -186,7 +186,8 @@ def test_late_better_series_supersedes_the_result_at_orthanc(tmp_path, orthanc, 
     assert second["supersedes"]["sop_instance_uid"] == sr_first.SOPInstanceUID
     stored = _orthanc_instances(orthanc, study_uid, tmp_path)
     by_modality = {m: [ds for ds in stored.values() if ds.Modality == m] for m in ("SEG", "SR", "OT", "DOC")}
-    assert {m: len(v) for m, v in by_modality.items()} == {"SEG": 2, "SR": 2, "OT": 4, "DOC": 2}  # beside the earlier set
+    # the new set stands beside the earlier one
+    assert {m: len(v) for m, v in by_modality.items()} == {"SEG": 2, "SR": 2, "OT": 4, "DOC": 2}
     (sr_new,) = [ds for ds in by_modality["SR"] if ds.SOPInstanceUID != sr_first.SOPInstanceUID]
     assert sr_new.SeriesInstanceUID != sr_first.SeriesInstanceUID
     (predecessor,) = sr_new.PredecessorDocumentsSequence

@@ -6,10 +6,10 @@ import logging
 import time
 from types import SimpleNamespace
 
+from test_completion import RULES, _age_study, _spool_series
+
 from osteonode.ingest.associations import ASSOCIATIONS_DIR, AssociationTracker, held_series
 from osteonode.ingest.completion import find_due_studies
-
-from test_completion import RULES, _age_study, _spool_series
 
 
 def _event(assoc):
