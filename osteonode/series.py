@@ -134,8 +134,8 @@ def contrast_phase(description: str, rules: SelectionSettings) -> str:
 
     The ranking uses the description only: the measured aortic attenuation
     (:mod:`osteonode.measure.contrast`) needs the spine segmentation of the
-    analysis; a stand-alone aorta finder without it mistook bone for a
-    contrast-filled aorta on the non-contrast example CT (docs/admin.md).
+    analysis; a stand-alone aorta finder without it picked regions far
+    denser than blood on the non-contrast example CT (docs/admin.md).
     """
     for phase in _PHASE_CHECK_ORDER:
         for word in rules.phase_keywords.get(phase, []):
