@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pydicom
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from osteonode import __version__
 from osteonode.atomic import write_atomic
@@ -43,6 +43,7 @@ class SentReport(BaseModel):
     report: PriorReport
     input_key: str
     version: str
+    status: str = Field(description='the status of the result the SR reported ("failed": processing failed)')
     source_series_instance_uid: str
     source_instance_count: int
     supersedes: PriorReport | None = None
@@ -82,7 +83,7 @@ def record_sent(entry: Path, sr_path: Path, result: AnalysisResult) -> None:
         report=PriorReport(study_instance_uid=str(sr.StudyInstanceUID), series_instance_uid=str(sr.SeriesInstanceUID),
                            sop_class_uid=str(sr.SOPClassUID), sop_instance_uid=str(sr.SOPInstanceUID),
                            created=f"{date[:4]}-{date[4:6]}-{date[6:8]} {time[:2]}:{time[2:4]}", made_from=made_from),
-        input_key=input_key(source) if source else "", version=__version__,
+        input_key=input_key(source) if source else "", version=__version__, status=result.status,
         source_series_instance_uid=result.series_instance_uid, source_instance_count=len(source),
         supersedes=result.supersedes)
     write_atomic(entry / SENT_RECORD, record.model_dump_json(indent=2).encode())
@@ -130,16 +131,20 @@ def superseded_report(entry: Path, source: Sequence[pydicom.Dataset]) -> PriorRe
     PriorReport or None
         None when nothing was sent before; the earlier SR's own predecessor
         when the inputs and version are the same (the new SR is then the same
-        object as the earlier one); else the earlier SR, its ``reason`` saying
-        what changed.
+        object as the earlier one), unless the earlier SR said "processing
+        failed" (its UIDs differ from a real result's); else the earlier SR,
+        its ``reason`` saying what changed.
     """
     last = last_sent(entry)
     if last is None:
         return None
-    if last.input_key == input_key(source) and last.version == __version__:
+    same_inputs = last.input_key == input_key(source) and last.version == __version__
+    if same_inputs and last.status != "failed":
         return last.supersedes
     series_uid, count = str(source[0].get("SeriesInstanceUID", "")), len(source)
-    if last.version != __version__:
+    if same_inputs:
+        reason = "the earlier analysis of the same images failed"
+    elif last.version != __version__:
         reason = f"made by osteonode {__version__} instead of {last.version}"
     elif series_uid != last.source_series_instance_uid:
         reason = "the study changed and another series was analysed"

@@ -131,9 +131,9 @@ class PhasedDelivery:
             self.skipped = True
             return
         self.batches += 1
-        if any(p.name == SR_FILE for p in paths):  # the next SR of the study will name this one as superseded
+        for sr in (p for p in paths if p.name == SR_FILE):  # the next SR of the study will name this one as superseded
             try:
-                record_sent(self.entry, self.entry / SR_FILE, result)
+                record_sent(self.entry, sr, result)
             except OSError as exc:  # the SR still goes out; a later SR of the study then names no predecessor
                 log.warning("job %s: record of the SR sent not written (%s)", self.job_id, describe(exc))
         for destination in self.settings.destinations:

@@ -412,7 +412,7 @@ def _predecessor(prior: PriorReport) -> pydicom.Dataset:
 
 
 def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
-             seg: hd.seg.Segmentation | None) -> hd.sr.Comprehensive3DSR:
+             seg: hd.seg.Segmentation | None, *, processing_failed: bool = False) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 bone-health report of one CT series.
 
     Parameters
@@ -440,6 +440,11 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         are matched to levels by Segment Label (from ``segments.json``: the
         body's label and ``trabecular_roi.label``); each SR group reuses its
         segment's Tracking ID and Tracking UID.
+    processing_failed : bool
+        The "processing failed" SR of :mod:`osteonode.failure`: its UIDs use
+        the roles ``"failed-sr-series"`` / ``"failed-sr-instance"``, so that a
+        later result of the same input instances gets other UIDs and
+        supersedes it instead of being ignored by the PACS as a duplicate.
 
     Returns
     -------
@@ -468,6 +473,7 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     if result.series_instance_uid != source_uid:
         raise ValueError("the result does not belong to the given series")
     inputs = input_key(datasets)
+    role = "failed-sr" if processing_failed else "sr"  # a later real result of the same inputs must not collide
     sr_codes = dicom_templates.load("sr_codes")
     segment_templates = dicom_templates.load("segments")
     algorithm = _algorithm()
@@ -499,9 +505,9 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=derived_uid(inputs, "sr-series"),
+        series_instance_uid=derived_uid(inputs, f"{role}-series"),
         series_number=series_number("sr"),
-        sop_instance_uid=derived_uid(inputs, "sr-instance"),
+        sop_instance_uid=derived_uid(inputs, f"{role}-instance"),
         instance_number=1,
         **equipment_attributes(),
         is_complete=True,

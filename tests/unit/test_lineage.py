@@ -21,16 +21,16 @@ def headers(tmp_path_factory) -> list[pydicom.Dataset]:
     return [pydicom.dcmread(p, stop_before_pixels=True) for p in files]
 
 
-def _sent(entry, source: list[pydicom.Dataset], number: int = 2) -> pydicom.Dataset:
-    """Write and record a not-evaluable SR made from ``source`` as the worker does when it sends one."""
+def _sent(entry, source: list[pydicom.Dataset], number: int = 2, failed: bool = False) -> pydicom.Dataset:
+    """Write and record a not-evaluable (or "processing failed") SR made from ``source`` as the worker does."""
     first = source[0]
     result = AnalysisResult.not_evaluable(
         "L1-L4 not found", str(first.StudyInstanceUID), str(first.SeriesInstanceUID),
         series_selection=SeriesSelection(used=SeriesUsed(series_number=number, description="Abdomen 3.0 B30f")),
-        supersedes=superseded_report(entry, source))
-    sr = build_sr(source, result, None)
+        supersedes=None if failed else superseded_report(entry, source))
+    sr = build_sr(source, result, None, processing_failed=failed)
     write(sr, entry / "sr.dcm")
-    record_sent(entry, entry / "sr.dcm", result)
+    record_sent(entry, entry / "sr.dcm", result.model_copy(update={"status": "failed"}) if failed else result)
     return sr
 
 
@@ -78,3 +78,13 @@ def test_an_unreadable_record_names_no_predecessor(tmp_path, headers, caplog):
     (tmp_path / SENT_RECORD).write_text("{not json")
     assert superseded_report(tmp_path, headers) is None
     assert "cannot be read" in caplog.text
+
+
+def test_a_result_after_a_failed_analysis_of_the_same_images_supersedes_the_failed_sr(tmp_path, headers):
+    """The failed-job SR has UIDs of its own: re-run after the cause was fixed, the real SR is not a duplicate."""
+    failed = _sent(tmp_path, headers, failed=True)
+    prior = superseded_report(tmp_path, headers)
+    assert prior.sop_instance_uid == failed.SOPInstanceUID
+    assert prior.reason == "the earlier analysis of the same images failed"
+    real = _sent(tmp_path, headers)
+    assert real.SOPInstanceUID != failed.SOPInstanceUID and real.SeriesInstanceUID != failed.SeriesInstanceUID
