@@ -151,7 +151,8 @@ def serve(config: ConfigOpt = None) -> None:
     watcher = threading.Thread(target=watch, name="study-completion", daemon=True,
                                args=(settings.spool_dir, settings.study_quiet_period_s, settings.selection,
                                      enqueue, stop),
-                               kwargs={"retry_on": (OSError, OperationalError)})
+                               kwargs={"retry_on": (OSError, OperationalError),
+                                       "incomplete_timeout_s": settings.incomplete_timeout_s})
     watcher.start()
     retention = threading.Thread(target=retention_loop, name="retention", daemon=True, args=(settings, stop))
     retention.start()

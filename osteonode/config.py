@@ -283,6 +283,9 @@ class Settings(BaseSettings):
                             description="on-disk queue of the embedded broker")
     study_quiet_period_s: float = Field(
         default=30.0, gt=0, description="seconds without a new instance of a study after which it is complete")
+    incomplete_timeout_s: float = Field(
+        default=600.0, gt=0, description="a series whose association ended abnormally (abort, reset, crash) is "
+                                         "complete only when re-sent, or this long after its last instance")
     accept_all_storage: bool = Field(
         default=True, description="accept every Storage SOP class at association and discard what is not CT")
     broker_url: str | None = Field(default=None, description="redis://...; absent: embedded queue")
@@ -314,6 +317,9 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.broker_url is not None and not self.broker_url.startswith(("redis://", "rediss://")):
             raise ValueError(f"broker_url must be redis://… or absent (embedded queue), got {self.broker_url!r}")
+        if self.incomplete_timeout_s < self.study_quiet_period_s:
+            raise ValueError(f"incomplete_timeout_s ({self.incomplete_timeout_s:g}) must not be shorter than "
+                             f"study_quiet_period_s ({self.study_quiet_period_s:g})")
         names = [d.name for d in self.destinations]
         if len(set(names)) != len(names):
             raise ValueError("destination names must be unique")

@@ -90,7 +90,7 @@ def _write_failed_sr(series: list[SeriesInfo], files_of: Callable[[SeriesInfo], 
         report = AnalysisResult.not_evaluable(f"processing failed: {result.reason}", result.study_instance_uid,
                                               info.series_instance_uid)
         try:
-            write(build_sr(headers, report, None), out_dir / SR_FILE)
+            write(build_sr(headers, report, None, processing_failed=True), out_dir / SR_FILE)
         except (ValueError, TypeError, AttributeError, KeyError, OSError) as exc:
             # the SR is a courtesy; result.json still records the failure
             (out_dir / SR_FILE).unlink(missing_ok=True)

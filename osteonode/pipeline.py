@@ -54,6 +54,7 @@ from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, b
 from osteonode.dicom_out.seg import seg_reference
 from osteonode.errors import NotEvaluable
 from osteonode.ingest.spool import instance_files
+from osteonode.lineage import superseded_report
 from osteonode.measure.calibration import apply_calibration, calibrate
 from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
@@ -319,12 +320,15 @@ def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSetting
                    publish: Publish | None) -> AnalysisResult:
     """Write the SR, the SEG, then the follow-up outputs, publishing each batch as soon as it is written.
 
+    The SR and PDF name the earlier SR of the study they supersede, if the
+    record of the last SR sent (:mod:`osteonode.lineage`) is in ``out_dir``.
     The SR is built from :func:`~osteonode.dicom_out.seg.seg_reference` (the
     SEG's UIDs and segments) and goes first: encoding the SEG's frames takes
     several seconds. ``result.json`` is written after the SR and at the end.
     """
     result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
     evaluable = result.status == "ok" and series is not None and segmentation is not None
+    result.supersedes = superseded_report(out_dir, analysis.headers)
     with _timed(result.timings_s, "encode_sr"):  # from the SEG's UIDs and segments, before the SEG is encoded
         sr = write(build_sr(analysis.headers, result, seg_reference(series, segmentation) if evaluable else None),
                    out_dir / SR_FILE)

@@ -121,6 +121,10 @@ class SeriesUsed(BaseModel):
     kernel: str = ""
     slice_thickness_mm: float | None = None
 
+    def name(self) -> str:
+        """E.g. ``series 2 "Abdomen 3.0 B30f"``."""
+        return _series_name(self.series_number, self.description)
+
 
 class SeriesNotUsed(BaseModel):
     """Another series of the study, and why it was not used."""
@@ -149,7 +153,7 @@ class SeriesSelection(BaseModel):
             details = [f"kernel {used.kernel}" if used.kernel else "kernel not recorded"]
             if used.slice_thickness_mm is not None:
                 details.append(f"{used.slice_thickness_mm:g} mm")
-            parts = [f"Series used: {_series_name(used.series_number, used.description)} ({', '.join(details)})."]
+            parts = [f"Series used: {used.name()} ({', '.join(details)})."]
         if self.not_used:
             parts.append("Not used: " + "; ".join(f"{_series_name(s.series_number, s.description)}: {s.reason}"
                                                   for s in self.not_used) + ".")
@@ -159,6 +163,29 @@ class SeriesSelection(BaseModel):
 def _series_name(number: int | None, description: str) -> str:
     name = f"series {number}" if number is not None else "series (no number)"
     return f'{name} "{description}"' if description else name
+
+
+class PriorReport(BaseModel):
+    """An earlier osteonode SR of the study, made from other input instances, that a new result supersedes.
+
+    The SR refers to it in the Predecessor Documents Sequence (0040,A360), PS3.3 C.17.2.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    study_instance_uid: str
+    series_instance_uid: str = Field(description="Series Instance UID of the earlier SR")
+    sop_class_uid: str
+    sop_instance_uid: str
+    created: str = Field(description="when the earlier SR was made, YYYY-MM-DD HH:MM (its Content Date/Time)")
+    made_from: str = Field(description='the series it was made from, e.g. series 2 "Abdomen" (112 instances)')
+    reason: str = Field(default="", description="why it is superseded, e.g. another series was analysed")
+
+    def text(self) -> str:
+        """The sentence the SR and the PDF carry: which report this one supersedes and why."""
+        return (f"This report supersedes the earlier osteonode report of this study made {self.created} "
+                f"from {self.made_from}" + (f": {self.reason}" if self.reason else "")
+                + ". Use this report, not the earlier one.")
 
 
 class AnalysisResult(BaseModel):
@@ -183,6 +210,8 @@ class AnalysisResult(BaseModel):
     radiomics_file: str | None = Field(default=None, description="feature table, one row per level")
     series_selection: SeriesSelection | None = Field(
         default=None, description="the series used and why the study's other series were not (study jobs)")
+    supersedes: PriorReport | None = Field(
+        default=None, description="the earlier osteonode SR of the study that this result replaces, if any")
     timings_s: dict[str, float] = Field(default_factory=dict)
 
     def write(self, path: Path) -> None:

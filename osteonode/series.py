@@ -130,7 +130,13 @@ def kernel_class(kernel: str, table_path: Path | None = None) -> str:
 
 
 def contrast_phase(description: str, rules: SelectionSettings) -> str:
-    """Contrast phase named by a Series Description (0008,103E), or ``"unknown"``."""
+    """Contrast phase named by a Series Description (0008,103E), or ``"unknown"``.
+
+    The ranking uses the description only: the measured aortic attenuation
+    (:mod:`osteonode.measure.contrast`) needs the spine segmentation of the
+    analysis; a stand-alone aorta finder without it picked regions far
+    denser than blood on the non-contrast example CT (docs/admin.md).
+    """
     for phase in _PHASE_CHECK_ORDER:
         for word in rules.phase_keywords.get(phase, []):
             if re.search(rf"(?<![a-z0-9]){re.escape(word.lower())}(?![a-z0-9])", description.lower()):

@@ -24,6 +24,7 @@ from osteonode.dispatch import send_files
 from osteonode.errors import DeliveryFailed, InputRejected, describe
 from osteonode.failure import record_failure
 from osteonode.ingest.completion import StudyJob, log_id, validate_job
+from osteonode.lineage import record_sent
 from osteonode.outbox import outbox_entry, record_delivery
 from osteonode.pipeline import SR_FILE, analyze_study
 from osteonode.result import AnalysisResult
@@ -131,6 +132,11 @@ class PhasedDelivery:
             self.skipped = True
             return
         self.batches += 1
+        for sr in (p for p in paths if p.name == SR_FILE):  # the next SR of the study will name this one as superseded
+            try:
+                record_sent(self.entry, sr, result)
+            except OSError as exc:  # the SR still goes out; a later SR of the study then names no predecessor
+                log.warning("job %s: record of the SR sent not written (%s)", self.job_id, describe(exc))
         for destination in self.settings.destinations:
             if self.batches == 1:
                 record_delivery(self.entry, destination.name, "pending", 0, "being sent")

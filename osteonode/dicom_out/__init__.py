@@ -22,14 +22,19 @@ Identity and character set
 
 UIDs, reprocessing and versions
     Every output UID (series, instance, segment tracking and SEG dimension organization UIDs) is
-    :func:`osteonode.uids.derived_uid` of the source Series Instance UID, a
-    role (e.g. ``"seg-series"``, ``"key-image-axial"``, ``"pdf-instance"``)
-    and ``osteonode.__version__``. Processing the same series again with the
-    same version therefore yields the same Series and SOP Instance UIDs: a
-    PACS receiving them again replaces (or, by its own policy, ignores) the
-    earlier instances instead of filing duplicates. A new osteonode version
-    yields new UIDs, so its outputs form new series beside those of earlier
-    versions, which stay untouched; Software Versions (0018,1020) and the
+    :func:`osteonode.uids.derived_uid` of the exact set of input instances
+    (:func:`osteonode.uids.input_key`: the source Series Instance UID and its
+    sorted SOP Instance UIDs), a role (e.g. ``"seg-series"``,
+    ``"key-image-axial"``, ``"pdf-instance"``) and ``osteonode.__version__``.
+    Processing the same instances again with the same version therefore
+    yields the same Series and SOP Instance UIDs: a PACS receiving them again
+    keeps (or, by its own policy, replaces) the earlier instances instead of
+    filing duplicates. Other input instances (a series completed after a
+    fragment was reported, another series of the study analysed) or a new
+    osteonode version yield new UIDs, so the new outputs form new series
+    beside the earlier ones; the new SR names the SR it supersedes in its
+    Predecessor Documents Sequence and says so, as does the PDF
+    (:mod:`osteonode.lineage`). Software Versions (0018,1020) and the
     algorithm identification (SEG segments, SR TID 4019) name the version that
     made each series.
 """

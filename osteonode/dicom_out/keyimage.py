@@ -42,7 +42,7 @@ from osteonode.dicom_out.common import (UTF8, copy_optional_identity, equipment_
                                         settle_character_set, with_type2_defaults)
 from osteonode.result import AnalysisResult
 from osteonode.segment import SpineSegmentation
-from osteonode.uids import derived_uid
+from osteonode.uids import derived_uid, input_key
 from osteonode.volume import Series, Volume
 
 log = logging.getLogger(__name__)
@@ -377,7 +377,7 @@ def build_key_images(series: Series, segmentation: SpineSegmentation, result: An
                "axial": body_centre_lps(series.volume, bodies, VERTEBRA_IDS[axial_level])}
     texts = dicom_templates.load("report")["key_images"]
     source = with_type2_defaults(series.datasets)[0]
-    source_uid = series.series_instance_uid
+    inputs = input_key(series.datasets)
     images = []
     for number, view in enumerate(VIEWS, start=1):
         derivation = texts[view]["derivation"].format(level=axial_level)
@@ -390,9 +390,9 @@ def build_key_images(series: Series, segmentation: SpineSegmentation, result: An
             photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
             bits_allocated=8,
             coordinate_system=hd.CoordinateSystemNames.PATIENT,
-            series_instance_uid=derived_uid(source_uid, "key-images-series"),
+            series_instance_uid=derived_uid(inputs, "key-images-series"),
             series_number=series_number("key_images"),
-            sop_instance_uid=derived_uid(source_uid, f"key-image-{view}"),
+            sop_instance_uid=derived_uid(inputs, f"key-image-{view}"),
             instance_number=number,
             patient_orientation=(orientation_letter(row_direction), orientation_letter(column_direction)),
             transfer_syntax_uid=ExplicitVRLittleEndian,

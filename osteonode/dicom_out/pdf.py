@@ -38,7 +38,7 @@ from osteonode.dicom_out.common import (TYPE2_PATIENT_STUDY, coded, copy_optiona
                                         equipment_attributes, series_number, settle_character_set,
                                         source_datasets)
 from osteonode.result import AnalysisResult
-from osteonode.uids import derived_uid
+from osteonode.uids import derived_uid, input_key
 from osteonode.volume import Series
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,8 @@ def render_pdf(source: pydicom.Dataset, result: AnalysisResult, *, banner: str) 
         page.line(textwrap.fill(text, 95), size=BODY_PT + 1, weight="bold")
     for text in summary.status_comments(result):
         page.paragraph(text)
+    if result.supersedes is not None:
+        page.paragraph(result.supersedes.text())
     page.heading("Measurements per vertebral level")
     rows = [(row.level, row.confidence_percent, row.hu_mean, row.hu_median, row.hu_sd, row.roi_volume_cm3,
              row.vbmd_mg_cm3, row.genant, row.heights_mm) for row in summary.level_rows(result)]
@@ -226,7 +228,7 @@ def build_pdf_report(series: Series | Sequence[pydicom.Dataset], result: Analysi
 
     ds = pydicom.Dataset()
     ds.SOPClassUID = EncapsulatedPDFStorage
-    ds.SOPInstanceUID = derived_uid(source_uid, "pdf-instance")
+    ds.SOPInstanceUID = derived_uid(input_key(datasets), "pdf-instance")
     ds.InstanceCreationDate, ds.InstanceCreationTime = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
     # Patient (C.7.1.1) and General Study (C.7.2.1): from the source, Type 2 empty when absent.
     for keyword in TYPE2_PATIENT_STUDY:
@@ -235,7 +237,7 @@ def build_pdf_report(series: Series | Sequence[pydicom.Dataset], result: Analysi
     copy_optional_identity(source, ds)
     # Encapsulated Document Series (C.24.1).
     ds.Modality = "DOC"
-    ds.SeriesInstanceUID = derived_uid(source_uid, "pdf-series")
+    ds.SeriesInstanceUID = derived_uid(input_key(datasets), "pdf-series")
     ds.SeriesNumber = series_number("pdf")
     ds.SeriesDescription = PDF_SERIES_DESCRIPTION
     # General Equipment (C.7.5.1) and SC Equipment (C.8.6.1).

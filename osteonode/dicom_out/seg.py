@@ -38,7 +38,7 @@ from osteonode.dicom_out import palette
 from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equipment_attributes,
                                         series_number, settle_character_set, with_type2_defaults)
 from osteonode.segment import SpineSegmentation
-from osteonode.uids import derived_uid
+from osteonode.uids import derived_uid, input_key
 from osteonode.volume import Series
 
 log = logging.getLogger(__name__)
@@ -67,17 +67,17 @@ def algorithm_identification() -> hd.AlgorithmIdentificationSequence:
         name=algo["name"], family=coded(algo["family"]), version=__version__, source=algo["source"])
 
 
-def tracking_uid(source_series_uid: str, key: str) -> str:
+def tracking_uid(inputs: str, key: str) -> str:
     """Tracking Unique Identifier shared by the SEG segment and the SR group of ``key``.
 
     Parameters
     ----------
-    source_series_uid : str
-        Series Instance UID of the source CT.
+    inputs : str
+        :func:`osteonode.uids.input_key` of the source CT instances.
     key : str
         Level name, e.g. ``"L1"``, or :func:`roi_key` of a level.
     """
-    return str(derived_uid(source_series_uid, f"tracking-{key}"))
+    return str(derived_uid(inputs, f"tracking-{key}"))
 
 
 def tracking_id(key: str) -> str:
@@ -112,7 +112,7 @@ def _description_entry(key: str, template: Mapping[str, Any]) -> dict[str, Any]:
 
 def _segment_description(number: int, key: str, template: Mapping[str, Any],
                          algorithm: hd.AlgorithmIdentificationSequence,
-                         source_series_uid: str) -> hd.seg.SegmentDescription:
+                         inputs: str) -> hd.seg.SegmentDescription:
     entry = _description_entry(key, template)
     region = entry["region"]
     description = hd.seg.SegmentDescription(
@@ -122,7 +122,7 @@ def _segment_description(number: int, key: str, template: Mapping[str, Any],
         segmented_property_type=coded(entry["type"]),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
-        tracking_uid=tracking_uid(source_series_uid, key),
+        tracking_uid=tracking_uid(inputs, key),
         tracking_id=entry["description"],
         # Anatomic Region Sequence (0008,2218): the vertebra an ROI lies in.
         anatomic_regions=None if region is None else [coded(region)],
@@ -206,11 +206,11 @@ def segment_map(segmentation: SpineSegmentation) -> dict[str, tuple[int, np.ndar
             for key, (number, roi, label) in _segment_labels(*maps).items()}
 
 
-def _descriptions(segments: Mapping[str, tuple[int, bool, int]], source_uid: str) -> list[hd.seg.SegmentDescription]:
+def _descriptions(segments: Mapping[str, tuple[int, bool, int]], inputs: str) -> list[hd.seg.SegmentDescription]:
     """The Segment Sequence items of :func:`_segment_labels`' segments, in order."""
     template = dicom_templates.load("segments")
     algorithm = algorithm_identification()
-    return [_segment_description(number, key, template, algorithm, source_uid)
+    return [_segment_description(number, key, template, algorithm, inputs)
             for key, (number, _, _) in segments.items()]
 
 
@@ -238,14 +238,14 @@ def seg_reference(series: Series, segmentation: SpineSegmentation) -> pydicom.Da
     ValueError
         If a label ID has no template entry.
     """
-    source_uid = series.series_instance_uid
+    inputs = input_key(series.datasets)
     segments = _segment_labels(segmentation.label_map(), np.asarray(segmentation.trabecular, dtype=np.uint8))
     reference = pydicom.Dataset()
     reference.SOPClassUID = SegmentationStorage
-    reference.SOPInstanceUID = derived_uid(source_uid, "seg-instance")
-    reference.SeriesInstanceUID = derived_uid(source_uid, "seg-series")
+    reference.SOPInstanceUID = derived_uid(inputs, "seg-instance")
+    reference.SeriesInstanceUID = derived_uid(inputs, "seg-series")
     reference.StudyInstanceUID = series.study_instance_uid
-    reference.SegmentSequence = _descriptions(segments, source_uid)
+    reference.SegmentSequence = _descriptions(segments, inputs)
     return reference
 
 
@@ -273,7 +273,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         Algorithm Type AUTOMATIC with the Algorithm Identification macro,
         Series Description "osteonode SEG", Series/SOP Instance UIDs and the
         Dimension Organization UID (0020,9164) of the Multi-frame Dimension
-        module (PS3.3 C.7.6.17) derived from the source Series Instance UID
+        module (PS3.3 C.7.6.17) derived from the source instances
         (:func:`osteonode.uids.derived_uid`, roles ``"seg-series"`` /
         ``"seg-instance"`` / ``"seg-dimension-organization"``), so that a
         rebuild differs only in its dates and times; patient and study modules
@@ -296,7 +296,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
     if not any(not roi for _, roi, _ in segments.values()):
         raise ValueError("the segmentation contains no labelled structure")
 
-    source_uid = series.series_instance_uid
+    inputs = input_key(series.datasets)
 
     # Stacked-segments array (z, y, x, segment), restricted to the slab of slices holding a label:
     # one allocation, segment-major in memory (each mask written contiguously, each SEG frame read
@@ -309,15 +309,15 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         np.equal((trabecular if roi else labels)[first:last], label, out=by_segment[i])
     stacked = np.moveaxis(by_segment.view(np.uint8), 0, -1)
     numbers = [number for number, _, _ in segments.values()]
-    descriptions = _descriptions(segments, source_uid)
+    descriptions = _descriptions(segments, inputs)
     seg = hd.seg.Segmentation(
         source_images=with_type2_defaults(series.datasets),
         pixel_array=series.hd_volume[first:last].with_array(stacked, channels={"SegmentNumber": numbers}),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=derived_uid(source_uid, "seg-series"),
+        series_instance_uid=derived_uid(inputs, "seg-series"),
         series_number=series_number("seg"),
-        sop_instance_uid=derived_uid(source_uid, "seg-instance"),
+        sop_instance_uid=derived_uid(inputs, "seg-instance"),
         instance_number=1,
         **equipment_attributes(),
         content_label="OSTEONODE",
@@ -326,7 +326,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
         specific_character_set=UTF8,
     )
     # highdicom draws the Dimension Organization UID at random; derive it like every other UID.
-    dimension_organization_uid = derived_uid(source_uid, "seg-dimension-organization")
+    dimension_organization_uid = derived_uid(inputs, "seg-dimension-organization")
     for item in (*seg.DimensionOrganizationSequence, *seg.DimensionIndexSequence):
         item.DimensionOrganizationUID = dimension_organization_uid
     copy_optional_identity(series.datasets[0], seg)

@@ -101,11 +101,11 @@ from osteonode import __version__
 from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equipment_attributes,
                                         series_number, settle_character_set, source_datasets,
                                         with_type2_defaults)
-from osteonode.dicom_out.seg import roi_key, tracking_id, tracking_uid
+from osteonode.dicom_out.seg import roi_key, tracking_id
 from osteonode.dicom_out.summary import (fracture_texture, genant, level_notes, ordered_levels, reported_heights,
                                          status_comments, status_details)
-from osteonode.result import AnalysisResult, LevelResult
-from osteonode.uids import derived_uid
+from osteonode.result import AnalysisResult, LevelResult, PriorReport
+from osteonode.uids import derived_uid, input_key
 from osteonode.volume import Series
 
 log = logging.getLogger(__name__)
@@ -125,11 +125,11 @@ def _algorithm() -> hd.sr.AlgorithmIdentification:
                                          manufacturer=algo["manufacturer"])
 
 
-def _observation_context(source_series_uid: str) -> hd.sr.ObservationContext:
+def _observation_context(inputs: str) -> hd.sr.ObservationContext:
     """TID 1001 with osteonode as the device observer (TID 1004)."""
     algo = dicom_templates.load("algorithm")
     device = hd.sr.DeviceObserverIdentifyingAttributes(
-        uid=derived_uid(source_series_uid, "sr-device-observer"),
+        uid=derived_uid(inputs, "sr-device-observer"),
         name=algo["name"],
         manufacturer_name=algo["manufacturer"],
         model_name=algo["manufacturer_model_name"],
@@ -265,7 +265,7 @@ def _group(key: str, seg: pydicom.Dataset, segment: pydicom.Dataset, source_seri
     group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
         # The SEG segment's Tracking UID/ID, so SEG segment and SR group are one tracked object.
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=str(segment.get("TrackingUID") or tracking_uid(source_series_uid, key)),
+            uid=str(segment.TrackingUID),
             identifier=str(segment.get("TrackingID") or tracking_id(key))),
         referenced_segment=hd.sr.ReferencedSegment(
             sop_class_uid=seg.SOPClassUID,
@@ -327,13 +327,13 @@ def _source_image_references(datasets: Sequence[pydicom.Dataset]) -> list[hd.sr.
     return references
 
 
-def _not_evaluable_group(datasets: Sequence[pydicom.Dataset], source_series_uid: str, sr_codes: Mapping,
+def _not_evaluable_group(datasets: Sequence[pydicom.Dataset], inputs: str, sr_codes: Mapping,
                          algorithm: hd.sr.AlgorithmIdentification,
                          ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
     """TID 1501 group that references every source image and states "not evaluable"."""
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=derived_uid(source_series_uid, "tracking-series"),
+            uid=derived_uid(inputs, "tracking-series"),
             identifier="osteonode bone health analysis of the source series"),
         algorithm_id=algorithm,
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
@@ -394,6 +394,8 @@ def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr
         items.append(_text(sr_codes["labelling_method"], result.labelling_method, contains))
     if result.series_selection is not None:  # the series used and why the study's others were not
         items.append(_text(sr_codes["comment"], result.series_selection.text(), contains))
+    if result.supersedes is not None:  # the Predecessor Documents Sequence names the SR; say so in words too
+        items.append(_text(sr_codes["comment"], result.supersedes.text(), contains))
     items += _calibration_and_contrast(result, sr_codes)
     container = hd.sr.ContainerContentItem(name=coded(sr_codes["qualitative_evaluations"]),
                                            relationship_type=contains)
@@ -401,8 +403,16 @@ def _qualitative_evaluations(result: AnalysisResult, sr_codes: Mapping) -> hd.sr
     return container
 
 
+def _predecessor(prior: PriorReport) -> pydicom.Dataset:
+    """The identity of an earlier SR, as highdicom's ``previous_versions`` reads it (PS3.3 C.17.2)."""
+    ds = pydicom.Dataset()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = prior.study_instance_uid, prior.series_instance_uid
+    ds.SOPClassUID, ds.SOPInstanceUID = prior.sop_class_uid, prior.sop_instance_uid
+    return ds
+
+
 def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
-             seg: hd.seg.Segmentation | None) -> hd.sr.Comprehensive3DSR:
+             seg: hd.seg.Segmentation | None, *, processing_failed: bool = False) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 bone-health report of one CT series.
 
     Parameters
@@ -430,6 +440,11 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         are matched to levels by Segment Label (from ``segments.json``: the
         body's label and ``trabecular_roi.label``); each SR group reuses its
         segment's Tracking ID and Tracking UID.
+    processing_failed : bool
+        The "processing failed" SR of :mod:`osteonode.failure`: its UIDs use
+        the roles ``"failed-sr-series"`` / ``"failed-sr-instance"``, so that a
+        later result of the same input instances gets other UIDs and
+        supersedes it instead of being ignored by the PACS as a duplicate.
 
     Returns
     -------
@@ -437,7 +452,10 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         Comprehensive 3D SR Storage instance (PS3.3 A.35.13), Series
         Description "osteonode Bone Health SR", Completion Flag COMPLETE,
         Verification Flag UNVERIFIED, Series/SOP Instance UIDs derived from the
-        source Series Instance UID (roles ``"sr-series"``, ``"sr-instance"``),
+        source instances (:func:`osteonode.uids.input_key`; roles ``"sr-series"``,
+        ``"sr-instance"``), with ``result.supersedes`` (an earlier SR of the
+        study) in the Predecessor Documents Sequence (0040,A360, PS3.3 C.17.2)
+        and stated in a comment,
         Specific Character Set of the source or UTF-8
         (:func:`~osteonode.dicom_out.common.settle_character_set`), standard
         coding schemes only.
@@ -454,6 +472,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     source_uid = str(datasets[0].get("SeriesInstanceUID", ""))
     if result.series_instance_uid != source_uid:
         raise ValueError("the result does not belong to the given series")
+    inputs = input_key(datasets)
+    role = "failed-sr" if processing_failed else "sr"  # a later real result of the same inputs must not collide
     sr_codes = dicom_templates.load("sr_codes")
     segment_templates = dicom_templates.load("segments")
     algorithm = _algorithm()
@@ -471,11 +491,11 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
                                     segment_templates, algorithm)
         evidence: list[pydicom.Dataset] = [*with_type2_defaults(datasets), seg]
     else:
-        groups = [_not_evaluable_group(datasets, source_uid, sr_codes, algorithm)]
+        groups = [_not_evaluable_group(datasets, inputs, sr_codes, algorithm)]
         evidence = with_type2_defaults(datasets)
 
     report = hd.sr.MeasurementReport(
-        observation_context=_observation_context(source_uid),
+        observation_context=_observation_context(inputs),
         procedure_reported=coded(sr_codes["procedure_reported"]),
         imaging_measurements=groups,
         title=coded(sr_codes["title"]),
@@ -485,9 +505,9 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=report[0],
-        series_instance_uid=derived_uid(source_uid, "sr-series"),
+        series_instance_uid=derived_uid(inputs, f"{role}-series"),
         series_number=series_number("sr"),
-        sop_instance_uid=derived_uid(source_uid, "sr-instance"),
+        sop_instance_uid=derived_uid(inputs, f"{role}-instance"),
         instance_number=1,
         **equipment_attributes(),
         is_complete=True,
@@ -495,6 +515,7 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         is_verified=False,
         series_description=SR_SERIES_DESCRIPTION,
         specific_character_set=UTF8,
+        previous_versions=[_predecessor(result.supersedes)] if result.supersedes is not None else None,
     )
     copy_optional_identity(datasets[0], sr)
     settle_character_set(sr, datasets[0])

@@ -14,7 +14,9 @@ records the arrival time a job was enqueued for and the fingerprint of its
 candidates (series UIDs and SOP Instance UIDs). A study that changes after its
 job was enqueued is ranked again; a new job follows only when its candidates
 changed (a new or grown candidate series). A re-sent identical study, or a new
-series that is not a candidate, enqueues nothing.
+series that is not a candidate, enqueues nothing. A study holding a series
+whose association ended abnormally waits until that series is re-sent or
+``incomplete_timeout_s`` passes (:mod:`osteonode.ingest.associations`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from pydicom.errors import InvalidDicomError
 from osteonode.atomic import write_atomic
 from osteonode.config import SelectionSettings
 from osteonode.errors import InputRejected, describe
+from osteonode.ingest.associations import held_series
 from osteonode.ingest.spool import check_uid, instance_files
 from osteonode.series import SeriesInfo, SeriesRanking, describe_series, rank_series
 
@@ -111,7 +114,7 @@ def study_last_arrival_ns(study: Path) -> int:
 
 
 def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionSettings,
-                     now_s: float | None = None) -> list[StudyJob]:
+                     now_s: float | None = None, incomplete_timeout_s: float = 600.0) -> list[StudyJob]:
     """Studies quiet for at least ``study_quiet_period_s`` seconds that changed since they were last handled.
 
     Parameters
@@ -124,6 +127,10 @@ def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionS
         Series selection rules used to rank the study's series.
     now_s : float, optional
         Current time (epoch seconds); defaults to :func:`time.time`.
+    incomplete_timeout_s : float
+        A study with a series whose association ended abnormally is not due
+        until that series is re-sent or this long after its last instance
+        (:func:`osteonode.ingest.associations.held_series`).
 
     Returns
     -------
@@ -137,7 +144,7 @@ def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionS
     due = []
     for study in _subdirs(spool):
         try:
-            job = _due_job(spool, study, now_ns, quiet_ns, rules)
+            job = _due_job(spool, study, now_ns, quiet_ns, rules, incomplete_timeout_s)
         except (OSError, ValueError) as exc:  # one study's broken marker or folder must not stall the others
             log.error("study %s: cannot be checked for completion (%s); will retry", log_id(study.name),
                       describe(exc))
@@ -147,11 +154,14 @@ def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionS
     return due
 
 
-def _due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int, rules: SelectionSettings) -> StudyJob | None:
-    """The job of ``study`` if it is quiet and changed since it was handled, else None."""
+def _due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int, rules: SelectionSettings,
+             incomplete_timeout_s: float) -> StudyJob | None:
+    """The job of ``study`` if it is quiet, changed since it was handled and holds no fragment, else None."""
     last_arrival_ns = study_last_arrival_ns(study)
     marker = _read_marker(spool, study.name)
     if now_ns - last_arrival_ns < quiet_ns or (marker is not None and marker.last_arrival_ns >= last_arrival_ns):
+        return None
+    if held_series(spool, study.name, now_ns, incomplete_timeout_s):
         return None
     series = []
     for folder in _subdirs(study):
@@ -199,7 +209,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def watch(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, enqueue: Enqueue,
           stop: threading.Event, poll_interval_s: float = 1.0,
-          retry_on: tuple[type[Exception], ...] = (OSError,)) -> None:
+          retry_on: tuple[type[Exception], ...] = (OSError,), incomplete_timeout_s: float = 600.0) -> None:
     """Poll the spool until ``stop`` is set, enqueueing one job per complete, changed study.
 
     An enqueue error of a type in ``retry_on`` (broker down) is logged and
@@ -214,7 +224,7 @@ def watch(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, en
     unmarked: dict[str, StudyJob] = {}  # enqueued, but the marker could not be written yet
     while not stop.is_set():
         try:
-            due = find_due_studies(spool, study_quiet_period_s, rules)
+            due = find_due_studies(spool, study_quiet_period_s, rules, incomplete_timeout_s=incomplete_timeout_s)
         except Exception as exc:  # noqa: BLE001 - the watcher thread must outlive any error; class logged, retried
             log.error("spool scan failed (%s); retrying in %.0f s", describe(exc), poll_interval_s)
             due = []

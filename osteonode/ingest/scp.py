@@ -58,6 +58,7 @@ from osteonode.audit import audit_event
 from osteonode.config import Settings
 from osteonode.dimse_status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, SUCCESS
 from osteonode.errors import InputRejected
+from osteonode.ingest.associations import AssociationTracker
 from osteonode.ingest.spool import UMASK, check_uid, write_instance
 from osteonode.network import server_context, set_tcp_nodelay
 from osteonode.retention import Watermark
@@ -70,9 +71,12 @@ ACCEPTED_TRANSFER_SYNTAXES = [
     JPEG2000Lossless, JPEG2000, JPEGLSLossless, JPEGLSNearLossless, RLELossless,
     JPEGLosslessSV1, JPEGLossless, JPEGBaseline8Bit, JPEGExtended12Bit,
 ]
+#: Largest PDU we receive (bytes of the variable field), announced as Maximum Length (PS3.8 D.1) and enforced
+#: on every PDU read: dcmtk sends at most 128 KiB, pynetdicom SCUs up to the announced length.
+MAX_PDU_BYTES = 1024 * 1024
 
-#: Called with (study_uid, series_uid) after an instance is safely on disk.
-OnStored = Callable[[str, str], None]
+#: Called with (event, study_uid, series_uid) after an instance is safely on disk.
+OnStored = Callable[[evt.Event, str, str], None]
 
 
 def handle_echo(event: evt.Event) -> int:
@@ -184,7 +188,7 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
     if received is not None:
         received.add(event, str(event.dataset.get("PatientID", "")), study_uid)
     if on_stored is not None:
-        on_stored(study_uid, series_uid)
+        on_stored(event, study_uid, series_uid)
     return SUCCESS
 
 
@@ -329,6 +333,30 @@ def handshake_tls(event: evt.Event) -> None:
                     detail=f"TLS handshake failed: {reason}")
 
 
+def bound_pdu_length(event: evt.Event, max_bytes: int) -> None:
+    """EVT_CONN_OPEN handler: close the connection when a PDU header announces more than ``max_bytes``.
+
+    pynetdicom reads a whole PDU into memory as its header announces (up to
+    4 GiB), whatever Maximum Length it negotiated, so a peer could make the
+    node allocate gigabytes per connection. The read of an over-long PDU
+    fails instead, before any of it is read; pynetdicom then closes the
+    connection (its "transport connection closed" event) and the log says why.
+    """
+    sock = event.assoc.dul.socket
+    if sock is None:
+        return
+    receive, peer = sock.recv, event.assoc.requestor.address
+
+    def bounded_recv(nr_bytes: int) -> bytearray:
+        if nr_bytes > max_bytes:
+            log.warning("connection from %s closed: a PDU of %d bytes announced, over the limit of %d bytes",
+                        peer, nr_bytes, max_bytes)
+            raise ConnectionAbortedError(f"PDU of {nr_bytes} bytes over the limit of {max_bytes}")
+        return receive(nr_bytes)
+
+    sock.recv = bounded_recv
+
+
 def log_refused_contexts(event: evt.Event) -> None:
     """EVT_ACCEPTED: list the abstract syntaxes we did not accept (SOP classes we do not store)."""
     refused = sorted({str(cx.abstract_syntax.name) for cx in event.assoc.rejected_contexts})
@@ -350,7 +378,7 @@ def make_ae(settings: Settings) -> AE:
     if settings.allowed_calling_ae_titles:
         ae.require_calling_aet = list(settings.allowed_calling_ae_titles)
     ae.require_called_aet = True  # answer only to our own AE title
-    ae.maximum_pdu_size = 0  # no limit on what we receive
+    ae.maximum_pdu_size = MAX_PDU_BYTES  # announced; enforced on each read by bound_pdu_length
     # stalled or half-sent PDUs: reads time out after network_timeout_s (also set on each accepted
     # socket, see set_socket_timeout), so idle connections cannot hold the max_associations slots
     ae.network_timeout = settings.network_timeout_s
@@ -360,8 +388,12 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_scp(settings: Settings, on_stored: OnStored | None = None) -> ThreadedAssociationServer:
+def start_scp(settings: Settings) -> ThreadedAssociationServer:
     """Start the SCP in background threads and return the server (call ``.shutdown()``).
+
+    The series each association stores are recorded until it is released
+    normally (:class:`~osteonode.ingest.associations.AssociationTracker`), so
+    a fragment left by an abort is not analysed as a complete series.
 
     Raises
     ------
@@ -371,9 +403,11 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
     os.umask(UMASK)  # spooled instances 0640, their folders 0750
     ae = make_ae(settings)
     discarded, received = DiscardCounter(), ReceivedStudies()
+    tracker = AssociationTracker(settings.spool_dir)
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, set_socket_timeout, [settings.network_timeout_s]),
+        (evt.EVT_CONN_OPEN, bound_pdu_length, [MAX_PDU_BYTES]),
         (evt.EVT_CONN_OPEN, handshake_tls),
         (evt.EVT_REJECTED, log_association_rejected),
         (evt.EVT_ACCEPTED, log_refused_contexts),
@@ -383,9 +417,11 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
         (evt.EVT_RELEASED, received.finish),
         (evt.EVT_ABORTED, received.finish),
         (evt.EVT_CONN_CLOSE, received.finish),
+        (evt.EVT_RELEASED, tracker.released),
+        (evt.EVT_CONN_CLOSE, tracker.closed),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store,
-         [settings.spool_dir, on_stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes),
+         [settings.spool_dir, tracker.stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes),
           received, Watermark(settings.spool_dir, settings.min_free_percent, settings.min_free_bytes)]),
     ]
     tls = settings.tls is not None and settings.tls.scp

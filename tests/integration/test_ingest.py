@@ -22,7 +22,7 @@ from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from osteonode.config import Settings
-from osteonode.ingest.scp import start_scp
+from osteonode.ingest.scp import MAX_PDU_BYTES, start_scp
 from osteonode.ingest.spool import instance_files
 from osteonode.volume import load_series
 from tests.conftest import recompress_series
@@ -217,6 +217,41 @@ def test_ten_stalled_connections_lock_a_sender_out_for_at_most_30_s(node, caplog
     assert waited < 30
     assert "rejected: local limit exceeded (10 of 10 associations in use)" in caplog.text
     assert "calling AE title not allowed" not in caplog.text
+
+
+def test_pdus_are_bounded_and_large_pdus_from_dcmtk_and_pynetdicom_still_work(node, abdomen_series, caplog):
+    """Maximum Length 1 MiB announced and enforced: dcmtk's largest send PDU (128 KiB) and a pynetdicom SCU
+    sending 1 MiB PDUs store their instances; a PDU header announcing 100 MiB closes the connection at once
+    (without the bound the node would wait for the 100 MiB until the network timeout, 20 s)."""
+    import socket
+    import time
+
+    run = _dcmtk("storescu", "--max-send-pdu", "131072", "-aet", "STORESCU", "-aec", "OSTEONODE", "127.0.0.1",
+                 str(node.port), *map(str, abdomen_series[:10]))
+    assert run.returncode == 0, run.stderr
+    assert len(_stored_series(node, abdomen_series[:10])) == 10
+    big = pydicom.dcmread(abdomen_series[0])
+    big.Rows = big.Columns = 1024
+    big.PixelData = bytes(1024 * 1024 * 2)  # 2 MiB: sent in PDUs of the announced 1 MiB
+    big.SOPInstanceUID = big.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="OSTEONODE")
+    assert assoc.acceptor.maximum_length == MAX_PDU_BYTES == 1024 * 1024
+    assert assoc.send_c_store(big).Status == 0x0000
+    assoc.release()
+    sock = socket.create_connection(("127.0.0.1", node.port))
+    sock.settimeout(10)
+    start = time.monotonic()
+    sock.sendall(bytes([0x01, 0x00]) + (100 * 1024 * 1024).to_bytes(4, "big") + bytes(1000))
+    try:
+        closed = sock.recv(100) == b""
+    except ConnectionResetError:
+        closed = True
+    sock.close()
+    assert closed and time.monotonic() - start < 5
+    assert "a PDU of 104857600 bytes announced, over the limit of 1048576 bytes" in caplog.text
+    assert _echo_ok(node)
 
 
 def test_accept_all_storage_stores_ct_and_discards_the_rest_with_a_count(node, abdomen_series, tmp_path, caplog):

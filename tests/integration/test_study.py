@@ -6,7 +6,9 @@ bone-kernel series, a coronal reformat, an arterial-phase copy, an X-Ray
 Radiation Dose SR and a Secondary Capture with Modality CT. Exactly one SEG
 and one SR (plus key images and PDF) must come back, made from the axial
 soft-kernel series; re-sending the study must add nothing. Further tests: the fallback when the best series is not evaluable,
-and a study with no usable series (one not-evaluable SR naming each reason).
+a study with no usable series (one not-evaluable SR naming each reason), a late better series (real Orthanc: a new
+result with new UIDs whose SR names the earlier SR as its predecessor; the study re-sent adds nothing) and a
+restart of ``serve`` in the middle of a study.
 """
 
 from __future__ import annotations
@@ -63,11 +65,13 @@ def _wait_delivered(node_dir: Path, study_uid: str) -> dict:
     return json.loads((entry / "result.json").read_text())
 
 
-def _start(tmp_path, storescp, start_node, quiet_period_s: float = QUIET_S):
-    """``osteonode serve`` on the embedded queue, sending to ``storescp``; returns (node dir, port, process)."""
+def _start(tmp_path, destination, start_node, quiet_period_s: float = QUIET_S):
+    """``osteonode serve`` on the embedded queue, sending to ``destination`` (storescp or Orthanc);
+    returns (node dir, port, process)."""
     node_dir = tmp_path / "node"
+    port = destination.dicom_port if hasattr(destination, "dicom_port") else destination.port
     config, port = write_config(node_dir, broker_url=None, quiet_period_s=quiet_period_s,
-                                destinations=[(storescp.aet, "127.0.0.1", storescp.port)])
+                                destinations=[(destination.aet, "127.0.0.1", port)])
     return node_dir, port, start_node(config, "serve", port=port)
 
 
@@ -154,24 +158,58 @@ def _sop_uids_by_modality(storescp) -> dict[str, set[str]]:
     return {m: {str(ds.SOPInstanceUID) for ds in v} for m, v in _received(storescp).items()}
 
 
-def test_late_better_series_replaces_the_result_with_new_uids(tmp_path, storescp, start_node, study):
-    """Arterial series first (used), then the non-contrast soft series: re-analysed from the better series."""
-    node_dir, port, node = _start(tmp_path, storescp, start_node)
+def _orthanc_instances(orthanc, study_uid: str, tmp_path: Path) -> dict[str, pydicom.Dataset]:
+    """Every instance of the study stored in Orthanc, by SOP Instance UID."""
+    folder = tmp_path / "from-orthanc"
+    folder.mkdir(exist_ok=True)
+    study_id = orthanc.find_study(study_uid)
+    instances = orthanc.get(f"/studies/{study_id}/instances") if study_id else []
+    return {str(ds.SOPInstanceUID): ds for ds in
+            (pydicom.dcmread(orthanc.download_instance(i["ID"], folder)) for i in instances)}
+
+
+def test_late_better_series_supersedes_the_result_at_orthanc(tmp_path, orthanc, start_node, study):
+    """Arterial series first (used), then the non-contrast soft series: re-analysed, new UIDs, the new SR
+    names the earlier one as its predecessor (PS3.3 C.17.2); the whole study re-sent adds nothing."""
+    node_dir, port, node = _start(tmp_path, orthanc, start_node)
     study_uid = _uid(study["soft"], "StudyInstanceUID")
     storescu("127.0.0.1", port, "OSTEONODE", study["arterial"])
     first = _wait_delivered(node_dir, study_uid)
-    assert first["series_instance_uid"] == _uid(study["arterial"])
-    (seg_first,) = _sop_uids_by_modality(storescp)["SEG"]
+    assert first["series_instance_uid"] == _uid(study["arterial"]) and first["supersedes"] is None
+    (sr_first,) = [ds for ds in _orthanc_instances(orthanc, study_uid, tmp_path).values() if ds.Modality == "SR"]
     (node_dir / "outbox" / study_uid / "delivery-dest0.json").unlink()
     storescu("127.0.0.1", port, "OSTEONODE", study["soft"])
     second = _wait_delivered(node_dir, study_uid)
     assert second["series_instance_uid"] == _uid(study["soft"])
     assert second["series_selection"]["not_used"] == [
         {"series_number": 5, "description": "Abdomen arterial 3.0 B30f", "reason": "ranked lower than the series used"}]
-    uids = _sop_uids_by_modality(storescp)
-    assert len(uids["SEG"]) == 2 and seg_first in uids["SEG"]  # a new set beside the earlier one (documented)
-    (seg_new,) = [ds for ds in _received(storescp)["SEG"] if str(ds.SOPInstanceUID) != seg_first]
-    assert {str(s.SeriesInstanceUID) for s in seg_new.ReferencedSeriesSequence} == {_uid(study["soft"])}
+    assert second["supersedes"]["sop_instance_uid"] == sr_first.SOPInstanceUID
+    stored = _orthanc_instances(orthanc, study_uid, tmp_path)
+    by_modality = {m: [ds for ds in stored.values() if ds.Modality == m] for m in ("SEG", "SR", "OT", "DOC")}
+    # the new set stands beside the earlier one
+    assert {m: len(v) for m, v in by_modality.items()} == {"SEG": 2, "SR": 2, "OT": 4, "DOC": 2}
+    (sr_new,) = [ds for ds in by_modality["SR"] if ds.SOPInstanceUID != sr_first.SOPInstanceUID]
+    assert sr_new.SeriesInstanceUID != sr_first.SeriesInstanceUID
+    (predecessor,) = sr_new.PredecessorDocumentsSequence
+    assert predecessor.StudyInstanceUID == study_uid
+    assert [(s.SeriesInstanceUID, [i.ReferencedSOPInstanceUID for i in s.ReferencedSOPSequence])
+            for s in predecessor.ReferencedSeriesSequence] == [(sr_first.SeriesInstanceUID, [sr_first.SOPInstanceUID])]
+    statement = next(t for t in _sr_texts(sr_new) if "supersedes" in t)
+    assert 'from series 5 "Abdomen arterial 3.0 B30f" (112 instances)' in statement
+    assert "another series was analysed" in statement
+    (seg_new,) = [ds for ds in by_modality["SEG"]
+                  if {str(s.SeriesInstanceUID) for s in ds.ReferencedSeriesSequence} == {_uid(study["soft"])}]
+    for ds in (sr_new, seg_new):
+        path = tmp_path / f"{ds.Modality}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        assert dciodvfy(path)[0] == [], ds.Modality
+
+    # the whole study again, unchanged: no job, no new instance at Orthanc
+    storescu("127.0.0.1", port, "OSTEONODE", [*study["arterial"], *study["soft"]])
+    wait_for(lambda: "candidate series did not; not analysed again" in node.log_path.read_text(),
+             QUIET_S + 30, what="the re-sent study to be seen as unchanged")
+    time.sleep(2)
+    assert set(_orthanc_instances(orthanc, study_uid, tmp_path)) == set(stored)
     assert node.log_path.read_text().count("study quiet for") == 2
 
 

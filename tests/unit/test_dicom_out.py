@@ -34,9 +34,9 @@ from osteonode.dicom_out import pdf as pdf_module
 from osteonode.dicom_out import seg as seg_module
 from osteonode.dicom_out import sr as sr_module
 from osteonode.dicom_out.seg import seg_reference
-from osteonode.result import AnalysisResult, BoneStatus, Calibration, ContrastPhase, LevelResult
+from osteonode.result import AnalysisResult, BoneStatus, Calibration, ContrastPhase, LevelResult, PriorReport
 from osteonode.segment import SpineSegmentation
-from osteonode.uids import derived_uid
+from osteonode.uids import derived_uid, input_key
 from osteonode.volume import Series, load_series
 
 DCIODVFY = "/usr/bin/dciodvfy"
@@ -425,9 +425,52 @@ def test_seg_reference_stands_for_the_seg_in_the_sr(axial):
 def test_a_new_version_yields_new_series_uids(axial):
     """The documented version policy: same version -> same UIDs, new version -> new series."""
     case, seg, _ = axial
-    source_uid = case.series.series_instance_uid
-    assert seg.SeriesInstanceUID == derived_uid(source_uid, "seg-series")
-    assert derived_uid(source_uid, "seg-series", version="999.0") != seg.SeriesInstanceUID
+    inputs = input_key(case.series.datasets)
+    assert seg.SeriesInstanceUID == derived_uid(inputs, "seg-series")
+    assert derived_uid(inputs, "seg-series", version="999.0") != seg.SeriesInstanceUID
+
+
+def test_other_input_instances_yield_new_uids_and_the_same_instances_in_any_order_the_same(axial):
+    """Issue 12 item 2: output UIDs follow the exact set of input instances, not only the series UID."""
+    case, seg, sr = axial
+    headers = case.series.datasets
+    fewer = headers[:-1]  # a fragment of the same series: same Series Instance UID, one instance missing
+    assert input_key(list(reversed(headers))) == input_key(headers)
+    assert input_key(fewer) != input_key(headers)
+    fragment = AnalysisResult.not_evaluable("too short", case.series.study_instance_uid,
+                                            case.series.series_instance_uid)
+    full = AnalysisResult.not_evaluable("too short", case.series.study_instance_uid, case.series.series_instance_uid)
+    fragment_sr, full_sr = build_sr(fewer, fragment, None), build_sr(headers, full, None)
+    assert fragment_sr.SOPInstanceUID != full_sr.SOPInstanceUID
+    assert fragment_sr.SeriesInstanceUID != full_sr.SeriesInstanceUID
+    assert build_pdf_report(fewer, fragment, banner="").SOPInstanceUID != \
+        build_pdf_report(headers, full, banner="").SOPInstanceUID
+    assert build_sr(list(reversed(headers)), full, None).SOPInstanceUID == full_sr.SOPInstanceUID
+
+
+def test_a_superseding_sr_names_its_predecessor_and_says_so(axial, tmp_path):
+    """PS3.3 C.17.2: Predecessor Documents Sequence (0040,A360) refers to the earlier SR; a comment and the PDF say so."""
+    case, seg, earlier = axial
+    prior = PriorReport(study_instance_uid=str(earlier.StudyInstanceUID),
+                        series_instance_uid=str(earlier.SeriesInstanceUID),
+                        sop_class_uid=str(earlier.SOPClassUID), sop_instance_uid="2.25.1234",
+                        created="2026-12-04 10:00", made_from='series 5 "Abdomen arterial" (112 instances)',
+                        reason="the study changed and another series was analysed")
+    result = make_result(case.series)
+    result.supersedes = prior
+    sr = build_sr(case.series, result, seg)
+    (study,) = sr.PredecessorDocumentsSequence
+    assert study.StudyInstanceUID == earlier.StudyInstanceUID
+    (series,) = study.ReferencedSeriesSequence
+    assert series.SeriesInstanceUID == earlier.SeriesInstanceUID
+    assert [(i.ReferencedSOPClassUID, i.ReferencedSOPInstanceUID) for i in series.ReferencedSOPSequence] == [
+        (earlier.SOPClassUID, "2.25.1234")]
+    texts = [str(item.TextValue) for item in sr.ContentSequence[-1].ContentSequence if "TextValue" in item]
+    assert prior.text() in texts and "supersedes the earlier osteonode report" in prior.text()
+    assert "PredecessorDocumentsSequence" not in earlier
+    assert_valid(sr, tmp_path / "sr.dcm")
+    pdf = build_pdf_report(case.series, result, banner=BANNER)
+    assert "supersedes the earlier osteonode report" in " ".join(pdf_text(pdf_document(pdf), tmp_path).split())
 
 
 def test_every_output_uid_comes_from_derived_uid(axial, monkeypatch):
@@ -435,8 +478,8 @@ def test_every_output_uid_comes_from_derived_uid(axial, monkeypatch):
     case, _, _ = axial
     calls: dict[str, str] = {}
 
-    def fake(source_series_uid: str, role: str) -> pydicom.uid.UID:
-        assert source_series_uid == case.series.series_instance_uid
+    def fake(key: str, role: str) -> pydicom.uid.UID:
+        assert key == input_key(case.series.datasets)
         return pydicom.uid.UID(calls.setdefault(role, f"2.25.{len(calls) + 1}{abs(hash(role)) % 10**12}"))
 
     for module in (seg_module, sr_module, keyimage_module, pdf_module):
@@ -720,7 +763,7 @@ def test_seg_rebuild_is_identical_apart_from_dates_and_times(axial):
     """The Dimension Organization UID is derived too, so a rebuild yields the same content (issue 5 item 1)."""
     case, seg, _ = axial
     again = build_seg(case.series, case.segmentation)
-    expected = derived_uid(case.series.series_instance_uid, "seg-dimension-organization")
+    expected = derived_uid(input_key(case.series.datasets), "seg-dimension-organization")
     uids = {item.DimensionOrganizationUID for item in (*again.DimensionOrganizationSequence,
                                                        *again.DimensionIndexSequence)}
     assert uids == {expected}
