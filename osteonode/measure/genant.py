@@ -17,19 +17,28 @@ Each body of the label map is measured in its own frame, in patient space
 * **lateral axis**: patient left, made perpendicular to it; **anterior axis**:
   perpendicular to both, pointing to patient anterior.
 
-The label map is sampled (nearest neighbour, 0.5 mm) on three sagittal planes
-through the centroid and 3 mm to either side (mid-sagittal). On each plane,
-every anterior-posterior column gives a height (its superior-most minus
-inferior-most sample inside the body, plus one step). Over the body depth
-``D`` (posterior to anterior margin on that plane, the margins being the
-outermost columns at least half the median column height tall):
+The label map (nearest neighbour) and the CT (linear) are sampled every
+0.5 mm on three sagittal planes through the centroid and 3 mm to either side
+(mid-sagittal). On each plane, every anterior-posterior column of the body
+gives a height: between the outer edges of its two endplates, each found on
+the image next to the label map's boundary (:func:`endplate_edge`: the
+steepest fall from the endplate to the disc, within 4 mm inside and 5 mm
+outside the boundary, moving it by at most 3 mm; the label map's boundary
+where the image shows no endplate). The label map alone would quantise a
+height to the slice thickness (3 mm is 10 % of a lumbar body, half a Genant
+grade); the image places an edge to a fraction of a voxel, and a bright focus
+inside the body or the neighbour's endplate are out of reach. Over the body
+depth ``D`` (posterior to anterior margin on that plane, the margins being the
+outermost columns of the label map at least half its median column height
+tall):
 
-* anterior height ``Ha``: median column height 5-15 % of ``D`` behind the anterior margin,
+* anterior height ``Ha``: columns 5-15 % of ``D`` behind the anterior margin,
 * middle height ``Hm``: 45-55 % of ``D``,
 * posterior height ``Hp``: 5-15 % of ``D`` in front of the posterior margin,
 
-each the median over the three planes (the 5 % keep the rounded corners and
-the cortical rim out, as the six-point placement of morphometry does).
+each the median over the window's columns on the three planes (the 5 % keep
+the rounded corners and the cortical rim out, as the six-point placement of
+morphometry does; the median, a wrong edge in a few columns).
 
 Grading
 -------
@@ -76,6 +85,14 @@ PLANE_OFFSETS_MM = (-3.0, 0.0, 3.0)
 WINDOWS = {"anterior": (0.05, 0.15), "middle": (0.45, 0.55), "posterior": (0.85, 0.95)}
 #: Columns shorter than this fraction of the median column height do not set the body's margins.
 MARGIN_HEIGHT_FRACTION = 0.5
+#: The endplate ridge is looked for up to this far (mm) inside the label map's boundary.
+RIDGE_SEARCH_MM = 4.0
+#: The disc beyond an endplate ridge is looked for up to this far (mm) outside the label map's boundary.
+DISC_REACH_MM = 5.0
+#: The image moves the label map's boundary by at most this much (mm).
+MAX_SHIFT_MM = 3.0
+#: The endplate must stand this many HU above the disc beyond it.
+MIN_EDGE_DROP_HU = 30.0
 #: Levels graded (Genant et al. 1993 grade T4-L4; L5 is measured only).
 GRADED_LEVELS = ("T12", "L1", "L2", "L3", "L4")
 #: A body closer than this (mm) to the edge of the volume may be cut by the field of view.
@@ -146,6 +163,77 @@ def _frame(centres: dict[int, np.ndarray], vid: int) -> tuple[np.ndarray, np.nda
     return height, np.cross(left, height), left  # left x superior = anterior (LPS: -y)
 
 
+def endplate_edge(profile: np.ndarray, start: int) -> float | None:
+    """Sub-sample outer edge of an endplate near the label map's boundary, on a profile running outward.
+
+    The label map places the edge to within a voxel; the image refines it.
+    The endplate is the brightest sample from :data:`RIDGE_SEARCH_MM` inside
+    to one sample outside ``start`` (the label map's outermost sample of the
+    body), the disc the darkest from there to :data:`DISC_REACH_MM` beyond ``start``, and
+    the edge the point between them where the profile falls most steeply
+    (refined between samples by a parabola). The steepest fall marks a
+    blurred step where it is, whatever the blur of the scanner, the density
+    of the trabecular bone (the endplate stays brighter than the disc in
+    osteoporosis and in a sclerotic body alike) or the thinness of the
+    endplate (whose blurred peak is lower, which would move a half-maximum
+    edge outward);
+    searching only next to the label map's boundary keeps a bright focus
+    inside the body, and the neighbour's endplate, out.
+
+    Parameters
+    ----------
+    profile : numpy.ndarray
+        ``(n,)`` HU sampled every :data:`STEP_MM` along the height axis,
+        index increasing away from the body.
+    start : int
+        Index of the label map's outermost sample of the body on this profile.
+
+    Returns
+    -------
+    float or None
+        Index of the edge (fractional), at most :data:`MAX_SHIFT_MM` from
+        the label map's boundary; ``None`` when the endplate does not stand
+        :data:`MIN_EDGE_DROP_HU` above the disc (then the label map's
+        boundary is kept).
+    """
+    n = profile.size
+    lo = max(0, start - int(round(RIDGE_SEARCH_MM / STEP_MM)))
+    hi = min(n - 1, start + 1)
+    ridge = lo + int(np.argmax(profile[lo:hi + 1]))
+    end = min(n, start + int(round(DISC_REACH_MM / STEP_MM)) + 1)
+    valley = ridge + int(np.argmin(profile[ridge:end]))
+    if profile[ridge] - profile[valley] < MIN_EDGE_DROP_HU:
+        return None
+    # the steepest fall between them, refined by a parabola through the falls around it
+    falls = profile[ridge:valley] - profile[ridge + 1:valley + 1]
+    k = int(np.argmax(falls))
+    offset = 0.0
+    if 0 < k < falls.size - 1:
+        curvature = falls[k - 1] - 2.0 * falls[k] + falls[k + 1]
+        if curvature < 0:
+            offset = float(np.clip(0.5 * (falls[k - 1] - falls[k + 1]) / curvature, -0.5, 0.5))
+    edge = ridge + k + 0.5 + offset
+    boundary = start + 0.5
+    shift = MAX_SHIFT_MM / STEP_MM
+    return float(np.clip(edge, boundary - shift, boundary + shift))
+
+
+def _column_height(hu_column: np.ndarray, inside: np.ndarray) -> float:
+    """Height (mm) of one anterior-posterior position: between the outer edges of both endplates.
+
+    ``hu_column`` and ``inside`` are ``(n,)`` samples along the height axis
+    (inferior to superior, :data:`STEP_MM` apart). An endplate whose edge is
+    not found on the image keeps the label map's boundary.
+    """
+    idx = np.nonzero(inside)[0]
+    bottom_in, top_in = int(idx.min()), int(idx.max())
+    top = endplate_edge(hu_column, top_in)
+    bottom = endplate_edge(hu_column[::-1], hu_column.size - 1 - bottom_in)
+    top_mm = (top_in + 0.5) if top is None else top
+    bottom_mm = (bottom_in - 0.5) if bottom is None else hu_column.size - 1 - bottom
+    return (top_mm - bottom_mm) * STEP_MM
+
+
 def _heights(volume: Volume, mask: np.ndarray, centre: np.ndarray,
              axes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float] | None:
     """Anterior, middle and posterior heights (mm) on the mid-sagittal planes."""
@@ -156,11 +244,12 @@ def _heights(volume: Volume, mask: np.ndarray, centre: np.ndarray,
     per_plane = []
     for offset in PLANE_OFFSETS_MM:
         pts = (centre + offset * left_ax)[None, :] + a.reshape(-1, 1) * anterior_ax + h.reshape(-1, 1) * height_ax
-        index = (pts - volume.affine[:3, 3]) @ inverse.T
-        inside = ndi.map_coordinates(mask, index.T, order=0, mode="constant", cval=0).reshape(a.shape) > 0
+        index = ((pts - volume.affine[:3, 3]) @ inverse.T).T
+        inside = ndi.map_coordinates(mask, index, order=0, mode="constant", cval=0).reshape(a.shape) > 0
         cols = np.nonzero(inside.any(axis=1))[0]
         if cols.size < 2:
             continue
+        hu = ndi.map_coordinates(volume.hu, index, order=1, mode="nearest").reshape(a.shape)
         top = np.where(inside[cols], h[cols], -np.inf).max(axis=1)
         bottom = np.where(inside[cols], h[cols], np.inf).min(axis=1)
         col_height = top - bottom + STEP_MM
@@ -173,11 +262,15 @@ def _heights(volume: Volume, mask: np.ndarray, centre: np.ndarray,
         depth = front - back
         windows = {name: (pos <= front - f0 * depth + 1e-9) & (pos >= front - f1 * depth - 1e-9)
                    for name, (f0, f1) in WINDOWS.items()}
-        if all(sel.any() for sel in windows.values()):
-            per_plane.append({name: float(np.median(col_height[sel])) for name, sel in windows.items()})
+        if not all(sel.any() for sel in windows.values()):
+            continue
+        per_plane.append({name: [_column_height(hu[col], inside[col]) for col in cols[sel]]
+                          for name, sel in windows.items()})
     if not per_plane:
         return None
-    return {name: float(np.median([p[name] for p in per_plane])) for name in WINDOWS}
+    # the median over every column of the window on the three planes: a wrong edge in a few columns
+    # (a bright focus, a vessel, noise) does not move it
+    return {name: float(np.median([h for p in per_plane for h in p[name]])) for name in WINDOWS}
 
 
 def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, GenantMeasurement]:

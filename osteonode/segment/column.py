@@ -17,11 +17,15 @@ pulled the line into the canal.
 Discs
 -----
 Along the centreline, :func:`plane_profile` samples planes across the column
-(tilted by up to 20 degrees, so that a lordotic disc is crossed flat): the
-85th percentile of the plane and the brightest HU on rays to the body's rim
-(the cortical shell of a body of any density, the annulus at a disc). A disc
-is a notch of at least ``MIN_NOTCH_HU`` between bright flanks (the endplates,
-4-8 mm on either side) where the column is confirmed; the discs are chosen as
+tilted by up to 20 degrees about the left-right axis: the 85th percentile of
+the plane and the brightest HU on rays to the body's rim (the cortical shell
+of a body of any density, the annulus at a disc). The lowest over the tilts
+crosses a lordotic disc, or the disc above a wedge-compressed body, flat; the
+highest crosses a tilted endplate flat; the tilt of the lowest is the disc's,
+and the bodies are cut along it. A disc is a notch of at least
+``MIN_NOTCH_HU`` in the lowest between bright flanks in the highest (the
+endplates, 4-8 mm on either side) where the column is confirmed; the discs
+are chosen as
 one chain (:func:`disc_chain`) whose spacing along the centreline's arc is
 that of vertebrae (24-50 mm) and changes slowly, which keeps the mid-height
 dip of a low-density body out.
@@ -245,8 +249,36 @@ def _dynamic_path(score: np.ndarray, r: int = 2, lam: float = 40.0) -> np.ndarra
     return path
 
 
-def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM
-                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class ColumnProfile:
+    """The disc profile along the column (:func:`plane_profile`); every array is per coarse slice.
+
+    Attributes
+    ----------
+    hu : numpy.ndarray
+        ``(ns,)`` HU: low at a disc only (the lowest plane percentile over the
+        tilts, or the ring measure if higher).
+    bright : numpy.ndarray
+        ``(ns,)`` HU: the highest plane percentile over the tilts: an endplate
+        crossed flat, even when it is tilted (lordosis, a wedge-compressed body).
+    tilt_deg : numpy.ndarray
+        ``(ns,)`` tilt (degrees, about the left-right axis; positive: the plane
+        rises anteriorly) of the plane with the lowest percentile, refined
+        between the sampled tilts by a parabola: at a disc, the disc's tilt.
+    pts : numpy.ndarray
+        ``(ns, 3)`` smoothed centre points (coarse indices).
+    tangent : numpy.ndarray
+        ``(ns, 3)`` unit tangents.
+    """
+
+    hu: np.ndarray
+    bright: np.ndarray
+    tilt_deg: np.ndarray
+    pts: np.ndarray
+    tangent: np.ndarray
+
+
+def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> ColumnProfile:
     """Disc profile along the column: HU of the bone in planes across the smoothed centreline.
 
     Two measures per plane, each the lowest over planes tilted by
@@ -275,12 +307,7 @@ def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM
 
     Returns
     -------
-    profile : numpy.ndarray
-        ``(ns,)`` HU.
-    pts : numpy.ndarray
-        ``(ns, 3)`` smoothed centre points (coarse indices).
-    tangent : numpy.ndarray
-        ``(ns, 3)`` unit tangents.
+    ColumnProfile
     """
     nz = c.shape[0]
     pts = np.column_stack([np.arange(nz, dtype=float), path])
@@ -307,7 +334,21 @@ def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM
     # the ring's disc dip lies up to a slice off the plane's (it samples the disc's rim, out to
     # 26 mm, where a tilt error moves it most): widened by one slice before the maximum
     ring = ndi.minimum_filter1d(np.min(rings, axis=0), 3, mode="nearest")
-    return np.maximum(np.min(planes, axis=0), ring), pts, tangent
+    planes_by_tilt = np.array(planes)
+    return ColumnProfile(hu=np.maximum(planes_by_tilt.min(axis=0), ring), bright=planes_by_tilt.max(axis=0),
+                         tilt_deg=_lowest_tilt(planes_by_tilt), pts=pts, tangent=tangent)
+
+
+def _lowest_tilt(planes: np.ndarray) -> np.ndarray:
+    """Per slice, the tilt (degrees) at which ``planes`` ``(n_tilts, ns)`` is lowest (parabolic refinement)."""
+    tilts = np.asarray(PROFILE_TILTS_DEG)
+    k = np.clip(np.argmin(planes, axis=0), 1, len(tilts) - 2)
+    cols = np.arange(planes.shape[1])
+    left, mid, right = planes[k - 1, cols], planes[k, cols], planes[k + 1, cols]
+    curvature = left - 2.0 * mid + right
+    offset = np.where(curvature > 1e-6, 0.5 * (left - right) / np.maximum(curvature, 1e-6), 0.0)
+    step = float(tilts[1] - tilts[0])
+    return np.clip(tilts[k] + np.clip(offset, -1.0, 1.0) * step, tilts[0], tilts[-1])
 
 
 @dataclass
@@ -316,26 +357,29 @@ class Disc:
     depth: float  # notch depth (HU)
     upper: float  # coarse index of the disc's upper boundary (cranial endplate of the disc)
     lower: float  # coarse index of the lower boundary
+    tilt_deg: float = 0.0  # tilt of the disc's plane about the left-right axis (plane_profile)
 
 
-def find_discs(profile: np.ndarray, valid: np.ndarray, pts: np.ndarray, g: float = COARSE_MM) -> list[Disc]:
+def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> list[Disc]:
     """Intervertebral discs along the column: notches of the disc profile chosen by :func:`disc_chain`.
 
-    ``profile`` and ``valid`` are per coarse slice; ``pts`` ``(ns, 3)`` are the
-    smoothed centreline points (coarse indices), whose arc length measures the
-    disc spacing (the lumbosacral junction is tilted by 30-45 degrees, so slice
-    indices understate it there).
+    A notch is a minimum of ``profile.hu`` below the endplates on either side
+    (``profile.bright``, which crosses a tilted endplate flat). ``valid`` is
+    per coarse slice (:func:`track_column`); the arc length of
+    ``profile.pts`` measures the disc spacing (the lumbosacral junction is
+    tilted by 30-45 degrees, so slice indices understate it there).
     """
-    nz = len(profile)
-    arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(pts, axis=0), axis=1))]) * g
-    p = ndi.gaussian_filter1d(profile, 0.6, mode="nearest")
+    nz = len(profile.hu)
+    arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(profile.pts, axis=0), axis=1))]) * g
+    p = ndi.gaussian_filter1d(profile.hu, 0.6, mode="nearest")
+    bright = np.maximum(p, ndi.gaussian_filter1d(profile.bright, 0.6, mode="nearest"))
     d = int(round(8.0 / g))
     left = np.full(nz, -1e3)
     right = np.full(nz, -1e3)
     # flanks: the brightest plane 4-8 mm on each side (the endplates of both neighbours)
     for k in range(int(round(4.0 / g)), d + 1):
-        left[k:] = np.maximum(left[k:], p[:-k])
-        right[:-k] = np.maximum(right[:-k], p[k:])
+        left[k:] = np.maximum(left[k:], bright[:-k])
+        right[:-k] = np.maximum(right[:-k], bright[k:])
     flank = np.minimum(left, right)
     notch = flank - p
     # flanks must be bone (endplates), not a dip in soft tissue
@@ -366,7 +410,8 @@ def find_discs(profile: np.ndarray, valid: np.ndarray, pts: np.ndarray, g: float
         za = z
         while za < above_max and p[za + 1] < lvl_a:
             za += 1
-        discs.append(Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5))
+        discs.append(Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5,
+                          tilt_deg=float(profile.tilt_deg[z])))
     return discs
 
 

@@ -116,6 +116,21 @@ def rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[fl
     return ends
 
 
+def ribs_observable(path: np.ndarray, nx: int, z_lo: float, z_hi: float, g: float = COARSE_MM) -> bool:
+    """Whether a rib could be seen beside the column between coarse slices ``z_lo`` and ``z_hi``.
+
+    A rib reaches :data:`RIB_REACH_MM` from the midline (:func:`rib_levels`);
+    where the field of view ends closer than that (plus 10 mm) on either
+    side of the centreline ``path`` ``(ns, 2)`` (a, l coarse indices) -- a
+    reconstruction cropped to the spine, e.g. -- a vertebra without a
+    detected rib may still bear one, so it cannot tell the lowest
+    rib-bearing vertebra.
+    """
+    reach = (RIB_REACH_MM + 10.0) / g
+    rows = path[int(max(0, np.floor(z_lo))):int(min(len(path), np.ceil(z_hi) + 1)), 1]
+    return bool(rows.size) and bool(np.all((rows - reach >= 0) & (rows + reach <= nx - 1)))
+
+
 def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None
                 ) -> tuple[dict[int, int], float, str] | None:
     """Name the segments between discs from the anchors, by counting (a pure function).

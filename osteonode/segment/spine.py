@@ -22,7 +22,9 @@ alike. :func:`segment_spine` runs these steps; each lives in its own module:
 4. **Bodies** (:mod:`osteonode.segment.body`): each labelled body is
    segmented on the native grid (at most 1 mm) in its own frame: a
    blur-invariant threshold outline joined with what its cortical shell and
-   endplates enclose, clear of the spinal canal and the discs; then the whole
+   endplates enclose, clear of the spinal canal and of the discs (planes
+   tilted like each disc, so that the disc in front of a wedge-compressed
+   body stays out); then the whole
    vertebrae (posterior elements) on the 2 mm copy.
 5. **Trabecular ROI** (:mod:`osteonode.segment.roi`): an elliptical cylinder
    by geometry in the anterior body at mid-height, 5 mm clear of the cortex.
@@ -62,7 +64,7 @@ from osteonode.segment.body import (
     working_grid,
 )
 from osteonode.segment.column import find_discs, plane_profile, track_column
-from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view
+from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view, perpendicular_frame
 from osteonode.segment.levels import (
     SACRUM,
     has_sacrum,
@@ -70,11 +72,16 @@ from osteonode.segment.levels import (
     name_levels,
     neighbour_height,
     rib_levels,
+    ribs_observable,
 )
 from osteonode.segment.roi import trabecular_roi
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
+
+#: Disc tilts (degrees, :attr:`~osteonode.segment.column.Disc.tilt_deg`) smaller than this cut the
+#: bodies flat: the estimate varies by this much with the density of the bodies beside the disc.
+DISC_TILT_DEADBAND_DEG = 8.0
 
 
 
@@ -136,8 +143,9 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     if min(c.shape) < 8:
         return result({}, "", "the volume is too small to contain a vertebra")
     path, valid = track_column(c, view.patient, g)
-    profile, pts, tangent = plane_profile(c, path)
-    discs = find_discs(profile, valid, pts, g)
+    profile = plane_profile(c, path)
+    pts, tangent = profile.pts, profile.tangent
+    discs = find_discs(profile, valid, g)
     log.info("column tracked over %d coarse slices; %d disc(s) found", c.shape[0], len(discs))
     no_anchor = ("neither the sacrum nor the lowest rib-bearing vertebra (T12) is in the field of view; "
                  "lumbar levels cannot be identified")
@@ -180,7 +188,9 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     if rib_segs:
         lowest = rib_segs[0]
         below_complete = [i for i in range(lowest) if segments[i][0] is not None and i != sacrum_seg]
-        if below_complete:
+        # the vertebrae below must be seen to bear no rib: the field of view reaches where a rib would be
+        if below_complete and all(ribs_observable(path, c.shape[2], segments[i][0].z, segments[i][1].z, g)
+                                  for i in below_complete):
             t12_seg = lowest
     log.info("anchors: sacrum segment %s, lowest rib-bearing segment %s (rib ends at coarse z %s)",
              sacrum_seg, t12_seg, [round(z) for z in rib_z])
@@ -204,9 +214,13 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     def smooth(crop: np.ndarray) -> np.ndarray:
         return ndi.gaussian_filter(crop, sigma) if sigma.any() else crop
 
-    def plane_at(zc_idx: float):
+    def plane_at(zc_idx: float, tilt_deg: float = 0.0):
+        """(point, unit normal) of the plane across the column at coarse index ``zc_idx``, tilted like a disc."""
         i = int(np.clip(round(zc_idx), 0, nz - 1))
-        return pts_mm[i] + (zc_idx - i) * g * tangent[i], tangent[i] * 1.0
+        if abs(tilt_deg) < DISC_TILT_DEADBAND_DEG:
+            tilt_deg = 0.0  # within the noise of the estimate (a dark, osteoporotic body's planes)
+        normal = tangent[i] - perpendicular_frame(tangent[i])[0] * np.tan(np.radians(tilt_deg))
+        return pts_mm[i] + (zc_idx - i) * g * tangent[i], normal / np.linalg.norm(normal)
 
     complete: set[int] = set()
     for i, vid in sorted(labels.items()):
@@ -223,10 +237,12 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         z_mid = 0.5 * (z_bot + z_top)
         im = int(np.clip(round(z_mid), 0, nz - 1))
         centre = pts_mm[im]
-        top = plane_at(z_top)
-        bottom = plane_at(z_bot)
-        outer_top = plane_at(hi.z) if hi is not None else top
-        outer_bottom = plane_at(lo.z) if (lo is not None and vid != SACRUM) else bottom
+        # the body's planes are tilted like its discs (lordosis; the endplate of a wedge-compressed body);
+        # not the sacrum's: S1 is not measured, and tilted it would take the articular processes above
+        top = plane_at(z_top, hi.tilt_deg if (hi is not None and vid != SACRUM) else 0.0)
+        bottom = plane_at(z_bot, lo.tilt_deg if (lo is not None and vid != SACRUM) else 0.0)
+        outer_top = plane_at(hi.z, hi.tilt_deg if vid != SACRUM else 0.0) if hi is not None else top
+        outer_bottom = plane_at(lo.z, lo.tilt_deg) if (lo is not None and vid != SACRUM) else bottom
         # crop (canonical native indices)
         zr = (min(outer_bottom[0][0], outer_top[0][0]) - 25.0, max(outer_bottom[0][0], outer_top[0][0]) + 25.0)
         ylo, yhi = centre[1] - 50.0, centre[1] + 40.0

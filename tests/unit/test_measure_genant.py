@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import apply_genant, genant_grade, grade_levels
+from osteonode.measure.genant import apply_genant, endplate_edge, genant_grade, grade_levels
 from osteonode.measure.hu import measure_levels
 from osteonode.measure.tissues import lps_points
 from osteonode.segment import SpineSegmentation
@@ -103,6 +103,75 @@ def test_crush_graded_against_neighbours(fraction, grade):
     assert m.reference_posterior_mm == pytest.approx(HEIGHT, abs=0.6)
     assert m.height_ratios["posterior_reference"] == pytest.approx(fraction, abs=0.03)
     assert m.genant_grade == grade
+
+
+#: Tolerance (mm) of a height measured on the image: the steepest fall of a thin (1.5 mm) endplate
+#: blurred by 1 mm lies up to about half a millimetre outside its true edge, on both endplates.
+EDGE_MM = 1.0
+#: The label map holds both ends of each body (|sup - centre| <= height / 2 on a 0.5 mm grid): its
+#: bodies, and the endplates drawn from them, are one sample taller than the nominal height.
+SAMPLE_MM = 0.5
+
+
+def _with_image(volume, seg, core_hu, focus=False, mask_change=0):
+    """The synthetic spine as a CT: endplates 1.5 mm thick at 450 HU, the trabecular core at ``core_hu``,
+    discs at 90 HU, soft tissue at 40 HU, blurred (sigma 1 mm) like a scanner; the label map handed
+    to the measurement shrunk (``mask_change`` < 0) or grown (> 0) by that many 0.5 mm samples along
+    the height axis (array axis 1), as a segmentation a voxel off would be. ``focus``: a 6 mm bone
+    island (900 HU) 4 mm below L2's upper endplate."""
+    from scipy import ndimage as ndi
+    body = seg.bodies > 0
+    lr, post, sup = lps_points(volume, tuple(np.indices(body.shape).reshape(3, -1))).T.reshape(3, *body.shape)
+    hu = np.full(body.shape, 40.0, np.float32)
+    hu[(np.hypot(lr, post) <= RADIUS) & (np.abs(sup) <= 2.5 * PITCH)] = 90.0  # discs (and bodies below)
+    hu[body] = core_hu
+    plates = body & ~ndi.binary_erosion(body, structure=np.ones((1, 7, 1), bool))
+    hu[plates] = 450.0
+    if focus:
+        l2_top = sup[seg.bodies == VERTEBRA_IDS["L2"]].max()
+        hu[np.sqrt(lr ** 2 + post ** 2 + (sup - (l2_top - 7.0)) ** 2) <= 3.0] = 900.0
+    hu = ndi.gaussian_filter(hu, 2.0)  # 1 mm at 0.5 mm samples
+    structure = np.ones((1, 2 * abs(mask_change) + 1, 1), bool)
+    labels = seg.bodies
+    if mask_change:
+        grown = ndi.grey_dilation(labels, footprint=structure) if mask_change > 0 else labels
+        labels = np.where(ndi.binary_erosion(labels > 0, structure=structure), labels, 0).astype(np.uint8) \
+            if mask_change < 0 else np.where(labels > 0, labels, grown).astype(np.uint8)
+    return Volume(hu=hu, affine=volume.affine), SpineSegmentation(bodies=labels, trabecular=np.zeros_like(labels))
+
+
+@pytest.mark.parametrize("core_hu", [-40.0, 60.0, 300.0])  # fatty, osteoporotic, sclerotic
+@pytest.mark.parametrize("mask_change", [-3, 3])  # a label map 1.5 mm short or long at each endplate
+def test_heights_follow_the_endplates_on_the_image(core_hu, mask_change):
+    """The endplates' edges on the image correct a label map that is 1.5 mm off, at any density."""
+    volume, seg = _with_image(*_spine(_wedge(0.65)), core_hu, mask_change=mask_change)
+    result = grade_levels(volume, seg)
+    h = _wedge(0.65)
+    l2 = result["L2"]
+    assert l2.height_posterior_mm == pytest.approx(h(-0.8 * RADIUS, 0.0) + SAMPLE_MM, abs=EDGE_MM)
+    assert l2.height_anterior_mm == pytest.approx(h(0.8 * RADIUS, 0.0) + SAMPLE_MM, abs=EDGE_MM)
+    assert l2.height_ratios["anterior_posterior"] == pytest.approx(h(0.8 * RADIUS, 0.0) / h(-0.8 * RADIUS, 0.0),
+                                                                   abs=0.03)
+    assert l2.genant_grade == 2
+    for name in ("T12", "L1", "L3", "L4"):
+        assert result[name].height_middle_mm == pytest.approx(HEIGHT + SAMPLE_MM, abs=EDGE_MM)
+        assert result[name].genant_grade == 0
+
+
+def test_bone_island_below_an_endplate_is_not_taken_for_it():
+    volume, seg = _with_image(*_spine(), 60.0, focus=True, mask_change=-3)
+    l2 = grade_levels(volume, seg)["L2"]
+    assert l2.height_middle_mm == pytest.approx(HEIGHT + SAMPLE_MM, abs=EDGE_MM)
+    assert l2.genant_grade == 0
+
+
+def test_endplate_edge_at_the_steepest_fall_between_samples():
+    # body (60 HU) | endplate ridge 400 HU | disc 100 HU, running outward; falls 100, 150, 50 from index 4
+    profile = np.array([60.0, 60.0, 200.0, 400.0, 400.0, 300.0, 150.0, 100.0, 100.0, 100.0, 100.0, 100.0])
+    edge = endplate_edge(profile, start=4)
+    assert 5.0 < edge < 6.0  # between the samples of the steepest fall (300 -> 150)
+    assert edge == pytest.approx(5.5 + 0.5 * (100.0 - 50.0) / (100.0 - 300.0 + 50.0))
+    assert endplate_edge(np.full(12, 100.0), start=4) is None  # no endplate: the label map's boundary stays
 
 
 def test_grade_limits():

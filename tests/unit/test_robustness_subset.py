@@ -16,10 +16,6 @@ import pytest
 from bench.robustness import HU_TOLERANCE, LEVELS, MIN_DICE, analyse, score
 from bench.variants import Anatomy, add_island, baseline, deform, offset_cores
 
-WEDGE_NOT_GRADED = pytest.mark.xfail(
-    strict=True, reason="issue 10, open: a 30 % wedge of L1 is not graded yet (the body outline follows the disc "
-                        "boundary plane, not the compressed anterior endplate, and the variant crops T12)")
-
 
 @pytest.fixture(scope="module")
 def anatomy(volume) -> Anatomy:
@@ -65,7 +61,6 @@ def test_bone_island_moves_level_little(start, anatomy, base):
     assert row["d_hu"]["L3"] is not None and abs(row["d_hu"]["L3"]) <= HU_TOLERANCE, row["d_hu"]
 
 
-@WEDGE_NOT_GRADED
 def test_wedge_graded(start, anatomy, base):
     variant = deform(start, anatomy, "L1", "wedge", 0.30)
     row = _row(variant, base)

@@ -18,7 +18,7 @@ from bench.segmentation import (LUMBAR, NOISE_HU, crop_below, dice, evaluate, ex
                                 noisy, on_reference_grid, reversed_axes, thin)
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import FemurSegmentation, SpineSegmentation
-from osteonode.segment.column import disc_chain
+from osteonode.segment.column import PROFILE_TILTS_DEG, _lowest_tilt, disc_chain
 from osteonode.segment.frame import CanonicalFrame, canonical_view
 from osteonode.segment.levels import name_levels
 from osteonode.segment.roi import trabecular_roi
@@ -352,6 +352,16 @@ def test_disc_chain_follows_slowly_changing_spacing():
     """Segments grow caudally (T12 ~32 mm to L5 ~40 mm): a chain of slowly changing spacing is kept whole."""
     positions = [0.0, 40.0, 78.0, 114.0, 148.0, 180.0]
     assert disc_chain(positions, [50.0] * 6) == [0, 1, 2, 3, 4, 5]
+
+
+def test_lowest_tilt_refined_between_sampled_tilts():
+    """The disc plane's tilt: the sampled tilt of the lowest percentile, refined by a parabola through its neighbours."""
+    tilts = np.asarray(PROFILE_TILTS_DEG)
+    true = np.array([0.0, 13.0, -7.5, 20.0])
+    planes = (tilts[:, None] - true[None, :]) ** 2 + 100.0  # a parabola in the tilt, lowest at the true tilt
+    assert _lowest_tilt(planes) == pytest.approx(true, abs=1e-6)
+    flat = np.full((tilts.size, 1), 100.0)  # no preference (inside a body): no refinement, a sampled tilt
+    assert _lowest_tilt(flat)[0] in tilts
 
 
 def test_disc_chain_edge_cases():
