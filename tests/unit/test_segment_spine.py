@@ -20,7 +20,8 @@ from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.segment.column import PROFILE_TILTS_DEG, _lowest_tilt, disc_chain
 from osteonode.segment.frame import CanonicalFrame, canonical_view
-from osteonode.segment.levels import name_levels
+from osteonode.segment.body import _star_fill
+from osteonode.segment.levels import name_levels, ribs_observable
 from osteonode.segment.roi import trabecular_roi
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume, load_series
@@ -362,6 +363,25 @@ def test_lowest_tilt_refined_between_sampled_tilts():
     assert _lowest_tilt(planes) == pytest.approx(true, abs=1e-6)
     flat = np.full((tilts.size, 1), 100.0)  # no preference (inside a body): no refinement, a sampled tilt
     assert _lowest_tilt(flat)[0] in tilts
+
+
+def test_star_fill_closes_a_wide_gap_in_the_cortex():
+    """A ring (radius 15 mm, 1 mm grid) missing a quarter -- wider than any hole filling bridges -- is filled."""
+    coords = tuple(np.arange(n, dtype=float) for n in (3, 41, 41))
+    a, l = np.meshgrid(coords[1] - 20.0, coords[2] - 20.0, indexing="ij")
+    r, angle = np.hypot(a, l), np.degrees(np.arctan2(l, a))
+    ring = (np.abs(r - 15.0) <= 0.8) & ~((angle > 0.0) & (angle < 90.0))
+    shell = np.zeros((3, 41, 41), bool)
+    shell[1] = ring
+    filled = _star_fill(shell, coords, np.array([1.0, 20.0, 20.0]))
+    assert not filled[0].any() and not filled[2].any()  # planes without shell stay empty
+    assert filled[1][r <= 14.0].all() and not filled[1][r >= 17.0].any()
+
+
+def test_ribs_observable_needs_the_field_of_view_beside_the_column():
+    path = np.column_stack([np.full(20, 30.0), np.full(20, 50.0)])  # (a, l) coarse indices, 2 mm
+    assert ribs_observable(path, 101, 2.0, 12.0, 2.0)  # 100 mm either side of the centreline
+    assert not ribs_observable(path, 80, 2.0, 12.0, 2.0)  # 58 mm on the left: a rib reaching 60 mm is cut
 
 
 def test_disc_chain_edge_cases():
