@@ -119,23 +119,43 @@ def serve(config: ConfigOpt = None) -> None:
     from osteonode.atomic import remove_orphans
     from osteonode.ingest.completion import StudyJob, watch
     from osteonode.ingest.scp import start_scp
+    from osteonode.jobstore import open_store
+    from osteonode.sweeper import run_sweeper
     from worker.app import configure
-    from worker.tasks import analyze_study_task
+    from worker.tasks import analyze_study_task, deliver
 
     settings = _settings(config)
     remove_orphans(settings.spool_dir, settings.outbox_dir)  # nothing writes there before the SCP starts
     celery_app = configure(settings)
+    store = open_store(settings.jobstore_file)
+
+    def requeue(payload: dict) -> None:
+        analyze_study_task.apply_async(args=[payload])
 
     def enqueue(job: StudyJob) -> None:
-        analyze_study_task.apply_async(args=[job.model_dump(mode="json")])
+        requeue(job.model_dump(mode="json"))
 
-    server = start_scp(settings)
+    def requeue_delivery(entry: str, destination: str, files: list[str] | None) -> None:
+        deliver.apply_async((entry, destination, files))
+
+    server = start_scp(settings, on_stored=store.record_arrival)
     stop = threading.Event()
-    watcher = threading.Thread(target=watch, name="study-completion", daemon=True,
-                               args=(settings.spool_dir, settings.study_quiet_period_s, settings.selection,
-                                     enqueue, stop),
-                               kwargs={"retry_on": (OSError, OperationalError)})
-    watcher.start()
+    threads = [
+        threading.Thread(target=watch, name="study-completion", daemon=True,
+                         args=(settings.spool_dir, settings.study_quiet_period_s, settings.selection,
+                               enqueue, stop, store),
+                         kwargs={"retry_on": (OSError, OperationalError)}),
+        threading.Thread(target=run_sweeper, name="sweeper", daemon=True,
+                         args=(store, requeue, requeue_delivery, stop),
+                         kwargs={"heartbeat_max_age_s": settings.web.heartbeat_max_age_s}),
+    ]
+    for thread in threads:
+        thread.start()
+    console = None
+    if settings.web.enabled:
+        from osteonode.web import start_console
+
+        console = start_console(settings, store, server)
     try:
         if settings.embedded_broker:
             log.info("embedded queue in %s: running the worker in this process", settings.queue_dir)
@@ -149,7 +169,10 @@ def serve(config: ConfigOpt = None) -> None:
     finally:
         stop.set()
         server.shutdown()
-        watcher.join(timeout=5)
+        if console is not None:
+            console.stop()
+        for thread in threads:
+            thread.join(timeout=5)
         log.info("node stopped")
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -66,7 +67,8 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused: Out of Resources
 STATUS_CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3 Error: Cannot understand (pynetdicom's decode failure code)
 
-#: Called with (study_uid, series_uid) after an instance is safely on disk.
+#: Called with (study_uid, series_uid) after an instance is safely on disk (the job store's
+#: ``record_arrival``); a ``sqlite3.Error`` makes the C-STORE answer 0xA700.
 OnStored = Callable[[str, str], None]
 
 
@@ -136,7 +138,12 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
                   caller, STATUS_OUT_OF_RESOURCES, exc.strerror)
         return STATUS_OUT_OF_RESOURCES
     if on_stored is not None:
-        on_stored(study_uid, series_uid)
+        try:
+            on_stored(study_uid, series_uid)
+        except sqlite3.Error as exc:  # not indexed, the study would never complete: the sender re-sends
+            log.error("C-STORE from %s refused (0x%04X): arrival not recorded in the job store (%s)",
+                      caller, STATUS_OUT_OF_RESOURCES, type(exc).__name__)
+            return STATUS_OUT_OF_RESOURCES
     return STATUS_SUCCESS
 
 
