@@ -25,6 +25,8 @@ app = typer.Typer(help="osteonode: opportunistic bone-health screening DICOM nod
                   no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+web_app = typer.Typer(help="The web console of `serve`.", no_args_is_help=True)
+app.add_typer(web_app, name="web")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", envvar="OSTEONODE_CONFIG",
                                                    help="TOML config file (default: embedded defaults).")]
@@ -111,6 +113,15 @@ def _analysis_problems(settings: Settings) -> list[str]:
     return problems
 
 
+@web_app.command("hash-password")
+def web_hash_password(password: Annotated[str, typer.Option(prompt=True, hide_input=True,
+                                                            confirmation_prompt=True)]) -> None:
+    """Print the argon2id hash of a console password, for ``password_hash`` in ``[[web.users]]``."""
+    from osteonode.web import hash_password
+
+    typer.echo(hash_password(password))
+
+
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the DICOM listener; with the embedded queue, also the worker, in this process."""
@@ -155,7 +166,7 @@ def serve(config: ConfigOpt = None) -> None:
     if settings.web.enabled:
         from osteonode.web import start_console
 
-        console = start_console(settings, store, server)
+        console = start_console(settings, store, server, enqueue_job=requeue, queue_delivery=requeue_delivery)
     try:
         if settings.embedded_broker:
             log.info("embedded queue in %s: running the worker in this process", settings.queue_dir)

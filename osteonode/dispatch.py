@@ -20,6 +20,7 @@ import pydicom
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
 
 from osteonode.atomic import write_atomic
@@ -74,8 +75,7 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
     if not paths:
         return
     syntaxes = _file_syntaxes(paths)
-    ae = AE(ae_title=calling_ae_title)
-    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae = _scu_ae(calling_ae_title, timeout_s)
     contexts = [build_context(sop_class, syntax) for sop_class, syntax in sorted(set(syntaxes.values()))]
     assoc = ae.associate(destination.host, destination.port, contexts, ae_title=destination.ae_title,
                          evt_handlers=[(evt.EVT_CONN_OPEN, set_tcp_nodelay)])
@@ -104,6 +104,35 @@ def send_files(paths: Sequence[Path], destination: Destination, *, calling_ae_ti
         raise DeliveryFailed(f"{destination.name}: {destination.ae_title} does not accept "
                              f"{', '.join(refused)} (presentation context rejected); {sent} other file(s) "
                              "delivered", permanent=True)
+
+
+def _scu_ae(calling_ae_title: str, timeout_s: float) -> AE:
+    """Our AE as an SCU, with one timeout for connection, ACSE, DIMSE and network reads."""
+    ae = AE(ae_title=calling_ae_title)
+    ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    return ae
+
+
+def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 10.0) -> str:
+    """C-ECHO ``destination`` (Verification, PS3.7 9.3.5): ``"Success"`` or why not.
+
+    Returns
+    -------
+    str
+        ``Success``, ``association rejected``, ``no association (aborted or no answer)``
+        or ``C-ECHO status 0x....``.
+    """
+    ae = _scu_ae(calling_ae_title, timeout_s)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    if not assoc.is_established:
+        return "association rejected" if assoc.is_rejected else "no association (aborted or no answer)"
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    code = int(status.Status) if "Status" in status else None
+    return "Success" if code == 0 else f"C-ECHO status {'none' if code is None else f'0x{code:04X}'}"
 
 
 def set_tcp_nodelay(event: evt.Event) -> None:

@@ -393,6 +393,24 @@ class JobStore:
         """Every recorded (stage, seconds) of finished jobs."""
         return [(r["stage"], r["seconds"]) for r in self._rows("SELECT stage, seconds FROM stages")]
 
+    def completed_counts(self) -> dict[str, int]:
+        """Instances received (all studies), studies complete (closed at least once) and their series."""
+        row = self._rows("SELECT count(*) AS studies, coalesce(sum(n), 0) AS series FROM (SELECT (SELECT count(*) "
+                         "FROM series WHERE series.study_uid = studies.study_uid) AS n FROM studies WHERE EXISTS "
+                         "(SELECT 1 FROM events WHERE events.study_uid = studies.study_uid AND kind = 'complete'))")
+        instances = self._rows("SELECT coalesce(sum(instances), 0) AS n FROM studies")[0]["n"]
+        return {"studies": row[0]["studies"], "series": row[0]["series"], "instances": instances}
+
+    def stage_histograms(self, bounds: tuple[float, ...]) -> dict[str, tuple[list[tuple[float, int]], float]]:
+        """Per stage: cumulative counts at each bound (plus +Inf) and the sum of seconds (Prometheus histogram)."""
+        columns = ", ".join(f"sum(seconds <= {float(b)!r}) AS b{i}" for i, b in enumerate(bounds))
+        out = {}
+        for row in self._rows(f"SELECT stage, count(*) AS n, sum(seconds) AS total, {columns} FROM stages "
+                              "GROUP BY stage"):
+            buckets = [(b, row[f"b{i}"]) for i, b in enumerate(bounds)] + [(float("inf"), row["n"])]
+            out[row["stage"]] = (buckets, row["total"])
+        return out
+
     def delivery_totals(self) -> list[dict[str, Any]]:
         """Attempts and failed attempts per destination (all studies)."""
         return self._rows("SELECT destination, sum(attempts) AS attempts, sum(failures) AS failures "
