@@ -456,6 +456,13 @@ def start_console(settings: Settings, store: JobStore, scp: ThreadedAssociationS
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, name="web-console", daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not server.started:  # uvicorn logged why (address in use); the DICOM node runs on without a console
+        log.error("web console NOT started on %s:%d; the DICOM service runs without it",
+                  settings.web.bind, settings.web.port)
+        return RunningConsole(server, thread)
     log.info("web console on http://%s:%d/ (%s)", settings.web.bind, settings.web.port,
              "login required" if settings.web.users else "read-only, no patient identifiers: no users configured")
     return RunningConsole(server, thread)
