@@ -131,7 +131,7 @@ def serve(config: ConfigOpt = None) -> None:
     from osteonode.ingest.completion import StudyJob, watch
     from osteonode.ingest.scp import start_scp
     from osteonode.jobstore import open_store
-    from osteonode.sweeper import run_sweeper
+    from osteonode.sweeper import SWEEP_INTERVAL_S, run_sweeper
     from worker.app import configure
     from worker.tasks import analyze_study_task, deliver
 
@@ -158,7 +158,8 @@ def serve(config: ConfigOpt = None) -> None:
                          kwargs={"retry_on": (OSError, OperationalError)}),
         threading.Thread(target=run_sweeper, name="sweeper", daemon=True,
                          args=(store, requeue, requeue_delivery, stop),
-                         kwargs={"heartbeat_max_age_s": settings.web.heartbeat_max_age_s}),
+                         kwargs={"heartbeat_max_age_s": settings.web.heartbeat_max_age_s,
+                                 "interval_s": min(SWEEP_INTERVAL_S, settings.web.heartbeat_max_age_s / 3)}),
     ]
     for thread in threads:
         thread.start()

@@ -201,7 +201,8 @@ class WebSettings(_Strict):
     min_free_percent: float = Field(default=10.0, ge=0, le=100,
                                     description="health: disk of spool and outbox below this is unhealthy")
     heartbeat_max_age_s: float = Field(default=90.0, gt=0,
-                                       description="health: a worker silent for longer is not alive")
+                                       description="health and sweeper: a worker silent for longer is dead (workers "
+                                                   "beat every 10 s, or a third of this if shorter)")
 
     @model_validator(mode="after")
     def _check_bind(self) -> "WebSettings":

@@ -1,6 +1,7 @@
 """The sweeper: recover jobs and deliveries that a dead worker or ``serve`` left unfinished.
 
-Runs in ``serve`` every ``SWEEP_INTERVAL_S`` over the job store
+Runs in ``serve`` every ``SWEEP_INTERVAL_S`` (or a third of ``web.heartbeat_max_age_s``, if
+shorter; workers write their heartbeat as often) over the job store
 (:mod:`osteonode.jobstore`):
 
 * a job ``analysing`` whose worker's heartbeat is older than

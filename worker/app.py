@@ -11,7 +11,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
 from osteonode.config import Settings, load_settings
-from osteonode.jobstore import open_store, start_heartbeat
+from osteonode.jobstore import HEARTBEAT_INTERVAL_S, open_store, start_heartbeat
 
 #: Longest expected analysis; hard limit kills a stuck job.
 ANALYSIS_TIME_LIMIT_S = 1800
@@ -64,4 +64,6 @@ def configure(settings: Settings) -> Celery:
 @worker_process_init.connect  # each prefork pool process
 def _start_heartbeat(**_kwargs) -> None:
     """Write this worker process's heartbeat to the job store (``/api/health``, the sweeper)."""
-    start_heartbeat(open_store(load_settings().jobstore_file))
+    settings = load_settings()
+    start_heartbeat(open_store(settings.jobstore_file),
+                    interval_s=min(HEARTBEAT_INTERVAL_S, settings.web.heartbeat_max_age_s / 3))

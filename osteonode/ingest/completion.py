@@ -116,7 +116,7 @@ def study_last_arrival_ns(study: Path) -> int:
 
 
 def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionSettings,
-                     now_s: float | None = None, studies: list[Path] | None = None) -> list[StudyJob]:
+                     now_s: float | None = None) -> list[StudyJob]:
     """Studies quiet for at least ``study_quiet_period_s`` seconds that changed since they were last handled.
 
     Parameters
@@ -129,9 +129,6 @@ def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionS
         Series selection rules used to rank the study's series.
     now_s : float, optional
         Current time (epoch seconds); defaults to :func:`time.time`.
-    studies : list of pathlib.Path, optional
-        The study folders to check (the job store's open studies); default:
-        every study folder of the spool.
 
     Returns
     -------
@@ -143,16 +140,22 @@ def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionS
     now_ns = int((time.time() if now_s is None else now_s) * 1e9)
     quiet_ns = int(study_quiet_period_s * 1e9)
     due = []
-    for study in _subdirs(spool) if studies is None else studies:
-        try:
-            job = _due_job(spool, study, now_ns, quiet_ns, rules)
-        except (OSError, ValueError) as exc:  # one study's broken marker or folder must not stall the others
-            log.error("study %s: cannot be checked for completion (%s); will retry", log_id(study.name),
-                      describe(exc))
-            continue
+    for study in _subdirs(spool):
+        _, job = _checked_due_job(spool, study, now_ns, quiet_ns, rules)
         if job is not None:
             due.append(job)
     return due
+
+
+def _checked_due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int,
+                     rules: SelectionSettings) -> tuple[bool, StudyJob | None]:
+    """``(checked, job)``: :func:`_due_job`, with an error of one study (broken marker or folder) logged and
+    ``checked`` False, so that it is retried and does not stall the others."""
+    try:
+        return True, _due_job(spool, study, now_ns, quiet_ns, rules)
+    except (OSError, ValueError) as exc:
+        log.error("study %s: cannot be checked for completion (%s); will retry", log_id(study.name), describe(exc))
+        return False, None
 
 
 def _due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int, rules: SelectionSettings) -> StudyJob | None:
@@ -251,16 +254,15 @@ def _poll(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, en
     """One poll: check the open, quiet studies; enqueue and close the due ones, close those with nothing to do."""
     now_s = time.time()
     cutoff = now_s - study_quiet_period_s
-    folders = [spool / uid for uid in store.quiet_open_studies(cutoff)]
-    if not folders:
-        return
-    due = {job.study_instance_uid: job
-           for job in find_due_studies(spool, study_quiet_period_s, rules, now_s=now_s, studies=folders)}
-    for folder in folders:
-        job = due.get(folder.name)
+    for uid in store.quiet_open_studies(cutoff):
+        folder = spool / uid
+        if not folder.is_dir():  # deleted (console, retention): nothing to complete
+            store.close_study(uid, cutoff)
+            continue
+        checked, job = _checked_due_job(spool, folder, int(now_s * 1e9), int(study_quiet_period_s * 1e9), rules)
         if job is None:
-            if _quiet_on_disk(folder, now_s, study_quiet_period_s):  # handled before, empty, or deleted
-                store.close_study(folder.name, cutoff)
+            if checked and _quiet_on_disk(folder, now_s, study_quiet_period_s):  # handled before, or empty
+                store.close_study(uid, cutoff)
             continue
         try:
             if unmarked.get(job.study_instance_uid) != job:  # not enqueued yet (or changed since)
@@ -275,11 +277,8 @@ def _poll(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, en
 
 
 def _quiet_on_disk(study: Path, now_s: float, study_quiet_period_s: float) -> bool:
-    """True when the study folder is gone or its last arrival on disk is older than the quiet period."""
-    try:
-        return now_s * 1e9 - study_last_arrival_ns(study) >= study_quiet_period_s * 1e9
-    except FileNotFoundError:
-        return True
+    """True when the study folder's last arrival on disk is older than the quiet period."""
+    return now_s * 1e9 - study_last_arrival_ns(study) >= study_quiet_period_s * 1e9
 
 
 def study_identifiers(job: StudyJob) -> dict[str, str]:

@@ -168,3 +168,21 @@ def test_idle_poll_cost_does_not_grow_with_finished_studies(tmp_path):
     base, loaded = _poll_seconds(tmp_path / "a", empty), _poll_seconds(tmp_path / "b", full)
     # one indexed query either way (the old whole-spool scan: ~170 ms per 1000 studies, bench/idle_poll.py)
     assert loaded < 0.002 and loaded < 3 * base + 0.0005, (base, loaded)
+
+
+def test_a_study_that_cannot_be_checked_stays_open_and_is_retried(tmp_path):
+    from osteonode.ingest.completion import _poll
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    _spool_series(tmp_path, "1.2.3", 2, n=8)
+    store.record_arrival("1.2", "1.2.3", at=0.0)
+    _age_study(tmp_path, 10)
+    marker = tmp_path / ".jobs" / "1.2.json"
+    marker.parent.mkdir()
+    marker.write_text("not json")  # a corrupt marker
+    jobs = []
+    _poll(tmp_path, 5, RULES, jobs.append, store, (OSError,), {})
+    assert jobs == [] and store.quiet_open_studies(float("inf")) == ["1.2"]
+    marker.unlink()
+    _poll(tmp_path, 5, RULES, jobs.append, store, (OSError,), {})
+    assert len(jobs) == 1 and store.quiet_open_studies(float("inf")) == []
