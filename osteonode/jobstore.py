@@ -51,6 +51,9 @@ BUSY_TIMEOUT_S = 30.0
 JOB_STATES = ("queued", "analysing", "ok", "not_evaluable", "failed")
 FINAL_JOB_STATES = ("ok", "not_evaluable", "failed")
 DELIVERY_STATES = ("pending", "delivered", "failed")
+#: SQL for the state of a job just queued: ``queued``, unless a worker started it after the message was sent
+#: (the parameter: the time just before the enqueue).
+_UNLESS_STARTED = "CASE WHEN jobs.state = 'analysing' AND jobs.started >= ? THEN jobs.state ELSE 'queued' END"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -252,16 +255,20 @@ class JobStore:
             if closed:
                 self._event(db, study_uid, "complete", "quiet period elapsed")
 
-    def job_queued(self, study_uid: str, fingerprint: str, payload: dict) -> int:
-        """Record an enqueued job (a re-enqueued identical job is the same row, queued again); return its id."""
+    def job_queued(self, study_uid: str, fingerprint: str, payload: dict, enqueued_at: float) -> int:
+        """Record an enqueued job (a re-enqueued identical job is the same row, queued again); return its id.
+
+        ``enqueued_at`` is the time just before the message went to the broker: a worker that
+        started the job since then (it may be quicker than this record) keeps its ``analysing``.
+        """
         now = time.time()
         with self._write() as db:
             job_id = db.execute(
                 "INSERT INTO jobs (study_uid, fingerprint, payload, state, created, updated) "
                 "VALUES (?, ?, ?, 'queued', ?, ?) ON CONFLICT (study_uid, fingerprint) DO UPDATE SET "
-                "state = 'queued', updated = excluded.updated, payload = excluded.payload RETURNING id",
-                (study_uid, fingerprint, json.dumps(payload), now, now)).fetchone()[0]
-            self._event(db, study_uid, "queued", f"job {job_id}", now)
+                f"state = {_UNLESS_STARTED}, updated = excluded.updated, payload = excluded.payload RETURNING id",
+                (study_uid, fingerprint, json.dumps(payload), now, now, enqueued_at)).fetchone()[0]
+            self._event(db, study_uid, "queued", f"job {job_id}", enqueued_at)
         return job_id
 
     # -- workers: jobs, stages, deliveries -----------------------------------------------------------
@@ -351,12 +358,12 @@ class JobStore:
         return bool(self._rows("SELECT 1 FROM jobs WHERE study_uid = ? AND state IN ('queued', 'analysing') "
                                "LIMIT 1", (study_uid,)))
 
-    def job_requeued(self, job_id: int, detail: str) -> None:
-        """The sweeper queued a stale job again."""
+    def job_requeued(self, job_id: int, detail: str, enqueued_at: float) -> None:
+        """The sweeper queued a stale job again (at ``enqueued_at``, see :meth:`job_queued`)."""
         with self._write() as db:
-            row = db.execute("UPDATE jobs SET state = 'queued', updated = ?, requeues = requeues + 1 "
-                             "WHERE id = ? RETURNING study_uid", (time.time(), job_id)).fetchone()
-            self._event(db, row["study_uid"], "requeued", detail)
+            row = db.execute(f"UPDATE jobs SET state = {_UNLESS_STARTED}, updated = ?, requeues = requeues + 1 "
+                             "WHERE id = ? RETURNING study_uid", (enqueued_at, time.time(), job_id)).fetchone()
+            self._event(db, row["study_uid"], "requeued", detail, enqueued_at)
 
     def delivery_requeued(self, study_uid: str, destination: str, next_at: float) -> None:
         """The sweeper queued a stranded delivery again."""
@@ -447,7 +454,7 @@ class JobStore:
         study = rows[0]
         self._add_latest(study)
         study["series"] = self._rows("SELECT * FROM series WHERE study_uid = ? ORDER BY last_arrival", (study_uid,))
-        study["jobs"] = self._rows("SELECT id, fingerprint, state, created, started, finished, runs, requeues, "
+        study["jobs"] = self._rows("SELECT id, fingerprint, state, created, started, finished, runs, requeues, worker, "
                                    "series_uid, category, reason FROM jobs WHERE study_uid = ? ORDER BY created",
                                    (study_uid,))
         for job in study["jobs"]:

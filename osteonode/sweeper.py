@@ -77,8 +77,9 @@ def sweep(store: JobStore, requeue_job: RequeueJob, requeue_delivery: RequeueDel
                 counts["jobs_failed"] += 1
                 log.error("job %s: analysis FAILED: %s", job_id, reason)
                 continue
+            enqueued_at = time.time()
             requeue_job(json.loads(job["payload"]))
-            store.job_requeued(job["id"], f"worker {job['worker']} silent; queued again")
+            store.job_requeued(job["id"], f"worker {job['worker']} silent; queued again", enqueued_at)
             counts["jobs_requeued"] += 1
             log.warning("job %s: its worker stopped during the analysis; job queued again", job_id)
         except Exception as exc:  # noqa: BLE001 - one job's error must not stop the sweep; retried next sweep

@@ -302,13 +302,14 @@ def _enqueue_if_needed(spool: Path, job: StudyJob, study_quiet_period_s: float, 
     if not needs_job(spool, job):
         log.info("job %s: study changed but its candidate series did not; not analysed again", job.job_id)
         return True
+    enqueued_at = time.time()
     try:
         enqueue(job)
     except retry_on as exc:
         log.error("job %s: cannot enqueue (%s); will retry", job.job_id, describe(exc))
         return False
     try:
-        store.job_queued(job.study_instance_uid, job.fingerprint, job.model_dump(mode="json"))
+        store.job_queued(job.study_instance_uid, job.fingerprint, job.model_dump(mode="json"), enqueued_at)
     except sqlite3.Error as exc:  # the job is queued; the worker creates the row when it starts
         log.error("job %s: enqueued, but not recorded in the job store (%s)", job.job_id, describe(exc))
     log.info("job %s: study quiet for %.1f s, enqueued (%d candidate series, %d not candidates)",

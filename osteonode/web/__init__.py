@@ -305,8 +305,12 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
         payload = store.latest_payload(_checked_uid(study_uid))
         if payload is None or not (settings.spool_dir / study_uid).is_dir():
             return _refused(store, user, "reanalyse", study_uid, request, 409, "no job or no spool data to analyse")
-        enqueue_job(payload)
-        store.job_queued(study_uid, payload["fingerprint"], payload)
+        enqueued_at = time.time()
+        try:
+            enqueue_job(payload)
+        except Exception:  # noqa: BLE001 - the broker is down: record and answer, never a traceback
+            return _refused(store, user, "reanalyse", study_uid, request, 503, "the queue cannot be reached")
+        store.job_queued(study_uid, payload["fingerprint"], payload, enqueued_at)
         _record_action(store, user, "reanalyse", study_uid, "success", _client(request))
         return {"queued": True}
 
@@ -318,9 +322,14 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
             return _refused(store, user, "resend", study_uid, request, 404, "unknown destination")
         if not any(entry.glob("*.dcm")):
             return _refused(store, user, "resend", study_uid, request, 409, "no outputs in the outbox")
-        queue_delivery(str(entry), destination, None)
+        # recorded before it is queued: the delivery may finish before this line would run after it
         store.record_delivery(study_uid, entry, destination, "pending", 0, "re-send queued from the console",
                               next_at=time.time())
+        try:
+            queue_delivery(str(entry), destination, None)
+        except Exception as exc:  # noqa: BLE001 - the broker is down: record and answer, never a traceback
+            store.record_delivery(study_uid, entry, destination, "failed", 0, f"re-send not queued: {describe(exc)}")
+            return _refused(store, user, "resend", study_uid, request, 503, "the queue cannot be reached")
         _record_action(store, user, "resend", study_uid, "success", _client(request))
         return {"queued": True}
 

@@ -46,3 +46,28 @@ def test_the_job_of_a_killed_worker_is_requeued_and_finished_by_another(tmp_path
     assert "its worker stopped during the analysis; job queued again" in serve.log_tail(400)
     kinds = [e["kind"] for e in store.study(study_uid)["events"]]
     assert kinds.count("analysing") == 2 and "requeued" in kinds
+
+
+def test_embedded_serve_killed_mid_analysis_requeues_the_job_after_restart(tmp_path, start_node, abdomen_series):
+    """The probe: embedded queue, `serve` killed during an analysis: the job was lost, nothing logged."""
+    config, port = write_config(tmp_path / "node", broker_url=None, destinations=[], web="heartbeat_max_age_s = 6")
+    settings = load_settings(config)
+    serve = start_node(config, "serve", port=port)
+    study_uid = str(pydicom.dcmread(abdomen_series[0], stop_before_pixels=True).StudyInstanceUID)
+    storescu("127.0.0.1", port, "OSTEONODE", abdomen_series)
+    store = JobStore(settings.jobstore_file)
+
+    def job():
+        study = store.study(study_uid)
+        return study["jobs"][0] if study and study["jobs"] else None
+
+    wait_for(lambda: (j := job()) and j["state"] == "analysing", timeout_s=60, interval_s=0.05,
+             what="the analysis to start")
+    os.kill(serve.proc.pid, signal.SIGKILL)
+    serve.proc.wait()
+    restarted = start_node(config, "serve", port=port)
+    done = wait_for(lambda: (j := job()) and j["state"] in ("ok", "not_evaluable", "failed") and j,
+                    timeout_s=240, interval_s=0.5, what="the requeued job to finish")
+    assert done["state"] == "ok" and done["runs"] == 2 and done["requeues"] == 1, done
+    assert json.loads((settings.outbox_dir / study_uid / "result.json").read_text())["status"] == "ok"
+    assert "its worker stopped during the analysis; job queued again" in restarted.log_tail(400)

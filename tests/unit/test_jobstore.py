@@ -41,7 +41,7 @@ def test_job_lifecycle_is_recorded_with_stages_deliveries_and_timeline(tmp_path)
     store = JobStore(tmp_path / "jobs.sqlite3")
     store.record_arrival("1.2", "1.2.3", at=100.0)
     store.close_study("1.2", 130.0, {"patient_id": "P1", "accession": "A1", "study_date": "20260101"})
-    queued = store.job_queued("1.2", "f" * 64, {"study_instance_uid": "1.2"})
+    queued = store.job_queued("1.2", "f" * 64, {"study_instance_uid": "1.2"}, time.time())
     assert store.job_started("1.2", "f" * 64, {"study_instance_uid": "1.2"}, worker="h:1") == queued
     store.job_finished(queued, "ok", category="osteopenia", series_uid="1.2.3", timings_s={"segment": 2.5})
     store.record_delivery("1.2", tmp_path / "1.2", "pacs", "pending", 1, "refused", files=["sr.dcm"], next_at=5.0)
@@ -118,3 +118,14 @@ def test_sweeper_requeues_a_stranded_delivery_and_gives_up_after_bounded_requeue
     assert counts["deliveries_failed"] == 1 and len(calls) == MAX_REQUEUES
     assert json.loads((entry / "delivery-pacs.json").read_text())["state"] == "failed"
     assert store.study("1.2")["deliveries"] == {"pacs": "failed"}
+
+
+def test_a_worker_quicker_than_the_queued_record_keeps_its_job_analysing(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    enqueued_at = time.time()
+    job = store.job_started("1.2", "f" * 64, {}, worker="h:1")  # the worker took the message at once
+    store.job_queued("1.2", "f" * 64, {}, enqueued_at)
+    assert store.study("1.2")["jobs"][0]["state"] == "analysing"
+    store.job_finished(job, "ok")
+    store.job_queued("1.2", "f" * 64, {}, time.time())  # re-analysis of a finished job
+    assert store.study("1.2")["jobs"][0]["state"] == "queued"
