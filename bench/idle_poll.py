@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from osteonode.config import SelectionSettings
@@ -44,8 +45,8 @@ def main(counts: list[int]) -> None:
                     _Marker(last_arrival_ns=2**62, fingerprint="0").model_dump_json())
                 store.record_arrival(study, f"{study}.1", at=float(i))
                 store.close_study(study, float(n))
-            scan = _median_s(lambda: find_due_studies(spool, 5, RULES))
-            poll = _median_s(lambda: _poll(spool, 5, RULES, lambda job: None, store, (OSError,), {}))
+            scan = _median_s(partial(find_due_studies, spool, 5, RULES))
+            poll = _median_s(partial(_poll, spool, 5, RULES, lambda job: None, store, (OSError,), {}))
             print(f"| {n} | {scan * 1e3:.1f} | {poll * 1e3:.3f} |")
 
 

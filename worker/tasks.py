@@ -88,11 +88,11 @@ def analyze_study_task(job: dict) -> str:
                 delivery.publish(result, [entry / SR_FILE])
     finally:
         starts.unlink(missing_ok=True)
-    status = "failed" if error is not None else result.status
+    status = "failed" if error is not None or result is None else result.status
     if job_row is not None:
         _recorded(store.job_finished, job_row, status,
                   category=result.bone_status.category if result and status != "failed" else None,
-                  reason=describe(error) if error is not None else result.reason,
+                  reason=describe(error) if error is not None else result.reason if result else None,
                   series_uid=result.series_instance_uid if result else None,
                   timings_s=result.timings_s if result else None)
     delivery.finish(error=error)

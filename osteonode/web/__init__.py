@@ -51,10 +51,9 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from osteonode.config import Settings
 from osteonode.dispatch import echo, outbox_entry
-from osteonode.errors import describe
+from osteonode.errors import InputRejected, describe
 from osteonode.ingest.completion import JOBS_DIR, WATCHER_HEARTBEAT
 from osteonode.ingest.spool import check_uid
-from osteonode.errors import InputRejected
 from osteonode.jobstore import JobStore
 from osteonode.web.metrics import ScpMetrics, StoreCollector, bind_scp_metrics
 
@@ -142,7 +141,8 @@ def _actor(request: Request) -> str:
     user = _user(request)
     if user is None:
         auth = request.app.state.console.auth
-        raise HTTPException(401 if auth else 403, "login required" if auth else "read-only console: no users configured")
+        raise HTTPException(401 if auth else 403,
+                            "login required" if auth else "read-only console: no users configured")
     if not hmac.compare_digest(request.headers.get("x-csrf-token", ""), request.session.get("csrf", "")):
         raise HTTPException(403, "missing or wrong CSRF token")
     return user
@@ -304,12 +304,12 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
         """Queue the study's last job again (its series must still be in the spool)."""
         payload = store.latest_payload(_checked_uid(study_uid))
         if payload is None or not (settings.spool_dir / study_uid).is_dir():
-            return _refused(store, user, "reanalyse", study_uid, request, 409, "no job or no spool data to analyse")
+            raise _refused(store, user, "reanalyse", study_uid, request, 409, "no job or no spool data to analyse")
         enqueued_at = time.time()
         try:
             enqueue_job(payload)
         except Exception:  # noqa: BLE001 - the broker is down: record and answer, never a traceback
-            return _refused(store, user, "reanalyse", study_uid, request, 503, "the queue cannot be reached")
+            raise _refused(store, user, "reanalyse", study_uid, request, 503, "the queue cannot be reached")
         store.job_queued(study_uid, payload["fingerprint"], payload, enqueued_at)
         _record_action(store, user, "reanalyse", study_uid, "success", _client(request))
         return {"queued": True}
@@ -319,9 +319,9 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
         """Queue a delivery of the study's outputs (all DICOM files of its outbox entry) to one destination."""
         entry = outbox_entry(settings.outbox_dir, _checked_uid(study_uid))
         if destination not in {d.name for d in settings.destinations}:
-            return _refused(store, user, "resend", study_uid, request, 404, "unknown destination")
+            raise _refused(store, user, "resend", study_uid, request, 404, "unknown destination")
         if not any(entry.glob("*.dcm")):
-            return _refused(store, user, "resend", study_uid, request, 409, "no outputs in the outbox")
+            raise _refused(store, user, "resend", study_uid, request, 409, "no outputs in the outbox")
         # recorded before it is queued: the delivery may finish before this line would run after it
         store.record_delivery(study_uid, entry, destination, "pending", 0, "re-send queued from the console",
                               next_at=time.time())
@@ -329,7 +329,7 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
             queue_delivery(str(entry), destination, None)
         except Exception as exc:  # noqa: BLE001 - the broker is down: record and answer, never a traceback
             store.record_delivery(study_uid, entry, destination, "failed", 0, f"re-send not queued: {describe(exc)}")
-            return _refused(store, user, "resend", study_uid, request, 503, "the queue cannot be reached")
+            raise _refused(store, user, "resend", study_uid, request, 503, "the queue cannot be reached")
         _record_action(store, user, "resend", study_uid, "success", _client(request))
         return {"queued": True}
 
@@ -338,7 +338,7 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
         """Delete the study's spool folder, outbox entry and marker (the job store keeps its history)."""
         _checked_uid(study_uid)
         if store.job_running(study_uid):
-            return _refused(store, user, "delete", study_uid, request, 409, "a job of the study is running")
+            raise _refused(store, user, "delete", study_uid, request, 409, "a job of the study is running")
         for folder in (settings.spool_dir / study_uid, outbox_entry(settings.outbox_dir, study_uid)):
             shutil.rmtree(folder, ignore_errors=True)
         (settings.spool_dir / JOBS_DIR / f"{study_uid}.json").unlink(missing_ok=True)
@@ -351,7 +351,7 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
         """C-ECHO one configured destination."""
         destination = next((d for d in settings.destinations if d.name == name), None)
         if destination is None:
-            return _refused(store, user, "echo", name, request, 404, "unknown destination")
+            raise _refused(store, user, "echo", name, request, 404, "unknown destination")
         result = echo(destination, calling_ae_title=settings.ae_title, timeout_s=settings.dispatch.timeout_s)
         _record_action(store, user, "echo", name, "success" if result == "Success" else result, _client(request))
         return {"destination": name, "result": result}
@@ -360,9 +360,10 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
 
 
 def _refused(store: JobStore, user: str, action: str, target: str, request: Request, status: int,
-             why: str) -> JSONResponse:
+             why: str) -> HTTPException:
+    """Record a refused action; the HTTP error to raise."""
     _record_action(store, user, action, target, f"refused: {why}", _client(request))
-    return JSONResponse({"detail": why}, status_code=status)
+    return HTTPException(status, why)
 
 
 def _password_ok(stored_hash: str | None, password: str) -> bool:
@@ -422,8 +423,9 @@ def health_checks(settings: Settings, store: JobStore) -> dict[str, dict]:
     fresh = [name for name, at in beats.items() if now - at <= max_age]
     checks["worker_heartbeat"] = {"ok": bool(fresh), "detail": f"{len(fresh)} worker process(es) seen in the "
                                                                f"last {max_age:.0f} s"}
-    checks["completion_watcher"] = {"ok": watcher is not None and now - watcher <= max_age,
-                                    "detail": "never ran" if watcher is None else f"last poll {now - watcher:.0f} s ago"}
+    checks["completion_watcher"] = {
+        "ok": watcher is not None and now - watcher <= max_age,
+        "detail": "never ran" if watcher is None else f"last poll {now - watcher:.0f} s ago"}
     return checks
 
 
@@ -434,7 +436,7 @@ def _broker_check(settings: Settings) -> dict:
     import redis
 
     try:
-        redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2).ping()
+        redis.Redis.from_url(str(settings.broker_url), socket_timeout=2, socket_connect_timeout=2).ping()
     except redis.RedisError as exc:
         return {"ok": False, "detail": f"Redis not reachable ({type(exc).__name__})"}
     return {"ok": True, "detail": "Redis answers PING"}

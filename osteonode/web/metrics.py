@@ -20,8 +20,12 @@ import time
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.utils import floatToGoString
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from pynetdicom import evt
 from pynetdicom.transport import ThreadedAssociationServer
 

@@ -12,17 +12,16 @@ studies page and the study page go to ``test-artifacts/console/``.
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 
 import httpx
 import pydicom
 import pytest
-
 from node import write_config
+from services import require_tool, storescu, wait_for
+
 from osteonode.config import load_settings
 from osteonode.web import hash_password
-from services import require_tool, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 

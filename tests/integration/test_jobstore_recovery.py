@@ -8,11 +8,11 @@ import signal
 
 import pydicom
 import pytest
-
 from node import write_config
+from services import storescu, wait_for
+
 from osteonode.config import load_settings
 from osteonode.jobstore import JobStore
-from services import storescu, wait_for
 
 pytestmark = pytest.mark.integration
 

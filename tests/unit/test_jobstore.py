@@ -47,7 +47,8 @@ def test_job_lifecycle_is_recorded_with_stages_deliveries_and_timeline(tmp_path)
     store.record_delivery("1.2", tmp_path / "1.2", "pacs", "pending", 1, "refused", files=["sr.dcm"], next_at=5.0)
     store.record_delivery("1.2", tmp_path / "1.2", "pacs", "delivered", 2)
     (row,) = store.studies(accession="A1")
-    assert row["status"] == "ok" and row["job"]["category"] == "osteopenia" and row["deliveries"] == {"pacs": "delivered"}
+    assert row["status"] == "ok" and row["job"]["category"] == "osteopenia"
+    assert row["deliveries"] == {"pacs": "delivered"}
     assert store.studies(patient_id="nobody") == []
     study = store.study("1.2")
     assert study["jobs"][0]["stages"] == {"segment": 2.5} and study["jobs"][0]["runs"] == 1

@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from osteonode.config import ConfigError, Settings, WebSettings
+from osteonode.config import Settings, WebSettings
 from osteonode.jobstore import JobStore
 from osteonode.web import create_app, hash_password
 
@@ -55,7 +55,7 @@ def test_pages_and_apis_need_a_login_and_patient_ids_appear_only_after_it(node):
     assert client.get("/studies", follow_redirects=False).headers["location"].startswith("/login")
     response, _ = _login(client, "wrong")
     assert response.headers["location"] == "/login?error=1"
-    response, csrf = _login(client)
+    response, _ = _login(client)
     assert response.status_code == 303
     (row,) = client.get("/api/studies", params={"accession": "ACC-9"}).json()
     assert row["patient_id"] == "PAT-7" and row["status"] == "ok" and row["job"]["category"] == "osteoporosis"
@@ -112,7 +112,8 @@ def test_metrics_with_the_token_come_from_the_store(node):
     families = {f.name: f for f in text_string_to_metric_families(text)}
     jobs = {s.labels["state"]: s.value for s in families["osteonode_jobs"].samples}
     assert jobs["ok"] == 1 and jobs["failed"] == 0
-    stages = {(s.labels["stage"], s.labels.get("le")): s.value for s in families["osteonode_stage_duration_seconds"].samples}
+    stages = {(s.labels["stage"], s.labels.get("le")): s.value
+              for s in families["osteonode_stage_duration_seconds"].samples}
     assert stages[("segment", "5.0")] == 1 and stages[("segment", "2.0")] == 0
     assert families["osteonode_instances_received"].samples[0].value == 1
     assert families["osteonode_studies_completed"].samples[0].value == 1
