@@ -185,7 +185,7 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     def login_page(request: Request, next: str = "/", error: str = "") -> HTMLResponse:
-        return page(request, "login.html", None, next=next if next.startswith("/") else "/", error=error)
+        return page(request, "login.html", None, next=_local_path(next), error=error)
 
     @app.post("/login", include_in_schema=False)
     def login(request: Request, username: Annotated[str, Form()], password: Annotated[str, Form()],
@@ -199,7 +199,7 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
         request.session.clear()
         request.session.update(user=username, csrf=secrets.token_urlsafe(32))
         _record_action(store, username, "login", "", "success", _client(request))
-        return RedirectResponse(next if next.startswith("/") else "/", status_code=303)
+        return RedirectResponse(_local_path(next), status_code=303)
 
     @app.post("/logout", include_in_schema=False)
     def logout(request: Request, user: Actor) -> dict:
@@ -228,7 +228,9 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
 
     @app.get("/studies/{study_uid}/images/{name}", include_in_schema=False)
     def key_image(study_uid: str, name: str, user: Viewer) -> Response:
-        """A key image of the outbox entry (``key_1.dcm`` ...) as PNG."""
+        """A key image of the outbox entry (``key_1.dcm`` ...) as PNG; after login only (it names the patient)."""
+        if user is None:
+            raise HTTPException(403, "key images need a login")
         if not (name.startswith("key_") and name.endswith(".dcm")) or "/" in name:
             raise HTTPException(404, "no such key image")
         path = outbox_entry(settings.outbox_dir, _checked_uid(study_uid)) / name
@@ -364,6 +366,11 @@ def _refused(store: JobStore, user: str, action: str, target: str, request: Requ
     """Record a refused action; the HTTP error to raise."""
     _record_action(store, user, action, target, f"refused: {why}", _client(request))
     return HTTPException(status, why)
+
+
+def _local_path(path: str) -> str:
+    """``path`` if it is a path on this site (no open redirect to ``//other.host``), else ``/``."""
+    return path if path.startswith("/") and not path.startswith("//") and "\\" not in path else "/"
 
 
 def _password_ok(stored_hash: str | None, password: str) -> bool:

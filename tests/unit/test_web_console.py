@@ -41,10 +41,10 @@ def node(tmp_path):
     return TestClient(app), store, queued
 
 
-def _login(client, password=PASSWORD):
+def _login(client, password=PASSWORD, next="/"):
     page = client.get("/login")
     csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
-    response = client.post("/login", data={"username": "admin", "password": password, "csrf": csrf},
+    response = client.post("/login", data={"username": "admin", "password": password, "csrf": csrf, "next": next},
                            follow_redirects=False)
     return response, csrf
 
@@ -55,8 +55,8 @@ def test_pages_and_apis_need_a_login_and_patient_ids_appear_only_after_it(node):
     assert client.get("/studies", follow_redirects=False).headers["location"].startswith("/login")
     response, _ = _login(client, "wrong")
     assert response.headers["location"] == "/login?error=1"
-    response, _ = _login(client)
-    assert response.status_code == 303
+    response, _ = _login(client, next="//evil.example/")
+    assert response.status_code == 303 and response.headers["location"] == "/"  # no open redirect
     (row,) = client.get("/api/studies", params={"accession": "ACC-9"}).json()
     assert row["patient_id"] == "PAT-7" and row["status"] == "ok" and row["job"]["category"] == "osteoporosis"
     detail = client.get("/studies/1.2")
@@ -129,6 +129,7 @@ def test_without_users_the_console_is_read_only_without_patient_ids_and_loopback
     assert row["patient_id"] is None and "PAT-7" not in client.get("/studies/1.2").text
     assert client.get("/api/studies", params={"patient_id": "PAT-7"}).status_code == 403
     assert client.post("/api/studies/1.2/reanalyse").status_code == 403
+    assert client.get("/studies/1.2/images/key_1.dcm").status_code == 403  # key images name the patient
     with pytest.raises(ValueError, match="not a loopback address"):
         WebSettings(bind="0.0.0.0")
     WebSettings(bind="0.0.0.0", users=[{"name": "a", "password_hash": hash_password("x")}])
