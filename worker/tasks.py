@@ -208,12 +208,13 @@ class PhasedDelivery:
                                       files=self.unsent[name], next_at=time.time() + delay)
                 try:
                     deliver.apply_async((str(self.entry), name, self.unsent[name]), countdown=delay)
-                except OperationalError as exc:  # broker gone: say so instead of "pending" forever
-                    record_delivery_state(self.store, self.entry, name, "failed", 1,
-                                          f"delivery not queued: {describe(exc)}")
+                except OperationalError as exc:  # broker gone: the sweeper queues it once the broker is back
+                    record_delivery_state(self.store, self.entry, name, "pending", 1,
+                                          f"delivery not queued: {describe(exc)}; the sweeper retries",
+                                          files=self.unsent[name], next_at=time.time())
                     log.error("job %s: retry of the delivery to %s NOT queued, the broker cannot be reached "
-                              "(%s); outputs kept in the outbox, re-send with `osteonode send`",
-                              self.job_id, name, describe(exc))
+                              "(%s); outputs kept in the outbox, queued again by serve's sweeper once the "
+                              "broker answers", self.job_id, name, describe(exc))
             else:
                 record_delivery_state(self.store, self.entry, name, "delivered", 1, note)
         log.info("job %s: %d batch(es) sent to %d destination(s)%s", self.job_id, self.batches,
