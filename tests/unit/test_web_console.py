@@ -133,3 +133,17 @@ def test_without_users_the_console_is_read_only_without_patient_ids_and_loopback
     with pytest.raises(ValueError, match="not a loopback address"):
         WebSettings(bind="0.0.0.0")
     WebSettings(bind="0.0.0.0", users=[{"name": "a", "password_hash": hash_password("x")}])
+
+
+def test_openapi_lists_the_api_and_the_cli_hashes_passwords(node):
+    from argon2 import PasswordHasher
+    from typer.testing import CliRunner
+
+    from osteonode.cli import app
+
+    client, _, _ = node
+    paths = client.get("/api/openapi.json").json()["paths"]
+    assert {"/api/health", "/api/studies", "/api/studies/{study_uid}/resend/{destination}"} <= set(paths)
+    result = CliRunner().invoke(app, ["web", "hash-password"], input="s3cret\ns3cret\n")
+    assert result.exit_code == 0
+    assert PasswordHasher().verify(result.stdout.strip().splitlines()[-1], "s3cret")
