@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import httpx
+import httpx2
 import pydicom
 import pytest
 from node import write_config
@@ -114,9 +114,9 @@ def test_console_in_chromium_shows_a_study_delivered_and_resends_it(tmp_path, or
     finally:
         browser.quit()
 
-    health = httpx.get(f"{base}/api/health", timeout=10)
+    health = httpx2.get(f"{base}/api/health", timeout=10)
     assert health.status_code == 200, health.text
-    metrics = httpx.get(f"{base}/metrics", headers={"Authorization": f"Bearer {'m' * 24}"}, timeout=10).text
+    metrics = httpx2.get(f"{base}/metrics", headers={"Authorization": f"Bearer {'m' * 24}"}, timeout=10).text
     assert re.search(rf'osteonode_cstore_responses_total{{status="0x0000"}} {len(abdomen_series)}\.0', metrics)
     assert 'osteonode_associations_total{outcome="accepted"}' in metrics
     assert re.search(r'osteonode_delivery_attempts_total{destination="dest0"} [1-9]', metrics)
