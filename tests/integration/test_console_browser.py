@@ -110,6 +110,9 @@ def test_console_in_chromium_shows_a_study_delivered_and_resends_it(tmp_path, or
         assert wait_for(lambda: _results_in_orthanc(orthanc, study_uid) == first, timeout_s=120,
                         what="re-sent results in Orthanc")
         browser.get(f"{base}/")
+        browser.find_element(By.CSS_SELECTOR, "button.echo").click()
+        wait_for(lambda: "Success" in browser.find_element(By.ID, "echo-1").text, timeout_s=30,
+                 what="C-ECHO of the PACS from the dashboard")
         browser.save_screenshot(str(ARTIFACTS / "dashboard.png"))
     finally:
         browser.quit()
