@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import logging
 import signal
 import tempfile
@@ -89,10 +88,7 @@ def config_check(file: Annotated[Path, typer.Argument(help="TOML config file to 
         for problem in problems:
             typer.echo(problem, err=True)
         raise typer.Exit(2)
-    effective = settings.model_dump(mode="json")
-    if effective["broker_url"]:
-        effective["broker_url"] = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:****@", effective["broker_url"])
-    typer.echo(json.dumps(effective, indent=2))
+    typer.echo(json.dumps(settings.redacted_dump(), indent=2))
 
 
 def _analysis_problems(settings: Settings) -> list[str]:

@@ -10,6 +10,7 @@ The model is immutable: pass it down, never keep a global copy.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -282,6 +283,18 @@ class Settings(BaseSettings):
     def jobstore_file(self) -> Path:
         """The job store's SQLite file: ``jobstore_path``, or ``jobs.sqlite3`` in the spool's parent folder."""
         return self.jobstore_path or self.spool_dir.parent / "jobs.sqlite3"
+
+    def redacted_dump(self) -> dict:
+        """The effective configuration as JSON data with secrets masked (broker password, console session
+        secret and metrics token; users by name only), for ``config check`` and the console."""
+        effective = self.model_dump(mode="json")
+        if effective["broker_url"]:
+            effective["broker_url"] = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:****@", effective["broker_url"])
+        web = effective["web"]
+        web["users"] = [user["name"] for user in web["users"]]
+        for key in ("session_secret", "metrics_token"):
+            web[key] = "****" if web[key] else None
+        return effective
 
     def directories(self) -> dict[str, Path]:
         """The directories the node writes to, by key."""

@@ -282,14 +282,7 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
     @app.get("/api/config")
     def config(user: Viewer) -> dict:
         """The effective configuration (AE title, allowed callers, destinations, ...), secrets masked."""
-        effective = settings.model_dump(mode="json")
-        web = effective["web"]
-        web["users"] = [u["name"] for u in web["users"]]
-        for key in ("session_secret", "metrics_token"):
-            web[key] = "****" if web[key] else None
-        if effective["broker_url"]:
-            effective["broker_url"] = effective["broker_url"].split("@")[-1]
-        return effective
+        return settings.redacted_dump()
 
     @app.get("/metrics", include_in_schema=False)
     def metrics(request: Request) -> Response:

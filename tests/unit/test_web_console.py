@@ -147,3 +147,10 @@ def test_openapi_lists_the_api_and_the_cli_hashes_passwords(node):
     result = CliRunner().invoke(app, ["web", "hash-password"], input="s3cret\ns3cret\n")
     assert result.exit_code == 0
     assert PasswordHasher().verify(result.stdout.strip().splitlines()[-1], "s3cret")
+
+
+def test_config_page_masks_secrets(node):
+    client, _, _ = node
+    _login(client)
+    web = client.get("/api/config").json()["web"]
+    assert web["users"] == ["admin"] and web["metrics_token"] == "****" and "$argon2" not in client.get("/config").text
