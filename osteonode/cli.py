@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import logging
 import signal
 import tempfile
@@ -27,6 +26,8 @@ app = typer.Typer(help="osteonode: opportunistic bone-health screening DICOM nod
                   no_args_is_help=True, add_completion=False)
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+web_app = typer.Typer(help="The web console of `serve`.", no_args_is_help=True)
+app.add_typer(web_app, name="web")
 
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", envvar="OSTEONODE_CONFIG",
                                                    help="TOML config file (default: embedded defaults).")]
@@ -101,10 +102,7 @@ def config_check(file: Annotated[Path, typer.Argument(help="TOML config file to 
         for problem in problems:
             typer.echo(problem, err=True)
         raise typer.Exit(2)
-    effective = settings.model_dump(mode="json")
-    if effective["broker_url"]:
-        effective["broker_url"] = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:****@", effective["broker_url"])
-    typer.echo(json.dumps(effective, indent=2))
+    typer.echo(json.dumps(settings.redacted_dump(), indent=2))
 
 
 def _analysis_problems(settings: Settings) -> list[str]:
@@ -125,6 +123,15 @@ def _analysis_problems(settings: Settings) -> list[str]:
     return problems
 
 
+@web_app.command("hash-password")
+def web_hash_password(password: Annotated[str, typer.Option(prompt=True, hide_input=True,
+                                                            confirmation_prompt=True)]) -> None:
+    """Print the argon2id hash of a console password, for ``password_hash`` in ``[[web.users]]``."""
+    from osteonode.web import hash_password
+
+    typer.echo(hash_password(password))
+
+
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
     """Run the DICOM listener; with the embedded queue, also the worker, in this process."""
@@ -133,29 +140,49 @@ def serve(config: ConfigOpt = None) -> None:
     from osteonode.atomic import remove_orphans
     from osteonode.ingest.completion import StudyJob, watch
     from osteonode.ingest.scp import start_scp
+    from osteonode.jobstore import open_store
     from osteonode.retention import retention_loop
+    from osteonode.sweeper import SWEEP_INTERVAL_S, run_sweeper
     from worker.app import configure
-    from worker.tasks import analyze_study_task
+    from worker.tasks import analyze_study_task, deliver
 
     settings = _settings(config)
     remove_orphans(settings.spool_dir, settings.outbox_dir)  # nothing writes there before the SCP starts
     celery_app = configure(settings)
     _configure_audit(settings)
+    store = open_store(settings.jobstore_file)
+
+    def requeue(payload: dict) -> None:
+        analyze_study_task.apply_async(args=[payload])
 
     def enqueue(job: StudyJob) -> None:
-        analyze_study_task.apply_async(args=[job.model_dump(mode="json")])
+        requeue(job.model_dump(mode="json"))
 
-    server = start_scp(settings)
+    def requeue_delivery(entry: str, destination: str, files: list[str] | None) -> None:
+        deliver.apply_async((entry, destination, files))
+
+    server = start_scp(settings, record_arrival=store.record_arrival)
     audit_event("application_start")
     stop = threading.Event()
-    watcher = threading.Thread(target=watch, name="study-completion", daemon=True,
-                               args=(settings.spool_dir, settings.study_quiet_period_s, settings.selection,
-                                     enqueue, stop),
-                               kwargs={"retry_on": (OSError, OperationalError),
-                                       "incomplete_timeout_s": settings.incomplete_timeout_s})
-    watcher.start()
-    retention = threading.Thread(target=retention_loop, name="retention", daemon=True, args=(settings, stop))
-    retention.start()
+    threads = [
+        threading.Thread(target=watch, name="study-completion", daemon=True,
+                         args=(settings.spool_dir, settings.study_quiet_period_s, settings.selection,
+                               enqueue, stop, store),
+                         kwargs={"retry_on": (OSError, OperationalError),
+                                 "incomplete_timeout_s": settings.incomplete_timeout_s}),
+        threading.Thread(target=run_sweeper, name="sweeper", daemon=True,
+                         args=(store, requeue, requeue_delivery, stop),
+                         kwargs={"heartbeat_max_age_s": settings.web.heartbeat_max_age_s,
+                                 "interval_s": min(SWEEP_INTERVAL_S, settings.web.heartbeat_max_age_s / 3)}),
+        threading.Thread(target=retention_loop, name="retention", daemon=True, args=(settings, stop)),
+    ]
+    for thread in threads:
+        thread.start()
+    console = None
+    if settings.web.enabled:
+        from osteonode.web import start_console
+
+        console = start_console(settings, store, server, enqueue_job=requeue, queue_delivery=requeue_delivery)
     try:
         if settings.embedded_broker:
             log.info("embedded queue in %s: running the worker in this process", settings.queue_dir)
@@ -169,8 +196,10 @@ def serve(config: ConfigOpt = None) -> None:
     finally:
         stop.set()
         server.shutdown()
-        watcher.join(timeout=5)
-        retention.join(timeout=5)
+        if console is not None:
+            console.stop()
+        for thread in threads:
+            thread.join(timeout=5)
         audit_event("application_stop")
         log.info("node stopped")
 

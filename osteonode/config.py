@@ -10,6 +10,7 @@ The model is immutable: pass it down, never keep a global copy.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -256,6 +257,46 @@ class SelectionSettings(_Strict):
         return self
 
 
+class WebUser(_Strict):
+    """A console user; ``password_hash`` from ``osteonode web hash-password`` (argon2id, PHC string)."""
+
+    name: str = Field(min_length=1)
+    password_hash: str = Field(pattern=r"^\$argon2(id|i|d)\$", description="argon2 PHC string")
+
+
+class WebSettings(_Strict):
+    """The web console, REST API and Prometheus metrics served by ``osteonode serve`` (docs/admin.md §6)."""
+
+    enabled: bool = True
+    bind: str = Field(default="127.0.0.1", description="address of the console; other than loopback only "
+                                                        "with users configured")
+    port: Port = 8080
+    users: list[WebUser] = Field(default_factory=list, description="no users: read-only console without "
+                                                                   "patient identifiers, loopback only")
+    session_secret: str | None = Field(default=None, min_length=32, description="signs session cookies; "
+                                       "absent: a random one per start (sessions end at restart)")
+    metrics_token: str | None = Field(default=None, min_length=16, description="bearer token for /metrics; "
+                                      "absent: /metrics needs a login like the rest")
+    min_free_percent: float = Field(default=10.0, ge=0, le=100,
+                                    description="health: disk of spool and outbox below this is unhealthy")
+    heartbeat_max_age_s: float = Field(default=90.0, gt=0,
+                                       description="health and sweeper: a worker silent for longer is dead (workers "
+                                                   "beat every 10 s, or a third of this if shorter)")
+
+    @model_validator(mode="after")
+    def _check_bind(self) -> "WebSettings":
+        import ipaddress
+
+        try:
+            loopback = self.bind == "localhost" or ipaddress.ip_address(self.bind).is_loopback
+        except ValueError:
+            loopback = False
+        if self.enabled and not loopback and not self.users:
+            raise ValueError(f"web.bind = {self.bind!r} is not a loopback address: configure web.users "
+                             "(the console refuses to serve other hosts without authentication)")
+        return self
+
+
 class Settings(BaseSettings):
     """Effective configuration of one node (ingest, queue, worker, dispatch)."""
 
@@ -298,12 +339,15 @@ class Settings(BaseSettings):
                                                "less free space than this share; 0: no limit")
     min_free_bytes: int = Field(default=0, ge=0,
                                 description="SCP: the same as an absolute number of bytes; 0: no limit")
+    jobstore_path: Path | None = Field(
+        default=None, description="SQLite job store (osteonode.jobstore); absent: jobs.sqlite3 beside spool_dir")
     destinations: list[Destination] = Field(default_factory=list)
     tls: TLSSettings | None = Field(default=None, description="DICOM TLS; absent: plain TCP everywhere")
     audit: AuditSettings = AuditSettings()
     dispatch: DispatchSettings = DispatchSettings()
     analysis: AnalysisSettings = AnalysisSettings()
     selection: SelectionSettings = SelectionSettings()
+    web: WebSettings = WebSettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -331,6 +375,23 @@ class Settings(BaseSettings):
     def embedded_broker(self) -> bool:
         """True when no broker URL is set: the on-disk queue in ``queue_dir`` is used."""
         return self.broker_url is None
+
+    @property
+    def jobstore_file(self) -> Path:
+        """The job store's SQLite file: ``jobstore_path``, or ``jobs.sqlite3`` in the spool's parent folder."""
+        return self.jobstore_path or self.spool_dir.parent / "jobs.sqlite3"
+
+    def redacted_dump(self) -> dict:
+        """The effective configuration as JSON data with secrets masked (broker password, console session
+        secret and metrics token; users by name only), for ``config check`` and the console."""
+        effective = self.model_dump(mode="json")
+        if effective["broker_url"]:
+            effective["broker_url"] = re.sub(r"//([^:/@]*):[^@]*@", r"//\1:****@", effective["broker_url"])
+        web = effective["web"]
+        web["users"] = [user["name"] for user in web["users"]]
+        for key in ("session_secret", "metrics_token"):
+            web[key] = "****" if web[key] else None
+        return effective
 
     def directories(self) -> dict[str, Path]:
         """The directories the node writes to, by key."""

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq --no-install-recommends redis-server orthanc dcmtk dicom3tools chromium fonts-dejavu-core poppler-utils >/dev/null
+  apt-get install -y -qq --no-install-recommends redis-server orthanc dcmtk dicom3tools chromium chromium-driver fonts-dejavu-core poppler-utils >/dev/null
 else
   echo "not root: assuming redis-server, orthanc, dcmtk, dicom3tools and chromium are installed" >&2
 fi

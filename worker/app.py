@@ -8,8 +8,10 @@ transport on ``queue_dir`` (durable, no server), with the same tasks.
 from __future__ import annotations
 
 from celery import Celery
+from celery.signals import worker_process_init, worker_ready
 
-from osteonode.config import Settings
+from osteonode.config import Settings, load_settings
+from osteonode.jobstore import HEARTBEAT_INTERVAL_S, open_store, start_heartbeat
 
 #: Longest expected analysis; hard limit kills a stuck job.
 ANALYSIS_TIME_LIMIT_S = 1800
@@ -56,3 +58,12 @@ def configure(settings: Settings) -> Celery:
             broker_transport_options={"visibility_timeout": 2 * ANALYSIS_TIME_LIMIT_S},
         )
     return app
+
+
+@worker_ready.connect  # the solo pool (embedded mode): the main process runs the tasks
+@worker_process_init.connect  # each prefork pool process
+def _start_heartbeat(**_kwargs) -> None:
+    """Write this worker process's heartbeat to the job store (``/api/health``, the sweeper)."""
+    settings = load_settings()
+    start_heartbeat(open_store(settings.jobstore_file),
+                    interval_s=min(HEARTBEAT_INTERVAL_S, settings.web.heartbeat_max_age_s / 3))

@@ -14,7 +14,11 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
@@ -24,6 +28,7 @@ from osteonode.dispatch import send_files
 from osteonode.errors import DeliveryFailed, InputRejected, describe
 from osteonode.failure import record_failure
 from osteonode.ingest.completion import StudyJob, log_id, validate_job
+from osteonode.jobstore import JobStore, open_store
 from osteonode.lineage import record_sent
 from osteonode.outbox import outbox_entry, record_delivery
 from osteonode.pipeline import SR_FILE, analyze_study
@@ -62,30 +67,58 @@ def analyze_study_task(job: dict) -> str:
         log.error("job rejected: invalid payload (%s)", _payload_error(exc))
         return "rejected"
     entry = outbox_entry(settings.outbox_dir, study_job.study_instance_uid)
-    delivery = PhasedDelivery(entry, settings, study_job.job_id)
+    store = open_store(settings.jobstore_file)
+    job_row = _recorded(store.job_started, study_job.study_instance_uid, study_job.fingerprint, job)
+    delivery = PhasedDelivery(entry, settings, study_job.job_id, store)
     starts = _starts_file(entry, study_job.fingerprint)
     error: BaseException | None = None
+    result: AnalysisResult | None = None
     try:
         if _count_start(starts) > MAX_ANALYSIS_STARTS:
             raise WorkerLost(f"the analysis was started {MAX_ANALYSIS_STARTS} times and never finished "
                              "(worker killed, out of memory or over the time limit)")
-        status = analyze_study(study_job.ranking, entry, settings.analysis, settings.selection,
-                               publish=delivery.publish).status
+        result = analyze_study(study_job.ranking, entry, settings.analysis, settings.selection,
+                               publish=delivery.publish)
     except Exception as exc:  # noqa: BLE001 - top-level recorder: the class and reason go to result.json and the log
         error = exc
         if delivery.batches:  # the SR (and SEG) went out: keep them, the later outputs are missing
-            status = "failed"
             log.error("job %s: analysis FAILED after the SR was sent: %s", study_job.job_id, describe(exc))
         else:
             result = record_failure(exc, study_job.study_instance_uid, study_job.ranking, entry, settings.analysis)
-            status = result.status
             log.error("job %s: analysis FAILED: %s", study_job.job_id, result.reason)
             if settings.analysis.failed_sr and (entry / SR_FILE).is_file():
                 delivery.publish(result, [entry / SR_FILE])
     finally:
         starts.unlink(missing_ok=True)
+    status = "failed" if error is not None or result is None else result.status
+    if job_row is not None:
+        _recorded(store.job_finished, job_row, status,
+                  category=result.bone_status.category if result and status != "failed" else None,
+                  reason=describe(error) if error is not None else result.reason if result else None,
+                  series_uid=result.series_instance_uid if result else None,
+                  timings_s=result.timings_s if result else None)
     delivery.finish(error=error)
     return status
+
+
+_T = TypeVar("_T")
+
+
+def _recorded(write: Callable[..., _T], *args, **kwargs) -> _T | None:
+    """Call a job store write; an error of the store (disk full, locked too long) is logged, the job goes on."""
+    try:
+        return write(*args, **kwargs)
+    except sqlite3.Error as exc:
+        log.error("job store not updated (%s); the job goes on", describe(exc))
+        return None
+
+
+def record_delivery_state(store: JobStore, entry: Path, destination: str, state: str, attempts: int,
+                          detail: str = "", *, files: list[str] | None = None, next_at: float | None = None) -> None:
+    """Record a delivery state beside the outputs (``delivery-<name>.json``) and in the job store."""
+    record_delivery(entry, destination, state, attempts, detail)
+    _recorded(store.record_delivery, entry.name, entry, destination, state, attempts, detail, files=files,
+              next_at=next_at)
 
 
 class PhasedDelivery:
@@ -116,10 +149,12 @@ class PhasedDelivery:
         Destinations, ``dispatch`` settings, ``analysis.skip_not_evaluable``.
     job_id : str
         For the log.
+    store : JobStore
+        Where each delivery state is recorded too.
     """
 
-    def __init__(self, entry: Path, settings: Settings, job_id: str) -> None:
-        self.entry, self.settings, self.job_id = entry, settings, job_id
+    def __init__(self, entry: Path, settings: Settings, job_id: str, store: JobStore) -> None:
+        self.entry, self.settings, self.job_id, self.store = entry, settings, job_id, store
         self.unsent: dict[str, list[str]] = {}  # destination -> files left for the deliver task
         self.errors: dict[str, str] = {}  # destination -> last retryable error
         self.refused: dict[str, str] = {}  # destination -> permanent failure
@@ -139,7 +174,7 @@ class PhasedDelivery:
                 log.warning("job %s: record of the SR sent not written (%s)", self.job_id, describe(exc))
         for destination in self.settings.destinations:
             if self.batches == 1:
-                record_delivery(self.entry, destination.name, "pending", 0, "being sent")
+                record_delivery_state(self.store, self.entry, destination.name, "pending", 0, "being sent")
             if destination.name in self.unsent:  # an earlier batch failed: the retry sends this one too
                 self.unsent[destination.name] += [p.name for p in paths]
                 continue
@@ -172,21 +207,24 @@ class PhasedDelivery:
         for destination in self.settings.destinations:
             name = destination.name
             if name in self.refused:
-                record_delivery(self.entry, name, "failed", 1, self.refused[name])
+                record_delivery_state(self.store, self.entry, name, "failed", 1, self.refused[name])
                 log.error("job %s: NOT (fully) delivered, outputs kept in the outbox: %s", self.job_id,
                           self.refused[name])
             elif name in self.unsent:
-                record_delivery(self.entry, name, "pending", 1, self.errors[name])
+                delay = retry_delay_s(self.settings.dispatch, 0)
+                record_delivery_state(self.store, self.entry, name, "pending", 1, self.errors[name],
+                                      files=self.unsent[name], next_at=time.time() + delay)
                 try:
-                    deliver.apply_async((str(self.entry), name, self.unsent[name]),
-                                        countdown=retry_delay_s(self.settings.dispatch, 0))
-                except OperationalError as exc:  # broker gone: say so instead of "pending" forever
-                    record_delivery(self.entry, name, "failed", 1, f"delivery not queued: {describe(exc)}")
+                    deliver.apply_async((str(self.entry), name, self.unsent[name]), countdown=delay)
+                except OperationalError as exc:  # broker gone: the sweeper queues it once the broker is back
+                    record_delivery_state(self.store, self.entry, name, "pending", 1,
+                                          f"delivery not queued: {describe(exc)}; the sweeper retries",
+                                          files=self.unsent[name], next_at=time.time())
                     log.error("job %s: retry of the delivery to %s NOT queued, the broker cannot be reached "
-                              "(%s); outputs kept in the outbox, re-send with `osteonode send`",
-                              self.job_id, name, describe(exc))
+                              "(%s); outputs kept in the outbox, queued again by serve's sweeper once the "
+                              "broker answers", self.job_id, name, describe(exc))
             else:
-                record_delivery(self.entry, name, "delivered", 1, note)
+                record_delivery_state(self.store, self.entry, name, "delivered", 1, note)
         log.info("job %s: %d batch(es) sent to %d destination(s)%s", self.job_id, self.batches,
                  len(self.settings.destinations), f"; {note}" if note else "")
 
@@ -224,6 +262,7 @@ def _payload_error(exc: ValidationError | InputRejected) -> str:
 def deliver(self, entry: str, destination_name: str, files: list[str] | None = None) -> str:
     """Send the DICOM files of outbox ``entry`` (``files``, names in it; default all) to ``destination_name``."""
     settings = load_settings()
+    store = open_store(settings.jobstore_file)
     folder = Path(entry)
     job_id = log_id(folder.name)
     if not folder.resolve().is_relative_to(settings.outbox_dir.resolve()):
@@ -233,7 +272,8 @@ def deliver(self, entry: str, destination_name: str, files: list[str] | None = N
     if destination is None:
         log.error("job %s: destination %r is no longer configured; outputs stay in the outbox",
                   job_id, destination_name)
-        record_delivery(folder, destination_name, "failed", self.request.retries, "destination not configured")
+        record_delivery_state(store, folder, destination_name, "failed", self.request.retries,
+                              "destination not configured")
         return "failed"
     attempt = self.request.retries + 1
     paths = [folder / name for name in files] if files else sorted(folder.glob("*.dcm"))
@@ -244,13 +284,14 @@ def deliver(self, entry: str, destination_name: str, files: list[str] | None = N
         if not isinstance(exc, DeliveryFailed):
             exc = DeliveryFailed(f"unexpected {describe(exc)}")
         if exc.permanent or self.request.retries >= settings.dispatch.max_retries:
-            record_delivery(folder, destination.name, "failed", attempt, str(exc))
+            record_delivery_state(store, folder, destination.name, "failed", attempt, str(exc))
             log.error("job %s: NOT (fully) delivered after %d attempt(s), outputs kept in the outbox: %s",
                       job_id, attempt, exc)
             return "failed"
         delay = retry_delay_s(settings.dispatch, self.request.retries)
-        record_delivery(folder, destination.name, "pending", attempt, str(exc))
+        record_delivery_state(store, folder, destination.name, "pending", attempt, str(exc), files=files,
+                              next_at=time.time() + delay)
         log.warning("job %s: delivery attempt %d failed (%s); retry in %.0f s", job_id, attempt, exc, delay)
         raise self.retry(exc=exc, countdown=delay) from exc
-    record_delivery(folder, destination.name, "delivered", attempt)
+    record_delivery_state(store, folder, destination.name, "delivered", attempt)
     return "delivered"

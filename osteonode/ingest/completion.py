@@ -7,7 +7,9 @@ docs/admin.md). Its series are then described and ranked by the selection
 rules (:mod:`osteonode.series`) and one job is enqueued: the study UID and the
 ranked candidate series (paths and header summaries, JSON; no pixel data).
 
-The state lives on disk, in the spool, so a restart neither loses nor repeats
+Which studies are still open (receiving) is indexed in the job store
+(:mod:`osteonode.jobstore`), so an idle node does not scan the spool. The
+state of each study lives on disk, in the spool, so a restart neither loses nor repeats
 a job: a series folder's modification time is the time of its last arrival
 (every instance is renamed into it), and ``<spool>/.jobs/<StudyInstanceUID>.json``
 records the arrival time a job was enqueued for and the fingerprint of its
@@ -23,11 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 from pydantic import BaseModel, ConfigDict
 from pydicom.errors import InvalidDicomError
 
@@ -36,6 +40,7 @@ from osteonode.config import SelectionSettings
 from osteonode.errors import InputRejected, describe
 from osteonode.ingest.associations import held_series
 from osteonode.ingest.spool import check_uid, instance_files
+from osteonode.jobstore import JobStore
 from osteonode.series import SeriesInfo, SeriesRanking, describe_series, rank_series
 
 log = logging.getLogger(__name__)
@@ -143,15 +148,21 @@ def find_due_studies(spool: Path, study_quiet_period_s: float, rules: SelectionS
     quiet_ns = int(study_quiet_period_s * 1e9)
     due = []
     for study in _subdirs(spool):
-        try:
-            job = _due_job(spool, study, now_ns, quiet_ns, rules, incomplete_timeout_s)
-        except (OSError, ValueError) as exc:  # one study's broken marker or folder must not stall the others
-            log.error("study %s: cannot be checked for completion (%s); will retry", log_id(study.name),
-                      describe(exc))
-            continue
+        _, job = _checked_due_job(spool, study, now_ns, quiet_ns, rules, incomplete_timeout_s)
         if job is not None:
             due.append(job)
     return due
+
+
+def _checked_due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int, rules: SelectionSettings,
+                     incomplete_timeout_s: float) -> tuple[bool, StudyJob | None]:
+    """``(checked, job)``: :func:`_due_job`, with an error of one study (broken marker or folder) logged and
+    ``checked`` False, so that it is retried and does not stall the others."""
+    try:
+        return True, _due_job(spool, study, now_ns, quiet_ns, rules, incomplete_timeout_s)
+    except (OSError, ValueError) as exc:
+        log.error("study %s: cannot be checked for completion (%s); will retry", log_id(study.name), describe(exc))
+        return False, None
 
 
 def _due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int, rules: SelectionSettings,
@@ -208,50 +219,115 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def watch(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, enqueue: Enqueue,
-          stop: threading.Event, poll_interval_s: float = 1.0,
+          stop: threading.Event, store: JobStore, poll_interval_s: float = 1.0,
           retry_on: tuple[type[Exception], ...] = (OSError,), incomplete_timeout_s: float = 600.0) -> None:
-    """Poll the spool until ``stop`` is set, enqueueing one job per complete, changed study.
+    """Poll the job store's open studies until ``stop`` is set, enqueueing one job per complete, changed study.
+
+    Each poll asks the store (:meth:`JobStore.quiet_open_studies`, an index)
+    for the studies that are open and quiet; finished studies cost nothing,
+    so idle polling does not grow with the spool. The spool stays the truth
+    for each due study (:func:`find_due_studies` with its folder mtimes and
+    ``.jobs`` marker); when the store is new its index is rebuilt from the
+    spool once (:meth:`JobStore.rebuild_open_index`) before the first poll.
+    A study holding a fragment (a series of an association that ended
+    abnormally, ``incomplete_timeout_s``) stays open until it is due.
 
     An enqueue error of a type in ``retry_on`` (broker down) is logged and
-    retried at the next poll; the study stays due because it was not marked.
+    retried at the next poll; the study stays open because it was not marked.
     An error while handling one study (e.g. ENOSPC writing its marker) is
     logged with its class and the study is retried at the next poll; a job
     already enqueued is not enqueued again while only its marker is
-    missing. An error while scanning the spool is logged and the scan
-    repeated at the next poll. The watcher itself only ends when ``stop``
+    missing. An error of the store or the poll itself is logged and the
+    poll repeated. Each poll writes the ``completion-watcher`` heartbeat,
+    which ``/api/health`` checks; the watcher itself only ends when ``stop``
     is set.
     """
     unmarked: dict[str, StudyJob] = {}  # enqueued, but the marker could not be written yet
+    rebuilt = not store.created
     while not stop.is_set():
         try:
-            due = find_due_studies(spool, study_quiet_period_s, rules, incomplete_timeout_s=incomplete_timeout_s)
+            if not rebuilt:
+                log.info("job store is new: %d study folder(s) of the spool indexed",
+                         store.rebuild_open_index(spool))
+                rebuilt = True
+            store.beat(WATCHER_HEARTBEAT)
+            _poll(spool, study_quiet_period_s, rules, enqueue, store, retry_on, unmarked, incomplete_timeout_s)
         except Exception as exc:  # noqa: BLE001 - the watcher thread must outlive any error; class logged, retried
-            log.error("spool scan failed (%s); retrying in %.0f s", describe(exc), poll_interval_s)
-            due = []
-        for job in due:
-            try:
-                if unmarked.get(job.study_instance_uid) != job:  # not enqueued yet (or changed since)
-                    if not _enqueue_if_needed(spool, job, study_quiet_period_s, enqueue, retry_on):
-                        continue
-                    unmarked[job.study_instance_uid] = job
-                mark_handled(spool, job)
-                unmarked.pop(job.study_instance_uid, None)
-            except Exception as exc:  # noqa: BLE001 - one study's error must not stop the others; logged, retried
-                log.error("job %s: study not handled (%s); will retry", job.job_id, describe(exc))
+            log.error("completion poll failed (%s); retrying in %.0f s", describe(exc), poll_interval_s)
         stop.wait(poll_interval_s)
 
 
+#: Heartbeat name of the series-completion watcher in the job store.
+WATCHER_HEARTBEAT = "completion-watcher"
+
+
+def _poll(spool: Path, study_quiet_period_s: float, rules: SelectionSettings, enqueue: Enqueue, store: JobStore,
+          retry_on: tuple[type[Exception], ...], unmarked: dict[str, StudyJob],
+          incomplete_timeout_s: float = 600.0) -> None:
+    """One poll: check the open, quiet studies; enqueue and close the due ones, close those with nothing to do."""
+    now_s = time.time()
+    cutoff = now_s - study_quiet_period_s
+    for uid in store.quiet_open_studies(cutoff):
+        folder = spool / uid
+        if not folder.is_dir():  # deleted (console, retention): nothing to complete
+            store.close_study(uid, cutoff)
+            continue
+        now_ns = int(now_s * 1e9)
+        checked, job = _checked_due_job(spool, folder, now_ns, int(study_quiet_period_s * 1e9), rules,
+                                        incomplete_timeout_s)
+        if job is None:
+            if (checked and _quiet_on_disk(folder, now_s, study_quiet_period_s)  # handled before, or empty
+                    and not held_series(spool, uid, now_ns, incomplete_timeout_s)):
+                store.close_study(uid, cutoff)
+            continue
+        try:
+            if unmarked.get(job.study_instance_uid) != job:  # not enqueued yet (or changed since)
+                if not _enqueue_if_needed(spool, job, study_quiet_period_s, enqueue, retry_on, store):
+                    continue
+                unmarked[job.study_instance_uid] = job
+            mark_handled(spool, job)
+            unmarked.pop(job.study_instance_uid, None)
+            store.close_study(job.study_instance_uid, cutoff, study_identifiers(job))
+        except Exception as exc:  # noqa: BLE001 - one study's error must not stop the others; logged, retried
+            log.error("job %s: study not handled (%s); will retry", job.job_id, describe(exc))
+
+
+def _quiet_on_disk(study: Path, now_s: float, study_quiet_period_s: float) -> bool:
+    """True when the study folder's last arrival on disk is older than the quiet period."""
+    return now_s * 1e9 - study_last_arrival_ns(study) >= study_quiet_period_s * 1e9
+
+
+def study_identifiers(job: StudyJob) -> dict[str, str]:
+    """Patient ID, Accession Number and Study Date of a job's study, from one header (for the console search)."""
+    for info in job.ranking.candidates:
+        files = instance_files(Path(info.series_dir))
+        if files:
+            try:
+                ds = pydicom.dcmread(files[0], stop_before_pixels=True,
+                                     specific_tags=["PatientID", "AccessionNumber", "StudyDate"])
+            except (InvalidDicomError, OSError, ValueError):
+                continue
+            return {"patient_id": str(ds.get("PatientID", "")), "accession": str(ds.get("AccessionNumber", "")),
+                    "study_date": str(ds.get("StudyDate", ""))}
+    return {}
+
+
 def _enqueue_if_needed(spool: Path, job: StudyJob, study_quiet_period_s: float, enqueue: Enqueue,
-                       retry_on: tuple[type[Exception], ...]) -> bool:
+                       retry_on: tuple[type[Exception], ...], store: JobStore) -> bool:
     """Enqueue one due study unless its candidates are unchanged; False when the broker refused (retry)."""
     if not needs_job(spool, job):
         log.info("job %s: study changed but its candidate series did not; not analysed again", job.job_id)
         return True
+    enqueued_at = time.time()
     try:
         enqueue(job)
     except retry_on as exc:
         log.error("job %s: cannot enqueue (%s); will retry", job.job_id, describe(exc))
         return False
+    try:
+        store.job_queued(job.study_instance_uid, job.fingerprint, job.model_dump(mode="json"), enqueued_at)
+    except sqlite3.Error as exc:  # the job is queued; the worker creates the row when it starts
+        log.error("job %s: enqueued, but not recorded in the job store (%s)", job.job_id, describe(exc))
     log.info("job %s: study quiet for %.1f s, enqueued (%d candidate series, %d not candidates)",
              job.job_id, study_quiet_period_s, len(job.ranking.candidates), len(job.ranking.rejected))
     return True

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sqlite3
 import ssl
 import threading
 from collections import Counter
@@ -75,7 +76,8 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 #: on every PDU read: dcmtk sends at most 128 KiB, pynetdicom SCUs up to the announced length.
 MAX_PDU_BYTES = 1024 * 1024
 
-#: Called with (event, study_uid, series_uid) after an instance is safely on disk.
+#: Called with (event, study_uid, series_uid) after an instance is safely on disk; a
+#: ``sqlite3.Error`` (the job store's ``record_arrival``) makes the C-STORE answer 0xA700.
 OnStored = Callable[[evt.Event, str, str], None]
 
 
@@ -188,7 +190,12 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
     if received is not None:
         received.add(event, str(event.dataset.get("PatientID", "")), study_uid)
     if on_stored is not None:
-        on_stored(event, study_uid, series_uid)
+        try:
+            on_stored(event, study_uid, series_uid)
+        except sqlite3.Error as exc:  # not indexed, the study would never complete: the sender re-sends
+            log.error("C-STORE from %s refused (0x%04X): arrival not recorded in the job store (%s)",
+                      caller, OUT_OF_RESOURCES, type(exc).__name__)
+            return OUT_OF_RESOURCES
     return SUCCESS
 
 
@@ -388,12 +395,15 @@ def make_ae(settings: Settings) -> AE:
     return ae
 
 
-def start_scp(settings: Settings) -> ThreadedAssociationServer:
+def start_scp(settings: Settings, record_arrival: Callable[[str, str], None] | None = None
+              ) -> ThreadedAssociationServer:
     """Start the SCP in background threads and return the server (call ``.shutdown()``).
 
-    The series each association stores are recorded until it is released
-    normally (:class:`~osteonode.ingest.associations.AssociationTracker`), so
-    a fragment left by an abort is not analysed as a complete series.
+    ``record_arrival(study_uid, series_uid)`` (the job store's) is called for
+    each instance once it is on disk, before the C-STORE answer. The series
+    each association stores are recorded until it is released normally
+    (:class:`~osteonode.ingest.associations.AssociationTracker`), so a
+    fragment left by an abort is not analysed as a complete series.
 
     Raises
     ------
@@ -404,6 +414,12 @@ def start_scp(settings: Settings) -> ThreadedAssociationServer:
     ae = make_ae(settings)
     discarded, received = DiscardCounter(), ReceivedStudies()
     tracker = AssociationTracker(settings.spool_dir)
+
+    def stored(event: evt.Event, study_uid: str, series_uid: str) -> None:
+        if record_arrival is not None:
+            record_arrival(study_uid, series_uid)
+        tracker.stored(event, study_uid, series_uid)
+
     handlers = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, set_socket_timeout, [settings.network_timeout_s]),
@@ -421,7 +437,7 @@ def start_scp(settings: Settings) -> ThreadedAssociationServer:
         (evt.EVT_CONN_CLOSE, tracker.closed),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store,
-         [settings.spool_dir, tracker.stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes),
+         [settings.spool_dir, stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes),
           received, Watermark(settings.spool_dir, settings.min_free_percent, settings.min_free_bytes)]),
     ]
     tls = settings.tls is not None and settings.tls.scp

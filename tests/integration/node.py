@@ -9,15 +9,19 @@ from services import ManagedProcess, free_port, process_listens_on
 
 
 def write_config(workdir: Path, *, broker_url: str | None, destinations: list[tuple[str, str, int]],
-                 quiet_period_s: float = 1.5, extra: str = "") -> tuple[Path, int]:
-    """Write a node config into ``workdir`` and create its directories; return (path, port)."""
+                 quiet_period_s: float = 1.5, extra: str = "", web: str = "") -> tuple[Path, int]:
+    """Write a node config into ``workdir`` and create its directories; return (path, port).
+
+    ``extra``: top-level lines; ``web``: lines of the ``[web]`` section (its port is a free one).
+    """
     port = free_port()
     for sub in ("spool", "outbox", "queue"):
         (workdir / sub).mkdir(parents=True, exist_ok=True)
     text = (f'ae_title = "OSTEONODE"\nbind_address = "127.0.0.1"\nport = {port}\n'
             f'spool_dir = "{workdir / "spool"}"\noutbox_dir = "{workdir / "outbox"}"\n'
             f'queue_dir = "{workdir / "queue"}"\nstudy_quiet_period_s = {quiet_period_s}\n'
-            + (f'broker_url = "{broker_url}"\n' if broker_url else "") + extra + "\n")
+            + (f'broker_url = "{broker_url}"\n' if broker_url else "") + extra + "\n"
+            + f"[web]\nport = {free_port()}\n{web}\n")  # one console port per node: tests run nodes side by side
     for i, (aet, host, dport) in enumerate(destinations):
         text += f'[[destinations]]\nname = "dest{i}"\nae_title = "{aet}"\nhost = "{host}"\nport = {dport}\n'
     path = workdir / "osteonode.toml"

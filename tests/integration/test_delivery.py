@@ -20,6 +20,7 @@ from pynetdicom.sop_class import (
 from osteonode.config import Destination
 from osteonode.dispatch import send_files
 from osteonode.errors import DeliveryFailed
+from osteonode.jobstore import open_store
 
 from node import write_config
 from services import free_port, storescu, wait_for
@@ -147,7 +148,8 @@ def test_phased_delivery_sends_each_batch_and_records_a_refused_sop_class_as_fai
     sr, seg, key, pdf = (_file(entry, sop_class, f"1.2.3.{i}") for i, sop_class in enumerate(
         (Comprehensive3DSRStorage, SegmentationStorage, SecondaryCaptureImageStorage, EncapsulatedPDFStorage)))
     result = AnalysisResult.not_evaluable("test", "1.2.3", "1.2.3.9")
-    delivery = PhasedDelivery(entry, load_settings(config), "job")
+    settings = load_settings(config)
+    delivery = PhasedDelivery(entry, settings, "job", open_store(settings.jobstore_file))
     server = _receiver(received, port, sop_classes=(SegmentationStorage, Comprehensive3DSRStorage,
                                                     SecondaryCaptureImageStorage))
     try:

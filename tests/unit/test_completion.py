@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import threading
+import time
 
 import pydicom
 import pytest
@@ -14,6 +15,7 @@ from osteonode.config import SelectionSettings
 from osteonode.errors import InputRejected
 from osteonode.ingest.completion import find_due_studies, mark_handled, needs_job, watch
 from osteonode.ingest.spool import check_uid, instance_files, write_instance
+from osteonode.jobstore import JobStore
 
 
 RULES = SelectionSettings()
@@ -115,10 +117,72 @@ def test_watch_retries_when_broker_is_down_and_state_survives_a_restart(tmp_path
             raise ConnectionRefusedError("broker down")
         stop.set()
 
-    watch(tmp_path, 5, RULES, enqueue, stop, poll_interval_s=0.01)
+    store = JobStore(tmp_path / "jobs.sqlite3")  # new: its index is rebuilt from the spool
+    watch(tmp_path, 5, RULES, enqueue, stop, store, poll_interval_s=0.01)
     assert len(calls) == 2 and find_due_studies(tmp_path, 5, RULES) == []
-    # a new watcher (restart) on the same spool enqueues nothing
-    again, stop = [], threading.Event()
-    threading.Timer(0.1, stop.set).start()
-    watch(tmp_path, 5, RULES, again.append, stop, poll_interval_s=0.01)
-    assert again == []
+    assert store.quiet_open_studies(float("inf")) == [] and store.jobs_by_state()["queued"] == 1
+    # a new watcher (restart) on the same spool enqueues nothing, with the same store or a lost one
+    for store in (JobStore(tmp_path / "jobs.sqlite3"), JobStore(tmp_path / "new.sqlite3")):
+        again, stop = [], threading.Event()
+        threading.Timer(0.2, stop.set).start()
+        watch(tmp_path, 5, RULES, again.append, stop, store, poll_interval_s=0.01)
+        assert again == [] and store.quiet_open_studies(float("inf")) == []
+
+
+def test_watch_enqueues_a_study_recorded_in_the_store_and_reopens_it_on_a_late_series(tmp_path):
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    store.rebuild_open_index(tmp_path)  # empty spool: the watcher must not rebuild again
+    _spool_series(tmp_path, "1.2.3", 2, n=8)
+    store.record_arrival("1.2", "1.2.3", at=0.0)  # long ago: quiet
+    _age_study(tmp_path, 10)
+    jobs, stop = [], threading.Event()
+    threading.Timer(0.3, stop.set).start()
+    watch(tmp_path, 5, RULES, jobs.append, stop, store, poll_interval_s=0.01)
+    assert len(jobs) == 1 and store.study("1.2")["open"] == 0
+    store.record_arrival("1.2", "1.2.4", at=1.0)  # a late series reopens the study
+    assert store.quiet_open_studies(2.0) == ["1.2"] and store.study("1.2")["status"] == "receiving"
+
+
+def _finished_studies(spool, store, n):
+    """``n`` studies spooled and handled long ago (closed in the store)."""
+    for i in range(n):
+        (spool / f"2.{i}" / f"2.{i}.1").mkdir(parents=True)
+        store.record_arrival(f"2.{i}", f"2.{i}.1", at=float(i))
+        store.close_study(f"2.{i}", float(n))
+
+
+def _poll_seconds(spool, store, polls=50):
+    from osteonode.ingest.completion import _poll
+
+    start = time.perf_counter()
+    for _ in range(polls):
+        _poll(spool, 5, RULES, lambda job: None, store, (OSError,), {})
+    return (time.perf_counter() - start) / polls
+
+
+def test_idle_poll_cost_does_not_grow_with_finished_studies(tmp_path):
+    empty = JobStore(tmp_path / "empty.sqlite3")
+    (tmp_path / "a").mkdir()
+    full = JobStore(tmp_path / "full.sqlite3")
+    _finished_studies(tmp_path / "b", full, 3000)
+    base, loaded = _poll_seconds(tmp_path / "a", empty), _poll_seconds(tmp_path / "b", full)
+    # one indexed query either way (the old whole-spool scan: ~170 ms per 1000 studies, bench/idle_poll.py)
+    assert loaded < 0.002 and loaded < 3 * base + 0.0005, (base, loaded)
+
+
+def test_a_study_that_cannot_be_checked_stays_open_and_is_retried(tmp_path):
+    from osteonode.ingest.completion import _poll
+
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    _spool_series(tmp_path, "1.2.3", 2, n=8)
+    store.record_arrival("1.2", "1.2.3", at=0.0)
+    _age_study(tmp_path, 10)
+    marker = tmp_path / ".jobs" / "1.2.json"
+    marker.parent.mkdir()
+    marker.write_text("not json")  # a corrupt marker
+    jobs = []
+    _poll(tmp_path, 5, RULES, jobs.append, store, (OSError,), {})
+    assert jobs == [] and store.quiet_open_studies(float("inf")) == ["1.2"]
+    marker.unlink()
+    _poll(tmp_path, 5, RULES, jobs.append, store, (OSError,), {})
+    assert len(jobs) == 1 and store.quiet_open_studies(float("inf")) == []

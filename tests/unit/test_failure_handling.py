@@ -21,6 +21,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from osteonode.config import SelectionSettings
 from osteonode.errors import describe
 from osteonode.ingest.completion import JOBS_DIR, find_due_studies, watch
+from osteonode.jobstore import JobStore
 from osteonode.ingest.spool import write_instance
 from osteonode.pipeline import analyze_files
 
@@ -69,13 +70,15 @@ def test_watcher_survives_an_oserror_in_one_study_and_handles_later_ones(tmp_pat
     blocker.mkdir(parents=True)  # a folder in the way: renaming the marker onto it raises IsADirectoryError
     enqueued: list[str] = []
     stop = threading.Event()
+    store = JobStore(tmp_path / "jobs.sqlite3")  # new: indexes the spool (study 1.2.1) at the first poll
     thread = threading.Thread(target=watch, args=(spool, 5, RULES, lambda j: enqueued.append(j.study_instance_uid),
-                                                  stop), kwargs={"poll_interval_s": 0.02}, daemon=True)
+                                                  stop, store), kwargs={"poll_interval_s": 0.02}, daemon=True)
     with caplog.at_level(logging.INFO, logger="osteonode.ingest.completion"):
         thread.start()
         try:
             assert _wait_for(lambda: "study not handled (IsADirectoryError" in caplog.text)
-            _spool_quiet_study(spool, "1.2.2")  # a later study
+            _spool_quiet_study(spool, "1.2.2")  # a later study, recorded as the SCP does
+            store.record_arrival("1.2.2", "1.2.2.1", at=time.time() - 60)
             assert _wait_for(lambda: "1.2.2" in enqueued), "a later study was not enqueued"
             assert thread.is_alive()
             blocker.rmdir()  # the disk has room again
@@ -334,8 +337,9 @@ def test_orphan_tmp_files_are_removed_and_writes_are_atomic(tmp_path, caplog):
     assert "removed 2 incomplete file(s)" in caplog.text and "1.2" not in caplog.text
 
 
-def test_a_delivery_that_cannot_be_queued_is_recorded_not_left_pending(j2k_series, node_dirs, monkeypatch, caplog):
-    """Redis gone between the analysis and the delivery: delivery-<dest>.json says failed, the log says so."""
+def test_a_delivery_that_cannot_be_queued_is_recorded_for_the_sweeper(j2k_series, node_dirs, monkeypatch, caplog):
+    """Redis gone between the analysis and the delivery: the record says why (pending, for the sweeper to queue
+    once Redis is back), the log says so."""
     from osteonode.config import Settings
     from worker.app import app, configure
     from worker.tasks import analyze_study_task
@@ -355,5 +359,14 @@ def test_a_delivery_that_cannot_be_queued_is_recorded_not_left_pending(j2k_serie
         app.close()  # drop the connection pool made for the unreachable broker
         app.conf.update(saved)
     record = json.loads((entry / "delivery-pacs.json").read_text())
-    assert record["state"] == "failed" and record["detail"].startswith("delivery not queued: OperationalError")
+    assert record["state"] == "pending" and record["detail"].startswith("delivery not queued: OperationalError")
     assert "delivery to pacs NOT queued" in caplog.text
+    from osteonode.jobstore import open_store
+    from osteonode.sweeper import STRANDED_AFTER_S, sweep
+
+    store = open_store(Settings().jobstore_file)
+    (stranded,) = store.stranded_deliveries(time.time() + STRANDED_AFTER_S + 1)
+    queued = []
+    sweep(store, queued.append, lambda *args: queued.append(args), heartbeat_max_age_s=90,
+          now=time.time() + STRANDED_AFTER_S + 1)  # the broker is back
+    assert queued == [(str(entry), "pacs", json.loads(stranded["files"]))]
