@@ -67,6 +67,7 @@ SLOPE_TOLERANCE = 0.05
 MAX_NOISE_FOR_HU = 25.0
 MIN_DICE = 0.85
 MIN_EXACT_GRADES = 0.90
+ROI_SIZE_TOLERANCE = 0.10
 MAX_SECONDS_512 = 5.0
 MAX_MIB = 2048.0
 OFFSETS = tuple(range(-10, -121, -10))
@@ -190,14 +191,17 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
         either is missing), ``offset`` (applied, HU), ``dice``
         (:func:`dices`), ``grades`` (L1-L4 Genant grade, ``None`` not graded,
         ``"."`` absent), ``fracture`` (suspected, per measured level),
-        ``seconds``, ``peak_mib``, ``not_evaluable``.
+        ``seconds``, ``peak_mib``, ``not_evaluable``, ``roi_voxels`` (L1-L4
+        trabecular ROI size, voxels of the variant's grid).
     """
     d_hu = {}
     for name in LEVELS:
         now, then = result.levels.get(name), base.levels.get(name)
         d_hu[name] = None if now is None or then is None else now.trabecular_hu_mean - then.trabecular_hu_mean
     grades = {name: (result.levels[name].genant_grade if name in result.levels else ".") for name in LEVELS}
+    roi = {name: int((result.seg.trabecular == VERTEBRA_IDS[name]).sum()) for name in LEVELS}
     return {"variant": variant.name, "truth": variant.truth, "labels": level_check(variant, result),
+            "roi_voxels": roi,
             "d_hu": d_hu, "offset": {n: variant.truth["offset"].get(n, 0.0) for n in LEVELS},
             "dice": dices(variant, result), "grades": grades,
             "fracture": {n: result.levels[n].fracture_suspected for n in LEVELS if n in result.levels},
@@ -326,6 +330,15 @@ def summary(rows: list[tuple[Spec, dict]], time_512: list[float], mib_512: float
                 "(density, noise, combination variants)", not misses,
                 f"{len(checked) * 4 - len(misses)}/{len(checked) * 4} level values" +
                 (f"; off: {'; '.join(misses[:12])}{' ...' if len(misses) > 12 else ''}" if misses else "")))
+    base_roi = next((r["roi_voxels"] for s, r in rows if s.group == "base"), None)
+    same_grid = [(s, r) for s, r in rows if s.group in ("offset_all", "offset_one", "sclerotic", "noise")]
+    if base_roi and same_grid:
+        off = [f"{r['variant']} {n} {r['roi_voxels'][n]}/{base_roi[n]}" for _, r in same_grid for n in LEVELS
+               if base_roi[n] and abs(r["roi_voxels"][n] / base_roi[n] - 1.0) > ROI_SIZE_TOLERANCE]
+        out.append((f"trabecular ROI voxel count within +-{ROI_SIZE_TOLERANCE:.0%} of the unedited CT's "
+                    "(density and noise variants)", not off,
+                    f"{len(same_grid) * 4 - len(off)}/{len(same_grid) * 4} level values"
+                    + (f"; off: {'; '.join(off[:12])}{' ...' if len(off) > 12 else ''}" if off else "")))
     islands = [r for _, r in rows if r["truth"]["island"] is not None]
     if islands:
         moves = [(r["variant"], _island_move(r)) for r in islands]

@@ -56,10 +56,14 @@ def neighbour_height(segments: list, i: int, g: float) -> float:
     return np.inf
 
 
+#: Field of view (mm) below a disc that the sacrum test needs.
+SACRUM_TEST_DEPTH_MM = 40.0
+
+
 def has_sacrum(c: np.ndarray, path: np.ndarray, disc: Disc, g: float = COARSE_MM) -> bool:
     """Whether the bone below ``disc`` is the sacrum (see module docstring)."""
     z = int(disc.z)
-    z_lo = z - int(round(40.0 / g))
+    z_lo = z - int(round(SACRUM_TEST_DEPTH_MM / g))
     if z_lo < 0:
         return False
     # both iliac bones flank the bone below the disc: thick bone (an 8 mm disc survives an

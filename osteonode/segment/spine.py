@@ -67,6 +67,7 @@ from osteonode.segment.column import find_discs, plane_profile, track_column
 from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view, perpendicular_frame
 from osteonode.segment.levels import (
     SACRUM,
+    SACRUM_TEST_DEPTH_MM,
     has_sacrum,
     missing_levels_reason,
     name_levels,
@@ -83,6 +84,20 @@ log = logging.getLogger(__name__)
 #: bodies flat: the estimate varies by this much with the density of the bodies beside the disc.
 DISC_TILT_DEADBAND_DEG = 8.0
 
+
+
+def _segments(discs: list, nz: int, g: float) -> list[tuple]:
+    """Segments between the discs, caudal to cranial: ``(lower disc or None, upper disc or None)``.
+
+    Segment ``i`` lies above disc ``i - 1``; an open-ended segment with less
+    than 8 mm of the field of view beyond its disc cannot hold a body and is dropped.
+    """
+    segments = [(None, discs[0]), *zip(discs[:-1], discs[1:]), (discs[-1], None)]
+    if discs[0].lower * g < 8.0:
+        segments.pop(0)
+    if (nz - 1 - discs[-1].upper) * g < 8.0:
+        segments.pop()
+    return segments
 
 
 def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSegmentation:
@@ -152,23 +167,20 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     if not discs:
         return result({}, "", "no intervertebral disc found; " + no_anchor)
 
-    # segments between discs: segment i lies above disc i (discs sorted caudal -> cranial)
+    # --- caudal anchor: the sacrum below the lowest disc; or below the next one, the lowest notch
+    # then being a residual S1/S2 disc inside the sacrum (common; its iliac-bone test, 8-30 mm
+    # below, falls on S2-S3)
     nz = c.shape[0]
-    segments = []  # (lower_disc or None, upper_disc or None)
-    segments.append((None, discs[0]))
-    for a, b in zip(discs[:-1], discs[1:]):
-        segments.append((a, b))
-    segments.append((discs[-1], None))
-    # drop open-ended segments too short to hold a body (< 8 mm in the FOV)
-    if discs[0].lower * g < 8.0:
-        segments.pop(0)
-    if (nz - 1 - discs[-1].upper) * g < 8.0:
-        segments.pop()
-
-    # --- caudal anchor
     sacrum_seg = None
-    if segments[0][0] is None and has_sacrum(c, path, discs[0], g):
+    if discs[0].lower * g >= 8.0 and has_sacrum(c, path, discs[0], g):
         sacrum_seg = 0
+    elif len(discs) > 1 and discs[0].z * g >= SACRUM_TEST_DEPTH_MM and has_sacrum(c, path, discs[1], g):
+        # only when the test below the lowest disc could be made (40 mm of the field of view) and failed:
+        # a scan ending in S1 must not make L5, flanked by high iliac crests, the sacrum
+        log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
+        discs = discs[1:]
+        sacrum_seg = 0
+    segments = _segments(discs, nz, g)
     # --- cranial anchor
     rib_z = rib_levels(c, path, g)
     if sacrum_seg is not None:

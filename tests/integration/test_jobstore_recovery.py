@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+from functools import partial
 
 import pydicom
 import pytest
@@ -15,6 +16,12 @@ from osteonode.config import load_settings
 from osteonode.jobstore import JobStore
 
 pytestmark = pytest.mark.integration
+
+
+def _first_job(store: JobStore, study_uid: str) -> dict | None:
+    """The study's first job in the store, or None before it is recorded."""
+    study = store.study(study_uid)
+    return study["jobs"][0] if study and study["jobs"] else None
 
 
 def test_the_job_of_a_killed_worker_is_requeued_and_finished_by_another(tmp_path, redis_server, start_node,
@@ -28,10 +35,7 @@ def test_the_job_of_a_killed_worker_is_requeued_and_finished_by_another(tmp_path
     study_uid = str(pydicom.dcmread(abdomen_series[0], stop_before_pixels=True).StudyInstanceUID)
     storescu("127.0.0.1", port, "OSTEONODE", abdomen_series)
     store = JobStore(settings.jobstore_file)
-
-    def job():
-        study = store.study(study_uid)
-        return study["jobs"][0] if study and study["jobs"] else None
+    job = partial(_first_job, store, study_uid)
 
     running = wait_for(lambda: (j := job()) and j["state"] == "analysing" and j, timeout_s=60,
                        interval_s=0.05, what="the analysis to start")
@@ -56,10 +60,7 @@ def test_embedded_serve_killed_mid_analysis_requeues_the_job_after_restart(tmp_p
     study_uid = str(pydicom.dcmread(abdomen_series[0], stop_before_pixels=True).StudyInstanceUID)
     storescu("127.0.0.1", port, "OSTEONODE", abdomen_series)
     store = JobStore(settings.jobstore_file)
-
-    def job():
-        study = store.study(study_uid)
-        return study["jobs"][0] if study and study["jobs"] else None
+    job = partial(_first_job, store, study_uid)
 
     wait_for(lambda: (j := job()) and j["state"] == "analysing", timeout_s=60, interval_s=0.05,
              what="the analysis to start")

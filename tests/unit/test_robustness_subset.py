@@ -1,4 +1,4 @@
-"""CI subset of the robustness bench (issue 10): four edited copies of the real abdomen CT.
+"""CI subset of the robustness bench (issue 10): six edited copies of the real abdomen CT.
 
 The variants and the scoring are those of ``bench/variants.py`` and
 ``bench/robustness.py`` (one copy of each builder): the cores to edit come
@@ -6,7 +6,9 @@ from the built-in segmentation of the unmodified CT, the TotalSegmentator
 reference masks only score. Targets: L1-L4 found and correctly labelled,
 body and right-femur Dice >= 0.85, reported trabecular HU change within
 +-5 HU of the applied core offset, a 10 mm bone island moving its level by
-<= 5 HU, a 30 % wedge graded within one Genant grade and flagged.
+<= 5 HU, a 30 % wedge graded within one Genant grade and flagged; fatty
+marrow (cores -110 HU) measured within +-5 HU; a 10 deg coronal tilt keeping
+the levels.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import pytest
 
 from bench.robustness import HU_TOLERANCE, LEVELS, MIN_DICE, analyse, score
-from bench.variants import Anatomy, add_island, baseline, deform, offset_cores
+from bench.variants import Anatomy, add_island, baseline, deform, offset_cores, transform
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,12 @@ def test_low_density_spine(start, anatomy, base):
     _assert_offsets(row, LEVELS)
 
 
+def test_fatty_marrow_spine(start, anatomy, base):
+    """Cores -110 HU (about 0 HU: fatty marrow, darker than soft tissue): found and measured from the cortex."""
+    row = _row(offset_cores(start, anatomy, dict.fromkeys(LEVELS, -110.0)), base)
+    _assert_offsets(row, LEVELS)
+
+
 def test_single_level_low_density(start, anatomy, base):
     row = _row(offset_cores(start, anatomy, {"L2": -60.0}), base)
     _assert_offsets(row, ["L2"])
@@ -59,6 +67,13 @@ def test_single_level_low_density(start, anatomy, base):
 def test_bone_island_moves_level_little(start, anatomy, base):
     row = _row(add_island(start, anatomy, "L3", 10.0), base)
     assert row["d_hu"]["L3"] is not None and abs(row["d_hu"]["L3"]) <= HU_TOLERANCE, row["d_hu"]
+
+
+def test_coronal_tilt_keeps_the_levels(start, anatomy, base):
+    """A 10 deg coronal tilt: the lowest notch is a residual S1/S2 disc; counting from the sacrum stays right."""
+    variant = transform(start, anatomy, tilt_ap_deg=-10.0)
+    row = score(variant, analyse(variant.volume), base)
+    assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
 
 
 def test_wedge_graded(start, anatomy, base):
