@@ -2,7 +2,8 @@
 
 JSON serialisation only, late acks, explicit time limits. The broker is
 Redis when ``broker_url`` is configured, otherwise kombu's filesystem
-transport on ``queue_dir`` (durable, no server), with the same tasks.
+transport on ``queue_dir`` (durable, no server; message files written
+atomically, :mod:`worker.embedded_queue`), with the same tasks.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def configure(settings: Settings) -> Celery:
         for sub in ("messages", "processed", "control"):
             (queue / sub).mkdir(parents=True, exist_ok=True)
         app.conf.update(
-            broker_url="filesystem://",
+            broker_url=None,  # the transport below, by its class: kombu's filesystem one, writing atomically
+            broker_transport="worker.embedded_queue:Transport",
             broker_transport_options={
                 "data_folder_in": str(queue / "messages"),
                 "data_folder_out": str(queue / "messages"),
@@ -54,6 +56,7 @@ def configure(settings: Settings) -> Celery:
     else:
         app.conf.update(
             broker_url=settings.broker_url,
+            broker_transport=None,
             # visibility timeout longer than the longest job, so a running job is not redelivered
             broker_transport_options={"visibility_timeout": 2 * ANALYSIS_TIME_LIMIT_S},
         )
