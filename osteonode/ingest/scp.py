@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -45,14 +46,22 @@ from pydicom.uid import (
     RLELossless,
 )
 import pydicom
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pydicom.dataelem import RawDataElement
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from osteonode.config import Settings
 from osteonode.dispatch import set_tcp_nodelay
 from osteonode.errors import InputRejected
-from osteonode.ingest.spool import STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS, UMASK, check_uid, write_instance
+from osteonode.atomic import TMP_PREFIX
+from osteonode.ingest.spool import (
+    INCOMING_DIR,
+    STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+    UMASK,
+    check_uid,
+    move_instance,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # PS3.4 B.2.3: Refused: Out of Resources
 STATUS_CANNOT_UNDERSTAND = 0xC210  # PS3.4 B.2.3 Error: Cannot understand (pynetdicom's decode failure code)
+_DEFER_BYTES = 1024  # values longer than this (pixel data) are not read while checking a received data set
 
 #: Called with (study_uid, series_uid) after an instance is safely on disk.
 OnStored = Callable[[str, str], None]
@@ -99,13 +109,17 @@ class DiscardCounter:
 
 def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = None,
                  discarded: DiscardCounter | None = None, limits: PixelLimits | None = None) -> int:
-    """C-STORE: check the data set, write it durably to the spool, then answer.
+    """C-STORE: check the data set streamed to disk, move it durably into the spool, then answer.
 
-    An instance of a SOP class other than the CT image classes (accepted
-    only with ``accept_all_storage``) is not decoded nor stored: it is
-    counted in ``discarded`` and answered with success. An image larger
-    than ``limits`` (default :class:`PixelLimits`) is refused before its
-    pixel data are decoded.
+    pynetdicom has already written the request's data set, as a PS3.10 file,
+    to ``event.dataset_path`` in the spool's incoming folder (see
+    :func:`stream_data_sets_to`). Only the attributes the checks need are
+    parsed: the pixel data are neither read nor decoded unless compressed.
+    An instance of a SOP class other than the CT image classes (accepted only
+    with ``accept_all_storage``) is not read nor stored: it is counted in
+    ``discarded`` and answered with success. An image larger than ``limits``
+    (default :class:`PixelLimits`) is refused before its pixel data are
+    decoded.
 
     Returns
     -------
@@ -121,7 +135,8 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
         return STATUS_SUCCESS
     caller = event.assoc.requestor.ae_title
     try:
-        study_uid, series_uid, sop_uid = _check_dataset(event, limits or PixelLimits())
+        received = event.dataset_path
+        study_uid, series_uid, sop_uid = _check_dataset(received, event, limits or PixelLimits())
     except InputRejected as exc:
         log.warning("C-STORE from %s refused (0x%04X): %s", caller, exc.status, exc)
         return exc.status
@@ -130,7 +145,7 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
                     caller, STATUS_CANNOT_UNDERSTAND, type(exc).__name__)
         return STATUS_CANNOT_UNDERSTAND
     try:
-        write_instance(spool, study_uid, series_uid, sop_uid, event.encoded_dataset())
+        move_instance(spool, study_uid, series_uid, sop_uid, received)
     except OSError as exc:
         log.error("C-STORE from %s refused (0x%04X): spool write failed: %s",
                   caller, STATUS_OUT_OF_RESOURCES, exc.strerror)
@@ -140,12 +155,12 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
     return STATUS_SUCCESS
 
 
-def _check_dataset(event: evt.Event, limits: PixelLimits) -> tuple[str, str, str]:
-    """Decode the request's data set and check it against its SOP class.
+def _check_dataset(path: Path, event: evt.Event, limits: PixelLimits) -> tuple[str, str, str]:
+    """Parse the received file's attributes (values over 1 KiB deferred) and check them against its SOP class.
 
     Returns ``(study_uid, series_uid, sop_instance_uid)``; raises InputRejected.
     """
-    ds = event.dataset
+    ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     context_class = event.context.abstract_syntax
     if ds.get("SOPClassUID") != context_class:
         raise InputRejected("SOP Class UID in the data set differs from the presentation context",
@@ -204,19 +219,24 @@ class PixelLimits(NamedTuple):
 def _check_pixel_data(ds: pydicom.Dataset, event: evt.Event) -> None:
     """Raise InputRejected (0xA900) if the pixel data are truncated or cannot be decoded.
 
-    Native (uncompressed) pixel data are checked by length, which is exact and
-    costs nothing; encapsulated pixel data are decoded, since only a decoder
-    can tell a truncated or corrupt codestream.
+    Native (uncompressed) pixel data are checked by the length of their
+    element and of the file, which is exact and reads nothing; encapsulated
+    pixel data are decoded, since only a decoder can tell a truncated or
+    corrupt codestream.
     """
     try:
         if not event.context.transfer_syntax.is_compressed:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             expected = ds.Rows * ds.Columns * ds.SamplesPerPixel * frames * ds.BitsAllocated // 8
-            if len(ds.PixelData) < expected:
-                raise InputRejected(f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)",
+            element = ds.get_item("PixelData")
+            if isinstance(element, RawDataElement) and element.value is None:  # deferred: not read
+                present = min(element.length, os.path.getsize(ds.filename) - element.value_tell)
+            else:
+                present = len(ds.PixelData)
+            if present < expected:
+                raise InputRejected(f"pixel data truncated ({present} of {expected} bytes)",
                                     status=STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
             return
-        ds.file_meta = event.file_meta
         ds.pixel_array  # noqa: B018 - decoding is the check
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError) as exc:
         raise InputRejected(f"pixel data cannot be decoded ({type(exc).__name__})",
@@ -266,6 +286,29 @@ def log_refused_contexts(event: evt.Event) -> None:
                     event.assoc.requestor.ae_title, ", ".join(refused))
 
 
+def stream_data_sets_to(folder: Path) -> None:
+    """Make pynetdicom write every received C-STORE data set to a ``.tmp-*`` file in ``folder`` (process-wide).
+
+    pynetdicom's chunked receive (``_config.STORE_RECV_CHUNKED_DATASET``)
+    appends the P-DATA fragments to a ``NamedTemporaryFile`` as they arrive,
+    in its network thread, and gives the handler the file's path; it deletes
+    the file after the handler unless the handler moved it. Its temporary
+    folder is not configurable, so the module's ``NamedTemporaryFile`` is
+    replaced by one that creates the file in ``folder`` (made again if
+    removed): inside the spool, a checked file is renamed into place on the
+    same file system instead of being decoded, re-encoded and written again.
+    Every pynetdicom SCP of the process streams there (the node runs one).
+    The prefix lets :func:`osteonode.atomic.remove_orphans` delete what an
+    abort or a crash leaves there.
+    """
+    def incoming_file(**kwargs):
+        folder.mkdir(parents=True, exist_ok=True)
+        return tempfile.NamedTemporaryFile(dir=folder, prefix=TMP_PREFIX, **kwargs)
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = incoming_file
+
+
 def make_ae(settings: Settings) -> AE:
     """Build the Application Entity with the node's association policy."""
     ae = AE(ae_title=settings.ae_title)
@@ -298,6 +341,7 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
         If the port cannot be bound.
     """
     os.umask(UMASK)  # spooled instances 0640, their folders 0750
+    stream_data_sets_to(settings.spool_dir / INCOMING_DIR)
     ae = make_ae(settings)
     discarded = DiscardCounter()
     handlers = [
