@@ -30,7 +30,7 @@ from pathlib import Path
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GRIDS, median, series_512  # noqa: E402
+from common import GRIDS, median, series_512
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 

@@ -27,14 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -45,16 +47,14 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
     RLELossless,
 )
-import pydicom
-from pydicom.dataelem import RawDataElement
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from osteonode.atomic import TMP_PREFIX
 from osteonode.config import Settings
 from osteonode.dispatch import set_tcp_nodelay
 from osteonode.errors import InputRejected
-from osteonode.atomic import TMP_PREFIX
 from osteonode.ingest.spool import (
     INCOMING_DIR,
     STATUS_DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
