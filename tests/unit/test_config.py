@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from osteonode import config
 from osteonode.config import ConfigError, load_settings
 
 
@@ -48,6 +49,7 @@ def test_valid_file_gives_typed_settings(tmp_path):
     ('[[destinations]]\nname = "p"\nae_title = "X"\nhost = "h"\nport = 99999', "destinations.0.port"),
     ("quiet_period_s = 10", "quiet_period_s was replaced by study_quiet_period_s"),
     ("study_quiet_period_s = 0", "study_quiet_period_s: Input should be greater than 0"),
+    ("analysis_concurrency = 0", "analysis_concurrency: Input should be greater than or equal to 1"),
     ('[selection]\nkernel_order = ["soft", "bone"]', "kernel_order must list each of soft, unknown, bone"),
     ('[selection]\nkernel_order = ["soft", "soft", "unknown", "bone", "lung"]', "exactly once"),
     ('[selection]\nphase_order = ["venous"]', "selection.phase_order.0"),
@@ -106,3 +108,13 @@ def test_selection_rules_and_kernel_table_from_the_file(tmp_path):
     other.write_text('{"rules": [{"pattern": "B", "class": "medium"}]}', encoding="utf-8")
     with pytest.raises(ConfigError, match="class must be one of soft, bone, sharp, lung"):
         load_settings(_write(tmp_path, f'[selection]\nkernel_table = "{other}"\n'))
+
+
+def test_analysis_concurrency_is_set_or_one_per_core_bounded_by_memory(tmp_path, monkeypatch):
+    assert load_settings(_write(tmp_path, "analysis_concurrency = 3\n")).analysis_processes == 3
+    default = load_settings(_write(tmp_path, ""))
+    assert default.analysis_processes >= 1  # the real machine
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for available_gib, expected in ((64, 4), (9, 2), (3, 1)):
+        monkeypatch.setattr(config, "available_memory_bytes", lambda: available_gib * 1024**3)
+        assert default.analysis_processes == expected
