@@ -4,7 +4,9 @@ Sends the example CT resampled to 512 x 512 x 300 (``--grid 512``) or
 458 x 379 x 269 (``--grid thin``) slices, uncompressed, with dcmtk `storescu`
 (TCP_NODELAY=1) to each receiver, alternating, REPEATS times, and prints the
 median slices per second of each and their ratio, and the node's CPU seconds
-per 100 slices. With ``--senders N`` the series is split over N storescu
+per 100 slices. A third receiver, pynetdicom's ceiling, runs in this process:
+an SCP with the node's association settings whose C-STORE handler answers
+success at once, storing nothing. With ``--senders N`` the series is split over N storescu
 processes sending at once (N associations; storescp then runs with --fork).
 With ``--py-spy FILE`` the node's receive is sampled by py-spy during its
 sends (top functions to FILE).
@@ -28,6 +30,10 @@ from collections import Counter
 from pathlib import Path
 
 import pydicom
+from pynetdicom import evt
+
+from osteonode.config import load_settings
+from osteonode.ingest.scp import make_ae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import GRIDS, median, series_512
@@ -126,7 +132,10 @@ def main() -> None:
                                       stderr=subprocess.DEVNULL))
         wait_listening(node_port)
         wait_listening(scp_port)
-        node_s, scp_s, node_cpu = [], [], []
+        ceiling_port = free_port()
+        ceiling = make_ae(load_settings(config)).start_server(
+            ("127.0.0.1", ceiling_port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
+        node_s, scp_s, node_cpu, ceiling_s = [], [], [], []
         spy = None
         if args.py_spy:
             spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
@@ -138,6 +147,7 @@ def main() -> None:
             node_s.append(send(node_port, "OSTEONODE", files, args.senders))
             node_cpu.append(cpu_s(procs[0].pid) - cpu0)
             scp_s.append(send(scp_port, "STORESCP", files, args.senders))
+            ceiling_s.append(send(ceiling_port, "OSTEONODE", files, args.senders))
         if spy is not None:
             spy.send_signal(2)
             spy.wait(timeout=60)
@@ -148,8 +158,12 @@ def main() -> None:
               f"by {args.senders} storescu process(es) at once, medians")
         print(f"osteonode serve : {node_rate:7.1f} slices/s  (median {median(node_s):.2f} s)")
         print(f"dcmtk storescp  : {scp_rate:7.1f} slices/s  (median {median(scp_s):.2f} s)")
+        ceiling_rate = n / median(ceiling_s)
+        print(f"pynetdicom ceiling: {ceiling_rate:7.1f} slices/s  (handler answering at once; ratio to storescp "
+              f"{ceiling_rate / scp_rate:.2f})")
         print(f"ratio osteonode/storescp: {node_rate / scp_rate:.2f}")
         print(f"node CPU: {100 * median(node_cpu) / n:.2f} s per 100 slices (user + system)")
+        ceiling.shutdown()
     finally:
         for p in procs:
             p.terminate()

@@ -10,13 +10,14 @@ is read after start-up (listening, workers up) and again once idle after the
 burst; the peak is the largest PSS sum seen while draining.
 
 With ``--broker redis`` the node runs ``serve`` (listener, no analyses) with a
-Redis broker and ``--workers`` separate ``osteonode worker`` processes; the
-concurrency is that of each worker. Every configuration in ``--concurrency``
-(comma-separated) runs ``--repeats`` times, alternating, and the medians are
-printed.
+Redis broker and ``--workers`` separate ``osteonode worker --concurrency C``
+processes (C from ``--concurrency``, per worker). Every configuration
+(each value of ``--concurrency`` with, for Redis, each value of ``--workers``;
+comma-separated lists) runs ``--repeats`` times, alternating, and the medians
+are printed.
 
 Usage: python bench/load.py [--concurrency 1,2] [--repeats 3] [--studies 20] [--senders 10]
-                            [--broker embedded|redis] [--workers 1]
+                            [--broker embedded|redis] [--workers 1,2]
 """
 
 from __future__ import annotations
@@ -43,6 +44,17 @@ from osteonode.ctseries import read_image, write_ct_series  # noqa: E402
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 POLL_S = 0.2
 IDLE_WAIT_S = 10.0
+
+
+class WorkerProcess(NodeProcess):
+    """``osteonode worker --config FILE --concurrency N``."""
+
+    def __init__(self, workdir: Path, config: Path, concurrency: int) -> None:
+        self.concurrency = concurrency
+        super().__init__(workdir, config, "worker")
+
+    def _command(self) -> list[str]:
+        return [*super()._command(), "--concurrency", str(self.concurrency)]
 
 
 def pss_mib(root: int) -> float:
@@ -82,7 +94,7 @@ def run_once(work: Path, studies: list[list[Path]], senders: int, concurrency: i
         roots = [serve.proc.pid]
         for i in range(workers if broker == "redis" else 0):
             (node_dir / f"w{i}").mkdir()
-            worker = NodeProcess(node_dir / f"w{i}", config, "worker").start()
+            worker = WorkerProcess(node_dir / f"w{i}", config, concurrency).start()
             services.append(worker)
             roots.append(worker.proc.pid)
         time.sleep(3)  # pool children forked and settled
@@ -122,29 +134,29 @@ def main() -> None:
     parser.add_argument("--studies", type=int, default=20)
     parser.add_argument("--senders", type=int, default=10)
     parser.add_argument("--broker", choices=("embedded", "redis"), default="embedded")
-    parser.add_argument("--workers", type=int, default=1, help="osteonode worker processes (with --broker redis)")
+    parser.add_argument("--workers", default="1", help="comma-separated osteonode worker process counts (Redis)")
     args = parser.parse_args()
-    levels = [int(c) for c in args.concurrency.split(",")]
+    worker_counts = [int(w) for w in args.workers.split(",")] if args.broker == "redis" else [0]
+    levels = [(int(c), w) for c in args.concurrency.split(",") for w in worker_counts]
     work = Path(tempfile.mkdtemp(prefix="osteonode-load-"))
     try:
         studies = make_studies(work / "ct", args.studies)
-        runs: dict[int, list[dict[str, float]]] = {c: [] for c in levels}
+        runs: dict[tuple[int, int], list[dict[str, float]]] = {level: [] for level in levels}
         for repeat in range(args.repeats):
-            for c in levels:
-                r = run_once(work, studies, args.senders, c, args.broker, args.workers)
-                runs[c].append(r)
-                print(f"run {repeat + 1} concurrency {c}: drain {r['drain_s']:.1f} s, ok {r['ok']:.0f}/"
+            for c, w in levels:
+                r = run_once(work, studies, args.senders, c, args.broker, w)
+                runs[c, w].append(r)
+                print(f"run {repeat + 1} concurrency {c}, workers {w}: drain {r['drain_s']:.1f} s, ok {r['ok']:.0f}/"
                       f"{args.studies}, PSS start {r['start_pss']:.0f} / peak {r['peak_pss']:.0f} / idle "
                       f"{r['idle_pss']:.0f} MiB", flush=True)
-        where = (f"{args.workers} worker process(es), Redis" if args.broker == "redis"
-                 else "serve, embedded queue")
+        where = "osteonode worker processes, Redis" if args.broker == "redis" else "serve, embedded queue"
         print(f"\n{args.studies} studies of {len(studies[0])} slices from {args.senders} senders, {where}, "
               f"medians of {args.repeats}:")
-        print("| concurrency | drain | PSS after start-up | peak PSS | idle PSS after | idle / start-up |")
-        print("|---|---|---|---|---|---|")
-        for c in levels:
-            m = {k: median([r[k] for r in runs[c]]) for k in runs[c][0]}
-            print(f"| {c} | {m['drain_s']:.1f} s | {m['start_pss']:.0f} MiB | {m['peak_pss']:.0f} MiB | "
+        print("| concurrency | workers | drain | PSS after start-up | peak PSS | idle PSS after | idle / start-up |")
+        print("|---|---|---|---|---|---|---|")
+        for c, w in levels:
+            m = {k: median([r[k] for r in runs[c, w]]) for k in runs[c, w][0]}
+            print(f"| {c} | {w or '-'} | {m['drain_s']:.1f} s | {m['start_pss']:.0f} MiB | {m['peak_pss']:.0f} MiB | "
                   f"{m['idle_pss']:.0f} MiB | {m['idle_pss'] / m['start_pss']:.2f} |")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -13,7 +13,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from kombu.exceptions import OperationalError
@@ -60,6 +63,32 @@ def analyze_study_task(job: dict) -> str:
         log.error("job rejected: invalid payload (%s)", _payload_error(exc))
         return "rejected"
     entry = outbox_entry(settings.outbox_dir, study_job.study_instance_uid)
+    with _one_analysis_per_study(entry, study_job.job_id):
+        return _analyze_job(study_job, entry, settings)
+
+
+@contextmanager
+def _one_analysis_per_study(entry: Path, job_id: str) -> Iterator[None]:
+    """Hold an exclusive lock on the study's outbox entry while its job runs.
+
+    With several analyses at once (``analysis_concurrency`` > 1, or several
+    workers on the entry's file system), a job queued for a late series would
+    otherwise run while the study's first job still writes the same entry. The
+    lock (``flock`` on ``<entry>/.lock``) makes the second wait for the first;
+    the kernel releases it if the process dies.
+    """
+    entry.mkdir(parents=True, exist_ok=True)
+    with open(entry / ".lock", "a", encoding="ascii") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("job %s: waiting for the running analysis of the same study to end", job_id)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _analyze_job(study_job: StudyJob, entry: Path, settings: Settings) -> str:
+    """Run one validated job (its outbox entry locked) and send its outputs; the recorded status."""
     delivery = PhasedDelivery(entry, settings, study_job.job_id)
     starts = _starts_file(entry, study_job.fingerprint)
     error: BaseException | None = None
