@@ -4,7 +4,9 @@ Each study is one CT series of the example CT (3 mm, its own Study, Series and
 SOP Instance UIDs). Ten dcmtk ``storescu`` processes (TCP_NODELAY=1) send two
 studies each, all at once, to one ``osteonode serve`` on the embedded queue
 (quiet period 2 s, no destination: the results stay in the outbox). The drain
-time runs from the first send to the last study's ``result.json``. The PSS
+time runs from the first send until the analysing processes have logged every
+study's task as ended (``result.json`` is written twice: after the SR and at
+the end), each study with a ``result.json``. The PSS
 (proportional set size, /proc/<pid>/smaps_rollup) of the node's process tree
 is read after start-up (listening, workers up) and again once idle after the
 burst; the peak is the largest PSS sum seen while draining.
@@ -107,7 +109,8 @@ def run_once(work: Path, studies: list[list[Path]], senders: int, concurrency: i
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for mine in per_sender if mine]
         peak = start_pss
-        while len(list(outbox.glob("*/result.json"))) < len(studies):
+        analysing = services[-workers:] if broker == "redis" else [serve]
+        while sum(s.log_path.read_text(errors="replace").count("] succeeded in ") for s in analysing) < len(studies):
             for s in services:
                 s.check_alive()
             peak = max(peak, sum(pss_mib(r) for r in roots))
