@@ -4,9 +4,15 @@ Sends the example CT resampled to 512 x 512 x 300 (``--grid 512``) or
 458 x 379 x 269 (``--grid thin``) slices, uncompressed, with dcmtk `storescu`
 (TCP_NODELAY=1) to each receiver, alternating, REPEATS times, and prints the
 median slices per second of each and their ratio, and the node's CPU seconds
-per 100 slices. A third receiver, pynetdicom's ceiling, runs in this process:
-an SCP with the node's association settings whose C-STORE handler answers
-success at once, storing nothing. With ``--senders N`` the series is split over N storescu
+per 100 slices. Two more receivers take the same sends: pynetdicom's
+ceiling, in this process (an SCP with the node's association settings whose
+C-STORE handler answers success at once, storing nothing), and Orthanc
+(``/usr/sbin/Orthanc``, ``SyncStorageArea``: each instance fsynced before
+success), a C++ receiver that can refuse instances with a DIMSE status from a
+Lua filter. Last, the durability floor: the median time of writing one slice
+durably (``write_atomic``: write, fsync, rename, folder fsync) in the node's
+spool folder, and the rate storescp would keep if each of its slices also
+paid it. With ``--senders N`` the series is split over N storescu
 processes sending at once (N associations; storescp then runs with --fork).
 With ``--py-spy FILE`` the node's receive is sampled by py-spy during its
 sends (top functions to FILE).
@@ -32,11 +38,14 @@ from pathlib import Path
 import pydicom
 from pynetdicom import evt
 
+from osteonode.atomic import write_atomic
 from osteonode.config import load_settings
 from osteonode.ingest.scp import make_ae
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GRIDS, median, series_512
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "integration"))
+from common import GRIDS, median, series_512  # noqa: E402
+from services import OrthancServer  # noqa: E402
 
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
@@ -68,6 +77,16 @@ def send(port: int, aet: str, files: list[Path], senders: int = 1) -> float:
         if proc.returncode != 0:
             raise RuntimeError(f"storescu failed: {err.decode(errors='replace')[-500:]}")
     return time.perf_counter() - start
+
+
+def durable_write_s(folder: Path, data: bytes, repeats: int = 50) -> float:
+    """Median seconds of one :func:`write_atomic` of ``data`` in ``folder``."""
+    times = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        write_atomic(folder / f"floor-{i}.dcm", data)
+        times.append(time.perf_counter() - start)
+    return median(times)
 
 
 def cpu_s(pid: int) -> float:
@@ -132,10 +151,12 @@ def main() -> None:
                                       stderr=subprocess.DEVNULL))
         wait_listening(node_port)
         wait_listening(scp_port)
+        orthanc = OrthancServer(work / "orthanc", extra_config={"SyncStorageArea": True}).start()
+        procs.append(orthanc.proc)
         ceiling_port = free_port()
         ceiling = make_ae(load_settings(config)).start_server(
             ("127.0.0.1", ceiling_port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0x0000)])
-        node_s, scp_s, node_cpu, ceiling_s = [], [], [], []
+        node_s, scp_s, node_cpu, ceiling_s, orthanc_s = [], [], [], [], []
         spy = None
         if args.py_spy:
             spy = subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--format", "raw",
@@ -148,11 +169,13 @@ def main() -> None:
             node_cpu.append(cpu_s(procs[0].pid) - cpu0)
             scp_s.append(send(scp_port, "STORESCP", files, args.senders))
             ceiling_s.append(send(ceiling_port, "OSTEONODE", files, args.senders))
+            orthanc_s.append(send(orthanc.dicom_port, orthanc.aet, files, args.senders))
         if spy is not None:
             spy.send_signal(2)
             spy.wait(timeout=60)
             args.py_spy.write_text(summarise_raw(work / "spy.raw"))
         n = len(files)
+        fsync_s = durable_write_s(node_dir / "spool", files[0].read_bytes())
         node_rate, scp_rate = n / median(node_s), n / median(scp_s)
         print(f"series: {n} slices of {rows_columns(files[0])} int16, uncompressed; {args.repeats} sends each "
               f"by {args.senders} storescu process(es) at once, medians")
@@ -161,7 +184,12 @@ def main() -> None:
         ceiling_rate = n / median(ceiling_s)
         print(f"pynetdicom ceiling: {ceiling_rate:7.1f} slices/s  (handler answering at once; ratio to storescp "
               f"{ceiling_rate / scp_rate:.2f})")
+        orthanc_rate = n / median(orthanc_s)
+        print(f"Orthanc (fsync)   : {orthanc_rate:7.1f} slices/s  (ratio to storescp {orthanc_rate / scp_rate:.2f})")
         print(f"ratio osteonode/storescp: {node_rate / scp_rate:.2f}")
+        floor_rate = 1 / (1 / scp_rate + fsync_s / args.senders)
+        print(f"durable write of one slice: {1000 * fsync_s:.2f} ms; storescp plus it: {floor_rate:.1f} slices/s "
+              f"(ratio {floor_rate / scp_rate:.2f})")
         print(f"node CPU: {100 * median(node_cpu) / n:.2f} s per 100 slices (user + system)")
         ceiling.shutdown()
     finally:
