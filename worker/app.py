@@ -42,8 +42,7 @@ def run_worker(celery_app: Celery, concurrency: int, *options: str) -> None:
     so a new child starts in milliseconds. The objects alive now are moved
     out of the garbage collector's reach first (``gc.freeze``): a collection
     in this process would otherwise write to every object's header and so
-    unshare the pages the idle children share with it (about +25 % PSS a
-    while after start-up).
+    unshare the pages the idle children share with it.
     """
     gc.freeze()
     celery_app.worker_main(["worker", "--pool=prefork", f"--concurrency={concurrency}", "--max-tasks-per-child=1",
