@@ -73,12 +73,12 @@ class TreePeak:
 
     def _poll(self) -> None:
         while True:
-            self.mib = max(self.mib, sum(_hwm_mib(pid) for pid in [os.getpid(), *_descendants(os.getpid())]))
+            self.mib = max(self.mib, sum(_hwm_mib(pid) for pid in [os.getpid(), *descendants(os.getpid())]))
             if self._stop.wait(self.interval_s):
                 return
 
 
-def _descendants(root: int) -> list[int]:
+def descendants(root: int) -> list[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:

@@ -37,12 +37,34 @@ def write_atomic(path: Path, data: bytes) -> Path:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    _fsync(path.parent)
     return path
+
+
+def move_atomic(src: Path, path: Path) -> Path:
+    """Make the complete file ``src`` durable under ``path``: fsync it, rename it, fsync the folder.
+
+    ``src`` must be on the file system of ``path`` (a ``.tmp-*`` file of the
+    same tree, e.g. one streamed there by the network receive).
+
+    Raises
+    ------
+    OSError
+        If the fsync or the rename fails; ``src`` is then left for the caller.
+    """
+    _fsync(src)
+    os.replace(src, path)
+    _fsync(path.parent)
+    return path
+
+
+def _fsync(path: Path) -> None:
+    """fsync a file or folder by path (read-only descriptor: enough on Linux)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def remove_orphans(*roots: Path) -> int:

@@ -143,7 +143,7 @@ def serve(config: ConfigOpt = None) -> None:
     from osteonode.jobstore import open_store
     from osteonode.retention import retention_loop
     from osteonode.sweeper import SWEEP_INTERVAL_S, run_sweeper
-    from worker.app import configure
+    from worker.app import configure, run_worker
     from worker.tasks import analyze_study_task, deliver
 
     settings = _settings(config)
@@ -185,9 +185,10 @@ def serve(config: ConfigOpt = None) -> None:
         console = start_console(settings, store, server, enqueue_job=requeue, queue_delivery=requeue_delivery)
     try:
         if settings.embedded_broker:
-            log.info("embedded queue in %s: running the worker in this process", settings.queue_dir)
-            celery_app.worker_main(["worker", "--pool=solo", "--loglevel=INFO", "--without-heartbeat",
-                                    "--without-mingle", "--without-gossip"])
+            log.info("embedded queue in %s: running up to %d analyses at once in child processes",
+                     settings.queue_dir, settings.analysis_processes)
+            run_worker(celery_app, settings.analysis_processes, "--without-heartbeat", "--without-mingle",
+                       "--without-gossip")
         else:
             signal.signal(signal.SIGTERM, lambda *_: stop.set())
             stop.wait()
@@ -206,13 +207,14 @@ def serve(config: ConfigOpt = None) -> None:
 
 @app.command()
 def worker(config: ConfigOpt = None,
-           concurrency: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1) -> None:
+           concurrency: Annotated[Optional[int], typer.Option(
+               min=1, help="Analyses at once (worker processes); default: analysis_concurrency.")] = None) -> None:
     """Run a Celery worker for the configured broker (Redis in production)."""
-    from worker.app import configure
+    from worker.app import configure, run_worker
 
     settings = _settings(config)
     _configure_audit(settings)
-    configure(settings).worker_main(["worker", "--loglevel=INFO", f"--concurrency={concurrency}"])
+    run_worker(configure(settings), concurrency or settings.analysis_processes)
 
 
 @app.command()

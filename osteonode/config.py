@@ -24,6 +24,9 @@ from pydantic_settings import (
 
 CONFIG_ENV = "OSTEONODE_CONFIG"
 DEFAULT_DATA_DIR = Path("osteonode-data")
+#: Memory set aside per concurrent analysis when sizing the default ``analysis_concurrency`` (an analysis of a
+#: 458 x 379 x 269 series peaks at about 1.7 GiB; radiomics worker processes come on top).
+GIB_PER_ANALYSIS = 4
 
 
 #: Longest AE title (PS3.5 6.2, VR AE: 16 bytes maximum).
@@ -341,6 +344,10 @@ class Settings(BaseSettings):
                                 description="SCP: the same as an absolute number of bytes; 0: no limit")
     jobstore_path: Path | None = Field(
         default=None, description="SQLite job store (osteonode.jobstore); absent: jobs.sqlite3 beside spool_dir")
+    analysis_concurrency: int | None = Field(
+        default=None, ge=1, description="analyses run at once by `serve` (embedded queue) and, without "
+                                         "--concurrency, by `worker`; absent: one per core, at most one per "
+                                         f"{GIB_PER_ANALYSIS} GiB of available memory")
     destinations: list[Destination] = Field(default_factory=list)
     tls: TLSSettings | None = Field(default=None, description="DICOM TLS; absent: plain TCP everywhere")
     audit: AuditSettings = AuditSettings()
@@ -370,6 +377,11 @@ class Settings(BaseSettings):
         if self.tls is None and any(d.tls for d in self.destinations):
             raise ValueError("a destination with tls = true needs the [tls] section (certificate, private_key)")
         return self
+
+    @property
+    def analysis_processes(self) -> int:
+        """``analysis_concurrency``, or when absent :func:`default_analysis_concurrency`."""
+        return self.analysis_concurrency or default_analysis_concurrency()
 
     @property
     def embedded_broker(self) -> bool:
@@ -405,6 +417,21 @@ class Settings(BaseSettings):
                                    dotenv_settings, file_secret_settings
                                    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return init_settings, env_settings, TomlConfigSettingsSource(settings_cls)
+
+
+def default_analysis_concurrency() -> int:
+    """Analyses to run at once: the usable cores, at most one per ``GIB_PER_ANALYSIS`` GiB available, at least 1."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, available_memory_bytes() // (GIB_PER_ANALYSIS * 1024**3)))
+
+
+def available_memory_bytes() -> int:
+    """``MemAvailable`` of /proc/meminfo (Linux), else the physical memory; bytes."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            return 1024 * next(int(line.split()[1]) for line in meminfo if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 class ConfigError(ValueError):

@@ -8,6 +8,8 @@ atomically, :mod:`worker.embedded_queue`), with the same tasks.
 
 from __future__ import annotations
 
+import gc
+
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
@@ -31,6 +33,23 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,
 )
+
+
+def run_worker(celery_app: Celery, concurrency: int, *options: str) -> None:
+    """Run the Celery worker (blocks): ``concurrency`` prefork processes, a fresh one per analysis.
+
+    Each analysis runs in a child process that exits after it (max tasks per
+    child 1): the 1-2 GiB an analysis takes go back to the system when it
+    ends, instead of staying in a long-lived process. The children are forked
+    from this process, which has imported the tasks and the pipeline module,
+    so a new child starts in milliseconds. The objects alive now are moved
+    out of the garbage collector's reach first (``gc.freeze``): a collection
+    in this process would otherwise write to every object's header and so
+    unshare the pages the idle children share with it.
+    """
+    gc.freeze()
+    celery_app.worker_main(["worker", "--pool=prefork", f"--concurrency={concurrency}", "--max-tasks-per-child=1",
+                            "--loglevel=INFO", *options])
 
 
 def configure(settings: Settings) -> Celery:

@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
@@ -67,6 +69,33 @@ def analyze_study_task(job: dict) -> str:
         log.error("job rejected: invalid payload (%s)", _payload_error(exc))
         return "rejected"
     entry = outbox_entry(settings.outbox_dir, study_job.study_instance_uid)
+    with _one_analysis_per_study(entry, study_job.job_id):
+        return _analyze_job(study_job, job, entry, settings)
+
+
+@contextmanager
+def _one_analysis_per_study(entry: Path, job_id: str) -> Iterator[None]:
+    """Hold an exclusive lock on the study's outbox entry while its job runs.
+
+    With several analyses at once (``analysis_concurrency`` > 1, or several
+    workers on the entry's file system), a job queued for a late series would
+    otherwise run while the study's first job still writes the same entry. The
+    lock (``flock`` on ``<entry>/.lock``) makes the second wait for the first;
+    the kernel releases it if the process dies.
+    """
+    entry.mkdir(parents=True, exist_ok=True)
+    with open(entry / ".lock", "a", encoding="ascii") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("job %s: waiting for the running analysis of the same study to end", job_id)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _analyze_job(study_job: StudyJob, job: dict, entry: Path, settings: Settings) -> str:
+    """Run one validated job (its outbox entry locked; ``job`` its payload) and send its outputs; the recorded
+    status."""
     store = open_store(settings.jobstore_file)
     job_row = _recorded(store.job_started, study_job.study_instance_uid, study_job.fingerprint, job)
     delivery = PhasedDelivery(entry, settings, study_job.job_id, store)

@@ -26,20 +26,23 @@ import logging
 import os
 import sqlite3
 import ssl
+import tempfile
 import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -50,17 +53,17 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
     RLELossless,
 )
-import pydicom
-from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from osteonode.atomic import TMP_PREFIX
 from osteonode.audit import audit_event
 from osteonode.config import Settings
 from osteonode.dimse_status import CANNOT_UNDERSTAND, DATA_SET_DOES_NOT_MATCH_SOP_CLASS, OUT_OF_RESOURCES, SUCCESS
 from osteonode.errors import InputRejected
 from osteonode.ingest.associations import AssociationTracker
-from osteonode.ingest.spool import UMASK, check_uid, write_instance
+from osteonode.ingest.spool import INCOMING_DIR, UMASK, check_uid, move_instance
 from osteonode.network import server_context, set_tcp_nodelay
 from osteonode.retention import Watermark
 
@@ -75,6 +78,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 #: Largest PDU we receive (bytes of the variable field), announced as Maximum Length (PS3.8 D.1) and enforced
 #: on every PDU read: dcmtk sends at most 128 KiB, pynetdicom SCUs up to the announced length.
 MAX_PDU_BYTES = 1024 * 1024
+_DEFER_BYTES = 1024  # values longer than this (pixel data) are not read while checking a received data set
 
 #: Called with (event, study_uid, series_uid) after an instance is safely on disk; a
 #: ``sqlite3.Error`` (the job store's ``record_arrival``) makes the C-STORE answer 0xA700.
@@ -147,14 +151,18 @@ def _remote(event: evt.Event) -> dict[str, str]:
 def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = None,
                  discarded: DiscardCounter | None = None, limits: PixelLimits | None = None,
                  received: ReceivedStudies | None = None, watermark: Watermark | None = None) -> int:
-    """C-STORE: check the data set, write it durably to the spool, then answer.
+    """C-STORE: check the data set streamed to disk, move it durably into the spool, then answer.
 
-    An instance of a SOP class other than the CT image classes (accepted
-    only with ``accept_all_storage``) is not decoded nor stored: it is
-    counted in ``discarded`` and answered with success. An image larger
-    than ``limits`` (default :class:`PixelLimits`) is refused before its
-    pixel data are decoded. Below the disk ``watermark`` a CT instance is
-    refused with 0xA700 before it is read.
+    pynetdicom has already written the request's data set, as a PS3.10 file,
+    to ``event.dataset_path`` in the spool's incoming folder (see
+    :func:`stream_data_sets_to`). Only the attributes the checks need are
+    parsed: the pixel data are neither read nor decoded unless compressed.
+    An instance of a SOP class other than the CT image classes (accepted only
+    with ``accept_all_storage``) is not read nor stored: it is counted in
+    ``discarded`` and answered with success. An image larger than ``limits``
+    (default :class:`PixelLimits`) is refused before its pixel data are
+    decoded. Below the disk ``watermark`` a CT instance is refused with
+    0xA700 before it is read.
 
     Returns
     -------
@@ -173,7 +181,8 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
     if watermark is not None and not watermark.ok():
         return OUT_OF_RESOURCES
     try:
-        study_uid, series_uid, sop_uid = _check_dataset(event, limits or PixelLimits())
+        incoming = event.dataset_path
+        study_uid, series_uid, sop_uid, patient_id = _check_dataset(incoming, event, limits or PixelLimits())
     except InputRejected as exc:
         log.warning("C-STORE from %s refused (0x%04X): %s", caller, exc.status, exc)
         return exc.status
@@ -182,13 +191,13 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
                     caller, CANNOT_UNDERSTAND, type(exc).__name__)
         return CANNOT_UNDERSTAND
     try:
-        write_instance(spool, study_uid, series_uid, sop_uid, event.encoded_dataset())
+        move_instance(spool, study_uid, series_uid, sop_uid, incoming)
     except OSError as exc:
         log.error("C-STORE from %s refused (0x%04X): spool write failed: %s",
                   caller, OUT_OF_RESOURCES, exc.strerror)
         return OUT_OF_RESOURCES
     if received is not None:
-        received.add(event, str(event.dataset.get("PatientID", "")), study_uid)
+        received.add(event, patient_id, study_uid)
     if on_stored is not None:
         try:
             on_stored(event, study_uid, series_uid)
@@ -199,12 +208,13 @@ def handle_store(event: evt.Event, spool: Path, on_stored: OnStored | None = Non
     return SUCCESS
 
 
-def _check_dataset(event: evt.Event, limits: PixelLimits) -> tuple[str, str, str]:
-    """Decode the request's data set and check it against its SOP class.
+def _check_dataset(path: Path, event: evt.Event, limits: PixelLimits) -> tuple[str, str, str, str]:
+    """Parse the received file's attributes (values over 1 KiB deferred) and check them against its SOP class.
 
-    Returns ``(study_uid, series_uid, sop_instance_uid)``; raises InputRejected.
+    Returns ``(study_uid, series_uid, sop_instance_uid, patient_id)`` (the Patient ID for the audit
+    trail only); raises InputRejected.
     """
-    ds = event.dataset
+    ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     context_class = event.context.abstract_syntax
     if ds.get("SOPClassUID") != context_class:
         raise InputRejected("SOP Class UID in the data set differs from the presentation context",
@@ -219,7 +229,7 @@ def _check_dataset(event: evt.Event, limits: PixelLimits) -> tuple[str, str, str
         raise InputRejected("the data set has no Pixel Data", status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     check_pixel_bounds(ds, limits)
     _check_pixel_data(ds, event)
-    return study_uid, series_uid, sop_uid
+    return study_uid, series_uid, sop_uid, str(ds.get("PatientID", ""))
 
 
 def check_pixel_bounds(ds: pydicom.Dataset, limits: PixelLimits) -> None:
@@ -263,19 +273,24 @@ class PixelLimits(NamedTuple):
 def _check_pixel_data(ds: pydicom.Dataset, event: evt.Event) -> None:
     """Raise InputRejected (0xA900) if the pixel data are truncated or cannot be decoded.
 
-    Native (uncompressed) pixel data are checked by length, which is exact and
-    costs nothing; encapsulated pixel data are decoded, since only a decoder
-    can tell a truncated or corrupt codestream.
+    Native (uncompressed) pixel data are checked by the length of their
+    element and of the file, which is exact and reads nothing; encapsulated
+    pixel data are decoded, since only a decoder can tell a truncated or
+    corrupt codestream.
     """
     try:
         if not event.context.transfer_syntax.is_compressed:
             frames = int(ds.get("NumberOfFrames", 1) or 1)
             expected = ds.Rows * ds.Columns * ds.SamplesPerPixel * frames * ds.BitsAllocated // 8
-            if len(ds.PixelData) < expected:
-                raise InputRejected(f"pixel data truncated ({len(ds.PixelData)} of {expected} bytes)",
+            element = ds.get_item("PixelData")
+            if isinstance(element, RawDataElement) and element.value is None:  # deferred: not read
+                present = min(element.length, os.path.getsize(ds.filename) - element.value_tell)
+            else:
+                present = len(ds.PixelData)
+            if present < expected:
+                raise InputRejected(f"pixel data truncated ({present} of {expected} bytes)",
                                     status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
             return
-        ds.file_meta = event.file_meta
         ds.pixel_array  # noqa: B018 - decoding is the check
     except (ValueError, RuntimeError, NotImplementedError, AttributeError, KeyError, TypeError) as exc:
         raise InputRejected(f"pixel data cannot be decoded ({type(exc).__name__})",
@@ -372,6 +387,29 @@ def log_refused_contexts(event: evt.Event) -> None:
                     event.assoc.requestor.ae_title, ", ".join(refused))
 
 
+def stream_data_sets_to(folder: Path) -> None:
+    """Make pynetdicom write every received C-STORE data set to a ``.tmp-*`` file in ``folder`` (process-wide).
+
+    pynetdicom's chunked receive (``_config.STORE_RECV_CHUNKED_DATASET``)
+    appends the P-DATA fragments to a ``NamedTemporaryFile`` as they arrive,
+    in its network thread, and gives the handler the file's path; it deletes
+    the file after the handler unless the handler moved it. Its temporary
+    folder is not configurable, so the module's ``NamedTemporaryFile`` is
+    replaced by one that creates the file in ``folder`` (made again if
+    removed): inside the spool, a checked file is renamed into place on the
+    same file system instead of being decoded, re-encoded and written again.
+    Every pynetdicom SCP of the process streams there (the node runs one).
+    The prefix lets :func:`osteonode.atomic.remove_orphans` delete what an
+    abort or a crash leaves there.
+    """
+    def incoming_file(**kwargs):
+        folder.mkdir(parents=True, exist_ok=True)
+        return tempfile.NamedTemporaryFile(dir=folder, prefix=TMP_PREFIX, **kwargs)
+
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    dimse_messages.NamedTemporaryFile = incoming_file
+
+
 def make_ae(settings: Settings) -> AE:
     """Build the Application Entity with the node's association policy."""
     ae = AE(ae_title=settings.ae_title)
@@ -411,6 +449,7 @@ def start_scp(settings: Settings, record_arrival: Callable[[str, str], None] | N
         If the port cannot be bound.
     """
     os.umask(UMASK)  # spooled instances 0640, their folders 0750
+    stream_data_sets_to(settings.spool_dir / INCOMING_DIR)
     ae = make_ae(settings)
     discarded, received = DiscardCounter(), ReceivedStudies()
     tracker = AssociationTracker(settings.spool_dir)

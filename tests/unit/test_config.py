@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from osteonode import config
 from osteonode.config import ConfigError, load_settings
 
 
@@ -50,6 +51,7 @@ def test_valid_file_gives_typed_settings(tmp_path):
     ('[[destinations]]\nname = "p"\nae_title = "X"\nhost = "h"\nport = 99999', "destinations.0.port"),
     ("quiet_period_s = 10", "quiet_period_s was replaced by study_quiet_period_s"),
     ("study_quiet_period_s = 0", "study_quiet_period_s: Input should be greater than 0"),
+    ("analysis_concurrency = 0", "analysis_concurrency: Input should be greater than or equal to 1"),
     ('[selection]\nkernel_order = ["soft", "bone"]', "kernel_order must list each of soft, unknown, bone"),
     ('[selection]\nkernel_order = ["soft", "soft", "unknown", "bone", "lung"]', "exactly once"),
     ('[selection]\nphase_order = ["venous"]', "selection.phase_order.0"),
@@ -120,3 +122,13 @@ def test_tls_configuration_errors_are_named(tmp_path, tls_pki):
     settings = load_settings(_write(tmp_path, f'[tls]\ncertificate = "{tls_pki.node_cert}"\n'
                                               f'private_key = "{tls_pki.node_key}"\nca_bundle = "{tls_pki.ca}"\n'))
     assert settings.tls.require_peer_certificate and settings.tls.scp
+
+
+def test_analysis_concurrency_is_set_or_one_per_core_bounded_by_memory(tmp_path, monkeypatch):
+    assert load_settings(_write(tmp_path, "analysis_concurrency = 3\n")).analysis_processes == 3
+    default = load_settings(_write(tmp_path, ""))
+    assert default.analysis_processes >= 1  # the real machine
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    for available_gib, expected in ((64, 4), (9, 2), (3, 1)):
+        monkeypatch.setattr(config, "available_memory_bytes", lambda: available_gib * 1024**3)
+        assert default.analysis_processes == expected

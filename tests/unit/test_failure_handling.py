@@ -21,8 +21,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from osteonode.config import SelectionSettings
 from osteonode.errors import describe
 from osteonode.ingest.completion import JOBS_DIR, find_due_studies, watch
+from osteonode.ingest.spool import INCOMING_DIR, move_instance, write_instance
 from osteonode.jobstore import JobStore
-from osteonode.ingest.spool import write_instance
 from osteonode.pipeline import analyze_files
 
 RULES = SelectionSettings()
@@ -330,11 +330,22 @@ def test_orphan_tmp_files_are_removed_and_writes_are_atomic(tmp_path, caplog):
     (outbox / "1.2").mkdir(parents=True)
     write_atomic(outbox / "1.2" / "result.json", b"{}")
     (outbox / "1.2" / ".tmp-feed").write_bytes(b"{")
+    # the listener streams data sets into <spool>/.incoming and moves each checked one into place
+    incoming = spool / INCOMING_DIR
+    incoming.mkdir()
+    (incoming / ".tmp-abcd.dcm").write_bytes(b"half a data set of an aborted association")
+    received = incoming / ".tmp-ef01.dcm"
+    received.write_bytes(b"DICM2")
+    received.chmod(0o600)  # as NamedTemporaryFile creates it
+    moved = move_instance(spool, "1.2", "1.2.3", "1.2.3.5", received)
+    assert moved == final.parent / "1.2.3.5.dcm" and moved.read_bytes() == b"DICM2" and not received.exists()
+    assert moved.stat().st_mode & 0o777 == 0o640
     with caplog.at_level(logging.WARNING):
-        assert remove_orphans(spool, outbox, tmp_path / "absent") == 2
+        assert remove_orphans(spool, outbox, tmp_path / "absent") == 3
     assert not orphan.exists() and final.read_bytes() == b"DICM"
     assert sorted(p.name for p in (outbox / "1.2").iterdir()) == ["result.json"]
-    assert "removed 2 incomplete file(s)" in caplog.text and "1.2" not in caplog.text
+    assert not list(incoming.iterdir())
+    assert "removed 3 incomplete file(s)" in caplog.text and "1.2" not in caplog.text
 
 
 def test_a_delivery_that_cannot_be_queued_is_recorded_for_the_sweeper(j2k_series, node_dirs, monkeypatch, caplog):
@@ -370,3 +381,36 @@ def test_a_delivery_that_cannot_be_queued_is_recorded_for_the_sweeper(j2k_series
     sweep(store, queued.append, lambda *args: queued.append(args), heartbeat_max_age_s=90,
           now=time.time() + STRANDED_AFTER_S + 1)  # the broker is back
     assert queued == [(str(entry), "pacs", json.loads(stranded["files"]))]
+
+
+def test_two_jobs_of_one_study_run_one_after_the_other(tmp_path, caplog):
+    from worker.tasks import _one_analysis_per_study
+
+    entry, order = tmp_path / "outbox" / "1.2", []
+    first_in, release_first = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with _one_analysis_per_study(entry, "job-a"):
+            order.append("a starts")
+            first_in.set()
+            release_first.wait(10)
+            order.append("a ends")
+
+    def second() -> None:
+        with _one_analysis_per_study(entry, "job-b"):
+            order.append("b starts")
+
+    a = threading.Thread(target=first)
+    a.start()
+    assert first_in.wait(10)
+    with caplog.at_level(logging.INFO, logger="worker.tasks"):
+        b = threading.Thread(target=second)
+        b.start()
+        deadline = time.monotonic() + 10
+        while "job job-b: waiting for the running analysis" not in caplog.text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release_first.set()
+        a.join(10)
+        b.join(10)
+    assert order == ["a starts", "a ends", "b starts"]
+    assert "job job-b: waiting for the running analysis of the same study to end" in caplog.text
