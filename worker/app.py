@@ -45,10 +45,11 @@ def run_worker(celery_app: Celery, concurrency: int, *options: str) -> None:
     so a new child starts in milliseconds. The objects alive now are moved
     out of the garbage collector's reach first (``gc.freeze``): a collection
     in this process would otherwise write to every object's header and so
-    unshare the pages the idle children share with it.
+    unshare the pages the idle children share with it. Celery's start-up
+    banner is left out (``--quiet``): the node logs its own start-up line.
     """
     gc.freeze()
-    celery_app.worker_main(["worker", "--pool=prefork", f"--concurrency={concurrency}", "--max-tasks-per-child=1",
+    celery_app.worker_main(["--quiet", "worker", "--pool=prefork", f"--concurrency={concurrency}", "--max-tasks-per-child=1",
                             "--loglevel=INFO", *options])
 
 
