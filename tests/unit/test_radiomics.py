@@ -2,8 +2,8 @@
 
 Real data: the abdominal CT of ../shared/data/ct (3 mm isotropic) and the same CT
 resampled to 0.8 x 0.8 x 1.25 mm (a common thin-slice grid), segmented with the
-built-in spine segmentation. Time and memory are measured in a child process,
-so that its peak resident memory is the extraction's and not the test session's.
+built-in spine segmentation (``integration``). Time and memory per vertebra are
+measured by ``bench/features.py``.
 """
 
 from __future__ import annotations
@@ -12,9 +12,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -42,11 +39,6 @@ SEED003_FEATURES = {
 #: seed000 with pyradiomics 3.1: 14 shape + 13 images x (18 first order + 23 GLCM + 16 GLRLM
 #: + 16 GLSZM + 14 GLDM + 5 NGTDM); the paper had 1,197.
 SEED000_FEATURE_COUNT = 1210
-#: Generous bounds (regression guards, one process) for a shared 2-core machine; the figures
-#: come from ``python bench/features.py --repeats 3`` on an idle machine, in one process: 3 mm CT
-#: 0.18 s/vertebra; 0.8 x 0.8 x 1.25 mm CT 2.04 s/vertebra (1.31 s with 2 processes).
-MAX_S_PER_VERTEBRA = {"native": 3.0, "thin": 8.0}
-MAX_PEAK_RSS_MB = 2048
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +123,7 @@ def test_unknown_preset_and_bad_preset_entry(params_dir):
 
 # ---------------------------------------------------------------- extraction on the real CT
 
+@pytest.mark.integration
 def test_seed003_yields_exactly_the_eight_features(abdomen):
     rows = extract_features(*abdomen, "seed003")
     assert [r["level"] for r in rows] == ["T12", "L1", "L2", "L3", "L4", "L5"]
@@ -142,6 +135,7 @@ def test_seed003_yields_exactly_the_eight_features(abdomen):
     assert all(0 < r["original_glrlm_RunPercentage"] <= 1 and r["original_firstorder_Variance"] > 0 for r in rows)
 
 
+@pytest.mark.integration
 def test_seed000_rows_and_intensity_rescale(abdomen):
     volume, segmentation = abdomen
     rows = extract_features(volume, segmentation, "seed000")
@@ -157,6 +151,7 @@ def test_seed000_rows_and_intensity_rescale(abdomen):
     assert all(row["original_firstorder_Mean"] > 128 for row in rows)
 
 
+@pytest.mark.integration
 def test_crop_margin_leaves_seed000_features_unchanged(abdomen, params_dir):
     """The crop to the ROI (+12 mm) gives the features of a much larger crop (45 mm), within 0.5 %."""
     presets = json.loads((params_dir / "presets.json").read_text())
@@ -177,6 +172,7 @@ def test_bin_edges_equal_pyradiomics(values, settings):
     np.testing.assert_array_equal(_bin_edges(values, **settings), _PYRADIOMICS_BIN_EDGES(values, **settings))
 
 
+@pytest.mark.integration
 def test_features_equal_with_pyradiomics_own_bin_edges(abdomen, monkeypatch):
     """The faster bin edges (installed when an extractor is built) change no feature."""
     ours = extract_features(*abdomen, "seed000")
@@ -186,6 +182,7 @@ def test_features_equal_with_pyradiomics_own_bin_edges(abdomen, monkeypatch):
     assert ours == theirs
 
 
+@pytest.mark.integration
 def test_worker_processes_give_the_rows_of_one_process(abdomen):
     """Levels extracted in parallel worker processes (billiard forkserver) give exactly the same rows."""
     one = extract_features(*abdomen, "seed000")
@@ -193,6 +190,7 @@ def test_worker_processes_give_the_rows_of_one_process(abdomen):
     assert extract_features(*abdomen, "seed000", processes=3) == one  # 4 levels on 3 workers: same order
 
 
+@pytest.mark.integration
 def test_worker_pool_started_in_the_background_is_the_one_used(abdomen):
     start_worker_pool(3)
     pool = _worker_pool(3)  # waits for the background start: one pool per size and process
@@ -207,6 +205,7 @@ class _ExitsWhenRead:
         os._exit(1)
 
 
+@pytest.mark.integration
 def test_worker_that_dies_gives_a_clear_error_and_the_pool_recovers(abdomen):
     preset, _ = load_preset("seed003")
     crop = _LevelCrop(level="L1", voxel_count=100, image=_ExitsWhenRead(), mask=np.ones((3, 3, 3), np.uint8))
@@ -215,11 +214,13 @@ def test_worker_that_dies_gives_a_clear_error_and_the_pool_recovers(abdomen):
     assert len(extract_features(*abdomen, "seed003", processes=2)) == 6  # T12-L5, in the same worker pool
 
 
+@pytest.mark.integration
 def test_processes_must_be_positive(abdomen):
     with pytest.raises(ValueError, match="processes must be >= 1"):
         extract_features(*abdomen, "seed000", processes=0)
 
 
+@pytest.mark.integration
 def test_level_missing_from_the_segmentation_is_skipped(abdomen):
     volume, segmentation = abdomen
     without_l3 = SpineSegmentation(bodies=np.where(segmentation.bodies == 22, 0, segmentation.bodies),
@@ -228,57 +229,12 @@ def test_level_missing_from_the_segmentation_is_skipped(abdomen):
     assert [r["level"] for r in rows] == ["T12", "L1", "L2", "L4", "L5"]
 
 
+@pytest.mark.integration
 def test_label_map_off_grid_is_rejected(abdomen):
     volume, segmentation = abdomen
     small = SpineSegmentation(bodies=segmentation.bodies[1:], trabecular=segmentation.trabecular[1:])
     with pytest.raises(ValueError, match="label map shape"):
         extract_features(volume, small, "seed003")
-
-
-_MEASURE = textwrap.dedent("""
-    import json, logging, resource, sys, time
-    import numpy as np, SimpleITK as sitk
-    logging.getLogger("radiomics").setLevel(logging.ERROR)
-    from osteonode.measure.radiomics import extract_features
-    from osteonode.segment import SpineSegmentation
-    from osteonode.volume import Volume
-    volume = Volume.from_sitk(sitk.ReadImage(sys.argv[1]))
-    labels = np.load(sys.argv[2])
-    segmentation = SpineSegmentation(bodies=labels["bodies"], trabecular=labels["trabecular"])
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    per_vertebra = []
-    for _ in range(2):
-        start = time.perf_counter()
-        rows = extract_features(volume, segmentation, "seed000")
-        per_vertebra.append((time.perf_counter() - start) / len(rows))
-    print(json.dumps({"levels": [r["level"] for r in rows], "features": len(rows[0]) - 6,
-                      "s_per_vertebra": per_vertebra, "rss_before_mb": before,
-                      "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-""")
-
-
-@pytest.mark.parametrize("grid", ["native", "thin"])
-def test_seed000_time_and_memory_on_real_ct(tmp_path, grid):
-    """~1,200 features per vertebra within time and memory, on 3 mm and on 0.8 x 0.8 x 1.25 mm."""
-    image = sitk.ReadImage(str(require_data(ABDOMEN_NIFTI)), sitk.sitkFloat32)
-    if grid == "thin":
-        spacing = (0.8, 0.8, 1.25)
-        size = [round(n * s / t) for n, s, t in zip(image.GetSize(), image.GetSpacing(), spacing)]
-        image = sitk.Round(sitk.Resample(image, size, sitk.Transform(), sitk.sitkBSpline, image.GetOrigin(),
-                                         spacing, image.GetDirection(), -1024.0, sitk.sitkFloat32))
-    ct = tmp_path / "ct.nii.gz"
-    sitk.WriteImage(sitk.Cast(image, sitk.sitkInt16), str(ct))
-    volume = Volume.from_sitk(sitk.ReadImage(str(ct)))
-    segmentation = segment_spine(volume)
-    np.savez(tmp_path / "labels.npz", bodies=segmentation.bodies, trabecular=segmentation.trabecular)
-    done = subprocess.run([sys.executable, "-c", _MEASURE, str(ct), str(tmp_path / "labels.npz")],
-                          capture_output=True, text=True, check=True, timeout=600)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"seed000 {grid} {volume.shape}: {result}")
-    assert result["levels"] == ["L1", "L2", "L3", "L4"]
-    assert result["features"] == SEED000_FEATURE_COUNT
-    assert min(result["s_per_vertebra"]) <= MAX_S_PER_VERTEBRA[grid]
-    assert result["peak_mb"] <= MAX_PEAK_RSS_MB
 
 
 # ---------------------------------------------------------------- percentiles, rescale, tables
@@ -321,6 +277,7 @@ def test_feature_table_rejects_rows_with_different_columns(tmp_path):
         write_feature_table(rows, tmp_path / FEATURE_TABLE_NAME)
 
 
+@pytest.mark.integration
 def test_fractured_levels_get_the_seed003_texture_features(abdomen):
     from osteonode.measure.hu import measure_levels
     from osteonode.measure.radiomics import add_fracture_texture
