@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from radiomics import imageoperations
 
@@ -45,6 +46,28 @@ SEED000_FEATURE_COUNT = 1210
 def abdomen() -> tuple[Volume, SpineSegmentation]:
     volume = Volume.from_sitk(sitk.ReadImage(str(require_data(ABDOMEN_NIFTI))))
     return volume, segment_spine(volume)
+
+
+@pytest.fixture(scope="module")
+def phantom() -> tuple[Volume, SpineSegmentation]:
+    """A small synthetic spine: six textured cylindrical bodies T12-L5 (VerSe 19-24) in soft tissue.
+
+    ``(z, y, x)`` = (66, 40, 40) voxels of 1 mm, z = 0 the most cranial; trabecular ROI = body minus 2 voxels.
+    """
+    rng = np.random.default_rng(0)
+    hu = rng.normal(40.0, 20.0, (66, 40, 40))
+    bodies = np.zeros(hu.shape, np.uint8)
+    yy, xx = np.mgrid[:40, :40]
+    disc = (yy - 20) ** 2 + (xx - 20) ** 2 <= 12 ** 2
+    for i, vertebra in enumerate(range(19, 25)):
+        z0 = 2 + 11 * i
+        bodies[z0:z0 + 9][:, disc] = vertebra
+        hu[z0:z0 + 9][:, disc] = rng.normal(200.0 - 15 * i, 60.0, (9, int(disc.sum())))
+    inner = ndi.binary_erosion(bodies > 0, iterations=2)
+    affine = np.eye(4)
+    affine[:3, :3] = [[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]  # (z, y, x) -> LPS; index 0 cranial
+    return (Volume(hu=np.round(hu).astype(np.float32), affine=affine),
+            SpineSegmentation(bodies=bodies, trabecular=np.where(inner, bodies, 0).astype(np.uint8)))
 
 
 @pytest.fixture
@@ -123,9 +146,8 @@ def test_unknown_preset_and_bad_preset_entry(params_dir):
 
 # ---------------------------------------------------------------- extraction on the real CT
 
-@pytest.mark.integration
-def test_seed003_yields_exactly_the_eight_features(abdomen):
-    rows = extract_features(*abdomen, "seed003")
+def test_seed003_yields_exactly_the_eight_features(phantom):
+    rows = extract_features(*phantom, "seed003")
     assert [r["level"] for r in rows] == ["T12", "L1", "L2", "L3", "L4", "L5"]
     for row in rows:
         assert set(_feature_names(row)) == SEED003_FEATURES
@@ -182,19 +204,17 @@ def test_features_equal_with_pyradiomics_own_bin_edges(abdomen, monkeypatch):
     assert ours == theirs
 
 
-@pytest.mark.integration
-def test_worker_processes_give_the_rows_of_one_process(abdomen):
+def test_worker_processes_give_the_rows_of_one_process(phantom):
     """Levels extracted in parallel worker processes (billiard forkserver) give exactly the same rows."""
-    one = extract_features(*abdomen, "seed000")
-    assert extract_features(*abdomen, "seed000", processes=2) == one
-    assert extract_features(*abdomen, "seed000", processes=3) == one  # 4 levels on 3 workers: same order
+    one = extract_features(*phantom, "seed000")
+    assert extract_features(*phantom, "seed000", processes=2) == one
+    assert extract_features(*phantom, "seed000", processes=3) == one  # 4 levels on 3 workers: same order
 
 
-@pytest.mark.integration
-def test_worker_pool_started_in_the_background_is_the_one_used(abdomen):
+def test_worker_pool_started_in_the_background_is_the_one_used(phantom):
     start_worker_pool(3)
     pool = _worker_pool(3)  # waits for the background start: one pool per size and process
-    assert len(extract_features(*abdomen, "seed003", processes=3)) == 6
+    assert len(extract_features(*phantom, "seed003", processes=3)) == 6
     assert _worker_pool(3) is pool
 
 
@@ -205,33 +225,30 @@ class _ExitsWhenRead:
         os._exit(1)
 
 
-@pytest.mark.integration
-def test_worker_that_dies_gives_a_clear_error_and_the_pool_recovers(abdomen):
+@pytest.mark.integration  # some 10 s: billiard reports a killed worker after about 10 s
+def test_worker_that_dies_gives_a_clear_error_and_the_pool_recovers(phantom):
     preset, _ = load_preset("seed003")
     crop = _LevelCrop(level="L1", voxel_count=100, image=_ExitsWhenRead(), mask=np.ones((3, 3, 3), np.uint8))
     with pytest.raises(RuntimeError, match="radiomics seed003: a worker process died"):
         _extract_in_workers(preset, None, iter([crop]), 2)
-    assert len(extract_features(*abdomen, "seed003", processes=2)) == 6  # T12-L5, in the same worker pool
+    assert len(extract_features(*phantom, "seed003", processes=2)) == 6  # T12-L5, in the same worker pool
 
 
-@pytest.mark.integration
-def test_processes_must_be_positive(abdomen):
+def test_processes_must_be_positive(phantom):
     with pytest.raises(ValueError, match="processes must be >= 1"):
-        extract_features(*abdomen, "seed000", processes=0)
+        extract_features(*phantom, "seed000", processes=0)
 
 
-@pytest.mark.integration
-def test_level_missing_from_the_segmentation_is_skipped(abdomen):
-    volume, segmentation = abdomen
+def test_level_missing_from_the_segmentation_is_skipped(phantom):
+    volume, segmentation = phantom
     without_l3 = SpineSegmentation(bodies=np.where(segmentation.bodies == 22, 0, segmentation.bodies),
                                    trabecular=segmentation.trabecular)
     rows = extract_features(volume, without_l3, "seed003")
     assert [r["level"] for r in rows] == ["T12", "L1", "L2", "L4", "L5"]
 
 
-@pytest.mark.integration
-def test_label_map_off_grid_is_rejected(abdomen):
-    volume, segmentation = abdomen
+def test_label_map_off_grid_is_rejected(phantom):
+    volume, segmentation = phantom
     small = SpineSegmentation(bodies=segmentation.bodies[1:], trabecular=segmentation.trabecular[1:])
     with pytest.raises(ValueError, match="label map shape"):
         extract_features(volume, small, "seed003")
