@@ -46,7 +46,7 @@ def classify_bone_status(levels: dict[str, LevelResult], feature_rows: Sequence[
     status = RULES[settings.bone_status_rule](levels)
     if settings.model is None:
         return status
-    from osteonode.classify.model import ModelArtifactError, load_model
+    from osteonode.classify.artifact import ModelArtifactError, load_model
     try:
         model = load_model(settings.model.path, settings.model.sha256)
         positive, negative = model.metadata["positive_class"], model.metadata["negative_class"]

@@ -67,7 +67,6 @@ from typing import Literal
 import billiard
 import numpy as np
 import pykwalify.errors
-import radiomics
 import ruamel.yaml.error
 import SimpleITK as sitk
 from billiard.einfo import ExceptionWithTraceback
@@ -84,8 +83,6 @@ from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
 
-#: pyradiomics version, for model cards and provenance.
-PYRADIOMICS_VERSION = radiomics.__version__
 PRESETS_FILE = "presets.json"
 #: Columns of a feature table that are not features, in this order.
 _ROI_KINDS = ("bodies", "trabecular")
