@@ -5,7 +5,7 @@ configured model is used only when its artifact passes the SHA-256 check and
 its task yields a bone-status category; otherwise the configured rule gives
 the status and the basis says why the model was not used.
 
-The model module (scikit-learn, pyradiomics: some 2 s to import) is imported
+The artifact module (scikit-learn, joblib: some 3 s to import) is imported
 only when a model is configured.
 """
 
