@@ -72,12 +72,12 @@ def feature_vectors(rows: Sequence[dict[str, Any]], unit: Unit,
     samples: list[tuple[str | None, dict[str, float]]] = []
     wide: dict[str, float] = {}
     for level in levels:
-        row = by_level.get(level)
-        if row is None:
+        level_row = by_level.get(level)
+        if level_row is None:
             if unit == "study":
                 raise ValueError(f"level {level} missing from the feature table")
             continue
-        features = {k: float(v) for k, v in row.items() if k not in META_COLUMNS}
+        features = {k: float(v) for k, v in level_row.items() if k not in META_COLUMNS}
         bad = [k for k, v in features.items() if not np.isfinite(v)]
         if bad:
             raise ValueError(f"level {level}: {len(bad)} non-finite feature value(s), e.g. {bad[0]}")
@@ -267,7 +267,7 @@ def load_dataset(table_csv: Path, features_dir: Path, *, task: str, unit: Unit,
     if "study_id" not in columns or not columns & label_columns:
         raise ValueError(f"{Path(table_csv).name}: needs a study_id column and one of {sorted(label_columns)}")
     excluded: Counter[str] = Counter()
-    studies: list[tuple[int, int, str | None, list[dict]]] = []  # (table row, label, split, feature rows)
+    studies: list[tuple[int, int, str | None, list[dict[str, float | int | str]]]] = []  # (table row, label, split, feature rows)
     for number, record in enumerate(table, start=1):
         label = _label(record, spec, number)
         if label is None:
@@ -317,7 +317,7 @@ def load_dataset(table_csv: Path, features_dir: Path, *, task: str, unit: Unit,
         log.warning("%d stud%s left out: %s", count, "y" if count == 1 else "ies", reason)
     return Dataset(samples=samples, feature_names=list(samples[0]), y=np.array(labels, dtype=int),
                    groups=np.array(groups, dtype=int), table_rows=table_rows, sample_levels=sample_levels,
-                   split=None if splits[0] is None else splits, levels=tuple(levels), preset=preset,
+                   split=None if None in splits else [str(s) for s in splits], levels=tuple(levels), preset=preset,
                    preset_sha256=fingerprint, excluded=dict(excluded))
 
 

@@ -92,7 +92,7 @@ class L2StabilitySelector(SelectorMixin, BaseEstimator):
         return self
 
     def _get_support_mask(self) -> np.ndarray:
-        return self.support_
+        return np.asarray(self.support_, dtype=bool)
 
 
 class MRMRLassoSelector(SelectorMixin, BaseEstimator):
@@ -189,7 +189,7 @@ class MRMRLassoSelector(SelectorMixin, BaseEstimator):
         return self
 
     def _get_support_mask(self) -> np.ndarray:
-        return self.support_
+        return np.asarray(self.support_, dtype=bool)
 
 
 def _lasso(X: np.ndarray, y: np.ndarray, lam: float) -> LogisticRegression:
@@ -236,12 +236,12 @@ def mrmr_order(X: np.ndarray, y: np.ndarray, k: int) -> np.ndarray:
 def _standardise(X: np.ndarray) -> np.ndarray:
     """Columns centred and scaled to unit population SD; constant columns become 0."""
     sd = X.std(axis=0)
-    return (X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0)
+    return np.asarray((X - X.mean(axis=0)) / np.where(sd > 0, sd, 1.0))
 
 
 def _mutual_information(r: np.ndarray) -> np.ndarray:
     """Mutual information (nats) of bivariate normal variables with correlation ``r``."""
-    return -0.5 * np.log1p(-np.minimum(np.square(r), 1.0 - 1e-12))
+    return np.asarray(-0.5 * np.log1p(-np.minimum(np.square(r), 1.0 - 1e-12)))
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
