@@ -5,8 +5,8 @@ configured model is used only when its artifact passes the SHA-256 check and
 its task yields a bone-status category; otherwise the configured rule gives
 the status and the basis says why the model was not used.
 
-The artifact module (scikit-learn, joblib: some 3 s to import) is imported
-only when a model is configured.
+The artifact module (scikit-learn, joblib: seconds to import, bench/README.md)
+is imported only when a model is configured.
 """
 
 from __future__ import annotations
