@@ -267,7 +267,8 @@ def load_dataset(table_csv: Path, features_dir: Path, *, task: str, unit: Unit,
     if "study_id" not in columns or not columns & label_columns:
         raise ValueError(f"{Path(table_csv).name}: needs a study_id column and one of {sorted(label_columns)}")
     excluded: Counter[str] = Counter()
-    studies: list[tuple[int, int, str | None, list[dict[str, float | int | str]]]] = []  # (table row, label, split, feature rows)
+    # (table row, label, split, feature rows)
+    studies: list[tuple[int, int, str | None, list[dict[str, float | int | str]]]] = []
     for number, record in enumerate(table, start=1):
         label = _label(record, spec, number)
         if label is None:

@@ -5,8 +5,8 @@ the shared real CT: a localizer, the axial soft-kernel series, a thin
 bone-kernel series, a coronal reformat, an arterial-phase copy, an X-Ray
 Radiation Dose SR and a Secondary Capture with Modality CT. Exactly one SEG
 and one SR (plus key images and PDF) must come back, made from the axial
-soft-kernel series; re-sending the study must add nothing. Further tests: the fallback when the best series is not evaluable,
-and a study with no usable series (one not-evaluable SR naming each reason).
+soft-kernel series; re-sending the study must add nothing. Further tests: the fallback when
+the best series is not evaluable, and a study with no usable series (one not-evaluable SR naming each reason).
 """
 
 from __future__ import annotations

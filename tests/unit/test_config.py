@@ -35,7 +35,8 @@ def test_valid_file_gives_typed_settings(tmp_path):
 
 
 @pytest.mark.parametrize("line, expected", [
-    ('ae_title = "ABCDEFGHIJKLMNOPQ"', "ae_title: Value error, invalid AE title 'ABCDEFGHIJKLMNOPQ': must not exceed 16"),
+    ('ae_title = "ABCDEFGHIJKLMNOPQ"',
+     "ae_title: Value error, invalid AE title 'ABCDEFGHIJKLMNOPQ': must not exceed 16"),
     ('ae_title = "BAD\\\\AE"', "must not contain control characters or backslashes"),
     ('ae_title = "   "', "must not be empty"),
     ("port = 70000", "port: Input should be less than or equal to 65535"),

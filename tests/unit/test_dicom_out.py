@@ -416,8 +416,10 @@ def test_seg_reference_stands_for_the_seg_in_the_sr(axial):
     reference = seg_reference(case.series, case.segmentation)
     uids = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
     assert [reference[k].value for k in uids] == [seg[k].value for k in uids]
-    segments = lambda ds: [(int(i.SegmentNumber), i.SegmentLabel, i.TrackingUID, i.TrackingID)
-                           for i in ds.SegmentSequence]
+
+    def segments(ds):
+        return [(int(i.SegmentNumber), i.SegmentLabel, i.TrackingUID, i.TrackingID) for i in ds.SegmentSequence]
+
     assert segments(reference) == segments(seg) and len(segments(seg)) > 1
     early = build_sr(case.series, make_result(case.series), reference)
     assert early.SOPInstanceUID == sr.SOPInstanceUID
