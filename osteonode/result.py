@@ -15,6 +15,7 @@ from osteonode import __version__
 from osteonode.atomic import write_atomic
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
+ContrastPhaseName = Literal["non_contrast", "arterial", "portal_venous", "delayed", "unknown"]
 
 QualityFlag = Literal["cut_by_field_of_view", "heterogeneous", "mean_median_discordant",
                       "focal_lesion_excluded", "excluded_over_limit"]
@@ -82,7 +83,7 @@ class ContrastPhase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    phase: Literal["non_contrast", "arterial", "portal_venous", "delayed", "unknown"]
+    phase: ContrastPhaseName
     aorta_hu: float | None = None
     handling: str = Field(default="", description="correction applied, or why results are marked affected")
 

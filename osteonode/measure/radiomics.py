@@ -428,10 +428,9 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
     labels = segmentation.bodies if preset.roi == "bodies" else segmentation.trabecular
     if labels.shape != volume.hu.shape:
         raise ValueError(f"{preset.roi} label map shape {labels.shape} != volume shape {volume.hu.shape}")
-    bounds = None
-    if preset.intensity_rescale is not None:
-        r = preset.intensity_rescale
-        bounds = image_percentiles(volume.hu, (r.lower_percentile, r.upper_percentile))
+    rescale = preset.intensity_rescale
+    bounds = (None if rescale is None
+              else image_percentiles(volume.hu, (rescale.lower_percentile, rescale.upper_percentile)))
     boxes = ndimage.find_objects(labels)  # one pass: bounding box of every label value
     for level in (lv for lv in preset.levels if levels is None or lv in levels):
         vid = VERTEBRA_IDS[level]
@@ -446,8 +445,8 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
             log.info("radiomics %s: %s ROI has %d voxels, skipped", preset.name, level, voxel_count)
             continue
         hu = volume.hu[crop]
-        if bounds is not None:
-            hu = _rescale(hu, bounds, preset.intensity_rescale)
+        if rescale is not None and bounds is not None:
+            hu = _rescale(hu, bounds, rescale)
         yield _LevelCrop(level, voxel_count, _cropped_volume(volume, crop, hu), mask)
 
 
