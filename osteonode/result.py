@@ -13,9 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from osteonode import __version__
 from osteonode.atomic import write_atomic
+from osteonode.config import ContrastPhaseName
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
-ContrastPhaseName = Literal["non_contrast", "arterial", "portal_venous", "delayed", "unknown"]
 
 QualityFlag = Literal["cut_by_field_of_view", "heterogeneous", "mean_median_discordant",
                       "focal_lesion_excluded", "excluded_over_limit"]

@@ -38,7 +38,8 @@ from __future__ import annotations
 import logging
 
 from osteonode.measure.tissues import ReferenceTissues, measure_reference_tissues
-from osteonode.result import ContrastPhase, ContrastPhaseName
+from osteonode.config import ContrastPhaseName
+from osteonode.result import ContrastPhase
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
 
