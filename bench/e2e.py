@@ -133,9 +133,11 @@ def main() -> None:
             print(f"run {repeat + 1}{' (cold)' if repeat == 0 else ''}: {len(files)} instances sent in "
                   f"{run['send']:.1f} s; completion (last instance + {q:.1f} s quiet) -> SR in Orthanc "
                   f"{run['sr'] - q:.1f} s, -> all results {run['all'] - q:.1f} s")
-            print(f"  to the SR {sum(critical.values()):.1f} s ({', '.join(f'{k} {v:.2f}' for k, v in critical.items())});"
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in critical.items())
+            print(f"  to the SR {sum(critical.values()):.1f} s ({stages});"
                   f" rest to SR (completion poll, queue, delivery) {run['sr'] - q - sum(critical.values()):.1f} s")
-            print(f"  after the SR {sum(follow_up.values()):.1f} s ({', '.join(f'{k} {v:.2f}' for k, v in follow_up.items())})")
+            stages = ", ".join(f"{k} {v:.2f}" for k, v in follow_up.items())
+            print(f"  after the SR {sum(follow_up.values()):.1f} s ({stages})")
         warm = runs[1:] or runs
         send, sr, everything = (median([r[k] for r in warm]) for k in ("send", "sr", "all"))
         print(f"\nmedians of {len(warm)} warm run(s), grid {args.grid}, radiomics_export {args.radiomics_export}:")

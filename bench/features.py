@@ -20,6 +20,11 @@ processes (this process, which holds the CT and its segmentation, plus the
 forkserver and the workers; the sum of the peaks of the processes alive
 together, an upper bound: ``TreePeak``).
 
+Ends with a check of the regression bounds (formerly a test in the unit suite;
+generous, for a shared 2-core machine): the 1-process median at most
+``MAX_S_PER_VERTEBRA`` s per vertebra and the peak at most ``MAX_PEAK_MIB``;
+exits 1 when a bound is exceeded.
+
 Usage: python bench/features.py [--repeats 5] [--grids native thin grid512]
 (the file is not called radiomics.py: run as a script, bench/ comes first on
 ``sys.path`` and would hide the pyradiomics package).
@@ -45,6 +50,9 @@ from osteonode.segment.spine import segment_spine  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
 
 GRIDS = ("native", "thin", "grid512")
+#: Regression bounds, 1 process, s per vertebra (the 512 grid has none).
+MAX_S_PER_VERTEBRA = {"native": 3.0, "thin": 8.0}
+MAX_PEAK_MIB = 2048
 
 
 def load(grid: str) -> Volume:
@@ -89,6 +97,7 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     print(f"seed000, L1-L4, {args.repeats} runs each, medians (s per vertebra; ratio to the reference)")
     print(f"{'grid':8} {'shape':>14} {'2 processes':>16} {'1 process':>16} {'reference':>10} {'peak MiB':>9}")
+    exceeded = []
     for grid in args.grids:
         queue = ctx.Queue()
         proc = ctx.Process(target=run_grid, args=(grid, args.repeats, queue))
@@ -97,6 +106,12 @@ def main() -> None:
         proc.join()
         print(f"{name:8} {'x'.join(map(str, shape)):>14} {parallel:8.2f} ({parallel / ref:4.2f}) "
               f"{serial:8.2f} ({serial / ref:4.2f}) {ref:10.2f} {peak:9.0f}")
+        if serial > MAX_S_PER_VERTEBRA.get(name, float("inf")):
+            exceeded.append(f"{name}: {serial:.2f} s per vertebra > {MAX_S_PER_VERTEBRA[name]} s")
+        if peak > MAX_PEAK_MIB:
+            exceeded.append(f"{name}: peak {peak:.0f} MiB > {MAX_PEAK_MIB} MiB")
+    print("bounds: " + ("; ".join(exceeded) if exceeded else "PASS"))
+    sys.exit(1 if exceeded else 0)
 
 
 if __name__ == "__main__":

@@ -39,13 +39,11 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import resource
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +51,7 @@ import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import median, series_512  # noqa: E402
 
 from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
@@ -61,53 +60,18 @@ from osteonode.segment.femur import segment_proximal_femurs  # noqa: E402
 from osteonode.segment.frame import canonical_view  # noqa: E402
 from osteonode.segment.spine import segment_spine  # noqa: E402
 from osteonode.volume import Volume, load_series  # noqa: E402
+# References, example_image and load_references are also imported from here by the other benches
+from tests.ctdata import CTA, J2K_DIR, References, example_image, load_references  # noqa: E402, F401
 
-DATA = Path(os.environ.get("OSTEONODE_TEST_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"))
-ABDOMEN = DATA / "totalseg-example-abdomen"
-J2K_DIR = DATA / "totalseg-example-dicom" / "dicom"
-CTA = DATA / "totalseg-thoracic-cta-crop" / "ct_cropped.nii.gz"
 #: VerSe ID -> TotalSegmentator v2 vertebra ID in ``ref_v2_spine_vertebrae``.
 REF_V2_ID = {VERTEBRA_IDS[n]: i for n, i in (("T12", 32), ("L1", 31), ("L2", 30), ("L3", 29), ("L4", 28),
                                              ("L5", 27))}
 LUMBAR = tuple(VERTEBRA_IDS[n] for n in ("L1", "L2", "L3", "L4"))
-REF_FEMUR_RIGHT = 89  # TotalSegmentator v1 femur_right
 FEMUR_RIGHT = 90
 #: Below this label confidence a wrong level counts as flagged uncertain.
 UNCERTAIN = 0.5
 THIN_MM = (0.8, 0.8, 1.25)
 NOISE_HU = 35.0
-
-
-@dataclass(frozen=True)
-class References:
-    """Reference masks on the reference grid ``(z, y, x)``."""
-
-    image: sitk.Image  # the reference grid
-    vertebrae: np.ndarray  # v2 vertebra IDs
-    body: np.ndarray  # 1 = vertebral body, 2 = disc
-    femur_right: np.ndarray  # bool
-
-
-REFERENCE_FILES = ("example_ct.nii.gz", "ref_v2_spine_vertebrae.nii.gz", "ref_v2_vertebrae_body.nii.gz",
-                   "ref_v1_multilabel_seg.nii.gz")
-
-
-def load_references(check: Callable[[Path], Path] = Path) -> References:
-    """Read the reference masks of the example CT, passing each file through ``check`` first.
-
-    ``check`` is e.g. the tests' ``require_data``, which fails when a file is missing.
-    """
-    for name in REFERENCE_FILES:
-        check(ABDOMEN / name)
-    image = sitk.ReadImage(str(ABDOMEN / "ref_v2_spine_vertebrae.nii.gz"))
-    body = sitk.GetArrayFromImage(sitk.ReadImage(str(ABDOMEN / "ref_v2_vertebrae_body.nii.gz")))
-    v1 = sitk.GetArrayFromImage(sitk.ReadImage(str(ABDOMEN / "ref_v1_multilabel_seg.nii.gz")))
-    return References(image, sitk.GetArrayFromImage(image), body, v1 == REF_FEMUR_RIGHT)
-
-
-def example_image() -> sitk.Image:
-    """The example CT (3 mm, HU)."""
-    return sitk.ReadImage(str(ABDOMEN / "example_ct.nii.gz"))
 
 
 def thin(image: sitk.Image, spacing: tuple[float, float, float] = THIN_MM) -> Volume:

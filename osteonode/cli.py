@@ -115,7 +115,7 @@ def _analysis_problems(settings: Settings) -> list[str]:
         except RadiomicsParamsError as exc:
             problems.append(f"analysis.radiomics_preset: {exc}")
     if settings.analysis.model is not None:
-        from osteonode.classify.model import ModelArtifactError, load_model
+        from osteonode.classify.artifact import ModelArtifactError, load_model
         try:
             load_model(settings.analysis.model.path, settings.analysis.model.sha256)
         except ModelArtifactError as exc:

@@ -4,6 +4,10 @@ The real CT shipped for development is NIfTI; PACS traffic is DICOM. This
 module turns a SimpleITK image in HU into a dciodvfy-clean single-frame CT
 Image Storage series (PS3.3 A.3): int16 stored values with a rescale to HU,
 full Image Plane geometry in LPS, one file per slice.
+
+It ships in the runtime package because ``osteonode demo`` (a command of the
+installed node, :mod:`osteonode.demo`) converts a NIfTI CT with it before
+sending the series by C-STORE; the tests and benchmarks reuse it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ class RedactValues(logging.Filter):
         message = _UID_LIKE.sub("<uid>", _QUOTED.sub("'<value>'", record.getMessage()))
         record.msg, record.args = message, None
         if record.exc_info:  # a traceback may quote values too; keep the class only
-            record.msg = f"{message} ({record.exc_info[0].__name__})"
+            # exc_info=True outside an except block gives (None, None, None)
+            if record.exc_info[0] is not None:
+                record.msg = f"{message} ({record.exc_info[0].__name__})"
             record.exc_info, record.exc_text = None, None
         return True
 

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from osteonode import __version__
 from osteonode.atomic import write_atomic
+from osteonode.config import ContrastPhaseName
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
@@ -82,7 +83,7 @@ class ContrastPhase(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    phase: Literal["non_contrast", "arterial", "portal_venous", "delayed", "unknown"]
+    phase: ContrastPhaseName
     aorta_hu: float | None = None
     handling: str = Field(default="", description="correction applied, or why results are marked affected")
 

@@ -1,8 +1,17 @@
-"""Shared test data: the real CT from ../shared/data/ct (never copied into the repo)."""
+"""Shared test data, and the test tiers.
+
+Tiers: a test is ``integration`` when it needs the shared real CT
+(``../shared/data/ct``, never copied into the repository), a tool or service
+installed from Debian packages (dcmtk, dicom3tools, Orthanc, Redis, Chromium,
+poppler) or takes long. Everything under ``tests/integration`` is, and so is
+any test that uses one of :data:`INTEGRATION_FIXTURES` (directly or through
+another fixture); other tests that need such a tool carry
+``@pytest.mark.integration`` (or a module ``pytestmark``). The fast tier is
+``pytest -m "not integration"`` (README).
+"""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -12,11 +21,21 @@ import SimpleITK as sitk
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, XRayRadiationDoseSRStorage, generate_uid
 
 from osteonode.ctseries import read_image, write_ct_series
+from tests.ctdata import ABDOMEN_NIFTI, DATA, J2K_DIR  # noqa: F401  (DATA: imported from here by tests)
 
-DATA = Path(os.environ.get("OSTEONODE_TEST_DATA",
-                           Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct"))
-ABDOMEN_NIFTI = DATA / "totalseg-example-abdomen" / "example_ct.nii.gz"
-J2K_DIR = DATA / "totalseg-example-dicom" / "dicom"
+#: Fixtures that read the shared real CT or run a service: a test using one is ``integration``.
+INTEGRATION_FIXTURES = frozenset({"abdomen_series", "j2k_series", "study", "refs", "volume",
+                                  "redis_server", "orthanc", "storescp"})
+_INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark ``integration`` every test under tests/integration and every test using an integration fixture."""
+    for item in items:
+        if item.path.is_relative_to(_INTEGRATION_DIR) or INTEGRATION_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
 #: Patient of the multi-series ``study`` fixture (synthetic identity).
 STUDY_PATIENT = {"patient_name": "STUDY^TEST", "patient_id": "OSTEO-STUDY-1"}
 

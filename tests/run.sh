@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything the tests need on a fresh Debian machine, then runs them.
 # System packages: redis-server, orthanc, dcmtk, dicom3tools, chromium (needs root for apt-get).
-# Python: a venv in .venv with `pip install .[test]`.
+# Python: a venv in .venv with `pip install .[test,lint]`; ruff and mypy run first and fail on any finding.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then
@@ -15,5 +15,7 @@ fi
 (systemctl stop orthanc redis-server 2>/dev/null || service orthanc stop 2>/dev/null || true) >/dev/null 2>&1
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q ".[test]"
+.venv/bin/pip install -q ".[test,lint]"
+.venv/bin/ruff check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -ra --timeout 900 "$@"

@@ -5,8 +5,8 @@ configured model is used only when its artifact passes the SHA-256 check and
 its task yields a bone-status category; otherwise the configured rule gives
 the status and the basis says why the model was not used.
 
-The model module (scikit-learn, pyradiomics: some 2 s to import) is imported
-only when a model is configured.
+The artifact module (scikit-learn, joblib: seconds to import, bench/README.md)
+is imported only when a model is configured.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def classify_bone_status(levels: dict[str, LevelResult], feature_rows: Sequence[
     status = RULES[settings.bone_status_rule](levels)
     if settings.model is None:
         return status
-    from osteonode.classify.model import ModelArtifactError, load_model
+    from osteonode.classify.artifact import ModelArtifactError, load_model
     try:
         model = load_model(settings.model.path, settings.model.sha256)
         positive, negative = model.metadata["positive_class"], model.metadata["negative_class"]

@@ -14,7 +14,7 @@ Quantitative Computed Tomography (QCT), 2018: spine trabecular vBMD
 
 from __future__ import annotations
 
-from osteonode.result import BoneStatus, LevelResult
+from osteonode.result import BoneCategory, BoneStatus, LevelResult
 
 PICKHARDT_OSTEOPOROSIS_MAX_HU = 110.0
 PICKHARDT_NORMAL_MIN_HU = 160.0
@@ -56,6 +56,7 @@ def classify_l1_hu(levels: dict[str, LevelResult]) -> BoneStatus:
                                 "(fracture or focal lesions over the limit)")
     level = levels[name]
     hu = level.trabecular_hu_mean
+    category: BoneCategory
     if hu <= PICKHARDT_OSTEOPOROSIS_MAX_HU:
         category, rule = "osteoporosis", f"<= {PICKHARDT_OSTEOPOROSIS_MAX_HU:g} HU: likely osteoporosis"
     elif hu >= PICKHARDT_NORMAL_MIN_HU:
@@ -115,7 +116,8 @@ def classify_acr_vbmd(levels: dict[str, LevelResult]) -> BoneStatus:
     if not used:
         return BoneStatus(category="indeterminate",
                           basis=f"no calibrated vBMD of L1-L4 without suspected fracture ({ACR_CITATION})")
-    vbmd = sum(levels[name].vbmd_mg_cm3 for name in used) / len(used)
+    vbmd = sum(levels[name].vbmd_mg_cm3 or 0.0 for name in used) / len(used)  # used: vBMD not None
+    category: BoneCategory
     if vbmd > ACR_NORMAL_MIN_MG_CM3:
         category, rule = "normal", f"> {ACR_NORMAL_MIN_MG_CM3:g} mg/cm3: normal"
     elif vbmd < ACR_OSTEOPOROSIS_MAX_MG_CM3:

@@ -1,7 +1,7 @@
 """Training radiomics classifiers that replicate the seed papers, with honest validation.
 
 Input: a study table with labels and the per-study radiomics feature tables
-(:func:`osteonode.classify.evaluate.load_dataset`). Pipelines (scikit-learn):
+(:func:`osteonode.classify.dataset.load_dataset`). Pipelines (scikit-learn):
 
 1. drop features that are constant in the training data, z-score
    standardisation (Xue 2022; "preProcess" centring and scaling in seed 001;
@@ -11,10 +11,10 @@ Input: a study table with labels and the per-study radiomics feature tables
    * ``"lr_stability"`` -- seed 000 (Xue Z et al., BMC Musculoskelet Disord
      2022;23:336): L2 logistic regression, mean-coefficient threshold, at most
      150 features, stable over 5 folds, |r| > 0.95 redundancy removed
-     (:class:`~osteonode.classify.model.L2StabilitySelector`), or
+     (:class:`~osteonode.classify.selectors.L2StabilitySelector`), or
    * ``"mrmr_lasso"`` -- seeds 001 and 002: mRMR top 25, then LASSO logistic
      regression with 10-fold CV and the 1-SE rule
-     (:class:`~osteonode.classify.model.MRMRLassoSelector`);
+     (:class:`~osteonode.classify.selectors.MRMRLassoSelector`);
 
 3. a classifier: ``"rf"`` random forest, ``"svm"`` (RBF, Platt-scaled
    probabilities), ``"knn"`` (k = 5) -- the three of seed 000 -- or
@@ -42,6 +42,7 @@ identifiers) and ``roc.png``.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import platform
@@ -64,12 +65,16 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
 from osteonode import __version__
-from osteonode.classify.evaluate import (DEFAULT_THRESHOLD, TASKS, Dataset, binary_metrics, load_dataset,
-                                         plot_roc, write_predictions)
-from osteonode.classify.model import L2StabilitySelector, MRMRLassoSelector, Unit, save_model, to_matrix
-from osteonode.measure.radiomics import PYRADIOMICS_VERSION
+from osteonode.classify.artifact import save_model
+from osteonode.classify.dataset import TASKS, Dataset, Unit, load_dataset, to_matrix
+from osteonode.classify.evaluate import write_predictions
+from osteonode.classify.metrics import DEFAULT_THRESHOLD, binary_metrics, plot_roc
+from osteonode.classify.selectors import L2StabilitySelector, MRMRLassoSelector
 
 log = logging.getLogger(__name__)
+
+#: The installed distribution of pyradiomics (pyproject), whose version the model card records.
+PYRADIOMICS_DISTRIBUTION = "pyradiomics-bhklab"
 
 PIPELINES = {
     "lr_stability": "z-score; L2 logistic regression selection (mean |coef| threshold, <= 150 features, stable "
@@ -98,11 +103,11 @@ class TrainReport:
     model_path : pathlib.Path
         The artifact (joblib).
     sha256 : str
-        Hex SHA-256 of the artifact (pass it to :func:`~osteonode.classify.model.load_model`).
+        Hex SHA-256 of the artifact (pass it to :func:`~osteonode.classify.artifact.load_model`).
     validation : str
         ``"cv"`` or ``"holdout"``.
     metrics : dict
-        :func:`~osteonode.classify.evaluate.binary_metrics` of the out-of-fold
+        :func:`~osteonode.classify.metrics.binary_metrics` of the out-of-fold
         predictions (``cv``) or of the test split (``holdout``).
     train_metrics : dict or None
         Apparent performance on the training split (``holdout`` only).
@@ -176,7 +181,7 @@ def train(table_csv: Path, features_dir: Path, out_dir: Path, *, provenance: str
     Parameters
     ----------
     table_csv : pathlib.Path
-        Study table with labels (:func:`~osteonode.classify.evaluate.load_dataset`).
+        Study table with labels (:func:`~osteonode.classify.dataset.load_dataset`).
     features_dir : pathlib.Path
         Base folder of the per-study feature tables.
     out_dir : pathlib.Path
@@ -185,7 +190,7 @@ def train(table_csv: Path, features_dir: Path, out_dir: Path, *, provenance: str
         Where the training data come from, in words, for the model card
         (institution, period, scanner, label source); must not be empty.
     task : str
-        A key of :data:`osteonode.classify.evaluate.TASKS`.
+        A key of :data:`osteonode.classify.dataset.TASKS`.
     pipeline : {"lr_stability", "mrmr_lasso"}
         Feature selection (module docstring).
     classifier : {"rf", "svm", "knn", "logistic"}
@@ -208,7 +213,7 @@ def train(table_csv: Path, features_dir: Path, out_dir: Path, *, provenance: str
     ------
     ValueError
         Unknown option, empty ``provenance``, too few studies of a class for
-        the validation, or any reason of :func:`~osteonode.classify.evaluate.load_dataset`.
+        the validation, or any reason of :func:`~osteonode.classify.dataset.load_dataset`.
     """
     if not provenance.strip():
         raise ValueError("describe the training data's provenance for the model card")
@@ -339,7 +344,8 @@ def _model_card(metadata: dict[str, Any], model_path: Path, sha256: str, created
                                                  f"stratified {HOLDOUT_TEST_FRACTION:.0%} test") + ")"),
                        "metrics": metrics, "train_metrics": train_metrics},
         "software": {"osteonode": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__,
-                     "pyradiomics": PYRADIOMICS_VERSION, "python": platform.python_version()},
+                     "pyradiomics": importlib.metadata.version(PYRADIOMICS_DISTRIBUTION),
+                     "python": platform.python_version()},
     }
 
 

@@ -219,7 +219,7 @@ def seg_reference(series: Series, segmentation: SpineSegmentation) -> pydicom.Da
 
     The SR (:func:`osteonode.dicom_out.sr.build_sr`) refers to the SEG's
     instance and segments; with this stand-in it can be built, and sent,
-    before the SEG's frames are encoded (some 4 s of a 458 x 379 x 269 CT).
+    before the SEG's frames are encoded (seconds for a thin-slice CT: bench/README.md).
 
     Parameters
     ----------

@@ -6,9 +6,10 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
 * Row 1-4: title (126000, DCM, "Imaging Measurement Report"), language
   (TID 1204), observation context with osteonode as device observer
   (TID 1001/1004), procedure reported (25045-6, LN, "CT unspecified body region").
-* Row 5: no Image Library (TID 1600, optional): highdicom builds it at about
-  25 ms per source image, 8 s for a 300-slice series; the source images are
-  listed in the evidence (Current Requested Procedure Evidence Sequence).
+* Row 5: no Image Library (TID 1600, optional): highdicom builds it source
+  image by source image, seconds for a 300-slice series (bench/README.md,
+  "Figures behind design choices"); the source images are listed in the
+  evidence (Current Requested Procedure Evidence Sequence).
 * Row 6: Imaging Measurements, with
 
   - evaluable series: two TID 1411 "Volumetric ROI Measurements" groups per

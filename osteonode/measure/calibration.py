@@ -200,12 +200,12 @@ def apply_calibration(levels: dict[str, LevelResult], calibration: Calibration,
         Copies of ``levels`` with ``vbmd_mg_cm3`` (mg/cm³ HA, 1 decimal) set;
         ``None`` when the calibration is not plausible.
     """
-    usable = calibration.plausible and calibration.slope_mg_cm3_per_hu is not None
+    slope, intercept = calibration.slope_mg_cm3_per_hu, calibration.intercept_mg_cm3
     out = {}
     for name, level in levels.items():
         vbmd = None
-        if usable:
+        if calibration.plausible and slope is not None and intercept is not None:
             hu = unenhanced_equivalent_hu(level.trabecular_hu_mean, contrast)
-            vbmd = round(calibration.slope_mg_cm3_per_hu * hu + calibration.intercept_mg_cm3, 1)
+            vbmd = round(slope * hu + intercept, 1)
         out[name] = level.model_copy(update={"vbmd_mg_cm3": vbmd})
     return out

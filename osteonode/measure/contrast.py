@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 
 from osteonode.measure.tissues import ReferenceTissues, measure_reference_tissues
+from osteonode.config import ContrastPhaseName
 from osteonode.result import ContrastPhase
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
@@ -77,6 +78,7 @@ def classify_phase(aorta_hu: float | None) -> ContrastPhase:
     if aorta_hu < NON_CONTRAST_MAX_HU:
         return ContrastPhase(phase="non_contrast", aorta_hu=aorta_hu, handling="no contrast correction needed")
     calibration = "calibration uses air and fat only (blood and muscle enhance)"
+    phase: ContrastPhaseName
     if aorta_hu < DELAYED_MAX_HU:
         phase = "delayed"
     elif aorta_hu < PORTAL_VENOUS_MAX_HU:

@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, REPORTED_LEVELS, VERTEBRA_IDS
 from osteonode.result import LevelResult, ProximalFemurResult
-from osteonode.segment import FemurSegmentation, SpineSegmentation
+from osteonode.segment import FemurSegmentation, Side, SpineSegmentation
 from osteonode.segment.frame import bounding_box
 from osteonode.volume import Volume
 
@@ -116,7 +116,7 @@ def measure_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str,
 
 
 def measure_proximal_femurs(volume: Volume, femurs: FemurSegmentation | None
-                            ) -> dict[str, ProximalFemurResult]:
+                            ) -> dict[Side, ProximalFemurResult]:
     """Status, volume (mm³) and mean HU of each side's proximal femur (90 right, 91 left).
 
     Parameters
@@ -131,7 +131,8 @@ def measure_proximal_femurs(volume: Volume, femurs: FemurSegmentation | None
         return {}
     voxel_mm3 = float(np.prod(volume.spacing))
     out = {}
-    for side, label in (("right", FEMUR_RIGHT), ("left", FEMUR_LEFT)):
+    sides: tuple[tuple[Side, int], ...] = (("right", FEMUR_RIGHT), ("left", FEMUR_LEFT))
+    for side, label in sides:
         outcome = femurs.sides.get(side)
         if outcome is None:
             continue

@@ -67,7 +67,6 @@ from typing import Literal
 import billiard
 import numpy as np
 import pykwalify.errors
-import radiomics
 import ruamel.yaml.error
 import SimpleITK as sitk
 from billiard.einfo import ExceptionWithTraceback
@@ -84,8 +83,6 @@ from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
 
-#: pyradiomics version, for model cards and provenance.
-PYRADIOMICS_VERSION = radiomics.__version__
 PRESETS_FILE = "presets.json"
 #: Columns of a feature table that are not features, in this order.
 _ROI_KINDS = ("bodies", "trabecular")
@@ -109,8 +106,8 @@ def _bin_edges(parameterValues, **kwargs):  # noqa: N803 (pyradiomics' signature
 
     With a bin width, pyradiomics computes the edges from ``min(values)`` and
     ``max(values)`` using Python's built-in ``min``/``max``, which walk a numpy
-    array element by element: 0.5 s of the 2.7 s per vertebra of ``seed000`` on
-    a 0.8 x 0.8 x 1.25 mm CT (6 binnings x 13 images). Handing it the two-element
+    array element by element, a sizeable part of ``seed000``'s time per vertebra
+    on a thin-slice CT (6 binnings x 13 images; bench/README.md). Handing it the two-element
     array ``[min, max]`` (numpy's reductions) gives the same edges with the same
     code; with ``binCount`` (a histogram of all values) the values go through
     unchanged. Installed in ``radiomics.imageoperations`` by
@@ -383,8 +380,8 @@ def _extract_in_workers(preset: Preset, params_dir: Path | None, crops: Iterator
 def start_worker_pool(processes: int) -> None:
     """Start this process's pool of ``processes`` radiomics workers in the background; 1: nothing to start.
 
-    The first start imports pyradiomics in the forkserver (about 1 s): started
-    when an analysis begins, it is done by the time the levels are segmented.
+    The first start imports pyradiomics in the forkserver (bench/README.md):
+    started when an analysis begins, it is done by the time the levels are segmented.
     """
     if processes > 1:
         threading.Thread(target=_worker_pool, args=(processes,), name="radiomics-pool-start", daemon=True).start()
@@ -397,8 +394,9 @@ _pools_lock = threading.Lock()
 def _worker_pool(processes: int) -> billiard.pool.Pool:
     """This process's pool of ``processes`` radiomics workers: started on first use, then kept.
 
-    Kept because starting and stopping a billiard pool costs 0.5-1.5 s (its
-    threads poll at up to 1 s), a quarter of a 512 x 512 x 300 CT's extraction.
+    Kept because starting and stopping a billiard pool costs its polling
+    threads' interval (up to 1 s) each time, a large part of a thin-slice CT's
+    extraction (bench/README.md).
     Idle workers hold little of their own memory: they are forked from the
     forkserver, which has pyradiomics imported, and numpy returns the large
     arrays of a finished level to the system. billiard replaces a worker that
@@ -430,10 +428,9 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
     labels = segmentation.bodies if preset.roi == "bodies" else segmentation.trabecular
     if labels.shape != volume.hu.shape:
         raise ValueError(f"{preset.roi} label map shape {labels.shape} != volume shape {volume.hu.shape}")
-    bounds = None
-    if preset.intensity_rescale is not None:
-        r = preset.intensity_rescale
-        bounds = image_percentiles(volume.hu, (r.lower_percentile, r.upper_percentile))
+    rescale = preset.intensity_rescale
+    bounds = (None if rescale is None
+              else image_percentiles(volume.hu, (rescale.lower_percentile, rescale.upper_percentile)))
     boxes = ndimage.find_objects(labels)  # one pass: bounding box of every label value
     for level in (lv for lv in preset.levels if levels is None or lv in levels):
         vid = VERTEBRA_IDS[level]
@@ -448,8 +445,8 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
             log.info("radiomics %s: %s ROI has %d voxels, skipped", preset.name, level, voxel_count)
             continue
         hu = volume.hu[crop]
-        if bounds is not None:
-            hu = _rescale(hu, bounds, preset.intensity_rescale)
+        if rescale is not None and bounds is not None:
+            hu = _rescale(hu, bounds, rescale)
         yield _LevelCrop(level, voxel_count, _cropped_volume(volume, crop, hu), mask)
 
 
@@ -460,7 +457,7 @@ def _extract(extractor: RadiomicsFeatureExtractor, image: Volume, mask: np.ndarr
 
 
 def _extract_in_worker(params: str, params_dir: Path | None, image: Volume, mask: np.ndarray) -> dict[str, float]:
-    """:func:`_extract` in a worker process, with the preset loaded there (26 ms)."""
+    """:func:`_extract` in a worker process, with the preset loaded there."""
     return _extract(load_preset(params, params_dir)[1], image, mask)
 
 
@@ -472,7 +469,7 @@ def _init_worker() -> None:
 def _process_context() -> billiard.context.BaseContext:
     """billiard's ``forkserver`` context, whose server has imported this module and the main one.
 
-    The server starts once per process (0.8 s); the workers it forks find
+    The server starts once per process; the workers it forks find
     pyradiomics and the program's main module imported.
 
     billiard is Celery's fork of :mod:`multiprocessing`: unlike it, it lets the

@@ -47,15 +47,17 @@ def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
         assert level["trabecular_voxel_count"] > 0 and level["trabecular_roi_volume_mm3"] > 0
     assert result["bone_status"]["category"] in ("normal", "osteopenia", "osteoporosis", "indeterminate")
     assert "Pickhardt" in result["bone_status"]["basis"]
-    assert {"load", "segment", "measure", "classify", "encode_sr", "encode_seg", "key_images", "pdf", "radiomics"} <= set(
-        result["timings_s"])
+    assert {"load", "segment", "measure", "classify", "encode_sr", "encode_seg", "key_images", "pdf",
+            "radiomics"} <= set(result["timings_s"])
     # labels.nii.gz lies on the source CT's voxel grid (the same voxel centres in patient space;
     # the index order may differ), with VerSe IDs
     labels = sitk.ReadImage(str(tmp_path / "labels.nii.gz"))
     source = sitk.ReadImage([str(p) for p in abdomen_series])
     assert sorted(labels.GetSize()) == sorted(source.GetSize())
-    corners = lambda im: sorted(tuple(np.round(im.TransformIndexToPhysicalPoint(
-        [c * (n - 1) for c, n in zip(corner, im.GetSize())]), 2)) for corner in np.ndindex(2, 2, 2))
+    def corners(im):
+        return sorted(tuple(np.round(im.TransformIndexToPhysicalPoint(
+            [c * (n - 1) for c, n in zip(corner, im.GetSize())]), 2)) for corner in np.ndindex(2, 2, 2))
+
     assert corners(labels) == corners(source)
     on_source = sitk.Resample(labels, source, sitk.Transform(), sitk.sitkNearestNeighbor)
     np.testing.assert_array_equal(np.sort(sitk.GetArrayFromImage(on_source).ravel()),
@@ -66,7 +68,8 @@ def test_analyze_real_ct_writes_all_outputs(abdomen_series, tmp_path):
     femur = result["proximal_femur"]
     assert femur["right"]["status"] == "segmented" and femur["right"]["volume_mm3"] > 0
     assert femur["left"]["status"] == "excluded" and "metal" in femur["left"]["reason"]
-    assert "Right proximal femur" in {str(s.SegmentLabel) for s in pydicom.dcmread(tmp_path / "seg.dcm").SegmentSequence}
+    segment_labels = {str(s.SegmentLabel) for s in pydicom.dcmread(tmp_path / "seg.dcm").SegmentSequence}
+    assert "Right proximal femur" in segment_labels
     # the other outputs of an evaluable series
     for name in ("key_1.dcm", "key_2.dcm", "report.dcm", "radiomics.csv"):
         assert (tmp_path / name).is_file()

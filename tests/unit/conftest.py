@@ -1,16 +1,16 @@
-"""Real-CT fixtures shared by the segmentation tests (one load per test session)."""
+"""Real-CT fixtures shared by the segmentation tests (one load per test session; ``integration``)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.segmentation import example_image, load_references
 from osteonode.volume import Volume
 from tests.conftest import require_data
+from tests.ctdata import References, example_image, load_references
 
 
 @pytest.fixture(scope="session")
-def refs():
+def refs() -> References:
     """Reference masks of the example abdomen CT (TotalSegmentator output; for measuring only)."""
     return load_references(require_data)
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from osteonode.cli import app
@@ -108,6 +109,7 @@ def test_a_missing_config_file_is_one_line_without_traceback(tmp_path):
         assert run.stderr.strip() == f"config file not found: {tmp_path / 'missing.toml'}"
 
 
+@pytest.mark.integration
 def test_analyze_skips_non_dicom_fills_empty_uids_and_writes_private_files(tmp_path, monkeypatch):
     """The real JPEG 2000 series has empty UIDs; a readme.txt beside it is skipped with a count."""
     from tests.conftest import J2K_DIR, require_data

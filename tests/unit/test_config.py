@@ -36,7 +36,8 @@ def test_valid_file_gives_typed_settings(tmp_path):
 
 
 @pytest.mark.parametrize("line, expected", [
-    ('ae_title = "ABCDEFGHIJKLMNOPQ"', "ae_title: Value error, invalid AE title 'ABCDEFGHIJKLMNOPQ': must not exceed 16"),
+    ('ae_title = "ABCDEFGHIJKLMNOPQ"',
+     "ae_title: Value error, invalid AE title 'ABCDEFGHIJKLMNOPQ': must not exceed 16"),
     ('ae_title = "BAD\\\\AE"', "must not contain control characters or backslashes"),
     ('ae_title = "   "', "must not be empty"),
     ('ae_title = "TAB\\tAE"', "must not contain control characters"),

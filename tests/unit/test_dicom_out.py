@@ -337,6 +337,7 @@ def test_only_standard_coding_schemes_are_used(axial):
     assert set().union(*map(schemes, templates)) <= STANDARD_SCHEMES
 
 
+@pytest.mark.integration
 def test_seg_and_sr_pass_dciodvfy_without_warnings_and_dsrdump(axial, tmp_path):
     _, seg, sr = axial
     assert_valid(seg, tmp_path / "seg.dcm")
@@ -351,6 +352,7 @@ def test_seg_and_sr_pass_dciodvfy_without_warnings_and_dsrdump(axial, tmp_path):
     assert "Osteopenia" in proc.stdout
 
 
+@pytest.mark.integration
 def test_not_evaluable_sr_is_valid_and_references_the_source(tmp_path):
     case = make_case(tmp_path, DIRECTIONS["axial_hfs"])
     result = AnalysisResult.not_evaluable("no lumbar vertebra could be identified",
@@ -377,6 +379,7 @@ def test_not_evaluable_sr_is_valid_and_references_the_source(tmp_path):
     assert comments == ["not evaluable: no lumbar vertebra could be identified"]  # the reason, once
 
 
+@pytest.mark.integration
 def test_not_evaluable_sr_from_bare_headers_without_type2_attributes(tmp_path):
     """The pipeline reports on headers it could not load as a volume; anonymised data lack Type 2 values."""
     case = make_case(tmp_path, DIRECTIONS["axial_reversed_slices"])
@@ -413,8 +416,10 @@ def test_seg_reference_stands_for_the_seg_in_the_sr(axial):
     reference = seg_reference(case.series, case.segmentation)
     uids = ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID")
     assert [reference[k].value for k in uids] == [seg[k].value for k in uids]
-    segments = lambda ds: [(int(i.SegmentNumber), i.SegmentLabel, i.TrackingUID, i.TrackingID)
-                           for i in ds.SegmentSequence]
+
+    def segments(ds):
+        return [(int(i.SegmentNumber), i.SegmentLabel, i.TrackingUID, i.TrackingID) for i in ds.SegmentSequence]
+
     assert segments(reference) == segments(seg) and len(segments(seg)) > 1
     early = build_sr(case.series, make_result(case.series), reference)
     assert early.SOPInstanceUID == sr.SOPInstanceUID
@@ -524,12 +529,14 @@ def test_seg_rejects_unknown_label(axial):
         build_seg(case.series, SpineSegmentation(bodies=bodies, trabecular=bodies))
 
 
+@pytest.mark.integration
 def test_validators_are_installed():
     """The validators are part of the test environment; their absence is a failure, not a skip."""
     for tool in (DCIODVFY, DSRDUMP, PDFTOTEXT, PDFINFO):
         require_tool(tool)
 
 
+@pytest.mark.integration
 def test_optional_identity_attributes_are_carried_into_every_output(tmp_path):
     """Issuer of Patient ID, study description and de-identification status follow the source."""
     updates = {"IssuerOfPatientID": "HOSPITAL-A", "StudyDescription": "CT ABDOMEN", "PatientIdentityRemoved": "YES",
@@ -692,6 +699,7 @@ def test_sr_codes_every_contrast_phase(axial, phase, value):
     assert _children(contrast)[COMMENT].TextValue == f"contrast phase: {sr_module.CONTRAST_PHASE_NAMES[phase]}"
 
 
+@pytest.mark.integration
 def test_complete_sr_passes_dciodvfy_and_dsrdump(complete, tmp_path):
     _, sr, _ = complete
     path = assert_valid(sr, tmp_path / "sr_complete.dcm")
@@ -705,6 +713,7 @@ def test_complete_sr_passes_dciodvfy_and_dsrdump(complete, tmp_path):
     assert '(122505,DCM,"Calibration")=(111222,DCM,"Succeeded")' in proc.stdout
 
 
+@pytest.mark.integration
 def test_implausible_calibration_says_vbmd_not_evaluable_with_the_reason(axial, tmp_path):
     case, seg, _ = axial
     result = complete_result(case.series)

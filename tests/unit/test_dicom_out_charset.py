@@ -33,6 +33,7 @@ def _source(tmp_path, charset, name, description):
         "SpecificCharacterSet": charset, "PatientName": name, "StudyDescription": description})
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("key", sorted(CASES))
 def test_patient_name_survives_into_every_output(tmp_path, key):
     charset, name, description, expected = CASES[key]
@@ -47,6 +48,7 @@ def test_patient_name_survives_into_every_output(tmp_path, key):
         assert back.StudyDescription == description, output
 
 
+@pytest.mark.integration
 def test_latin1_source_with_a_text_outside_latin1_gives_utf8(tmp_path):
     case = _source(tmp_path, "ISO_IR 100", "Müller^Jürgen", "Abdomen")
     reason = "slice thickness ≥ 5 mm"
@@ -83,6 +85,7 @@ def test_display_name_uses_the_alphabetic_group():
     assert summary.display_name("") == summary.NA
 
 
+@pytest.mark.integration
 def test_rendered_name_has_every_glyph(tmp_path):
     """A Latin-extended UTF-8 name is drawn with real glyphs in the key images and the PDF."""
     case = _source(tmp_path, "ISO_IR 192", "Łukasz^Müller", "Ganzkörper")

@@ -111,6 +111,7 @@ def test_plane_directions_must_be_orthonormal(tmp_path):
         plane_through(case.series.volume, np.zeros(3), (1.0, 0.0, 0.0), (1.0, 1.0, 0.0))
 
 
+@pytest.mark.integration
 def test_gantry_tilt_is_rejected_and_still_reported(tmp_path):
     """A sheared slice stack cannot be a SEG grid: load_series rejects it; SR and PDF say why."""
     case = make_case(tmp_path, DIRECTIONS["axial_hfs"])

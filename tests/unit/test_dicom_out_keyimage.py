@@ -37,6 +37,7 @@ def key_images(case):
     return build_key_images(case.series, case.segmentation, make_result(case.series), banner=BANNER)
 
 
+@pytest.mark.integration
 def test_key_images_are_valid_secondary_captures_of_the_source_study(case, key_images, tmp_path):
     source = case.series.datasets[0]
     assert [int(image.InstanceNumber) for image in key_images] == [1, 2]
@@ -91,6 +92,7 @@ def test_level_rows_print_na_for_missing_values(case):
     assert (rows["L2"].vbmd_mg_cm3, rows["L2"].genant) == ("96", "2 (moderate)")
 
 
+@pytest.mark.integration
 def test_pdf_report_is_a_valid_encapsulated_pdf_with_the_results(case, tmp_path):
     result = make_result(case.series)
     result.contrast = ContrastPhase(phase="portal_venous", aorta_hu=190.0)
@@ -130,6 +132,7 @@ def test_pdf_report_is_a_valid_encapsulated_pdf_with_the_results(case, tmp_path)
     assert "Uncertain level identification" not in text  # every confidence >= 50 %
 
 
+@pytest.mark.integration
 def test_pdf_report_of_a_not_evaluable_series(case, tmp_path):
     result = AnalysisResult.not_evaluable("L1-L4 are not in the field of view", case.series.study_instance_uid,
                                           case.series.series_instance_uid)

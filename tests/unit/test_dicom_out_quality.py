@@ -85,6 +85,7 @@ def test_level_notes_in_words(case):
     assert summary.reported_heights(levels["L2"]) == (None, None, None)
 
 
+@pytest.mark.integration
 def test_sr_states_flags_in_the_level_groups_and_omits_cut_heights(sr, tmp_path):
     seg, dataset = sr
     assert_valid(seg, tmp_path / "seg.dcm")
@@ -115,6 +116,7 @@ def test_sr_hu_measurements_reference_the_roi_segment(sr):
         assert len(roi.get_measurements(name=hu)) == 3 and body.get_measurements(name=hu) == []
 
 
+@pytest.mark.integration
 def test_sr_states_the_statistic_and_uncertainty_next_to_the_category(sr, tmp_path):
     _, dataset = sr
     [container] = [item for item in dataset.ContentSequence if _code(item) == ("C0034375", "UMLS")]
@@ -138,6 +140,7 @@ def test_sr_without_statistic_has_a_plain_finding(case):
     assert "ContentSequence" not in finding
 
 
+@pytest.mark.integration
 def test_pdf_states_flags_marks_statistic_and_uncertainty_on_one_page(case, tmp_path):
     ds = build_pdf_report(case.series, flagged_result(case.series), banner=BANNER)
     assert_valid(ds, tmp_path / "report.dcm")
@@ -159,12 +162,14 @@ def test_pdf_states_flags_marks_statistic_and_uncertainty_on_one_page(case, tmp_
     assert lines["L1*"][-1] == "25/26/28"
 
 
+@pytest.mark.integration
 def test_key_images_with_flags_are_valid(case, tmp_path):
     images = build_key_images(case.series, case.segmentation, flagged_result(case.series), banner=BANNER)
     for number, image in enumerate(images, start=1):
         assert_valid(image, tmp_path / f"key_{number}.dcm")
 
 
+@pytest.mark.integration
 def test_levels_with_the_same_notes_share_a_line_and_the_pdf_keeps_one_page(case, tmp_path):
     result = flagged_result(case.series)
     for name in ("L1", "L2", "L3"):

@@ -216,6 +216,7 @@ def test_enhanced_phantom_detected_and_corrected():
     assert levels["L2"].vbmd_mg_cm3 == pytest.approx(expected, abs=1.0)
 
 
+@pytest.mark.integration
 def test_real_contrast_ct_is_enhanced():
     """Thoracic CT angiography (TotalSegmentator test file): the aorta is enhanced."""
     volume = Volume.from_sitk(sitk.ReadImage(str(require_data(CTA / "ct_cropped.nii.gz"))))
@@ -235,6 +236,7 @@ def real():
     return volume, seg
 
 
+@pytest.mark.integration
 def test_real_ct_plausible_values(real):
     volume, seg = real
     tissues = measure_reference_tissues(volume, seg)
@@ -267,6 +269,7 @@ def same_roi_noisy(real):
     return before, noisy_cal, apply_calibration(measure_levels(noisy, seg), noisy_cal)
 
 
+@pytest.mark.integration
 def test_real_ct_measurement_stable_under_noise(same_roi_noisy):
     """Gaussian noise of SD 35 HU, same ROIs: trabecular HU within ±5 HU, calibration still plausible."""
     before, noisy_cal, after = same_roi_noisy
@@ -275,6 +278,7 @@ def test_real_ct_measurement_stable_under_noise(same_roi_noisy):
         assert abs(after[name].trabecular_hu_mean - before[name].trabecular_hu_mean) <= 5.0, name
 
 
+@pytest.mark.integration
 def test_real_ct_vbmd_stable_under_noise(same_roi_noisy):
     """Gaussian noise of SD 35 HU, same ROIs: vBMD within ±5 mg/cm3.
 
@@ -296,6 +300,7 @@ def resegmented_noisy(request, real):
     return measure_levels(volume, seg), measure_levels(noisy, segment_spine(noisy))
 
 
+@pytest.mark.integration
 def test_real_ct_end_to_end_stable_under_noise(resegmented_noisy):
     """Noise of SD 35 HU, re-segmented: trabecular HU of L1-L5 within ±5 HU.
 
@@ -307,6 +312,7 @@ def test_real_ct_end_to_end_stable_under_noise(resegmented_noisy):
         assert abs(after[name].trabecular_hu_mean - before[name].trabecular_hu_mean) <= 5.0, name
 
 
+@pytest.mark.integration
 def test_real_ct_follows_local_density_change(real):
     volume, seg = real
     before = measure_levels(volume, seg)

@@ -224,6 +224,7 @@ def test_apply_genant_fills_level_results():
     assert levels["L1"].genant_grade == 0 and levels["L1"].height_posterior_mm == pytest.approx(HEIGHT, abs=0.6)
 
 
+@pytest.mark.integration
 def test_real_ct_heights_plausible():
     volume = Volume.from_sitk(sitk.ReadImage(str(require_data(ABDOMEN_NIFTI))))
     result = grade_levels(volume, segment_spine(volume))

@@ -126,6 +126,7 @@ def test_feet_first_labels_the_same_voxels(refs, volume, seg):
         assert dice(back == vid, orig == vid) > 0.95
 
 
+@pytest.mark.integration
 def test_thoracic_crop_is_not_evaluable():
     volume = Volume.from_sitk(sitk.ReadImage(str(require_data(CTA / "ct_cropped.nii.gz"))))
     seg = segment_spine(volume)

@@ -13,11 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
 
-from osteonode.classify.evaluate import (TASKS, binary_metrics, delong_auc, evaluate, load_dataset,
-                                         who_category)
-from osteonode.classify.model import (MRMRLassoSelector, ModelArtifactError, load_model, mrmr_order,
-                                      sha256_file)
+from osteonode.classify.artifact import ModelArtifactError, load_model, save_model, sha256_file
+from osteonode.classify.dataset import TASKS, load_dataset, who_category
+from osteonode.classify.evaluate import evaluate
+from osteonode.classify.metrics import binary_metrics, delong_auc
+from osteonode.classify.selectors import L2StabilitySelector, MRMRLassoSelector, mrmr_order
 from osteonode.classify.train import NOT_CLINICALLY_VALID, RESEARCH_ONLY, train
 from osteonode.feature_table import FEATURE_TABLE_NAME, read_feature_table, write_feature_table
 
@@ -334,3 +337,20 @@ def test_train_and_evaluate_commands(separable, tmp_path):
     evaluated = runner.invoke(app, ["evaluate", str(artifact), str(table), str(root), "--out", str(tmp_path / "e")])
     assert evaluated.exit_code == 0, evaluated.output
     assert (tmp_path / "e").is_dir() and any((tmp_path / "e").glob("*.png"))
+
+
+def test_artifact_naming_the_selectors_in_their_old_module_still_loads(tmp_path, monkeypatch):
+    """Format 1 artifacts written before the split pickle ``osteonode.classify.model.L2StabilitySelector``."""
+    rng = np.random.default_rng(5)
+    y = np.repeat([0, 1], 20)
+    X = rng.normal(size=(40, 6)) + y[:, None] * np.array([2.0, 0, 0, 0, 0, 0])
+    pipeline = Pipeline([("select", L2StabilitySelector(random_state=0)), ("classify", LogisticRegression())])
+    pipeline.fit(X, y)
+    path = tmp_path / "old.joblib"
+    with monkeypatch.context() as patch:
+        patch.setattr(L2StabilitySelector, "__module__", "osteonode.classify.model")
+        digest = save_model(pipeline, [f"f{i}" for i in range(6)], {"model_id": "old"}, path)
+    assert b"osteonode.classify.model" in path.read_bytes()
+    model = load_model(path, digest)
+    assert type(model.pipeline.named_steps["select"]) is L2StabilitySelector
+    np.testing.assert_array_equal(model.pipeline.predict_proba(X), pipeline.predict_proba(X))
