@@ -151,7 +151,7 @@ def build_message(kind: AuditKind, identity: _Identity, *, outcome: Outcome = "s
     root = ET.Element("AuditMessage")
     event = ET.SubElement(root, "EventIdentification", {
         "EventActionCode": action,
-        "EventDateTime": (when or datetime.datetime.now(datetime.timezone.utc)).isoformat(timespec="milliseconds"),
+        "EventDateTime": (when or datetime.datetime.now(datetime.UTC)).isoformat(timespec="milliseconds"),
         "EventOutcomeIndicator": OUTCOME_INDICATORS[outcome]})
     _code(event, "EventID", event_id)
     if type_code is not None:
@@ -366,7 +366,7 @@ def syslog_frame(msg: str, *, hostname: str, when: datetime.datetime | None = No
     The MSG is UTF-8 with a leading BOM (RFC 5424 6.4); no structured data
     (``-``). Fields longer than RFC 5424 allows are cut (HOSTNAME 255, APP-NAME 48).
     """
-    stamp = (when or datetime.datetime.now(datetime.timezone.utc)).isoformat(timespec="milliseconds")
+    stamp = (when or datetime.datetime.now(datetime.UTC)).isoformat(timespec="milliseconds")
     header = f"<{SYSLOG_PRI}>1 {stamp} {hostname[:255] or '-'} {APP_NAME} {os.getpid()} {SYSLOG_MSGID} - "
     return header.encode("ascii", "replace") + b"\xef\xbb\xbf" + msg.encode("utf-8")
 

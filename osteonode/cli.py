@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -29,7 +29,7 @@ app.add_typer(config_app, name="config")
 web_app = typer.Typer(help="The web console of `serve`.", no_args_is_help=True)
 app.add_typer(web_app, name="web")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", envvar="OSTEONODE_CONFIG",
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="OSTEONODE_CONFIG",
                                                    help="TOML config file (default: embedded defaults).")]
 
 
@@ -207,7 +207,7 @@ def serve(config: ConfigOpt = None) -> None:
 
 @app.command()
 def worker(config: ConfigOpt = None,
-           concurrency: Annotated[Optional[int], typer.Option(
+           concurrency: Annotated[int | None, typer.Option(
                min=1, help="Analyses at once (worker processes); default: analysis_concurrency.")] = None) -> None:
     """Run a Celery worker for the configured broker (Redis in production)."""
     from worker.app import configure, run_worker
@@ -221,7 +221,7 @@ def worker(config: ConfigOpt = None,
 def analyze(input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
                                                       help="Folder holding one DICOM CT study or series.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-            segmentation: Annotated[Optional[Path], typer.Option(
+            segmentation: Annotated[Path | None, typer.Option(
                 exists=True, dir_okay=False,
                 help="TotalSegmentator multilabel NIfTI (v1 or v2 class ids) to use instead of the built-in "
                      "segmentation.")] = None,
@@ -353,9 +353,9 @@ def _destinations(settings: Settings, to: str | None, host: str | None, port: in
     return destinations
 
 
-ToOpt = Annotated[Optional[str], typer.Option(help="Name of a configured destination.")]
-HostOpt = Annotated[Optional[str], typer.Option(help="Peer host (instead of --to).")]
-PortOpt = Annotated[Optional[int], typer.Option(help="Peer port.")]
+ToOpt = Annotated[str | None, typer.Option(help="Name of a configured destination.")]
+HostOpt = Annotated[str | None, typer.Option(help="Peer host (instead of --to).")]
+PortOpt = Annotated[int | None, typer.Option(help="Peer port.")]
 CalledAetOpt = Annotated[str, typer.Option(help="Peer AE title.")]
 TlsOpt = Annotated[bool, typer.Option("--tls", help="With --host: DICOM TLS with the [tls] certificate "
                                                     "(configured destinations use their own tls key).")]
@@ -444,7 +444,7 @@ def evaluate(model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, 
              table: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Labelled study table.")],
              features_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
              out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the report.")],
-             sha256: Annotated[Optional[str], typer.Option(help="Expected SHA-256 (default: the .sha256 file).")]
+             sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 (default: the .sha256 file).")]
              = None) -> None:
     """Evaluate a model on a labelled table: AUC with DeLong 95 % CI, sensitivity, specificity, ROC PNG."""
     from osteonode.classify.evaluate import evaluate as evaluate_model
@@ -466,7 +466,8 @@ def _metrics_line(metrics: dict) -> str:
 
 
 @app.command()
-def demo(ct: Annotated[Optional[Path], typer.Option(help="NIfTI CT or DICOM folder (default: the shared example CT).")] = None,
+def demo(ct: Annotated[Path | None,
+                       typer.Option(help="NIfTI CT or DICOM folder (default: the shared example CT).")] = None,
          workdir: Annotated[Path, typer.Option(help="Scratch folder: new, empty, or one a previous demo made "
                                                     "(it is replaced).")] = Path("osteonode-demo"),
          timeout_s: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 600.0) -> None:

@@ -87,7 +87,7 @@ class TLSSettings(_Strict):
     scp: bool = Field(default=True, description="the listener accepts TLS connections only; false: plain TCP")
 
     @model_validator(mode="after")
-    def _check_files(self) -> "TLSSettings":
+    def _check_files(self) -> TLSSettings:
         import ssl
 
         from osteonode.network import client_context, server_context
@@ -155,7 +155,7 @@ class AnalysisSettings(_Strict):
     """What the pipeline does with a series."""
 
     @model_validator(mode="after")
-    def _check_segmentation_dir(self) -> "AnalysisSettings":
+    def _check_segmentation_dir(self) -> AnalysisSettings:
         if self.segmentation == "totalsegmentator" and self.segmentation_dir is None:
             raise ValueError("segmentation = 'totalsegmentator' needs segmentation_dir")
         return self
@@ -246,7 +246,7 @@ class SelectionSettings(_Strict):
         default=None, description="JSON kernel table replacing the shipped dicom_templates/kernels.json")
 
     @model_validator(mode="after")
-    def _check(self) -> "SelectionSettings":
+    def _check(self) -> SelectionSettings:
         _is_permutation(list(self.kernel_order), KERNEL_CLASSES, "kernel_order")
         _is_permutation(list(self.phase_order), CONTRAST_PHASES, "phase_order")
         low, high = self.preferred_thickness_mm
@@ -287,7 +287,7 @@ class WebSettings(_Strict):
                                                    "beat every 10 s, or a third of this if shorter)")
 
     @model_validator(mode="after")
-    def _check_bind(self) -> "WebSettings":
+    def _check_bind(self) -> WebSettings:
         import ipaddress
 
         try:
@@ -319,8 +319,9 @@ class Settings(BaseSettings):
     max_rows_columns: int = Field(
         default=4096, ge=64, description="SCP: largest Rows or Columns accepted (checked before any decode)")
     max_decoded_bytes: int = Field(
-        default=2 * 1024**3, ge=1, description="SCP: largest decoded pixel data of one instance, bytes "
-                                               "(Rows x Columns x frames x samples x bits/8, checked before any decode)")
+        default=2 * 1024**3, ge=1,
+        description="SCP: largest decoded pixel data of one instance, bytes "
+                    "(Rows x Columns x frames x samples x bits/8, checked before any decode)")
     spool_dir: Path = DEFAULT_DATA_DIR / "spool"
     outbox_dir: Path = DEFAULT_DATA_DIR / "outbox"
     queue_dir: Path = Field(default=DEFAULT_DATA_DIR / "queue",
@@ -365,7 +366,7 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.broker_url is not None and not self.broker_url.startswith(("redis://", "rediss://")):
             raise ValueError(f"broker_url must be redis://… or absent (embedded queue), got {self.broker_url!r}")
         if self.incomplete_timeout_s < self.study_quiet_period_s:

@@ -31,10 +31,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from osteonode.outbox import record_delivery
 from osteonode.errors import describe
 from osteonode.ingest.completion import log_id
 from osteonode.jobstore import JobStore
+from osteonode.outbox import record_delivery
 
 log = logging.getLogger(__name__)
 

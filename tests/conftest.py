@@ -168,7 +168,8 @@ class PKI(NamedTuple):
 
 
 def _issue(folder: Path, name: str, issuer_name, issuer_key, *, ca: bool = False, host: str | None = None):
-    """Write ``<name>.crt`` / ``<name>.key``: an EC P-256 certificate for ``host`` or localhost and 127.0.0.1 (1 day)."""
+    """Write ``<name>.crt`` / ``<name>.key``: an EC P-256 certificate for ``host`` or localhost and 127.0.0.1
+    (valid 1 day)."""
     import datetime
     import ipaddress
 
@@ -179,7 +180,7 @@ def _issue(folder: Path, name: str, issuer_name, issuer_key, *, ca: bool = False
 
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer_name or subject)
                .public_key(key.public_key()).serial_number(x509.random_serial_number())
                .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
@@ -211,7 +212,8 @@ def tls_pki(tmp_path_factory) -> PKI:
 
 @pytest.fixture(scope="session")
 def tiny_ct():
-    """``tiny_ct(path, study_uid=None, patient_id="TINY-1")`` writes a valid 16 x 16 CT instance and returns ``path``."""
+    """``tiny_ct(path, study_uid=None, patient_id="TINY-1")`` writes a valid 16 x 16 CT instance and returns
+    ``path``."""
     return _write_tiny_ct
 
 

@@ -49,8 +49,8 @@ def run_worker(celery_app: Celery, concurrency: int, *options: str) -> None:
     banner is left out (``--quiet``): the node logs its own start-up line.
     """
     gc.freeze()
-    celery_app.worker_main(["--quiet", "worker", "--pool=prefork", f"--concurrency={concurrency}", "--max-tasks-per-child=1",
-                            "--loglevel=INFO", *options])
+    celery_app.worker_main(["--quiet", "worker", "--pool=prefork", f"--concurrency={concurrency}",
+                            "--max-tasks-per-child=1", "--loglevel=INFO", *options])
 
 
 def configure(settings: Settings) -> Celery:

@@ -32,7 +32,7 @@ from osteonode.failure import record_failure
 from osteonode.ingest.completion import StudyJob, log_id, validate_job
 from osteonode.jobstore import JobStore, open_store
 from osteonode.lineage import record_sent
-from osteonode.outbox import outbox_entry, record_delivery
+from osteonode.outbox import DeliveryState, outbox_entry, record_delivery
 from osteonode.pipeline import SR_FILE, analyze_study
 from osteonode.result import AnalysisResult
 from worker.app import app
@@ -142,7 +142,7 @@ def _recorded(write: Callable[..., _T], *args, **kwargs) -> _T | None:
         return None
 
 
-def record_delivery_state(store: JobStore, entry: Path, destination: str, state: str, attempts: int,
+def record_delivery_state(store: JobStore, entry: Path, destination: str, state: DeliveryState, attempts: int,
                           detail: str = "", *, files: list[str] | None = None, next_at: float | None = None) -> None:
     """Record a delivery state beside the outputs (``delivery-<name>.json``) and in the job store."""
     record_delivery(entry, destination, state, attempts, detail)

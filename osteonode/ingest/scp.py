@@ -103,7 +103,10 @@ class DiscardCounter:
             self._counts.setdefault(id(event.assoc), Counter())[str(event.context.abstract_syntax.name)] += 1
 
     def log_and_forget(self, event: evt.Event) -> None:
-        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: log (once) the association's discarded counts (SOP class names only)."""
+        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: log (once) the association's discarded counts.
+
+        Only SOP class names are logged.
+        """
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
         if counts:

@@ -101,8 +101,9 @@ def _record_action(store: JobStore, user: str, action: str, target: str, outcome
     """
     store.record_action(user, action, target, outcome, client)
     if action in ("login", "logout"):
-        audit_event(action, outcome="success" if outcome == "success" else "minor_failure", user=user,
-                    remote_host=client or None, detail=None if outcome == "success" else outcome)
+        ok = outcome == "success"
+        audit_event("login" if action == "login" else "logout", outcome="success" if ok else "minor_failure",
+                    user=user, remote_host=client or None, detail=None if ok else outcome)
     elif action == "delete" and outcome == "success":
         audit_event("study_deleted", user=user, remote_host=client or None, study_uids=(target,))
     level = logging.INFO if outcome == "success" else logging.WARNING
@@ -318,7 +319,7 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
         try:
             enqueue_job(payload)
         except Exception:  # noqa: BLE001 - the broker is down: record and answer, never a traceback
-            raise _refused(store, user, "reanalyse", study_uid, request, 503, "the queue cannot be reached")
+            raise _refused(store, user, "reanalyse", study_uid, request, 503, "the queue cannot be reached") from None
         store.job_queued(study_uid, payload["fingerprint"], payload, enqueued_at)
         _record_action(store, user, "reanalyse", study_uid, "success", _client(request))
         return {"queued": True}
@@ -338,7 +339,7 @@ def create_app(settings: Settings, store: JobStore, *, enqueue_job: EnqueueJob,
             queue_delivery(str(entry), destination, None)
         except Exception as exc:  # noqa: BLE001 - the broker is down: record and answer, never a traceback
             store.record_delivery(study_uid, entry, destination, "failed", 0, f"re-send not queued: {describe(exc)}")
-            raise _refused(store, user, "resend", study_uid, request, 503, "the queue cannot be reached")
+            raise _refused(store, user, "resend", study_uid, request, 503, "the queue cannot be reached") from None
         _record_action(store, user, "resend", study_uid, "success", _client(request))
         return {"queued": True}
 

@@ -5,7 +5,8 @@ the shared real CT: a localizer, the axial soft-kernel series, a thin
 bone-kernel series, a coronal reformat, an arterial-phase copy, an X-Ray
 Radiation Dose SR and a Secondary Capture with Modality CT. Exactly one SEG
 and one SR (plus key images and PDF) must come back, made from the axial
-soft-kernel series; re-sending the study must add nothing. Further tests: the fallback when the best series is not evaluable,
+soft-kernel series; re-sending the study must add nothing. Further tests: the fallback when the best series is not
+evaluable,
 a study with no usable series (one not-evaluable SR naming each reason), a late better series (real Orthanc: a new
 result with new UIDs whose SR names the earlier SR as its predecessor; the study re-sent adds nothing) and a
 restart of ``serve`` in the middle of a study.
@@ -19,10 +20,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
-from tests.conftest import STUDY_PATIENT as PATIENT
 from node import write_config
 from services import dciodvfy, storescu, wait_for
+
+from tests.conftest import STUDY_PATIENT as PATIENT
 
 pytestmark = pytest.mark.integration
 

@@ -17,7 +17,6 @@ from osteonode.ingest.completion import find_due_studies, mark_handled, needs_jo
 from osteonode.ingest.spool import check_uid, instance_files, write_instance
 from osteonode.jobstore import JobStore
 
-
 RULES = SelectionSettings()
 
 

@@ -131,5 +131,5 @@ def test_analysis_concurrency_is_set_or_one_per_core_bounded_by_memory(tmp_path,
     assert default.analysis_processes >= 1  # the real machine
     monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     for available_gib, expected in ((64, 4), (9, 2), (3, 1)):
-        monkeypatch.setattr(config, "available_memory_bytes", lambda: available_gib * 1024**3)
+        monkeypatch.setattr(config, "available_memory_bytes", lambda gib=available_gib: gib * 1024**3)
         assert default.analysis_processes == expected

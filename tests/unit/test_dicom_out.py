@@ -453,8 +453,10 @@ def test_other_input_instances_yield_new_uids_and_the_same_instances_in_any_orde
     assert build_sr(list(reversed(headers)), full, None).SOPInstanceUID == full_sr.SOPInstanceUID
 
 
+@pytest.mark.integration  # dciodvfy, pdftotext
 def test_a_superseding_sr_names_its_predecessor_and_says_so(axial, tmp_path):
-    """PS3.3 C.17.2: Predecessor Documents Sequence (0040,A360) refers to the earlier SR; a comment and the PDF say so."""
+    """PS3.3 C.17.2: Predecessor Documents Sequence (0040,A360) refers to the earlier SR; a comment and the PDF
+    say so."""
     case, seg, earlier = axial
     prior = PriorReport(study_instance_uid=str(earlier.StudyInstanceUID),
                         series_instance_uid=str(earlier.SeriesInstanceUID),

@@ -113,7 +113,7 @@ def test_sweeper_requeues_a_stranded_delivery_and_gives_up_after_bounded_requeue
     now = time.time() + STRANDED_AFTER_S + 1
     assert sweep(store, None, lambda *a: calls.append(a), heartbeat_max_age_s=90, now=now)["deliveries_requeued"] == 1
     assert calls == [(str(entry), "pacs", ["seg.dcm"])]
-    for i in range(MAX_REQUEUES):
+    for _ in range(MAX_REQUEUES):
         now += STRANDED_AFTER_S + 1
         counts = sweep(store, None, lambda *a: calls.append(a), heartbeat_max_age_s=90, now=now)
     assert counts["deliveries_failed"] == 1 and len(calls) == MAX_REQUEUES

@@ -14,13 +14,23 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from bench.segmentation import (LUMBAR, NOISE_HU, crop_below, dice, evaluate, example_image,
-                                noisy, on_reference_grid, reversed_axes, thin)
+from bench.segmentation import (
+    LUMBAR,
+    NOISE_HU,
+    crop_below,
+    dice,
+    evaluate,
+    example_image,
+    noisy,
+    on_reference_grid,
+    reversed_axes,
+    thin,
+)
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import FemurSegmentation, SpineSegmentation
+from osteonode.segment.body import _star_fill
 from osteonode.segment.column import PROFILE_TILTS_DEG, _lowest_tilt, disc_chain
 from osteonode.segment.frame import CanonicalFrame, canonical_view
-from osteonode.segment.body import _star_fill
 from osteonode.segment.levels import name_levels, ribs_observable
 from osteonode.segment.roi import trabecular_roi
 from osteonode.segment.spine import segment_spine
@@ -295,9 +305,9 @@ def test_trabecular_roi_posterior_cut_in_the_vertebra_frame():
     axis = np.array([np.cos(tilt), np.sin(tilt), 0.0])
     ap = np.array([-np.sin(tilt), np.cos(tilt), 0.0])
     coords = tuple(np.arange(n, dtype=float) - n // 2 for n in (60, 60, 60))
-    s, a, l = np.meshgrid(*coords, indexing="ij")
+    s, a, lr = np.meshgrid(*coords, indexing="ij")
     along, depth = s * axis[0] + a * axis[1], s * ap[0] + a * ap[1]
-    body = (np.abs(along) <= 13.0) & (np.abs(depth) <= 15.0) & (np.abs(l) <= 20.0)
+    body = (np.abs(along) <= 13.0) & (np.abs(depth) <= 15.0) & (np.abs(lr) <= 20.0)
     roi = trabecular_roi(body, coords, np.ones(3), axis)
     assert roi.any() and np.all(body[roi])
     assert depth[roi].min() >= -15.0 + 0.25 * 30.0 - 1.0  # posterior quarter of the own depth (1 mm voxels)
@@ -357,7 +367,8 @@ def test_disc_chain_follows_slowly_changing_spacing():
 
 
 def test_lowest_tilt_refined_between_sampled_tilts():
-    """The disc plane's tilt: the sampled tilt of the lowest percentile, refined by a parabola through its neighbours."""
+    """The disc plane's tilt: the sampled tilt of the lowest percentile, refined by a parabola through its
+    neighbours."""
     tilts = np.asarray(PROFILE_TILTS_DEG)
     true = np.array([0.0, 13.0, -7.5, 20.0])
     planes = (tilts[:, None] - true[None, :]) ** 2 + 100.0  # a parabola in the tilt, lowest at the true tilt
@@ -369,8 +380,8 @@ def test_lowest_tilt_refined_between_sampled_tilts():
 def test_star_fill_closes_a_wide_gap_in_the_cortex():
     """A ring (radius 15 mm, 1 mm grid) missing a quarter -- wider than any hole filling bridges -- is filled."""
     coords = tuple(np.arange(n, dtype=float) for n in (3, 41, 41))
-    a, l = np.meshgrid(coords[1] - 20.0, coords[2] - 20.0, indexing="ij")
-    r, angle = np.hypot(a, l), np.degrees(np.arctan2(l, a))
+    a, lr = np.meshgrid(coords[1] - 20.0, coords[2] - 20.0, indexing="ij")
+    r, angle = np.hypot(a, lr), np.degrees(np.arctan2(lr, a))
     ring = (np.abs(r - 15.0) <= 0.8) & ~((angle > 0.0) & (angle < 90.0))
     shell = np.zeros((3, 41, 41), bool)
     shell[1] = ring
