@@ -41,9 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import TreePeak, median, spacing_512  # noqa: E402
-from segmentation import example_image, thin  # noqa: E402
-
 from radiomics import imageoperations  # noqa: E402
+from segmentation import example_image, thin  # noqa: E402
 
 from osteonode.measure import radiomics as node_radiomics  # noqa: E402
 from osteonode.segment.spine import segment_spine  # noqa: E402

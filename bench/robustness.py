@@ -49,8 +49,7 @@ import SimpleITK as sitk
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GRID, _hwm_mib, spacing_512  # noqa: E402
 from bench.segmentation import REF_V2_ID, dice, example_image, load_references, on_reference_grid  # noqa: E402
-from bench.variants import (Anatomy, Variant, add_island, add_noise, baseline, deform,  # noqa: E402
-                            offset_cores, transform)
+from bench.variants import Anatomy, Variant, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
 from osteonode.anatomy import FEMUR_RIGHT, VERTEBRA_IDS  # noqa: E402
 from osteonode.measure.genant import apply_genant, grade_levels  # noqa: E402
 from osteonode.measure.hu import measure_levels  # noqa: E402

@@ -60,6 +60,7 @@ from osteonode.segment.femur import segment_proximal_femurs  # noqa: E402
 from osteonode.segment.frame import canonical_view  # noqa: E402
 from osteonode.segment.spine import segment_spine  # noqa: E402
 from osteonode.volume import Volume, load_series  # noqa: E402
+
 # References, example_image and load_references are also imported from here by the other benches
 from tests.ctdata import CTA, J2K_DIR, References, example_image, load_references  # noqa: E402, F401
 

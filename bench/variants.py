@@ -108,7 +108,7 @@ class Anatomy:
     heights: dict[str, GenantMeasurement]
 
     @classmethod
-    def from_volume(cls, volume: Volume) -> "Anatomy":
+    def from_volume(cls, volume: Volume) -> Anatomy:
         """Segment ``volume`` (the unmodified CT) and derive the cores of T12-L5.
 
         Raises
@@ -119,7 +119,7 @@ class Anatomy:
         return cls.from_bodies(volume, builtin(volume).bodies)
 
     @classmethod
-    def from_bodies(cls, volume: Volume, bodies: np.ndarray) -> "Anatomy":
+    def from_bodies(cls, volume: Volume, bodies: np.ndarray) -> Anatomy:
         """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid)."""
         step = min(volume.spacing)
         cores = {}

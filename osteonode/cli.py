@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-import logging
 import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -26,7 +26,7 @@ app = typer.Typer(help="osteonode: opportunistic bone-health screening DICOM nod
 config_app = typer.Typer(help="Inspect the configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", envvar="OSTEONODE_CONFIG",
+ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", envvar="OSTEONODE_CONFIG",
                                                    help="TOML config file (default: embedded defaults).")]
 
 
@@ -167,7 +167,7 @@ def worker(config: ConfigOpt = None,
 def analyze(input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False,
                                                       help="Folder holding one DICOM CT study or series.")],
             out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-            segmentation: Annotated[Optional[Path], typer.Option(
+            segmentation: Annotated[Path | None, typer.Option(
                 exists=True, dir_okay=False,
                 help="TotalSegmentator multilabel NIfTI (v1 or v2 class ids) to use instead of the built-in "
                      "segmentation.")] = None,
@@ -277,9 +277,9 @@ def _analyze_files(files: list[Path], out: Path, settings: Settings, segmentatio
 
 @app.command()
 def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM files or folders.")],
-         to: Annotated[Optional[str], typer.Option(help="Name of a configured destination.")] = None,
-         host: Annotated[Optional[str], typer.Option(help="Peer host (instead of --to).")] = None,
-         port: Annotated[Optional[int], typer.Option(help="Peer port.")] = None,
+         to: Annotated[str | None, typer.Option(help="Name of a configured destination.")] = None,
+         host: Annotated[str | None, typer.Option(help="Peer host (instead of --to).")] = None,
+         port: Annotated[int | None, typer.Option(help="Peer port.")] = None,
          called_aet: Annotated[str, typer.Option(help="Peer AE title.")] = "ANY-SCP",
          config: ConfigOpt = None) -> None:
     """C-STORE files (e.g. an outbox entry) to a configured destination or to HOST:PORT."""
@@ -349,7 +349,7 @@ def evaluate(model: Annotated[Path, typer.Argument(exists=True, dir_okay=False, 
              table: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Labelled study table.")],
              features_dir: Annotated[Path, typer.Argument(exists=True, file_okay=False)],
              out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for the report.")],
-             sha256: Annotated[Optional[str], typer.Option(help="Expected SHA-256 (default: the .sha256 file).")]
+             sha256: Annotated[str | None, typer.Option(help="Expected SHA-256 (default: the .sha256 file).")]
              = None) -> None:
     """Evaluate a model on a labelled table: AUC with DeLong 95 % CI, sensitivity, specificity, ROC PNG."""
     from osteonode.classify.evaluate import evaluate as evaluate_model
@@ -371,7 +371,8 @@ def _metrics_line(metrics: dict) -> str:
 
 
 @app.command()
-def demo(ct: Annotated[Optional[Path], typer.Option(help="NIfTI CT or DICOM folder (default: the shared example CT).")] = None,
+def demo(ct: Annotated[Path | None,
+                       typer.Option(help="NIfTI CT or DICOM folder (default: the shared example CT).")] = None,
          workdir: Annotated[Path, typer.Option(help="Scratch folder: new, empty, or one a previous demo made "
                                                     "(it is replaced).")] = Path("osteonode-demo"),
          timeout_s: Annotated[float, typer.Option(help="Seconds to wait for the results.")] = 600.0) -> None:

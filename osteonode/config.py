@@ -73,7 +73,7 @@ class AnalysisSettings(_Strict):
     """What the pipeline does with a series."""
 
     @model_validator(mode="after")
-    def _check_segmentation_dir(self) -> "AnalysisSettings":
+    def _check_segmentation_dir(self) -> AnalysisSettings:
         if self.segmentation == "totalsegmentator" and self.segmentation_dir is None:
             raise ValueError("segmentation = 'totalsegmentator' needs segmentation_dir")
         return self
@@ -164,7 +164,7 @@ class SelectionSettings(_Strict):
         default=None, description="JSON kernel table replacing the shipped dicom_templates/kernels.json")
 
     @model_validator(mode="after")
-    def _check(self) -> "SelectionSettings":
+    def _check(self) -> SelectionSettings:
         _is_permutation(list(self.kernel_order), KERNEL_CLASSES, "kernel_order")
         _is_permutation(list(self.phase_order), CONTRAST_PHASES, "phase_order")
         low, high = self.preferred_thickness_mm
@@ -197,8 +197,9 @@ class Settings(BaseSettings):
     max_rows_columns: int = Field(
         default=4096, ge=64, description="SCP: largest Rows or Columns accepted (checked before any decode)")
     max_decoded_bytes: int = Field(
-        default=2 * 1024**3, ge=1, description="SCP: largest decoded pixel data of one instance, bytes "
-                                               "(Rows x Columns x frames x samples x bits/8, checked before any decode)")
+        default=2 * 1024**3, ge=1,
+        description="SCP: largest decoded pixel data of one instance, bytes "
+                    "(Rows x Columns x frames x samples x bits/8, checked before any decode)")
     spool_dir: Path = DEFAULT_DATA_DIR / "spool"
     outbox_dir: Path = DEFAULT_DATA_DIR / "outbox"
     queue_dir: Path = Field(default=DEFAULT_DATA_DIR / "queue",
@@ -222,7 +223,7 @@ class Settings(BaseSettings):
         return data
 
     @model_validator(mode="after")
-    def _check(self) -> "Settings":
+    def _check(self) -> Settings:
         if self.broker_url is not None and not self.broker_url.startswith(("redis://", "rediss://")):
             raise ValueError(f"broker_url must be redis://… or absent (embedded queue), got {self.broker_url!r}")
         names = [d.name for d in self.destinations]

@@ -53,13 +53,13 @@ from osteonode.config import AnalysisSettings, SelectionSettings
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, write
 from osteonode.dicom_out.seg import seg_reference
 from osteonode.errors import NotEvaluable
+from osteonode.feature_table import FEATURE_TABLE_NAME, write_feature_table
 from osteonode.ingest.spool import instance_files
 from osteonode.measure.calibration import apply_calibration, calibrate
 from osteonode.measure.contrast import detect_contrast
 from osteonode.measure.genant import apply_genant, grade_levels
 from osteonode.measure.hu import measure_levels, measure_proximal_femurs
 from osteonode.measure.tissues import measure_reference_tissues
-from osteonode.feature_table import FEATURE_TABLE_NAME, write_feature_table
 from osteonode.result import AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import select_backend

@@ -192,7 +192,7 @@ class AnalysisResult(BaseModel):
 
     @classmethod
     def not_evaluable(cls, reason: str, study_instance_uid: str, series_instance_uid: str,
-                      **kwargs) -> "AnalysisResult":
+                      **kwargs) -> AnalysisResult:
         """A result that reports ``reason`` instead of a guess."""
         return cls(status="not_evaluable", reason=reason, study_instance_uid=study_instance_uid,
                    series_instance_uid=series_instance_uid,

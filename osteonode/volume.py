@@ -86,7 +86,7 @@ class Volume:
         return image
 
     @classmethod
-    def from_sitk(cls, image: sitk.Image) -> "Volume":
+    def from_sitk(cls, image: sitk.Image) -> Volume:
         """Build a volume from a SimpleITK image whose values are HU."""
         hu = sitk.GetArrayFromImage(image).astype(np.float32)
         direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)

@@ -67,7 +67,7 @@ class L2StabilitySelector(SelectorMixin, BaseEstimator):
         self.C = C
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "L2StabilitySelector":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> L2StabilitySelector:
         """Select features on ``X`` ``(n_samples, n_features)`` (z-scores) and binary ``y``."""
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y)
@@ -153,7 +153,7 @@ class MRMRLassoSelector(SelectorMixin, BaseEstimator):
         self.n_lambdas = n_lambdas
         self.random_state = random_state
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> "MRMRLassoSelector":
+    def fit(self, X: np.ndarray, y: np.ndarray) -> MRMRLassoSelector:
         """Select features on ``X`` ``(n_samples, n_features)`` (z-scores) and binary ``y``."""
         X = np.asarray(X, dtype=np.float64)
         y = np.asarray(y).astype(int)

@@ -47,7 +47,7 @@ import json
 import logging
 import platform
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +262,7 @@ def train(table_csv: Path, features_dir: Path, out_dir: Path, *, provenance: str
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    created = datetime.now(timezone.utc)
+    created = datetime.now(UTC)
     model_id = f"{task}-{pipeline}-{classifier}-{created:%Y%m%dT%H%M%SZ}"
     metadata = {"model_id": model_id, "task": task, "positive_class": TASKS[task].positive_name,
                 "negative_class": TASKS[task].negative_name, "unit": unit, "levels": list(data.levels),

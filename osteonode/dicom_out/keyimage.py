@@ -38,8 +38,14 @@ from scipy import ndimage
 import dicom_templates
 from osteonode.anatomy import VERTEBRA_IDS, VERTEBRA_NAMES
 from osteonode.dicom_out import palette, render, summary
-from osteonode.dicom_out.common import (UTF8, copy_optional_identity, equipment_attributes, series_number,
-                                        settle_character_set, with_type2_defaults)
+from osteonode.dicom_out.common import (
+    UTF8,
+    copy_optional_identity,
+    equipment_attributes,
+    series_number,
+    settle_character_set,
+    with_type2_defaults,
+)
 from osteonode.result import AnalysisResult
 from osteonode.segment import SpineSegmentation
 from osteonode.uids import derived_uid

@@ -34,9 +34,15 @@ from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, EncapsulatedPDFStorage, Expl
 import dicom_templates
 from osteonode import __version__
 from osteonode.dicom_out import render, summary
-from osteonode.dicom_out.common import (TYPE2_PATIENT_STUDY, coded, copy_optional_identity,
-                                        equipment_attributes, series_number, settle_character_set,
-                                        source_datasets)
+from osteonode.dicom_out.common import (
+    TYPE2_PATIENT_STUDY,
+    coded,
+    copy_optional_identity,
+    equipment_attributes,
+    series_number,
+    settle_character_set,
+    source_datasets,
+)
 from osteonode.result import AnalysisResult
 from osteonode.uids import derived_uid
 from osteonode.volume import Series

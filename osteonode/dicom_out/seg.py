@@ -35,8 +35,15 @@ import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, VERTEBRA_NAMES
 from osteonode.dicom_out import palette
-from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equipment_attributes,
-                                        series_number, settle_character_set, with_type2_defaults)
+from osteonode.dicom_out.common import (
+    UTF8,
+    coded,
+    copy_optional_identity,
+    equipment_attributes,
+    series_number,
+    settle_character_set,
+    with_type2_defaults,
+)
 from osteonode.segment import SpineSegmentation
 from osteonode.uids import derived_uid
 from osteonode.volume import Series
@@ -336,5 +343,5 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
     return seg
 
 
-__all__ = ["build_seg", "seg_reference", "algorithm_identification", "segment_numbers", "segment_map", "roi_key", "tracking_uid",
-           "tracking_id", "LABEL_KEYS", "ROI_SUFFIX", "SEG_SERIES_DESCRIPTION"]
+__all__ = ["build_seg", "seg_reference", "algorithm_identification", "segment_numbers", "segment_map", "roi_key",
+           "tracking_uid", "tracking_id", "LABEL_KEYS", "ROI_SUFFIX", "SEG_SERIES_DESCRIPTION"]

@@ -99,12 +99,26 @@ from pydicom.sr.codedict import codes
 
 import dicom_templates
 from osteonode import __version__
-from osteonode.dicom_out.common import (UTF8, coded, copy_optional_identity, equipment_attributes,
-                                        series_number, settle_character_set, source_datasets,
-                                        with_type2_defaults)
+from osteonode.dicom_out.common import (
+    UTF8,
+    coded,
+    copy_optional_identity,
+    equipment_attributes,
+    series_number,
+    settle_character_set,
+    source_datasets,
+    with_type2_defaults,
+)
 from osteonode.dicom_out.seg import roi_key, tracking_id, tracking_uid
-from osteonode.dicom_out.summary import (fracture_texture, genant, level_notes, ordered_levels, reported_heights,
-                                         status_comments, status_details)
+from osteonode.dicom_out.summary import (
+    fracture_texture,
+    genant,
+    level_notes,
+    ordered_levels,
+    reported_heights,
+    status_comments,
+    status_details,
+)
 from osteonode.result import AnalysisResult, LevelResult
 from osteonode.uids import derived_uid
 from osteonode.volume import Series

@@ -26,14 +26,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+import pydicom
 from pydicom.uid import (
+    JPEG2000,
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     EnhancedCTImageStorage,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -44,7 +45,6 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
     RLELossless,
 )
-import pydicom
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
@@ -88,7 +88,10 @@ class DiscardCounter:
             self._counts.setdefault(id(event.assoc), Counter())[str(event.context.abstract_syntax.name)] += 1
 
     def log_and_forget(self, event: evt.Event) -> None:
-        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: log (once) the association's discarded counts (SOP class names only)."""
+        """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: log (once) the association's discarded counts.
+
+        Only SOP class names are logged.
+        """
         with self._lock:
             counts = self._counts.pop(id(event.assoc), None)
         if counts:
@@ -310,7 +313,8 @@ def start_scp(settings: Settings, on_stored: OnStored | None = None) -> Threaded
         (evt.EVT_CONN_CLOSE, discarded.log_and_forget),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store,
-         [settings.spool_dir, on_stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
+         [settings.spool_dir, on_stored, discarded,
+          PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes)]),
     ]
     server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers)
     log.info("SCP %s listening on %s:%d", settings.ae_title, settings.bind_address, settings.port)

@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import logging
 
-from osteonode.measure.tissues import ReferenceTissues, measure_reference_tissues
 from osteonode.config import ContrastPhaseName
+from osteonode.measure.tissues import ReferenceTissues, measure_reference_tissues
 from osteonode.result import ContrastPhase
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume

@@ -75,8 +75,8 @@ from radiomics.featureextractor import RadiomicsFeatureExtractor
 from scipy import ndimage
 
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.hu import MIN_ROI_VOXELS
 from osteonode.feature_table import META_COLUMNS
+from osteonode.measure.hu import MIN_ROI_VOXELS
 from osteonode.result import LevelResult
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume

@@ -16,7 +16,6 @@ import numpy as np
 
 from osteonode.volume import Volume
 
-
 Side = Literal["right", "left"]
 
 

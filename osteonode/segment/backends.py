@@ -17,8 +17,8 @@ from pathlib import Path
 from osteonode.config import AnalysisSettings
 from osteonode.segment import Backend, SpineSegmentation
 from osteonode.segment.femur import segment_proximal_femurs
-from osteonode.segment.imported import load_totalsegmentator
 from osteonode.segment.frame import canonical_view
+from osteonode.segment.imported import load_totalsegmentator
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume
 

@@ -83,8 +83,16 @@ from scipy import ndimage as ndi
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation, FemurSide, Side
 from osteonode.segment.body import SOFT_TISSUE_HU
-from osteonode.segment.frame import (COARSE_MM, IN_PLANE, CanonicalFrame, CanonicalView, bounding_box, canonical_view,
-                                     coarse_to_native, ellipsoid)
+from osteonode.segment.frame import (
+    COARSE_MM,
+    IN_PLANE,
+    CanonicalFrame,
+    CanonicalView,
+    bounding_box,
+    canonical_view,
+    coarse_to_native,
+    ellipsoid,
+)
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)

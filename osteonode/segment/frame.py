@@ -47,7 +47,7 @@ class CanonicalFrame:
     spacing: np.ndarray  # canonical (s, a, l) spacing in mm
 
     @classmethod
-    def from_volume(cls, volume: Volume) -> "CanonicalFrame":
+    def from_volume(cls, volume: Volume) -> CanonicalFrame:
         # LPS unit vectors of superior, anterior, left
         targets = (np.array([0.0, 0.0, 1.0]), np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0]))
         dirs = [volume.index_direction(a) for a in range(3)]

@@ -34,7 +34,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-
 from services import ManagedProcess, OrthancServer, RedisServer, StoreSCP, reap_stopping
 
 _SERVICES_KEY = pytest.StashKey[list[ManagedProcess]]()

@@ -47,8 +47,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
@@ -318,7 +319,7 @@ class ManagedProcess:
         raise NotImplementedError
 
     # -- lifecycle ----------------------------------------------------------------
-    def start(self) -> "ManagedProcess":
+    def start(self) -> ManagedProcess:
         """Launch the process and block until it is ready.
 
         Raises

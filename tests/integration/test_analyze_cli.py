@@ -10,8 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
 from services import dciodvfy
+
 from tests.conftest import DATA, require_data
 
 pytestmark = pytest.mark.integration

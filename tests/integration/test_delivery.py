@@ -8,6 +8,7 @@ import sys
 
 import pydicom
 import pytest
+from node import write_config
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import (
@@ -16,13 +17,11 @@ from pynetdicom.sop_class import (
     SecondaryCaptureImageStorage,
     SegmentationStorage,
 )
+from services import free_port, storescu, wait_for
 
 from osteonode.config import Destination
 from osteonode.dispatch import send_files
 from osteonode.errors import DeliveryFailed
-
-from node import write_config
-from services import free_port, storescu, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -6,11 +6,11 @@ import json
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
-
 from node import write_config
-from osteonode.ingest.completion import log_id
+from pydicom.uid import generate_uid
 from services import storescu, wait_for
+
+from osteonode.ingest.completion import log_id
 
 pytestmark = pytest.mark.integration
 J2K = ["--propose-j2k-lossless"]  # the series stays JPEG 2000 as sent

@@ -20,13 +20,13 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import CTImageStorage, Verification
+from services import free_port, run_tool, wait_for
 
 from osteonode.config import Settings
 from osteonode.ingest.scp import start_scp
 from osteonode.ingest.spool import instance_files
 from osteonode.volume import load_series
 from tests.conftest import recompress_series
-from services import free_port, run_tool, wait_for
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
 from node import write_config
 from services import ORTHANC, OrthancServer, dciodvfy, require_tool, wait_for
 

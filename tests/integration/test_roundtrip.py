@@ -11,7 +11,6 @@ import json
 
 import pydicom
 import pytest
-
 from node import write_config
 from services import dciodvfy, storescu, wait_for
 

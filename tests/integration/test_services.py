@@ -14,8 +14,6 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-
-from osteonode.ctseries import write_ct_series
 from services import (
     RedisServer,
     ServiceError,
@@ -27,6 +25,8 @@ from services import (
     storescu,
     wait_for,
 )
+
+from osteonode.ctseries import write_ct_series
 
 pytestmark = pytest.mark.integration
 

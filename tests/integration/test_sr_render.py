@@ -24,10 +24,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from services import require_tool, run_tool
 
 import dicom_templates
 from osteonode.pipeline import analyze_files
-from services import require_tool, run_tool
 
 pytestmark = pytest.mark.integration
 

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
-
-from tests.conftest import STUDY_PATIENT as PATIENT
 from node import write_config
 from services import dciodvfy, storescu, wait_for
+
+from tests.conftest import STUDY_PATIENT as PATIENT
 
 pytestmark = pytest.mark.integration
 

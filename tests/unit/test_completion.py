@@ -15,7 +15,6 @@ from osteonode.errors import InputRejected
 from osteonode.ingest.completion import find_due_studies, mark_handled, needs_job, watch
 from osteonode.ingest.spool import check_uid, instance_files, write_instance
 
-
 RULES = SelectionSettings()
 
 

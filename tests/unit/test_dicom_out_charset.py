@@ -11,12 +11,11 @@ import warnings
 
 import pydicom
 import pytest
+from test_dicom_out import BANNER, DIRECTIONS, all_outputs, assert_valid, make_case, make_result, pdf_document, pdf_text
 
 from osteonode.dicom_out import build_key_images, build_sr, render, summary
 from osteonode.dicom_out.common import settle_character_set
 from osteonode.result import AnalysisResult
-from test_dicom_out import (BANNER, DIRECTIONS, all_outputs, assert_valid, make_case, make_result, pdf_document,
-                            pdf_text)
 
 #: (source Specific Character Set, Patient's Name, Study Description, expected output character set).
 CASES = {

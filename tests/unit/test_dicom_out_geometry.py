@@ -18,14 +18,25 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
+from test_dicom_out import (
+    BANNER,
+    BOXES,
+    DIRECTIONS,
+    PATIENT_POSITIONS,
+    ROI_MARGIN_MM,
+    assert_valid,
+    file_pixel_centres,
+    make_case,
+    make_result,
+    phantom_labels,
+    round_trip,
+)
 
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr
 from osteonode.dicom_out.keyimage import VIEWS, body_centre_lps, plane_through, reformat
 from osteonode.errors import NotEvaluable
 from osteonode.result import AnalysisResult
 from osteonode.volume import load_series
-from test_dicom_out import (BANNER, BOXES, DIRECTIONS, PATIENT_POSITIONS, ROI_MARGIN_MM, assert_valid,
-                            file_pixel_centres, make_case, make_result, phantom_labels, round_trip)
 
 ORIENTATIONS = sorted(DIRECTIONS)
 

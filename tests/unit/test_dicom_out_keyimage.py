@@ -14,6 +14,20 @@ import subprocess
 import numpy as np
 import pydicom
 import pytest
+from test_dicom_out import (
+    BANNER,
+    DIRECTIONS,
+    DSRDUMP,
+    assert_valid,
+    dciodvfy,
+    make_case,
+    make_result,
+    pdf_document,
+    pdf_pages,
+    pdf_text,
+    require_tool,
+    round_trip,
+)
 
 from osteonode.dicom_out import build_key_images, build_pdf_report, summary, write
 from osteonode.dicom_out.render import BANNER_COLOR
@@ -21,8 +35,6 @@ from osteonode.pipeline import analyze_files
 from osteonode.result import AnalysisResult, Calibration, ContrastPhase
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import load_series
-from test_dicom_out import (BANNER, DIRECTIONS, DSRDUMP, assert_valid, dciodvfy, make_case, make_result,
-                            pdf_document, pdf_pages, pdf_text, require_tool, round_trip)
 
 BANNER_RGB = tuple(int(BANNER_COLOR[i:i + 2], 16) for i in (1, 3, 5))
 

@@ -15,11 +15,11 @@ import itertools
 
 import numpy as np
 import pytest
+from test_dicom_out import BANNER, DIRECTIONS, make_case, make_result
 
 import dicom_templates
 from osteonode.dicom_out import build_key_images, build_seg, palette
 from osteonode.dicom_out.keyimage import VIEWS, body_centre_lps, render_view
-from test_dicom_out import BANNER, DIRECTIONS, make_case, make_result
 
 STRUCTURES = list(dicom_templates.load("segments")["segments"])
 LEVELS = ["T11", "T12", "L1", "L2", "L3", "L4", "L5", "L6", "sacrum"]

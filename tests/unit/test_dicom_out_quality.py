@@ -16,11 +16,25 @@ import subprocess
 import highdicom as hd
 import pydicom
 import pytest
+from test_dicom_out import (
+    BANNER,
+    DIRECTIONS,
+    DSRDUMP,
+    HEIGHT,
+    RATIO,
+    assert_valid,
+    complete_result,
+    level_groups,
+    make_case,
+    pdf_document,
+    pdf_pages,
+    pdf_text,
+    require_tool,
+    round_trip,
+)
 
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, summary
 from osteonode.result import QUALITY_FLAG_TEXT, AnalysisResult
-from test_dicom_out import (BANNER, DIRECTIONS, DSRDUMP, HEIGHT, RATIO, assert_valid, complete_result, level_groups,
-                            make_case, pdf_document, pdf_pages, pdf_text, require_tool, round_trip)
 
 STATISTIC = "mean trabecular HU of L1-L2 (L3 excluded)"
 UNCERTAINTY = "within 5 HU of the 100 HU threshold: osteoporosis within the measurement uncertainty"

@@ -15,8 +15,7 @@ import pytest
 import SimpleITK as sitk
 
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.calibration import (HA_HU_PER_MG_CM3, NOMINAL_HU, apply_calibration, calibrate,
-                                           fit_calibration)
+from osteonode.measure.calibration import HA_HU_PER_MG_CM3, NOMINAL_HU, apply_calibration, calibrate, fit_calibration
 from osteonode.measure.contrast import classify_phase, detect_contrast, unenhanced_equivalent_hu
 from osteonode.measure.hu import measure_levels
 from osteonode.measure.tissues import lps_points, measure_reference_tissues

@@ -62,7 +62,7 @@ def test_normal_spine_grade_0_and_true_heights():
     volume, seg = _spine()
     result = grade_levels(volume, seg)
     assert list(result) == list(NAMES)
-    for name, m in result.items():
+    for m in result.values():
         for h in (m.height_anterior_mm, m.height_middle_mm, m.height_posterior_mm):
             assert h == pytest.approx(HEIGHT, abs=0.6)
         assert m.genant_grade == 0 and m.fracture_suspected is False and m.reason is None

@@ -17,14 +17,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from radiomics import imageoperations
 from scipy import ndimage as ndi
 
-from radiomics import imageoperations
-
 from osteonode.feature_table import FEATURE_TABLE_NAME, META_COLUMNS, read_feature_table, write_feature_table
-from osteonode.measure.radiomics import (_PYRADIOMICS_BIN_EDGES, RadiomicsParamsError, _bin_edges, _extract_in_workers,
-                                         _LevelCrop, _rescale, _worker_pool, extract_features, image_percentiles,
-                                         load_preset, start_worker_pool)
+from osteonode.measure.radiomics import (
+    _PYRADIOMICS_BIN_EDGES,
+    RadiomicsParamsError,
+    _bin_edges,
+    _extract_in_workers,
+    _LevelCrop,
+    _rescale,
+    _worker_pool,
+    extract_features,
+    image_percentiles,
+    load_preset,
+    start_worker_pool,
+)
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume

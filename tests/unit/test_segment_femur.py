@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from bench.segmentation import (crop_below, dice, example_image, noisy, on_reference_grid, reversed_axes,
-                                thin)
+from bench.segmentation import crop_below, dice, example_image, noisy, on_reference_grid, reversed_axes, thin
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation
 from osteonode.segment.femur import METAL_HU, metal_cm3_near, segment_proximal_femurs

@@ -14,8 +14,18 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from bench.segmentation import (LUMBAR, NOISE_HU, crop_below, dice, evaluate, example_image,
-                                noisy, on_reference_grid, reversed_axes, thin)
+from bench.segmentation import (
+    LUMBAR,
+    NOISE_HU,
+    crop_below,
+    dice,
+    evaluate,
+    example_image,
+    noisy,
+    on_reference_grid,
+    reversed_axes,
+    thin,
+)
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.segment.column import disc_chain
@@ -294,9 +304,9 @@ def test_trabecular_roi_posterior_cut_in_the_vertebra_frame():
     axis = np.array([np.cos(tilt), np.sin(tilt), 0.0])
     ap = np.array([-np.sin(tilt), np.cos(tilt), 0.0])
     coords = tuple(np.arange(n, dtype=float) - n // 2 for n in (60, 60, 60))
-    s, a, l = np.meshgrid(*coords, indexing="ij")
+    s, a, lr = np.meshgrid(*coords, indexing="ij")
     along, depth = s * axis[0] + a * axis[1], s * ap[0] + a * ap[1]
-    body = (np.abs(along) <= 13.0) & (np.abs(depth) <= 15.0) & (np.abs(l) <= 20.0)
+    body = (np.abs(along) <= 13.0) & (np.abs(depth) <= 15.0) & (np.abs(lr) <= 20.0)
     roi = trabecular_roi(body, coords, np.ones(3), axis)
     assert roi.any() and np.all(body[roi])
     assert depth[roi].min() >= -15.0 + 0.25 * 30.0 - 1.0  # posterior quarter of the own depth (1 mm voxels)
