@@ -70,7 +70,8 @@ class CanonicalFrame:
         """A native ``(z, y, x)`` array of zeros of ``shape`` and its canonical ``(s, a, l)`` view.
 
         Label maps are written through the view and returned as the native
-        array: no strided copy back (0.2 s per 512 x 512 x 300 map).
+        array: no strided copy back (its cost: ``bench/README.md``, "Figures
+        behind design choices in the code").
         """
         native = np.zeros(shape, dtype)
         return native, self.to_canonical(native)
