@@ -74,6 +74,11 @@ SHELL_ABOVE_CORE_HU = 60.0
 SHELL_MIN_HU = 110.0
 
 
+#: A faint posterior wall (osteoporotic body darker than the canal limit) is a bump of the AP
+#: profile within this distance (mm, 1 mm bins) in front of the canal's darkest point ...
+FAINT_WALL_MM = 14
+#: ... standing at least this much (HU) above it.
+FAINT_WALL_HU = 15.0
 #: Endplates are looked for in this fraction of the body height next to each disc.
 PLATE_ZONE = 0.35
 #: Bright specks smaller than this (mm3) are noise, not cortical shell.
@@ -248,9 +253,11 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
             start = None
     k_wall = None
     if runs:
-        _, front = max(runs, key=lambda r: (r[1] - r[0], r[1]))
+        back, front = max(runs, key=lambda r: (r[1] - r[0], r[1]))
         k_wall = next((k for k in range(front + 1, min(front + 7, len(centres)))
-                      if shell_prof[k] > thr + 15.0), front + 1)
+                      if shell_prof[k] > thr + 15.0), None)
+        if k_wall is None:
+            k_wall = _faint_wall(shell_prof, back, front)
     wall = -30.0
     if k_wall is not None:
         wall = float(centres[k_wall]) + 0.5  # the posterior cortex inside the envelope (1 mm bins)
@@ -283,6 +290,8 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     if fill_shell:
         shell = _without_specks((raw > shell_thr) & np.broadcast_to(envelope, hb.shape), SPECK_MM3, spacing)
         shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), hb.shape)
+        # up to ENDPLATE_BAND_MM past the inner boundaries (not past the disc centres): the
+        # endplates of an osteoporotic body, darker than the disc band's threshold, may lie there
         region = np.broadcast_to(envelope & inner, hb.shape)
         enclosed = np.zeros(hb.shape, bool)
         if region.any():  # fill within the envelope's box only (padded by the widest gap)
@@ -291,8 +300,10 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
         full = full | (enclosed & region)
         if core_hu < SOFT_TISSUE_HU:
             # fatty marrow darker than soft tissue: the threshold outline is empty and a cortex
-            # thinned by partial volume leaves gaps wider than SHELL_GAP_MM
-            full = full | (_star_fill(shell & region, coords_mm, centre) & region)
+            # thinned by partial volume leaves gaps wider than SHELL_GAP_MM; between the inner
+            # boundaries only, as rays would cross the disc's annulus beyond them
+            within = np.broadcast_to(envelope & inner, hb.shape)
+            full = full | (_star_fill(shell & within, coords_mm, centre) & within)
         height = np.broadcast_to(s_bottom / np.maximum(s_bottom - s_top, 1e-3), hb.shape)
         plates = shell & full
         full = _within_endplates(full, plates & (height >= 1.0 - PLATE_ZONE), plates & (height <= PLATE_ZONE))
@@ -313,6 +324,23 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     mask = ndi.binary_closing(mask, structure=ball) & keep
     out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
     return out
+
+
+def _faint_wall(profile: np.ndarray, back: int, front: int) -> int:
+    """Bin of a faint posterior wall on an anterior-posterior profile (1 mm bins, posterior first).
+
+    With an osteoporotic or fatty core darker than ``CANAL_MAX_HU`` the fluid run
+    of the spinal canal (bins ``back`` to ``front``) goes on into the body, and the
+    thinned posterior cortex is only a bump of the profile: its highest bin within
+    ``FAINT_WALL_MM`` in front of the canal's darkest bin, if it stands
+    ``FAINT_WALL_HU`` above it (noise in the canal makes smaller bumps). Without
+    one, the bin in front of the run.
+    """
+    deepest = back + int(np.argmin(profile[back:front + 1]))
+    window = profile[deepest + 1:min(deepest + FAINT_WALL_MM + 1, len(profile))]
+    if window.size and window.max() - profile[deepest] >= FAINT_WALL_HU:
+        return deepest + 1 + int(np.argmax(window))
+    return front + 1
 
 
 def _star_fill(shell: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],

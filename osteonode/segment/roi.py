@@ -1,20 +1,33 @@
 """The trabecular ROI of a vertebral body, placed by geometry.
 
 Following the QCT and opportunistic-CT convention, the ROI is an elliptical
-cylinder in the anterior trabecular body at mid-vertebral height: in the
-vertebra's own frame (spine axis, anterior-posterior and left-right directions
-perpendicular to it), the ellipse is inscribed in the body's mid-height
-cross-section behind the anterior cortex and in front of the posterior quarter
-of the body depth (basivertebral veins, pedicle bases); the cylinder spans the
-middle 40 % of the body height (10-12 mm of a lumbar body, like the 8-10 mm
-mid-vertebral slab of QCT), and every voxel lies at least 5 mm (4 or 3 mm for a
-small body) from the body surface, clear of the cortical shell and the concave
-endplates. Its size comes from the body's own dimensions, not from HU, so it
-stays the same whatever the density. Sources: Pickhardt PJ et al., Ann Intern
-Med 2013;158:588-595 (trabecular L1 ROI avoiding the cortex and the posterior
-venous plexus); ACR-SPR-SSR Practice Parameter for the Performance of
-Musculoskeletal Quantitative Computed Tomography (QCT), 2018 (mid-vertebral
-trabecular ROI).
+cylinder in the anterior trabecular body at mid-vertebral height, sized from
+the body's own dimensions, not from HU, so that it stays the same whatever the
+density. In the vertebra's own frame (spine axis; anterior-posterior and
+left-right directions perpendicular to it):
+
+* **height**: the middle ``ROI_DISC_SPACING_FRACTION`` (36 %) of the distance
+  between the centres of the discs above and below (about 40 % of a lumbar
+  body's height, 10-12 mm, like the 8-10 mm mid-vertebral slab of QCT); the
+  discs are found the same way whatever the density, whereas the body mask's
+  endplates gain or lose a slice with it. Without both discs: the middle 40 % of
+  the body mask's extent along the axis;
+* **cross-section**: the body's cross-section in that slab (holes filled: the
+  trabecular bone of a dark body is not its surface) is summarised by its
+  equivalent ellipse (centroid, and semi-axes ``2 x SD`` along each direction
+  from the second moments: exact for an elliptical section), which moves
+  smoothly with the outline instead of in whole voxels. The ROI ellipse spans
+  from the end of the posterior quarter of that depth (basivertebral veins,
+  pedicle bases) to ``TRABECULAR_MARGIN_MM`` (5 mm) inside the anterior end of
+  the equivalent ellipse, and to 5 mm inside its lateral ends (4 or 3 mm for a
+  body whose ROI would be under 0.2 cm3). Every ROI voxel also lies at least
+  ``MIN_SURFACE_MM`` (3 mm) from the body's surface (a box-like section reaches
+  beyond its equivalent ellipse at the corners only).
+
+Sources: Pickhardt PJ et al., Ann Intern Med 2013;158:588-595 (trabecular L1
+ROI avoiding the cortex and the posterior venous plexus); ACR-SPR-SSR Practice
+Parameter for the Performance of Musculoskeletal Quantitative Computed
+Tomography (QCT), 2018 (mid-vertebral trabecular ROI).
 """
 
 from __future__ import annotations
@@ -24,8 +37,12 @@ from scipy import ndimage as ndi
 
 from osteonode.segment.frame import bounding_box, perpendicular_frame
 
-#: Distance (mm) of the trabecular ROI from the body surface.
+#: Distance (mm) of the trabecular ROI from the anterior and lateral body surface.
 TRABECULAR_MARGIN_MM = 5.0
+
+
+#: Every ROI voxel lies at least this far (mm) from the (hole-filled) body surface.
+MIN_SURFACE_MM = 3.0
 
 
 #: Posterior fraction of the body depth left out of the trabecular ROI (basivertebral veins,
@@ -33,12 +50,19 @@ TRABECULAR_MARGIN_MM = 5.0
 ROI_POSTERIOR_FRACTION = 0.25
 
 
-#: Fraction of the body height, centred at mid-height, that the trabecular ROI may occupy.
+#: Fraction of the body height, centred at mid-height, that the trabecular ROI occupies when a
+#: disc is missing.
 ROI_HEIGHT_FRACTION = 0.4
 
 
+#: The slab as a fraction of the distance between the centres of the body's two discs (a lumbar
+#: body is about 90 % of it at mid-body: 40 % of the body height).
+ROI_DISC_SPACING_FRACTION = 0.36
+
+
 def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
-                   spacing: np.ndarray, axis: np.ndarray) -> np.ndarray:
+                   spacing: np.ndarray, axis: np.ndarray,
+                   disc_centres_mm: tuple[float, float] | None = None) -> np.ndarray:
     """Trabecular ROI of one vertebral body (the rule of the module docstring).
 
     Parameters
@@ -52,48 +76,56 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
         ``(3,)`` canonical voxel spacing in mm.
     axis : numpy.ndarray
         ``(3,)`` unit vector of the spine axis at the body (pointing superior).
+    disc_centres_mm : tuple of float, optional
+        Positions along ``axis`` (mm, ``coords . axis``) of the centres of the
+        discs below and above the body.
 
     Returns
     -------
     numpy.ndarray
-        Boolean mask of the ROI: the elliptical cylinder inscribed in the body's
-        cross-section (in the vertebra's own anterior-posterior and left-right
-        directions, perpendicular to ``axis``) in front of the posterior quarter
-        of the body depth, over the middle 40 % of the body height along
-        ``axis``; only body voxels at least 5 mm (4 or 3 mm if the ROI would be
-        under 0.2 cm3) from the body surface. Source: Pickhardt
-        PJ et al., Ann Intern Med 2013;158:588-595, and the ACR-SPR-SSR Practice
-        Parameter for QCT (2018).
+        Boolean mask of the ROI, same shape as ``body``: the elliptical cylinder
+        of the module docstring, inside the body. Source: Pickhardt PJ et al.,
+        Ann Intern Med 2013;158:588-595, and the ACR-SPR-SSR Practice Parameter
+        for QCT (2018).
     """
     if not body.any():
         return body
-    box = bounding_box(body, 1)
-    dist = np.zeros(body.shape)
-    dist[box] = ndi.distance_transform_edt(np.pad(body[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1]
     Z, Y, X = np.meshgrid(*coords_mm, indexing="ij", sparse=True)
+    along = np.broadcast_to(Z * axis[0] + Y * axis[1] + X * axis[2], body.shape)
+    if disc_centres_mm is not None:
+        below, above = disc_centres_mm
+        half = 0.5 * ROI_DISC_SPACING_FRACTION * (above - below)
+        slab = np.abs(along - 0.5 * (below + above)) <= half
+    else:
+        inside = along[body]
+        low, high = float(inside.min()), float(inside.max())
+        slab = np.abs(along - 0.5 * (low + high)) <= 0.5 * ROI_HEIGHT_FRACTION * (high - low)
+    filled = body.copy()
+    for k in np.flatnonzero(filled.any(axis=(1, 2))):  # trabecular holes of a dark body
+        filled[k] = ndi.binary_fill_holes(filled[k])
+    section = filled & slab
+    if not section.any():
+        return section
+    box = bounding_box(filled, 1)
+    clear = np.zeros(body.shape, bool)
+    clear[box] = ndi.distance_transform_edt(np.pad(filled[box], 1), sampling=spacing)[1:-1, 1:-1, 1:-1] \
+        >= MIN_SURFACE_MM
+    mid = section & clear & body
     u, w = perpendicular_frame(axis)
-
-    def fraction(direction):  # position along direction: 0 at the body's first voxel, 1 at its last
-        position = Z * direction[0] + Y * direction[1] + X * direction[2]
-        inside = np.broadcast_to(position, body.shape)[body]
-        return (position - inside.min()) / max(float(inside.max() - inside.min()), 1e-3)
-
-    slab = np.abs(fraction(axis) - 0.5) <= 0.5 * ROI_HEIGHT_FRACTION
-    mid = body & slab
-    if not mid.any():
-        return mid
-    # elliptical cylinder inscribed in the mid-slab body cross-section, behind the anterior cortex
-    # margin and in front of the posterior quarter (basivertebral veins)
     ap = np.broadcast_to(Z * u[0] + Y * u[1] + X * u[2], body.shape)
     lr = np.broadcast_to(Z * w[0] + Y * w[1] + X * w[2], body.shape)
-    a_lo, a_hi = np.percentile(ap[mid], [1, 99])
-    w_lo, w_hi = np.percentile(lr[mid], [1, 99])
-    depth = a_hi - a_lo
-    ap_lo = a_lo + ROI_POSTERIOR_FRACTION * depth
-    ellipse = (((ap - 0.5 * (ap_lo + a_hi)) / max(0.5 * (a_hi - ap_lo), 1e-3)) ** 2
-               + ((lr - 0.5 * (w_lo + w_hi)) / max(0.5 * (w_hi - w_lo), 1e-3)) ** 2) <= 1.0
+    # the equivalent ellipse of the section: semi-axes 2 SD (exact for an elliptical section)
+    centre_ap, centre_lr = float(ap[section].mean()), float(lr[section].mean())
+    half_depth, half_width = 2.0 * float(ap[section].std()), 2.0 * float(lr[section].std())
+    posterior = centre_ap - half_depth + ROI_POSTERIOR_FRACTION * 2.0 * half_depth
+    out = np.zeros_like(mid)
     for margin in (TRABECULAR_MARGIN_MM, 4.0, 3.0):
-        out = mid & ellipse & (dist >= margin)
+        anterior = centre_ap + half_depth - margin
+        semi_ap, semi_lr = 0.5 * (anterior - posterior), half_width - margin
+        if semi_ap <= 0 or semi_lr <= 0:
+            continue
+        ellipse = ((ap - 0.5 * (anterior + posterior)) / semi_ap) ** 2 + ((lr - centre_lr) / semi_lr) ** 2 <= 1.0
+        out = mid & ellipse
         if out.sum() * np.prod(spacing) >= 200.0:  # at least 0.2 cm3
             return out
-    return mid & (dist >= 3.0)
+    return out

@@ -284,7 +284,10 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         hb = working_grid(smooth(np.minimum(crop, clip)), native_coords, sp, work_sp)[0]
         body = segment_body(hs, hb, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
                              outer_bottom, core_hu, fill_shell=vid != SACRUM)
-        roi = trabecular_roi(body, coords, work_sp, tangent[im]) if vid != SACRUM else np.zeros_like(body)
+        discs_mm = None
+        if hi is not None and lo is not None:
+            discs_mm = (float(outer_bottom[0] @ tangent[im]), float(outer_top[0] @ tangent[im]))
+        roi = trabecular_roi(body, coords, work_sp, tangent[im], discs_mm) if vid != SACRUM else np.zeros_like(body)
         body, roi = body[back], roi[back]
         body &= bodies_c[sl] == 0
         if body.sum() * np.prod(sp) < 2000.0:  # < 2 cm3: not a body

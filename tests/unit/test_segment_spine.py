@@ -284,35 +284,38 @@ def test_trabecular_roi_rule_on_a_box():
     body[8:32, 10:40, 10:50] = True
     coords = tuple(np.arange(n, dtype=float) for n in body.shape)
     roi = trabecular_roi(body, coords, np.ones(3), np.array([1.0, 0.0, 0.0]))
-    s, a, _ = np.nonzero(roi)
+    s, a, lr = np.nonzero(roi)
     assert roi.any() and np.all(body[roi])
     assert s.min() >= 8 + 0.3 * 23 and s.max() <= 8 + 0.7 * 23  # middle 40 % of the height
-    assert a.min() >= 10 + 0.25 * 29  # not in the posterior quarter
+    # the equivalent ellipse of the section: centre 24.5 / 29.5, semi-axes 2 SD of 30 and 40 voxels
+    half_a, half_l = 2 * np.sqrt((30**2 - 1) / 12), 2 * np.sqrt((40**2 - 1) / 12)
+    posterior = 24.5 - half_a + 0.25 * 2 * half_a
+    assert a.min() >= posterior - 0.5  # not in the posterior quarter of its depth
     dist = ndi.distance_transform_edt(body)
-    assert dist[roi].min() >= 5.0  # 5 mm from every surface
-    # an elliptical cylinder inscribed in the anterior three quarters: the corners stay out
-    mid = roi[20]
-    a_c, l_c = (10 + 0.25 * 29 + 39) / 2, 29.5
-    half_a, half_l = (39 - 10 - 0.25 * 29) / 2, 19.5
-    aa, ll = np.nonzero(mid)
-    assert np.all(((aa - a_c) / half_a) ** 2 + ((ll - l_c) / half_l) ** 2 <= 1.0 + 0.15)
+    assert dist[roi].min() >= 3.0  # clear of every surface
+    # inside the ellipse 5 mm within the equivalent ellipse's anterior and lateral ends
+    anterior = 24.5 + half_a - 5.0
+    inside = ((a - 0.5 * (anterior + posterior)) / (0.5 * (anterior - posterior))) ** 2 \
+        + ((lr - 29.5) / (half_l - 5.0)) ** 2
+    assert np.all(inside <= 1.0 + 1e-9)
 
 
-def test_trabecular_roi_posterior_cut_in_the_vertebra_frame():
-    # a 40 x 30 x 26 mm box body tilted by 35 degrees (its top leaning anterior, like L5):
-    # the posterior quarter is cut perpendicular to the vertebra's own anterior-posterior direction
-    tilt = np.deg2rad(35.0)
-    axis = np.array([np.cos(tilt), np.sin(tilt), 0.0])
-    ap = np.array([-np.sin(tilt), np.cos(tilt), 0.0])
-    coords = tuple(np.arange(n, dtype=float) - n // 2 for n in (60, 60, 60))
-    s, a, lr = np.meshgrid(*coords, indexing="ij")
-    along, depth = s * axis[0] + a * axis[1], s * ap[0] + a * ap[1]
-    body = (np.abs(along) <= 13.0) & (np.abs(depth) <= 15.0) & (np.abs(lr) <= 20.0)
-    roi = trabecular_roi(body, coords, np.ones(3), axis)
-    assert roi.any() and np.all(body[roi])
-    assert depth[roi].min() >= -15.0 + 0.25 * 30.0 - 1.0  # posterior quarter of the own depth (1 mm voxels)
-    assert depth[roi].min() <= -15.0 + 0.25 * 30.0 + 1.5  # and no more: the cut is not oblique
-    assert np.all(np.abs(along[roi]) <= 0.2 * 26.0 + 1.0)  # middle 40 % of the height
+def test_trabecular_roi_ignores_a_dark_core_and_follows_the_discs():
+    # the same box with its trabecular core out of the mask (an osteoporotic body whose
+    # threshold outline missed it): the same ellipse, as it depends on the outline only
+    body = np.zeros((40, 50, 60), bool)
+    body[8:32, 10:40, 10:50] = True
+    coords = tuple(np.arange(n, dtype=float) for n in body.shape)
+    axis = np.array([1.0, 0.0, 0.0])
+    full = trabecular_roi(body, coords, np.ones(3), axis)
+    hollow = body.copy()
+    hollow[10:30, 14:36, 16:44] = False
+    np.testing.assert_array_equal(trabecular_roi(hollow, coords, np.ones(3), axis), full & hollow)
+    # with the disc centres 4 mm below and above the body the slab is 36 % of their distance
+    discs = (8 - 4.0, 31 + 4.0)
+    roi = trabecular_roi(body, coords, np.ones(3), axis, discs)
+    s = np.nonzero(roi)[0]
+    assert np.all(np.abs(s - 0.5 * sum(discs)) <= 0.18 * (discs[1] - discs[0]))
 
 
 def test_empty_volume_is_not_evaluable():
