@@ -131,8 +131,7 @@ def plane_through(volume: Volume, centre_lps: np.ndarray, row_direction: tuple[f
         raise ValueError("plane directions must be orthogonal unit vectors")
     normal = np.cross(u, v)
     edges = [(-0.5, n - 0.5) for n in volume.shape]
-    corners = np.array([[z, y, x, 1.0] for z in edges[0] for y in edges[1] for x in edges[2]])
-    corners_lps = (volume.affine @ corners.T)[:3].T
+    corners_lps = volume.index_to_lps([[z, y, x] for z in edges[0] for y in edges[1] for x in edges[2]])
     u_range = (corners_lps @ u).min(), (corners_lps @ u).max()
     v_range = (corners_lps @ v).min(), (corners_lps @ v).max()
     spacing = max(u_range[1] - u_range[0], v_range[1] - v_range[0]) / pixels
@@ -168,10 +167,8 @@ def reformat(volume: Volume, array: np.ndarray, plane: Plane, *, order: int, fil
     ValueError
         If ``array`` does not have the volume's shape.
     """
-    if array.shape != volume.shape:
-        raise ValueError(f"array shape {array.shape} != volume shape {volume.shape}")
-    points = plane.points().reshape(-1, 3)
-    index = np.linalg.solve(volume.affine, np.vstack([points.T, np.ones(len(points))]))[:3]
+    volume.require_grid(array)
+    index = volume.lps_to_index(plane.points().reshape(-1, 3)).T
     sampled = ndimage.map_coordinates(array, index, order=order, mode="constant", cval=fill)
     return sampled.reshape(plane.shape).astype(array.dtype, copy=False)
 
@@ -204,7 +201,7 @@ def body_centre_lps(volume: Volume, bodies: np.ndarray, label: int | None = None
     if not len(index):
         raise ValueError("no vertebra in the segmentation" if label is None else
                          f"{VERTEBRA_NAMES.get(label, label)} is not in the segmentation")
-    return (volume.affine @ np.append(index.mean(axis=0), 1.0))[:3]
+    return volume.index_to_lps(index.mean(axis=0))
 
 
 def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.ndarray, plane: Plane,
@@ -374,8 +371,7 @@ def build_key_images(series: Series, segmentation: SpineSegmentation, result: An
     if result.series_instance_uid != series.series_instance_uid:
         raise ValueError("the result does not belong to the given series")
     for name in ("bodies", "trabecular"):
-        if np.shape(getattr(segmentation, name)) != series.volume.shape:
-            raise ValueError(f"segmentation.{name} does not match the volume shape {series.volume.shape}")
+        series.volume.require_grid(getattr(segmentation, name), f"segmentation.{name}")
     if axial_level not in VERTEBRA_IDS:
         raise ValueError(f"unknown vertebral level {axial_level!r}")
     bodies = np.asarray(segmentation.bodies)
