@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
@@ -223,10 +224,10 @@ def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.nda
         level = result.levels.get(name)
         text = name if level is None else f"{summary.marked_name(name, level)}  {level.trabecular_hu_mean:.0f} HU"
         if view == "sagittal":  # beside the anterior edge of the body
-            position, align = (columns.min() - 10, rows.mean()), {"ha": "right", "va": "center"}
+            (x, y), (ha, va) = (columns.min() - 10, rows.mean()), ("right", "center")
         else:  # above the anterior edge
-            position, align = (columns.mean(), rows.min() - 10), {"ha": "center", "va": "bottom"}
-        render.add_text(ax, *position, text, outline=True, color=colour, fontsize=14, weight="bold", **align)
+            (x, y), (ha, va) = (columns.mean(), rows.min() - 10), ("center", "bottom")
+        render.add_text(ax, x, y, text, outline=True, color=colour, fontsize=14, weight="bold", ha=ha, va=va)
     edges = ((0.5, 0.99, "center", "top", -plane.column_direction),
              (0.5, 0.01, "center", "bottom", plane.column_direction),
              (0.01, 0.5, "left", "center", -plane.row_direction),
@@ -242,9 +243,9 @@ def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.nda
 class _Column:
     """A top-down text cursor in an axes (axes fraction, 1 = top)."""
 
-    def __init__(self, ax: Axes) -> None:
+    def __init__(self, ax: Axes, fig: Figure) -> None:
         self.ax = ax
-        self.height_in = ax.get_position().height * ax.figure.get_figheight()
+        self.height_in = ax.get_position().height * fig.get_figheight()
         self.y = 1.0
 
     def skip(self, points: float) -> None:
@@ -259,10 +260,10 @@ class _Column:
         self.skip(size * 1.25 * (lines.count("\n") + 1) + size * 0.5)
 
 
-def _draw_side_panel(ax: Axes, result: AnalysisResult) -> None:
+def _draw_side_panel(fig: Figure, ax: Axes, result: AnalysisResult) -> None:
     """Title, overall result with its statistic and uncertainty, its basis, the level table, notes, legend."""
     ax.set_axis_off()
-    column = _Column(ax)
+    column = _Column(ax, fig)
     column.write(summary.title(), 16, 60, weight="bold")
     column.write(f"Bone status: {summary.status_line(result)}", 19, 40, weight="bold")
     column.write("\n".join(summary.status_details(result)), 13, 50, weight="bold", color=render.BANNER_COLOR)
@@ -324,7 +325,7 @@ def render_view(series: Series, segmentation: SpineSegmentation, result: Analysi
         render.add_text(fig, 0.01, top - 0.012 - 0.03 * n, line, fontsize=13, va="top")
     render.add_text(fig, 0.01, top - 0.08, view_title, fontsize=13, weight="bold", va="top")
     _draw_plane(fig.add_axes((0.01, 0.01, 0.58, top - 0.11)), hu, bodies, trabecular, plane, result, view)
-    _draw_side_panel(fig.add_axes((0.62, 0.03, 0.36, top - 0.13)), result)
+    _draw_side_panel(fig, fig.add_axes((0.62, 0.03, 0.36, top - 0.13)), result)
     return render.to_rgb(fig)
 
 
