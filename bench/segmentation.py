@@ -89,12 +89,8 @@ def reversed_axes(volume: Volume, axes: tuple[int, ...]) -> Volume:
     Reversing z and x is how a feet-first acquisition stores an axial series
     (slice order and row direction reversed); every voxel keeps its LPS position.
     """
-    affine = volume.affine.copy()
-    for ax in axes:
-        affine[:3, 3] += volume.affine[:3, ax] * (volume.shape[ax] - 1)
-        affine[:3, ax] = -volume.affine[:3, ax]
-    flip = tuple(slice(None, None, -1) if ax in axes else slice(None) for ax in range(3))
-    return Volume(hu=np.ascontiguousarray(volume.hu[flip]), affine=affine)
+    flip = [slice(None, None, -1) if ax in axes else slice(None) for ax in range(3)]
+    return volume.crop((flip[0], flip[1], flip[2]))
 
 
 def crop_below(volume: Volume, refs: References, level: str = "L4") -> Volume:
@@ -108,9 +104,7 @@ def crop_below(volume: Volume, refs: References, level: str = "L4") -> Volume:
     z_min = refs.image.TransformIndexToPhysicalPoint((0, 0, k))[2]
     z = volume.affine[2, 3] + volume.affine[2, 0] * np.arange(volume.shape[0])
     keep = np.nonzero(z >= z_min - 1e-3)[0]
-    affine = volume.affine.copy()
-    affine[:3, 3] += volume.affine[:3, 0] * keep[0]
-    return Volume(hu=np.ascontiguousarray(volume.hu[keep[0]:keep[-1] + 1]), affine=affine)
+    return volume.crop((slice(int(keep[0]), int(keep[-1]) + 1), slice(None), slice(None)))
 
 
 def noisy(volume: Volume, sigma: float, seed: int) -> Volume:

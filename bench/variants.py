@@ -219,15 +219,14 @@ def offset_cores(variant: Variant, anatomy: Anatomy, offsets: dict[str, float]) 
                    truth=_truth(variant, offset=total))
 
 
-def _points_mm(affine: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """LPS coordinates (mm) of every voxel centre of a ``(z, y, x)`` grid, shape ``(*shape, 3)``."""
-    index = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in shape], indexing="ij"), axis=-1)
-    return index @ affine[:3, :3].T + affine[:3, 3]
+def _points_mm(volume: Volume) -> np.ndarray:
+    """LPS coordinates (mm) of every voxel centre of ``volume``'s ``(z, y, x)`` grid, shape ``(z, y, x, 3)``."""
+    return volume.index_to_lps(np.moveaxis(np.indices(volume.shape, dtype=np.float64), 0, -1))
 
 
 def _centre_mm(volume: Volume, mask: np.ndarray) -> np.ndarray:
     """Centroid (LPS mm) of a ``(z, y, x)`` mask."""
-    return volume.affine[:3, :3] @ np.array(ndi.center_of_mass(mask)) + volume.affine[:3, 3]
+    return volume.index_to_lps(ndi.center_of_mass(mask))
 
 
 def _island_centre(volume: Volume, core: np.ndarray, radius_mm: float) -> np.ndarray:
@@ -241,7 +240,7 @@ def _island_centre(volume: Volume, core: np.ndarray, radius_mm: float) -> np.nda
     """
     full = core >= 1.0
     centre = _centre_mm(volume, full)
-    points = _points_mm(volume.affine, volume.shape)
+    points = _points_mm(volume)
     rel = points - centre
     anterior = -rel[..., 1]  # LPS y points posterior
     inside = ndi.distance_transform_edt(np.pad(full, 1), sampling=volume.spacing)[1:-1, 1:-1, 1:-1]
@@ -297,7 +296,7 @@ def add_island(variant: Variant, anatomy: Anatomy, level: str, diameter_mm: floa
     centre = _island_centre(vol, anatomy.cores[level], radius)
     k = ISLAND_SUPERSAMPLING
     sub = (np.arange(k) + 0.5) / k - 0.5  # sub-sample offsets in voxels
-    centre_index = np.linalg.solve(vol.affine[:3, :3], centre - vol.affine[:3, 3])
+    centre_index = vol.lps_to_index(centre)
     reach = [int(math.ceil(radius / sp)) + 1 for sp in vol.spacing]
     lo = [max(0, int(round(c)) - r) for c, r in zip(centre_index, reach)]
     hi = [min(n, int(round(c)) + r + 1) for c, r, n in zip(centre_index, reach, vol.shape)]
@@ -343,28 +342,24 @@ def _resample(variant: Variant, source_mm, crop: bool = False) -> Variant:
     """
     outside: list[np.ndarray] = []
 
-    def pull(array: np.ndarray, affine: np.ndarray, spacing, order: int, cval: float) -> np.ndarray:
-        src = source_mm(_points_mm(affine, array.shape), spacing)
-        index = (src - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
-        coords = np.moveaxis(index, -1, 0)
+    def pull(array: np.ndarray, grid: Volume, order: int, cval: float) -> np.ndarray:
+        grid.require_grid(array)
+        coords = np.moveaxis(grid.lps_to_index(source_mm(_points_mm(grid), grid.spacing)), -1, 0)
         outside.append(((coords < -0.5) | (coords > np.array(array.shape)[:, None, None, None] - 0.5)).any(axis=0))
         return ndi.map_coordinates(array, coords, order=order, mode="constant", cval=cval, prefilter=False)
 
     vol = variant.volume
-    hu = pull(vol.hu, vol.affine, vol.spacing, 1, OUTSIDE_HU).astype(np.float32)
-    affine = vol.affine
+    moved_vol = Volume(hu=pull(vol.hu, vol, 1, OUTSIDE_HU).astype(np.float32), affine=vol.affine)
     if crop:
         keep = np.nonzero(outside[0].mean(axis=(1, 2)) <= 0.5)[0]
-        hu = np.ascontiguousarray(hu[keep[0]:keep[-1] + 1])
-        affine = vol.affine.copy()
-        affine[:3, 3] += vol.affine[:3, 0] * keep[0]
+        moved_vol = moved_vol.crop((slice(int(keep[0]), int(keep[-1]) + 1), slice(None), slice(None)))
     refs = variant.refs
     ref_vol = Volume.from_sitk(refs.image)  # only its grid is used
-    masks = [pull(a.astype(np.uint8), ref_vol.affine, ref_vol.spacing, 0, 0)
+    masks = [pull(a.astype(np.uint8), ref_vol, 0, 0)
              for a in (refs.vertebrae, refs.body, refs.femur_right)]
     moved = References(refs.image, masks[0].astype(refs.vertebrae.dtype), masks[1].astype(refs.body.dtype),
                        masks[2] > 0)
-    return replace(variant, volume=Volume(hu=hu, affine=affine), refs=moved, warped=True)
+    return replace(variant, volume=moved_vol, refs=moved, warped=True)
 
 
 def _smooth_field(values: np.ndarray, spacing) -> np.ndarray:
@@ -451,7 +446,7 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     vol = variant.volume
     comp = _compression(anatomy, level, kind, loss)
     centre, up, ant, left = _spine_frame(vol, anatomy, level)
-    rel = _points_mm(vol.affine, vol.shape)[anatomy.bodies == VERTEBRA_IDS[level]] - centre
+    rel = _points_mm(vol)[anatomy.bodies == VERTEBRA_IDS[level]] - centre
     half_step = 0.5 * float(np.abs(vol.affine[:3, :3].T @ up).max())
     hb, ht = (rel @ up).min() - half_step, (rel @ up).max() + half_step
     a_post, a_ant = (rel @ ant).min(), (rel @ ant).max()

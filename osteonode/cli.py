@@ -9,7 +9,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -424,7 +424,7 @@ def train(table: Annotated[Path, typer.Argument(exists=True, dir_okay=False,
           pipeline: Annotated[str, typer.Option(help="lr_stability (seed 000) or mrmr_lasso (seeds 001/002).")]
           = "lr_stability",
           classifier: Annotated[str, typer.Option(help="rf, svm, knn or logistic.")] = "rf",
-          unit: Annotated[str, typer.Option(help="study or vertebra.")] = "study",
+          unit: Annotated[Literal["study", "vertebra"], typer.Option(help="study or vertebra.")] = "study",
           validation: Annotated[str, typer.Option(help="cv (5-fold) or holdout.")] = "cv",
           seed: int = 0,
           synthetic: Annotated[bool, typer.Option(help="Mark the model as trained on synthetic data.")] = False,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -190,16 +191,29 @@ class AnalysisSettings(_Strict):
                                   "unexpectedly (result.json records the failure either way)")
 
 
+#: Kernel classes, in the default ranking order (best first).
 KernelClass = Literal["soft", "unknown", "bone", "sharp", "lung"]
+#: Contrast phases, in the default ranking order (best first).
 ContrastPhaseName = Literal["non_contrast", "unknown", "portal_venous", "delayed", "arterial"]
-KERNEL_CLASSES: tuple[str, ...] = KernelClass.__args__
-CONTRAST_PHASES: tuple[str, ...] = ContrastPhaseName.__args__
+#: The phases a Series Description can name.
+NamedPhase = Literal["non_contrast", "portal_venous", "delayed", "arterial"]
+KERNEL_CLASSES: tuple[KernelClass, ...] = get_args(KernelClass)
+CONTRAST_PHASES: tuple[ContrastPhaseName, ...] = get_args(ContrastPhaseName)
 
 
-def _is_permutation(values: list[str], allowed: tuple[str, ...], key: str) -> list[str]:
+def _is_permutation(values: Sequence[str], allowed: Sequence[str], key: str) -> None:
     if sorted(values) != sorted(allowed):
-        raise ValueError(f"{key} must list each of {', '.join(allowed)} exactly once, got {values}")
-    return values
+        raise ValueError(f"{key} must list each of {', '.join(allowed)} exactly once, got {list(values)}")
+
+
+def _default_phase_keywords() -> dict[NamedPhase, list[str]]:
+    return {
+        "non_contrast": ["non-contrast", "non contrast", "noncontrast", "without contrast", "w/o",
+                         "unenhanced", "plain", "native", "nativ", "nc"],
+        "arterial": ["arterial", "art", "cta", "angio"],
+        "portal_venous": ["portal", "venous", "pv", "pvp"],
+        "delayed": ["delayed", "late", "excretory", "urographic"],
+    }
 
 
 class SelectionSettings(_Strict):
@@ -227,19 +241,13 @@ class SelectionSettings(_Strict):
     preferred_thickness_mm: tuple[float, float] = Field(
         default=(1.0, 3.0), description="thinnest slices inside this range rank first, mm")
     kernel_order: list[KernelClass] = Field(
-        default_factory=lambda: ["soft", "unknown", "bone", "sharp", "lung"],
+        default_factory=lambda: list(KERNEL_CLASSES),
         description="kernel classes, best first (soft tissue before bone, sharp and lung kernels)")
     phase_order: list[ContrastPhaseName] = Field(
-        default_factory=lambda: ["non_contrast", "unknown", "portal_venous", "delayed", "arterial"],
+        default_factory=lambda: list(CONTRAST_PHASES),
         description="contrast phases, best first (unknown: the description names none)")
-    phase_keywords: dict[Literal["non_contrast", "portal_venous", "delayed", "arterial"], list[str]] = Field(
-        default_factory=lambda: {
-            "non_contrast": ["non-contrast", "non contrast", "noncontrast", "without contrast", "w/o",
-                             "unenhanced", "plain", "native", "nativ", "nc"],
-            "arterial": ["arterial", "art", "cta", "angio"],
-            "portal_venous": ["portal", "venous", "pv", "pvp"],
-            "delayed": ["delayed", "late", "excretory", "urographic"],
-        },
+    phase_keywords: dict[NamedPhase, list[str]] = Field(
+        default_factory=_default_phase_keywords,
         description="words (case-insensitive, whole words) of the Series Description that name a phase; "
                     "checked in the order non_contrast, arterial, portal_venous, delayed")
     kernel_table: Path | None = Field(
@@ -247,8 +255,8 @@ class SelectionSettings(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> SelectionSettings:
-        _is_permutation(list(self.kernel_order), KERNEL_CLASSES, "kernel_order")
-        _is_permutation(list(self.phase_order), CONTRAST_PHASES, "phase_order")
+        _is_permutation(self.kernel_order, KERNEL_CLASSES, "kernel_order")
+        _is_permutation(self.phase_order, CONTRAST_PHASES, "phase_order")
         low, high = self.preferred_thickness_mm
         if not 0 < low <= high:
             raise ValueError(f"preferred_thickness_mm must be [low, high] with 0 < low <= high, got {[low, high]}")
@@ -468,7 +476,8 @@ def load_settings(path: Path | None = None, *, require_dirs: bool | None = None)
         raise ConfigError(f"config file not found: {config_file}")
     cls = Settings
     if config_file is not None:
-        cls = type("Settings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": config_file}})
+        cls = cast("type[Settings]", type("Settings", (Settings,),
+                                          {"model_config": {**Settings.model_config, "toml_file": config_file}}))
     try:
         settings = cls()
     except ValidationError as exc:

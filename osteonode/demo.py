@@ -19,15 +19,16 @@ import time
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
-from pynetdicom.sop_class import (
+from pydicom.uid import (
     Comprehensive3DSRStorage,
     EncapsulatedPDFStorage,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     SecondaryCaptureImageStorage,
     SegmentationStorage,
-    Verification,
 )
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import, unseen by mypy
 
 from osteonode.config import Destination
 from osteonode.ctseries import read_image, write_ct_series

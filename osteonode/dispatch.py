@@ -23,7 +23,7 @@ import pydicom
 from pydicom.uid import UID
 from pynetdicom import AE, Association, evt
 from pynetdicom.presentation import PresentationContext, build_context
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import, unseen by mypy
 
 from osteonode.audit import audit_event
 from osteonode.config import Destination, TLSSettings

@@ -248,6 +248,12 @@ class _Analysis:
     segmentation: SpineSegmentation | None
     feature_rows: list[dict]
 
+    def evaluable(self) -> tuple[Series, SpineSegmentation] | None:
+        """The series and segmentation when the result is evaluable (status ok), else None."""
+        if self.result.status == "ok" and self.series is not None and self.segmentation is not None:
+            return self.series, self.segmentation
+        return None
+
 
 def _analyze_series(files: Sequence[Path], settings: AnalysisSettings, segmentation_file: Path | None,
                     selection: SeriesSelection | None, selection_rules: SelectionSettings | None) -> _Analysis:
@@ -255,7 +261,7 @@ def _analyze_series(files: Sequence[Path], settings: AnalysisSettings, segmentat
     if not files:
         raise FileNotFoundError("no DICOM files to analyse")
     timings: dict[str, float] = {}
-    headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(files)]
+    headers: list[pydicom.Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(files)]
     study_uid = str(headers[0].get("StudyInstanceUID", ""))
     series_uid = str(headers[0].get("SeriesInstanceUID", ""))
     series: Series | None = None
@@ -312,6 +318,8 @@ def _analyze_series(files: Sequence[Path], settings: AnalysisSettings, segmentat
 
 def _extract_features(series: Series, segmentation: SpineSegmentation, settings: AnalysisSettings) -> list[dict]:
     from osteonode.measure.radiomics import extract_features
+    if settings.radiomics_preset is None:
+        raise ValueError("radiomics features need a radiomics_preset")
     return extract_features(series.volume, segmentation, settings.radiomics_preset,
                             processes=settings.radiomics_processes)
 
@@ -326,16 +334,15 @@ def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSetting
     SEG's UIDs and segments) and goes first: encoding the SEG's frames takes
     several seconds. ``result.json`` is written after the SR and at the end.
     """
-    result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
-    evaluable = result.status == "ok" and series is not None and segmentation is not None
+    result, evaluable = analysis.result, analysis.evaluable()
     result.supersedes = superseded_report(out_dir, analysis.headers)
     with _timed(result.timings_s, "encode_sr"):  # from the SEG's UIDs and segments, before the SEG is encoded
-        sr = write(build_sr(analysis.headers, result, seg_reference(series, segmentation) if evaluable else None),
+        sr = write(build_sr(analysis.headers, result, seg_reference(*evaluable) if evaluable else None),
                    out_dir / SR_FILE)
     result.write(out_dir / RESULT_JSON)
     batches = [lambda: [sr]]
     if evaluable:
-        batches.append(lambda: _write_seg(analysis, out_dir))
+        batches.append(lambda: _write_seg(*evaluable, result, out_dir))
     batches.append(lambda: _write_follow_up(analysis, out_dir, settings))
     for batch in batches:
         written = batch()
@@ -347,17 +354,17 @@ def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSetting
     return result
 
 
-def _write_seg(analysis: _Analysis, out_dir: Path) -> list[Path]:
+def _write_seg(series: Series, segmentation: SpineSegmentation, result: AnalysisResult, out_dir: Path) -> list[Path]:
     """Encode and write the SEG of an evaluable analysis; its path."""
-    with _timed(analysis.result.timings_s, "encode_seg"):
-        return [write(build_seg(analysis.series, analysis.segmentation), out_dir / SEG_FILE)]
+    with _timed(result.timings_s, "encode_seg"):
+        return [write(build_seg(series, segmentation), out_dir / SEG_FILE)]
 
 
 def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings) -> list[Path]:
     """Write the label map, key images, PDF report and feature table as configured; the DICOM files' paths."""
     result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
     timings = result.timings_s
-    evaluable = result.status == "ok" and series is not None and segmentation is not None
+    evaluable = analysis.evaluable()
     written: list[Path] = []
     if series is not None and segmentation is not None:
         with _timed(timings, "labels"):
@@ -365,7 +372,7 @@ def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSetti
                             useCompression=True)
     if evaluable and settings.key_images:
         with _timed(timings, "key_images"):
-            images = build_key_images(series, segmentation, result, banner=settings.banner)
+            images = build_key_images(*evaluable, result, banner=settings.banner)
             written += [write(image, out_dir / name) for image, name in zip(images, KEY_IMAGE_FILES, strict=True)]
     if settings.pdf_report:
         with _timed(timings, "pdf"):
@@ -375,7 +382,7 @@ def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSetti
         rows = analysis.feature_rows  # extracted already when a model classified from them
         if not rows:
             with _timed(timings, "radiomics"):
-                rows = _extract_features(series, segmentation, settings)
+                rows = _extract_features(*evaluable, settings)
         write_feature_table(rows, out_dir / FEATURE_TABLE_NAME)
         result.radiomics_file = FEATURE_TABLE_NAME if rows else None
     return written

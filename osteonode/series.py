@@ -16,6 +16,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -23,14 +24,14 @@ from pydantic import BaseModel, ConfigDict
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage
 
 import dicom_templates
-from osteonode.config import KERNEL_CLASSES, SelectionSettings
+from osteonode.config import KERNEL_CLASSES, ContrastPhaseName, KernelClass, NamedPhase, SelectionSettings
 from osteonode.errors import NotEvaluable
 
 CT_IMAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 #: Image Type (0008,0008) values that mark a reformat or projection rather than an acquired axial stack.
 REFORMAT_IMAGE_TYPES = frozenset({"REFORMATTED", "MPR", "MIP", "MINIP", "CURVED", "PROJECTION IMAGE"})
 #: Phases checked in this order against the Series Description.
-_PHASE_CHECK_ORDER = ("non_contrast", "arterial", "portal_venous", "delayed")
+_PHASE_CHECK_ORDER: tuple[NamedPhase, ...] = ("non_contrast", "arterial", "portal_venous", "delayed")
 
 
 class SeriesInfo(BaseModel):
@@ -47,8 +48,8 @@ class SeriesInfo(BaseModel):
     sop_class_uid: str = ""
     image_type: tuple[str, ...] = ()
     kernel: str = ""
-    kernel_class: str = "unknown"
-    phase: str = "unknown"
+    kernel_class: KernelClass = "unknown"
+    phase: ContrastPhaseName = "unknown"
     slice_thickness_mm: float | None = None
     slice_count: int = 0
     axial_deviation_deg: float | None = None
@@ -81,10 +82,10 @@ class SeriesRanking(BaseModel):
 
 
 @lru_cache(maxsize=8)
-def _kernel_rules(path: Path | None) -> tuple[tuple[re.Pattern[str], str], ...]:
+def _kernel_rules(path: Path | None) -> tuple[tuple[re.Pattern[str], KernelClass], ...]:
     document = (json.loads(path.read_text(encoding="utf-8")) if path is not None
                 else dicom_templates.load("kernels"))
-    rules = []
+    rules: list[tuple[re.Pattern[str], KernelClass]] = []
     for i, rule in enumerate(document.get("rules", [])):
         kernel_class = rule.get("class")
         if kernel_class not in KERNEL_CLASSES or kernel_class == "unknown":
@@ -99,7 +100,7 @@ def _kernel_rules(path: Path | None) -> tuple[tuple[re.Pattern[str], str], ...]:
     return tuple(rules)
 
 
-def load_kernel_table(path: Path | None = None) -> tuple[tuple[re.Pattern[str], str], ...]:
+def load_kernel_table(path: Path | None = None) -> tuple[tuple[re.Pattern[str], KernelClass], ...]:
     """Load and check a kernel table: ``(compiled pattern, class)`` pairs, first match wins.
 
     Parameters
@@ -120,7 +121,7 @@ def load_kernel_table(path: Path | None = None) -> tuple[tuple[re.Pattern[str], 
         raise ValueError(f"cannot read kernel table {path}: {exc}") from None
 
 
-def kernel_class(kernel: str, table_path: Path | None = None) -> str:
+def kernel_class(kernel: str, table_path: Path | None = None) -> KernelClass:
     """Class (soft, bone, sharp, lung or unknown) of a Convolution Kernel (0018,1210) value."""
     value = kernel.strip().upper()
     for pattern, name in load_kernel_table(table_path):
@@ -129,7 +130,7 @@ def kernel_class(kernel: str, table_path: Path | None = None) -> str:
     return "unknown"
 
 
-def contrast_phase(description: str, rules: SelectionSettings) -> str:
+def contrast_phase(description: str, rules: SelectionSettings) -> ContrastPhaseName:
     """Contrast phase named by a Series Description (0008,103E), or ``"unknown"``.
 
     The ranking uses the description only: the measured aortic attenuation
@@ -144,7 +145,7 @@ def contrast_phase(description: str, rules: SelectionSettings) -> str:
     return "unknown"
 
 
-def _find(ds: pydicom.Dataset, keyword: str) -> object:
+def _find(ds: pydicom.Dataset, keyword: str) -> Any:
     """``keyword`` at the top level, else in the first Shared/Per-frame Functional Groups items (PS3.3 C.7.6.16)."""
     if keyword in ds:
         return ds.get(keyword)

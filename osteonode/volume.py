@@ -4,59 +4,160 @@ Arrays are ``(z, y, x)`` numpy arrays: ``z`` is the slice index along the
 slice normal, ``y`` the DICOM row index, ``x`` the DICOM column index.
 Physical space is DICOM patient space (LPS, mm). SimpleITK images are
 ``(x, y, z)``; :meth:`Volume.to_sitk` does the conversion.
+
+This module is the one place for grid geometry: index <-> LPS mapping, the
+check that an array lies on a volume's grid, bounding boxes and crops. The
+affine and its mappings are those of :class:`highdicom.VolumeGeometry`.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 import pydicom
 import SimpleITK as sitk
+from numpy.typing import ArrayLike, NDArray
 
 from osteonode.errors import NotEvaluable
 
 log = logging.getLogger(__name__)
 
+#: A box of a ``(z, y, x)`` array: one slice per axis, each with integer start and stop.
+Box = tuple[slice, slice, slice]
 
-@dataclass(frozen=True)
+
+@dataclass(frozen=True, eq=False)
 class Volume:
     """A CT volume in Hounsfield units with its patient-space geometry.
+
+    Construction validates the grid with :class:`highdicom.VolumeGeometry`
+    (4 x 4 affine, last row ``0 0 0 1``, orthogonal columns); every mapping
+    between array indices and LPS positions goes through it.
 
     Attributes
     ----------
     hu : numpy.ndarray
-        ``(z, y, x)`` float32 array in HU.
+        ``(z, y, x)`` array in HU (float32 when loaded from DICOM).
     affine : numpy.ndarray
-        ``(4, 4)`` matrix mapping homogeneous voxel indices ``(z, y, x, 1)`` to
-        LPS coordinates in mm (the convention of :class:`highdicom.Volume`).
+        ``(4, 4)`` float64 matrix mapping homogeneous voxel indices ``(z, y, x, 1)``
+        to LPS coordinates in mm (the convention of :class:`highdicom.Volume`);
+        a validated copy of the matrix passed in.
+    frame_of_reference_uid : str or None
+        Frame of Reference UID of the source series, if known.
+    geometry : highdicom.VolumeGeometry
+        The grid as highdicom holds it (used to place SEG frames on the source grid).
+
+    Raises
+    ------
+    ValueError
+        If ``hu`` is not 3-D or ``affine`` is not a valid volume affine.
     """
 
-    hu: np.ndarray
-    affine: np.ndarray
+    hu: NDArray[Any]
+    affine: NDArray[np.float64]
+    frame_of_reference_uid: str | None = None
+    geometry: hd.VolumeGeometry = field(init=False, repr=False)
 
-    @property
-    def spacing(self) -> tuple[float, float, float]:
-        """Voxel spacing ``(sz, sy, sx)`` in mm."""
-        sz, sy, sx = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return float(sz), float(sy), float(sx)
+    def __post_init__(self) -> None:
+        if np.ndim(self.hu) != 3:
+            raise ValueError(f"a volume is a 3-D (z, y, x) array, got shape {np.shape(self.hu)}")
+        try:
+            geometry = hd.VolumeGeometry(np.asarray(self.affine, dtype=np.float64), self.hu.shape,
+                                         coordinate_system="PATIENT",
+                                         frame_of_reference_uid=self.frame_of_reference_uid)
+        except ValueError as exc:
+            raise ValueError(f"invalid volume affine: {exc}") from exc
+        object.__setattr__(self, "affine", geometry.affine)
+        object.__setattr__(self, "geometry", geometry)
 
     @property
     def shape(self) -> tuple[int, int, int]:
         """Array shape ``(z, y, x)``."""
-        return tuple(self.hu.shape)  # type: ignore[return-value]
+        return self.geometry.spatial_shape
 
-    def index_direction(self, axis: int) -> np.ndarray:
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel spacing ``(sz, sy, sx)`` in mm."""
+        return self.geometry.spacing
+
+    def index_direction(self, axis: int) -> NDArray[np.float64]:
         """Unit LPS vector along array axis ``axis`` (0 = z, 1 = y, 2 = x)."""
-        v = self.affine[:3, axis]
-        return v / np.linalg.norm(v)
+        direction: NDArray[np.float64] = self.geometry.direction[:, axis]
+        return direction
 
-    def to_sitk(self, array: np.ndarray | None = None) -> sitk.Image:
+    def index_to_lps(self, index: ArrayLike) -> NDArray[np.float64]:
+        """LPS positions (mm) of ``(z, y, x)`` array indices.
+
+        Parameters
+        ----------
+        index : array_like
+            ``(..., 3)`` indices ``(z, y, x)``; fractional indices are allowed.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(..., 3)`` positions, columns L, P, S (mm).
+        """
+        index = np.asarray(index, dtype=np.float64)
+        lps: NDArray[np.float64] = self.geometry.map_indices_to_reference(index.reshape(-1, 3))
+        return lps.reshape(index.shape)
+
+    def lps_to_index(self, lps: ArrayLike) -> NDArray[np.float64]:
+        """Fractional ``(z, y, x)`` array indices of LPS positions (mm); the inverse of :meth:`index_to_lps`.
+
+        Parameters
+        ----------
+        lps : array_like
+            ``(..., 3)`` positions, columns L, P, S (mm).
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(..., 3)`` float indices ``(z, y, x)``, not rounded nor clipped to the array.
+        """
+        lps = np.asarray(lps, dtype=np.float64)
+        index: NDArray[np.float64] = self.geometry.map_reference_to_indices(lps.reshape(-1, 3))
+        return index.reshape(lps.shape)
+
+    def margin_voxels(self, margin_mm: float) -> NDArray[np.int_]:
+        """Whole voxels per axis ``(z, y, x)`` that cover ``margin_mm`` (mm), rounded up."""
+        return np.ceil(margin_mm / np.asarray(self.spacing)).astype(int)
+
+    def require_grid(self, array: ArrayLike, name: str = "array") -> None:
+        """Check that ``array`` lies on this volume's ``(z, y, x)`` grid.
+
+        Raises
+        ------
+        ValueError
+            If the shape of ``array`` is not the volume's shape; the message names ``name``.
+        """
+        if np.shape(array) != self.shape:
+            raise ValueError(f"{name} shape {np.shape(array)} != volume shape {self.shape} (z, y, x)")
+
+    def crop(self, box: Box) -> Volume:
+        """The sub-volume ``box`` (a contiguous copy) at the same patient position; negative steps flip axes.
+
+        Raises
+        ------
+        ValueError, IndexError
+            If ``box`` reaches outside the array or is empty (from :class:`highdicom.VolumeGeometry`).
+        """
+        index: Any = box  # highdicom annotates a tuple index as a 1-tuple
+        return Volume(hu=np.ascontiguousarray(self.hu[box]), affine=self.geometry[index].affine,
+                      frame_of_reference_uid=self.frame_of_reference_uid)
+
+    def to_sitk(self, array: NDArray[Any] | None = None) -> sitk.Image:
         """Return ``array`` (default: the HU array) as a SimpleITK image on this grid.
+
+        Not :meth:`highdicom.Volume.to_simpleitk`: that maps array axis 0 to
+        SimpleITK's x, while pyradiomics' results and the NIfTI layout here
+        rely on SimpleITK's x being the DICOM column (array axis 2).
 
         Parameters
         ----------
@@ -75,28 +176,60 @@ class Volume:
             If ``array`` does not have this volume's shape.
         """
         array = self.hu if array is None else array
-        if array.shape != self.hu.shape:
-            raise ValueError(f"array shape {array.shape} != volume shape {self.hu.shape}")
+        self.require_grid(array)
         image = sitk.GetImageFromArray(array)
         sz, sy, sx = self.spacing
         image.SetSpacing((sx, sy, sz))
         image.SetOrigin(tuple(float(v) for v in self.affine[:3, 3]))
-        cols = [self.index_direction(a) for a in (2, 1, 0)]  # x, y, z unit vectors
-        image.SetDirection(tuple(float(v) for v in np.stack(cols, axis=1).ravel()))
+        image.SetDirection(tuple(float(v) for v in self.geometry.direction[:, ::-1].ravel()))
         return image
 
     @classmethod
     def from_sitk(cls, image: sitk.Image) -> Volume:
-        """Build a volume from a SimpleITK image whose values are HU."""
+        """Build a volume from a SimpleITK image ``(x, y, z)`` whose values are HU; ``hu`` is ``(z, y, x)`` float32."""
         hu = sitk.GetArrayFromImage(image).astype(np.float32)
-        direction = np.array(image.GetDirection(), dtype=float).reshape(3, 3)
-        sx, sy, sz = image.GetSpacing()
+        direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
         affine = np.eye(4)
-        affine[:3, 0] = direction[:, 2] * sz
-        affine[:3, 1] = direction[:, 1] * sy
-        affine[:3, 2] = direction[:, 0] * sx
+        affine[:3, :3] = direction[:, ::-1] * np.array(image.GetSpacing(), dtype=np.float64)[::-1]
         affine[:3, 3] = image.GetOrigin()
         return cls(hu=hu, affine=affine)
+
+
+def bounding_box(mask: NDArray[Any], pad: ArrayLike = 0) -> Box:
+    """Bounding box of the nonzero voxels of a ``(z, y, x)`` ``mask``, grown by ``pad`` voxels per axis.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        ``(z, y, x)`` array with at least one nonzero voxel.
+    pad : int or sequence of int
+        Voxels added on each side, one value or one per axis ``(z, y, x)``.
+
+    Raises
+    ------
+    ValueError
+        If ``mask`` has no nonzero voxel.
+    """
+    box = []
+    for ax in range(3):
+        other = tuple(j for j in range(3) if j != ax)
+        idx = np.flatnonzero(mask.any(axis=other))
+        if not idx.size:
+            raise ValueError("bounding box of an empty mask")
+        box.append(slice(int(idx[0]), int(idx[-1]) + 1))
+    return grow_box((box[0], box[1], box[2]), mask.shape, pad)
+
+
+def grow_box(box: Sequence[slice], shape: Sequence[int], pad: ArrayLike) -> Box:
+    """``box`` of a ``(z, y, x)`` array of ``shape`` grown by ``pad`` voxels on each side, clipped to the array.
+
+    ``pad`` is one value or one per axis ``(z, y, x)``; see
+    :meth:`Volume.margin_voxels` for a margin in mm.
+    """
+    pads = np.broadcast_to(np.asarray(pad, dtype=int), (3,))
+    grown = [slice(max(0, int(s.start) - int(p)), min(int(n), int(s.stop) + int(p)))
+             for s, n, p in zip(box, shape, pads, strict=True)]
+    return grown[0], grown[1], grown[2]
 
 
 @dataclass(frozen=True)
@@ -106,16 +239,12 @@ class Series:
     Attributes
     ----------
     volume : Volume
-        The HU volume.
-    hd_volume : highdicom.Volume
-        The same volume as highdicom holds it, used to place SEG frames exactly
-        on the source grid.
+        The HU volume; its ``geometry`` places SEG frames exactly on the source grid.
     datasets : list of pydicom.Dataset
         The source instances without pixel data, in file order.
     """
 
     volume: Volume
-    hd_volume: hd.Volume
     datasets: list[pydicom.Dataset]
 
     @property
@@ -151,7 +280,7 @@ def load_series(paths: Iterable[Path]) -> Series:
         gantry tilt, or pixel data that cannot be decoded. The message is the
         reason reported in the SR.
     """
-    datasets = [pydicom.dcmread(p) for p in sorted(paths)]
+    datasets: list[pydicom.Dataset] = [pydicom.dcmread(p) for p in sorted(paths)]
     if not datasets:
         raise NotEvaluable("the series holds no instances")
     if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) != 1:
@@ -176,10 +305,10 @@ def load_series(paths: Iterable[Path]) -> Series:
     for ds in datasets:
         if "PixelData" in ds:
             del ds.PixelData
+    volume = Volume(hu=hu, affine=hd_volume.affine, frame_of_reference_uid=hd_volume.frame_of_reference_uid)
     log.info("loaded series: %d instance(s), volume %s, spacing %s mm",
-             len(datasets), hu.shape, tuple(round(s, 3) for s in Volume(hu, hd_volume.affine).spacing))
-    return Series(volume=Volume(hu=hu, affine=np.asarray(hd_volume.affine, dtype=float)),
-                  hd_volume=hd_volume, datasets=datasets)
+             len(datasets), hu.shape, tuple(round(s, 3) for s in volume.spacing))
+    return Series(volume=volume, datasets=datasets)
 
 
 #: Largest angle between the slice-stacking direction and the slice normal we accept.
@@ -221,7 +350,7 @@ def _check_stack_geometry(datasets: list[pydicom.Dataset]) -> None:
     length = np.linalg.norm(stack)
     if length == 0:
         raise NotEvaluable("all slices of the series lie at the same position")
-    angle = np.degrees(np.arccos(min(1.0, abs(float(stack @ normal)) / length)))
+    angle = float(np.degrees(np.arccos(min(1.0, abs(float(stack @ normal)) / float(length)))))
     if angle > MAX_STACK_SHEAR_DEG:
         raise NotEvaluable(f"gantry tilt or sheared slice stack ({angle:.1f} degrees from the slice normal) "
                            "is not supported")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping, Sequence
+from typing import TypedDict
 
 import highdicom as hd
 import pydicom
@@ -68,7 +69,16 @@ def coded(entry: Mapping[str, str]) -> hd.sr.CodedConcept:
                               meaning=entry["meaning"])
 
 
-def equipment_attributes() -> dict[str, str]:
+class EquipmentAttributes(TypedDict):
+    """highdicom keyword arguments of the General Equipment module (PS3.3 C.7.5.1)."""
+
+    manufacturer: str
+    manufacturer_model_name: str
+    software_versions: str
+    device_serial_number: str
+
+
+def equipment_attributes() -> EquipmentAttributes:
     """General Equipment module values of every object osteonode writes (PS3.3 C.7.5.1).
 
     Returns

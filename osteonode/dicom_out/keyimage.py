@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import highdicom as hd
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.figure import Figure
 from pydicom.uid import ExplicitVRLittleEndian
 from scipy import ndimage
 
@@ -131,8 +132,7 @@ def plane_through(volume: Volume, centre_lps: np.ndarray, row_direction: tuple[f
         raise ValueError("plane directions must be orthogonal unit vectors")
     normal = np.cross(u, v)
     edges = [(-0.5, n - 0.5) for n in volume.shape]
-    corners = np.array([[z, y, x, 1.0] for z in edges[0] for y in edges[1] for x in edges[2]])
-    corners_lps = (volume.affine @ corners.T)[:3].T
+    corners_lps = volume.index_to_lps([[z, y, x] for z in edges[0] for y in edges[1] for x in edges[2]])
     u_range = (corners_lps @ u).min(), (corners_lps @ u).max()
     v_range = (corners_lps @ v).min(), (corners_lps @ v).max()
     spacing = max(u_range[1] - u_range[0], v_range[1] - v_range[0]) / pixels
@@ -168,10 +168,8 @@ def reformat(volume: Volume, array: np.ndarray, plane: Plane, *, order: int, fil
     ValueError
         If ``array`` does not have the volume's shape.
     """
-    if array.shape != volume.shape:
-        raise ValueError(f"array shape {array.shape} != volume shape {volume.shape}")
-    points = plane.points().reshape(-1, 3)
-    index = np.linalg.solve(volume.affine, np.vstack([points.T, np.ones(len(points))]))[:3]
+    volume.require_grid(array)
+    index = volume.lps_to_index(plane.points().reshape(-1, 3)).T
     sampled = ndimage.map_coordinates(array, index, order=order, mode="constant", cval=fill)
     return sampled.reshape(plane.shape).astype(array.dtype, copy=False)
 
@@ -204,7 +202,7 @@ def body_centre_lps(volume: Volume, bodies: np.ndarray, label: int | None = None
     if not len(index):
         raise ValueError("no vertebra in the segmentation" if label is None else
                          f"{VERTEBRA_NAMES.get(label, label)} is not in the segmentation")
-    return (volume.affine @ np.append(index.mean(axis=0), 1.0))[:3]
+    return volume.index_to_lps(index.mean(axis=0))
 
 
 def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.ndarray, plane: Plane,
@@ -226,10 +224,10 @@ def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.nda
         level = result.levels.get(name)
         text = name if level is None else f"{summary.marked_name(name, level)}  {level.trabecular_hu_mean:.0f} HU"
         if view == "sagittal":  # beside the anterior edge of the body
-            position, align = (columns.min() - 10, rows.mean()), {"ha": "right", "va": "center"}
+            (x, y), (ha, va) = (columns.min() - 10, rows.mean()), ("right", "center")
         else:  # above the anterior edge
-            position, align = (columns.mean(), rows.min() - 10), {"ha": "center", "va": "bottom"}
-        render.add_text(ax, *position, text, outline=True, color=colour, fontsize=14, weight="bold", **align)
+            (x, y), (ha, va) = (columns.mean(), rows.min() - 10), ("center", "bottom")
+        render.add_text(ax, x, y, text, outline=True, color=colour, fontsize=14, weight="bold", ha=ha, va=va)
     edges = ((0.5, 0.99, "center", "top", -plane.column_direction),
              (0.5, 0.01, "center", "bottom", plane.column_direction),
              (0.01, 0.5, "left", "center", -plane.row_direction),
@@ -245,9 +243,9 @@ def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.nda
 class _Column:
     """A top-down text cursor in an axes (axes fraction, 1 = top)."""
 
-    def __init__(self, ax: Axes) -> None:
+    def __init__(self, ax: Axes, fig: Figure) -> None:
         self.ax = ax
-        self.height_in = ax.get_position().height * ax.figure.get_figheight()
+        self.height_in = ax.get_position().height * fig.get_figheight()
         self.y = 1.0
 
     def skip(self, points: float) -> None:
@@ -262,10 +260,10 @@ class _Column:
         self.skip(size * 1.25 * (lines.count("\n") + 1) + size * 0.5)
 
 
-def _draw_side_panel(ax: Axes, result: AnalysisResult) -> None:
+def _draw_side_panel(fig: Figure, ax: Axes, result: AnalysisResult) -> None:
     """Title, overall result with its statistic and uncertainty, its basis, the level table, notes, legend."""
     ax.set_axis_off()
-    column = _Column(ax)
+    column = _Column(ax, fig)
     column.write(summary.title(), 16, 60, weight="bold")
     column.write(f"Bone status: {summary.status_line(result)}", 19, 40, weight="bold")
     column.write("\n".join(summary.status_details(result)), 13, 50, weight="bold", color=render.BANNER_COLOR)
@@ -327,7 +325,7 @@ def render_view(series: Series, segmentation: SpineSegmentation, result: Analysi
         render.add_text(fig, 0.01, top - 0.012 - 0.03 * n, line, fontsize=13, va="top")
     render.add_text(fig, 0.01, top - 0.08, view_title, fontsize=13, weight="bold", va="top")
     _draw_plane(fig.add_axes((0.01, 0.01, 0.58, top - 0.11)), hu, bodies, trabecular, plane, result, view)
-    _draw_side_panel(fig.add_axes((0.62, 0.03, 0.36, top - 0.13)), result)
+    _draw_side_panel(fig, fig.add_axes((0.62, 0.03, 0.36, top - 0.13)), result)
     return render.to_rgb(fig)
 
 
@@ -374,8 +372,7 @@ def build_key_images(series: Series, segmentation: SpineSegmentation, result: An
     if result.series_instance_uid != series.series_instance_uid:
         raise ValueError("the result does not belong to the given series")
     for name in ("bodies", "trabecular"):
-        if np.shape(getattr(segmentation, name)) != series.volume.shape:
-            raise ValueError(f"segmentation.{name} does not match the volume shape {series.volume.shape}")
+        series.volume.require_grid(getattr(segmentation, name), f"segmentation.{name}")
     if axial_level not in VERTEBRA_IDS:
         raise ValueError(f"unknown vertebral level {axial_level!r}")
     bodies = np.asarray(segmentation.bodies)

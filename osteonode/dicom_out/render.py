@@ -26,6 +26,7 @@ from matplotlib.backends.backend_pdf import FigureCanvasPdf
 from matplotlib.figure import Figure
 from matplotlib.ft2font import FT2Font
 from matplotlib.patches import Rectangle
+from matplotlib.transforms import Bbox
 
 #: Font of every text (shipped with matplotlib).
 PRIMARY_FONT = "DejaVu Sans"
@@ -104,7 +105,8 @@ def draw_banner(fig: Figure, text: str, rect: Sequence[float], fontsize: float) 
     """
     if not text:
         return
-    ax = fig.add_axes(tuple(rect))
+    left, bottom, width, height = rect
+    ax = fig.add_axes((left, bottom, width, height))
     ax.set_axis_off()
     ax.add_patch(Rectangle((0, 0), 1, 1, transform=ax.transAxes, color=BANNER_COLOR))
     add_text(ax, 0.5, 0.5, text, color="white", fontsize=fontsize, weight="bold", ha="center", va="center")
@@ -140,7 +142,7 @@ def draw_table(ax: Axes, columns: Sequence[str], rows: Sequence[Sequence[str]], 
     ax.set_axis_off()
     height = (len(rows) + 1) * row_height
     table = ax.table(cellText=[list(row) for row in rows] or None, colLabels=list(columns),
-                     colWidths=fractions, cellLoc="center", bbox=(0.0, 1.0 - height, 1.0, height))
+                     colWidths=fractions, cellLoc="center", bbox=Bbox.from_bounds(0.0, 1.0 - height, 1.0, height))
     table.auto_set_font_size(False)
     table.set_fontsize(fontsize)
     for (row, _), cell in table.get_celld().items():
@@ -149,7 +151,7 @@ def draw_table(ax: Axes, columns: Sequence[str], rows: Sequence[Sequence[str]], 
         cell.get_text().set_fontfamily(families)
         if row == 0:
             cell.set_facecolor(HEADER_COLOR)
-            cell.get_text().set_weight("bold")
+            cell.get_text().set_fontweight("bold")
 
 
 def to_rgb(fig: Figure) -> np.ndarray:

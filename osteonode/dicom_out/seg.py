@@ -262,7 +262,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
     Parameters
     ----------
     series : Series
-        The loaded source CT. ``series.hd_volume`` gives the geometry;
+        The loaded source CT. ``series.volume.geometry`` gives the grid;
         ``series.datasets`` (headers only) give patient, study and frame of
         reference and become the Referenced Series / Source Image sequences.
     segmentation : SpineSegmentation
@@ -297,8 +297,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
     """
     labels, trabecular = segmentation.label_map(), np.asarray(segmentation.trabecular, dtype=np.uint8)
     for name, label_map in (("label map", labels), ("trabecular ROI map", trabecular)):
-        if np.shape(label_map) != series.volume.shape:
-            raise ValueError(f"{name} shape {np.shape(label_map)} != volume shape {series.volume.shape}")
+        series.volume.require_grid(label_map, name)
     segments = _segment_labels(labels, trabecular)
     if not any(not roi for _, roi, _ in segments.values()):
         raise ValueError("the segmentation contains no labelled structure")
@@ -319,7 +318,7 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
     descriptions = _descriptions(segments, inputs)
     seg = hd.seg.Segmentation(
         source_images=with_type2_defaults(series.datasets),
-        pixel_array=series.hd_volume[first:last].with_array(stacked, channels={"SegmentNumber": numbers}),
+        pixel_array=series.volume.geometry[first:last].with_array(stacked, channels={"SegmentNumber": numbers}),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=derived_uid(inputs, "seg-series"),

@@ -160,7 +160,7 @@ def _segments_by_label(seg: pydicom.Dataset) -> dict[str, pydicom.Dataset]:
     return {str(item.SegmentLabel): item for item in seg.SegmentSequence}
 
 
-def _add_children(item: hd.sr.ContentItem, children: Sequence[hd.sr.ContentItem]) -> None:
+def _add_children(item: pydicom.Dataset, children: Sequence[hd.sr.ContentItem]) -> None:
     """Append ``children`` to the Content Sequence of ``item``, creating it when absent; nothing when empty."""
     if not children:
         return
@@ -427,7 +427,7 @@ def _predecessor(prior: PriorReport) -> pydicom.Dataset:
 
 
 def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
-             seg: hd.seg.Segmentation | None, *, processing_failed: bool = False) -> hd.sr.Comprehensive3DSR:
+             seg: pydicom.Dataset | None, *, processing_failed: bool = False) -> hd.sr.Comprehensive3DSR:
     """Build the TID 1500 bone-health report of one CT series.
 
     Parameters
@@ -449,8 +449,9 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         any vBMD says vBMD "Not Evaluated" with the calibration note as the
         reason. For ``status == "not_evaluable"`` the report states "Not
         Evaluated" with ``result.reason`` as a comment.
-    seg : highdicom.seg.Segmentation or None
-        The SEG from :func:`osteonode.dicom_out.seg.build_seg` of this series;
+    seg : pydicom.Dataset or None
+        The SEG from :func:`osteonode.dicom_out.seg.build_seg` of this series, or its
+        :func:`~osteonode.dicom_out.seg.seg_reference` (UIDs and segments, no frames);
         required when the result is evaluable and ignored otherwise. Segments
         are matched to levels by Segment Label (from ``segments.json``: the
         body's label and ``trabecular_roi.label``); each SR group reuses its
@@ -500,7 +501,8 @@ def build_sr(series: Series | Sequence[pydicom.Dataset], result: AnalysisResult,
         if not result.levels:
             raise ValueError("an evaluable result has no measured level")
         segments = _segments_by_label(seg)
-        groups = []
+        groups: list[hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+                     | hd.sr.MeasurementsAndQualitativeEvaluations] = []
         for level in ordered_levels(result.levels):
             groups += _level_groups(level, result.levels[level], seg, segments, source_uid, sr_codes,
                                     segment_templates, algorithm)

@@ -103,7 +103,7 @@ def fracture_texture(name: str, level: LevelResult) -> str | None:
 
 def quality_flags(level: LevelResult) -> list[str]:
     """The level's quality flag codes, with ``cut_by_field_of_view`` when that field is set, without duplicates."""
-    flags = list(dict.fromkeys(level.quality_flags))
+    flags: list[str] = list(dict.fromkeys(level.quality_flags))
     if level.cut_by_field_of_view and "cut_by_field_of_view" not in flags:
         flags.insert(0, "cut_by_field_of_view")
     return flags

@@ -31,7 +31,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, TypedDict, cast
 
 import pydicom
 from pydicom.dataelem import RawDataElement
@@ -54,7 +54,9 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.events import EventHandlerType
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import, unseen by mypy
 from pynetdicom.transport import ThreadedAssociationServer
 
 from osteonode.atomic import TMP_PREFIX
@@ -146,7 +148,12 @@ class ReceivedStudies:
             audit_event("instances_received", **_remote(event), study_uids=studies, patient_id=patient_id)
 
 
-def _remote(event: evt.Event) -> dict[str, str]:
+class _Remote(TypedDict):
+    remote_host: str
+    remote_ae: str
+
+
+def _remote(event: evt.Event) -> _Remote:
     """The requestor of ``event``'s association as :func:`~osteonode.audit.audit_event` keywords."""
     return {"remote_host": str(event.assoc.requestor.address), "remote_ae": str(event.assoc.requestor.ae_title)}
 
@@ -223,7 +230,7 @@ def _check_dataset(path: Path, event: evt.Event, limits: PixelLimits) -> tuple[s
         raise InputRejected("SOP Class UID in the data set differs from the presentation context",
                             status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOP Instance UID")
-    if sop_uid != event.request.AffectedSOPInstanceUID:
+    if sop_uid != cast(C_STORE, event.request).AffectedSOPInstanceUID:
         raise InputRejected("SOP Instance UID differs from the C-STORE request's Affected SOP Instance UID",
                             status=DATA_SET_DOES_NOT_MATCH_SOP_CLASS)
     study_uid = check_uid(ds.get("StudyInstanceUID"), "Study Instance UID")
@@ -332,7 +339,8 @@ def set_socket_timeout(event: evt.Event, timeout_s: float) -> None:
     sockets it accepts block forever, so a peer that sends a PDU header and
     then nothing holds one of ``maximum_associations`` slots for good.
     """
-    sock = event.assoc.dul.socket.socket
+    transport = event.assoc.dul.socket
+    sock = transport.socket if transport is not None else None
     if sock is not None:
         sock.settimeout(timeout_s)
 
@@ -379,12 +387,12 @@ def bound_pdu_length(event: evt.Event, max_bytes: int) -> None:
             raise ConnectionAbortedError(f"PDU of {nr_bytes} bytes over the limit of {max_bytes}")
         return receive(nr_bytes)
 
-    sock.recv = bounded_recv
+    sock.recv = bounded_recv  # type: ignore[method-assign]  # this socket's reads are bounded
 
 
 def log_refused_contexts(event: evt.Event) -> None:
     """EVT_ACCEPTED: list the abstract syntaxes we did not accept (SOP classes we do not store)."""
-    refused = sorted({str(cx.abstract_syntax.name) for cx in event.assoc.rejected_contexts})
+    refused = sorted({str(cx.abstract_syntax.name) for cx in event.assoc.rejected_contexts if cx.abstract_syntax})
     if refused:
         log.warning("association from %s: presentation contexts not accepted for %s",
                     event.assoc.requestor.ae_title, ", ".join(refused))
@@ -410,7 +418,7 @@ def stream_data_sets_to(folder: Path) -> None:
         return tempfile.NamedTemporaryFile(dir=folder, prefix=TMP_PREFIX, **kwargs)
 
     _config.STORE_RECV_CHUNKED_DATASET = True
-    dimse_messages.NamedTemporaryFile = incoming_file
+    dimse_messages.NamedTemporaryFile = incoming_file  # type: ignore[assignment]  # same call, other folder
 
 
 def make_ae(settings: Settings) -> AE:
@@ -419,7 +427,7 @@ def make_ae(settings: Settings) -> AE:
     sop_classes = list(ACCEPTED_SOP_CLASSES)
     if settings.accept_all_storage:
         sop_classes += [cx.abstract_syntax for cx in AllStoragePresentationContexts
-                        if cx.abstract_syntax not in ACCEPTED_SOP_CLASSES]
+                        if cx.abstract_syntax is not None and cx.abstract_syntax not in ACCEPTED_SOP_CLASSES]
     for sop_class in sop_classes:
         ae.add_supported_context(sop_class, ACCEPTED_TRANSFER_SYNTAXES)
     ae.add_supported_context(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
@@ -462,7 +470,7 @@ def start_scp(settings: Settings, record_arrival: Callable[[str, str], None] | N
             record_arrival(study_uid, series_uid)
         tracker.stored(event, study_uid, series_uid)
 
-    handlers = [
+    handlers: list[EventHandlerType] = [
         (evt.EVT_CONN_OPEN, set_tcp_nodelay),
         (evt.EVT_CONN_OPEN, set_socket_timeout, [settings.network_timeout_s]),
         (evt.EVT_CONN_OPEN, bound_pdu_length, [MAX_PDU_BYTES]),
@@ -482,9 +490,10 @@ def start_scp(settings: Settings, record_arrival: Callable[[str, str], None] | N
          [settings.spool_dir, stored, discarded, PixelLimits(settings.max_rows_columns, settings.max_decoded_bytes),
           received, Watermark(settings.spool_dir, settings.min_free_percent, settings.min_free_bytes)]),
     ]
-    tls = settings.tls is not None and settings.tls.scp
-    server = ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers,
-                             ssl_context=server_context(settings.tls) if tls else None)
+    tls = settings.tls if settings.tls is not None and settings.tls.scp else None
+    server = cast(ThreadedAssociationServer,  # not None: block=False
+                  ae.start_server((settings.bind_address, settings.port), block=False, evt_handlers=handlers,
+                                  ssl_context=server_context(tls) if tls else None))
     log.info("SCP %s listening on %s:%d%s", settings.ae_title, settings.bind_address, settings.port,
              " (DICOM TLS)" if tls else "")
     return server

@@ -299,8 +299,7 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
         If the label map is not on the volume's grid.
     """
     bodies = segmentation.bodies
-    if bodies.shape != volume.hu.shape:
-        raise ValueError(f"body label map shape {bodies.shape} != volume {volume.hu.shape}")
+    volume.require_grid(bodies, "body label map")
     centres = body_centres_mm(volume, bodies)
     raw: dict[int, tuple[dict[str, float], str | None]] = {}
     margin = [1 + int(np.ceil(EDGE_MARGIN_MM / sp)) for sp in volume.spacing]  # edge voxel + 3 mm

@@ -34,8 +34,7 @@ from scipy import ndimage as ndi
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, REPORTED_LEVELS, VERTEBRA_IDS
 from osteonode.result import LevelResult, ProximalFemurResult
 from osteonode.segment import FemurSegmentation, Side, SpineSegmentation
-from osteonode.segment.frame import bounding_box
-from osteonode.volume import Volume
+from osteonode.volume import Volume, bounding_box
 
 #: Fewer ROI voxels than this and the level is not reported (too small to be a trabecular ROI).
 MIN_ROI_VOXELS = 10
@@ -78,8 +77,7 @@ def measure_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str,
     ValueError
         If the label map is not on the volume's grid.
     """
-    if segmentation.trabecular.shape != volume.hu.shape:
-        raise ValueError(f"trabecular ROI shape {segmentation.trabecular.shape} != volume {volume.hu.shape}")
+    volume.require_grid(segmentation.trabecular, "trabecular ROI")
     voxel_mm3 = float(np.prod(volume.spacing))
     levels = {}
     for name in REPORTED_LEVELS:

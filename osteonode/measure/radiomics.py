@@ -59,7 +59,7 @@ import logging
 import math
 import threading
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -79,7 +79,7 @@ from osteonode.feature_table import META_COLUMNS
 from osteonode.measure.hu import MIN_ROI_VOXELS
 from osteonode.result import LevelResult
 from osteonode.segment import SpineSegmentation
-from osteonode.volume import Volume
+from osteonode.volume import Volume, grow_box
 
 log = logging.getLogger(__name__)
 
@@ -426,8 +426,7 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
     Raises ValueError (when first iterated) if the label map is not on the volume's grid.
     """
     labels = segmentation.bodies if preset.roi == "bodies" else segmentation.trabecular
-    if labels.shape != volume.hu.shape:
-        raise ValueError(f"{preset.roi} label map shape {labels.shape} != volume shape {volume.hu.shape}")
+    volume.require_grid(labels, f"{preset.roi} label map")
     rescale = preset.intensity_rescale
     bounds = (None if rescale is None
               else image_percentiles(volume.hu, (rescale.lower_percentile, rescale.upper_percentile)))
@@ -438,16 +437,16 @@ def _level_crops(volume: Volume, segmentation: SpineSegmentation, preset: Preset
         if box is None:
             log.info("radiomics %s: %s not in the %s label map", preset.name, level, preset.roi)
             continue
-        crop = _grow(box, labels.shape, volume.spacing, preset.crop_margin_mm)
+        crop = grow_box(box, volume.shape, volume.margin_voxels(preset.crop_margin_mm))
         mask = (labels[crop] == vid).astype(np.uint8)
         voxel_count = int(mask.sum())
         if voxel_count < MIN_ROI_VOXELS:
             log.info("radiomics %s: %s ROI has %d voxels, skipped", preset.name, level, voxel_count)
             continue
-        hu = volume.hu[crop]
+        image = volume.crop(crop)
         if rescale is not None and bounds is not None:
-            hu = _rescale(hu, bounds, rescale)
-        yield _LevelCrop(level, voxel_count, _cropped_volume(volume, crop, hu), mask)
+            image = replace(image, hu=_rescale(image.hu, bounds, rescale))
+        yield _LevelCrop(level, voxel_count, image, mask)
 
 
 def _extract(extractor: RadiomicsFeatureExtractor, image: Volume, mask: np.ndarray) -> dict[str, float]:
@@ -544,21 +543,6 @@ def _rescale(hu: np.ndarray, bounds: tuple[float, float], rescale: IntensityResc
     scale = (rescale.output_max - rescale.output_min) / (high - low)
     out = (hu - np.float32(low)) * np.float32(scale) + np.float32(rescale.output_min)
     return np.clip(out, rescale.output_min, rescale.output_max, out=out)
-
-
-def _grow(box: tuple[slice, ...], shape: tuple[int, ...], spacing: tuple[float, float, float],
-          margin_mm: float) -> tuple[slice, slice, slice]:
-    """The ``(z, y, x)`` bounding box ``box`` grown by ``margin_mm`` on each side, clipped to ``shape``."""
-    grown = [slice(max(0, s.start - math.ceil(margin_mm / step)), min(n, s.stop + math.ceil(margin_mm / step)))
-             for s, n, step in zip(box, shape, spacing)]
-    return grown[0], grown[1], grown[2]
-
-
-def _cropped_volume(volume: Volume, crop: tuple[slice, slice, slice], hu: np.ndarray) -> Volume:
-    """The sub-volume ``crop`` of ``volume`` with values ``hu``, at the same patient position."""
-    affine = volume.affine.copy()
-    affine[:3, 3] = volume.affine[:3, :3] @ np.array([s.start for s in crop], dtype=float) + volume.affine[:3, 3]
-    return Volume(hu=np.ascontiguousarray(hu, dtype=np.float32), affine=affine)
 
 
 def add_fracture_texture(levels: dict[str, LevelResult], volume: Volume, segmentation: SpineSegmentation,

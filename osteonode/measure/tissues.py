@@ -64,18 +64,6 @@ class ReferenceTissues:
     aorta_points_mm: np.ndarray = field(default_factory=lambda: np.zeros((0, 3)))
 
 
-def lps_points(volume: Volume, index: tuple[np.ndarray, ...]) -> np.ndarray:
-    """LPS coordinates (mm) of voxels given by index arrays ``(z, y, x)``.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(n, 3)`` positions in mm, columns L, P, S.
-    """
-    idx = np.stack([np.asarray(i, dtype=float) for i in index], axis=1)
-    return idx @ volume.affine[:3, :3].T + volume.affine[:3, 3]
-
-
 def body_centres_mm(volume: Volume, labels: np.ndarray) -> dict[int, np.ndarray]:
     """Centroid (LPS, mm) of every labelled vertebral body in a ``(z, y, x)`` label map."""
     index = np.nonzero(labels)  # one pass over the volume; the sums below touch labelled voxels only
@@ -83,8 +71,7 @@ def body_centres_mm(volume: Volume, labels: np.ndarray) -> dict[int, np.ndarray]
     counts = np.bincount(values, minlength=256)
     sums = [np.bincount(values, weights=axis, minlength=256) for axis in index]
     ids = [vid for vid in VERTEBRA_NAMES if counts[vid]]
-    return {vid: lps_points(volume, tuple(np.array([axis_sum[vid] / counts[vid]]) for axis_sum in sums))[0]
-            for vid in ids}
+    return {vid: volume.index_to_lps([axis_sum[vid] / counts[vid] for axis_sum in sums]) for vid in ids}
 
 
 def _axial_axis(volume: Volume) -> int:
@@ -107,17 +94,13 @@ class _Slice:
 
 def _slice_at(volume: Volume, labels: np.ndarray, centre: np.ndarray) -> _Slice:
     axis = _axial_axis(volume)
-    index = np.linalg.solve(volume.affine[:3, :3], centre - volume.affine[:3, 3])
-    k = int(np.clip(round(float(index[axis])), 0, volume.shape[axis] - 1))
-    take = [slice(None)] * 3
+    k = int(np.clip(round(float(volume.lps_to_index(centre)[axis])), 0, volume.shape[axis] - 1))
+    take: list[int | slice] = [slice(None)] * 3
     take[axis] = k
     hu = volume.hu[tuple(take)]
-    grids = np.meshgrid(*[np.arange(n) for n in hu.shape], indexing="ij")
-    full = [None, None, None]
     in_plane = [a for a in range(3) if a != axis]
-    full[axis] = np.full(hu.size, k)
-    full[in_plane[0]], full[in_plane[1]] = grids[0].ravel(), grids[1].ravel()
-    rel = (lps_points(volume, tuple(full)) - centre).reshape(*hu.shape, 3)
+    pixels = np.stack(np.meshgrid(*[np.arange(n) for n in hu.shape], indexing="ij"), axis=-1)  # (rows, cols, 2)
+    rel = volume.index_to_lps(np.insert(pixels, axis, k, axis=-1)) - centre  # (rows, cols, 3)
     lab, n = ndi.label(hu > -500.0)
     patient = np.zeros(hu.shape, bool)
     if n:
@@ -211,8 +194,7 @@ def measure_reference_tissues(volume: Volume, segmentation: SpineSegmentation) -
     ValueError
         If the body label map is not on the volume's grid.
     """
-    if segmentation.bodies.shape != volume.hu.shape:
-        raise ValueError(f"body label map shape {segmentation.bodies.shape} != volume {volume.hu.shape}")
+    volume.require_grid(segmentation.bodies, "body label map")
     centres = body_centres_mm(volume, segmentation.bodies)
     samples: dict[str, list[np.ndarray]] = {"air": [], "adipose": [], "muscle": []}
     blood, aorta_points = [], []

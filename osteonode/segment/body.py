@@ -48,13 +48,13 @@ from osteonode.segment.frame import (
     COARSE_MM,
     IN_PLANE,
     CanonicalView,
-    bounding_box,
     coarse_to_native,
     ellipsoid,
     largest_component_filled,
     perpendicular_frame,
 )
 from osteonode.segment.levels import SACRUM
+from osteonode.volume import bounding_box
 
 log = logging.getLogger(__name__)
 

@@ -88,12 +88,11 @@ from osteonode.segment.frame import (
     IN_PLANE,
     CanonicalFrame,
     CanonicalView,
-    bounding_box,
     canonical_view,
     coarse_to_native,
     ellipsoid,
 )
-from osteonode.volume import Volume
+from osteonode.volume import Volume, bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -366,8 +365,7 @@ def metal_cm3_near(volume: Volume, mask: np.ndarray, margin_mm: float = 10.0) ->
     ValueError
         If ``mask`` is not on the volume's grid.
     """
-    if mask.shape != volume.shape:
-        raise ValueError(f"mask shape {mask.shape} != volume shape {volume.shape}")
+    volume.require_grid(mask, "mask")
     if not mask.any():
         return 0.0
     spacing = np.asarray(volume.spacing)

@@ -8,7 +8,7 @@ detection copy is a 2 mm isotropic block mean with linear resampling; when the
 image noise, estimated from neighbour differences in soft tissue, exceeds
 12 HU it is smoothed with the Gaussian that brings it down to 12 HU, so that
 low-dose and noisy images are detected like standard ones. Also here: the
-small geometric helpers (bounding boxes, balls, coarse-to-native copies) that
+small geometric helpers (balls, coarse-to-native copies) that
 the spine and femur segmenters share.
 """
 
@@ -86,7 +86,7 @@ class CanonicalFrame:
         native = np.empty(3)
         for i, (axis, flip) in enumerate(zip(self.perm, self.flips)):
             native[axis] = volume.shape[axis] - 1 - index[i] if flip else index[i]
-        return volume.affine[:3, :3] @ native + volume.affine[:3, 3]
+        return volume.index_to_lps(native)
 
 
 @dataclass(frozen=True)
@@ -129,15 +129,7 @@ class CanonicalView:
 
 
 def canonical_view(volume: Volume) -> CanonicalView:
-    """Compute the :class:`CanonicalView` of ``volume`` (``(z, y, x)`` HU).
-
-    Raises
-    ------
-    ValueError
-        If ``volume.hu`` is not 3-D.
-    """
-    if volume.hu.ndim != 3:
-        raise ValueError(f"volume must be 3-D (z, y, x), got shape {volume.hu.shape}")
+    """Compute the :class:`CanonicalView` of ``volume`` (``(z, y, x)`` HU)."""
     frame = CanonicalFrame.from_volume(volume)
     hc = frame.to_canonical(volume.hu)
     coarse, offset = coarse_copy(hc, frame.spacing, COARSE_MM)
@@ -221,17 +213,6 @@ def largest_component_filled(mask: np.ndarray) -> np.ndarray:
     sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
     largest = lab == (1 + int(np.argmax(sizes)))
     return ndi.binary_fill_holes(largest, structure=IN_PLANE)
-
-
-def bounding_box(mask: np.ndarray, pad) -> tuple[slice, slice, slice]:
-    """Bounding box of ``mask`` grown by ``pad`` voxels per axis, clipped to the array."""
-    pad = np.broadcast_to(np.asarray(pad, dtype=int), (mask.ndim,))
-    box = []
-    for ax in range(mask.ndim):
-        other = tuple(j for j in range(mask.ndim) if j != ax)
-        idx = np.nonzero(mask.any(axis=other))[0]
-        box.append(slice(max(0, int(idx[0]) - int(pad[ax])), min(mask.shape[ax], int(idx[-1]) + 1 + int(pad[ax]))))
-    return tuple(box)
 
 
 def ellipsoid(rad: np.ndarray, spacing: np.ndarray) -> np.ndarray:

@@ -67,10 +67,10 @@ from scipy import ndimage as ndi
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, VERTEBRA_IDS, VERTEBRA_NAMES
 from osteonode.segment import FemurSegmentation, FemurSide, Side, SpineSegmentation
 from osteonode.segment.femur import METAL_HU, MIN_FEMUR_CM3, MIN_METAL_CM3, metal_cm3_near
-from osteonode.segment.frame import CanonicalFrame, bounding_box, largest_component_filled
+from osteonode.segment.frame import CanonicalFrame, largest_component_filled
 from osteonode.segment.levels import missing_levels_reason
 from osteonode.segment.roi import trabecular_roi
-from osteonode.volume import Volume
+from osteonode.volume import Volume, bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def _centroids_lps(labels: np.ndarray, present: set[int], volume: Volume) -> dic
     if not ids:
         return {}
     index = ndi.center_of_mass(np.ones(labels.shape), labels, ids)
-    return {i: volume.affine[:3, :3] @ np.asarray(c) + volume.affine[:3, 3] for i, c in zip(ids, index)}
+    return {i: volume.index_to_lps(c) for i, c in zip(ids, index)}
 
 
 def _bodies_and_rois(whole: np.ndarray, hc: np.ndarray, spacing: np.ndarray

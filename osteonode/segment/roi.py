@@ -35,7 +35,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from osteonode.segment.frame import bounding_box, perpendicular_frame
+from osteonode.segment.frame import perpendicular_frame
+from osteonode.volume import bounding_box
 
 #: Distance (mm) of the trabecular ROI from the anterior and lateral body surface.
 TRABECULAR_MARGIN_MM = 5.0

@@ -18,7 +18,7 @@ from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.calibration import HA_HU_PER_MG_CM3, NOMINAL_HU, apply_calibration, calibrate, fit_calibration
 from osteonode.measure.contrast import classify_phase, detect_contrast, unenhanced_equivalent_hu
 from osteonode.measure.hu import measure_levels
-from osteonode.measure.tissues import lps_points, measure_reference_tissues
+from osteonode.measure.tissues import measure_reference_tissues
 from osteonode.result import ContrastPhase
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import segment_spine
@@ -57,7 +57,7 @@ def _torso(gain=GAIN, offset=OFFSET, noise=NOISE_SD, seed=0):
     shape = SHAPE
     affine = _affine()
     idx = np.indices(shape).reshape(3, -1)
-    x, y, z = lps_points(Volume(np.zeros(shape, np.float32), affine), tuple(idx)).T.reshape(3, *shape)
+    x, y, z = Volume(np.zeros(shape, np.float32), affine).index_to_lps(idx.T).T.reshape(3, *shape)
     true = np.full(shape, NOMINAL_HU["air"])
     true[(x / 150.0) ** 2 + (y / 110.0) ** 2 <= 1.0] = NOMINAL_HU["adipose"]
     true[(np.abs(x) >= 15) & (np.abs(x) <= 50) & (y >= 35) & (y <= 80)] = 50.0  # erector spinae
