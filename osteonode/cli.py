@@ -366,6 +366,7 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
          to: ToOpt = None, host: HostOpt = None, port: PortOpt = None, called_aet: CalledAetOpt = "ANY-SCP",
          tls: TlsOpt = False, config: ConfigOpt = None) -> None:
     """C-STORE files (e.g. an outbox entry) to a configured destination or to HOST:PORT."""
+    from osteonode.atomic import TMP_PREFIX
     from osteonode.dispatch import send_files
     from osteonode.errors import DeliveryFailed
     from osteonode.outbox import delivery_state, record_delivery
@@ -373,7 +374,8 @@ def send(paths: Annotated[list[Path], typer.Argument(exists=True, help="DICOM fi
     settings = _settings_no_dirs(config)
     destinations = _destinations(settings, to, host, port, called_aet, tls)
     _configure_audit(settings)
-    files = [f for p in paths for f in ([p] if p.is_file() else sorted(p.rglob("*.dcm")))]
+    files = [f for p in paths for f in ([p] if p.is_file() else sorted(
+        f for f in p.rglob("*.dcm") if not any(part.startswith(TMP_PREFIX) for part in f.relative_to(p).parts)))]
     try:
         for destination in destinations:
             send_files(files, destination, calling_ae_title=settings.ae_title,

@@ -5,8 +5,9 @@ series that is not evaluable (:mod:`osteonode.errors`) still leaves its
 outbox entry in a defined state: ``result.json`` with ``status: "failed"``,
 the error class and a reason, and (``analysis.failed_sr``, the default) an
 SR that says "processing failed: <reason>", built like the not-evaluable SR
-from the headers of the study's best series. Partial outputs of the failed
-run are removed first, so a half-written SEG is never delivered.
+from the headers of the study's best series. Both replace every output of the
+entry at once (:func:`osteonode.atomic.staged`): nothing of the failed run or
+of an earlier one stays beside them, so a partial result is never delivered.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from osteonode.atomic import staged
 from osteonode.config import AnalysisSettings
 from osteonode.dicom_out import build_sr, write
 from osteonode.errors import describe
@@ -61,18 +63,13 @@ def record_failure(exc: BaseException, study_uid: str, ranking: SeriesRanking, o
     """
     files_of = files_of or (lambda info: instance_files(Path(info.series_dir)))
     reason = describe(exc)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:
-        try:
-            (out_dir / name).unlink(missing_ok=True)
-        except OSError as err:  # e.g. a folder in the way: only *.dcm files are delivered, so go on
-            log.warning("partial output %s of a failed job cannot be removed (%s)", name, err.strerror)
     series = [*ranking.candidates, *(r.series for r in ranking.rejected)]
     result = AnalysisResult.failed(type(exc).__name__, reason, study_uid,
                                    series[0].series_instance_uid if series else "")
-    if settings.failed_sr:
-        _write_failed_sr(series, files_of, result, out_dir)
-    result.write(out_dir / RESULT_JSON)
+    with staged(out_dir, replaces=OUTPUT_FILES) as stage:
+        if settings.failed_sr:
+            _write_failed_sr(series, files_of, result, stage)
+        result.write(stage / RESULT_JSON)
     return result
 
 

@@ -9,9 +9,10 @@ worker pool.
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
+import io
 from pathlib import Path
+
+from osteonode.atomic import write_atomic
 
 #: File name of the table in an analysis output folder.
 FEATURE_TABLE_NAME = "radiomics.csv"
@@ -20,7 +21,7 @@ META_COLUMNS = ("level", "vertebra_id", "preset", "preset_sha256", "roi", "roi_v
 
 
 def write_feature_table(rows: list[dict[str, float | int | str]], path: Path) -> None:
-    """Write feature rows as CSV (one row per level), atomically.
+    """Write feature rows as CSV (one row per level), atomically (:func:`osteonode.atomic.write_atomic`).
 
     Parameters
     ----------
@@ -41,17 +42,12 @@ def write_feature_table(rows: list[dict[str, float | int | str]], path: Path) ->
     for row in rows[1:]:
         if list(row) != columns:
             raise ValueError(f"level {row.get('level')!r} has different columns from level {rows[0].get('level')!r}")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text.getvalue().encode("utf-8"))
 
 
 def read_feature_table(path: Path) -> list[dict[str, float | int | str]]:

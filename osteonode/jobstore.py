@@ -7,7 +7,11 @@ carry the jobs. One file (``Settings.jobstore_path``, by default
 ``jobs.sqlite3`` beside the spool) in WAL mode (readers never block the one
 writer; writers wait up to ``BUSY_TIMEOUT_S`` for each other), so ``serve``
 and several worker processes on one host may write at once. Each thread of
-each process uses its own connection.
+each process uses its own connection. A process never forks while one of its
+threads is inside SQLite (:data:`_SQLITE_IN_USE`): a child forked then
+inherits SQLite's in-process lock records of the file and finds the database
+locked for as long as it lives (the embedded worker forks a child per
+analysis while ``serve``'s threads record arrivals).
 
 Tables (times are POSIX seconds, UTC):
 
@@ -47,6 +51,18 @@ log = logging.getLogger(__name__)
 
 #: Seconds a writer waits for another process's write transaction before giving up.
 BUSY_TIMEOUT_S = 30.0
+#: Held by a thread while it uses SQLite, and across ``fork()``: SQLite's own lock state must not be copied
+#: into a child mid-transaction ("do not carry an open database across a fork", sqlite.org/howtocorrupt.html).
+_SQLITE_IN_USE = threading.RLock()
+
+
+def _fresh_lock_in_child() -> None:
+    global _SQLITE_IN_USE
+    _SQLITE_IN_USE = threading.RLock()
+
+
+os.register_at_fork(before=lambda: _SQLITE_IN_USE.acquire(), after_in_parent=lambda: _SQLITE_IN_USE.release(),
+                    after_in_child=_fresh_lock_in_child)
 #: Job states, in order. ``ok``, ``not_evaluable`` and ``failed`` are final.
 JOB_STATES = ("queued", "analysing", "ok", "not_evaluable", "failed")
 FINAL_JOB_STATES = ("ok", "not_evaluable", "failed")
@@ -162,7 +178,8 @@ class JobStore:
         self.created = not self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connection().executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); commits by itself
+        with _SQLITE_IN_USE:
+            self._connection().executescript(_SCHEMA)  # idempotent (IF NOT EXISTS); commits by itself
 
     # -- connections -------------------------------------------------------------------------------
 
@@ -180,17 +197,19 @@ class JobStore:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (BEGIN IMMEDIATE: takes the write lock at once, no upgrade deadlock)."""
-        conn = self._connection()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield conn
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+        with _SQLITE_IN_USE:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     def _rows(self, sql: str, params: tuple | dict = ()) -> list[dict[str, Any]]:
-        return [dict(row) for row in self._connection().execute(sql, params)]
+        with _SQLITE_IN_USE:
+            return [dict(row) for row in self._connection().execute(sql, params)]
 
     @staticmethod
     def _event(db: sqlite3.Connection, study_uid: str, kind: str, detail: str = "", at: float | None = None) -> None:

@@ -6,8 +6,9 @@ evaluable; :func:`analyze_files` analyses one series:
 select -> load -> segment -> measure (HU) -> calibrate (vBMD, contrast) -> Genant ->
 classify -> encode. Used both by the Celery worker and by ``osteonode analyze``.
 
-The outputs are written in batches, each handed to an optional ``publish``
-callback as soon as it is on disk, so that the results the PACS needs first
+The outputs are written in batches, each staged in a temporary folder and put
+in place at once (:func:`osteonode.atomic.staged`), then handed to an optional
+``publish`` callback, so that the results the PACS needs first
 do not wait for the rest (the worker sends each batch at once):
 
 1. ``sr.dcm`` (and ``result.json``), built from the SEG's deterministic UIDs
@@ -48,6 +49,7 @@ import pydicom
 import SimpleITK as sitk
 
 from osteonode.anatomy import REQUIRED_LEVELS
+from osteonode.atomic import staged
 from osteonode.classify import classify_bone_status
 from osteonode.config import AnalysisSettings, SelectionSettings
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, write
@@ -229,13 +231,14 @@ def radiomics_needed(settings: AnalysisSettings) -> Literal["critical", "follow_
 
 
 def _prepare(out_dir: Path, settings: AnalysisSettings) -> None:
-    """Create ``out_dir`` without earlier outputs; start the radiomics workers if features will be extracted."""
+    """Create ``out_dir``; start the radiomics workers if features will be extracted.
+
+    Earlier outputs stay until the first batch of the new ones replaces them (:func:`_write_outputs`).
+    """
     if radiomics_needed(settings):
         from osteonode.measure.radiomics import start_worker_pool
         start_worker_pool(settings.radiomics_processes)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name in OUTPUT_FILES:
-        (out_dir / name).unlink(missing_ok=True)
 
 
 @dataclass
@@ -326,42 +329,50 @@ def _extract_features(series: Series, segmentation: SpineSegmentation, settings:
 
 def _write_outputs(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings,
                    publish: Publish | None) -> AnalysisResult:
-    """Write the SR, the SEG, then the follow-up outputs, publishing each batch as soon as it is written.
+    """Write the SR, the SEG, then the follow-up outputs, publishing each batch as soon as it is in place.
 
-    The SR and PDF name the earlier SR of the study they supersede, if the
-    record of the last SR sent (:mod:`osteonode.lineage`) is in ``out_dir``.
-    The SR is built from :func:`~osteonode.dicom_out.seg.seg_reference` (the
-    SEG's UIDs and segments) and goes first: encoding the SEG's frames takes
-    several seconds. ``result.json`` is written after the SR and at the end.
+    Each batch is written into a staging folder with the ``result.json`` of
+    that moment and appears in ``out_dir`` at once (:func:`osteonode.atomic.staged`);
+    the first replaces every output of an earlier analysis, so a reader sees
+    the earlier set until the new SR is in place, never a mix or a partly
+    written batch. The SR and PDF name the earlier SR of the study they
+    supersede, if the record of the last SR sent (:mod:`osteonode.lineage`)
+    is in ``out_dir``. The SR is built from
+    :func:`~osteonode.dicom_out.seg.seg_reference` (the SEG's UIDs and
+    segments) and goes first: encoding the SEG's frames takes several seconds.
     """
     result, evaluable = analysis.result, analysis.evaluable()
     result.supersedes = superseded_report(out_dir, analysis.headers)
-    with _timed(result.timings_s, "encode_sr"):  # from the SEG's UIDs and segments, before the SEG is encoded
-        sr = write(build_sr(analysis.headers, result, seg_reference(*evaluable) if evaluable else None),
-                   out_dir / SR_FILE)
-    result.write(out_dir / RESULT_JSON)
-    batches = [lambda: [sr]]
+
+    def write_sr(stage: Path) -> list[Path]:
+        with _timed(result.timings_s, "encode_sr"):  # from the SEG's UIDs and segments, before the SEG is encoded
+            reference = seg_reference(*evaluable) if evaluable else None
+            return [write(build_sr(analysis.headers, result, reference), stage / SR_FILE)]
+
+    batches: list[Callable[[Path], list[Path]]] = [write_sr]
     if evaluable:
-        batches.append(lambda: _write_seg(*evaluable, result, out_dir))
-    batches.append(lambda: _write_follow_up(analysis, out_dir, settings))
-    for batch in batches:
-        written = batch()
+        batches.append(lambda stage: _write_seg(*evaluable, result, stage))
+    batches.append(lambda stage: _write_follow_up(analysis, stage, settings))
+    for i, batch in enumerate(batches):
+        with staged(out_dir, replaces=OUTPUT_FILES if i == 0 else ()) as stage:
+            written = [out_dir / path.name for path in batch(stage)]
+            result.write(stage / RESULT_JSON)
         if publish is not None and written:
             publish(result, written)
-    result.write(out_dir / RESULT_JSON)
     log.info("analysis %s in %.1f s (stage times)%s", result.status, sum(result.timings_s.values()),
              f": {result.reason}" if result.reason else "")
     return result
 
 
 def _write_seg(series: Series, segmentation: SpineSegmentation, result: AnalysisResult, out_dir: Path) -> list[Path]:
-    """Encode and write the SEG of an evaluable analysis; its path."""
+    """Encode and write the SEG of an evaluable analysis into ``out_dir``; its path."""
     with _timed(result.timings_s, "encode_seg"):
         return [write(build_seg(series, segmentation), out_dir / SEG_FILE)]
 
 
 def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSettings) -> list[Path]:
-    """Write the label map, key images, PDF report and feature table as configured; the DICOM files' paths."""
+    """Write the label map, key images, PDF report and feature table as configured into ``out_dir``; the DICOM
+    files' paths."""
     result, series, segmentation = analysis.result, analysis.series, analysis.segmentation
     timings = result.timings_s
     evaluable = analysis.evaluable()

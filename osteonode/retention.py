@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import pydicom
 
+from osteonode.atomic import TMP_PREFIX
 from osteonode.audit import audit_event
 from osteonode.config import Settings
 from osteonode.errors import describe
@@ -72,7 +73,7 @@ def prune_delivered(settings: Settings, now_s: float | None = None) -> Pruned:
     cutoff_s = (time.time() if now_s is None else now_s) - settings.retention_days * DAY_S
     names = {d.name for d in settings.destinations}
     studies = freed = 0
-    for entry in sorted(p for p in settings.outbox_dir.iterdir() if p.is_dir()):
+    for entry in sorted(p for p in settings.outbox_dir.iterdir() if p.is_dir() and not p.name.startswith(TMP_PREFIX)):
         if not _expired(entry, names, cutoff_s, settings.spool_dir):
             continue
         try:

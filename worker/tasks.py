@@ -25,6 +25,7 @@ from typing import TypeVar
 from kombu.exceptions import OperationalError
 from pydantic import ValidationError
 
+from osteonode.atomic import write_atomic
 from osteonode.config import DispatchSettings, Settings, load_settings
 from osteonode.dispatch import send_files
 from osteonode.errors import DeliveryFailed, InputRejected, describe
@@ -276,7 +277,7 @@ def _count_start(path: Path) -> int:
     """Record one more start in the counter file ``path``; return the number of starts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     starts = int(path.read_text(encoding="ascii") or 0) + 1 if path.is_file() else 1
-    path.write_text(str(starts), encoding="ascii")
+    write_atomic(path, str(starts).encode("ascii"))
     return starts
 
 

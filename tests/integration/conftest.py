@@ -78,8 +78,12 @@ def orthanc(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture
 def storescp(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoreSCP]:
-    """A dcmtk ``storescp`` (AET ``STORESCP``, all transfer syntaxes); yields :class:`StoreSCP`."""
-    yield from _run(request, StoreSCP(tmp_path_factory.mktemp("storescp")))
+    """A dcmtk ``storescp`` (AET ``STORESCP``, all transfer syntaxes); yields :class:`StoreSCP`.
+
+    Extra storescp arguments by indirect parametrization, e.g. ``["+uf"]`` (unique file names: an object
+    received twice is two files): ``@pytest.mark.parametrize("storescp", [["+uf"]], indirect=True)``.
+    """
+    yield from _run(request, StoreSCP(tmp_path_factory.mktemp("storescp"), extra_args=getattr(request, "param", ())))
 
 
 @pytest.fixture

@@ -167,13 +167,20 @@ def _analysis_log_lines(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if "analysis FAILED" in r.getMessage()]
 
 
-def test_an_unexpected_error_is_recorded_as_failed_with_an_sr(j2k_series, node_dirs, caplog):
+def _unexpected_error(monkeypatch) -> None:
+    """The pipeline raises an error that is neither bad input nor "not evaluable" (as a bug or a disk would)."""
+    def broken(files):
+        raise IsADirectoryError(21, "Is a directory", "somewhere")
+    monkeypatch.setattr("osteonode.pipeline.load_series", broken)
+
+
+def test_an_unexpected_error_is_recorded_as_failed_with_an_sr(j2k_series, node_dirs, caplog, monkeypatch):
     from worker.tasks import analyze_study_task
 
     spool, outbox = node_dirs
     job = _spooled_job(j2k_series, spool)
     entry = outbox / job["study_instance_uid"]
-    (entry / "labels.nii.gz").mkdir(parents=True)  # a folder in the way: the pipeline raises IsADirectoryError
+    _unexpected_error(monkeypatch)
     with caplog.at_level(logging.INFO):
         assert analyze_study_task(job) == "failed"
     result = json.loads((entry / "result.json").read_text())
@@ -194,7 +201,7 @@ def test_failed_sr_can_be_switched_off(j2k_series, node_dirs, monkeypatch):
     spool, outbox = node_dirs
     job = _spooled_job(j2k_series, spool)
     entry = outbox / job["study_instance_uid"]
-    (entry / "labels.nii.gz").mkdir(parents=True)
+    _unexpected_error(monkeypatch)
     assert analyze_study_task(job) == "failed"
     assert json.loads((entry / "result.json").read_text())["status"] == "failed"
     assert not list(entry.glob("*.dcm"))
@@ -360,7 +367,7 @@ def test_a_delivery_that_cannot_be_queued_is_recorded_for_the_sweeper(j2k_series
     spool, outbox = node_dirs
     job = _spooled_job(j2k_series, spool)
     entry = outbox / job["study_instance_uid"]
-    (entry / "labels.nii.gz").mkdir(parents=True)  # fail fast: the point here is the delivery
+    _unexpected_error(monkeypatch)  # fail fast: the point here is the delivery
     saved = {key: app.conf[key] for key in ("broker_url", "broker_transport_options")}
     configure(Settings(broker_url="redis://127.0.0.1:1/0"))  # nothing listens on port 1
     try:
