@@ -21,6 +21,7 @@ ABDOMEN_NIFTI = ABDOMEN / "example_ct.nii.gz"
 J2K_DIR = DATA / "totalseg-example-dicom" / "dicom"
 CTA = DATA / "totalseg-thoracic-cta-crop" / "ct_cropped.nii.gz"
 REF_FEMUR_RIGHT = 89  # TotalSegmentator v1 femur_right
+REF_AORTA = 7  # TotalSegmentator v1 aorta
 REFERENCE_FILES = ("example_ct.nii.gz", "ref_v2_spine_vertebrae.nii.gz", "ref_v2_vertebrae_body.nii.gz",
                    "ref_v1_multilabel_seg.nii.gz")
 
@@ -51,3 +52,11 @@ def load_references(check: Callable[[Path], Path] = Path) -> References:
 def example_image() -> sitk.Image:
     """The example CT (3 mm, HU)."""
     return sitk.ReadImage(str(ABDOMEN_NIFTI))
+
+
+def aorta_mask() -> np.ndarray:
+    """The aorta of the example CT (TotalSegmentator v1 reference), ``(z, y, x)`` bool on the example's grid.
+
+    For building contrast-phase variants of the example only; no method may read it.
+    """
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(ABDOMEN / "ref_v1_multilabel_seg.nii.gz"))) == REF_AORTA

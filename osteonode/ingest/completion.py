@@ -186,7 +186,7 @@ def _due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int, rules: Select
                         log_id(study.name), type(exc).__name__)
     if not series:
         return None
-    ranking = rank_series(series, rules)
+    ranking = rank_series(series, rules, files_of=lambda info: instance_files(Path(info.series_dir)))
     return StudyJob(study_instance_uid=study.name, last_arrival_ns=last_arrival_ns, ranking=ranking,
                     fingerprint=candidates_fingerprint(ranking.candidates))
 

@@ -276,7 +276,7 @@ def _slice_lumen(sl: np.ndarray, centre: np.ndarray, g: float) -> tuple[str, tup
     score = np.where(window & (sd <= MAX_LUMEN_SD_HU) & (touch < BONE_HU) & (mean > -20.0), mean - sd, -np.inf)
     body_near = np.hypot(da, dl) <= BODY_CORE_MM
     for _ in range(MAX_TRIES):
-        best = np.unravel_index(int(np.argmax(score)), score.shape)
+        best = tuple(int(i) for i in np.unravel_index(int(np.argmax(score)), score.shape))
         if not np.isfinite(score[best]):
             break
         hit = (float((best[0] + low[0]) * g), float((best[1] + low[1]) * g), float(mean[best]))

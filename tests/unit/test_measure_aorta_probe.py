@@ -1,0 +1,98 @@
+"""The aorta probe (contrast phase before the analysis) on the shared real CTs and contrast-phase variants.
+
+The variants raise the example CT's aortic lumen (reference mask, used only to
+build them) to portal-venous and arterial attenuation, keeping its noise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pydicom
+import pytest
+import SimpleITK as sitk
+
+from osteonode.config import SelectionSettings
+from osteonode.ctseries import write_ct_series
+from osteonode.measure.aorta_probe import probe_aorta, probe_aorta_hu
+from osteonode.measure.contrast import classify_phase
+from osteonode.series import describe_series, rank_series
+from osteonode.volume import Volume
+from tests.conftest import require_data
+from tests.ctdata import ABDOMEN, CTA, DATA, aorta_mask
+
+
+@pytest.fixture(scope="module")
+def aorta(volume) -> np.ndarray:
+    require_data(ABDOMEN / "ref_v1_multilabel_seg.nii.gz")
+    mask = aorta_mask()
+    assert mask.shape == volume.shape
+    return mask
+
+
+def _enhanced(volume: Volume, aorta: np.ndarray, lumen_hu: float | None, noise_hu: float = 0.0) -> Volume:
+    hu = volume.hu.copy()
+    if lumen_hu is not None:
+        hu[aorta] += lumen_hu - float(np.median(hu[aorta]))
+    if noise_hu:
+        hu += np.random.default_rng(11).normal(0.0, noise_hu, hu.shape).astype(np.float32)
+    return Volume(hu, volume.affine)
+
+
+@pytest.mark.parametrize("lumen_hu, phase", [(None, "non_contrast"), (180.0, "portal_venous"), (320.0, "arterial")])
+def test_phase_of_the_example_ct_and_its_contrast_variants(volume, aorta, lumen_hu, phase):
+    probe = probe_aorta(_enhanced(volume, aorta, lumen_hu))
+    assert probe is not None and classify_phase(probe.hu).phase == phase
+    assert probe.enhanced == (lumen_hu is not None)
+    truth = float(np.median(_enhanced(volume, aorta, lumen_hu).hu[aorta]))
+    # enhanced: the lumen itself (within 15 HU); plain: only an upper bound of blood, below the 80 HU band
+    assert abs(probe.hu - truth) <= 15.0 if lumen_hu is not None else truth <= probe.hu < 80.0
+
+
+def test_noise_never_makes_a_plain_ct_enhanced(volume, aorta):
+    """Low-dose noise (SD 40 HU added) on the non-contrast CT: non-contrast or not confident, never enhanced."""
+    probe = probe_aorta(_enhanced(volume, aorta, None, noise_hu=40.0))
+    assert probe is None or (not probe.enhanced and probe.hu < 80.0)
+    probe = probe_aorta(_enhanced(volume, aorta, 320.0, noise_hu=40.0))
+    assert probe is not None and classify_phase(probe.hu).phase == "arterial"
+
+
+def test_real_contrast_ct_angiography():
+    """The thoracic CTA crop (contrast, 1.5 mm): the descending aorta beside T12 is found, arterial."""
+    probe = probe_aorta(Volume.from_sitk(sitk.ReadImage(str(require_data(CTA)))))
+    assert probe is not None and probe.enhanced and classify_phase(probe.hu).phase == "arterial"
+
+
+def test_real_contrast_dicom_series(j2k_series):
+    """The JPEG 2000 series (contrast applied, T11-T12): the probe reads the files; its HU is the reference's."""
+    image = sitk.ReadImage([str(p) for p in j2k_series])
+    labels = sitk.ReadImage(str(require_data(DATA / "totalseg-example-dicom" / "ref_v2_multilabel_seg.nii.gz")))
+    reference = sitk.Resample(labels, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)  # by position
+    truth = float(np.median(sitk.GetArrayFromImage(image)[sitk.GetArrayFromImage(reference) == 52]))  # v2 aorta
+    probe = probe_aorta_hu(j2k_series)
+    assert probe is not None and probe.enhanced and abs(probe.hu - truth) <= 15.0
+
+
+def test_nothing_found_without_a_spine():
+    """A water cylinder: no column, no aorta: None (the ranking then uses the description)."""
+    z, y, x = np.mgrid[0:40, 0:120, 0:120]
+    hu = np.where((y - 60) ** 2 + (x - 60) ** 2 < 50 ** 2, 0.0, -1000.0).astype(np.float32)
+    assert probe_aorta(Volume(hu, np.diag([3.0, 2.0, 2.0, 1.0]))) is None
+
+
+def test_ranking_chooses_the_non_contrast_series_of_a_study(tmp_path, volume, aorta):
+    """Two series whose descriptions name no phase: the arterial copy (lower series number) and the plain CT."""
+    study_uid = pydicom.uid.generate_uid()
+    folders = {}
+    for number, lumen_hu in ((2, 320.0), (3, None)):
+        paths = write_ct_series(_enhanced(volume, aorta, lumen_hu).to_sitk(), tmp_path / str(number),
+                                study_instance_uid=study_uid, series_description="Abdomen 3.0")
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            ds.SeriesNumber, ds.ConvolutionKernel = number, "B30f"
+            ds.save_as(path, enforce_file_format=True)
+        folders[number] = paths
+    rules = SelectionSettings()
+    series = [describe_series(paths, rules) for paths in folders.values()]
+    assert [s.series_number for s in rank_series(series, rules).candidates] == [2, 3]  # description only
+    ranking = rank_series(series, rules, files_of=lambda info: folders[info.series_number])
+    assert [(s.series_number, s.phase) for s in ranking.candidates] == [(3, "non_contrast"), (2, "arterial")]
