@@ -73,6 +73,8 @@ LUMEN_DIAMETER_MM = (12.0, 36.0)
 BODY_CORE_MM = 10.0
 #: A region whose rim lies on the vertebral body for this fraction or more is bone.
 BODY_RIM_FRACTION = 0.25
+#: A lumen-shaped region on the body within this many HU of the body's core HU is taken for the body's bone.
+BONE_LIKE_HU = 60.0
 #: Regions tried per slice, densest first.
 MAX_TRIES = 6
 #: Without an enhanced tube: at least this many column slices, and this fraction of them, must show no
@@ -251,11 +253,13 @@ def _disc(radius_mm: float, g: float) -> np.ndarray:
 def _slice_lumen(sl: np.ndarray, centre: np.ndarray, g: float) -> tuple[str, tuple[float, float, float]]:
     """What one coarse ``(a, l)`` slice shows in the aortic window.
 
-    Returns ``("vessel", (a mm, l mm, HU))`` for an enhanced lumen (a compact,
-    round, homogeneous region denser than ``NON_CONTRAST_MAX_HU``, apart from
-    the vertebral body), ``("plain", (a, l, HU))`` when the densest homogeneous
-    non-bone disc of the window is below that (no enhanced vessel), else
-    ``("none", ...)``. Works on a crop: the window and ``LUMEN_DIAMETER_MM``
+    Homogeneous discs are tried densest first. Returns ``("vessel", (a mm,
+    l mm, HU))`` for an enhanced lumen (a compact, round, homogeneous region
+    denser than ``NON_CONTRAST_MAX_HU``, apart from the vertebral body);
+    ``("plain", (a, l, HU))`` when every denser region tried before the first
+    disc below that was the body's bone (no enhanced vessel); else
+    ``("none", ...)`` (doubt: a dense region off the body that is no lumen,
+    or a lumen against the body denser than its trabecular core). Works on a crop: the window and ``LUMEN_DIAMETER_MM``
     around it.
     """
     margin = LUMEN_DIAMETER_MM[1]
@@ -275,16 +279,22 @@ def _slice_lumen(sl: np.ndarray, centre: np.ndarray, g: float) -> tuple[str, tup
               & (dl <= WINDOW_LEFT_MM[1]) & (np.hypot(da, dl) >= MIN_BODY_DISTANCE_MM))
     score = np.where(window & (sd <= MAX_LUMEN_SD_HU) & (touch < BONE_HU) & (mean > -20.0), mean - sd, -np.inf)
     body_near = np.hypot(da, dl) <= BODY_CORE_MM
+    core_hu = float(np.median(sl[body_near]))
+    doubt = False  # a dense structure in the window that is neither a lumen apart from the body nor the body's bone
     for _ in range(MAX_TRIES):
         best = tuple(int(i) for i in np.unravel_index(int(np.argmax(score)), score.shape))
         if not np.isfinite(score[best]):
             break
         hit = (float((best[0] + low[0]) * g), float((best[1] + low[1]) * g), float(mean[best]))
         if mean[best] < NON_CONTRAST_MAX_HU:
-            return "plain", hit
+            return ("none" if doubt else "plain"), hit
         region, lumen = _region(sl, best, float(mean[best]), g)
-        if lumen and not (region & body_near).any() and not _on_body(sl, region, body_near):
+        on_body = bool((region & body_near).any()) or _on_body(sl, region, body_near)
+        if lumen and not on_body:
             return "vessel", hit
+        # off the body (bowel with oral contrast, vessels merged with each other), or a lumen against the body
+        # denser than its trabecular bone (an aorta lying on the spine): the slice cannot say "not enhanced"
+        doubt |= not on_body or (lumen and abs(float(mean[best]) - core_hu) > BONE_LIKE_HU)
         score[region] = -np.inf
     return "none", (0.0, 0.0, 0.0)
 

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from osteonode.config import SelectionSettings
 from osteonode.ctseries import write_ct_series
@@ -48,12 +49,38 @@ def test_phase_of_the_example_ct_and_its_contrast_variants(volume, aorta, lumen_
     assert abs(probe.hu - truth) <= 15.0 if lumen_hu is not None else truth <= probe.hu < 80.0
 
 
-def test_noise_never_makes_a_plain_ct_enhanced(volume, aorta):
-    """Low-dose noise (SD 40 HU added) on the non-contrast CT: non-contrast or not confident, never enhanced."""
-    probe = probe_aorta(_enhanced(volume, aorta, None, noise_hu=40.0))
+@pytest.fixture(scope="module")
+def labels(volume) -> np.ndarray:
+    """TotalSegmentator v1 labels of the example CT (bowel, aorta), only to build the variants."""
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(require_data(ABDOMEN / "ref_v1_multilabel_seg.nii.gz"))))
+
+
+def _variant(volume: Volume, labels: np.ndarray, aorta: np.ndarray, name: str, lumen_hu: float | None) -> Volume:
+    enhanced = _enhanced(volume, aorta, lumen_hu, noise_hu=40.0 if name == "noise SD 40 HU" else 0.0)
+    hu = enhanced.hu
+    if name == "oral contrast in the bowel":  # small bowel, duodenum, colon (v1 labels 55-57) at 300 HU
+        hu[np.isin(labels, (55, 56, 57))] = 300.0
+    elif name == "calcified aortic wall":  # 800 HU plaques: half the wall's circumference, every other slice
+        wall = ndi.binary_dilation(aorta) & ~aorta
+        wall[1::2] = False
+        wall &= np.indices(wall.shape)[2] < np.median(np.nonzero(aorta)[2])
+        hu[wall] = 800.0
+    return enhanced
+
+
+@pytest.mark.parametrize("name", ["noise SD 40 HU", "oral contrast in the bowel", "calcified aortic wall"])
+def test_dense_structures_never_make_a_plain_ct_enhanced(volume, labels, aorta, name):
+    """Non-contrast with low-dose noise, positive oral contrast or wall calcium: non-contrast or not confident."""
+    probe = probe_aorta(_variant(volume, labels, aorta, name, None))
     assert probe is None or (not probe.enhanced and probe.hu < 80.0)
-    probe = probe_aorta(_enhanced(volume, aorta, 320.0, noise_hu=40.0))
-    assert probe is not None and classify_phase(probe.hu).phase == "arterial"
+
+
+@pytest.mark.parametrize("name, lumen_hu, phase", [("noise SD 40 HU", 320.0, "arterial"),
+                                                   ("oral contrast in the bowel", 180.0, "portal_venous"),
+                                                   ("calcified aortic wall", 320.0, "arterial")])
+def test_enhanced_lumen_found_despite_noise_bowel_contrast_or_calcium(volume, labels, aorta, name, lumen_hu, phase):
+    probe = probe_aorta(_variant(volume, labels, aorta, name, lumen_hu))
+    assert probe is not None and probe.enhanced and classify_phase(probe.hu).phase == phase
 
 
 def test_real_contrast_ct_angiography():
