@@ -10,7 +10,6 @@ import numpy as np
 import pydicom
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage as ndi
 
 from osteonode.config import SelectionSettings
 from osteonode.ctseries import write_ct_series
@@ -19,67 +18,45 @@ from osteonode.measure.contrast import classify_phase
 from osteonode.series import describe_series, rank_series
 from osteonode.volume import Volume
 from tests.conftest import require_data
-from tests.ctdata import ABDOMEN, CTA, DATA, aorta_mask
-
-
-@pytest.fixture(scope="module")
-def aorta(volume) -> np.ndarray:
-    require_data(ABDOMEN / "ref_v1_multilabel_seg.nii.gz")
-    mask = aorta_mask()
-    assert mask.shape == volume.shape
-    return mask
-
-
-def _enhanced(volume: Volume, aorta: np.ndarray, lumen_hu: float | None, noise_hu: float = 0.0) -> Volume:
-    hu = volume.hu.copy()
-    if lumen_hu is not None:
-        hu[aorta] += lumen_hu - float(np.median(hu[aorta]))
-    if noise_hu:
-        hu += np.random.default_rng(11).normal(0.0, noise_hu, hu.shape).astype(np.float32)
-    return Volume(hu, volume.affine)
-
-
-@pytest.mark.parametrize("lumen_hu, phase", [(None, "non_contrast"), (180.0, "portal_venous"), (320.0, "arterial")])
-def test_phase_of_the_example_ct_and_its_contrast_variants(volume, aorta, lumen_hu, phase):
-    probe = probe_aorta(_enhanced(volume, aorta, lumen_hu))
-    assert probe is not None and classify_phase(probe.hu).phase == phase
-    assert probe.enhanced == (lumen_hu is not None)
-    truth = float(np.median(_enhanced(volume, aorta, lumen_hu).hu[aorta]))
-    # enhanced: the lumen itself (within 15 HU); plain: only an upper bound of blood, below the 80 HU band
-    assert abs(probe.hu - truth) <= 15.0 if lumen_hu is not None else truth <= probe.hu < 80.0
+from tests.ctdata import ABDOMEN, CONTRAST_EDITS, CTA, DATA, REF_AORTA, contrast_variant, example_labels_v1
 
 
 @pytest.fixture(scope="module")
 def labels(volume) -> np.ndarray:
-    """TotalSegmentator v1 labels of the example CT (bowel, aorta), only to build the variants."""
-    return sitk.GetArrayFromImage(sitk.ReadImage(str(require_data(ABDOMEN / "ref_v1_multilabel_seg.nii.gz"))))
+    """Reference labels of the example CT (aorta, bowel), only to build the variants."""
+    require_data(ABDOMEN / "ref_v1_multilabel_seg.nii.gz")
+    labels = example_labels_v1()
+    assert labels.shape == volume.shape
+    return labels
 
 
-def _variant(volume: Volume, labels: np.ndarray, aorta: np.ndarray, name: str, lumen_hu: float | None) -> Volume:
-    enhanced = _enhanced(volume, aorta, lumen_hu, noise_hu=40.0 if name == "noise SD 40 HU" else 0.0)
-    hu = enhanced.hu
-    if name == "oral contrast in the bowel":  # small bowel, duodenum, colon (v1 labels 55-57) at 300 HU
-        hu[np.isin(labels, (55, 56, 57))] = 300.0
-    elif name == "calcified aortic wall":  # 800 HU plaques: half the wall's circumference, every other slice
-        wall = ndi.binary_dilation(aorta) & ~aorta
-        wall[1::2] = False
-        wall &= np.indices(wall.shape)[2] < np.median(np.nonzero(aorta)[2])
-        hu[wall] = 800.0
-    return enhanced
+def _variant(volume: Volume, labels: np.ndarray, lumen_hu: float | None, edit: str | None = None) -> Volume:
+    return Volume(contrast_variant(volume.hu, labels, lumen_hu, edit), volume.affine)
 
 
-@pytest.mark.parametrize("name", ["noise SD 40 HU", "oral contrast in the bowel", "calcified aortic wall"])
-def test_dense_structures_never_make_a_plain_ct_enhanced(volume, labels, aorta, name):
+@pytest.mark.parametrize("lumen_hu, phase", [(None, "non_contrast"), (180.0, "portal_venous"), (320.0, "arterial")])
+def test_phase_of_the_example_ct_and_its_contrast_variants(volume, labels, lumen_hu, phase):
+    variant = _variant(volume, labels, lumen_hu)
+    probe = probe_aorta(variant)
+    assert probe is not None and classify_phase(probe.hu).phase == phase
+    assert probe.enhanced == (lumen_hu is not None)
+    truth = float(np.median(variant.hu[labels == REF_AORTA]))
+    # enhanced: the lumen itself (within 15 HU); plain: only an upper bound of blood, below the 80 HU band
+    assert abs(probe.hu - truth) <= 15.0 if lumen_hu is not None else truth <= probe.hu < 80.0
+
+
+@pytest.mark.parametrize("edit", CONTRAST_EDITS)
+def test_dense_structures_never_make_a_plain_ct_enhanced(volume, labels, edit):
     """Non-contrast with low-dose noise, positive oral contrast or wall calcium: non-contrast or not confident."""
-    probe = probe_aorta(_variant(volume, labels, aorta, name, None))
+    probe = probe_aorta(_variant(volume, labels, None, edit))
     assert probe is None or (not probe.enhanced and probe.hu < 80.0)
 
 
-@pytest.mark.parametrize("name, lumen_hu, phase", [("noise SD 40 HU", 320.0, "arterial"),
+@pytest.mark.parametrize("edit, lumen_hu, phase", [("noise SD 40 HU", 320.0, "arterial"),
                                                    ("oral contrast in the bowel", 180.0, "portal_venous"),
                                                    ("calcified aortic wall", 320.0, "arterial")])
-def test_enhanced_lumen_found_despite_noise_bowel_contrast_or_calcium(volume, labels, aorta, name, lumen_hu, phase):
-    probe = probe_aorta(_variant(volume, labels, aorta, name, lumen_hu))
+def test_enhanced_lumen_found_despite_noise_bowel_contrast_or_calcium(volume, labels, edit, lumen_hu, phase):
+    probe = probe_aorta(_variant(volume, labels, lumen_hu, edit))
     assert probe is not None and probe.enhanced and classify_phase(probe.hu).phase == phase
 
 
@@ -106,12 +83,12 @@ def test_nothing_found_without_a_spine():
     assert probe_aorta(Volume(hu, np.diag([3.0, 2.0, 2.0, 1.0]))) is None
 
 
-def test_ranking_chooses_the_non_contrast_series_of_a_study(tmp_path, volume, aorta):
+def test_ranking_chooses_the_non_contrast_series_of_a_study(tmp_path, volume, labels):
     """Two series whose descriptions name no phase: the arterial copy (lower series number) and the plain CT."""
     study_uid = pydicom.uid.generate_uid()
     folders = {}
     for number, lumen_hu in ((2, 320.0), (3, None)):
-        paths = write_ct_series(_enhanced(volume, aorta, lumen_hu).to_sitk(), tmp_path / str(number),
+        paths = write_ct_series(_variant(volume, labels, lumen_hu).to_sitk(), tmp_path / str(number),
                                 study_instance_uid=study_uid, series_description="Abdomen 3.0")
         for path in paths:
             ds = pydicom.dcmread(path)
