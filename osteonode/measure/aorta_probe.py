@@ -6,24 +6,41 @@ from the median HU of the aortic lumen (bands of
 :func:`osteonode.measure.contrast.classify_phase`), measured here on a coarse
 copy of a subset of the slices, without the spine segmentation:
 
-1. every slice about ``PROBE_SLICE_MM`` apart is read (at most
-   ``MAX_PROBE_SLICES``), and the column of vertebral bodies is tracked on the
-   2 mm canonical copy (:func:`osteonode.segment.frame.canonical_view`,
-   :func:`osteonode.segment.column.track_column`: the body with the bone-ringed
-   spinal canal behind it, whatever the contrast);
-2. on each slice where the column is found, the lumen is the brightest
-   homogeneous disc (``LUMEN_RADIUS_MM``) in the window where the aorta lies:
-   anterior and left of the body centre (abdomen: in front, slightly left;
-   thorax: left of the body). A disc is refused when it holds or touches bone
-   or calcium (> ``BONE_HU``), when bone surrounds it (a vertebral body, whose
-   trabecular bone is as homogeneous as blood: its cortex lies around it in
-   most directions, beside the aorta in few), and when it is too close to the
-   body centre;
-3. the aorta is a vertical tube: the disc centres of the slices must agree in
-   position (within ``TUBE_TOLERANCE_MM``) on at least ``MIN_TUBE_SLICES``
-   slices spanning ``MIN_TUBE_LENGTH_MM``; the median HU of that tube is the
-   result. Otherwise (no column, no such tube) the probe returns None: the
-   ranking then uses the description only, it never guesses.
+1. of the middle ``PROBE_EXTENT_MM`` of the series, one slice every
+   ``PROBE_SLICE_MM`` is read at about 2 mm pixels (:func:`read_probe_volume`),
+   and the column of vertebral bodies is tracked on its 2 mm canonical copy
+   (:func:`osteonode.segment.frame.canonical_view`,
+   :func:`osteonode.segment.column.track_column`: the body with the
+   bone-ringed spinal canal behind it, whatever the contrast);
+2. on every other 2 mm slice where the column is found, homogeneous discs
+   (``LUMEN_RADIUS_MM``, SD at most ``MAX_LUMEN_SD_HU``, no voxel in or on
+   them above ``BONE_HU``: bone, calcium) in the window where the aorta lies
+   (``WINDOW_ANTERIOR_MM``, ``WINDOW_LEFT_MM`` from the body centre: in front
+   and slightly left in the abdomen, left of the body in the thorax) are tried
+   densest first (:func:`_slice_lumen`). A disc denser than
+   ``NON_CONTRAST_MAX_HU`` is an enhanced lumen when the region of its HU
+   around it is round and ``LUMEN_DIAMETER_MM`` across, with no bone on its
+   rim, and is not part of the vertebral body (whose trabecular bone is as
+   homogeneous as blood: a region touching the bone connected to the body
+   centre along a quarter of its rim or more is the body). When the first
+   disc below ``NON_CONTRAST_MAX_HU`` is reached and every denser region
+   tried was the body's bone, the slice shows no enhanced vessel ("plain");
+   any other denser region (bowel with oral contrast, vessels merged with each
+   other, a round lumen on the body denser than its trabecular core) leaves
+   the slice undecided;
+3. the aorta is a vertical tube: enhanced lumens that agree in position
+   (``TUBE_TOLERANCE_MM``) and HU on at least ``MIN_TUBE_SLICES`` slices
+   spanning ``MIN_TUBE_LENGTH_MM`` give the result, their median HU. Without
+   such a tube, a series whose column slices are "plain" for at least
+   ``PLAIN_FRACTION`` of them (and ``MIN_PLAIN_SLICES``) is not enhanced (the
+   median of the plain slices' densest disc, an upper bound of blood, is
+   reported). Otherwise (no column, no tube, too few plain slices) the probe
+   returns None: the ranking then uses the description only, never a guess.
+
+Validation (``bench/aorta_probe.py``, figures in ``bench/README.md``): the
+non-contrast example CT and copies with its aortic lumen raised to delayed,
+portal-venous and arterial HU, with noise, oral contrast or wall calcium
+added; two real contrast CTs (a thoracic CTA crop, a T11-T12 JPEG 2000 series).
 
 The analysis measures the aorta again beside its segmented spine
 (:mod:`osteonode.measure.tissues`); this probe is only for the ranking.
