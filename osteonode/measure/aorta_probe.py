@@ -207,14 +207,15 @@ def read_probe_volume(files: Sequence[Path]) -> Volume | None:
             hu = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
             n = (hu.shape[0] // k[0] * k[0], hu.shape[1] // k[1] * k[1])
             slices.append(hu[:n[0], :n[1]].reshape(n[0] // k[0], k[0], n[1] // k[1], k[1]).mean(axis=(1, 3)))
+        stack = np.stack(slices)  # ValueError when the slices differ in size
     except (AttributeError, ValueError, RuntimeError, OSError) as exc:
-        raise NotEvaluable(f"the pixel data cannot be read ({type(exc).__name__})") from exc
+        raise NotEvaluable(f"the pixel data cannot be read as one stack ({type(exc).__name__})") from exc
     affine = np.eye(4)
     affine[:3, 0] = (positions[chosen[-1]] - positions[chosen[0]]) / max(1, len(chosen) - 1)
     affine[:3, 1] = col * pixel_mm[0] * k[0]  # rows advance along the column direction cosine
     affine[:3, 2] = row * pixel_mm[1] * k[1]
     affine[:3, 3] = positions[chosen[0]] + (k[0] - 1) / 2 * col * pixel_mm[0] + (k[1] - 1) / 2 * row * pixel_mm[1]
-    return Volume(hu=np.stack(slices), affine=affine)
+    return Volume(hu=stack, affine=affine)
 
 
 def probe_aorta(volume: Volume) -> AortaProbe | None:
@@ -276,8 +277,8 @@ def _slice_lumen(sl: np.ndarray, centre: np.ndarray, g: float) -> tuple[str, tup
     ``("plain", (a, l, HU))`` when every denser region tried before the first
     disc below that was the body's bone (no enhanced vessel); else
     ``("none", ...)`` (doubt: a dense region off the body that is no lumen,
-    or a lumen against the body denser than its trabecular core). Works on a crop: the window and ``LUMEN_DIAMETER_MM``
-    around it.
+    or a lumen against the body denser than its trabecular core). Works on a
+    crop: the window and ``LUMEN_DIAMETER_MM`` around it.
     """
     margin = LUMEN_DIAMETER_MM[1]
     low = np.maximum(0, np.floor(centre + np.array([WINDOW_ANTERIOR_MM[0], WINDOW_LEFT_MM[0]]) / g

@@ -13,7 +13,7 @@ import SimpleITK as sitk
 
 from osteonode.config import SelectionSettings
 from osteonode.ctseries import write_ct_series
-from osteonode.measure.aorta_probe import probe_aorta, probe_aorta_hu
+from osteonode.measure.aorta_probe import probe_aorta, probe_aorta_hu, read_probe_volume
 from osteonode.measure.contrast import classify_phase
 from osteonode.series import describe_series, rank_series
 from osteonode.volume import Volume
@@ -100,3 +100,24 @@ def test_ranking_chooses_the_non_contrast_series_of_a_study(tmp_path, volume, la
     assert [s.series_number for s in rank_series(series, rules).candidates] == [2, 3]  # description only
     ranking = rank_series(series, rules, files_of=lambda info: folders[info.series_number])
     assert [(s.series_number, s.phase) for s in ranking.candidates] == [(3, "non_contrast"), (2, "arterial")]
+
+
+@pytest.mark.parametrize("direction", [(1, 0, 0, 0, 1, 0, 0, 0, 1), (-1, 0, 0, 0, -1, 0, 0, 0, 1),
+                                       (1, 0, 0, 0, 1, 0, 0, 0, -1)])
+def test_probe_volume_geometry_follows_the_files(tmp_path, direction):
+    """A ramp of HU over LPS position: every coarse voxel holds the ramp at the position its affine gives."""
+    size, spacing, origin = (90, 70, 100), (0.7, 0.8, 1.0), (-30.0, 20.0, 400.0)
+    index = np.indices(size[::-1], dtype=float)[::-1]  # x, y, z index arrays, (z, y, x) shaped
+    lps = (np.tensordot(np.array(direction, float).reshape(3, 3) * spacing, index, axes=1)
+           + np.array(origin)[:, None, None, None])
+    ramp = lambda p: 2.0 * p[0] - 1.5 * p[1] + 0.5 * p[2]  # noqa: E731 - HU of an LPS position
+    image = sitk.GetImageFromArray(np.rint(ramp(lps)).astype(np.float32))
+    image.SetSpacing(spacing)
+    image.SetOrigin(origin)
+    image.SetDirection(direction)
+    files = write_ct_series(image, tmp_path)
+    coarse = read_probe_volume(list(reversed(files)))  # file order does not matter
+    assert coarse is not None and coarse.shape == (25, 35, 45)  # every 4th of 100 1 mm slices, 2 x 2 mm blocks
+    index = np.indices(coarse.shape).reshape(3, -1)
+    expected = ramp(coarse.affine[:3, :3] @ index + coarse.affine[:3, 3:4])
+    assert np.abs(coarse.hu.reshape(-1) - expected).max() < 1.0
