@@ -383,19 +383,29 @@ def measure_phase(info: SeriesInfo, files: Sequence[Path]) -> SeriesInfo:
         :func:`osteonode.measure.contrast.classify_phase`, or ``info`` itself
         when the aorta was not found with confidence or the series could not
         be read (the error class is logged; the ranking then uses the
-        description only).
+        description only). The HU of the last ``maxsize`` file sets are kept
+        (:func:`aortic_attenuation`), so a study ranked again with the same
+        files (e.g. while the broker refuses its job) is not read again.
     """
-    from osteonode.measure.aorta_probe import probe_aorta_hu
     from osteonode.measure.contrast import classify_phase
 
     try:
-        probe = probe_aorta_hu(files)
+        aorta_hu = aortic_attenuation(tuple(files))
     except Exception as exc:  # noqa: BLE001 - the probe only refines the ranking; any failure means "not measured"
         log.warning("series %s: aortic attenuation not measured (%s)", info.series_number, type(exc).__name__)
         return info
-    if probe is None:
+    if aorta_hu is None:
         return info
-    return info.model_copy(update={"aorta_hu": probe.hu, "phase": classify_phase(probe.hu).phase})
+    return info.model_copy(update={"aorta_hu": aorta_hu, "phase": classify_phase(aorta_hu).phase})
+
+
+@lru_cache(maxsize=32)
+def aortic_attenuation(files: tuple[Path, ...]) -> float | None:
+    """Aortic HU of the series made of ``files`` (:func:`osteonode.measure.aorta_probe.probe_aorta_hu`), cached."""
+    from osteonode.measure.aorta_probe import probe_aorta_hu
+
+    probe = probe_aorta_hu(files)
+    return None if probe is None else probe.hu
 
 
 def lower_rank_reason(info: SeriesInfo, used: SeriesInfo, rules: SelectionSettings) -> str:

@@ -9,6 +9,7 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, SecondaryCapture
 from osteonode.config import SelectionSettings
 from osteonode.measure import aorta_probe
 from osteonode.series import (
+    aortic_attenuation,
     axial_deviation_deg,
     contrast_phase,
     describe_headers,
@@ -164,6 +165,7 @@ def _probe_by_folder(monkeypatch, aorta_hu: dict[str, float | None]) -> list[str
         return aorta_probe.AortaProbe(hu=hu, slices=10, length_mm=80.0, enhanced=hu >= 80.0)
 
     monkeypatch.setattr(aorta_probe, "probe_aorta_hu", probe)
+    aortic_attenuation.cache_clear()
     return probed
 
 
@@ -198,6 +200,7 @@ def test_probe_failure_or_switch_off_means_not_measured(monkeypatch):
         raise OSError("disk gone")
 
     monkeypatch.setattr(aorta_probe, "probe_aorta_hu", broken)
+    aortic_attenuation.cache_clear()
     ranking = rank_series(study, RULES, files_of=lambda info: [info.series_dir])
     assert [(s.series_number, s.phase, s.aorta_hu) for s in ranking.candidates] == [(2, "unknown", None),
                                                                                      (3, "unknown", None)]
@@ -219,3 +222,13 @@ def test_lower_rank_reason_names_the_deciding_rule(monkeypatch):
         "ranked lower than the series used: slice thickness 0.6 mm, the series used 3 mm")
     assert lower_rank_reason(used.model_copy(update={"series_number": 8}), used, RULES) == (
         "ranked lower than the series used")
+
+
+def test_a_series_ranked_again_with_the_same_files_is_not_probed_again(monkeypatch):
+    study = [_series(2, description="Abdomen 3.0"), _series(3, description="Abdomen 3.0")]
+    probed = _probe_by_folder(monkeypatch, {"/spool/s/2": 320.0, "/spool/s/3": 45.0})
+    for _ in range(3):
+        ranking = rank_series(study, RULES, files_of=lambda info: [info.series_dir])
+    assert [s.series_number for s in ranking.candidates] == [3, 2] and sorted(probed) == ["/spool/s/2", "/spool/s/3"]
+    rank_series(study, RULES, files_of=lambda info: [info.series_dir, "/spool/s/new-instance"])
+    assert len(probed) == 4  # other files: measured again
