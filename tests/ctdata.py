@@ -62,7 +62,7 @@ def example_labels_v1() -> np.ndarray:
 
 
 #: Edits of :func:`contrast_variant` besides the aortic lumen.
-CONTRAST_EDITS = ("noise SD 40 HU", "oral contrast in the bowel", "calcified aortic wall")
+CONTRAST_EDITS = ("noise SD 40 HU", "oral contrast in the bowel", "calcified aortic wall", "aorta against the spine")
 
 
 def contrast_variant(hu: np.ndarray, labels: np.ndarray, lumen_hu: float | None, edit: str | None = None) -> np.ndarray:
@@ -73,10 +73,18 @@ def contrast_variant(hu: np.ndarray, labels: np.ndarray, lumen_hu: float | None,
     unchanged, non-contrast). ``edit`` (one of :data:`CONTRAST_EDITS`): white
     noise of SD 40 HU (seed 11); small bowel, duodenum and colon at 300 HU
     (positive oral contrast); 800 HU plaques on half the aortic wall's
-    circumference every other slice.
+    circumference every other slice; the lumen (at ``lumen_hu``, else 45 HU)
+    painted 6 mm further back, over the front of the vertebral bodies (the
+    example's array axis 1 runs posterior to anterior), its old place left
+    as it was.
     """
     aorta = labels == REF_AORTA
     out = hu.astype(np.float32, copy=True)
+    if edit == "aorta against the spine":
+        moved = np.roll(aorta, -2, axis=1)  # 2 voxels of 3 mm towards the spine
+        noise = np.random.default_rng(11).normal(0.0, 15.0, int(moved.sum()))
+        out[moved] = (45.0 if lumen_hu is None else lumen_hu) + noise
+        return out
     if lumen_hu is not None:
         out[aorta] += lumen_hu - float(np.median(out[aorta]))
     if edit == "noise SD 40 HU":

@@ -60,6 +60,13 @@ def test_enhanced_lumen_found_despite_noise_bowel_contrast_or_calcium(volume, la
     assert probe is not None and probe.enhanced and classify_phase(probe.hu).phase == phase
 
 
+@pytest.mark.parametrize("lumen_hu", [180.0, 320.0])
+def test_an_enhanced_aorta_lying_on_the_spine_is_never_called_plain(volume, labels, lumen_hu):
+    """The lumen merges with the front of the bodies: enhanced, or not confident (the description ranks)."""
+    probe = probe_aorta(_variant(volume, labels, lumen_hu, "aorta against the spine"))
+    assert probe is None or (probe.enhanced and probe.hu >= 150.0)
+
+
 def test_real_contrast_ct_angiography():
     """The thoracic CTA crop (contrast, 1.5 mm): the descending aorta beside T12 is found, arterial."""
     probe = probe_aorta(Volume.from_sitk(sitk.ReadImage(str(require_data(CTA)))))
