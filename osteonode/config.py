@@ -248,7 +248,7 @@ class SelectionSettings(_Strict):
     phase_from_aorta: bool = Field(
         default=True,
         description="when a candidate's description names no contrast phase and another candidate has the same "
-                    "kernel class, measure the aortic attenuation on a coarse subset of its slices (about 1 s per "
+                    "kernel class, measure the aortic attenuation on a coarse subset of its slices (1-2 s per "
                     "series) and rank by the phase it gives")
 
     @model_validator(mode="after")

@@ -13,7 +13,7 @@ The contrast phase of a candidate comes from its Series Description
 (:func:`contrast_phase`). When the description names none and another
 candidate has the same kernel class (so that the phase decides their order),
 it comes from the aortic attenuation measured on a coarse subset of the
-series' slices (:mod:`osteonode.measure.aorta_probe`, about 1 s per series;
+X
 ``phase_from_aorta``), classified by the bands of
 :func:`osteonode.measure.contrast.classify_phase`. When the probe is not
 confident it returns nothing and the phase stays ``unknown``: the
@@ -383,7 +383,7 @@ def measure_phase(info: SeriesInfo, files: Sequence[Path]) -> SeriesInfo:
         :func:`osteonode.measure.contrast.classify_phase`, or ``info`` itself
         when the aorta was not found with confidence or the series could not
         be read (the error class is logged; the ranking then uses the
-        description only). The HU of the last ``maxsize`` file sets are kept
+        description only). The HU of the last 32 sets of files are kept
         (:func:`aortic_attenuation`), so a study ranked again with the same
         files (e.g. while the broker refuses its job) is not read again.
     """

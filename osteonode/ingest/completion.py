@@ -5,7 +5,7 @@ no instance of it has arrived for ``study_quiet_period_s`` seconds (mercure's
 study trigger; mercure waits 900 s by default, osteonode 30 s, see
 docs/admin.md). Its series are then described and ranked by the selection
 rules (:mod:`osteonode.series`; a candidate whose contrast phase must be
-measured has a coarse subset of its slices read, about 1 s) and one job is
+measured has a coarse subset of its slices read, 1-2 s) and one job is
 enqueued: the study UID and the ranked candidate series (paths and header
 summaries, JSON; no pixel data).
 
