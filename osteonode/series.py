@@ -13,7 +13,7 @@ The contrast phase of a candidate comes from its Series Description
 (:func:`contrast_phase`). When the description names none and another
 candidate has the same kernel class (so that the phase decides their order),
 it comes from the aortic attenuation measured on a coarse subset of the
-X
+series' slices (:mod:`osteonode.measure.aorta_probe`, 1-2 s per series;
 ``phase_from_aorta``), classified by the bands of
 :func:`osteonode.measure.contrast.classify_phase`. When the probe is not
 confident it returns nothing and the phase stays ``unknown``: the
