@@ -6,6 +6,7 @@ build them) to portal-venous and arterial attenuation, keeping its noise.
 
 from __future__ import annotations
 
+import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
@@ -81,6 +82,16 @@ def test_real_contrast_dicom_series(j2k_series):
     truth = float(np.median(sitk.GetArrayFromImage(image)[sitk.GetArrayFromImage(reference) == 52]))  # v2 aorta
     probe = probe_aorta_hu(j2k_series)
     assert probe is not None and probe.enhanced and abs(probe.hu - truth) <= 15.0
+
+
+def test_enhanced_ct_multiframe_series(abdomen_series, tmp_path):
+    """One Legacy Converted Enhanced CT file of the example: loaded whole, same answer as the single frames."""
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(p) for p in abdomen_series], series_instance_uid=pydicom.uid.generate_uid(),
+        series_number=9, sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1)
+    enhanced.save_as(tmp_path / "enhanced.dcm", enforce_file_format=True)
+    probe = probe_aorta_hu([tmp_path / "enhanced.dcm"])
+    assert probe is not None and not probe.enhanced and probe.hu < 80.0
 
 
 def test_nothing_found_without_a_spine():
