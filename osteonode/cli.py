@@ -312,7 +312,7 @@ def _analyze_files(files: list[Path], out: Path, settings: Settings, segmentatio
     import pydicom
 
     from osteonode.pipeline import analyze_files, analyze_study
-    from osteonode.series import describe_headers, rank_series
+    from osteonode.series import SeriesInfo, describe_headers, rank_series
 
     headers: dict[str, list[pydicom.Dataset]] = {}
     for path in files:
@@ -322,10 +322,12 @@ def _analyze_files(files: list[Path], out: Path, settings: Settings, segmentatio
         result = analyze_files(files, out, settings.analysis, segmentation_file=segmentation,
                                selection_rules=settings.selection)
     else:
+        def files_of(info: SeriesInfo) -> list[Path]:
+            return [Path(ds.filename) for ds in headers[info.series_instance_uid]]
+
         ranking = rank_series([describe_headers(series, settings.selection) for series in headers.values()],
-                              settings.selection)
-        result = analyze_study(ranking, out, settings.analysis, settings.selection,
-                               files_of=lambda info: [Path(ds.filename) for ds in headers[info.series_instance_uid]])
+                              settings.selection, files_of=files_of)
+        result = analyze_study(ranking, out, settings.analysis, settings.selection, files_of=files_of)
     return result
 
 

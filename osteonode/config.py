@@ -227,7 +227,8 @@ class SelectionSettings(_Strict):
     only when the study has no original axial candidate. Candidates are ranked
     by kernel class (``kernel_order``, classes from the kernel table), then
     contrast phase from the Series Description (``phase_order``,
-    ``phase_keywords``), then slice thickness (thinnest inside
+    ``phase_keywords``) or, when it names none, from the aortic attenuation
+    (``phase_from_aorta``), then slice thickness (thinnest inside
     ``preferred_thickness_mm`` first), then the number of slices.
     """
 
@@ -252,6 +253,11 @@ class SelectionSettings(_Strict):
                     "checked in the order non_contrast, arterial, portal_venous, delayed")
     kernel_table: Path | None = Field(
         default=None, description="JSON kernel table replacing the shipped dicom_templates/kernels.json")
+    phase_from_aorta: bool = Field(
+        default=True,
+        description="when a candidate's description names no contrast phase and another candidate has the same "
+                    "kernel class, measure the aortic attenuation on a coarse subset of its slices (1-2 s per "
+                    "series) and rank by the phase it gives")
 
     @model_validator(mode="after")
     def _check(self) -> SelectionSettings:

@@ -66,7 +66,7 @@ from osteonode.measure.tissues import measure_reference_tissues
 from osteonode.result import AnalysisResult, SeriesNotUsed, SeriesSelection, SeriesUsed
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import select_backend
-from osteonode.series import CT_IMAGE_SOP_CLASSES, SeriesInfo, SeriesRanking, check_series
+from osteonode.series import CT_IMAGE_SOP_CLASSES, SeriesInfo, SeriesRanking, check_series, lower_rank_reason
 from osteonode.volume import Series, load_series
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,8 @@ def analyze_study(ranking: SeriesRanking, out_dir: Path, settings: AnalysisSetti
     failed: list[SeriesNotUsed] = []
     rejected = [_not_used(r.series, r.reason) for r in ranking.rejected]
     for i, candidate in enumerate(ranking.candidates):
-        lower = [_not_used(c, "ranked lower than the series used") for c in ranking.candidates[i + 1:]]
+        lower = [_not_used(c, lower_rank_reason(c, candidate, selection_rules or SelectionSettings()))
+                 for c in ranking.candidates[i + 1:]]
         selection = SeriesSelection(used=SeriesUsed(series_number=candidate.series_number,
                                                      description=candidate.description, kernel=candidate.kernel,
                                                      slice_thickness_mm=candidate.slice_thickness_mm),

@@ -5,15 +5,29 @@ reformats, contrast phases); the node analyses one. :func:`describe_series`
 reads what the rules need from one series' headers, :func:`series_problem`
 says why a series cannot be a candidate, and :func:`rank_series` orders the
 candidates of a study best first (:class:`osteonode.config.SelectionSettings`
-documents the rules). All three are pure functions of headers and settings.
+documents the rules). The first two are pure functions of headers and
+settings; :func:`rank_series` also reads pixel data when the contrast phase
+must be measured.
+
+The contrast phase of a candidate comes from its Series Description
+(:func:`contrast_phase`). When the description names none and another
+candidate has the same kernel class (so that the phase decides their order),
+it comes from the aortic attenuation measured on a coarse subset of the
+series' slices (:mod:`osteonode.measure.aorta_probe`, 1-2 s per series;
+``phase_from_aorta``), classified by the bands of
+:func:`osteonode.measure.contrast.classify_phase`. When the probe is not
+confident it returns nothing and the phase stays ``unknown``: the
+description alone ranks the series, never a guess.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,6 +40,8 @@ from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, LegacyConvertedE
 import dicom_templates
 from osteonode.config import KERNEL_CLASSES, ContrastPhaseName, KernelClass, NamedPhase, SelectionSettings
 from osteonode.errors import NotEvaluable
+
+log = logging.getLogger(__name__)
 
 CT_IMAGE_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 #: Image Type (0008,0008) values that mark a reformat or projection rather than an acquired axial stack.
@@ -54,6 +70,14 @@ class SeriesInfo(BaseModel):
     slice_count: int = 0
     axial_deviation_deg: float | None = None
     gantry_tilt_deg: float = 0.0
+    aorta_hu: float | None = None
+
+    @property
+    def phase_basis(self) -> str:
+        """Where :attr:`phase` comes from: the Series Description, the aortic attenuation, or nowhere (``""``)."""
+        if self.aorta_hu is not None:
+            return f"aortic attenuation {self.aorta_hu:.0f} HU"
+        return "series description" if self.phase != "unknown" else ""
 
     @property
     def derived(self) -> bool:
@@ -133,10 +157,8 @@ def kernel_class(kernel: str, table_path: Path | None = None) -> KernelClass:
 def contrast_phase(description: str, rules: SelectionSettings) -> ContrastPhaseName:
     """Contrast phase named by a Series Description (0008,103E), or ``"unknown"``.
 
-    The ranking uses the description only: the measured aortic attenuation
-    (:mod:`osteonode.measure.contrast`) needs the spine segmentation of the
-    analysis; a stand-alone aorta finder without it picked regions far
-    denser than blood on the non-contrast example CT (docs/admin.md).
+    When it is unknown, :func:`rank_series` may measure the phase instead
+    (module docstring).
     """
     for phase in _PHASE_CHECK_ORDER:
         for word in rules.phase_keywords.get(phase, []):
@@ -300,7 +322,8 @@ def rank_key(info: SeriesInfo, rules: SelectionSettings) -> tuple:
             info.series_number if info.series_number is not None else math.inf, info.series_instance_uid)
 
 
-def rank_series(series: Sequence[SeriesInfo], rules: SelectionSettings) -> SeriesRanking:
+def rank_series(series: Sequence[SeriesInfo], rules: SelectionSettings,
+                files_of: Callable[[SeriesInfo], Sequence[Path]] | None = None) -> SeriesRanking:
     """Split a study's series into ranked candidates and rejected series.
 
     Parameters
@@ -309,6 +332,12 @@ def rank_series(series: Sequence[SeriesInfo], rules: SelectionSettings) -> Serie
         Every series of the study (:func:`describe_series`).
     rules : SelectionSettings
         Candidate rules and ranking order.
+    files_of : callable, optional
+        The files of a series. When given (and ``rules.phase_from_aorta``),
+        a candidate whose description names no phase, and whose kernel class
+        another candidate shares, gets its phase from the aortic attenuation
+        (:func:`measure_phase`); the candidates returned then carry
+        ``aorta_hu``.
 
     Returns
     -------
@@ -329,9 +358,84 @@ def rank_series(series: Sequence[SeriesInfo], rules: SelectionSettings) -> Serie
             rejected.append(RejectedSeries(series=info, reason="the series is derived (secondary or reformatted); "
                                                                "an original axial series exists"))
         passing = [info for info in passing if not info.derived]
+    if files_of is not None and rules.phase_from_aorta:
+        classes = Counter(info.kernel_class for info in passing)
+        passing = [measure_phase(info, files_of(info)) if info.phase == "unknown" and classes[info.kernel_class] > 1
+                   else info for info in passing]
     rejected.sort(key=lambda r: (r.series.series_number if r.series.series_number is not None else math.inf,
                                  r.series.series_instance_uid))
     return SeriesRanking(candidates=sorted(passing, key=lambda i: rank_key(i, rules)), rejected=rejected)
+
+
+def measure_phase(info: SeriesInfo, files: Sequence[Path]) -> SeriesInfo:
+    """``info`` with the contrast phase and ``aorta_hu`` measured on its pixel data, if the probe is confident.
+
+    Parameters
+    ----------
+    info : SeriesInfo
+        A candidate series.
+    files : sequence of pathlib.Path
+        Its files.
+
+    Returns
+    -------
+    SeriesInfo
+        A copy with ``aorta_hu`` and the phase of
+        :func:`osteonode.measure.contrast.classify_phase`, or ``info`` itself
+        when the aorta was not found with confidence or the series could not
+        be read (the error class is logged; the ranking then uses the
+        description only). The HU of the last 32 sets of files are kept
+        (:func:`aortic_attenuation`), so a study ranked again with the same
+        files (e.g. while the broker refuses its job) is not read again.
+    """
+    from osteonode.measure.contrast import classify_phase
+
+    try:
+        aorta_hu = aortic_attenuation(tuple(files))
+    except Exception as exc:  # noqa: BLE001 - the probe only refines the ranking; any failure means "not measured"
+        log.warning("series %s: aortic attenuation not measured (%s)", info.series_number, type(exc).__name__)
+        return info
+    if aorta_hu is None:
+        return info
+    return info.model_copy(update={"aorta_hu": aorta_hu, "phase": classify_phase(aorta_hu).phase})
+
+
+@lru_cache(maxsize=32)
+def aortic_attenuation(files: tuple[Path, ...]) -> float | None:
+    """Aortic HU of the series made of ``files`` (:func:`osteonode.measure.aorta_probe.probe_aorta_hu`), cached."""
+    from osteonode.measure.aorta_probe import probe_aorta_hu
+
+    probe = probe_aorta_hu(files)
+    return None if probe is None else probe.hu
+
+
+def lower_rank_reason(info: SeriesInfo, used: SeriesInfo, rules: SelectionSettings) -> str:
+    """Why candidate ``info`` ranked below the series ``used``: the first rule of :func:`rank_key` that differs.
+
+    Returns
+    -------
+    str
+        E.g. ``"ranked lower than the series used: contrast phase arterial
+        (series description), the series used non-contrast (aortic
+        attenuation 48 HU)"``.
+    """
+    def phase(series: SeriesInfo) -> str:
+        name = "not known" if series.phase == "unknown" else series.phase.replace("_", " ").replace("non ", "non-")
+        return f"{name} ({series.phase_basis})" if series.phase_basis else name
+
+    lead = "ranked lower than the series used"
+    if info.kernel_class != used.kernel_class:
+        return f"{lead}: kernel class {info.kernel_class}, the series used {used.kernel_class}"
+    if info.phase != used.phase:
+        return f"{lead}: contrast phase {phase(info)}, the series used {phase(used)}"
+    if _thickness_key(info.slice_thickness_mm, rules) != _thickness_key(used.slice_thickness_mm, rules):
+        def thickness(value: float | None) -> str:
+            return "unknown" if value is None else f"{value:g} mm"
+        return (f"{lead}: slice thickness {thickness(info.slice_thickness_mm)}, "
+                f"the series used {thickness(used.slice_thickness_mm)}")
+    if info.slice_count != used.slice_count:
+        return f"{lead}: {info.slice_count} slices, the series used {used.slice_count}"
+    return lead
 
 
 def check_series(headers: Sequence[pydicom.Dataset], rules: SelectionSettings | None = None) -> None:

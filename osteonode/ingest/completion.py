@@ -4,8 +4,10 @@ DICOM has no "study complete" message, so a study is taken as complete once
 no instance of it has arrived for ``study_quiet_period_s`` seconds (mercure's
 study trigger; mercure waits 900 s by default, osteonode 30 s, see
 docs/admin.md). Its series are then described and ranked by the selection
-rules (:mod:`osteonode.series`) and one job is enqueued: the study UID and the
-ranked candidate series (paths and header summaries, JSON; no pixel data).
+rules (:mod:`osteonode.series`; a candidate whose contrast phase must be
+measured has a coarse subset of its slices read, 1-2 s) and one job is
+enqueued: the study UID and the ranked candidate series (paths and header
+summaries, JSON; no pixel data).
 
 Which studies are still open (receiving) is indexed in the job store
 (:mod:`osteonode.jobstore`), so an idle node does not scan the spool. The
@@ -186,7 +188,7 @@ def _due_job(spool: Path, study: Path, now_ns: int, quiet_ns: int, rules: Select
                         log_id(study.name), type(exc).__name__)
     if not series:
         return None
-    ranking = rank_series(series, rules)
+    ranking = rank_series(series, rules, files_of=lambda info: instance_files(Path(info.series_dir)))
     return StudyJob(study_instance_uid=study.name, last_arrival_ns=last_arrival_ns, ranking=ranking,
                     fingerprint=candidates_fingerprint(ranking.candidates))
 

@@ -7,7 +7,16 @@ import pytest
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, SecondaryCaptureImageStorage
 
 from osteonode.config import SelectionSettings
-from osteonode.series import axial_deviation_deg, contrast_phase, describe_headers, kernel_class, rank_series
+from osteonode.measure import aorta_probe
+from osteonode.series import (
+    aortic_attenuation,
+    axial_deviation_deg,
+    contrast_phase,
+    describe_headers,
+    kernel_class,
+    lower_rank_reason,
+    rank_series,
+)
 
 AXIAL = (1, 0, 0, 0, 1, 0)
 CORONAL = (1, 0, 0, 0, 0, -1)
@@ -141,3 +150,85 @@ def test_enhanced_ct_attributes_are_read_from_functional_groups():
     assert (info.slice_count, info.slice_thickness_mm, info.kernel, info.kernel_class) == (120, 2.0, "Br40", "soft")
     assert info.axial_deviation_deg == pytest.approx(0.0)
     assert rank_series([info], RULES).candidates == [info]
+
+
+def _probe_by_folder(monkeypatch, aorta_hu: dict[str, float | None]) -> list[str]:
+    """Replace the aorta probe by a table (folder -> HU, None: not confident); returns the folders probed."""
+    probed: list[str] = []
+
+    def probe(files):
+        folder = str(files[0])
+        probed.append(folder)
+        hu = aorta_hu[folder]
+        if hu is None:
+            return None
+        return aorta_probe.AortaProbe(hu=hu, slices=10, length_mm=80.0, enhanced=hu >= 80.0)
+
+    monkeypatch.setattr(aorta_probe, "probe_aorta_hu", probe)
+    aortic_attenuation.cache_clear()
+    return probed
+
+
+def test_measured_aortic_attenuation_ranks_phases_the_description_leaves_open(monkeypatch):
+    study = [_series(2, description="Abdomen 3.0"), _series(3, description="Abdomen 3.0"),
+             _series(4, description="Abdomen 3.0"), _series(5, description="Nativ 3.0"),
+             _series(6, description="Bone", kernel="B60f")]
+    probed = _probe_by_folder(monkeypatch, {"/spool/s/2": 320.0, "/spool/s/3": 190.0, "/spool/s/4": 45.0})
+    ranking = rank_series(study, RULES, files_of=lambda info: [info.series_dir])
+    # 5 is non-contrast by its description (not probed), 4 measured non-contrast (then series number);
+    # portal venous before arterial
+    assert [s.series_number for s in ranking.candidates] == [4, 5, 3, 2, 6]
+    assert sorted(probed) == ["/spool/s/2", "/spool/s/3", "/spool/s/4"]  # the bone series has no rival: not probed
+    phases = {s.series_number: (s.phase, s.aorta_hu) for s in ranking.candidates}
+    assert phases == {5: ("non_contrast", None), 4: ("non_contrast", 45.0), 3: ("portal_venous", 190.0),
+                      2: ("arterial", 320.0), 6: ("unknown", None)}
+
+
+def test_without_a_confident_probe_the_description_ranks(monkeypatch):
+    study = [_series(2, description="Abdomen 3.0"), _series(3, description="Abdomen 3.0")]
+    _probe_by_folder(monkeypatch, {"/spool/s/2": None, "/spool/s/3": 45.0})
+    ranking = rank_series(study, RULES, files_of=lambda info: [info.series_dir])
+    assert [(s.series_number, s.phase) for s in ranking.candidates] == [(3, "non_contrast"), (2, "unknown")]
+    _probe_by_folder(monkeypatch, {"/spool/s/2": None, "/spool/s/3": None})
+    assert [s.series_number for s in rank_series(study, RULES, files_of=lambda i: [i.series_dir]).candidates] == [2, 3]
+
+
+def test_probe_failure_or_switch_off_means_not_measured(monkeypatch):
+    study = [_series(2, description="Abdomen 3.0"), _series(3, description="Abdomen 3.0")]
+
+    def broken(files):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(aorta_probe, "probe_aorta_hu", broken)
+    aortic_attenuation.cache_clear()
+    ranking = rank_series(study, RULES, files_of=lambda info: [info.series_dir])
+    assert [(s.series_number, s.phase, s.aorta_hu) for s in ranking.candidates] == [(2, "unknown", None),
+                                                                                     (3, "unknown", None)]
+    probed = _probe_by_folder(monkeypatch, {"/spool/s/2": 320.0, "/spool/s/3": 45.0})
+    rank_series(study, SelectionSettings(phase_from_aorta=False), files_of=lambda info: [info.series_dir])
+    assert probed == []
+
+
+def test_lower_rank_reason_names_the_deciding_rule(monkeypatch):
+    used = _series(4, description="Abdomen 3.0").model_copy(update={"phase": "non_contrast", "aorta_hu": 45.0})
+    arterial = _series(2, description="Abdomen arterial 3.0")
+    assert lower_rank_reason(arterial, used, RULES) == (
+        "ranked lower than the series used: contrast phase arterial (series description), "
+        "the series used non-contrast (aortic attenuation 45 HU)")
+    assert lower_rank_reason(_series(6, kernel="B60f"), used, RULES) == (
+        "ranked lower than the series used: kernel class bone, the series used soft")
+    same_phase = used.model_copy(update={"series_number": 7, "slice_thickness_mm": 0.6})
+    assert lower_rank_reason(same_phase, used, RULES) == (
+        "ranked lower than the series used: slice thickness 0.6 mm, the series used 3 mm")
+    assert lower_rank_reason(used.model_copy(update={"series_number": 8}), used, RULES) == (
+        "ranked lower than the series used")
+
+
+def test_a_series_ranked_again_with_the_same_files_is_not_probed_again(monkeypatch):
+    study = [_series(2, description="Abdomen 3.0"), _series(3, description="Abdomen 3.0")]
+    probed = _probe_by_folder(monkeypatch, {"/spool/s/2": 320.0, "/spool/s/3": 45.0})
+    for _ in range(3):
+        ranking = rank_series(study, RULES, files_of=lambda info: [info.series_dir])
+    assert [s.series_number for s in ranking.candidates] == [3, 2] and sorted(probed) == ["/spool/s/2", "/spool/s/3"]
+    rank_series(study, RULES, files_of=lambda info: [info.series_dir, "/spool/s/new-instance"])
+    assert len(probed) == 4  # other files: measured again
