@@ -152,7 +152,20 @@ def load_series(paths: Iterable[Path]) -> Series:
         gantry tilt, or pixel data that cannot be decoded. The message is the
         reason reported in the SR.
     """
-    datasets = [pydicom.dcmread(p) for p in sorted(paths)]
+    return series_from_datasets([pydicom.dcmread(p) for p in sorted(paths)])
+
+
+def series_from_datasets(datasets: list[pydicom.Dataset]) -> Series:
+    """:func:`load_series` of the instances already read (with their pixel data), in file order.
+
+    Their Pixel Data is removed once the volume is built (``Series.datasets``
+    are these data sets, headers only).
+
+    Raises
+    ------
+    NotEvaluable
+        As :func:`load_series`.
+    """
     if not datasets:
         raise NotEvaluable("the series holds no instances")
     if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) != 1:
