@@ -18,7 +18,6 @@ from osteonode.audit import audit_event, configure_audit, os_user
 from osteonode.config import CONFIG_ENV, ConfigError, Destination, Settings, ensure_dirs, load_settings
 from osteonode.ingest.spool import UMASK
 from osteonode.logs import configure_logging
-from osteonode.network import init_pynetdicom
 
 if TYPE_CHECKING:
     from pydicom import Dataset
@@ -50,7 +49,6 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
     # third-party loggers quiet and redacted (no UIDs or patient data), see osteonode.logs
     # (pyradiomics' logger: osteonode.measure.radiomics, as pyradiomics resets it when imported)
     configure_logging(log_level)
-    init_pynetdicom()  # chunked C-STORE of files as stored (osteonode.network)
     # patient data on disk: files 0640, folders 0750 (spool, .jobs, outbox, queue)
     os.umask(UMASK)
 
