@@ -138,9 +138,10 @@ def main() -> None:
             (node_dir / sub).mkdir(parents=True)
         node_port, scp_port = free_port(), free_port()
         config = work / "node.toml"
-        config.write_text(f'bind_address = "127.0.0.1"\nport = {node_port}\nstudy_quiet_period_s = 3600\n'
+        config.write_text(f'bind_address = "127.0.0.1"\nport = {node_port}\n'
+                          'study_quiet_period_s = 3600\nincomplete_timeout_s = 7200\n'
                           f'spool_dir = "{node_dir}/spool"\noutbox_dir = "{node_dir}/outbox"\n'
-                          f'queue_dir = "{node_dir}/queue"\n')
+                          f'queue_dir = "{node_dir}/queue"\n[web]\nenabled = false\n')  # port 8080 may be taken
         (work / "storescp").mkdir()
         procs.append(subprocess.Popen([sys.executable, "-m", "osteonode", "--log-level", "WARNING", "serve",
                                        "--config", str(config)], stdout=subprocess.DEVNULL,

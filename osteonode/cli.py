@@ -9,7 +9,7 @@ import signal
 import tempfile
 import threading
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 import typer
 
@@ -18,7 +18,9 @@ from osteonode.audit import audit_event, configure_audit, os_user
 from osteonode.config import CONFIG_ENV, ConfigError, Destination, Settings, ensure_dirs, load_settings
 from osteonode.ingest.spool import UMASK
 from osteonode.logs import configure_logging
-from osteonode.network import init_pynetdicom
+
+if TYPE_CHECKING:
+    from pydicom import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,6 @@ def _main(log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or E
     # third-party loggers quiet and redacted (no UIDs or patient data), see osteonode.logs
     # (pyradiomics' logger: osteonode.measure.radiomics, as pyradiomics resets it when imported)
     configure_logging(log_level)
-    init_pynetdicom()  # chunked C-STORE of files as stored (osteonode.network)
     # patient data on disk: files 0640, folders 0750 (spool, .jobs, outbox, queue)
     os.umask(UMASK)
 
@@ -232,63 +233,68 @@ def analyze(input_dir: Annotated[Path, typer.Argument(exists=True, file_okay=Fal
     by the selection rules as for a study the node receives.
     """
     settings = _settings_no_dirs(config)
-    files, skipped = _dicom_files(input_dir)
+    headers, skipped = _dicom_headers(input_dir)
     if skipped:
         typer.echo(f"skipped {skipped} file(s) that are not DICOM", err=True)
-    if not files:
+    if not headers:
         typer.echo(f"no DICOM files in {input_dir}", err=True)
         raise typer.Exit(2)
     with tempfile.TemporaryDirectory(prefix="osteonode-analyze-") as scratch:
-        files, filled = _fill_empty_uids(files, input_dir, Path(scratch))
+        headers, filled = _fill_empty_uids(headers, input_dir, Path(scratch))
         if filled:
             typer.echo(f"note: {filled} file(s) had empty UIDs; filled from the file meta or derived from the "
                        "folder (the outputs refer to these derived UIDs)", err=True)
-        result = _analyze_files(files, out, settings, segmentation)
+        result = _analyze_files(headers, out, settings, segmentation)
     typer.echo(result.model_dump_json(indent=2))
     if result.status != "ok":
         raise typer.Exit(3)
 
 
-def _dicom_files(folder: Path) -> tuple[list[Path], int]:
-    """The DICOM files under ``folder`` (hidden files ignored) and the number of other files skipped."""
+def _dicom_headers(folder: Path) -> tuple[list[Dataset], int]:
+    """The headers (``pydicom.Dataset`` without pixel data, ``filename`` set) of the DICOM files under ``folder``.
+
+    Hidden files are ignored; also returns the number of other files skipped.
+    Each file is read once here; the headers serve every later step.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    files, skipped = [], 0
+    headers: list[Dataset] = []
+    skipped = 0
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or path.name.startswith("."):
             continue
         try:
-            pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+            headers.append(pydicom.dcmread(path, stop_before_pixels=True))
         except (InvalidDicomError, OSError, ValueError):
             skipped += 1
-            continue
-        files.append(path)
-    return files, skipped
+    return headers, skipped
 
 
 #: The UIDs ``analyze`` fills when a (de-identified) file leaves them empty.
 _FILLED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
-def _fill_empty_uids(files: list[Path], folder: Path, scratch: Path) -> tuple[list[Path], int]:
-    """Copies in ``scratch`` of the files whose UIDs are empty, with the UIDs filled; the number of such files.
+def _fill_empty_uids(headers: list[Dataset], folder: Path, scratch: Path) -> tuple[list[Dataset], int]:
+    """The headers with, for each file whose UIDs are empty, that of a copy in ``scratch`` with the UIDs filled.
 
-    SOP Class and Instance UIDs come from the File Meta Information
-    (0002,0002)/(0002,0003) when present; Study and Series Instance UIDs (and
-    an absent SOP Instance UID) are derived from the folder's path, the
-    Series Number and the file name, so a re-run gives the same UIDs.
+    Also returns the number of such files. SOP Class and Instance UIDs come
+    from the File Meta Information (0002,0002)/(0002,0003) when present; Study
+    and Series Instance UIDs (and an absent SOP Instance UID) are derived from
+    the folder's path, the Series Number and the file name, so a re-run gives
+    the same UIDs.
     """
     import pydicom
     from pydicom.uid import generate_uid
 
-    out, filled = [], 0
+    out: list[Dataset] = []
+    filled = 0
     root = str(folder.resolve())
-    for i, path in enumerate(files):
-        header = pydicom.dcmread(path, stop_before_pixels=True)
+    for i, header in enumerate(headers):
         if all(str(header.get(keyword, "")).strip() for keyword in _FILLED_UIDS):
-            out.append(path)
+            out.append(header)
             continue
+        path = Path(header.filename)
         ds = pydicom.dcmread(path)
         meta = ds.file_meta
         if not str(ds.get("SOPClassUID", "")).strip():
@@ -301,31 +307,28 @@ def _fill_empty_uids(files: list[Path], folder: Path, scratch: Path) -> tuple[li
         if not str(ds.get("SeriesInstanceUID", "")).strip():
             ds.SeriesInstanceUID = generate_uid(entropy_srcs=[root, "series", str(ds.get("SeriesNumber", ""))])
         meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        out.append(scratch / f"{i:06d}.dcm")
-        ds.save_as(out[-1], enforce_file_format=True)
+        ds.save_as(scratch / f"{i:06d}.dcm", enforce_file_format=True)
+        out.append(pydicom.dcmread(scratch / f"{i:06d}.dcm", stop_before_pixels=True))
         filled += 1
     return out, filled
 
 
-def _analyze_files(files: list[Path], out: Path, settings: Settings, segmentation: Path | None):
-    """Analyse one series, or a study's best series when ``files`` hold several (selection rules)."""
-    import pydicom
-
+def _analyze_files(headers: list[Dataset], out: Path, settings: Settings, segmentation: Path | None):
+    """Analyse one series, or a study's best series when ``headers`` hold several (selection rules)."""
     from osteonode.pipeline import analyze_files, analyze_study
     from osteonode.series import SeriesInfo, describe_headers, rank_series
 
-    headers: dict[str, list[pydicom.Dataset]] = {}
-    for path in files:
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
-        headers.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
-    if len(headers) <= 1:
-        result = analyze_files(files, out, settings.analysis, segmentation_file=segmentation,
-                               selection_rules=settings.selection)
+    by_series: dict[str, list[Dataset]] = {}
+    for ds in headers:
+        by_series.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append(ds)
+    if len(by_series) <= 1:
+        result = analyze_files([Path(ds.filename) for ds in headers], out, settings.analysis,
+                               segmentation_file=segmentation, selection_rules=settings.selection)
     else:
         def files_of(info: SeriesInfo) -> list[Path]:
-            return [Path(ds.filename) for ds in headers[info.series_instance_uid]]
+            return [Path(ds.filename) for ds in by_series[info.series_instance_uid]]
 
-        ranking = rank_series([describe_headers(series, settings.selection) for series in headers.values()],
+        ranking = rank_series([describe_headers(series, settings.selection) for series in by_series.values()],
                               settings.selection, files_of=files_of)
         result = analyze_study(ranking, out, settings.analysis, settings.selection, files_of=files_of)
     return result

@@ -8,8 +8,6 @@ are those of PS3.4 B.2.3.
 
 from __future__ import annotations
 
-from pynetdicom.status import code_to_category
-
 #: Success (PS3.7 C.1.1).
 SUCCESS = 0x0000
 #: C-STORE Refused: Out of Resources (PS3.4 B.2.3): the spool cannot be written or the disk is below the watermark.
@@ -26,6 +24,8 @@ CATEGORY_SUCCESS, CATEGORY_WARNING = "Success", "Warning"
 def category(code: int) -> str:
     """The category of a DIMSE status code: ``Success``, ``Warning``, ``Failure``, ``Cancel``, ``Pending``
     or ``Unknown`` (:func:`pynetdicom.status.code_to_category`)."""
+    from pynetdicom.status import code_to_category  # not at import: ``analyze`` needs no pynetdicom
+
     return code_to_category(code)
 
 

@@ -29,7 +29,7 @@ from osteonode.audit import audit_event
 from osteonode.config import Destination, TLSSettings
 from osteonode.dimse_status import SUCCESS, is_stored
 from osteonode.errors import DeliveryFailed
-from osteonode.network import client_context, set_tcp_nodelay
+from osteonode.network import client_context, init_pynetdicom, set_tcp_nodelay
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def echo(destination: Destination, *, calling_ae_title: str, timeout_s: float = 
 def _associate(destination: Destination, contexts: list[PresentationContext], calling_ae_title: str,
                timeout_s: float, tls: TLSSettings | None) -> Association:
     """Open an association to ``destination`` (over TLS when ``destination.tls``) or raise DeliveryFailed."""
+    init_pynetdicom()
     ae = AE(ae_title=calling_ae_title)
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
     tls_args = None

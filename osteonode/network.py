@@ -1,8 +1,9 @@
 """What every association of the node shares, as SCP or SCU: socket options, TLS and pynetdicom's start-up settings.
 
 :func:`init_pynetdicom` is the one explicit initialisation of pynetdicom's
-process-wide settings; the CLI calls it once at start-up (every command,
-``serve``, ``worker``, ``send``, runs through it).
+process-wide settings; the dispatcher (:mod:`osteonode.dispatch`) calls it
+before each association it opens, so commands that send nothing (``analyze``)
+do not import pynetdicom at all.
 
 DICOM TLS follows the Non-downgrading BCP 195 TLS Secure Transport
 Connection Profile (PS3.15 B.9): TLS 1.2 or higher only, the cipher suites of

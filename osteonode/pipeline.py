@@ -67,7 +67,7 @@ from osteonode.result import AnalysisResult, SeriesNotUsed, SeriesSelection, Ser
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import select_backend
 from osteonode.series import CT_IMAGE_SOP_CLASSES, SeriesInfo, SeriesRanking, check_series, lower_rank_reason
-from osteonode.volume import Series, load_series
+from osteonode.volume import Series, series_from_datasets
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +265,8 @@ def _analyze_series(files: Sequence[Path], settings: AnalysisSettings, segmentat
     if not files:
         raise FileNotFoundError("no DICOM files to analyse")
     timings: dict[str, float] = {}
-    headers: list[pydicom.Dataset] = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(files)]
+    # read once: the headers, then the volume
+    headers: list[pydicom.Dataset] = [pydicom.dcmread(p) for p in sorted(files)]
     study_uid = str(headers[0].get("StudyInstanceUID", ""))
     series_uid = str(headers[0].get("SeriesInstanceUID", ""))
     series: Series | None = None
@@ -279,7 +280,7 @@ def _analyze_series(files: Sequence[Path], settings: AnalysisSettings, segmentat
                                    "(the reason for each is listed with the series)")
             check_series(headers, selection_rules)
         with _timed(timings, "load"):
-            series = load_series(files)
+            series = series_from_datasets(headers)
         backend, backend_note = select_backend(settings, series_uid, segmentation_file)
         with _timed(timings, "segment"):
             segmentation = backend(series.volume)
@@ -317,6 +318,9 @@ def _analyze_series(files: Sequence[Path], settings: AnalysisSettings, segmentat
         result = AnalysisResult.not_evaluable(
             str(exc), study_uid, series_uid, timings_s=timings, series_selection=selection,
             labelling_method=segmentation.method if segmentation else "")
+    for ds in headers:  # not kept once the volume is built, nor when the series was not evaluable
+        if "PixelData" in ds:
+            del ds.PixelData
     return _Analysis(result, headers, series, segmentation, feature_rows)
 
 

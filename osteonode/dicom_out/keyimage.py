@@ -142,7 +142,13 @@ def plane_through(volume: Volume, centre_lps: np.ndarray, row_direction: tuple[f
     return Plane(origin=origin, row_direction=u, column_direction=v, spacing_mm=float(spacing), shape=shape)
 
 
-def reformat(volume: Volume, array: np.ndarray, plane: Plane, *, order: int, fill: float) -> np.ndarray:
+def plane_index(volume: Volume, plane: Plane) -> np.ndarray:
+    """``(3, rows x columns)`` float ``(z, y, x)`` voxel indices of ``volume`` at the pixel centres of ``plane``."""
+    return volume.lps_to_index(plane.points().reshape(-1, 3)).T
+
+
+def reformat(volume: Volume, array: np.ndarray, plane: Plane, *, order: int, fill: float,
+             index: np.ndarray | None = None) -> np.ndarray:
     """Sample ``array`` on ``plane``.
 
     Parameters
@@ -157,6 +163,8 @@ def reformat(volume: Volume, array: np.ndarray, plane: Plane, *, order: int, fil
         Spline order: 1 (linear) for HU, 0 (nearest) for labels.
     fill : float
         Value outside the volume (e.g. -1024 HU, label 0).
+    index : numpy.ndarray, optional
+        :func:`plane_index` of ``volume`` and ``plane``, when already computed for another array.
 
     Returns
     -------
@@ -169,7 +177,7 @@ def reformat(volume: Volume, array: np.ndarray, plane: Plane, *, order: int, fil
         If ``array`` does not have the volume's shape.
     """
     volume.require_grid(array)
-    index = volume.lps_to_index(plane.points().reshape(-1, 3)).T
+    index = plane_index(volume, plane) if index is None else index
     sampled = ndimage.map_coordinates(array, index, order=order, mode="constant", cval=fill)
     return sampled.reshape(plane.shape).astype(array.dtype, copy=False)
 
@@ -197,12 +205,17 @@ def body_centre_lps(volume: Volume, bodies: np.ndarray, label: int | None = None
     ValueError
         If there is no such voxel.
     """
-    mask = np.isin(bodies, list(VERTEBRA_NAMES)) if label is None else bodies == label
-    index = np.argwhere(mask)
-    if not len(index):
+    if label is None:
+        lowest, highest = min(VERTEBRA_NAMES), max(VERTEBRA_NAMES)  # the VerSe IDs are consecutive
+        mask = (bodies >= lowest) & (bodies <= highest)
+    else:
+        mask = bodies == label
+    flat = np.flatnonzero(mask)
+    if not len(flat):
         raise ValueError("no vertebra in the segmentation" if label is None else
                          f"{VERTEBRA_NAMES.get(label, label)} is not in the segmentation")
-    return volume.index_to_lps(index.mean(axis=0))
+    centre = [index.mean() for index in np.unravel_index(flat, mask.shape)]
+    return volume.index_to_lps(np.array(centre))
 
 
 def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.ndarray, plane: Plane,
@@ -215,12 +228,18 @@ def _draw_plane(ax: Axes, hu: np.ndarray, bodies: np.ndarray, trabecular: np.nda
         if name is None:
             continue
         colour = palette.unit_rgb(palette.level_rgb(name))
-        # Contours of the nearest-neighbour reformats: the real cut of body and ROI, bone visible inside.
-        ax.contour(bodies == label, levels=[0.5], colors=[colour], linewidths=BODY_LINE_PT, antialiased=True)
-        if (trabecular == label).any():
-            ax.contour(trabecular == label, levels=[0.5], colors=[palette.unit_rgb(palette.roi_rgb(name))],
-                       linewidths=ROI_LINE_PT)
         rows, columns = np.nonzero(bodies == label)
+        # Contours of the nearest-neighbour reformats: the real cut of body and ROI, bone visible inside;
+        # traced in the bounding box of body and ROI and one pixel around it.
+        either_rows, either_columns = np.nonzero((bodies == label) | (trabecular == label))
+        box = (slice(max(either_rows.min() - 1, 0), either_rows.max() + 2),
+               slice(max(either_columns.min() - 1, 0), either_columns.max() + 2))
+        grid = np.arange(box[1].start, box[1].stop), np.arange(box[0].start, box[0].stop)
+        ax.contour(*grid, bodies[box] == label, levels=[0.5], colors=[colour], linewidths=BODY_LINE_PT,
+                   antialiased=True)
+        if (trabecular[box] == label).any():
+            ax.contour(*grid, trabecular[box] == label, levels=[0.5],
+                       colors=[palette.unit_rgb(palette.roi_rgb(name))], linewidths=ROI_LINE_PT)
         level = result.levels.get(name)
         text = name if level is None else f"{summary.marked_name(name, level)}  {level.trabecular_hu_mean:.0f} HU"
         if view == "sagittal":  # beside the anterior edge of the body
@@ -313,10 +332,12 @@ def render_view(series: Series, segmentation: SpineSegmentation, result: Analysi
     """
     row_direction, column_direction = VIEWS[view]
     plane = plane_through(series.volume, centre_lps, row_direction, column_direction)
-    hu = reformat(series.volume, series.volume.hu, plane, order=1, fill=-1024.0)
-    bodies = reformat(series.volume, np.asarray(segmentation.bodies, dtype=np.uint8), plane, order=0, fill=0)
+    index = plane_index(series.volume, plane)
+    hu = reformat(series.volume, series.volume.hu, plane, order=1, fill=-1024.0, index=index)
+    bodies = reformat(series.volume, np.asarray(segmentation.bodies, dtype=np.uint8), plane, order=0, fill=0,
+                      index=index)
     trabecular = reformat(series.volume, np.asarray(segmentation.trabecular, dtype=np.uint8), plane,
-                          order=0, fill=0)
+                          order=0, fill=0, index=index)
 
     fig = render.new_figure(*FIGURE_IN, dpi=DPI)
     top = 0.95 if banner else 1.0
@@ -415,5 +436,5 @@ def build_key_images(series: Series, segmentation: SpineSegmentation, result: An
     return images
 
 
-__all__ = ["build_key_images", "render_view", "plane_through", "reformat", "orientation_letter",
+__all__ = ["build_key_images", "render_view", "plane_through", "plane_index", "reformat", "orientation_letter",
            "body_centre_lps", "Plane", "VIEWS", "KEY_IMAGES_SERIES_DESCRIPTION"]

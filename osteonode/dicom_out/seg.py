@@ -145,19 +145,9 @@ def _segment_description(number: int, key: str, template: Mapping[str, Any],
 
 
 def _present(labels: np.ndarray) -> list[int]:
-    """Non-zero values of a uint8 label map, increasing.
-
-    Counted in chunks of :data:`_CHUNK_VOXELS`: ``np.bincount`` casts its input
-    to ``intp``, eight bytes per voxel of the whole map at once otherwise.
-    """
+    """Non-zero values of a uint8 label map, increasing (those of its few labelled voxels)."""
     flat = np.asarray(labels, dtype=np.uint8).reshape(-1)
-    counts = np.zeros(256, dtype=np.int64)
-    for start in range(0, flat.size, _CHUNK_VOXELS):
-        counts += np.bincount(flat[start:start + _CHUNK_VOXELS], minlength=256)
-    return [int(v) for v in np.flatnonzero(counts) if v != 0]
-
-
-_CHUNK_VOXELS = 1 << 20
+    return [int(v) for v in np.unique(flat[flat != 0])]
 
 
 def segment_numbers(segmentation: SpineSegmentation) -> dict[int, int]:
@@ -256,6 +246,78 @@ def seg_reference(series: Series, segmentation: SpineSegmentation) -> pydicom.Da
     return reference
 
 
+def _stack_segments(maps: tuple[np.ndarray, np.ndarray],
+                    segments: Mapping[str, tuple[int, bool, int]]) -> tuple[int, int, np.ndarray]:
+    """The masks of ``segments`` (:func:`_segment_labels`) stacked, over the slab of slices holding a label.
+
+    Parameters
+    ----------
+    maps : tuple of numpy.ndarray
+        The ``(z, y, x)`` uint8 label map and trabecular ROI map (VerSe IDs).
+    segments : mapping
+        Key -> (segment number, of the trabecular map?, label ID).
+
+    Returns
+    -------
+    first, last : int
+        The slab: slices ``first:last`` (first array axis) of the maps.
+    by_segment : numpy.ndarray
+        ``(segment, last - first, y, x)`` bool, segments in the order of
+        ``segments``: segment-major, so each mask lies in one block and each
+        SEG frame (segment, slice) is contiguous. Only the labelled voxels
+        are written; the rest stays the untouched (lazily zeroed) memory of
+        ``np.zeros``, most of the array (bench/README.md).
+    """
+    shape = maps[0].shape
+    voxels = []  # per map: flat indices of its labelled voxels, and their segments' indices
+    for roi, label_map in enumerate(maps):
+        index_of = np.full(256, -1, dtype=np.intp)  # label ID -> index in ``segments``
+        for i, (_, of_roi, label) in enumerate(segments.values()):
+            if of_roi == bool(roi):
+                index_of[label] = i
+        flat = np.flatnonzero(label_map)
+        voxels.append((flat, index_of[label_map.reshape(-1)[flat]]))
+    occupied = np.concatenate([flat for flat, _ in voxels]) // (shape[1] * shape[2])
+    first, last = int(occupied.min()), int(occupied.max()) + 1
+    by_segment = np.zeros((len(segments), last - first, *shape[1:]), dtype=bool)
+    for flat, index in voxels:
+        z, y, x = np.unravel_index(flat, shape)
+        by_segment[index, z - first, y, x] = True
+    return first, last, by_segment
+
+
+class _Segmentation(hd.seg.Segmentation):
+    """highdicom's Segmentation, with its pixel array check done in one pass.
+
+    highdicom (0.28) finds whether the segments of a stacked binary array
+    overlap by summing them per voxel in uint64
+    (``Segmentation._check_and_cast_pixel_array``, a private method): numpy
+    then makes one buffered pass per segment over a uint64 array of the
+    slab, 1-3 s for the thin-slice series of bench/README.md. This override
+    does the same checks (binary values; overlap = some voxel in two
+    segments) with the sum in uint8, exact for fewer than 256 segments, and
+    leaves any other input to highdicom. It is used only with the highdicom
+    versions it was checked against (:data:`_FAST_CHECK_HIGHDICOM`).
+    """
+
+    @classmethod
+    def _check_and_cast_pixel_array(cls, pixel_array, segment_numbers, segmentation_type, dtype):
+        plain = pixel_array.array if isinstance(pixel_array, hd.Volume) else pixel_array
+        if (segmentation_type != hd.seg.SegmentationTypeValues.BINARY or plain.dtype != np.uint8
+                or plain.ndim != 4 or not 1 < plain.shape[-1] == len(segment_numbers) < 256):
+            return super()._check_and_cast_pixel_array(pixel_array, segment_numbers, segmentation_type, dtype)
+        if plain.max() > 1:
+            raise ValueError("When passing a 4D stack of segments with an integer pixel type, the pixel array "
+                             "must be binary.")
+        overlap = np.add.reduce(plain, axis=-1, dtype=np.uint8).max() > 1
+        return pixel_array, hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO
+
+
+#: highdicom versions whose private ``Segmentation._check_and_cast_pixel_array`` :class:`_Segmentation` overrides.
+_FAST_CHECK_HIGHDICOM = ("0.28.",)
+_SegmentationClass = _Segmentation if hd.__version__.startswith(_FAST_CHECK_HIGHDICOM) else hd.seg.Segmentation
+
+
 def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segmentation:
     """Build a binary SEG of the vertebral bodies, proximal femurs and trabecular ROIs on the source grid.
 
@@ -304,19 +366,11 @@ def build_seg(series: Series, segmentation: SpineSegmentation) -> hd.seg.Segment
 
     inputs = input_key(series.datasets)
 
-    # Stacked-segments array (z, y, x, segment), restricted to the slab of slices holding a label:
-    # one allocation, segment-major in memory (each mask written contiguously, each SEG frame read
-    # contiguously), seen as (z, y, x, segment) by highdicom.
-    occupied = np.flatnonzero((labels.reshape(len(labels), -1).max(axis=1) > 0)
-                              | (trabecular.reshape(len(trabecular), -1).max(axis=1) > 0))
-    first, last = int(occupied[0]), int(occupied[-1]) + 1
-    by_segment = np.empty((len(segments), last - first, *labels.shape[1:]), dtype=bool)
-    for i, (_, roi, label) in enumerate(segments.values()):
-        np.equal((trabecular if roi else labels)[first:last], label, out=by_segment[i])
-    stacked = np.moveaxis(by_segment.view(np.uint8), 0, -1)
+    first, last, by_segment = _stack_segments((labels, trabecular), segments)
+    stacked = np.moveaxis(by_segment.view(np.uint8), 0, -1)  # (z, y, x, segment), as highdicom takes it
     numbers = [number for number, _, _ in segments.values()]
     descriptions = _descriptions(segments, inputs)
-    seg = hd.seg.Segmentation(
+    seg = _SegmentationClass(
         source_images=with_type2_defaults(series.datasets),
         pixel_array=series.volume.geometry[first:last].with_array(stacked, channels={"SegmentNumber": numbers}),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

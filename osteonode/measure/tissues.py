@@ -66,8 +66,9 @@ class ReferenceTissues:
 
 def body_centres_mm(volume: Volume, labels: np.ndarray) -> dict[int, np.ndarray]:
     """Centroid (LPS, mm) of every labelled vertebral body in a ``(z, y, x)`` label map."""
-    index = np.nonzero(labels)  # one pass over the volume; the sums below touch labelled voxels only
-    values = labels[index].astype(np.intp)
+    flat = np.flatnonzero(labels)  # one pass over the volume; the sums below touch labelled voxels only
+    index = np.unravel_index(flat, labels.shape)
+    values = labels.reshape(-1)[flat].astype(np.intp)
     counts = np.bincount(values, minlength=256)
     sums = [np.bincount(values, weights=axis, minlength=256) for axis in index]
     ids = [vid for vid in VERTEBRA_NAMES if counts[vid]]

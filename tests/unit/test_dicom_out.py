@@ -531,6 +531,23 @@ def test_seg_rejects_unknown_label(axial):
         build_seg(case.series, SpineSegmentation(bodies=bodies, trabecular=bodies))
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_seg_pixel_check_agrees_with_highdicom(overlap):
+    """The one-pass check of the stacked segments gives highdicom's SegmentsOverlap and rejects what it rejects."""
+    stacked = np.zeros((4, 5, 6, 3), dtype=np.uint8)
+    stacked[0, :2, :2, 0] = stacked[1, 3:, 3:, 1] = stacked[2, :3, :3, 2] = 1
+    if overlap:
+        stacked[0, 1, 1, 1] = 1
+    numbers = np.array([1, 2, 3])
+    binary = hd.seg.SegmentationTypeValues.BINARY
+    _, ours = seg_module._Segmentation._check_and_cast_pixel_array(stacked, numbers, binary, np.uint8)
+    _, theirs = hd.seg.Segmentation._check_and_cast_pixel_array(stacked, numbers, binary, np.uint8)
+    assert ours == theirs == (hd.seg.SegmentsOverlapValues.YES if overlap else hd.seg.SegmentsOverlapValues.NO)
+    stacked[0, 0, 0, 0] = 2
+    with pytest.raises(ValueError, match="binary"):
+        seg_module._Segmentation._check_and_cast_pixel_array(stacked, numbers, binary, np.uint8)
+
+
 @pytest.mark.integration
 def test_validators_are_installed():
     """The validators are part of the test environment; their absence is a failure, not a skip."""
