@@ -371,7 +371,7 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
         if m is None:
             out[name] = level
             continue
-        update = {"height_anterior_mm": m.height_anterior_mm, "height_middle_mm": m.height_middle_mm,
+        update: dict[str, object] = {"height_anterior_mm": m.height_anterior_mm, "height_middle_mm": m.height_middle_mm,
                   "height_posterior_mm": m.height_posterior_mm, "height_ratios": m.height_ratios or None,
                   "genant_grade": m.genant_grade, "fracture_suspected": m.fracture_suspected}
         if m.cut_by_field_of_view:

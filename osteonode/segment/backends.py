@@ -18,7 +18,7 @@ from osteonode.config import AnalysisSettings
 from osteonode.segment import Backend, SpineSegmentation
 from osteonode.segment.femur import segment_proximal_femurs
 from osteonode.segment.frame import canonical_view
-from osteonode.segment.imported import load_totalsegmentator
+from osteonode.segment.imported import Version, load_totalsegmentator
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume
 
@@ -33,7 +33,7 @@ def builtin(volume: Volume) -> SpineSegmentation:
     return segmentation
 
 
-def imported(path: Path, version: str = "auto") -> Backend:
+def imported(path: Path, version: Version = "auto") -> Backend:
     """Backend that reads a TotalSegmentator label map (v1/v2 class ids, or "auto")."""
     return partial(load_totalsegmentator, path, version=version)
 
@@ -48,7 +48,7 @@ def select_backend(settings: AnalysisSettings, series_instance_uid: str,
     """
     if segmentation_file is not None:
         return imported(segmentation_file, settings.totalsegmentator_version), "imported TotalSegmentator label map"
-    if settings.segmentation == "totalsegmentator":
+    if settings.segmentation == "totalsegmentator" and settings.segmentation_dir is not None:
         candidate = settings.segmentation_dir / f"{series_instance_uid}.nii.gz"
         if candidate.is_file():
             return imported(candidate, settings.totalsegmentator_version), "imported TotalSegmentator label map"

@@ -48,6 +48,7 @@ from osteonode.segment.frame import (
     COARSE_MM,
     IN_PLANE,
     CanonicalView,
+    Coords,
     coarse_to_native,
     ellipsoid,
     largest_component_filled,
@@ -452,8 +453,8 @@ def _enclosed(shell: np.ndarray, gap_mm: float, spacing: np.ndarray) -> np.ndarr
     return out
 
 
-def working_grid(crop: np.ndarray, coords: tuple[np.ndarray, ...], spacing: np.ndarray, work: np.ndarray
-                  ) -> tuple[np.ndarray, tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+def working_grid(crop: np.ndarray, coords: Coords, spacing: np.ndarray, work: np.ndarray
+                  ) -> tuple[np.ndarray, Coords, tuple[np.ndarray, ...]]:
     """Resample a canonical crop (linear) to the coarser ``work`` spacing where ``spacing`` is finer.
 
     Returns the working crop, its canonical coordinates (mm) per axis, and the
@@ -472,7 +473,8 @@ def working_grid(crop: np.ndarray, coords: tuple[np.ndarray, ...], spacing: np.n
         i0 = np.minimum(np.floor(x).astype(int), out.shape[ax] - 1)
         frac = (x - i0).astype(np.float32).reshape([-1 if j == ax else 1 for j in range(out.ndim)])
         out = np.take(out, i0, ax) * (1.0 - frac) + np.take(out, np.minimum(i0 + 1, out.shape[ax] - 1), ax) * frac
-    work_coords = tuple(c[0] + np.arange(n) * w for c, n, w in zip(coords, shape, work))
+    s_mm, a_mm, l_mm = (c[0] + np.arange(n) * w for c, n, w in zip(coords, shape, work, strict=True))
+    work_coords = (s_mm, a_mm, l_mm)
     back = tuple(np.clip(np.round((c - c[0]) / w).astype(int), 0, n - 1)
                  for c, w, n in zip(coords, work, shape))
     return out, work_coords, np.ix_(*back)

@@ -470,8 +470,9 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float]) -> list[int]:
     single = int(np.argmax(depths_hu))
     if not pair or depths_hu[single] >= max(pair.values()):
         return [single]
-    key: tuple[int, int] | None = max(pair, key=pair.get)
-    chain = [key[1]]
+    last = max(pair, key=lambda k: pair[k])
+    chain = [last[1]]
+    key: tuple[int, int] | None = last
     while key is not None:
         chain.append(key[0])
         key = back[key]

@@ -277,7 +277,7 @@ def _hip(sm: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float, neck: 
         if np.linalg.norm(centre - start) > 15.0:
             break
         head = _joint_cut(sm, centre, offset, g, neck)
-        if head is not None and head.support > best.support:
+        if head is not None and (best is None or head.support > best.support):
             best = head
     return best
 
@@ -375,7 +375,7 @@ def metal_cm3_near(volume: Volume, mask: np.ndarray, margin_mm: float = 10.0) ->
 
 
 def _segment_side(c: np.ndarray, offset: np.ndarray, g: float, head: _Head, side: Side
-                  ) -> tuple[np.ndarray, tuple[slice, slice, slice]]:
+                  ) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Segment one proximal femur on the coarse grid in a crop around ``head``.
 
     Returns the mask and its crop (coarse canonical indices).
@@ -462,9 +462,9 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
     g, c, offset = COARSE_MM, view.coarse, view.offset
     sides: dict[Side, FemurSide] = {}
     if min(c.shape) < 8:
-        reason = "the volume is too small to contain a hip"
-        return FemurSegmentation(labels, {"right": FemurSide("not_in_view", reason),
-                                          "left": FemurSide("not_in_view", reason)})
+        too_small = "the volume is too small to contain a hip"
+        return FemurSegmentation(labels, {"right": FemurSide("not_in_view", too_small),
+                                          "left": FemurSide("not_in_view", too_small)})
     cols = view.patient.sum(axis=(0, 1)).astype(float)
     midline = float((cols * np.arange(c.shape[2])).sum() / max(cols.sum(), 1.0)) * g + offset[2]
     clipped = np.clip(c, -100.0, 700.0)
@@ -505,7 +505,7 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
             continue
         coarse_mask, coarse_sl = _segment_side(c, offset, g, head, side)
         mask, sl = coarse_to_native(coarse_mask, coarse_sl, offset, g, sp, hc.shape)
-        reason = None
+        reason: str | None = None
         if head.centre[0] - 0.5 * head.radius < offset[0]:
             reason = "only the femoral head is in the field of view (neck and trochanters cut off)"
         elif mask.sum() * np.prod(sp) < MIN_FEMUR_CM3 * 1000.0:

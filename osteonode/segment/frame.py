@@ -23,6 +23,9 @@ from scipy import ndimage as ndi
 
 from osteonode.volume import Volume
 
+#: Canonical positions (mm) of the indices along the three axes ``(s, a, l)`` of a crop.
+Coords = tuple[np.ndarray, np.ndarray, np.ndarray]
+
 log = logging.getLogger(__name__)
 
 #: 4-connected structuring element within one (z) slice: fills holes slice by slice.
@@ -222,7 +225,7 @@ def ellipsoid(rad: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return inside
 
 
-def coarse_to_native(mask: np.ndarray, sl: tuple[slice, slice, slice], offset: np.ndarray, g: float,
+def coarse_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.ndarray, g: float,
                      spacing: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Nearest-neighbour copy of a coarse crop ``mask`` onto the canonical native grid.
 

@@ -171,8 +171,7 @@ def load_totalsegmentator(path: Path, volume: Volume, version: Version = "auto")
 
 def _detect_version(labels: np.ndarray, volume: Volume) -> tuple[str, str]:
     """``("v1" | "v2", why)`` for a label map on the CT grid (rules in the module docstring)."""
-    present = np.nonzero(np.bincount(labels.ravel(), minlength=V1_MAX_ID + 2))[0]
-    present = set(int(v) for v in present if v)
+    present = {int(v) for v in np.nonzero(np.bincount(labels.ravel(), minlength=V1_MAX_ID + 2))[0] if v}
     if max(present, default=0) > V1_MAX_ID:
         return "v2", f"class IDs above {V1_MAX_ID}"
     centroids = _centroids_lps(labels, present, volume)
@@ -190,7 +189,7 @@ def _detect_version(labels: np.ndarray, volume: Volume) -> tuple[str, str]:
     if contradictions["v1"] == contradictions["v2"]:
         raise ValueError("cannot tell TotalSegmentator v1 from v2 for this label map "
                          f"({contradictions['v1']} contradictions each); set the version explicitly")
-    chosen = min(contradictions, key=contradictions.get)
+    chosen = min(contradictions, key=lambda ver: contradictions[ver])
     return chosen, (f"anatomy agrees with the {chosen} class table: {contradictions[chosen]} vs "
                     f"{max(contradictions.values())} contradictions")
 
@@ -283,8 +282,9 @@ def _femurs(labels: np.ndarray, volume: Volume, version: str) -> FemurSegmentati
     out = np.zeros(volume.shape, np.uint8)
     sides: dict[Side, FemurSide] = {}
     voxel_cm3 = float(np.prod(volume.spacing)) / 1000.0
-    for side, fid in (("right", FEMUR_RIGHT), ("left", FEMUR_LEFT)):
-        mask = labels == FEMURS[version][side]
+    pairs: tuple[tuple[Side, int], ...] = (("right", FEMUR_RIGHT), ("left", FEMUR_LEFT))
+    for side, fid in pairs:
+        mask: np.ndarray = labels == FEMURS[version][side]
         if mask.sum() * voxel_cm3 < MIN_FEMUR_CM3:
             sides[side] = FemurSide("not_in_view", f"less than {MIN_FEMUR_CM3:.0f} cm3 of the {side} femur "
                                     "is labelled in the imported segmentation")
