@@ -169,9 +169,9 @@ def _analysis_log_lines(caplog) -> list[str]:
 
 def _unexpected_error(monkeypatch) -> None:
     """The pipeline raises an error that is neither bad input nor "not evaluable" (as a bug or a disk would)."""
-    def broken(files):
+    def broken(datasets):
         raise IsADirectoryError(21, "Is a directory", "somewhere")
-    monkeypatch.setattr("osteonode.pipeline.load_series", broken)
+    monkeypatch.setattr("osteonode.pipeline.series_from_datasets", broken)
 
 
 def test_an_unexpected_error_is_recorded_as_failed_with_an_sr(j2k_series, node_dirs, caplog, monkeypatch):
