@@ -68,6 +68,7 @@ def test_an_enhanced_aorta_lying_on_the_spine_is_never_called_plain(volume, labe
     assert probe is None or (probe.enhanced and probe.hu >= 150.0)
 
 
+@pytest.mark.integration  # reads the shared CT without a fixture
 def test_real_contrast_ct_angiography():
     """The thoracic CTA crop (contrast, 1.5 mm): the descending aorta beside T12 is found, arterial."""
     probe = probe_aorta(Volume.from_sitk(sitk.ReadImage(str(require_data(CTA)))))
