@@ -93,6 +93,7 @@ def test_multi_series_study_gives_one_seg_and_one_sr_from_the_soft_axial_series(
     for ds in (seg, sr):
         assert ds.StudyInstanceUID == study_uid
     selection = next(t for t in _sr_texts(sr) if t.startswith("Series used:"))
+    print(f"received: {sorted((m, len(v)) for m, v in received.items())}\n{selection}")  # pytest -s
     assert selection.startswith('Series used: series 2 "Abdomen 3.0 B30f" (kernel B30f, 3 mm).')
     for number, why in ((1, "localizer"), (3, "ranked lower"), (4, "not axial"), (5, "ranked lower")):
         assert f"series {number} " in selection and why in selection
