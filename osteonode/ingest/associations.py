@@ -30,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from pynetdicom import evt
+from pynetdicom.pdu_primitives import A_RELEASE
 
 from osteonode.atomic import write_atomic
 
@@ -72,8 +73,19 @@ class AssociationTracker:
                       "could be analysed if the association ends abnormally", event.assoc.requestor.ae_title,
                       exc.strerror)
 
-    def released(self, event: evt.Event) -> None:
-        """EVT_RELEASED: the association's series were sent completely; remove their records."""
+    def release_requested(self, event: evt.Event) -> None:
+        """EVT_ACSE_RECV: on the peer's A-RELEASE request, its series were sent completely; remove their records.
+
+        Bound to the request, not to EVT_RELEASED: pynetdicom fires EVT_RELEASED
+        in the association's thread only after it has sent the A-RELEASE
+        response, so the peer's close of the connection (EVT_CONN_CLOSE, in the
+        DUL thread) can be handled first, and a normal release would be taken
+        for an abnormal end. The request is received before the response is
+        sent, hence before the peer can close. Other ACSE primitives are ignored.
+        """
+        primitive = getattr(event, "primitive", None)  # set by pynetdicom on ACSE events only
+        if not isinstance(primitive, A_RELEASE) or primitive.result is not None:
+            return
         with self._lock:
             _, series = self._open.pop(id(event.assoc), ("", set()))
         for study_uid, series_uid in series:

@@ -483,7 +483,7 @@ def start_scp(settings: Settings, record_arrival: Callable[[str, str], None] | N
         (evt.EVT_RELEASED, received.finish),
         (evt.EVT_ABORTED, received.finish),
         (evt.EVT_CONN_CLOSE, received.finish),
-        (evt.EVT_RELEASED, tracker.released),
+        (evt.EVT_ACSE_RECV, tracker.release_requested),
         (evt.EVT_CONN_CLOSE, tracker.closed),
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store,

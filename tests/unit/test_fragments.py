@@ -6,14 +6,20 @@ import logging
 import time
 from types import SimpleNamespace
 
+from pynetdicom.pdu_primitives import A_ABORT, A_RELEASE
 from test_completion import RULES, _age_study, _spool_series
 
 from osteonode.ingest.associations import ASSOCIATIONS_DIR, AssociationTracker, held_series
 from osteonode.ingest.completion import find_due_studies
 
 
-def _event(assoc):
-    return SimpleNamespace(assoc=assoc)
+def _event(assoc, primitive=None):
+    return SimpleNamespace(assoc=assoc, primitive=primitive)
+
+
+def _release_request(assoc):
+    """EVT_ACSE_RECV of the peer's A-RELEASE request (``result`` None; a response has a result)."""
+    return _event(assoc, A_RELEASE())
 
 
 def _association():
@@ -38,7 +44,7 @@ def test_an_aborted_series_holds_its_study_until_re_sent(tmp_path, caplog):
     assert find_due_studies(tmp_path, 5, RULES, incomplete_timeout_s=600) == []  # quiet, but a fragment
     resent = _association()
     _receive(tracker, tmp_path, resent, "1.2.3")
-    tracker.released(_event(resent))
+    tracker.release_requested(_release_request(resent))
     tracker.closed(_event(resent))  # after a release: nothing to say
     assert not (tmp_path / ASSOCIATIONS_DIR / "1.2").exists()
     _age_study(tmp_path, 60)
@@ -65,6 +71,28 @@ def test_a_normally_released_association_leaves_no_record_and_the_study_is_due_a
     tracker, assoc = AssociationTracker(tmp_path), _association()
     _receive(tracker, tmp_path, assoc, "1.2.3")
     assert find_due_studies(tmp_path, 5, RULES) == []  # still arriving
-    tracker.released(_event(assoc))
+    tracker.release_requested(_release_request(assoc))
+    _age_study(tmp_path, 10)
+    assert len(find_due_studies(tmp_path, 5, RULES)) == 1
+
+
+def test_the_connection_close_racing_ahead_of_evt_released_is_not_an_abnormal_end(tmp_path, caplog):
+    """The peer closes as soon as it has the A-RELEASE response; pynetdicom may report that close before EVT_RELEASED.
+
+    The records go with the request (received before the response is sent),
+    so the close that follows finds nothing open and says nothing.
+    """
+    tracker, assoc = AssociationTracker(tmp_path), _association()
+    _receive(tracker, tmp_path, assoc, "1.2.3")
+    response = A_RELEASE()
+    response.result = "affirmative"
+    tracker.release_requested(_event(assoc, response))  # our own response, or an abort: not the peer's request
+    tracker.release_requested(_event(assoc, A_ABORT()))
+    assert (tmp_path / ASSOCIATIONS_DIR / "1.2" / "1.2.3").exists()
+    tracker.release_requested(_release_request(assoc))
+    with caplog.at_level(logging.WARNING):
+        tracker.closed(_event(assoc))
+    assert "ended abnormally" not in caplog.text
+    assert not (tmp_path / ASSOCIATIONS_DIR / "1.2").exists()
     _age_study(tmp_path, 10)
     assert len(find_due_studies(tmp_path, 5, RULES)) == 1
