@@ -350,9 +350,11 @@ def _star_fill(shell: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
 
     In each plane (``s`` index) the outermost shell voxel in each of
     ``STAR_SECTORS`` angular sectors around the centre's axial position sets
-    the body's radius in that direction; sectors without shell (a gap in a
-    cortex thinned by partial volume) take the radius interpolated from their
-    neighbours. A vertebral body's cross-section is star-shaped from its
+    the body's radius in that direction. A sector without shell on a plane (a
+    gap in a cortex thinned by partial volume, often all round the waist of an
+    osteoporotic body on a 3 mm slice) takes the radius interpolated along the
+    axis from the nearest planes above and below that see it, then, where none
+    do, from the neighbouring sectors. A vertebral body's cross-section is star-shaped from its
     centre, so this closes gaps of any width, where filling the holes of the
     shell (:func:`_enclosed`) closes only gaps up to ``SHELL_GAP_MM``.
 
@@ -368,22 +370,34 @@ def _star_fill(shell: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
     Returns
     -------
     numpy.ndarray
-        Boolean ``(s, a, l)``, the filled planes (planes with shell in fewer
-        than a third of the sectors are left empty).
+        Boolean ``(s, a, l)``, the filled planes (planes with shell, seen or
+        interpolated along the axis, in fewer than a third of the sectors are
+        left empty; nothing is extrapolated past the outermost planes with shell).
     """
     a_mm, l_mm = np.meshgrid(coords_mm[1] - centre[1], coords_mm[2] - centre[2], indexing="ij")
     radius = np.hypot(a_mm, l_mm)
     sector = ((np.arctan2(l_mm, a_mm) + np.pi) / (2 * np.pi) * STAR_SECTORS).astype(int) % STAR_SECTORS
     mids = (np.arange(STAR_SECTORS) + 0.5) * 2 * np.pi / STAR_SECTORS
+    planes = np.nonzero(shell.any(axis=(1, 2)))[0]
+    reach = np.full((shell.shape[0], STAR_SECTORS), np.nan)
+    for k in planes:
+        row = np.full(STAR_SECTORS, -1.0)
+        np.maximum.at(row, sector[shell[k]], radius[shell[k]])
+        reach[k] = np.where(row >= 0, row, np.nan)
+    # a sector unseen on a plane takes the radius interpolated along the axis from the nearest planes
+    # above and below that see it (a body is smooth along its axis; no extrapolation past them)
+    for j in range(STAR_SECTORS):
+        seen = np.flatnonzero(np.isfinite(reach[:, j]))
+        if seen.size >= 2:
+            between = np.arange(seen[0], seen[-1] + 1)
+            reach[between, j] = np.interp(between, seen, reach[seen, j])
     out = np.zeros(shell.shape, bool)
-    for k in np.nonzero(shell.any(axis=(1, 2)))[0]:
-        reach = np.full(STAR_SECTORS, -1.0)
-        np.maximum.at(reach, sector[shell[k]], radius[shell[k]])
-        seen = reach >= 0
+    for k in range(shell.shape[0]):
+        seen = np.isfinite(reach[k])
         if seen.sum() < STAR_SECTORS // 3:
             continue
-        reach = np.interp(mids, mids[seen], reach[seen], period=2 * np.pi)
-        out[k] = radius <= reach[sector]
+        row = np.interp(mids, mids[seen], reach[k, seen], period=2 * np.pi)
+        out[k] = radius <= row[sector]
     return out
 
 

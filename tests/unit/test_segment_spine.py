@@ -393,6 +393,26 @@ def test_star_fill_closes_a_wide_gap_in_the_cortex():
     assert filled[1][r <= 14.0].all() and not filled[1][r >= 17.0].any()
 
 
+def test_star_fill_takes_a_faint_plane_s_radius_from_the_planes_above_and_below():
+    """A cortex barely seen on one plane (a thin waist at 3 mm) is filled from its neighbours, not left empty.
+
+    Planes 1 and 3 hold the full ring (radius 12 and 14 mm); plane 2 shows two
+    short arcs only (fewer than a third of the sectors), so on its own it would
+    stay empty. Each unseen sector takes the mean of its neighbours' radii (13
+    mm); beyond the outermost planes with shell nothing is extrapolated.
+    """
+    coords = tuple(np.arange(n, dtype=float) for n in (5, 41, 41))
+    a, lr = np.meshgrid(coords[1] - 20.0, coords[2] - 20.0, indexing="ij")
+    r, angle = np.hypot(a, lr), np.degrees(np.arctan2(lr, a))
+    shell = np.zeros((5, 41, 41), bool)
+    shell[1] = np.abs(r - 12.0) <= 0.8
+    shell[3] = np.abs(r - 14.0) <= 0.8
+    shell[2] = (np.abs(r - 13.0) <= 0.8) & (np.abs(angle) < 30.0)
+    filled = _star_fill(shell, coords, np.array([2.0, 20.0, 20.0]))
+    assert not filled[0].any() and not filled[4].any()
+    assert filled[2][r <= 12.0].all() and not filled[2][r >= 14.5].any()
+
+
 def test_ribs_observable_needs_the_field_of_view_beside_the_column():
     path = np.column_stack([np.full(20, 30.0), np.full(20, 50.0)])  # (a, l) coarse indices, 2 mm
     assert ribs_observable(path, 101, 2.0, 12.0, 2.0)  # 100 mm either side of the centreline
