@@ -378,19 +378,18 @@ def _star_fill(shell: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.nd
     radius = np.hypot(a_mm, l_mm)
     sector = ((np.arctan2(l_mm, a_mm) + np.pi) / (2 * np.pi) * STAR_SECTORS).astype(int) % STAR_SECTORS
     mids = (np.arange(STAR_SECTORS) + 0.5) * 2 * np.pi / STAR_SECTORS
-    planes = np.nonzero(shell.any(axis=(1, 2)))[0]
     reach = np.full((shell.shape[0], STAR_SECTORS), np.nan)
-    for k in planes:
+    for plane in np.nonzero(shell.any(axis=(1, 2)))[0]:
         row = np.full(STAR_SECTORS, -1.0)
-        np.maximum.at(row, sector[shell[k]], radius[shell[k]])
-        reach[k] = np.where(row >= 0, row, np.nan)
+        np.maximum.at(row, sector[shell[plane]], radius[shell[plane]])
+        reach[plane] = np.where(row >= 0, row, np.nan)
     # a sector unseen on a plane takes the radius interpolated along the axis from the nearest planes
     # above and below that see it (a body is smooth along its axis; no extrapolation past them)
     for j in range(STAR_SECTORS):
-        seen = np.flatnonzero(np.isfinite(reach[:, j]))
-        if seen.size >= 2:
-            between = np.arange(seen[0], seen[-1] + 1)
-            reach[between, j] = np.interp(between, seen, reach[seen, j])
+        seen_at = np.flatnonzero(np.isfinite(reach[:, j]))
+        if seen_at.size >= 2:
+            between = np.arange(seen_at[0], seen_at[-1] + 1)
+            reach[between, j] = np.interp(between, seen_at, reach[seen_at, j])
     out = np.zeros(shell.shape, bool)
     for k in range(shell.shape[0]):
         seen = np.isfinite(reach[k])
