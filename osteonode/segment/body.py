@@ -299,9 +299,10 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
             box = bounding_box(region, np.ceil(SHELL_GAP_MM / spacing).astype(int) + 1)
             enclosed[box] = _enclosed(shell[box], SHELL_GAP_MM, spacing)
         full = full | (enclosed & region)
-        if core_hu < SOFT_TISSUE_HU:
-            # fatty marrow darker than soft tissue: the threshold outline is empty and a cortex
-            # thinned by partial volume leaves gaps wider than SHELL_GAP_MM; between the inner
+        if core_hu < thr:
+            # a core below the outline threshold (osteoporotic, below about 100 HU, or fatty marrow):
+            # the threshold outline leaves the core out and a cortex thinned by partial volume (or
+            # blurred by resampling) leaves gaps wider than SHELL_GAP_MM; between the inner
             # boundaries only, as rays would cross the disc's annulus beyond them
             within = np.broadcast_to(envelope & inner, hb.shape)
             full = full | (_star_fill(shell & within, coords_mm, centre) & within)
