@@ -322,29 +322,51 @@ def _metal_components(hc: np.ndarray, spacing: np.ndarray) -> list[tuple[np.ndar
     return out
 
 
-def _solid(mask: np.ndarray, spacing: np.ndarray, cut_below: bool) -> np.ndarray:
+def _solid(mask: np.ndarray, spacing: np.ndarray, out_of_view: np.ndarray,
+           image_edges: tuple[tuple[bool, bool], ...]) -> np.ndarray:
     """Close ``mask`` with a ``CLOSING_MM`` ball, then fill its holes in axial, coronal and sagittal planes.
 
     The marrow of the femoral neck and trochanters can be darker than soft
     tissue; closing bridges the gaps of the thin cortex of the intertrochanteric
     region, after which the cortex encloses the marrow in at least one of the
-    three planes. The field-of-view edge is not taken for a surface; when the
-    field of view cuts the femur below (``cut_below``), that edge closes it.
+    three planes. Where the field of view cuts the femur (``out_of_view``, same
+    shape as ``mask``: outside the image or outside the reconstructed
+    patient, in any orientation, e.g. an oblique edge of a tilted or resampled
+    series), the cut face closes it: the out-of-view voxels within
+    ``CLOSING_MM`` of the bone take part in the closing and filling and are
+    removed afterwards; ``image_edges[axis]`` says whether the (low, high)
+    border of ``mask`` along ``axis`` is the border of the image, beyond which
+    everything is out of view. The field-of-view edge is never a bone surface.
     """
     if not mask.any():
         return mask
     rad = np.maximum(1, np.round(CLOSING_MM / spacing)).astype(int)
+    ball = ellipsoid(rad, spacing)
     box = bounding_box(mask, rad + 1)
-    padded = np.pad(mask[box], [(r, r) for r in rad], mode="edge")
-    sub = ndi.binary_closing(padded, structure=ellipsoid(rad, spacing))
-    if cut_below and box[0].start == 0:
-        sub[:rad[0]] = True
+    pad = [(r, r) for r in rad]
+    # the cortex is closed first; then a plate over the cut face closes the marrow for the
+    # filling: beyond the image border, and over the out-of-view voxels within the closing
+    # radius of the bone where it touches them (an oblique cut face inside the image)
+    sub = ndi.binary_closing(np.pad(mask[box], pad, mode="edge"), structure=ball)
+    edge = np.pad(out_of_view[box], pad)
+    touch = edge & ndi.binary_dilation(sub, structure=np.ones((3, 3, 3), bool))
+    if touch.any():
+        sub |= edge & ndi.binary_dilation(sub, structure=ball) & ndi.binary_dilation(touch, structure=ball)
+    for axis, (low, high) in enumerate(image_edges):
+        index = [slice(None)] * 3
+        if low and np.take(mask, 0, axis=axis).any():
+            index[axis] = slice(0, pad[axis][0])
+            sub[tuple(index)] = True
+        if high and np.take(mask, -1, axis=axis).any():
+            index[axis] = slice(sub.shape[axis] - pad[axis][1], None)
+            sub[tuple(index)] = True
     for axis in range(3):
         plane = np.zeros((3, 3, 3), bool)
         plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndi.generate_binary_structure(2, 1)
         sub = ndi.binary_fill_holes(sub, structure=plane)
     out = mask.copy()
-    out[box] |= sub[rad[0]:-rad[0], rad[1]:-rad[1], rad[2]:-rad[2]]
+    inner = tuple(slice(r, -r) for r in rad)
+    out[box] |= sub[inner] & ~out_of_view[box]
     return out
 
 
@@ -374,9 +396,12 @@ def metal_cm3_near(volume: Volume, mask: np.ndarray, margin_mm: float = 10.0) ->
     return float(np.count_nonzero(near & (volume.hu[box] > METAL_HU))) * float(np.prod(spacing)) / 1000.0
 
 
-def _segment_side(c: np.ndarray, offset: np.ndarray, g: float, head: _Head, side: Side
+def _segment_side(c: np.ndarray, in_view: np.ndarray, offset: np.ndarray, g: float, head: _Head, side: Side
                   ) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Segment one proximal femur on the coarse grid in a crop around ``head``.
+
+    ``in_view`` (shape of ``c``) is the reconstructed patient: the rest is out
+    of the field of view.
 
     Returns the mask and its crop (coarse canonical indices).
     """
@@ -417,7 +442,8 @@ def _segment_side(c: np.ndarray, offset: np.ndarray, g: float, head: _Head, side
         z_lowest = (sl[0].start + s_lowest) * g + offset[0]
         if z_lowest >= offset[0] + 10.0 and z_lowest <= centre[0] - 40.0:
             femur[:s_lowest] = False
-    femur = _solid(femur, np.full(3, g), cut_below=sl[0].start == 0) & allowed & ~pelvis
+    edges = tuple((s.start == 0, s.stop == n) for s, n in zip(sl, c.shape))
+    femur = _solid(femur, np.full(3, g), ~in_view[sl], edges) & allowed & ~pelvis
     log.debug("%s femur: head r=%.1f mm (joint seen on %.0f%% of rays), threshold %.0f HU, %d voxels",
               side, head.radius, 100 * head.support, thr, int(femur.sum()))
     return femur, sl
@@ -503,7 +529,7 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
         if head is None:
             sides[side] = FemurSide("not_in_view", f"no {side} femoral head found in the field of view")
             continue
-        coarse_mask, coarse_sl = _segment_side(c, offset, g, head, side)
+        coarse_mask, coarse_sl = _segment_side(c, view.patient, offset, g, head, side)
         mask, sl = coarse_to_native(coarse_mask, coarse_sl, offset, g, sp, hc.shape)
         reason: str | None = None
         if head.centre[0] - 0.5 * head.radius < offset[0]:
