@@ -26,7 +26,9 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    (>= 35 HU higher within 7 mm: the acetabulum) nearest to the median of the
    rays' deepest valleys, which is the joint radius (17-32 mm: adult heads are
    40-55 mm wide). A ray that reaches soft tissue first within 4 mm of that
-   radius leaves through the free surface of the head and is cut just beyond;
+   radius (``FREE_BELOW_MM`` below the head's equator, where the acetabulum
+   does not cover the head and the head widens into the neck) leaves through
+   the free surface of the head and is cut just beyond;
    other rays are cut at the median radius. The centre is then refitted to the
    joint points (trimmed least squares) and the rays recast, three times; of
    these centres the one from which the most rays see the joint space (the
@@ -47,8 +49,9 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    both and of leg rotation plus the neck's own width). The femur is the bone
    connected to the head core in that region, closed with a ``CLOSING_MM`` ball
    (the thin cortex of the intertrochanteric region has gaps) and filled in
-   axial, coronal and sagittal planes (dark marrow); when the field of view cuts
-   it below, that edge closes it.
+   axial, coronal and sagittal planes (dark marrow); where the field of view
+   cuts it (an image border, or an oblique out-of-view region of a tilted or
+   resampled series: outside the reconstructed patient), the cut face closes it.
 5. **Distal limit**: the lowest point of the ipsilateral hip bone (the bone
    beyond the joint surface and what is connected to it) when it ends at least
    10 mm above the bottom of the field of view and 40 mm below the head centre
@@ -113,6 +116,8 @@ HEAD_RADIUS_MM = (17.0, 32.0)
 NECK_CONE_DEG = 60.0
 #: Radius (mm) of the closing that bridges gaps in the thin cortex of the femoral neck and trochanters.
 CLOSING_MM = 6.0
+#: Below the head's equator, how far (mm) beyond the joint radius a ray without joint space may reach soft tissue.
+FREE_BELOW_MM = 12.0
 #: Fraction of the rays outside the neck cone that must see the joint space for a hip to be accepted.
 MIN_JOINT_SUPPORT = 0.25
 
@@ -199,8 +204,8 @@ def _neck_axis(lateral: float) -> np.ndarray:
     return axis / np.linalg.norm(axis)
 
 
-def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray
-               ) -> _Head | None:
+def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray,
+               rays: np.ndarray = _RAYS) -> _Head | None:
     """Radius of the joint space on every ray from ``centre`` outside the neck cone.
 
     On each ray (1 mm radial samples, 8-40 mm, of the smoothed coarse image) the
@@ -213,9 +218,9 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     radius. Rays within ``NECK_CONE_DEG`` of the neck are not cut.
     """
     radii = np.arange(8.0, 41.0, 1.0)
-    pts = centre + _RAYS[:, :, None, :] * radii[None, None, :, None]
+    pts = centre + rays[:, :, None, :] * radii[None, None, :, None]
     prof = ndi.map_coordinates(sm, ((pts - offset) / g).reshape(-1, 3).T, order=1, mode="nearest")
-    prof = prof.reshape(_RAYS.shape[:2] + (len(radii),))
+    prof = prof.reshape(rays.shape[:2] + (len(radii),))
     before = ndi.maximum_filter1d(prof, 7, axis=-1, origin=3)  # max over [r - 6, r]
     after = ndi.maximum_filter1d(prof, 8, axis=-1, origin=-4)  # max over [r, r + 7]
     is_min = (prof <= np.roll(prof, 1, axis=-1)) & (prof <= np.roll(prof, -1, axis=-1))
@@ -228,7 +233,7 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     i_soft = np.where(soft.any(axis=-1), np.argmax(soft, axis=-1), len(radii))
     valley &= np.arange(len(radii)) < i_soft[..., None]
     has = valley.any(axis=-1)
-    outside = (_RAYS @ neck) < np.cos(np.radians(NECK_CONE_DEG))
+    outside = (rays @ neck) < np.cos(np.radians(NECK_CONE_DEG))
     joint = has & outside
     if joint.sum() < 30:
         return None
@@ -241,12 +246,16 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     r_valley = radii[np.argmin(np.where(valley, np.abs(radii - radius), np.inf), axis=-1)]
     good = joint & (np.abs(r_valley - radius) <= 7.0)
     r_soft = radii[np.minimum(i_soft, len(radii) - 1)] + 2.0
-    free = (i_soft < len(radii)) & (r_soft <= radius + 6.0)  # soft tissue right at the head surface
+    # soft tissue right at the head surface; below the head's equator the acetabulum does not
+    # cover the head (acetabular notch), and the head widens into the neck: the bone goes on
+    # to the first soft tissue within ``FREE_BELOW_MM`` of the joint radius
+    reach = np.where(rays[..., 0] < 0.0, FREE_BELOW_MM, 6.0)
+    free = (i_soft < len(radii)) & (r_soft <= radius + reach)
     cut = np.where(good, r_valley, np.where(free, np.maximum(r_soft, radius), radius))
     cut = ndi.median_filter(cut, size=3, mode="wrap")
     cut[~outside] = np.inf
     support = float(good.sum()) / float(outside.sum())
-    points = centre + _RAYS[good] * r_valley[good][:, None]
+    points = centre + rays[good] * r_valley[good][:, None]
     return _Head(centre=centre, radius=radius, cut_mm=cut, support=support, joint_points=points)
 
 
@@ -349,7 +358,7 @@ def _solid(mask: np.ndarray, spacing: np.ndarray, out_of_view: np.ndarray,
     # radius of the bone where it touches them (an oblique cut face inside the image)
     sub = ndi.binary_closing(np.pad(mask[box], pad, mode="edge"), structure=ball)
     edge = np.pad(out_of_view[box], pad)
-    touch = edge & ndi.binary_dilation(sub, structure=np.ones((3, 3, 3), bool))
+    touch = edge & ndi.binary_dilation(sub, structure=np.ones((3, 3, 3), bool), iterations=2)
     if touch.any():
         sub |= edge & ndi.binary_dilation(sub, structure=ball) & ndi.binary_dilation(touch, structure=ball)
     for axis, (low, high) in enumerate(image_edges):
