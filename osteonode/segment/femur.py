@@ -32,11 +32,7 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    other rays are cut at the median radius. The centre is then refitted to the
    joint points (trimmed least squares) and the rays recast, three times; of
    these centres the one from which the most rays see the joint space (the
-   support) is kept, as a refit can drift onto valleys of noise; then the
-   centre within 8 mm of it from which the most rays see the joint within
-   2 mm of one radius (grid search, 4 mm then 2 mm
-   steps: on a blurred, tilted or resampled image the Hough centre settled
-   up to 7.6 mm off). A hip needs
+   support) is kept, as a refit can drift onto valleys of noise. A hip needs
    the joint on at least ``MIN_JOINT_SUPPORT`` of the rays.
 4. **Femur**: bone above ``FEMUR_BONE_FRACTION`` (30 %) of the way from muscle
    (40 HU) to the median HU of the head core, bounded to [100, 180] HU. The
@@ -132,7 +128,6 @@ class _Head:
     radius: float  # mm, median radius of the joint space
     cut_mm: np.ndarray  # (polar, azimuth) radius (mm) of the joint cut on each ray; inf = no cut
     support: float  # fraction of rays outside the neck cone that see the joint space
-    sphericity: float  # fraction of rays outside the neck cone that see it within SPHERE_MM of the radius
     joint_points: np.ndarray  # (n, 3) canonical mm: the joint space on the rays that see it
 
 
@@ -260,10 +255,8 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     cut = ndi.median_filter(cut, size=3, mode="wrap")
     cut[~outside] = np.inf
     support = float(good.sum()) / float(outside.sum())
-    sphericity = float((good & (np.abs(r_valley - radius) <= SPHERE_MM)).sum()) / float(outside.sum())
     points = centre + rays[good] * r_valley[good][:, None]
-    return _Head(centre=centre, radius=radius, cut_mm=cut, support=support, sphericity=sphericity,
-                 joint_points=points)
+    return _Head(centre=centre, radius=radius, cut_mm=cut, support=support, joint_points=points)
 
 
 def _fit_sphere(points: np.ndarray) -> np.ndarray:
@@ -295,47 +288,6 @@ def _hip(sm: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float, neck: 
         head = _joint_cut(sm, centre, offset, g, neck)
         if head is not None and (best is None or head.support > best.support):
             best = head
-    return None if best is None else _most_spherical(sm, best, offset, g, neck)
-
-
-#: Half-width (mm) and steps (mm, coarse then fine) of the grid search for the most spherical joint.
-SEARCH_MM = 8.0
-SEARCH_STEPS_MM = (4.0, 2.0)
-#: A joint point within this distance (mm) of the median radius counts for the sphericity (one coarse voxel).
-SPHERE_MM = 2.0
-
-
-def _most_spherical(sm: np.ndarray, head: _Head, offset: np.ndarray, g: float, neck: np.ndarray) -> _Head:
-    """The centre within ``SEARCH_MM`` of ``head``'s from which the joint space is the most spherical.
-
-    The joint space is a sphere about the head centre: from the true centre
-    the most rays see it within ``SPHERE_MM`` of one radius (the sphericity).
-    The plain support (joint within 7 mm of the median radius) is not sharp
-    enough: on a synthetic hip (``tests/unit/test_segment_femur.py``) it peaks
-    6 mm towards the acetabular roof, with a smaller radius, while the
-    sphericity peaks at the true centre. On a blurred image (thick slices, a
-    tilted or resampled series) the Hough vote and the sphere refit can
-    settle several mm off. A grid search: ``SEARCH_STEPS_MM[0]`` steps on
-    half the rays (12 degree grid) over the cube of half-width ``SEARCH_MM``,
-    then ``SEARCH_STEPS_MM[1]`` steps on all rays around its best point.
-    """
-    coarse_rays = _RAYS[::2, ::2]
-
-    def sphericity(centre: np.ndarray, rays: np.ndarray) -> float:
-        cut = _joint_cut(sm, centre, offset, g, neck, rays)
-        return -1.0 if cut is None else cut.sphericity
-
-    def grid(half: float, step: float) -> np.ndarray:
-        ticks = np.arange(-half, half + 1e-6, step)
-        return np.stack(np.meshgrid(ticks, ticks, ticks, indexing="ij"), axis=-1).reshape(-1, 3)
-
-    centres = head.centre + grid(SEARCH_MM, SEARCH_STEPS_MM[0])
-    start = centres[int(np.argmax([sphericity(c, coarse_rays) for c in centres]))]
-    best = head
-    for centre in start + grid(SEARCH_STEPS_MM[0] / 2.0, SEARCH_STEPS_MM[1]):
-        cut = _joint_cut(sm, centre, offset, g, neck)
-        if cut is not None and cut.sphericity > best.sphericity:
-            best = cut
     return best
 
 

@@ -10,20 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from scipy import ndimage as ndi
 
 from bench.segmentation import crop_below, dice, example_image, noisy, on_reference_grid, reversed_axes, thin
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation
-from osteonode.segment.femur import (
-    METAL_HU,
-    _joint_cut,
-    _most_spherical,
-    _neck_axis,
-    _solid,
-    metal_cm3_near,
-    segment_proximal_femurs,
-)
+from osteonode.segment.femur import METAL_HU, _solid, metal_cm3_near, segment_proximal_femurs
 from osteonode.volume import Volume
 from tests.conftest import DATA, require_data
 
@@ -147,23 +138,3 @@ def test_solid_closes_the_marrow_at_the_image_border():
     solid = _solid(cortex, np.full(3, 2.0), np.zeros(shape, bool), ((True, False), (False, False), (False, False)))
     assert solid[:22][marrow[:22]].all()
     assert not solid[25:].any()
-
-
-def test_most_spherical_centre_finds_a_synthetic_hip_from_6_mm_off():
-    """A head (r 20 mm, 300 HU) with its neck, in an acetabulum (24-34 mm, 450 HU) over its upper part."""
-    g, n = 2.0, 60
-    centre = np.array([60.0, 60.0, 60.0])
-    d = np.indices((n, n, n)).astype(float) * g - centre[:, None, None, None]
-    r = np.sqrt((d ** 2).sum(axis=0))
-    neck = _neck_axis(-1.0)
-    along = np.tensordot(neck, d, axes=1)
-    img = np.full((n, n, n), 40.0, np.float32)
-    img[(r > 24) & (r < 34) & (d[0] > -0.4 * r) & (along < 0.6 * r)] = 450.0
-    img[r <= 20] = 300.0
-    img[(along > 0) & (r ** 2 - along ** 2 < 14 ** 2)] = 300.0
-    sm = ndi.gaussian_filter(img, 0.7)
-    start = _joint_cut(sm, centre + [4.0, -4.0, 4.0], np.zeros(3), g, neck)
-    assert start is not None
-    found = _most_spherical(sm, start, np.zeros(3), g, neck)
-    assert np.linalg.norm(found.centre - centre) <= 2.0
-    assert abs(found.radius - 21.0) <= 1.0  # joint space 20-24 mm: its valley
