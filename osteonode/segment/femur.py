@@ -26,7 +26,9 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    (>= 35 HU higher within 7 mm: the acetabulum) nearest to the median of the
    rays' deepest valleys, which is the joint radius (17-32 mm: adult heads are
    40-55 mm wide). A ray that reaches soft tissue first within 4 mm of that
-   radius leaves through the free surface of the head and is cut just beyond;
+   radius (``FREE_BELOW_MM`` below the head's equator, where the acetabulum
+   does not cover the head and the head widens into the neck) leaves through
+   the free surface of the head and is cut just beyond;
    other rays are cut at the median radius. The centre is then refitted to the
    joint points (trimmed least squares) and the rays recast, three times; of
    these centres the one from which the most rays see the joint space (the
@@ -47,8 +49,9 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    both and of leg rotation plus the neck's own width). The femur is the bone
    connected to the head core in that region, closed with a ``CLOSING_MM`` ball
    (the thin cortex of the intertrochanteric region has gaps) and filled in
-   axial, coronal and sagittal planes (dark marrow); when the field of view cuts
-   it below, that edge closes it.
+   axial, coronal and sagittal planes (dark marrow); where the field of view
+   cuts it (an image border, or an oblique out-of-view region of a tilted or
+   resampled series: outside the reconstructed patient), the cut face closes it.
 5. **Distal limit**: the lowest point of the ipsilateral hip bone (the bone
    beyond the joint surface and what is connected to it) when it ends at least
    10 mm above the bottom of the field of view and 40 mm below the head centre
@@ -113,6 +116,8 @@ HEAD_RADIUS_MM = (17.0, 32.0)
 NECK_CONE_DEG = 60.0
 #: Radius (mm) of the closing that bridges gaps in the thin cortex of the femoral neck and trochanters.
 CLOSING_MM = 6.0
+#: Below the head's equator, how far (mm) beyond the joint radius a ray without joint space may reach soft tissue.
+FREE_BELOW_MM = 12.0
 #: Fraction of the rays outside the neck cone that must see the joint space for a hip to be accepted.
 MIN_JOINT_SUPPORT = 0.25
 
@@ -199,8 +204,8 @@ def _neck_axis(lateral: float) -> np.ndarray:
     return axis / np.linalg.norm(axis)
 
 
-def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray
-               ) -> _Head | None:
+def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray,
+               rays: np.ndarray = _RAYS) -> _Head | None:
     """Radius of the joint space on every ray from ``centre`` outside the neck cone.
 
     On each ray (1 mm radial samples, 8-40 mm, of the smoothed coarse image) the
@@ -213,9 +218,9 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     radius. Rays within ``NECK_CONE_DEG`` of the neck are not cut.
     """
     radii = np.arange(8.0, 41.0, 1.0)
-    pts = centre + _RAYS[:, :, None, :] * radii[None, None, :, None]
+    pts = centre + rays[:, :, None, :] * radii[None, None, :, None]
     prof = ndi.map_coordinates(sm, ((pts - offset) / g).reshape(-1, 3).T, order=1, mode="nearest")
-    prof = prof.reshape(_RAYS.shape[:2] + (len(radii),))
+    prof = prof.reshape(rays.shape[:2] + (len(radii),))
     before = ndi.maximum_filter1d(prof, 7, axis=-1, origin=3)  # max over [r - 6, r]
     after = ndi.maximum_filter1d(prof, 8, axis=-1, origin=-4)  # max over [r, r + 7]
     is_min = (prof <= np.roll(prof, 1, axis=-1)) & (prof <= np.roll(prof, -1, axis=-1))
@@ -228,7 +233,7 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     i_soft = np.where(soft.any(axis=-1), np.argmax(soft, axis=-1), len(radii))
     valley &= np.arange(len(radii)) < i_soft[..., None]
     has = valley.any(axis=-1)
-    outside = (_RAYS @ neck) < np.cos(np.radians(NECK_CONE_DEG))
+    outside = (rays @ neck) < np.cos(np.radians(NECK_CONE_DEG))
     joint = has & outside
     if joint.sum() < 30:
         return None
@@ -241,12 +246,16 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     r_valley = radii[np.argmin(np.where(valley, np.abs(radii - radius), np.inf), axis=-1)]
     good = joint & (np.abs(r_valley - radius) <= 7.0)
     r_soft = radii[np.minimum(i_soft, len(radii) - 1)] + 2.0
-    free = (i_soft < len(radii)) & (r_soft <= radius + 6.0)  # soft tissue right at the head surface
+    # soft tissue right at the head surface; below the head's equator the acetabulum does not
+    # cover the head (acetabular notch), and the head widens into the neck: the bone goes on
+    # to the first soft tissue within ``FREE_BELOW_MM`` of the joint radius
+    reach = np.where(rays[..., 0] < 0.0, FREE_BELOW_MM, 6.0)
+    free = (i_soft < len(radii)) & (r_soft <= radius + reach)
     cut = np.where(good, r_valley, np.where(free, np.maximum(r_soft, radius), radius))
     cut = ndi.median_filter(cut, size=3, mode="wrap")
     cut[~outside] = np.inf
     support = float(good.sum()) / float(outside.sum())
-    points = centre + _RAYS[good] * r_valley[good][:, None]
+    points = centre + rays[good] * r_valley[good][:, None]
     return _Head(centre=centre, radius=radius, cut_mm=cut, support=support, joint_points=points)
 
 
@@ -322,29 +331,51 @@ def _metal_components(hc: np.ndarray, spacing: np.ndarray) -> list[tuple[np.ndar
     return out
 
 
-def _solid(mask: np.ndarray, spacing: np.ndarray, cut_below: bool) -> np.ndarray:
+def _solid(mask: np.ndarray, spacing: np.ndarray, out_of_view: np.ndarray,
+           image_edges: tuple[tuple[bool, bool], ...]) -> np.ndarray:
     """Close ``mask`` with a ``CLOSING_MM`` ball, then fill its holes in axial, coronal and sagittal planes.
 
     The marrow of the femoral neck and trochanters can be darker than soft
     tissue; closing bridges the gaps of the thin cortex of the intertrochanteric
     region, after which the cortex encloses the marrow in at least one of the
-    three planes. The field-of-view edge is not taken for a surface; when the
-    field of view cuts the femur below (``cut_below``), that edge closes it.
+    three planes. Where the field of view cuts the femur (``out_of_view``, same
+    shape as ``mask``: outside the image or outside the reconstructed
+    patient, in any orientation, e.g. an oblique edge of a tilted or resampled
+    series), the cut face closes it: the out-of-view voxels within
+    ``CLOSING_MM`` of the bone take part in the closing and filling and are
+    removed afterwards; ``image_edges[axis]`` says whether the (low, high)
+    border of ``mask`` along ``axis`` is the border of the image, beyond which
+    everything is out of view. The field-of-view edge is never a bone surface.
     """
     if not mask.any():
         return mask
     rad = np.maximum(1, np.round(CLOSING_MM / spacing)).astype(int)
+    ball = ellipsoid(rad, spacing)
     box = bounding_box(mask, rad + 1)
-    padded = np.pad(mask[box], [(r, r) for r in rad], mode="edge")
-    sub = ndi.binary_closing(padded, structure=ellipsoid(rad, spacing))
-    if cut_below and box[0].start == 0:
-        sub[:rad[0]] = True
+    pad = [(r, r) for r in rad]
+    # the cortex is closed first; then a plate over the cut face closes the marrow for the
+    # filling: beyond the image border, and over the out-of-view voxels within the closing
+    # radius of the bone where it touches them (an oblique cut face inside the image)
+    sub = ndi.binary_closing(np.pad(mask[box], pad, mode="edge"), structure=ball)
+    edge = np.pad(out_of_view[box], pad)
+    touch = edge & ndi.binary_dilation(sub, structure=np.ones((3, 3, 3), bool), iterations=2)
+    if touch.any():
+        sub |= edge & ndi.binary_dilation(sub, structure=ball) & ndi.binary_dilation(touch, structure=ball)
+    for axis, (low, high) in enumerate(image_edges):
+        index = [slice(None)] * 3
+        if low and np.take(mask, 0, axis=axis).any():
+            index[axis] = slice(0, pad[axis][0])
+            sub[tuple(index)] = True
+        if high and np.take(mask, -1, axis=axis).any():
+            index[axis] = slice(sub.shape[axis] - pad[axis][1], None)
+            sub[tuple(index)] = True
     for axis in range(3):
         plane = np.zeros((3, 3, 3), bool)
         plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndi.generate_binary_structure(2, 1)
         sub = ndi.binary_fill_holes(sub, structure=plane)
     out = mask.copy()
-    out[box] |= sub[rad[0]:-rad[0], rad[1]:-rad[1], rad[2]:-rad[2]]
+    inner = tuple(slice(r, -r) for r in rad)
+    out[box] |= sub[inner] & ~out_of_view[box]
     return out
 
 
@@ -374,9 +405,12 @@ def metal_cm3_near(volume: Volume, mask: np.ndarray, margin_mm: float = 10.0) ->
     return float(np.count_nonzero(near & (volume.hu[box] > METAL_HU))) * float(np.prod(spacing)) / 1000.0
 
 
-def _segment_side(c: np.ndarray, offset: np.ndarray, g: float, head: _Head, side: Side
+def _segment_side(c: np.ndarray, in_view: np.ndarray, offset: np.ndarray, g: float, head: _Head, side: Side
                   ) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Segment one proximal femur on the coarse grid in a crop around ``head``.
+
+    ``in_view`` (shape of ``c``) is the reconstructed patient: the rest is out
+    of the field of view.
 
     Returns the mask and its crop (coarse canonical indices).
     """
@@ -417,7 +451,8 @@ def _segment_side(c: np.ndarray, offset: np.ndarray, g: float, head: _Head, side
         z_lowest = (sl[0].start + s_lowest) * g + offset[0]
         if z_lowest >= offset[0] + 10.0 and z_lowest <= centre[0] - 40.0:
             femur[:s_lowest] = False
-    femur = _solid(femur, np.full(3, g), cut_below=sl[0].start == 0) & allowed & ~pelvis
+    edges = tuple((s.start == 0, s.stop == n) for s, n in zip(sl, c.shape))
+    femur = _solid(femur, np.full(3, g), ~in_view[sl], edges) & allowed & ~pelvis
     log.debug("%s femur: head r=%.1f mm (joint seen on %.0f%% of rays), threshold %.0f HU, %d voxels",
               side, head.radius, 100 * head.support, thr, int(femur.sum()))
     return femur, sl
@@ -503,7 +538,7 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
         if head is None:
             sides[side] = FemurSide("not_in_view", f"no {side} femoral head found in the field of view")
             continue
-        coarse_mask, coarse_sl = _segment_side(c, offset, g, head, side)
+        coarse_mask, coarse_sl = _segment_side(c, view.patient, offset, g, head, side)
         mask, sl = coarse_to_native(coarse_mask, coarse_sl, offset, g, sp, hc.shape)
         reason: str | None = None
         if head.centre[0] - 0.5 * head.radius < offset[0]:

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from bench.segmentation import crop_below, dice, example_image, noisy, on_reference_grid, reversed_axes, thin
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation
-from osteonode.segment.femur import METAL_HU, metal_cm3_near, segment_proximal_femurs
+from osteonode.segment.femur import METAL_HU, _solid, metal_cm3_near, segment_proximal_femurs
 from osteonode.volume import Volume
 from tests.conftest import DATA, require_data
 
@@ -103,3 +103,38 @@ def test_metal_cm3_near():
 def test_non_3d_volume_raises():
     with pytest.raises(ValueError):
         segment_proximal_femurs(Volume(hu=np.zeros((4, 4), np.float32), affine=np.eye(4)))
+
+
+def _hollow_shaft(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A vertical tube (2 mm grid): its cortex (ring 6-8 voxels from the axis) and its marrow (< 6 voxels)."""
+    _, y, x = np.indices(shape)
+    r = np.hypot(y - shape[1] // 2, x - shape[2] // 2)
+    return (r >= 6) & (r < 8), r < 6
+
+
+def test_solid_closes_the_marrow_at_an_oblique_field_of_view_edge():
+    shape = (30, 30, 30)
+    cortex, marrow = _hollow_shaft(shape)
+    z, y, _ = np.indices(shape)
+    out_of_view = z < 8 + 0.4 * (y - 15)  # a plane tilted by about 22 degrees cuts the tube below
+    cortex &= ~out_of_view
+    cortex[25:] = False  # open above too: only the cut face below can close it
+    cortex[22:25] |= marrow[22:25]  # ... except for a lid of bone
+    no_edges = ((False, False),) * 3
+    solid = _solid(cortex, np.full(3, 2.0), out_of_view, no_edges)
+    inside = marrow & ~out_of_view & (z < 22)
+    assert solid[inside].all()
+    assert not (solid & out_of_view).any()
+    # without the out-of-view region the cut face is open and the marrow stays empty
+    open_tube = _solid(cortex, np.full(3, 2.0), np.zeros(shape, bool), no_edges)
+    assert not open_tube[inside].all()
+
+
+def test_solid_closes_the_marrow_at_the_image_border():
+    shape = (30, 30, 30)
+    cortex, marrow = _hollow_shaft(shape)
+    cortex[22:25] |= marrow[22:25]
+    cortex[25:] = False
+    solid = _solid(cortex, np.full(3, 2.0), np.zeros(shape, bool), ((True, False), (False, False), (False, False)))
+    assert solid[:22][marrow[:22]].all()
+    assert not solid[25:].any()
