@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -135,7 +137,7 @@ def web_hash_password(password: Annotated[str, typer.Option(prompt=True, hide_in
 
 @app.command()
 def serve(config: ConfigOpt = None) -> None:
-    """Run the DICOM listener; with the embedded queue, also the worker, in this process."""
+    """Run the DICOM listener; with the embedded queue, also the worker, in a child process."""
     from kombu.exceptions import OperationalError
 
     from osteonode.atomic import remove_orphans
@@ -144,12 +146,12 @@ def serve(config: ConfigOpt = None) -> None:
     from osteonode.jobstore import open_store
     from osteonode.retention import retention_loop
     from osteonode.sweeper import SWEEP_INTERVAL_S, run_sweeper
-    from worker.app import configure, run_worker
+    from worker.app import configure
     from worker.tasks import analyze_study_task, deliver
 
     settings = _settings(config)
     remove_orphans(settings.spool_dir, settings.outbox_dir)  # nothing writes there before the SCP starts
-    celery_app = configure(settings)
+    configure(settings)  # the producer side: requeue and enqueue below
     _configure_audit(settings)
     store = open_store(settings.jobstore_file)
 
@@ -162,6 +164,8 @@ def serve(config: ConfigOpt = None) -> None:
     def requeue_delivery(entry: str, destination: str, files: list[str] | None) -> None:
         deliver.apply_async((entry, destination, files))
 
+    # before any thread starts in this process (SCP, watcher, sweeper, console): see _start_embedded_worker
+    embedded_worker = _start_embedded_worker() if settings.embedded_broker else None
     server = start_scp(settings, record_arrival=store.record_arrival)
     audit_event("application_start")
     stop = threading.Event()
@@ -184,14 +188,19 @@ def serve(config: ConfigOpt = None) -> None:
         from osteonode.web import start_console
 
         console = start_console(settings, store, server, enqueue_job=requeue, queue_delivery=requeue_delivery)
+    worker_failed = False
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        if settings.embedded_broker:
+        if embedded_worker is not None:
             log.info("embedded queue in %s: running up to %d analyses at once in child processes",
                      settings.queue_dir, settings.analysis_processes)
-            run_worker(celery_app, settings.analysis_processes, "--without-heartbeat", "--without-mingle",
-                       "--without-gossip")
+            while not stop.wait(1):
+                if embedded_worker.poll() is not None:
+                    log.error("the embedded worker process exited (code %d): stopping the node",
+                              embedded_worker.returncode)
+                    worker_failed = True
+                    break
         else:
-            signal.signal(signal.SIGTERM, lambda *_: stop.set())
             stop.wait()
     except KeyboardInterrupt:
         pass
@@ -200,22 +209,53 @@ def serve(config: ConfigOpt = None) -> None:
         server.shutdown()
         if console is not None:
             console.stop()
+        if embedded_worker is not None and embedded_worker.poll() is None:
+            embedded_worker.terminate()  # Celery's warm shutdown: running analyses finish first
+            embedded_worker.wait()
         for thread in threads:
             thread.join(timeout=5)
         audit_event("application_stop")
         log.info("node stopped")
+    if worker_failed:
+        raise typer.Exit(1)
+
+
+def _start_embedded_worker() -> subprocess.Popen:
+    """Start ``osteonode worker`` for the embedded queue as a child process of ``serve``.
+
+    The Celery prefork pool forks a new child per analysis (max tasks per
+    child 1). Forked from ``serve`` itself, a child inherited every lock that
+    one of ``serve``'s threads (SCP associations, series-completion watcher,
+    sweeper, retention, web console) held at that instant, with no thread
+    left to release it; now and then a child then hung for ever before its
+    first log line (tests/integration/test_load.py, issue 12). The worker is
+    therefore its own process, started from a new interpreter, so the pool
+    forks from a process that runs only Celery's own threads. It reads the
+    same configuration (``OSTEONODE_CONFIG``, inherited) and logs to the same
+    stream, and is killed if ``serve`` dies (``PR_SET_PDEATHSIG``, Linux);
+    ``serve`` stops it with SIGTERM, Celery's warm shutdown.
+    """
+    import ctypes
+
+    def die_with_parent() -> None:  # runs in the child between fork and exec
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+    return subprocess.Popen([sys.executable, "-m", "osteonode", "--log-level", logging.getLevelName(
+        logging.getLogger().level), "worker"], preexec_fn=die_with_parent)  # noqa: PLW1509 (no threads yet)
 
 
 @app.command()
 def worker(config: ConfigOpt = None,
            concurrency: Annotated[int | None, typer.Option(
                min=1, help="Analyses at once (worker processes); default: analysis_concurrency.")] = None) -> None:
-    """Run a Celery worker for the configured broker (Redis in production)."""
+    """Run a Celery worker for the configured broker (Redis; ``serve`` starts one for the embedded queue)."""
     from worker.app import configure, run_worker
 
     settings = _settings(config)
     _configure_audit(settings)
-    run_worker(configure(settings), concurrency or settings.analysis_processes)
+    # the embedded queue (a folder) carries no broadcast messages: no worker-to-worker traffic
+    options = ("--without-heartbeat", "--without-mingle", "--without-gossip") if settings.embedded_broker else ()
+    run_worker(configure(settings), concurrency or settings.analysis_processes, *options)
 
 
 @app.command()

@@ -77,11 +77,6 @@ def _received(storescp) -> tuple[dict[str, Counter[str]], Counter[str]]:
     return by_study, arrivals
 
 
-# Known defect, open (issue 12): in 2 of the last 4 runs (2026-12-04) a worker child hung after the task
-# reached it (no log line from it; the pool then ran one child at a time until a second child hung), and
-# the burst stalled with 94-ish of 400 objects delivered. Not a pass until that hang is found and fixed.
-@pytest.mark.xfail(reason="a worker child hangs now and then under this burst (issue 12, open)", strict=False,
-                   raises=TimeoutError)
 @pytest.mark.parametrize("storescp", [["+uf"]], indirect=True)
 def test_ten_senders_times_twenty_studies_are_each_answered_exactly_once(tmp_path, start_node, storescp):
     """200 studies from 10 concurrent storescu senders: no object lost, none duplicated, every job final,
