@@ -204,8 +204,8 @@ def _neck_axis(lateral: float) -> np.ndarray:
     return axis / np.linalg.norm(axis)
 
 
-def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray,
-               rays: np.ndarray = _RAYS) -> _Head | None:
+def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray
+               ) -> _Head | None:
     """Radius of the joint space on every ray from ``centre`` outside the neck cone.
 
     On each ray (1 mm radial samples, 8-40 mm, of the smoothed coarse image) the
@@ -218,9 +218,9 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     radius. Rays within ``NECK_CONE_DEG`` of the neck are not cut.
     """
     radii = np.arange(8.0, 41.0, 1.0)
-    pts = centre + rays[:, :, None, :] * radii[None, None, :, None]
+    pts = centre + _RAYS[:, :, None, :] * radii[None, None, :, None]
     prof = ndi.map_coordinates(sm, ((pts - offset) / g).reshape(-1, 3).T, order=1, mode="nearest")
-    prof = prof.reshape(rays.shape[:2] + (len(radii),))
+    prof = prof.reshape(_RAYS.shape[:2] + (len(radii),))
     before = ndi.maximum_filter1d(prof, 7, axis=-1, origin=3)  # max over [r - 6, r]
     after = ndi.maximum_filter1d(prof, 8, axis=-1, origin=-4)  # max over [r, r + 7]
     is_min = (prof <= np.roll(prof, 1, axis=-1)) & (prof <= np.roll(prof, -1, axis=-1))
@@ -233,7 +233,7 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     i_soft = np.where(soft.any(axis=-1), np.argmax(soft, axis=-1), len(radii))
     valley &= np.arange(len(radii)) < i_soft[..., None]
     has = valley.any(axis=-1)
-    outside = (rays @ neck) < np.cos(np.radians(NECK_CONE_DEG))
+    outside = (_RAYS @ neck) < np.cos(np.radians(NECK_CONE_DEG))
     joint = has & outside
     if joint.sum() < 30:
         return None
@@ -249,13 +249,13 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     # soft tissue right at the head surface; below the head's equator the acetabulum does not
     # cover the head (acetabular notch), and the head widens into the neck: the bone goes on
     # to the first soft tissue within ``FREE_BELOW_MM`` of the joint radius
-    reach = np.where(rays[..., 0] < 0.0, FREE_BELOW_MM, 6.0)
+    reach = np.where(_RAYS[..., 0] < 0.0, FREE_BELOW_MM, 6.0)
     free = (i_soft < len(radii)) & (r_soft <= radius + reach)
     cut = np.where(good, r_valley, np.where(free, np.maximum(r_soft, radius), radius))
     cut = ndi.median_filter(cut, size=3, mode="wrap")
     cut[~outside] = np.inf
     support = float(good.sum()) / float(outside.sum())
-    points = centre + rays[good] * r_valley[good][:, None]
+    points = centre + _RAYS[good] * r_valley[good][:, None]
     return _Head(centre=centre, radius=radius, cut_mm=cut, support=support, joint_points=points)
 
 
