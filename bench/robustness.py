@@ -252,10 +252,13 @@ QUICK = ("base", "core_all-60", "core_L2-60", "core_all+200", "noise25", "island
 
 
 def select(all_specs: list[Spec], quick: bool, only: str | None) -> list[Spec]:
-    """The specs to run: ``--quick`` keeps ``QUICK``; ``--only`` keeps names matching a glob or substring."""
+    """The specs to run: ``--quick`` keeps ``QUICK``; ``--only`` keeps names matching one of its
+    comma-separated globs or substrings (and ``base``, the reference of every row)."""
     chosen = [s for s in all_specs if not quick or s.name in QUICK]
     if only:
-        chosen = [s for s in chosen if fnmatch.fnmatch(s.name, only) or only in s.name or s.name == "base"]
+        patterns = [p for p in only.split(",") if p]
+        chosen = [s for s in chosen if s.name == "base" or any(fnmatch.fnmatch(s.name, p) or p in s.name
+                                                                for p in patterns)]
     return chosen
 
 
@@ -384,7 +387,7 @@ def grid_512_volume() -> Volume:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--only", metavar="PATTERN", help="variants whose name matches (glob or substring)")
+    parser.add_argument("--only", metavar="PATTERN", help="variants whose name matches one of these comma-separated globs or substrings")
     parser.add_argument("--out", type=Path, metavar="FILE.md", help="also write the table and summary as markdown")
     parser.add_argument("--repeats-512", type=int, default=None,
                         help="segmentations of the 512 x 512 x 300 grid (default 3, --quick 1, 0 to skip)")
