@@ -48,12 +48,57 @@ T12 = VERTEBRA_IDS["T12"]
 L5 = VERTEBRA_IDS["L5"]
 
 
-def neighbour_height(segments: list, i: int, g: float) -> float:
-    """Body height (mm, between disc boundaries) of the complete segment next to segment ``i``; inf if none."""
-    for j in (i + 1, i - 1):
-        if 0 <= j < len(segments) and segments[j][0] is not None and segments[j][1] is not None:
-            return (segments[j][1].lower - segments[j][0].upper) * g
-    return np.inf
+def reference_height(heights: list[float | None], i: int) -> float:
+    """Typical body height (mm) near segment ``i``: the median of the nearest three complete segments'.
+
+    Parameters
+    ----------
+    heights : list of float or None
+        Body height (mm, between the disc boundaries) of each segment, caudal
+        to cranial; None for a segment cut by the field of view (one disc not
+        seen).
+    i : int
+        The segment whose neighbours serve as the reference.
+
+    Returns
+    -------
+    float
+        The median of the heights of the (up to) three complete segments
+        nearest to ``i`` (not ``i`` itself); ``inf`` if there is none. A
+        median, not the adjacent segment alone: that may be a fractured,
+        short body.
+    """
+    near = sorted((abs(j - i), h) for j, h in enumerate(heights) if j != i and h is not None)
+    return float(np.median([h for _, h in near[:3]])) if near else np.inf
+
+
+#: An open segment (one disc out of view) whose extent in view exceeds this multiple of the
+#: neighbours' body heights holds more than one vertebra and a disc that was not found: a body,
+#: its disc (~0.3 of a body) and the ~0.3 of the next body beside the disc that finding it needs.
+OPEN_BODY_MAX = 1.6
+
+
+def open_segment_extent(extent_mm: float, reference_mm: float) -> str:
+    """What an open segment (one bounding disc not seen) holds, from its extent in the field of view.
+
+    Parameters
+    ----------
+    extent_mm : float
+        From the seen disc's boundary to the end of the field of view, mm.
+    reference_mm : float
+        :func:`reference_height` of the neighbours, mm.
+
+    Returns
+    -------
+    str
+        ``"whole"`` (at least 90 % of the reference: the body is in view),
+        ``"cut"`` (less: cut by the field of view) or ``"more than one
+        vertebra"`` (more than ``OPEN_BODY_MAX`` times the reference: a disc
+        in it was not found, so the body cannot be bounded).
+    """
+    if extent_mm > OPEN_BODY_MAX * reference_mm:
+        return "more than one vertebra"
+    return "whole" if extent_mm >= 0.9 * reference_mm else "cut"
 
 
 #: Field of view (mm) below a disc that the sacrum test needs.

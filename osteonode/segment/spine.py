@@ -63,7 +63,7 @@ from osteonode.segment.body import (
     trabecular_core_hu,
     working_grid,
 )
-from osteonode.segment.column import find_discs, plane_profile, track_column
+from osteonode.segment.column import find_discs, partial_end_slices, plane_profile, track_column
 from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view, perpendicular_frame
 from osteonode.segment.levels import (
     SACRUM,
@@ -71,7 +71,8 @@ from osteonode.segment.levels import (
     has_sacrum,
     missing_levels_reason,
     name_levels,
-    neighbour_height,
+    open_segment_extent,
+    reference_height,
     rib_levels,
     ribs_observable,
 )
@@ -86,16 +87,17 @@ DISC_TILT_DEADBAND_DEG = 8.0
 
 
 
-def _segments(discs: list, nz: int, g: float) -> list[tuple]:
+def _segments(discs: list, in_view: tuple[int, int], g: float) -> list[tuple]:
     """Segments between the discs, caudal to cranial: ``(lower disc or None, upper disc or None)``.
 
     Segment ``i`` lies above disc ``i - 1``; an open-ended segment with less
-    than 8 mm of the field of view beyond its disc cannot hold a body and is dropped.
+    than 8 mm of the field of view (coarse slices ``in_view``, first and last)
+    beyond its disc cannot hold a body and is dropped.
     """
     segments = [(None, discs[0]), *zip(discs[:-1], discs[1:]), (discs[-1], None)]
-    if discs[0].lower * g < 8.0:
+    if (discs[0].lower - in_view[0]) * g < 8.0:
         segments.pop(0)
-    if (nz - 1 - discs[-1].upper) * g < 8.0:
+    if (in_view[1] - discs[-1].upper) * g < 8.0:
         segments.pop()
     return segments
 
@@ -171,6 +173,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     # then being a residual S1/S2 disc inside the sacrum (common; its iliac-bone test, 8-30 mm
     # below, falls on S2-S3)
     nz = c.shape[0]
+    partial = partial_end_slices(view.patient.sum(axis=(1, 2)), g)
+    in_view = (int(np.argmin(partial)), int(nz - 1 - np.argmin(partial[::-1])))
     sacrum_seg = None
     if discs[0].lower * g >= 8.0 and has_sacrum(c, path, discs[0], g):
         sacrum_seg = 0
@@ -180,7 +184,7 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
         discs = discs[1:]
         sacrum_seg = 0
-    segments = _segments(discs, nz, g)
+    segments = _segments(discs, in_view, g)
     # --- cranial anchor
     rib_z = rib_levels(c, path, g)
     if sacrum_seg is not None:
@@ -235,17 +239,23 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         return pts_mm[i] + (zc_idx - i) * g * tangent[i], normal / np.linalg.norm(normal)
 
     complete: set[int] = set()
+    heights = [(hi.lower - lo.upper) * g if lo is not None and hi is not None else None for lo, hi in segments]
     for i, vid in sorted(labels.items()):
         lo, hi = segments[i]
-        z_bot = lo.upper if lo is not None else 0.0
-        z_top = hi.lower if hi is not None else nz - 1.0
+        z_bot = lo.upper if lo is not None else float(in_view[0])
+        z_top = hi.lower if hi is not None else float(in_view[1])
         if vid == SACRUM:
             z_top = hi.lower
             z_bot = max(0.0, z_top - 30.0 / g)  # S1 body
+        extent = open_segment_extent((z_top - z_bot) * g, reference_height(heights, i))
         if (lo is not None and hi is not None) or vid == SACRUM:
             complete.add(vid)  # the S1 body (30 mm below L5/S1) is in view by the sacrum test
-        elif (z_top - z_bot) * g >= 0.9 * neighbour_height(segments, i, g):
-            complete.add(vid)  # one disc cut off, but the body is as tall as its neighbour's: in view
+        elif extent == "more than one vertebra":
+            log.info("segment %d (%s): open and longer than one vertebra (a disc not found), not segmented",
+                     i, VERTEBRA_NAMES[vid])
+            continue
+        elif extent == "whole":
+            complete.add(vid)  # one disc cut off, but the body is as tall as its neighbours': in view
         z_mid = 0.5 * (z_bot + z_top)
         im = int(np.clip(round(z_mid), 0, nz - 1))
         centre = pts_mm[im]

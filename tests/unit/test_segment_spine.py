@@ -29,9 +29,15 @@ from bench.segmentation import (
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.segment.body import _star_fill
-from osteonode.segment.column import PROFILE_TILTS_DEG, _lowest_tilt, disc_chain
+from osteonode.segment.column import (
+    PROFILE_TILTS_DEG,
+    _lowest_tilt,
+    disc_chain,
+    is_short_segment,
+    partial_end_slices,
+)
 from osteonode.segment.frame import CanonicalFrame, canonical_view
-from osteonode.segment.levels import name_levels, ribs_observable
+from osteonode.segment.levels import name_levels, open_segment_extent, reference_height, ribs_observable
 from osteonode.segment.roi import trabecular_roi
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume, load_series
@@ -427,6 +433,89 @@ def test_disc_chain_edge_cases():
         disc_chain([0.0, 1.0], [1.0])
     with pytest.raises(ValueError):
         disc_chain([5.0, 1.0], [1.0, 1.0])
+
+
+# ------------------------------------------------------------------ fractured vertebrae (pure)
+
+#: Disc positions (mm along the column) of the sacrum's top, L5/S1 ... T12/L1 with L3 crushed by
+#: about 45 %: its segment (disc to disc) is 21 mm between segments of 34-37 mm.
+CRUSHED_L3 = [0.0, 37.0, 71.0, 92.0, 128.0, 164.0]
+
+
+def test_disc_chain_keeps_the_short_segment_of_a_crushed_vertebra():
+    """A crushed body's short segment, bounded by a weak disc, beats a spurious dip in its middle.
+
+    The candidates of the example CT with L3 crushed by 45 %: the dip at the
+    crushed body's mid-height (82 mm, 42 HU) would make two long segments of
+    45 and 46 mm; the weak disc above the crushed body (92 mm, 38 HU) makes one
+    short segment (0.6 of its neighbours) instead, and the levels count right.
+    """
+    positions = [0.0, 37.0, 71.0, 82.0, 92.0, 128.0, 164.0]
+    depths = [90.0, 145.0, 76.0, 42.0, 38.0, 84.0, 51.0]
+    chosen = disc_chain(positions, depths)
+    assert [positions[i] for i in chosen] == CRUSHED_L3
+    # segments above the discs: sacrum, L5, L4, L3 (short), L2, L1, T12 -- the anchors agree
+    labels, conf, _ = name_levels(len(chosen) + 1, 0, len(chosen))
+    assert [labels[i] for i in range(len(chosen) + 1)] == [26, 24, 23, 22, 21, 20, 19]
+    assert conf == 0.9
+
+
+def test_disc_chain_does_not_split_low_density_bodies_into_short_segments():
+    """Mid-body dips of osteoporotic bodies (half a segment from the discs) never pass for fractures.
+
+    The candidates of the example CT with every core at -120 HU: the dips
+    of L3 and L2 (231 and 266 mm) are deeper than the L2/L3 disc (249 mm);
+    taking them would need short segments of about half a segment, or two
+    short segments one normal segment apart.
+    """
+    positions = [140.0, 177.0, 197.0, 213.0, 223.0, 231.0, 249.0, 266.0, 286.0, 320.0]
+    depths = [90.0, 124.0, 40.0, 81.0, 24.0, 54.0, 65.0, 74.0, 46.0, 42.0]
+    assert [positions[i] for i in disc_chain(positions, depths)] == [140.0, 177.0, 213.0, 249.0, 286.0, 320.0]
+    # the same with a phase shift of half a segment: two dips around one disc
+    positions = [0.0, 36.0, 54.0, 72.0, 90.0, 108.0, 144.0]
+    depths = [60.0, 60.0, 75.0, 40.0, 75.0, 60.0, 60.0]
+    assert disc_chain(positions, depths) == [0, 1, 3, 5, 6]
+
+
+def test_disc_chain_extends_past_a_fractured_top_vertebra_only_when_the_column_goes_on():
+    """At the cranial end a weak disc above a wedge-compressed body is taken when the view goes on past it."""
+    positions = [0.0, 37.0, 71.0, 107.0, 143.0, 169.0]  # 26 mm: L1 wedge-compressed
+    depths = [90.0, 145.0, 158.0, 121.0, 120.0, 26.0]
+    assert disc_chain(positions, depths) == [0, 1, 2, 3, 4]  # without the field of view: the regular chain
+    # 54 mm of column beyond the last regular disc: more than one vertebra, so a disc lies in it
+    assert disc_chain(positions, depths, cranial_end_mm=197.0) == [0, 1, 2, 3, 4, 5]
+    # 30 mm beyond: one vertebra, the open segment may be whole: nothing added
+    assert disc_chain(positions, depths, cranial_end_mm=173.0) == [0, 1, 2, 3, 4]
+    # a mid-body dip (half a segment) is not a short segment at the end
+    positions[-1] = 161.0
+    assert disc_chain(positions, depths, cranial_end_mm=197.0) == [0, 1, 2, 3, 4]
+
+
+def test_is_short_segment():
+    assert is_short_segment(21.0, 34.0, 36.0)  # crushed by 45 %: 0.6 of its neighbours
+    assert is_short_segment(29.0, 36.0)  # wedge: 0.8
+    assert not is_short_segment(17.0, 34.0, 36.0)  # a mid-body dip: half a segment
+    assert not is_short_segment(32.0, 36.0)  # within the normal change of spacing
+    assert not is_short_segment(13.0, 24.0)  # shorter than any body and disc
+
+
+def test_reference_height_ignores_a_fractured_neighbour():
+    """An open segment's neighbours: the median of three, so a crushed neighbour does not lower it."""
+    heights = [None, 28.0, 27.0, 26.0, 15.0, None]  # sacrum (open), L5..L2, L1 crushed, T12 open
+    assert reference_height(heights, 5) == 26.0
+    assert reference_height([None, None], 1) == np.inf
+    assert open_segment_extent(20.0, 26.0) == "cut"  # 20 mm of T12 in view: cut by the field of view
+    assert open_segment_extent(24.0, 26.0) == "whole"
+    assert open_segment_extent(48.0, 26.0) == "more than one vertebra"  # a disc in it was not found
+
+
+def test_partial_end_slices_of_a_field_of_view_padded_with_air():
+    area = np.full(60, 18000.0)
+    area[-4:] = [10000.0, 9500.0, 7800.0, 5800.0]  # the spine's side of the top slices is outside the scan
+    area[:2] = [17500.0, 17800.0]  # a slowly changing cross-section is not partial
+    out = partial_end_slices(area, 2.0)
+    assert out[-4:].all() and not out[:-4].any()
+    assert not partial_end_slices(area[:10], 2.0).any()  # too short to judge
 
 
 # ------------------------------------------------------------------ level naming (pure)
