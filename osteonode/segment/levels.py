@@ -5,7 +5,10 @@
   the slices 8-30 mm below it thick bone (> 120 HU, surviving an opening with an
   8 mm disc, which removes ribs and transverse processes) lies on both sides,
   24-110 mm lateral: the iliac bones at the sacro-iliac joints. The lowest
-  mobile vertebra above it is L5.
+  mobile vertebra above it is L5. The lowest notch may be a residual S1/S2
+  disc inside the sacrum, and an L5 between high iliac crests passes the test
+  too: :func:`caudal_anchor` chooses between the two lowest discs, the cranial
+  anchor deciding (with confidence 0.4) when both pass.
 * *Lowest rib-bearing vertebra = T12 (cranial anchor)*: bone components lateral
   to the column (> 150 HU, after removing a 44 mm wide central column) that
   start at the column, reach at least ``RIB_REACH_MM`` lateral (lumbar
@@ -14,6 +17,8 @@
   cut iliac crest looks alike); the vertebra at the z of their medial end bears
   the rib. It counts as T12 only if at least one complete rib-free vertebra is
   seen below it.
+* The discs themselves come from :func:`osteonode.segment.column.disc_chain`,
+  which admits the short segment of a fractured vertebra.
 * Levels are then counted disc by disc from each anchor (:func:`name_levels`):
   both anchors agreeing (five lumbar vertebrae between them) gives confidence
   0.9; one anchor 0.7 (sacrum) or 0.6 (T12); disagreeing anchors (transitional
@@ -132,6 +137,50 @@ def has_sacrum(c: np.ndarray, path: np.ndarray, disc: Disc, g: float = COARSE_MM
     return frac >= 0.6
 
 
+def caudal_anchor(below_lowest: bool | None, below_next: bool | None, agrees: dict[int, bool]
+                  ) -> tuple[int | None, bool]:
+    """Which of the two lowest discs tops the sacrum (0 the lowest, 1 the next), or None (a pure function).
+
+    The lowest notch of the column may be a residual S1/S2 disc inside the
+    sacrum, and the iliac bones flank the bone below it as they flank S1.
+
+    Parameters
+    ----------
+    below_lowest, below_next : bool or None
+        The sacrum test (:func:`has_sacrum`) below the lowest disc and below
+        the next one; None when it was not made (too little field of view
+        below the lowest disc, or no second disc).
+    agrees : dict
+        For each disc index whose test passed: whether the lowest
+        rib-bearing vertebra (T12) lies five mobile vertebrae above the
+        sacrum so placed.
+
+    Returns
+    -------
+    tuple
+        ``(disc, ambiguous)``. ``disc``: 0 when the test passes below the
+        lowest disc (or both pass and the cranial anchor does not favour the
+        next one); 1 when it failed there but passes below the next disc, or
+        both pass and only the next agrees with the cranial anchor; None when
+        the test failed or was not made below the lowest disc and did not
+        pass below the next one. The next disc is never taken when the test
+        below the lowest could not be made: a scan ending in S1 must not make
+        L5, flanked by high iliac crests, the sacrum. ``ambiguous``: the
+        next disc was taken only because the cranial anchor agrees then (L5
+        flanked by high iliac crests passes the test too, and a missed 12th
+        rib would agree likewise), so the levels are uncertain
+        (:func:`name_levels`).
+    """
+    if below_lowest is None:
+        return None, False
+    if below_lowest and below_next:
+        flip = bool(agrees.get(1)) and not agrees.get(0)
+        return (1, True) if flip else (0, False)
+    if below_lowest:
+        return 0, False
+    return (1, False) if below_next else (None, False)
+
+
 def rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[float]:
     """Coarse z of the medial ends of rib-like bone components."""
     bone = ndi.uniform_filter(c, size=(1, 2, 2)) > 150.0
@@ -180,8 +229,12 @@ def ribs_observable(path: np.ndarray, nx: int, z_lo: float, z_hi: float, g: floa
     return bool(rows.size) and bool(np.all((rows - reach >= 0) & (rows + reach <= nx - 1)))
 
 
-def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None
-                ) -> tuple[dict[int, int], float, str] | None:
+#: Label confidence of levels whose anchors disagree or are ambiguous (below 0.5: flagged uncertain).
+UNCERTAIN_CONFIDENCE = 0.4
+
+
+def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None,
+                caudal_ambiguous: bool = False) -> tuple[dict[int, int], float, str] | None:
     """Name the segments between discs from the anchors, by counting (a pure function).
 
     Parameters
@@ -193,6 +246,10 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         Index of the segment that is the sacrum (caudal anchor), if found.
     t12_segment : int or None
         Index of the lowest rib-bearing segment (cranial anchor), if found.
+    caudal_ambiguous : bool
+        The sacrum was placed above a notch that the sacrum test could not
+        tell from the lumbosacral disc (:func:`caudal_anchor`): confidence
+        at most ``UNCERTAIN_CONFIDENCE``.
 
     Returns
     -------
@@ -212,15 +269,20 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
             conf, method = 0.9, ("sacrum (caudal anchor) and lowest rib-bearing vertebra T12 (cranial anchor), "
                                  "disc counting; anchors agree")
         else:
-            conf, method = 0.4, ("sacrum (caudal anchor) and lowest rib-bearing vertebra (cranial anchor) DISAGREE "
-                                 f"({t12_segment - sacrum_segment - 1} mobile vertebrae between them; transitional "
-                                 "anatomy or a missed rib); levels counted from the sacrum")
+            conf, method = UNCERTAIN_CONFIDENCE, (
+                "sacrum (caudal anchor) and lowest rib-bearing vertebra (cranial anchor) DISAGREE "
+                f"({t12_segment - sacrum_segment - 1} mobile vertebrae between them; transitional "
+                "anatomy or a missed rib); levels counted from the sacrum")
     elif t12_segment is not None:
         labels = {i: T12 + (t12_segment - i) for i in range(n_segments)}
         conf, method = 0.6, ("lowest rib-bearing vertebra as T12 (cranial anchor), disc counting; "
                              "sacrum not in the field of view or not confirmed")
     else:
         return None
+    if caudal_ambiguous and sacrum_segment is not None:
+        conf = min(conf, UNCERTAIN_CONFIDENCE)
+        method += ("; UNCERTAIN: the iliac bones flank the bone below each of the two lowest discs; the lowest "
+                   "was taken for a residual S1/S2 disc because the anchors agree then")
     labels = {i: v for i, v in labels.items() if v in VERTEBRA_NAMES and (v <= L5 or v == SACRUM)}
     return labels, conf, method
 

@@ -68,6 +68,7 @@ from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view, pe
 from osteonode.segment.levels import (
     SACRUM,
     SACRUM_TEST_DEPTH_MM,
+    caudal_anchor,
     has_sacrum,
     missing_levels_reason,
     name_levels,
@@ -171,48 +172,45 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
 
     # --- caudal anchor: the sacrum below the lowest disc; or below the next one, the lowest notch
     # then being a residual S1/S2 disc inside the sacrum (common; its iliac-bone test, 8-30 mm
-    # below, falls on S2-S3)
+    # below, falls on S2-S3); the cranial anchor decides when both tests pass
     nz = c.shape[0]
     partial = partial_end_slices(view.patient.sum(axis=(1, 2)), g)
     in_view = (int(np.argmin(partial)), int(nz - 1 - np.argmin(partial[::-1])))
-    sacrum_seg = None
-    if discs[0].lower * g >= 8.0 and has_sacrum(c, path, discs[0], g):
-        sacrum_seg = 0
-    elif len(discs) > 1 and discs[0].z * g >= SACRUM_TEST_DEPTH_MM and has_sacrum(c, path, discs[1], g):
-        # only when the test below the lowest disc could be made (40 mm of the field of view) and failed:
-        # a scan ending in S1 must not make L5, flanked by high iliac crests, the sacrum
-        log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
-        discs = discs[1:]
-        sacrum_seg = 0
-    segments = _segments(discs, in_view, g)
-    # --- cranial anchor
-    rib_z = rib_levels(c, path, g)
-    if sacrum_seg is not None:
-        top_of_sacrum = discs[0].z
-        rib_z = [z for z in rib_z if z > top_of_sacrum + 10.0 / g]
+    rib_z_all = rib_levels(c, path, g)
 
-    def seg_of(z):
-        for i, (lo, hi) in enumerate(segments):
-            zl = lo.z if lo is not None else -np.inf
-            zh = hi.z if hi is not None else np.inf
-            if zl <= z < zh:
-                return i
-        return None
-
-    rib_segs = sorted({s for s in (seg_of(z) for z in rib_z) if s is not None})
-    t12_seg = None
-    if rib_segs:
-        lowest = rib_segs[0]
-        below_complete = [i for i in range(lowest) if segments[i][0] is not None and i != sacrum_seg]
+    def anchors(lowest: int, sacrum: bool) -> tuple[list, list, int | None, list[float]]:
+        """Segments, lowest rib-bearing segment and rib ends with the chain from ``discs[lowest]``."""
+        kept = discs[lowest:]
+        segments = _segments(kept, in_view, g)
+        # rib-like bone at the top of the sacrum is an iliac crest
+        rib_z = [z for z in rib_z_all if z > kept[0].z + 10.0 / g] if sacrum else rib_z_all
+        rib_segs = sorted({i for z in rib_z for i, (lo, hi) in enumerate(segments)
+                           if (lo.z if lo is not None else -np.inf) <= z < (hi.z if hi is not None else np.inf)})
+        if not rib_segs:
+            return kept, segments, None, rib_z
+        below = [i for i in range(rib_segs[0]) if segments[i][0] is not None and not (sacrum and i == 0)]
         # the vertebrae below must be seen to bear no rib: the field of view reaches where a rib would be
-        if below_complete and all(ribs_observable(path, c.shape[2], segments[i][0].z, segments[i][1].z, g)
-                                  for i in below_complete):
-            t12_seg = lowest
+        if below and all(ribs_observable(path, c.shape[2], segments[i][0].z, segments[i][1].z, g) for i in below):
+            return kept, segments, rib_segs[0], rib_z
+        return kept, segments, None, rib_z
+
+    tests: list[bool | None] = [None, None]
+    if discs[0].lower * g >= 8.0 and discs[0].z * g >= SACRUM_TEST_DEPTH_MM:
+        tests[0] = has_sacrum(c, path, discs[0], g)
+        if len(discs) > 1:
+            tests[1] = has_sacrum(c, path, discs[1], g)
+    options = {k: anchors(k, True) for k in (0, 1) if tests[k]}
+    lowest, ambiguous = caudal_anchor(tests[0], tests[1], {k: t12 is not None and t12 == 6 for k, (_, _, t12, _)
+                                                            in options.items()})
+    if lowest == 1:
+        log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
+    discs, segments, t12_seg, rib_z = options[lowest] if lowest is not None else anchors(0, False)
+    sacrum_seg = None if lowest is None else 0
     log.info("anchors: sacrum segment %s, lowest rib-bearing segment %s (rib ends at coarse z %s)",
              sacrum_seg, t12_seg, [round(z) for z in rib_z])
 
     # --- labelling
-    named = name_levels(len(segments), sacrum_seg, t12_seg)
+    named = name_levels(len(segments), sacrum_seg, t12_seg, ambiguous)
     if named is None:
         return result({}, "", no_anchor)
     labels, conf, method = named

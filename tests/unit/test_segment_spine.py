@@ -37,7 +37,13 @@ from osteonode.segment.column import (
     partial_end_slices,
 )
 from osteonode.segment.frame import CanonicalFrame, canonical_view
-from osteonode.segment.levels import name_levels, open_segment_extent, reference_height, ribs_observable
+from osteonode.segment.levels import (
+    caudal_anchor,
+    name_levels,
+    open_segment_extent,
+    reference_height,
+    ribs_observable,
+)
 from osteonode.segment.roi import trabecular_roi
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume, load_series
@@ -529,6 +535,20 @@ def test_name_levels_from_both_anchors():
 def test_name_levels_disagreeing_anchors_count_from_the_sacrum():
     labels, conf, method = name_levels(8, 0, 7)  # six mobile segments between: L6 or a missed rib
     assert labels[1] == 24 and labels[5] == 20 and conf == 0.4 and "DISAGREE" in method
+
+
+def test_caudal_anchor_between_a_residual_s1_s2_disc_and_the_lumbosacral_disc():
+    assert caudal_anchor(True, False, {0: True}) == (0, False)
+    assert caudal_anchor(False, True, {1: True}) == (1, False)  # the lowest notch lies inside the sacrum
+    assert caudal_anchor(None, True, {1: True}) == (None, False)  # no test below the lowest: L5 may be flanked
+    assert caudal_anchor(False, False, {}) == (None, False)
+    # both pass (a residual S1/S2 disc, or L5 between high iliac crests): the cranial anchor decides,
+    # and taking the next disc on its word alone is uncertain
+    assert caudal_anchor(True, True, {0: True, 1: False}) == (0, False)
+    assert caudal_anchor(True, True, {0: False, 1: False}) == (0, False)
+    assert caudal_anchor(True, True, {0: False, 1: True}) == (1, True)
+    labels, conf, method = name_levels(7, 0, 6, caudal_ambiguous=True)
+    assert labels[1] == 24 and labels[6] == 19 and conf == 0.4 and "UNCERTAIN" in method
 
 
 def test_name_levels_single_anchor_and_none():
