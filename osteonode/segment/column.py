@@ -94,7 +94,7 @@ OPEN_SHORT_MIN = 0.58
 
 
 #: Cost (HU of notch depth) of admitting a short (fractured) segment in the disc chain.
-FRACTURE_COST_HU = 30.0
+FRACTURE_COST_HU = 60.0
 
 
 #: The open segment beyond the last disc holds one vertebra at most when no longer than this
@@ -422,6 +422,7 @@ class Disc:
     upper: float  # coarse index of the disc's upper boundary (cranial endplate of the disc)
     lower: float  # coarse index of the lower boundary
     tilt_deg: float = 0.0  # tilt of the disc's plane about the left-right axis (plane_profile)
+    arc_mm: float = 0.0  # position along the centreline's arc (mm), which measures the disc spacing
 
 
 def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> list[Disc]:
@@ -477,7 +478,7 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
         while za < above_max and p[za + 1] < lvl_a:
             za += 1
         discs.append(Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5,
-                          tilt_deg=float(profile.tilt_deg[z])))
+                          tilt_deg=float(profile.tilt_deg[z]), arc_mm=float(arc_mm[z])))
     return discs
 
 

@@ -229,12 +229,59 @@ def ribs_observable(path: np.ndarray, nx: int, z_lo: float, z_hi: float, g: floa
     return bool(rows.size) and bool(np.all((rows - reach >= 0) & (rows + reach <= nx - 1)))
 
 
+#: Consecutive disc spacings differing by more than this ratio (either way) are a jump.
+SPACING_JUMP = 0.75
+
+
+def unexplained_spacing_jump(spacings_mm: list[float]) -> int | None:
+    """The first jump of the disc spacing along the chain that no fractured vertebra explains, or None.
+
+    Vertebral segments change slowly along the column (by well under 25 %
+    from one level to the next). A fractured vertebra's segment is short
+    between normal ones: a jump down and back up (:func:`disc_chain
+    <osteonode.segment.column.disc_chain>` admits it). A jump that does not
+    return -- a spacing that stays a quarter shorter or longer -- means a
+    disc missed and a mid-body dip taken instead (an osteoporotic body's),
+    which may leave both anchors agreeing while levels between them are off.
+    A short last segment (the cranial end, which may be a fractured top
+    vertebra) is not a jump.
+
+    Parameters
+    ----------
+    spacings_mm : list of float
+        Disc-to-disc spacings (mm), caudal to cranial.
+
+    Returns
+    -------
+    int or None
+        Index of the first segment after an unexplained jump.
+    """
+    for k in range(1, len(spacings_mm)):
+        ratio = spacings_mm[k] / spacings_mm[k - 1]
+        if SPACING_JUMP <= ratio <= 1.0 / SPACING_JUMP:
+            continue
+        if k + 1 == len(spacings_mm) and ratio < 1.0:
+            continue  # a short last segment: a fractured top vertebra
+        if k + 1 < len(spacings_mm) and ratio < 1.0:
+            back = spacings_mm[k + 1] / spacings_mm[k]
+            across = spacings_mm[k + 1] / spacings_mm[k - 1]
+            if back > 1.0 / SPACING_JUMP and SPACING_JUMP <= across <= 1.0 / SPACING_JUMP:
+                continue  # short between normal ones: a fractured vertebra
+        if k >= 2 and ratio > 1.0:
+            before = spacings_mm[k - 1] / spacings_mm[k - 2]
+            if before < SPACING_JUMP:
+                continue  # the way back up after a fractured vertebra
+        return k
+    return None
+
+
 #: Label confidence of levels whose anchors disagree or are ambiguous (below 0.5: flagged uncertain).
 UNCERTAIN_CONFIDENCE = 0.4
 
 
 def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None,
-                caudal_ambiguous: bool = False) -> tuple[dict[int, int], float, str] | None:
+                caudal_ambiguous: bool = False, spacings_mm: list[float] | None = None
+                ) -> tuple[dict[int, int], float, str] | None:
     """Name the segments between discs from the anchors, by counting (a pure function).
 
     Parameters
@@ -250,6 +297,10 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         The sacrum was placed above a notch that the sacrum test could not
         tell from the lumbosacral disc (:func:`caudal_anchor`): confidence
         at most ``UNCERTAIN_CONFIDENCE``.
+    spacings_mm : list of float, optional
+        Disc-to-disc spacings (mm) along the chain: an
+        :func:`unexplained_spacing_jump` caps the confidence at
+        ``UNCERTAIN_CONFIDENCE``.
 
     Returns
     -------
@@ -283,6 +334,11 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         conf = min(conf, UNCERTAIN_CONFIDENCE)
         method += ("; UNCERTAIN: the iliac bones flank the bone below each of the two lowest discs; the lowest "
                    "was taken for a residual S1/S2 disc because the anchors agree then")
+    jump = unexplained_spacing_jump(spacings_mm) if spacings_mm else None
+    if spacings_mm and jump is not None:
+        conf = min(conf, UNCERTAIN_CONFIDENCE)
+        method += (f"; UNCERTAIN: the disc spacing jumps from {spacings_mm[jump - 1]:.0f} to "
+                   f"{spacings_mm[jump]:.0f} mm and stays there (a disc may have been missed)")
     labels = {i: v for i, v in labels.items() if v in VERTEBRA_NAMES and (v <= L5 or v == SACRUM)}
     return labels, conf, method
 

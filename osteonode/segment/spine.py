@@ -210,7 +210,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
              sacrum_seg, t12_seg, [round(z) for z in rib_z])
 
     # --- labelling
-    named = name_levels(len(segments), sacrum_seg, t12_seg, ambiguous)
+    named = name_levels(len(segments), sacrum_seg, t12_seg, ambiguous,
+                        [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:])])
     if named is None:
         return result({}, "", no_anchor)
     labels, conf, method = named

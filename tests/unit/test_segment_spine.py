@@ -43,6 +43,7 @@ from osteonode.segment.levels import (
     open_segment_extent,
     reference_height,
     ribs_observable,
+    unexplained_spacing_jump,
 )
 from osteonode.segment.roi import trabecular_roi
 from osteonode.segment.spine import segment_spine
@@ -495,6 +496,31 @@ def test_disc_chain_extends_past_a_fractured_top_vertebra_only_when_the_column_g
     # a mid-body dip (half a segment) is not a short segment at the end
     positions[-1] = 161.0
     assert disc_chain(positions, depths, cranial_end_mm=197.0) == [0, 1, 2, 3, 4]
+
+
+def test_disc_chain_prefers_regular_discs_to_a_phase_shift_through_one_short_segment():
+    """In a low-density spine the mid-body dips form a regular chain too, half a segment off the discs'.
+
+    One short segment (0.65) would shift the chain onto the dips (the
+    candidates of the example CT with every core at -80 HU and L2 wedged by
+    45 %); the dips are a little deeper than the discs, but not by the cost
+    of a fracture.
+    """
+    positions = [116.6, 140.1, 176.6, 197.0, 211.0, 233.3, 249.5, 266.0, 284.5, 296.6, 312.6]
+    depths = [36.0, 90.0, 148.0, 38.0, 97.0, 49.0, 46.0, 58.0, 77.0, 59.0, 38.0]
+    assert [positions[i] for i in disc_chain(positions, depths)] == [140.1, 176.6, 211.0, 249.5, 284.5, 312.6]
+
+
+def test_unexplained_spacing_jump():
+    assert unexplained_spacing_jump([37.0, 34.0, 40.0, 36.0, 34.0]) is None  # the example CT, S1 to T12
+    assert unexplained_spacing_jump([37.0, 34.0, 21.0, 36.0, 36.0]) is None  # L3 crushed: down and back up
+    assert unexplained_spacing_jump([37.0, 36.0, 34.0, 26.0]) is None  # a wedge-compressed top vertebra
+    # a disc missed and a mid-body dip taken instead: the spacing falls by 30 % and stays there
+    assert unexplained_spacing_jump([37.0, 36.0, 34.0, 24.0, 27.0]) == 3
+    assert unexplained_spacing_jump([34.0, 50.0, 36.0]) == 1  # two segments merged
+    labels, conf, method = name_levels(7, 0, 6, spacings_mm=[37.0, 36.0, 34.0, 24.0, 27.0])
+    assert labels[6] == 19 and conf == 0.4 and "UNCERTAIN" in method
+    assert name_levels(7, 0, 6, spacings_mm=[37.0, 34.0, 21.0, 36.0, 36.0])[1] == 0.9
 
 
 def test_is_short_segment():
