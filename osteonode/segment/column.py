@@ -28,7 +28,9 @@ endplates, 4-8 mm on either side) where the column is confirmed; the discs
 are chosen as
 one chain (:func:`disc_chain`) whose spacing along the centreline's arc is
 that of vertebrae (24-50 mm) and changes slowly, which keeps the mid-height
-dip of a low-density body out.
+dip of a low-density body out, except for the short segment of a fractured
+vertebra between normal ones. End slices partly outside the reconstructed
+field of view (:func:`partial_end_slices`) carry no tracking evidence.
 """
 
 from __future__ import annotations

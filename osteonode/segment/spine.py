@@ -14,11 +14,14 @@ alike. :func:`segment_spine` runs these steps; each lives in its own module:
    slice by slice (body, spinal canal and neural arch evidence, the canal's
    independent of trabecular density), and the intervertebral discs are found
    along it on a profile that follows the cortical shell and the endplates;
-   the discs are chosen as one regular chain.
+   the discs are chosen as one regular chain, which may hold the short
+   segment of a fractured vertebra.
 3. **Levels** (:mod:`osteonode.segment.levels`): the sacrum (caudal anchor)
    and the lowest rib-bearing vertebra (T12, cranial anchor) are found, and
    the segments between discs are named by counting from them
-   (:func:`~osteonode.segment.levels.name_levels`, a pure function).
+   (:func:`~osteonode.segment.levels.name_levels`, a pure function; the
+   confidence falls to 0.4 when the anchors disagree or are ambiguous, or the
+   disc spacing jumps without a fracture to explain it).
 4. **Bodies** (:mod:`osteonode.segment.body`): each labelled body is
    segmented on the native grid (at most 1 mm) in its own frame: a
    blur-invariant threshold outline joined with what its cortical shell and
@@ -30,9 +33,14 @@ alike. :func:`segment_spine` runs these steps; each lives in its own module:
    by geometry in the anterior body at mid-height, 5 mm clear of the cortex.
 
 A vertebra cut by the field of view (no disc on one side) keeps its label
-with half the confidence, unless the field of view holds at least 90 % of the
-body height of its complete neighbour. L1-L4 must all be labelled and complete,
-otherwise :attr:`SpineSegmentation.not_evaluable_reason` says why.
+with half the confidence, unless the field of view (without the partial end
+slices of :func:`~osteonode.segment.column.partial_end_slices`) holds at least
+90 % of the median body height of its three nearest complete neighbours (not
+the adjacent one alone, which may be fractured); an open segment longer than
+1.6 such bodies holds a disc that was not found and is not segmented
+(:func:`~osteonode.segment.levels.open_segment_extent`). L1-L4 must all be
+labelled and complete, otherwise :attr:`SpineSegmentation.not_evaluable_reason`
+says why.
 
 All thresholds are anatomical (HU of tissue classes, sizes of vertebrae in mm)
 or physical (half-maximum edges, noise); none is fitted numerically to
