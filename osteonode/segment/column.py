@@ -28,7 +28,9 @@ endplates, 4-8 mm on either side) where the column is confirmed; the discs
 are chosen as
 one chain (:func:`disc_chain`) whose spacing along the centreline's arc is
 that of vertebrae (24-50 mm) and changes slowly, which keeps the mid-height
-dip of a low-density body out.
+dip of a low-density body out, except for the short segment of a fractured
+vertebra between normal ones. End slices partly outside the reconstructed
+field of view (:func:`partial_end_slices`) carry no tracking evidence.
 """
 
 from __future__ import annotations
@@ -79,6 +81,68 @@ MIN_NOTCH_HU = 12.0
 
 #: Distance (mm) between consecutive disc centres: one vertebral body and one disc, T11 to S1.
 SEGMENT_MM = (24.0, 50.0)
+
+
+#: A fractured vertebra's segment (disc to disc) is this fraction of its neighbours' (:func:`is_short_segment`).
+FRACTURE_SPACING = (0.5, 0.85)
+
+
+#: ... and at least this long (mm): half of the shortest body (T11, ~20 mm) plus a thin disc.
+SHORT_SEGMENT_MM = 14.0
+
+
+#: A short segment at the cranial end (one neighbour only) is at least this fraction of it.
+OPEN_SHORT_MIN = 0.58
+
+
+#: Cost (HU of notch depth) of admitting a short (fractured) segment in the disc chain.
+FRACTURE_COST_HU = 60.0
+
+
+#: The open segment beyond the last disc holds one vertebra at most when no longer than this
+#: multiple of the last spacing (spacings change by less than 10 % from level to level).
+OPEN_SEGMENT_MAX = 1.15
+
+
+#: An end slice whose patient cross-section is smaller than this fraction of the slices just
+#: inside it is partly outside the reconstructed field of view (:func:`partial_end_slices`).
+PARTIAL_SLICE_FRACTION = 0.8
+
+
+def partial_end_slices(area: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
+    """Slices at either end of the scan that are partly outside the reconstructed field of view.
+
+    A body's cross-section changes by a few per cent per 2 mm; an end slice
+    that holds much less of the patient than the slices 10-30 mm inside it
+    (less than ``PARTIAL_SLICE_FRACTION`` of their median) is a partial slice
+    (cut by the reconstruction's cylinder, or padded with air by a
+    resampling): the spine there may lie outside it. The run of such slices
+    from each end is returned.
+
+    Parameters
+    ----------
+    area : numpy.ndarray
+        ``(ns,)`` patient cross-section per coarse slice (voxels).
+    g : float
+        Coarse spacing, mm.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(ns,)`` bool, True for the partial slices at either end.
+    """
+    ns = len(area)
+    out = np.zeros(ns, bool)
+    near, far = int(round(10.0 / g)), int(round(30.0 / g))
+    if ns <= far:
+        return out
+    for order in (np.arange(ns)[::-1], np.arange(ns)):
+        reference = float(np.median(area[order[near:far]]))
+        for z in order[:near]:
+            if area[z] >= PARTIAL_SLICE_FRACTION * reference:
+                break
+            out[z] = True
+    return out
 
 
 def shell_cover(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
@@ -181,8 +245,9 @@ def track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tu
     sub_patient = patient[:, :, x0:x1]
     score[~sub_patient] = -1e4
     xs_sub = np.arange(x0, x1)
+    outside = partial_end_slices(area, g)
     for z in range(nz):
-        if area[z] < 50:
+        if area[z] < 50 or outside[z]:  # no evidence: the path runs straight through
             score[z] = -1e4
             continue
         xc = ndi.center_of_mass(patient[z])[1]
@@ -192,7 +257,8 @@ def track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tu
     ring_behind = shift_along(ring, behind, axis=1, fill=0.0)
     # a slice is "on the column" when the body is denser than soft tissue or has a bone-surrounded
     # canal behind it, and the canal is visible (this rejects tracks through vessels or a cut-off spine)
-    valid = (((body[at] > 60.0) | (ring_behind[at] >= 0.6)) & (canal[at] < 100.0) & (score[at] > -1e3))
+    valid = (((body[at] > 60.0) | (ring_behind[at] >= 0.6)) & (canal[at] < 100.0) & (score[at] > -1e3)
+             & ~outside)
     path = path.astype(float)
     path[:, 1] += x0
     return path, valid
@@ -358,6 +424,7 @@ class Disc:
     upper: float  # coarse index of the disc's upper boundary (cranial endplate of the disc)
     lower: float  # coarse index of the lower boundary
     tilt_deg: float = 0.0  # tilt of the disc's plane about the left-right axis (plane_profile)
+    arc_mm: float = 0.0  # position along the centreline's arc (mm), which measures the disc spacing
 
 
 def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> list[Disc]:
@@ -393,7 +460,9 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
     cands = [int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]]
     log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
               [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
-    chosen = disc_chain([float(arc_mm[z]) for z in cands], [float(notch[z]) for z in cands])
+    in_view = np.flatnonzero(valid)
+    chosen = disc_chain([float(arc_mm[z]) for z in cands], [float(notch[z]) for z in cands],
+                        float(arc_mm[in_view[-1]]) if in_view.size else None)
     chosen = [cands[i] for i in chosen]
     discs = []
     for z in sorted(chosen):
@@ -411,11 +480,12 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
         while za < above_max and p[za + 1] < lvl_a:
             za += 1
         discs.append(Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5,
-                          tilt_deg=float(profile.tilt_deg[z])))
+                          tilt_deg=float(profile.tilt_deg[z]), arc_mm=float(arc_mm[z])))
     return discs
 
 
-def disc_chain(positions_mm: list[float], depths_hu: list[float]) -> list[int]:
+def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm: float | None = None
+               ) -> list[int]:
     """Choose the intervertebral discs among candidate minima of the disc profile.
 
     A pure function of the candidates: the chosen discs form one chain, ordered
@@ -427,12 +497,26 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float]) -> list[int]:
     keeps a low-density vertebra's mid-body dip (about half a segment from
     the discs) out, where a greedy choice by depth would take it.
 
+    A fractured vertebra breaks the slow change: its segment is short. The
+    chain may hold such a *short segment* (:func:`is_short_segment`: a
+    ``FRACTURE_SPACING`` fraction of the segments on both sides, never two in
+    a row) for ``FRACTURE_COST_HU``; the spacings on either side of it are
+    compared with each other. A mid-body dip cannot pass for one: it would
+    split a segment into two short ones (about half each), one after the other.
+    At the cranial end, where the field of view may end one vertebra above the
+    last disc: when the column in view beyond the chain's last disc
+    (``cranial_end_mm``) is longer than ``OPEN_SEGMENT_MAX`` times the last
+    spacing -- more than one vertebra, so a disc there was missed -- a
+    candidate beyond it is added (:func:`_cranial_extension`).
+
     Parameters
     ----------
     positions_mm : list of float
-        Candidate positions along the column (mm), ascending.
+        Candidate positions along the column (mm), ascending (caudal first).
     depths_hu : list of float
         Their notch depths (HU), same length.
+    cranial_end_mm : float, optional
+        Position (mm, same axis) of the cranial end of the column in view.
 
     Returns
     -------
@@ -451,29 +535,94 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float]) -> list[int]:
         raise ValueError("positions_mm must be ascending")
     if n == 0:
         return []
+    pos, depth = positions_mm, depths_hu
     lo, hi = SEGMENT_MM
-    pair: dict[tuple[int, int], float] = {}
-    back: dict[tuple[int, int], tuple[int, int] | None] = {}
+    # state (i, j, after_short): the chain's last two discs (a normal segment), and whether a short
+    # segment lies just before them; back: the state before (a short segment lies between them when
+    # that state does not end at i)
+    value: dict[tuple[int, int, bool], float] = {}
+    back: dict[tuple[int, int, bool], tuple[int, int, bool] | None] = {}
     for j in range(n):
         for i in range(j):
-            gap = positions_mm[j] - positions_mm[i]
+            gap = pos[j] - pos[i]
             if not lo <= gap <= hi:
                 continue
-            best, arg = depths_hu[i] + depths_hu[j], None
-            for h in range(i):
-                if (h, i) in pair:
-                    change = gap - (positions_mm[i] - positions_mm[h])
-                    score = pair[(h, i)] + depths_hu[j] - SPACING_PENALTY_HU_PER_MM2 * change * change
-                    if score > best:
-                        best, arg = score, (h, i)
-            pair[(i, j)], back[(i, j)] = best, arg
-    single = int(np.argmax(depths_hu))
-    if not pair or depths_hu[single] >= max(pair.values()):
+            best: dict[bool, tuple[float, tuple[int, int, bool] | None]] = {
+                False: (depth[i] + depth[j], None), True: (-np.inf, None)}
+            for (f, h, after_short), before_value in list(value.items()):
+                before = pos[h] - pos[f]
+                if h == i:  # normal segment after normal segment
+                    score, state = before_value + depth[j] - SPACING_PENALTY_HU_PER_MM2 * (gap - before) ** 2, False
+                elif h < i and not after_short and is_short_segment(pos[i] - pos[h], before, gap):
+                    # h -> i a short (fractured) segment, at least two normal segments after the last one
+                    score = (before_value + depth[i] + depth[j] - FRACTURE_COST_HU
+                             - SPACING_PENALTY_HU_PER_MM2 * (gap - before) ** 2)
+                    state = True
+                else:
+                    continue
+                if score > best[state][0]:
+                    best[state] = (score, (f, h, after_short))
+            for state, (score, arg) in best.items():
+                if np.isfinite(score):
+                    value[(i, j, state)], back[(i, j, state)] = score, arg
+    single = int(np.argmax(depth))
+    if not value or depth[single] >= max(value.values()):
         return [single]
-    last = max(pair, key=lambda k: pair[k])
+    last = max(value, key=lambda k: value[k])
     chain = [last[1]]
-    key: tuple[int, int] | None = last
+    key: tuple[int, int, bool] | None = last
     while key is not None:
         chain.append(key[0])
-        key = back[key]
-    return sorted(chain)
+        before_key = back[key]
+        if before_key is not None and before_key[1] != key[0]:
+            chain.append(before_key[1])
+        key = before_key
+    chain.sort()
+    if cranial_end_mm is not None and len(chain) >= 2:
+        chain += _cranial_extension(pos, depth, chain, cranial_end_mm, last[2])
+    return chain
+
+
+def is_short_segment(gap_mm: float, *neighbours_mm: float) -> bool:
+    """Whether a segment of ``gap_mm`` between discs can be a fractured vertebra's beside ``neighbours_mm``.
+
+    At least ``SHORT_SEGMENT_MM`` long and within ``FRACTURE_SPACING`` of every
+    neighbouring segment: a body compressed by up to 45 % (Genant grade 3) and
+    its disc keep about 0.6 of a segment (0.5-0.85 allows for the spread of
+    the neighbours' spacings).
+    """
+    return gap_mm >= SHORT_SEGMENT_MM and all(
+        FRACTURE_SPACING[0] * s <= gap_mm <= FRACTURE_SPACING[1] * s for s in neighbours_mm)
+
+
+def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], end_mm: float,
+                       after_short: bool) -> list[int]:
+    """Candidates added beyond the chain's cranial end while the column in view there exceeds one vertebra.
+
+    The deepest candidate a normal segment (``FRACTURE_SPACING[1]`` to
+    ``OPEN_SEGMENT_MAX`` times the last spacing) beyond the last disc; if
+    there is none, the deepest a short one (``OPEN_SHORT_MIN`` to
+    ``FRACTURE_SPACING[1]``: with one neighbour only, a mid-body dip near 0.5
+    is kept out by the stricter bound). As in the chain, at least two normal
+    segments lie between short ones (``after_short``: a short segment lies
+    just before the chain's last segment).
+    """
+    added: list[int] = []
+    normal_since_short = 1 if after_short else 2
+    while True:
+        ends = chain + added
+        top, spacing = ends[-1], pos[ends[-1]] - pos[ends[-2]]
+        if end_mm - pos[top] <= OPEN_SEGMENT_MAX * spacing:
+            return added
+        windows = [(FRACTURE_SPACING[1], OPEN_SEGMENT_MAX)]
+        if normal_since_short >= 2:
+            windows.append((OPEN_SHORT_MIN, FRACTURE_SPACING[1]))
+        for low, high in windows:
+            beyond = [k for k in range(top + 1, len(pos)) if low * spacing <= pos[k] - pos[top] <= high * spacing
+                      and pos[k] - pos[top] >= SHORT_SEGMENT_MM]
+            if beyond:
+                added.append(max(beyond, key=lambda k: depth[k]))
+                normal_since_short = 0 if high == FRACTURE_SPACING[1] else normal_since_short + 1
+                break
+        else:
+            return added

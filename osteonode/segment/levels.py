@@ -5,7 +5,10 @@
   the slices 8-30 mm below it thick bone (> 120 HU, surviving an opening with an
   8 mm disc, which removes ribs and transverse processes) lies on both sides,
   24-110 mm lateral: the iliac bones at the sacro-iliac joints. The lowest
-  mobile vertebra above it is L5.
+  mobile vertebra above it is L5. The lowest notch may be a residual S1/S2
+  disc inside the sacrum, and an L5 between high iliac crests passes the test
+  too: :func:`caudal_anchor` chooses between the two lowest discs, the cranial
+  anchor deciding (with confidence 0.4) when both pass.
 * *Lowest rib-bearing vertebra = T12 (cranial anchor)*: bone components lateral
   to the column (> 150 HU, after removing a 44 mm wide central column) that
   start at the column, reach at least ``RIB_REACH_MM`` lateral (lumbar
@@ -14,6 +17,8 @@
   cut iliac crest looks alike); the vertebra at the z of their medial end bears
   the rib. It counts as T12 only if at least one complete rib-free vertebra is
   seen below it.
+* The discs themselves come from :func:`osteonode.segment.column.disc_chain`,
+  which admits the short segment of a fractured vertebra.
 * Levels are then counted disc by disc from each anchor (:func:`name_levels`):
   both anchors agreeing (five lumbar vertebrae between them) gives confidence
   0.9; one anchor 0.7 (sacrum) or 0.6 (T12); disagreeing anchors (transitional
@@ -48,12 +53,57 @@ T12 = VERTEBRA_IDS["T12"]
 L5 = VERTEBRA_IDS["L5"]
 
 
-def neighbour_height(segments: list, i: int, g: float) -> float:
-    """Body height (mm, between disc boundaries) of the complete segment next to segment ``i``; inf if none."""
-    for j in (i + 1, i - 1):
-        if 0 <= j < len(segments) and segments[j][0] is not None and segments[j][1] is not None:
-            return (segments[j][1].lower - segments[j][0].upper) * g
-    return np.inf
+def reference_height(heights: list[float | None], i: int) -> float:
+    """Typical body height (mm) near segment ``i``: the median of the nearest three complete segments'.
+
+    Parameters
+    ----------
+    heights : list of float or None
+        Body height (mm, between the disc boundaries) of each segment, caudal
+        to cranial; None for a segment cut by the field of view (one disc not
+        seen).
+    i : int
+        The segment whose neighbours serve as the reference.
+
+    Returns
+    -------
+    float
+        The median of the heights of the (up to) three complete segments
+        nearest to ``i`` (not ``i`` itself); ``inf`` if there is none. A
+        median, not the adjacent segment alone: that may be a fractured,
+        short body.
+    """
+    near = sorted((abs(j - i), h) for j, h in enumerate(heights) if j != i and h is not None)
+    return float(np.median([h for _, h in near[:3]])) if near else np.inf
+
+
+#: An open segment (one disc out of view) whose extent in view exceeds this multiple of the
+#: neighbours' body heights holds more than one vertebra and a disc that was not found: a body,
+#: its disc (~0.3 of a body) and the ~0.3 of the next body beside the disc that finding it needs.
+OPEN_BODY_MAX = 1.6
+
+
+def open_segment_extent(extent_mm: float, reference_mm: float) -> str:
+    """What an open segment (one bounding disc not seen) holds, from its extent in the field of view.
+
+    Parameters
+    ----------
+    extent_mm : float
+        From the seen disc's boundary to the end of the field of view, mm.
+    reference_mm : float
+        :func:`reference_height` of the neighbours, mm.
+
+    Returns
+    -------
+    str
+        ``"whole"`` (at least 90 % of the reference: the body is in view),
+        ``"cut"`` (less: cut by the field of view) or ``"more than one
+        vertebra"`` (more than ``OPEN_BODY_MAX`` times the reference: a disc
+        in it was not found, so the body cannot be bounded).
+    """
+    if extent_mm > OPEN_BODY_MAX * reference_mm:
+        return "more than one vertebra"
+    return "whole" if extent_mm >= 0.9 * reference_mm else "cut"
 
 
 #: Field of view (mm) below a disc that the sacrum test needs.
@@ -85,6 +135,50 @@ def has_sacrum(c: np.ndarray, path: np.ndarray, disc: Disc, g: float = COARSE_MM
     frac = both / max(len(zs), 1)
     log.debug("sacrum test below disc at coarse z=%d: iliac bones beside %.0f%% of slices", z, 100 * frac)
     return frac >= 0.6
+
+
+def caudal_anchor(below_lowest: bool | None, below_next: bool | None, agrees: dict[int, bool]
+                  ) -> tuple[int | None, bool]:
+    """Which of the two lowest discs tops the sacrum (0 the lowest, 1 the next), or None (a pure function).
+
+    The lowest notch of the column may be a residual S1/S2 disc inside the
+    sacrum, and the iliac bones flank the bone below it as they flank S1.
+
+    Parameters
+    ----------
+    below_lowest, below_next : bool or None
+        The sacrum test (:func:`has_sacrum`) below the lowest disc and below
+        the next one; None when it was not made (too little field of view
+        below the lowest disc, or no second disc).
+    agrees : dict
+        For each disc index whose test passed: whether the lowest
+        rib-bearing vertebra (T12) lies five mobile vertebrae above the
+        sacrum so placed.
+
+    Returns
+    -------
+    tuple
+        ``(disc, ambiguous)``. ``disc``: 0 when the test passes below the
+        lowest disc (or both pass and the cranial anchor does not favour the
+        next one); 1 when it failed there but passes below the next disc, or
+        both pass and only the next agrees with the cranial anchor; None when
+        the test failed or was not made below the lowest disc and did not
+        pass below the next one. The next disc is never taken when the test
+        below the lowest could not be made: a scan ending in S1 must not make
+        L5, flanked by high iliac crests, the sacrum. ``ambiguous``: the
+        next disc was taken only because the cranial anchor agrees then (L5
+        flanked by high iliac crests passes the test too, and a missed 12th
+        rib would agree likewise), so the levels are uncertain
+        (:func:`name_levels`).
+    """
+    if below_lowest is None:
+        return None, False
+    if below_lowest and below_next:
+        flip = bool(agrees.get(1)) and not agrees.get(0)
+        return (1, True) if flip else (0, False)
+    if below_lowest:
+        return 0, False
+    return (1, False) if below_next else (None, False)
 
 
 def rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[float]:
@@ -135,7 +229,58 @@ def ribs_observable(path: np.ndarray, nx: int, z_lo: float, z_hi: float, g: floa
     return bool(rows.size) and bool(np.all((rows - reach >= 0) & (rows + reach <= nx - 1)))
 
 
-def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None
+#: Consecutive disc spacings differing by more than this ratio (either way) are a jump.
+SPACING_JUMP = 0.75
+
+
+def unexplained_spacing_jump(spacings_mm: list[float]) -> int | None:
+    """The first jump of the disc spacing along the chain that no fractured vertebra explains, or None.
+
+    Vertebral segments change slowly along the column (by well under 25 %
+    from one level to the next). A fractured vertebra's segment is short
+    between normal ones: a jump down and back up (:func:`disc_chain
+    <osteonode.segment.column.disc_chain>` admits it). A jump that does not
+    return -- a spacing that stays a quarter shorter or longer -- means a
+    disc missed and a mid-body dip taken instead (an osteoporotic body's),
+    which may leave both anchors agreeing while levels between them are off.
+    A short last segment (the cranial end, which may be a fractured top
+    vertebra) is not a jump.
+
+    Parameters
+    ----------
+    spacings_mm : list of float
+        Disc-to-disc spacings (mm), caudal to cranial.
+
+    Returns
+    -------
+    int or None
+        Index of the first segment after an unexplained jump.
+    """
+    for k in range(1, len(spacings_mm)):
+        ratio = spacings_mm[k] / spacings_mm[k - 1]
+        if SPACING_JUMP <= ratio <= 1.0 / SPACING_JUMP:
+            continue
+        if k + 1 == len(spacings_mm) and ratio < 1.0:
+            continue  # a short last segment: a fractured top vertebra
+        if k + 1 < len(spacings_mm) and ratio < 1.0:
+            back = spacings_mm[k + 1] / spacings_mm[k]
+            across = spacings_mm[k + 1] / spacings_mm[k - 1]
+            if back > 1.0 / SPACING_JUMP and SPACING_JUMP <= across <= 1.0 / SPACING_JUMP:
+                continue  # short between normal ones: a fractured vertebra
+        if k >= 2 and ratio > 1.0:
+            before = spacings_mm[k - 1] / spacings_mm[k - 2]
+            if before < SPACING_JUMP:
+                continue  # the way back up after a fractured vertebra
+        return k
+    return None
+
+
+#: Label confidence of levels whose anchors disagree or are ambiguous (below 0.5: flagged uncertain).
+UNCERTAIN_CONFIDENCE = 0.4
+
+
+def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None,
+                caudal_ambiguous: bool = False, spacings_mm: list[float] | None = None
                 ) -> tuple[dict[int, int], float, str] | None:
     """Name the segments between discs from the anchors, by counting (a pure function).
 
@@ -148,6 +293,14 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         Index of the segment that is the sacrum (caudal anchor), if found.
     t12_segment : int or None
         Index of the lowest rib-bearing segment (cranial anchor), if found.
+    caudal_ambiguous : bool
+        The sacrum was placed above a notch that the sacrum test could not
+        tell from the lumbosacral disc (:func:`caudal_anchor`): confidence
+        at most ``UNCERTAIN_CONFIDENCE``.
+    spacings_mm : list of float, optional
+        Disc-to-disc spacings (mm) along the chain: an
+        :func:`unexplained_spacing_jump` caps the confidence at
+        ``UNCERTAIN_CONFIDENCE``.
 
     Returns
     -------
@@ -167,15 +320,25 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
             conf, method = 0.9, ("sacrum (caudal anchor) and lowest rib-bearing vertebra T12 (cranial anchor), "
                                  "disc counting; anchors agree")
         else:
-            conf, method = 0.4, ("sacrum (caudal anchor) and lowest rib-bearing vertebra (cranial anchor) DISAGREE "
-                                 f"({t12_segment - sacrum_segment - 1} mobile vertebrae between them; transitional "
-                                 "anatomy or a missed rib); levels counted from the sacrum")
+            conf, method = UNCERTAIN_CONFIDENCE, (
+                "sacrum (caudal anchor) and lowest rib-bearing vertebra (cranial anchor) DISAGREE "
+                f"({t12_segment - sacrum_segment - 1} mobile vertebrae between them; transitional "
+                "anatomy or a missed rib); levels counted from the sacrum")
     elif t12_segment is not None:
         labels = {i: T12 + (t12_segment - i) for i in range(n_segments)}
         conf, method = 0.6, ("lowest rib-bearing vertebra as T12 (cranial anchor), disc counting; "
                              "sacrum not in the field of view or not confirmed")
     else:
         return None
+    if caudal_ambiguous and sacrum_segment is not None:
+        conf = min(conf, UNCERTAIN_CONFIDENCE)
+        method += ("; UNCERTAIN: the iliac bones flank the bone below each of the two lowest discs; the lowest "
+                   "was taken for a residual S1/S2 disc because the anchors agree then")
+    jump = unexplained_spacing_jump(spacings_mm) if spacings_mm else None
+    if spacings_mm and jump is not None:
+        conf = min(conf, UNCERTAIN_CONFIDENCE)
+        method += (f"; UNCERTAIN: the disc spacing jumps from {spacings_mm[jump - 1]:.0f} to "
+                   f"{spacings_mm[jump]:.0f} mm and stays there (a disc may have been missed)")
     labels = {i: v for i, v in labels.items() if v in VERTEBRA_NAMES and (v <= L5 or v == SACRUM)}
     return labels, conf, method
 

@@ -14,11 +14,14 @@ alike. :func:`segment_spine` runs these steps; each lives in its own module:
    slice by slice (body, spinal canal and neural arch evidence, the canal's
    independent of trabecular density), and the intervertebral discs are found
    along it on a profile that follows the cortical shell and the endplates;
-   the discs are chosen as one regular chain.
+   the discs are chosen as one regular chain, which may hold the short
+   segment of a fractured vertebra.
 3. **Levels** (:mod:`osteonode.segment.levels`): the sacrum (caudal anchor)
    and the lowest rib-bearing vertebra (T12, cranial anchor) are found, and
    the segments between discs are named by counting from them
-   (:func:`~osteonode.segment.levels.name_levels`, a pure function).
+   (:func:`~osteonode.segment.levels.name_levels`, a pure function; the
+   confidence falls to 0.4 when the anchors disagree or are ambiguous, or the
+   disc spacing jumps without a fracture to explain it).
 4. **Bodies** (:mod:`osteonode.segment.body`): each labelled body is
    segmented on the native grid (at most 1 mm) in its own frame: a
    blur-invariant threshold outline joined with what its cortical shell and
@@ -30,9 +33,14 @@ alike. :func:`segment_spine` runs these steps; each lives in its own module:
    by geometry in the anterior body at mid-height, 5 mm clear of the cortex.
 
 A vertebra cut by the field of view (no disc on one side) keeps its label
-with half the confidence, unless the field of view holds at least 90 % of the
-body height of its complete neighbour. L1-L4 must all be labelled and complete,
-otherwise :attr:`SpineSegmentation.not_evaluable_reason` says why.
+with half the confidence, unless the field of view (without the partial end
+slices of :func:`~osteonode.segment.column.partial_end_slices`) holds at least
+90 % of the median body height of its three nearest complete neighbours (not
+the adjacent one alone, which may be fractured); an open segment longer than
+1.6 such bodies holds a disc that was not found and is not segmented
+(:func:`~osteonode.segment.levels.open_segment_extent`). L1-L4 must all be
+labelled and complete, otherwise :attr:`SpineSegmentation.not_evaluable_reason`
+says why.
 
 All thresholds are anatomical (HU of tissue classes, sizes of vertebrae in mm)
 or physical (half-maximum edges, noise); none is fitted numerically to
@@ -63,15 +71,17 @@ from osteonode.segment.body import (
     trabecular_core_hu,
     working_grid,
 )
-from osteonode.segment.column import find_discs, plane_profile, track_column
+from osteonode.segment.column import find_discs, partial_end_slices, plane_profile, track_column
 from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view, perpendicular_frame
 from osteonode.segment.levels import (
     SACRUM,
     SACRUM_TEST_DEPTH_MM,
+    caudal_anchor,
     has_sacrum,
     missing_levels_reason,
     name_levels,
-    neighbour_height,
+    open_segment_extent,
+    reference_height,
     rib_levels,
     ribs_observable,
 )
@@ -86,16 +96,17 @@ DISC_TILT_DEADBAND_DEG = 8.0
 
 
 
-def _segments(discs: list, nz: int, g: float) -> list[tuple]:
+def _segments(discs: list, in_view: tuple[int, int], g: float) -> list[tuple]:
     """Segments between the discs, caudal to cranial: ``(lower disc or None, upper disc or None)``.
 
     Segment ``i`` lies above disc ``i - 1``; an open-ended segment with less
-    than 8 mm of the field of view beyond its disc cannot hold a body and is dropped.
+    than 8 mm of the field of view (coarse slices ``in_view``, first and last)
+    beyond its disc cannot hold a body and is dropped.
     """
     segments = [(None, discs[0]), *zip(discs[:-1], discs[1:]), (discs[-1], None)]
-    if discs[0].lower * g < 8.0:
+    if (discs[0].lower - in_view[0]) * g < 8.0:
         segments.pop(0)
-    if (nz - 1 - discs[-1].upper) * g < 8.0:
+    if (in_view[1] - discs[-1].upper) * g < 8.0:
         segments.pop()
     return segments
 
@@ -169,46 +180,46 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
 
     # --- caudal anchor: the sacrum below the lowest disc; or below the next one, the lowest notch
     # then being a residual S1/S2 disc inside the sacrum (common; its iliac-bone test, 8-30 mm
-    # below, falls on S2-S3)
+    # below, falls on S2-S3); the cranial anchor decides when both tests pass
     nz = c.shape[0]
-    sacrum_seg = None
-    if discs[0].lower * g >= 8.0 and has_sacrum(c, path, discs[0], g):
-        sacrum_seg = 0
-    elif len(discs) > 1 and discs[0].z * g >= SACRUM_TEST_DEPTH_MM and has_sacrum(c, path, discs[1], g):
-        # only when the test below the lowest disc could be made (40 mm of the field of view) and failed:
-        # a scan ending in S1 must not make L5, flanked by high iliac crests, the sacrum
-        log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
-        discs = discs[1:]
-        sacrum_seg = 0
-    segments = _segments(discs, nz, g)
-    # --- cranial anchor
-    rib_z = rib_levels(c, path, g)
-    if sacrum_seg is not None:
-        top_of_sacrum = discs[0].z
-        rib_z = [z for z in rib_z if z > top_of_sacrum + 10.0 / g]
+    partial = partial_end_slices(view.patient.sum(axis=(1, 2)), g)
+    in_view = (int(np.argmin(partial)), int(nz - 1 - np.argmin(partial[::-1])))
+    rib_z_all = rib_levels(c, path, g)
 
-    def seg_of(z):
-        for i, (lo, hi) in enumerate(segments):
-            zl = lo.z if lo is not None else -np.inf
-            zh = hi.z if hi is not None else np.inf
-            if zl <= z < zh:
-                return i
-        return None
-
-    rib_segs = sorted({s for s in (seg_of(z) for z in rib_z) if s is not None})
-    t12_seg = None
-    if rib_segs:
-        lowest = rib_segs[0]
-        below_complete = [i for i in range(lowest) if segments[i][0] is not None and i != sacrum_seg]
+    def anchors(lowest: int, sacrum: bool) -> tuple[list, list, int | None, list[float]]:
+        """Segments, lowest rib-bearing segment and rib ends with the chain from ``discs[lowest]``."""
+        kept = discs[lowest:]
+        segments = _segments(kept, in_view, g)
+        # rib-like bone at the top of the sacrum is an iliac crest
+        rib_z = [z for z in rib_z_all if z > kept[0].z + 10.0 / g] if sacrum else rib_z_all
+        rib_segs = sorted({i for z in rib_z for i, (lo, hi) in enumerate(segments)
+                           if (lo.z if lo is not None else -np.inf) <= z < (hi.z if hi is not None else np.inf)})
+        if not rib_segs:
+            return kept, segments, None, rib_z
+        below = [i for i in range(rib_segs[0]) if segments[i][0] is not None and not (sacrum and i == 0)]
         # the vertebrae below must be seen to bear no rib: the field of view reaches where a rib would be
-        if below_complete and all(ribs_observable(path, c.shape[2], segments[i][0].z, segments[i][1].z, g)
-                                  for i in below_complete):
-            t12_seg = lowest
+        if below and all(ribs_observable(path, c.shape[2], segments[i][0].z, segments[i][1].z, g) for i in below):
+            return kept, segments, rib_segs[0], rib_z
+        return kept, segments, None, rib_z
+
+    tests: list[bool | None] = [None, None]
+    if discs[0].lower * g >= 8.0 and discs[0].z * g >= SACRUM_TEST_DEPTH_MM:
+        tests[0] = has_sacrum(c, path, discs[0], g)
+        if len(discs) > 1:
+            tests[1] = has_sacrum(c, path, discs[1], g)
+    options = {k: anchors(k, True) for k in (0, 1) if tests[k]}
+    lowest, ambiguous = caudal_anchor(tests[0], tests[1], {k: t12 is not None and t12 == 6 for k, (_, _, t12, _)
+                                                            in options.items()})
+    if lowest == 1:
+        log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
+    discs, segments, t12_seg, rib_z = options[lowest] if lowest is not None else anchors(0, False)
+    sacrum_seg = None if lowest is None else 0
     log.info("anchors: sacrum segment %s, lowest rib-bearing segment %s (rib ends at coarse z %s)",
              sacrum_seg, t12_seg, [round(z) for z in rib_z])
 
     # --- labelling
-    named = name_levels(len(segments), sacrum_seg, t12_seg)
+    named = name_levels(len(segments), sacrum_seg, t12_seg, ambiguous,
+                        [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:])])
     if named is None:
         return result({}, "", no_anchor)
     labels, conf, method = named
@@ -235,17 +246,23 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         return pts_mm[i] + (zc_idx - i) * g * tangent[i], normal / np.linalg.norm(normal)
 
     complete: set[int] = set()
+    heights = [(hi.lower - lo.upper) * g if lo is not None and hi is not None else None for lo, hi in segments]
     for i, vid in sorted(labels.items()):
         lo, hi = segments[i]
-        z_bot = lo.upper if lo is not None else 0.0
-        z_top = hi.lower if hi is not None else nz - 1.0
+        z_bot = lo.upper if lo is not None else float(in_view[0])
+        z_top = hi.lower if hi is not None else float(in_view[1])
         if vid == SACRUM:
             z_top = hi.lower
             z_bot = max(0.0, z_top - 30.0 / g)  # S1 body
+        extent = open_segment_extent((z_top - z_bot) * g, reference_height(heights, i))
         if (lo is not None and hi is not None) or vid == SACRUM:
             complete.add(vid)  # the S1 body (30 mm below L5/S1) is in view by the sacrum test
-        elif (z_top - z_bot) * g >= 0.9 * neighbour_height(segments, i, g):
-            complete.add(vid)  # one disc cut off, but the body is as tall as its neighbour's: in view
+        elif extent == "more than one vertebra":
+            log.info("segment %d (%s): open and longer than one vertebra (a disc not found), not segmented",
+                     i, VERTEBRA_NAMES[vid])
+            continue
+        elif extent == "whole":
+            complete.add(vid)  # one disc cut off, but the body is as tall as its neighbours': in view
         z_mid = 0.5 * (z_bot + z_top)
         im = int(np.clip(round(z_mid), 0, nz - 1))
         centre = pts_mm[im]

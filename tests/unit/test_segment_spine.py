@@ -29,9 +29,22 @@ from bench.segmentation import (
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.segment.body import _star_fill
-from osteonode.segment.column import PROFILE_TILTS_DEG, _lowest_tilt, disc_chain
+from osteonode.segment.column import (
+    PROFILE_TILTS_DEG,
+    _lowest_tilt,
+    disc_chain,
+    is_short_segment,
+    partial_end_slices,
+)
 from osteonode.segment.frame import CanonicalFrame, canonical_view
-from osteonode.segment.levels import name_levels, ribs_observable
+from osteonode.segment.levels import (
+    caudal_anchor,
+    name_levels,
+    open_segment_extent,
+    reference_height,
+    ribs_observable,
+    unexplained_spacing_jump,
+)
 from osteonode.segment.roi import trabecular_roi
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume, load_series
@@ -429,6 +442,114 @@ def test_disc_chain_edge_cases():
         disc_chain([5.0, 1.0], [1.0, 1.0])
 
 
+# ------------------------------------------------------------------ fractured vertebrae (pure)
+
+#: Disc positions (mm along the column) of the sacrum's top, L5/S1 ... T12/L1 with L3 crushed by
+#: about 45 %: its segment (disc to disc) is 21 mm between segments of 34-37 mm.
+CRUSHED_L3 = [0.0, 37.0, 71.0, 92.0, 128.0, 164.0]
+
+
+def test_disc_chain_keeps_the_short_segment_of_a_crushed_vertebra():
+    """A crushed body's short segment, bounded by a weak disc, beats a spurious dip in its middle.
+
+    The candidates of the example CT with L3 crushed by 45 %: the dip at the
+    crushed body's mid-height (82 mm, 42 HU) would make two long segments of
+    45 and 46 mm; the weak disc above the crushed body (92 mm, 38 HU) makes one
+    short segment (0.6 of its neighbours) instead, and the levels count right.
+    """
+    positions = [0.0, 37.0, 71.0, 82.0, 92.0, 128.0, 164.0]
+    depths = [90.0, 145.0, 76.0, 42.0, 38.0, 84.0, 51.0]
+    chosen = disc_chain(positions, depths)
+    assert [positions[i] for i in chosen] == CRUSHED_L3
+    # segments above the discs: sacrum, L5, L4, L3 (short), L2, L1, T12 -- the anchors agree
+    labels, conf, _ = name_levels(len(chosen) + 1, 0, len(chosen))
+    assert [labels[i] for i in range(len(chosen) + 1)] == [26, 24, 23, 22, 21, 20, 19]
+    assert conf == 0.9
+
+
+def test_disc_chain_does_not_split_low_density_bodies_into_short_segments():
+    """Mid-body dips of osteoporotic bodies (half a segment from the discs) never pass for fractures.
+
+    The candidates of the example CT with every core at -120 HU: the dips
+    of L3 and L2 (231 and 266 mm) are deeper than the L2/L3 disc (249 mm);
+    taking them would need short segments of about half a segment, or two
+    short segments one normal segment apart.
+    """
+    positions = [140.0, 177.0, 197.0, 213.0, 223.0, 231.0, 249.0, 266.0, 286.0, 320.0]
+    depths = [90.0, 124.0, 40.0, 81.0, 24.0, 54.0, 65.0, 74.0, 46.0, 42.0]
+    assert [positions[i] for i in disc_chain(positions, depths)] == [140.0, 177.0, 213.0, 249.0, 286.0, 320.0]
+    # the same with a phase shift of half a segment: two dips around one disc
+    positions = [0.0, 36.0, 54.0, 72.0, 90.0, 108.0, 144.0]
+    depths = [60.0, 60.0, 75.0, 40.0, 75.0, 60.0, 60.0]
+    assert disc_chain(positions, depths) == [0, 1, 3, 5, 6]
+
+
+def test_disc_chain_extends_past_a_fractured_top_vertebra_only_when_the_column_goes_on():
+    """At the cranial end a weak disc above a wedge-compressed body is taken when the view goes on past it."""
+    positions = [0.0, 37.0, 71.0, 107.0, 143.0, 169.0]  # 26 mm: L1 wedge-compressed
+    depths = [90.0, 145.0, 158.0, 121.0, 120.0, 26.0]
+    assert disc_chain(positions, depths) == [0, 1, 2, 3, 4]  # without the field of view: the regular chain
+    # 54 mm of column beyond the last regular disc: more than one vertebra, so a disc lies in it
+    assert disc_chain(positions, depths, cranial_end_mm=197.0) == [0, 1, 2, 3, 4, 5]
+    # 30 mm beyond: one vertebra, the open segment may be whole: nothing added
+    assert disc_chain(positions, depths, cranial_end_mm=173.0) == [0, 1, 2, 3, 4]
+    # a mid-body dip (half a segment) is not a short segment at the end
+    positions[-1] = 161.0
+    assert disc_chain(positions, depths, cranial_end_mm=197.0) == [0, 1, 2, 3, 4]
+
+
+def test_disc_chain_prefers_regular_discs_to_a_phase_shift_through_one_short_segment():
+    """In a low-density spine the mid-body dips form a regular chain too, half a segment off the discs'.
+
+    One short segment (0.65) would shift the chain onto the dips (the
+    candidates of the example CT with every core at -80 HU and L2 wedged by
+    45 %); the dips are a little deeper than the discs, but not by the cost
+    of a fracture.
+    """
+    positions = [116.6, 140.1, 176.6, 197.0, 211.0, 233.3, 249.5, 266.0, 284.5, 296.6, 312.6]
+    depths = [36.0, 90.0, 148.0, 38.0, 97.0, 49.0, 46.0, 58.0, 77.0, 59.0, 38.0]
+    assert [positions[i] for i in disc_chain(positions, depths)] == [140.1, 176.6, 211.0, 249.5, 284.5, 312.6]
+
+
+def test_unexplained_spacing_jump():
+    assert unexplained_spacing_jump([37.0, 34.0, 40.0, 36.0, 34.0]) is None  # the example CT, S1 to T12
+    assert unexplained_spacing_jump([37.0, 34.0, 21.0, 36.0, 36.0]) is None  # L3 crushed: down and back up
+    assert unexplained_spacing_jump([37.0, 36.0, 34.0, 26.0]) is None  # a wedge-compressed top vertebra
+    # a disc missed and a mid-body dip taken instead: the spacing falls by 30 % and stays there
+    assert unexplained_spacing_jump([37.0, 36.0, 34.0, 24.0, 27.0]) == 3
+    assert unexplained_spacing_jump([34.0, 50.0, 36.0]) == 1  # two segments merged
+    labels, conf, method = name_levels(7, 0, 6, spacings_mm=[37.0, 36.0, 34.0, 24.0, 27.0])
+    assert labels[6] == 19 and conf == 0.4 and "UNCERTAIN" in method
+    assert name_levels(7, 0, 6, spacings_mm=[37.0, 34.0, 21.0, 36.0, 36.0])[1] == 0.9
+
+
+def test_is_short_segment():
+    assert is_short_segment(21.0, 34.0, 36.0)  # crushed by 45 %: 0.6 of its neighbours
+    assert is_short_segment(29.0, 36.0)  # wedge: 0.8
+    assert not is_short_segment(17.0, 34.0, 36.0)  # a mid-body dip: half a segment
+    assert not is_short_segment(32.0, 36.0)  # within the normal change of spacing
+    assert not is_short_segment(13.0, 24.0)  # shorter than any body and disc
+
+
+def test_reference_height_ignores_a_fractured_neighbour():
+    """An open segment's neighbours: the median of three, so a crushed neighbour does not lower it."""
+    heights = [None, 28.0, 27.0, 26.0, 15.0, None]  # sacrum (open), L5..L2, L1 crushed, T12 open
+    assert reference_height(heights, 5) == 26.0
+    assert reference_height([None, None], 1) == np.inf
+    assert open_segment_extent(20.0, 26.0) == "cut"  # 20 mm of T12 in view: cut by the field of view
+    assert open_segment_extent(24.0, 26.0) == "whole"
+    assert open_segment_extent(48.0, 26.0) == "more than one vertebra"  # a disc in it was not found
+
+
+def test_partial_end_slices_of_a_field_of_view_padded_with_air():
+    area = np.full(60, 18000.0)
+    area[-4:] = [10000.0, 9500.0, 7800.0, 5800.0]  # the spine's side of the top slices is outside the scan
+    area[:2] = [17500.0, 17800.0]  # a slowly changing cross-section is not partial
+    out = partial_end_slices(area, 2.0)
+    assert out[-4:].all() and not out[:-4].any()
+    assert not partial_end_slices(area[:10], 2.0).any()  # too short to judge
+
+
 # ------------------------------------------------------------------ level naming (pure)
 
 def test_name_levels_from_both_anchors():
@@ -440,6 +561,20 @@ def test_name_levels_from_both_anchors():
 def test_name_levels_disagreeing_anchors_count_from_the_sacrum():
     labels, conf, method = name_levels(8, 0, 7)  # six mobile segments between: L6 or a missed rib
     assert labels[1] == 24 and labels[5] == 20 and conf == 0.4 and "DISAGREE" in method
+
+
+def test_caudal_anchor_between_a_residual_s1_s2_disc_and_the_lumbosacral_disc():
+    assert caudal_anchor(True, False, {0: True}) == (0, False)
+    assert caudal_anchor(False, True, {1: True}) == (1, False)  # the lowest notch lies inside the sacrum
+    assert caudal_anchor(None, True, {1: True}) == (None, False)  # no test below the lowest: L5 may be flanked
+    assert caudal_anchor(False, False, {}) == (None, False)
+    # both pass (a residual S1/S2 disc, or L5 between high iliac crests): the cranial anchor decides,
+    # and taking the next disc on its word alone is uncertain
+    assert caudal_anchor(True, True, {0: True, 1: False}) == (0, False)
+    assert caudal_anchor(True, True, {0: False, 1: False}) == (0, False)
+    assert caudal_anchor(True, True, {0: False, 1: True}) == (1, True)
+    labels, conf, method = name_levels(7, 0, 6, caudal_ambiguous=True)
+    assert labels[1] == 24 and labels[6] == 19 and conf == 0.4 and "UNCERTAIN" in method
 
 
 def test_name_levels_single_anchor_and_none():
