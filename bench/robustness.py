@@ -387,7 +387,8 @@ def grid_512_volume() -> Volume:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--only", metavar="PATTERN", help="variants whose name matches one of these comma-separated globs or substrings")
+    parser.add_argument("--only", metavar="PATTERN",
+                        help="variants whose name matches one of these comma-separated globs or substrings")
     parser.add_argument("--out", type=Path, metavar="FILE.md", help="also write the table and summary as markdown")
     parser.add_argument("--repeats-512", type=int, default=None,
                         help="segmentations of the 512 x 512 x 300 grid (default 3, --quick 1, 0 to skip)")
