@@ -25,11 +25,12 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    is the valley with bone before (>= 25 HU higher within 6 mm) and after it
    (>= 35 HU higher within 7 mm: the acetabulum) nearest to the median of the
    rays' deepest valleys, which is the joint radius (17-32 mm: adult heads are
-   40-55 mm wide). A ray that reaches soft tissue first within 4 mm of that
-   radius (``FREE_BELOW_MM`` below the head's equator, where the acetabulum
-   does not cover the head and the head widens into the neck) leaves through
-   the free surface of the head and is cut just beyond;
-   other rays are cut at the median radius. The centre is then refitted to the
+   40-55 mm wide). Below the head's equator, where the acetabulum does not
+   cover the head and the head widens into the neck, a ray that reaches soft
+   tissue first leaves through the free surface of the head or neck and is
+   cut just beyond; other rays are cut at the median radius (above the
+   equator soft tissue beyond a ray's end of bone is the pelvis seen through
+   the thin medial acetabular wall, not the head's surface). The centre is then refitted to the
    joint points (trimmed least squares) and the rays recast, three times; of
    these centres the one from which the most rays see the joint space (the
    support) is kept, as a refit can drift onto valleys of noise. A hip needs
@@ -116,8 +117,6 @@ HEAD_RADIUS_MM = (17.0, 32.0)
 NECK_CONE_DEG = 60.0
 #: Radius (mm) of the closing that bridges gaps in the thin cortex of the femoral neck and trochanters.
 CLOSING_MM = 6.0
-#: Below the head's equator, how far (mm) beyond the joint radius a ray without joint space may reach soft tissue.
-FREE_BELOW_MM = 12.0
 #: Fraction of the rays outside the neck cone that must see the joint space for a hip to be accepted.
 MIN_JOINT_SUPPORT = 0.25
 
@@ -211,10 +210,10 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     On each ray (1 mm radial samples, 8-40 mm, of the smoothed coarse image) the
     joint space is the deepest valley 12-40 mm out with bone before it (>= 25 HU
     higher within 6 mm) and after it (>= 35 HU higher within 7 mm: the acetabulum). The head
-    radius is the median of these radii. A ray that reaches soft tissue (< 80 HU)
-    before any joint space and within 4 mm of the median radius leaves the head
-    through its free surface: it is cut 2 mm beyond that. Other rays whose valley is
-    more than 7 mm from the median, or that have none, are cut at the median
+    radius is the median of these radii. A ray below the head's equator that reaches soft
+    tissue (< 80 HU) before any joint space leaves the head or neck through its free
+    surface: it is cut 2 mm beyond that (not before the median radius). Other rays whose
+    valley is more than 7 mm from the median, or that have none, are cut at the median
     radius. Rays within ``NECK_CONE_DEG`` of the neck are not cut.
     """
     radii = np.arange(8.0, 41.0, 1.0)
@@ -246,11 +245,11 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     r_valley = radii[np.argmin(np.where(valley, np.abs(radii - radius), np.inf), axis=-1)]
     good = joint & (np.abs(r_valley - radius) <= 7.0)
     r_soft = radii[np.minimum(i_soft, len(radii) - 1)] + 2.0
-    # soft tissue right at the head surface; below the head's equator the acetabulum does not
-    # cover the head (acetabular notch), and the head widens into the neck: the bone goes on
-    # to the first soft tissue within ``FREE_BELOW_MM`` of the joint radius
-    reach = np.where(_RAYS[..., 0] < 0.0, FREE_BELOW_MM, 6.0)
-    free = (i_soft < len(radii)) & (r_soft <= radius + reach)
+    # below the head's equator the acetabulum does not cover the head (acetabular notch) and the
+    # head widens into the neck: the bone goes on to the first soft tissue (its free surface).
+    # Above it the acetabulum covers the head; soft tissue there is the pelvis beyond the thin
+    # medial wall (acetabular fossa), which a ray without joint space must not reach
+    free = (_RAYS[..., 0] < 0.0) & (i_soft < len(radii))
     cut = np.where(good, r_valley, np.where(free, np.maximum(r_soft, radius), radius))
     cut = ndi.median_filter(cut, size=3, mode="wrap")
     cut[~outside] = np.inf
