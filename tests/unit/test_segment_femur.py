@@ -17,6 +17,7 @@ from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation
 from osteonode.segment.femur import (
     METAL_HU,
+    _interpolated_to_native,
     _joint_centre,
     _joint_cut,
     _neck_axis,
@@ -25,6 +26,7 @@ from osteonode.segment.femur import (
     metal_cm3_near,
     segment_proximal_femurs,
 )
+from osteonode.segment.frame import coarse_to_native
 from osteonode.volume import Volume
 from tests.conftest import DATA, require_data
 
@@ -211,3 +213,24 @@ def test_joint_centre_finds_a_synthetic_hip_from_an_offset_start():
     centre = _joint_centre(np.clip(img, -100.0, 700.0), HIP_CENTRE + [10.0, -8.0, 6.0], np.zeros(3), 2.0)
     assert centre is not None
     assert np.linalg.norm(centre - HIP_CENTRE) <= 2.0
+
+
+def test_interpolated_to_native_follows_the_boundary_for_any_grid_phase():
+    """A 40 mm ball on the 2 mm grid, copied to 3 mm and 0.8 mm grids shifted by a fraction of a voxel,
+    against the ball sampled directly on those grids: closer than the nearest-neighbour copy."""
+    idx = np.indices((30, 30, 30)).astype(float) * 2.0
+    ball = np.sqrt(((idx - 30.0) ** 2).sum(axis=0)) <= 20.0
+    crop = (slice(5, 35), slice(5, 35), slice(5, 35))  # the ball is this crop of a larger coarse array
+    same, same_sl = _interpolated_to_native(ball, crop, np.zeros(3), 2.0, np.full(3, 2.0), (50, 50, 50))
+    assert same_sl == crop and np.array_equal(same, ball)  # same grid: an exact copy
+    for spacing in (3.0, 0.8):
+        n = int(100 / spacing)
+        for shift in (0.0, 0.3, 0.5, 0.7):
+            offset = np.full(3, -shift * spacing)  # canonical mm of coarse index 0
+            ours, sl = _interpolated_to_native(ball, crop, offset, 2.0, np.full(3, spacing), (n, n, n))
+            nearest, sl_nearest = coarse_to_native(ball, crop, offset, 2.0, np.full(3, spacing), (n, n, n))
+            centre = (30.0 + 2.0 * 5) + offset  # canonical mm of the ball centre
+            truth = np.sqrt(((np.indices((n, n, n)) * spacing - centre[:, None, None, None]) ** 2).sum(axis=0)) <= 20.0
+            full, full_nearest = np.zeros_like(truth), np.zeros_like(truth)
+            full[sl], full_nearest[sl_nearest] = ours, nearest
+            assert dice(full, truth) >= max(0.95, dice(full_nearest, truth))
