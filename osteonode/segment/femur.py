@@ -210,6 +210,35 @@ def _neck_axis(lateral: float) -> np.ndarray:
     return axis / np.linalg.norm(axis)
 
 
+#: Smallest depth (HU) of the joint space in the mean radial profile of the upper head.
+JOINT_DIP_HU = 10.0
+
+
+def _joint_radius(profiles: np.ndarray, radii: np.ndarray) -> float | None:
+    """Joint radius (mm): the first dip of the mean of ``profiles`` ``(rays, radii)`` within ``HEAD_RADIUS_MM``.
+
+    ``profiles`` are HU along the rays above the head's equator outside the neck
+    cone, where the acetabulum covers the head, sampled at ``radii`` (mm, 1 mm
+    steps). From the head centre the joint space lies at one radius on all of
+    them, and the mean profile dips there by at least ``JOINT_DIP_HU`` below its
+    maxima within 6 mm on either side; the marrow valleys of the ilium beyond it
+    lie at different radii on different rays. On a single ray of a blurred
+    (tilted, scaled, resampled) image the joint valley can be shallower than the
+    marrow valley behind it, which made the median of the rays' deepest valleys
+    jump to the marrow (24 instead of 20 mm on the -10 degree coronal tilt of
+    ``bench/robustness.py``). ``None`` when the mean profile has no such dip.
+    """
+    if len(profiles) == 0:
+        return None
+    mean = profiles.mean(axis=0)
+    before = ndi.maximum_filter1d(mean, 7, origin=3)  # max over [r - 6, r]
+    after = ndi.maximum_filter1d(mean, 7, origin=-3)  # max over [r, r + 6]
+    in_range = (radii >= HEAD_RADIUS_MM[0]) & (radii <= HEAD_RADIUS_MM[1])
+    dip = in_range & (np.minimum(before, after) - mean >= JOINT_DIP_HU)
+    dip[1:-1] &= (mean[1:-1] <= mean[:-2]) & (mean[1:-1] <= mean[2:])
+    return float(radii[np.argmax(dip)]) if dip.any() else None
+
+
 def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray
                ) -> _Head | None:
     """Radius of the joint space on every ray from ``centre`` outside the neck cone.
@@ -217,7 +246,8 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     On each ray (1 mm radial samples, 8-40 mm, of the smoothed coarse image) the
     joint space is the deepest valley 12-40 mm out with bone before it (>= 25 HU
     higher within 6 mm) and after it (>= 35 HU higher within 7 mm: the acetabulum). The head
-    radius is the median of these radii. A ray below the head's equator that reaches soft
+    radius is that of :func:`_joint_radius`, or when it finds none the median of the rays'
+    deepest valleys; each ray takes its valley nearest to it. A ray below the head's equator that reaches soft
     tissue (< 80 HU) before any joint space leaves the head or neck through its free
     surface: it is cut 2 mm beyond that (not before the median radius). Other rays whose
     valley is more than 7 mm from the median, or that have none, are cut at the median
@@ -243,10 +273,13 @@ def _joint_cut(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float,
     joint = has & outside
     if joint.sum() < 30:
         return None
-    # the head radius: median of the deepest valley of each ray; then on each ray the
+    # the head radius: the first dip of the mean profile of the rays above the equator (see
+    # _joint_radius), else the median of the deepest valley of each ray; then on each ray the
     # valley nearest to it (a marrow valley of the ilium beyond the joint is not taken)
-    deepest = radii[np.argmax(np.where(valley, depth, -np.inf), axis=-1)]
-    radius = float(np.median(deepest[joint]))
+    radius = _joint_radius(prof[outside & (_RAYS[..., 0] > 0.0)], radii)
+    if radius is None:
+        deepest = radii[np.argmax(np.where(valley, depth, -np.inf), axis=-1)]
+        radius = float(np.median(deepest[joint]))
     if not HEAD_RADIUS_MM[0] <= radius <= HEAD_RADIUS_MM[1]:
         return None
     r_valley = radii[np.argmin(np.where(valley, np.abs(radii - radius), np.inf), axis=-1)]
