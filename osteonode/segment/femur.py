@@ -23,9 +23,11 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    candidate.
 3. **Joint surface, ray by ray**: on 1860 rays (6 degree grid) the joint space
    is the valley with bone before (>= 25 HU higher within 6 mm) and after it
-   (>= 35 HU higher within 7 mm: the acetabulum) nearest to the median of the
-   rays' deepest valleys, which is the joint radius (17-32 mm: adult heads are
-   40-55 mm wide). Below the head's equator, where the acetabulum does not
+   (>= 35 HU higher within 7 mm: the acetabulum) nearest to the joint radius
+   (17-32 mm: adult heads are 40-55 mm wide): the first dip of the mean radial
+   profile of the rays above the head's equator (the joint lies at one radius
+   on all of them, the ilium's marrow valleys behind it do not), or without
+   such a dip the median of the rays' deepest valleys. Below the head's equator, where the acetabulum does not
    cover the head and the head widens into the neck, a ray that reaches soft
    tissue first leaves through the free surface of the head or neck and is
    cut just beyond; other rays are cut at the median radius (above the

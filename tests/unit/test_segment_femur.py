@@ -20,6 +20,7 @@ from osteonode.segment.femur import (
     _interpolated_to_native,
     _joint_centre,
     _joint_cut,
+    _joint_radius,
     _neck_axis,
     _ray_index,
     _solid,
@@ -234,3 +235,20 @@ def test_interpolated_to_native_follows_the_boundary_for_any_grid_phase():
             full, full_nearest = np.zeros_like(truth), np.zeros_like(truth)
             full[sl], full_nearest[sl_nearest] = ours, nearest
             assert dice(full, truth) >= max(0.95, dice(full_nearest, truth))
+
+
+def test_joint_radius_is_the_coherent_dip_not_the_deepest_valley():
+    """Every ray: head bone (300 HU), a joint space at 21 mm 40 HU deep, acetabulum (450 HU), then a
+    marrow valley 150 HU deep at a radius of its own (30-38 mm): on each ray the deeper valley."""
+    radii = np.arange(8.0, 41.0, 1.0)
+    rng = np.random.default_rng(0)
+    profiles = []
+    for marrow in rng.uniform(30.0, 38.0, 200):
+        p = np.where(radii < 23.0, 300.0, 450.0)
+        p -= 40.0 * np.exp(-0.5 * ((radii - 21.0) / 1.2) ** 2)
+        p -= 150.0 * np.exp(-0.5 * ((radii - marrow) / 1.5) ** 2)
+        profiles.append(p)
+    profiles = np.array(profiles)
+    assert _joint_radius(profiles, radii) == 21.0
+    assert _joint_radius(np.full((10, len(radii)), 300.0), radii) is None
+    assert _joint_radius(np.empty((0, len(radii))), radii) is None
