@@ -10,18 +10,32 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy import ndimage as ndi
 
 from bench.segmentation import crop_below, dice, example_image, noisy, on_reference_grid, reversed_axes, thin
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation
-from osteonode.segment.femur import METAL_HU, _solid, metal_cm3_near, segment_proximal_femurs
+from osteonode.segment.femur import (
+    METAL_HU,
+    _interpolated_to_native,
+    _joint_centre,
+    _joint_cut,
+    _joint_radius,
+    _neck_axis,
+    _ray_index,
+    _solid,
+    metal_cm3_near,
+    segment_proximal_femurs,
+)
+from osteonode.segment.frame import coarse_to_native
 from osteonode.volume import Volume
 from tests.conftest import DATA, require_data
 
 ABDOMEN = DATA / "totalseg-example-abdomen"
 CTA = DATA / "totalseg-thoracic-cta-crop" / "ct_cropped.nii.gz"
-#: The target, met by every variant. Measured (bench/segmentation.py): 0.870 as given, 0.873 at
-#: 0.8 x 0.8 x 1.25 mm, 0.866 on 512 x 512 x 300, 0.853-0.866 with 35 HU noise (seeds 0-7; 0.866 for seed 0).
+#: The target, met by every variant. Measured (in memory, with bench.segmentation's thin/noisy and
+#: bench.robustness.grid_512_volume): 0.884 as given, 0.885 at 0.8 x 0.8 x 1.25 mm, 0.878 on 512 x 512 x 300,
+#: 0.867-0.875 with 35 HU noise (seeds 0-5; 0.867 for seed 0).
 MIN_DICE = 0.85
 
 
@@ -138,3 +152,104 @@ def test_solid_closes_the_marrow_at_the_image_border():
     solid = _solid(cortex, np.full(3, 2.0), np.zeros(shape, bool), ((True, False), (False, False), (False, False)))
     assert solid[:22][marrow[:22]].all()
     assert not solid[25:].any()
+
+
+#: Synthetic right hip on a 2 mm canonical (s, a, l) grid: head centre, head radius, joint space (mm).
+HIP_CENTRE = np.array([60.0, 60.0, 60.0])
+HEAD_MM, JOINT_MM = 20.0, 4.0
+
+
+def _unit(s: float, a: float, lat: float) -> np.ndarray:
+    v = np.array([s, a, lat])
+    return v / np.linalg.norm(v)
+
+
+def _synthetic_hip() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A head (300 HU) and neck in an acetabulum (450 HU) over its upper part, in muscle (40 HU).
+
+    Two details of real hips: medially above the equator the joint space is not
+    resolved and a thin plate (the medial acetabular wall) has soft tissue
+    right behind it (2 mm); below the equator, outside the neck, a bony process of the
+    femur (lesser-trochanter-like) runs out to 36 mm. Returns the image, the
+    unit direction into the plate and the one along the process.
+    """
+    n = 60
+    d = np.indices((n, n, n)).astype(float) * 2.0 - HIP_CENTRE[:, None, None, None]
+    r = np.sqrt((d ** 2).sum(axis=0))
+    neck = _neck_axis(-1.0)
+    along = np.tensordot(neck, d, axes=1)
+    img = np.full((n, n, n), 40.0, np.float32)
+    img[(r > HEAD_MM + JOINT_MM) & (r < 34) & (d[0] > -0.4 * r) & (along < 0.6 * r)] = 450.0
+    img[r <= HEAD_MM] = 300.0
+    img[(along > 0) & (r ** 2 - along ** 2 < 14 ** 2)] = 300.0
+    plate = _unit(0.5, 0.0, 1.0)  # supero-medial (+l is medial for a right hip)
+    in_plate = np.tensordot(plate, d, axes=1) > 0.93 * r
+    img[in_plate & (r > HEAD_MM) & (r <= HEAD_MM + 2.0)] = 300.0  # no visible joint space there
+    img[in_plate & (r > HEAD_MM + 2.0)] = 40.0  # soft tissue right behind the plate
+    process = _unit(-0.6, -0.7, 0.4)  # infero-postero-medial, outside the neck cone
+    img[(np.tensordot(process, d, axes=1) > 0.97 * r) & (r <= 36.0)] = 300.0
+    return img, plate, process
+
+
+def test_joint_cut_stops_at_the_joint_above_the_equator_and_follows_the_femur_below():
+    img, plate, process = _synthetic_hip()
+    neck = _neck_axis(-1.0)
+    assert plate @ neck < np.cos(np.radians(60.0)) and process @ neck < np.cos(np.radians(60.0))
+    head = _joint_cut(ndi.gaussian_filter(img, 0.7), HIP_CENTRE, np.zeros(3), 2.0, neck)
+    assert head is not None
+    assert abs(head.radius - (HEAD_MM + JOINT_MM / 2.0)) <= 1.5
+    assert head.support >= 0.25
+
+    def cut_along(direction: np.ndarray) -> float:
+        ip, ia = _ray_index(*(np.atleast_1d(v) for v in direction), np.ones(1))
+        return float(head.cut_mm[ip[0], ia[0]])
+
+    # above the equator, soft tissue beyond the thin medial wall is not the head's surface
+    assert cut_along(plate) <= head.radius + 1.0
+    # below it, the femur goes on to its free surface
+    assert cut_along(process) >= 36.0
+
+
+def test_joint_centre_finds_a_synthetic_hip_from_an_offset_start():
+    img, _, _ = _synthetic_hip()
+    centre = _joint_centre(np.clip(img, -100.0, 700.0), HIP_CENTRE + [10.0, -8.0, 6.0], np.zeros(3), 2.0)
+    assert centre is not None
+    assert np.linalg.norm(centre - HIP_CENTRE) <= 2.0
+
+
+def test_interpolated_to_native_follows_the_boundary_for_any_grid_phase():
+    """A 40 mm ball on the 2 mm grid, copied to 3 mm and 0.8 mm grids shifted by a fraction of a voxel,
+    against the ball sampled directly on those grids: closer than the nearest-neighbour copy."""
+    idx = np.indices((30, 30, 30)).astype(float) * 2.0
+    ball = np.sqrt(((idx - 30.0) ** 2).sum(axis=0)) <= 20.0
+    crop = (slice(5, 35), slice(5, 35), slice(5, 35))  # the ball is this crop of a larger coarse array
+    same, same_sl = _interpolated_to_native(ball, crop, np.zeros(3), 2.0, np.full(3, 2.0), (50, 50, 50))
+    assert same_sl == crop and np.array_equal(same, ball)  # same grid: an exact copy
+    for spacing in (3.0, 0.8):
+        n = int(100 / spacing)
+        for shift in (0.0, 0.3, 0.5, 0.7):
+            offset = np.full(3, -shift * spacing)  # canonical mm of coarse index 0
+            ours, sl = _interpolated_to_native(ball, crop, offset, 2.0, np.full(3, spacing), (n, n, n))
+            nearest, sl_nearest = coarse_to_native(ball, crop, offset, 2.0, np.full(3, spacing), (n, n, n))
+            centre = (30.0 + 2.0 * 5) + offset  # canonical mm of the ball centre
+            truth = np.sqrt(((np.indices((n, n, n)) * spacing - centre[:, None, None, None]) ** 2).sum(axis=0)) <= 20.0
+            full, full_nearest = np.zeros_like(truth), np.zeros_like(truth)
+            full[sl], full_nearest[sl_nearest] = ours, nearest
+            assert dice(full, truth) >= max(0.95, dice(full_nearest, truth))
+
+
+def test_joint_radius_is_the_coherent_dip_not_the_deepest_valley():
+    """Every ray: head bone (300 HU), a joint space at 21 mm 40 HU deep, acetabulum (450 HU), then a
+    marrow valley 150 HU deep at a radius of its own (30-38 mm): on each ray the deeper valley."""
+    radii = np.arange(8.0, 41.0, 1.0)
+    rng = np.random.default_rng(0)
+    profiles = []
+    for marrow in rng.uniform(30.0, 38.0, 200):
+        p = np.where(radii < 23.0, 300.0, 450.0)
+        p -= 40.0 * np.exp(-0.5 * ((radii - 21.0) / 1.2) ** 2)
+        p -= 150.0 * np.exp(-0.5 * ((radii - marrow) / 1.5) ** 2)
+        profiles.append(p)
+    profiles = np.array(profiles)
+    assert _joint_radius(profiles, radii) == 21.0
+    assert _joint_radius(np.full((10, len(radii)), 300.0), radii) is None
+    assert _joint_radius(np.empty((0, len(radii))), radii) is None
