@@ -87,7 +87,7 @@ def test_biconcave_graded(depth, grade):
     volume, seg = _spine(_biconcave(depth))
     m = grade_levels(volume, seg)["L2"]
     h = _biconcave(depth)
-    # median over the sagittal planes 0 and ±3 mm: the off-centre planes set it (radial offset 3 mm)
+    # median over the five sagittal planes 0, ±3 and ±6 mm: the ±3 mm planes set it (radial offset 3 mm)
     expected = h(0.0, 3.0) / h(-0.8 * RADIUS, np.hypot(0.8 * RADIUS, 3.0))
     assert m.height_ratios["middle_posterior"] == pytest.approx(expected, abs=0.03)
     assert m.height_ratios["anterior_posterior"] == pytest.approx(1.0, abs=0.03)
