@@ -18,8 +18,8 @@ Each body of the label map is measured in its own frame, in patient space
   perpendicular to both, pointing to patient anterior.
 
 The label map (nearest neighbour) and the CT (linear) are sampled every
-0.5 mm on three sagittal planes through the centroid and 3 mm to either side
-(mid-sagittal). On each plane, every anterior-posterior column of the body
+0.5 mm on five sagittal planes through the centroid and 3 and 6 mm to either
+side (mid-sagittal). On each plane, every anterior-posterior column of the body
 gives a height: between the outer edges of its two endplates, each found on
 the image next to the label map's boundary (:func:`endplate_edge`: the
 steepest fall from the endplate to the disc, within 4 mm inside and 5 mm
@@ -36,9 +36,13 @@ tall):
 * middle height ``Hm``: 45-55 % of ``D``,
 * posterior height ``Hp``: 5-15 % of ``D`` in front of the posterior margin,
 
-each the median over the window's columns on the three planes (the 5 % keep
-the rounded corners and the cortical rim out, as the six-point placement of
-morphometry does; the median, a wrong edge in a few columns).
+each the median over the five planes of the median over the window's columns
+on that plane (the 5 % keep the rounded corners and the cortical rim out, as
+the six-point placement of morphometry does; the median over the columns, a
+wrong edge in a few columns; the median over the planes, a label map that
+lacks a corner of the body on up to two planes -- a low-density body is
+under-segmented in patches, and a short window there would be graded as a
+fracture).
 
 Grading
 -------
@@ -80,7 +84,7 @@ log = logging.getLogger(__name__)
 #: Sampling step on the sagittal planes, mm.
 STEP_MM = 0.5
 #: Lateral offsets (mm) of the sagittal planes from the body centroid.
-PLANE_OFFSETS_MM = (-3.0, 0.0, 3.0)
+PLANE_OFFSETS_MM = (-6.0, -3.0, 0.0, 3.0, 6.0)
 #: Fractions of the body depth, from the anterior margin, of the three height windows.
 WINDOWS = {"anterior": (0.05, 0.15), "middle": (0.45, 0.55), "posterior": (0.85, 0.95)}
 #: Columns shorter than this fraction of the median column height do not set the body's margins.
@@ -264,13 +268,13 @@ def _heights(volume: Volume, mask: np.ndarray, centre: np.ndarray,
                    for name, (f0, f1) in WINDOWS.items()}
         if not all(sel.any() for sel in windows.values()):
             continue
-        per_plane.append({name: [_column_height(hu[col], inside[col]) for col in cols[sel]]
+        per_plane.append({name: float(np.median([_column_height(hu[col], inside[col]) for col in cols[sel]]))
                           for name, sel in windows.items()})
     if not per_plane:
         return None
-    # the median over every column of the window on the three planes: a wrong edge in a few columns
-    # (a bright focus, a vessel, noise) does not move it
-    return {name: float(np.median([h for p in per_plane for h in p[name]])) for name in WINDOWS}
+    # the median over the planes of each plane's median: a plane on which the label map lacks a
+    # corner (under-segmentation at low density) is outvoted by the others
+    return {name: float(np.median([p[name] for p in per_plane])) for name in WINDOWS}
 
 
 def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, GenantMeasurement]:

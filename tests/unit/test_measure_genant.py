@@ -87,7 +87,7 @@ def test_biconcave_graded(depth, grade):
     volume, seg = _spine(_biconcave(depth))
     m = grade_levels(volume, seg)["L2"]
     h = _biconcave(depth)
-    # median over the sagittal planes 0 and ±3 mm: the off-centre planes set it (radial offset 3 mm)
+    # median over the five sagittal planes 0, ±3 and ±6 mm: the ±3 mm planes set it (radial offset 3 mm)
     expected = h(0.0, 3.0) / h(-0.8 * RADIUS, np.hypot(0.8 * RADIUS, 3.0))
     assert m.height_ratios["middle_posterior"] == pytest.approx(expected, abs=0.03)
     assert m.height_ratios["anterior_posterior"] == pytest.approx(1.0, abs=0.03)
@@ -102,6 +102,20 @@ def test_crush_graded_against_neighbours(fraction, grade):
     assert m.reference_posterior_mm == pytest.approx(HEIGHT, abs=0.6)
     assert m.height_ratios["posterior_reference"] == pytest.approx(fraction, abs=0.03)
     assert m.genant_grade == grade
+
+
+def test_label_map_lacking_a_corner_on_two_planes_is_outvoted():
+    """A posterior-superior corner missing from the label map on the planes -3 and 0 mm (a patch of an
+    osteoporotic body left out by the segmentation) does not shorten the posterior height: the median
+    over the five sagittal planes is that of the three intact ones. No false fracture."""
+    volume, seg = _spine()
+    lr, post, sup = volume.index_to_lps(np.indices(seg.bodies.shape).reshape(3, -1).T).T.reshape(3, *seg.bodies.shape)
+    l2_top = sup[seg.bodies == VERTEBRA_IDS["L2"]].max()
+    notch = (seg.bodies == VERTEBRA_IDS["L2"]) & (post > 10.0) & (sup > l2_top - 10.0) & (lr > -4.6) & (lr < 1.6)
+    bodies = np.where(notch, 0, seg.bodies).astype(np.uint8)
+    m = grade_levels(volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))["L2"]
+    assert m.height_posterior_mm == pytest.approx(HEIGHT, abs=0.6)
+    assert m.genant_grade == 0
 
 
 #: Tolerance (mm) of a height measured on the image: the steepest fall of a thin (1.5 mm) endplate
