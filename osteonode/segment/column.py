@@ -100,8 +100,13 @@ FRACTURE_COST_HU = 60.0
 
 
 #: The open segment beyond the last disc holds one vertebra at most when no longer than this
-#: multiple of the last spacing (spacings change by less than 10 % from level to level).
+#: multiple of the last spacing (spacings change by less than 10 % from level to level) ...
 OPEN_SEGMENT_MAX = 1.15
+
+
+#: ... unless a short (fractured) segment's disc lies in it with at least this fraction of a segment
+#: (its disc and part of the next body) in view above that disc.
+OPEN_BEYOND_SHORT = 0.3
 
 
 #: An end slice whose patient cross-section is smaller than this fraction of the slices just
@@ -507,7 +512,9 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
     last disc: when the column in view beyond the chain's last disc
     (``cranial_end_mm``) is longer than ``OPEN_SEGMENT_MAX`` times the last
     spacing -- more than one vertebra, so a disc there was missed -- a
-    candidate beyond it is added (:func:`_cranial_extension`).
+    candidate beyond it is added, and a short segment's disc also when the
+    column is shorter but goes on above it (a crushed top vertebra;
+    :func:`_cranial_extension`).
 
     Parameters
     ----------
@@ -603,23 +610,31 @@ def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], e
     ``OPEN_SEGMENT_MAX`` times the last spacing) beyond the last disc; if
     there is none, the deepest a short one (``OPEN_SHORT_MIN`` to
     ``FRACTURE_SPACING[1]``: with one neighbour only, a mid-body dip near 0.5
-    is kept out by the stricter bound). As in the chain, at least two normal
-    segments lie between short ones (``after_short``: a short segment lies
-    just before the chain's last segment).
+    is kept out by the stricter bound). When the column in view beyond the
+    last disc is no longer than ``OPEN_SEGMENT_MAX`` times the last spacing
+    (one normal vertebra at most), only a short one, and only with
+    ``OPEN_BEYOND_SHORT`` of a segment still in view above it: a crushed top
+    vertebra, its disc and part of the vertebra above. As in the chain, at
+    least two normal segments lie between short ones (``after_short``: a
+    short segment lies just before the chain's last segment).
     """
     added: list[int] = []
     normal_since_short = 1 if after_short else 2
     while True:
         ends = chain + added
         top, spacing = ends[-1], pos[ends[-1]] - pos[ends[-2]]
-        if end_mm - pos[top] <= OPEN_SEGMENT_MAX * spacing:
-            return added
         windows = [(FRACTURE_SPACING[1], OPEN_SEGMENT_MAX)]
         if normal_since_short >= 2:
             windows.append((OPEN_SHORT_MIN, FRACTURE_SPACING[1]))
+        # no more than one normal vertebra in view beyond the last disc: only a fractured one's disc,
+        # with at least OPEN_BEYOND_SHORT of a segment in view above it
+        one_vertebra = end_mm - pos[top] <= OPEN_SEGMENT_MAX * spacing
+        if one_vertebra:
+            windows = windows[1:]
         for low, high in windows:
             beyond = [k for k in range(top + 1, len(pos)) if low * spacing <= pos[k] - pos[top] <= high * spacing
-                      and pos[k] - pos[top] >= SHORT_SEGMENT_MM]
+                      and pos[k] - pos[top] >= SHORT_SEGMENT_MM
+                      and (not one_vertebra or end_mm - pos[k] >= OPEN_BEYOND_SHORT * spacing)]
             if beyond:
                 added.append(max(beyond, key=lambda k: depth[k]))
                 normal_since_short = 0 if high == FRACTURE_SPACING[1] else normal_since_short + 1

@@ -493,6 +493,9 @@ def test_disc_chain_extends_past_a_fractured_top_vertebra_only_when_the_column_g
     assert disc_chain(positions, depths, cranial_end_mm=197.0) == [0, 1, 2, 3, 4, 5]
     # 30 mm beyond: one vertebra, the open segment may be whole: nothing added
     assert disc_chain(positions, depths, cranial_end_mm=173.0) == [0, 1, 2, 3, 4]
+    # 40 mm beyond (under one segment and a bit): the crushed body's disc, with 11 mm of the vertebra above
+    # it in view, is taken (a crushed top vertebra would otherwise be an open segment of two vertebrae)
+    assert disc_chain(positions, depths, cranial_end_mm=183.0) == [0, 1, 2, 3, 4, 5]
     # a mid-body dip (half a segment) is not a short segment at the end
     positions[-1] = 161.0
     assert disc_chain(positions, depths, cranial_end_mm=197.0) == [0, 1, 2, 3, 4]
