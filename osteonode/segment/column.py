@@ -99,6 +99,11 @@ OPEN_SHORT_MIN = 0.58
 FRACTURE_COST_HU = 60.0
 
 
+#: A chain with a short segment is ambiguous when the best chain without that segment scores within
+#: this much (HU of notch depth) of it (:func:`ambiguous_short_segments`).
+FRACTURE_AMBIGUITY_HU = 30.0
+
+
 #: The open segment beyond the last disc holds one vertebra at most when no longer than this
 #: multiple of the last spacing (spacings change by less than 10 % from level to level) ...
 OPEN_SEGMENT_MAX = 1.15
@@ -430,6 +435,7 @@ class Disc:
     lower: float  # coarse index of the lower boundary
     tilt_deg: float = 0.0  # tilt of the disc's plane about the left-right axis (plane_profile)
     arc_mm: float = 0.0  # position along the centreline's arc (mm), which measures the disc spacing
+    ambiguous: bool = False  # bounds a short (fractured) segment that another chain nearly explains
 
 
 def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> list[Disc]:
@@ -466,9 +472,9 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
     log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
               [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
     in_view = np.flatnonzero(valid)
-    chosen = disc_chain([float(arc_mm[z]) for z in cands], [float(notch[z]) for z in cands],
-                        float(arc_mm[in_view[-1]]) if in_view.size else None)
-    chosen = [cands[i] for i in chosen]
+    positions, depths = [float(arc_mm[z]) for z in cands], [float(notch[z]) for z in cands]
+    chosen = [cands[i] for i in disc_chain(positions, depths, float(arc_mm[in_view[-1]]) if in_view.size else None)]
+    doubtful = {cands[i] for i in ambiguous_short_segments(positions, depths)}
     discs = []
     for z in sorted(chosen):
         # boundaries: half-way between the disc minimum and the flanking maxima within 10 mm
@@ -485,7 +491,7 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
         while za < above_max and p[za + 1] < lvl_a:
             za += 1
         discs.append(Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5,
-                          tilt_deg=float(profile.tilt_deg[z]), arc_mm=float(arc_mm[z])))
+                          tilt_deg=float(profile.tilt_deg[z]), arc_mm=float(arc_mm[z]), ambiguous=z in doubtful))
     return discs
 
 
@@ -543,6 +549,22 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
     if n == 0:
         return []
     pos, depth = positions_mm, depths_hu
+    chain, _, _, after_short = _best_chain(pos, depth)
+    if cranial_end_mm is not None and len(chain) >= 2:
+        chain += _cranial_extension(pos, depth, chain, cranial_end_mm, after_short)
+    return chain
+
+
+def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple[int, int]] = frozenset()
+                ) -> tuple[list[int], float, list[tuple[int, int]], bool]:
+    """The chain of :func:`disc_chain` (before the cranial extension): indices, score, short segments.
+
+    ``forbidden``: short segments ``(h, i)`` (candidate indices) the chain may
+    not hold. Returns the chosen indices (ascending), the chain's score (summed
+    notch depths less the spacing penalties and fracture costs), its short
+    segments and whether one lies just before its last segment.
+    """
+    n = len(pos)
     lo, hi = SEGMENT_MM
     # state (i, j, after_short): the chain's last two discs (a normal segment), and whether a short
     # segment lies just before them; back: the state before (a short segment lies between them when
@@ -560,7 +582,8 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
                 before = pos[h] - pos[f]
                 if h == i:  # normal segment after normal segment
                     score, state = before_value + depth[j] - SPACING_PENALTY_HU_PER_MM2 * (gap - before) ** 2, False
-                elif h < i and not after_short and is_short_segment(pos[i] - pos[h], before, gap):
+                elif (h < i and not after_short and (h, i) not in forbidden
+                      and is_short_segment(pos[i] - pos[h], before, gap)):
                     # h -> i a short (fractured) segment, at least two normal segments after the last one
                     score = (before_value + depth[i] + depth[j] - FRACTURE_COST_HU
                              - SPACING_PENALTY_HU_PER_MM2 * (gap - before) ** 2)
@@ -574,20 +597,52 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
                     value[(i, j, state)], back[(i, j, state)] = score, arg
     single = int(np.argmax(depth))
     if not value or depth[single] >= max(value.values()):
-        return [single]
+        return [single], float(depth[single]), [], False
     last = max(value, key=lambda k: value[k])
-    chain = [last[1]]
+    chain, shorts = [last[1]], []
     key: tuple[int, int, bool] | None = last
     while key is not None:
         chain.append(key[0])
         before_key = back[key]
         if before_key is not None and before_key[1] != key[0]:
             chain.append(before_key[1])
+            shorts.append((before_key[1], key[0]))
         key = before_key
     chain.sort()
-    if cranial_end_mm is not None and len(chain) >= 2:
-        chain += _cranial_extension(pos, depth, chain, cranial_end_mm, last[2])
-    return chain
+    return chain, value[last], shorts, last[2]
+
+
+def ambiguous_short_segments(positions_mm: list[float], depths_hu: list[float]) -> set[int]:
+    """Candidates bounding a short (fractured) segment of the disc chain that another chain nearly explains.
+
+    A pure function. For each short segment of :func:`disc_chain`'s chain,
+    the best chain without it is found; when that one scores within
+    ``FRACTURE_AMBIGUITY_HU`` of the chain's score, the fracture may as well
+    lie elsewhere (a weak disc beside a dark, compressed body against a
+    mid-body dip of its neighbour), and the two candidates bounding it are
+    returned, so that the levels can be flagged uncertain rather than
+    confidently mis-bounded.
+
+    Parameters
+    ----------
+    positions_mm, depths_hu : list of float
+        As for :func:`disc_chain`.
+
+    Returns
+    -------
+    set of int
+        Candidate indices; empty when the chain holds no short segment or
+        every alternative is clearly worse.
+    """
+    if len(positions_mm) < 2:
+        return set()
+    _, score, shorts, _ = _best_chain(positions_mm, depths_hu)
+    out: set[int] = set()
+    for pair in shorts:
+        _, alternative, _, _ = _best_chain(positions_mm, depths_hu, frozenset([pair]))
+        if score - alternative < FRACTURE_AMBIGUITY_HU:
+            out.update(pair)
+    return out
 
 
 def is_short_segment(gap_mm: float, *neighbours_mm: float) -> bool:

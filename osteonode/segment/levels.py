@@ -280,8 +280,8 @@ UNCERTAIN_CONFIDENCE = 0.4
 
 
 def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None,
-                caudal_ambiguous: bool = False, spacings_mm: list[float] | None = None
-                ) -> tuple[dict[int, int], float, str] | None:
+                caudal_ambiguous: bool = False, spacings_mm: list[float] | None = None,
+                fracture_ambiguous: bool = False) -> tuple[dict[int, int], float, str] | None:
     """Name the segments between discs from the anchors, by counting (a pure function).
 
     Parameters
@@ -301,6 +301,11 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         Disc-to-disc spacings (mm) along the chain: an
         :func:`unexplained_spacing_jump` caps the confidence at
         ``UNCERTAIN_CONFIDENCE``.
+    fracture_ambiguous : bool
+        The disc chain holds a short (fractured) segment that another chain
+        nearly explains (:func:`osteonode.segment.column.ambiguous_short_segments`):
+        the fractured vertebra's discs, hence the bodies beside it, may be
+        misplaced; confidence at most ``UNCERTAIN_CONFIDENCE``.
 
     Returns
     -------
@@ -334,6 +339,10 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         conf = min(conf, UNCERTAIN_CONFIDENCE)
         method += ("; UNCERTAIN: the iliac bones flank the bone below each of the two lowest discs; the lowest "
                    "was taken for a residual S1/S2 disc because the anchors agree then")
+    if fracture_ambiguous:
+        conf = min(conf, UNCERTAIN_CONFIDENCE)
+        method += ("; UNCERTAIN: a fractured (short) vertebra was admitted between discs that another choice of "
+                   "discs explains nearly as well (weak discs beside dark bodies)")
     jump = unexplained_spacing_jump(spacings_mm) if spacings_mm else None
     if spacings_mm and jump is not None:
         conf = min(conf, UNCERTAIN_CONFIDENCE)

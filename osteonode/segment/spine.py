@@ -219,7 +219,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
 
     # --- labelling
     named = name_levels(len(segments), sacrum_seg, t12_seg, ambiguous,
-                        [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:])])
+                        [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:])],
+                        fracture_ambiguous=any(d.ambiguous for d in discs))
     if named is None:
         return result({}, "", no_anchor)
     labels, conf, method = named

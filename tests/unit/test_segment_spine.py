@@ -32,12 +32,14 @@ from osteonode.segment.body import _star_fill
 from osteonode.segment.column import (
     PROFILE_TILTS_DEG,
     _lowest_tilt,
+    ambiguous_short_segments,
     disc_chain,
     is_short_segment,
     partial_end_slices,
 )
 from osteonode.segment.frame import CanonicalFrame, canonical_view
 from osteonode.segment.levels import (
+    UNCERTAIN_CONFIDENCE,
     caudal_anchor,
     name_levels,
     open_segment_extent,
@@ -586,3 +588,24 @@ def test_name_levels_single_anchor_and_none():
     labels, conf, _ = name_levels(3, 0, None)
     assert labels == {0: 26, 1: 24, 2: 23} and conf == 0.7
     assert name_levels(5, None, None) is None
+
+
+def test_a_fracture_that_another_chain_nearly_explains_flags_the_levels_uncertain():
+    """A weak disc beside a dark crushed body against a mid-body dip of its neighbour: never confidently wrong.
+
+    Candidates (arc mm, notch HU) of the example CT with every core at -60 HU and L2 crushed by 45 %:
+    the L2/L3 disc (247 mm) is weaker than a mid-body dip of L3 (233 mm), so the best chain puts the
+    short segment on L3 (211-233) where the truth has it on L2 (247-268). The chain without that
+    short segment scores within FRACTURE_AMBIGUITY_HU: the levels are flagged uncertain. The same
+    image with normal cores (L3 crushed by 45 %) leaves no doubt.
+    """
+    positions = [117.0, 140.0, 177.0, 197.0, 211.0, 233.0, 247.0, 260.0, 268.0, 286.0, 303.0]
+    depths = [36.0, 90.0, 147.0, 34.0, 108.0, 49.0, 31.0, 54.0, 48.0, 34.0, 66.0]
+    assert [positions[i] for i in disc_chain(positions, depths)] == [140.0, 177.0, 211.0, 233.0, 268.0, 303.0]
+    assert {positions[i] for i in ambiguous_short_segments(positions, depths)} == {211.0, 233.0}
+    labels, conf, method = name_levels(6, 0, 6, spacings_mm=[37.0, 34.0, 22.0, 35.0, 35.0], fracture_ambiguous=True)
+    assert conf == UNCERTAIN_CONFIDENCE and "UNCERTAIN" in method
+    clear = [117.0, 140.0, 177.0, 195.0, 211.0, 221.0, 231.0, 255.0, 268.0, 288.0, 303.0]
+    clear_depths = [36.0, 90.0, 145.0, 44.0, 83.0, 55.0, 73.0, 21.0, 89.0, 21.0, 30.0]
+    assert ambiguous_short_segments(clear, clear_depths) == set()
+    assert ambiguous_short_segments([], []) == set()
