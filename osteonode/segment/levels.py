@@ -279,6 +279,11 @@ def unexplained_spacing_jump(spacings_mm: list[float]) -> int | None:
 UNCERTAIN_CONFIDENCE = 0.4
 
 
+def anchors_agree(sacrum_segment: int, t12_segment: int | None) -> bool:
+    """Whether the lowest rib-bearing segment lies six segments above the sacrum's (L5..L1 between them)."""
+    return t12_segment is not None and t12_segment - sacrum_segment == 6
+
+
 def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None,
                 caudal_ambiguous: bool = False, spacings_mm: list[float] | None = None,
                 fracture_ambiguous: bool = False) -> tuple[dict[int, int], float, str] | None:
@@ -321,7 +326,7 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         if t12_segment is None:
             conf, method = 0.7, ("sacrum as caudal anchor (lowest mobile vertebra above it = L5), disc counting; "
                                  "lowest rib-bearing vertebra not confirmed")
-        elif t12_segment - sacrum_segment == 6:  # L5..L1 = five segments between
+        elif anchors_agree(sacrum_segment, t12_segment):
             conf, method = 0.9, ("sacrum (caudal anchor) and lowest rib-bearing vertebra T12 (cranial anchor), "
                                  "disc counting; anchors agree")
         else:

@@ -76,6 +76,7 @@ from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view, pe
 from osteonode.segment.levels import (
     SACRUM,
     SACRUM_TEST_DEPTH_MM,
+    anchors_agree,
     caudal_anchor,
     has_sacrum,
     missing_levels_reason,
@@ -208,7 +209,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         if len(discs) > 1:
             tests[1] = has_sacrum(c, path, discs[1], g)
     options = {k: anchors(k, True) for k in (0, 1) if tests[k]}
-    lowest, ambiguous = caudal_anchor(tests[0], tests[1], {k: t12 is not None and t12 == 6 for k, (_, _, t12, _)
+    # the sacrum tops segment 0 of either option
+    lowest, ambiguous = caudal_anchor(tests[0], tests[1], {k: anchors_agree(0, t12) for k, (_, _, t12, _)
                                                             in options.items()})
     if lowest == 1:
         log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
