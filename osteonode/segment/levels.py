@@ -340,19 +340,20 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
                              "sacrum not in the field of view or not confirmed")
     else:
         return None
+    doubts = []
     if caudal_ambiguous and sacrum_segment is not None:
-        conf = min(conf, UNCERTAIN_CONFIDENCE)
-        method += ("; UNCERTAIN: the iliac bones flank the bone below each of the two lowest discs; the lowest "
-                   "was taken for a residual S1/S2 disc because the anchors agree then")
+        doubts.append("the iliac bones flank the bone below each of the two lowest discs; the lowest was taken "
+                      "for a residual S1/S2 disc because the anchors agree then")
     if fracture_ambiguous:
-        conf = min(conf, UNCERTAIN_CONFIDENCE)
-        method += ("; UNCERTAIN: a fractured (short) vertebra was admitted between discs that another choice of "
-                   "discs explains nearly as well (weak discs beside dark bodies)")
+        doubts.append("a fractured (short) vertebra was admitted between discs that another choice of discs "
+                      "explains nearly as well (weak discs beside dark bodies)")
     jump = unexplained_spacing_jump(spacings_mm) if spacings_mm else None
     if spacings_mm and jump is not None:
+        doubts.append(f"the disc spacing jumps from {spacings_mm[jump - 1]:.0f} to {spacings_mm[jump]:.0f} mm "
+                      "and stays there (a disc may have been missed)")
+    if doubts:
         conf = min(conf, UNCERTAIN_CONFIDENCE)
-        method += (f"; UNCERTAIN: the disc spacing jumps from {spacings_mm[jump - 1]:.0f} to "
-                   f"{spacings_mm[jump]:.0f} mm and stays there (a disc may have been missed)")
+        method += "".join(f"; UNCERTAIN: {doubt}" for doubt in doubts)
     labels = {i: v for i, v in labels.items() if v in VERTEBRA_NAMES and (v <= L5 or v == SACRUM)}
     return labels, conf, method
 
