@@ -52,6 +52,7 @@ from osteonode.segment.frame import (
     coarse_to_native,
     ellipsoid,
     largest_component_filled,
+    linear_along,
     perpendicular_frame,
 )
 from osteonode.segment.levels import SACRUM
@@ -483,10 +484,7 @@ def working_grid(crop: np.ndarray, coords: Coords, spacing: np.ndarray, work: np
     for ax, (st, n) in enumerate(zip(step, shape)):  # trilinear = linear along each axis in turn
         if np.isclose(st, 1.0):
             continue
-        x = np.arange(n) * st
-        i0 = np.minimum(np.floor(x).astype(int), out.shape[ax] - 1)
-        frac = (x - i0).astype(np.float32).reshape([-1 if j == ax else 1 for j in range(out.ndim)])
-        out = np.take(out, i0, ax) * (1.0 - frac) + np.take(out, np.minimum(i0 + 1, out.shape[ax] - 1), ax) * frac
+        out = linear_along(out, np.arange(n) * st, ax)
     s_mm, a_mm, l_mm = (c[0] + np.arange(n) * w for c, n, w in zip(coords, shape, work, strict=True))
     work_coords = (s_mm, a_mm, l_mm)
     back = tuple(np.clip(np.round((c - c[0]) / w).astype(int), 0, n - 1)

@@ -107,6 +107,7 @@ from osteonode.segment.frame import (
     CanonicalView,
     canonical_view,
     ellipsoid,
+    linear_along,
 )
 from osteonode.volume import Volume, bounding_box
 
@@ -488,11 +489,7 @@ def _interpolated_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.
         x = (np.arange(shape[ax]) * spacing[ax] - offset[ax]) / g - sl[ax].start  # coarse crop index
         inside = np.nonzero((x >= -0.5) & (x <= mask.shape[ax] - 0.5))[0]
         native.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
-        x = np.clip(x[inside], 0.0, mask.shape[ax] - 1.0)
-        low = np.floor(x).astype(np.intp)
-        high = np.minimum(low + 1, mask.shape[ax] - 1)
-        weight = (x - low).astype(np.float32).reshape([-1 if a == ax else 1 for a in range(3)])
-        out = np.take(out, low, axis=ax) * (1.0 - weight) + np.take(out, high, axis=ax) * weight
+        out = linear_along(out, np.clip(x[inside], 0.0, mask.shape[ax] - 1.0), ax)
     return out >= 0.5, tuple(native)
 
 

@@ -189,6 +189,18 @@ def coarse_copy(hc: np.ndarray, spacing: np.ndarray, grid: float = COARSE_MM) ->
     return coarse.astype(np.float32, copy=False), offset
 
 
+def linear_along(a: np.ndarray, x: np.ndarray, axis: int) -> np.ndarray:
+    """``a`` linearly interpolated at fractional indices ``x`` (in ``[0, n - 1]``) along ``axis``.
+
+    One axis of a separable (trilinear) resampling; the result has ``len(x)``
+    entries along ``axis``. Weights are float32, like the arrays resampled here.
+    """
+    n = a.shape[axis]
+    low = np.minimum(np.floor(x).astype(np.intp), n - 1)
+    weight = (x - low).astype(np.float32).reshape([-1 if j == axis else 1 for j in range(a.ndim)])
+    return np.take(a, low, axis) * (1.0 - weight) + np.take(a, np.minimum(low + 1, n - 1), axis) * weight
+
+
 def shift_along(a: np.ndarray, off: int, axis: int, fill: float) -> np.ndarray:
     """``out[i] = a[i - off]`` along ``axis`` (i.e. look ``off`` voxels towards lower index)."""
     out = np.full_like(a, fill)
