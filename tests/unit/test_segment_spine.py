@@ -301,7 +301,7 @@ def test_trabecular_roi_rule_on_a_box():
     roi = trabecular_roi(body, coords, np.ones(3), np.array([1.0, 0.0, 0.0]))
     s, a, lr = np.nonzero(roi)
     assert roi.any() and np.all(body[roi])
-    assert s.min() >= 8 + 0.3 * 23 and s.max() <= 8 + 0.7 * 23  # middle 40 % of the height
+    assert sorted(set(s)) == list(range(14, 26))  # 12 mm slab [13.5, 25.5) about mid-height 19.5
     # the equivalent ellipse of the section: centre 24.5 / 29.5, semi-axes 2 SD of 30 and 40 voxels
     half_a, half_l = 2 * np.sqrt((30**2 - 1) / 12), 2 * np.sqrt((40**2 - 1) / 12)
     posterior = 24.5 - half_a + 0.25 * 2 * half_a
@@ -326,11 +326,25 @@ def test_trabecular_roi_ignores_a_dark_core_and_follows_the_discs():
     hollow = body.copy()
     hollow[10:30, 14:36, 16:44] = False
     np.testing.assert_array_equal(trabecular_roi(hollow, coords, np.ones(3), axis), full & hollow)
-    # with the disc centres 4 mm below and above the body the slab is 36 % of their distance
-    discs = (8 - 4.0, 31 + 4.0)
+    # the slab is centred midway between the disc centres (4 mm below, 8 mm above the body)
+    discs = (8 - 4.0, 31 + 8.0)
     roi = trabecular_roi(body, coords, np.ones(3), axis, discs)
-    s = np.nonzero(roi)[0]
-    assert np.all(np.abs(s - 0.5 * sum(discs)) <= 0.18 * (discs[1] - discs[0]))
+    assert sorted(set(np.nonzero(roi)[0])) == list(range(16, 28))  # [15.5, 27.5)
+
+
+def test_trabecular_roi_keeps_its_slices_when_the_discs_move():
+    # 3 mm slices: the 12 mm slab is 4 slices wherever the disc midpoint falls between slices
+    # (a slab set from the disc spacing had 4 or 5, and a voxel count jumping by 20-25 %)
+    body = np.zeros((12, 50, 60), bool)
+    body[1:11, 10:40, 10:50] = True
+    coords = (np.arange(12) * 3.0, np.arange(50, dtype=float), np.arange(60, dtype=float))
+    spacing, axis = np.array([3.0, 1.0, 1.0]), np.array([1.0, 0.0, 0.0])
+    counts = set()
+    for shift in np.arange(0.0, 3.0, 0.25):
+        roi = trabecular_roi(body, coords, spacing, axis, (-1.0 + shift, 34.0 + shift))
+        assert len(set(np.nonzero(roi)[0])) == 4
+        counts.add(int(roi.sum()))
+    assert len(counts) == 1
 
 
 def test_empty_volume_is_not_evaluable():
