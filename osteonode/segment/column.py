@@ -29,8 +29,13 @@ are chosen as
 one chain (:func:`disc_chain`) whose spacing along the centreline's arc is
 that of vertebrae (24-50 mm) and changes slowly, which keeps the mid-height
 dip of a low-density body out, except for the short segment of a fractured
-vertebra between normal ones. End slices partly outside the reconstructed
-field of view (:func:`partial_end_slices`) carry no tracking evidence.
+vertebra between normal ones. Before the chain, a candidate at the level of
+the pedicles (:func:`pedicle_profile`, cortical bone beside the spinal canal)
+gives way to one within 16 mm beside a neural foramen, where discs lie
+(:func:`foramen_depth`): the mid-height dip of a dark body next to a weak disc
+(a crushed neighbour at -60 to -100 HU put the fracture one level off). End
+slices partly outside the reconstructed field of view
+(:func:`partial_end_slices`) carry no tracking evidence.
 """
 
 from __future__ import annotations
@@ -44,6 +49,15 @@ from scipy import ndimage as ndi
 from osteonode.segment.frame import COARSE_MM, perpendicular_frame, shift_along
 
 log = logging.getLogger(__name__)
+
+#: Percentile of the HU beside the spinal canal that measures the pedicles (:func:`pedicle_profile`).
+PEDICLE_PERCENTILE = 90.0
+
+#: A disc candidate less than ``FORAMEN_FRACTION`` deep in a foramen (:func:`foramen_depth`) loses to one within
+#: 16 mm that is ``FORAMEN_MARGIN`` deeper; the pedicles are in view where the profile reaches ``PEDICLE_BONE_HU``.
+FORAMEN_FRACTION = 0.4
+FORAMEN_MARGIN = 0.2
+PEDICLE_BONE_HU = 300.0
 
 #: Cost (HU per mm^2) of a change of the disc-to-disc spacing between consecutive segments.
 SPACING_PENALTY_HU_PER_MM2 = 0.4
@@ -345,6 +359,9 @@ class ColumnProfile:
         ``(ns, 3)`` smoothed centre points (coarse indices).
     tangent : numpy.ndarray
         ``(ns, 3)`` unit tangents.
+    pedicles : numpy.ndarray
+        ``(ns,)`` HU of the bone beside the spinal canal (:func:`pedicle_profile`):
+        high at the pedicles, low at the neural foramina, which lie at the discs.
     """
 
     hu: np.ndarray
@@ -352,6 +369,7 @@ class ColumnProfile:
     tilt_deg: np.ndarray
     pts: np.ndarray
     tangent: np.ndarray
+    pedicles: np.ndarray
 
 
 def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> ColumnProfile:
@@ -412,7 +430,45 @@ def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> Colu
     ring = ndi.minimum_filter1d(np.min(rings, axis=0), 3, mode="nearest")
     planes_by_tilt = np.array(planes)
     return ColumnProfile(hu=np.maximum(planes_by_tilt.min(axis=0), ring), bright=planes_by_tilt.max(axis=0),
-                         tilt_deg=_lowest_tilt(planes_by_tilt), pts=pts, tangent=tangent)
+                         tilt_deg=_lowest_tilt(planes_by_tilt), pts=pts, tangent=tangent,
+                         pedicles=pedicle_profile(c, pts, frames, g))
+
+
+def pedicle_profile(c: np.ndarray, pts: np.ndarray, frames: list[tuple[np.ndarray, np.ndarray]],
+                    g: float = COARSE_MM) -> np.ndarray:
+    """Bone beside the spinal canal per coarse slice: high at the pedicles, low at the neural foramina.
+
+    In each plane across the centreline, the ``PEDICLE_PERCENTILE`` (90th)
+    percentile of the HU in a box on either side of the canal (12-24 mm behind
+    the body centre, 6-20 mm to the side), the lower of the two sides. The
+    pedicles leave the upper half of each body; the neural foramen between
+    two pedicles lies at the disc and just above it. Cortical bone: the
+    pattern does not depend on the bodies' trabecular density.
+
+    Parameters
+    ----------
+    c : numpy.ndarray
+        Coarse canonical ``(s, a, l)`` array, HU.
+    pts : numpy.ndarray
+        ``(ns, 3)`` centreline points (coarse indices).
+    frames : list of tuple of numpy.ndarray
+        Per slice, the unit anterior and left directions across the centreline.
+    g : float
+        Coarse spacing, mm.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(ns,)`` HU.
+    """
+    behind, beside = np.meshgrid(np.arange(-24.0, -11.0, 2.0) / g, np.arange(6.0, 21.0, 2.0) / g, indexing="ij")
+    sides = []
+    for sign in (1.0, -1.0):
+        samples = np.stack([p[:, None] + u[:, None] * behind.ravel() + w[:, None] * sign * beside.ravel()
+                            for p, (u, w) in zip(pts, frames)], axis=1)  # (3, ns, n)
+        vals = ndi.map_coordinates(c, samples.reshape(3, -1), order=1, mode="nearest").reshape(len(pts), -1)
+        sides.append(np.percentile(vals, PEDICLE_PERCENTILE, axis=1))
+    return np.minimum(*sides)
 
 
 def _lowest_tilt(planes: np.ndarray) -> np.ndarray:
@@ -468,7 +524,7 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
     notch[support < 0.5] = 0.0
     is_min = (p <= np.roll(p, 1)) & (p <= np.roll(p, -1))
     is_min[[0, -1]] = False
-    cands = [int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]]
+    cands = _beside_foramina([int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]], profile.pedicles, g)
     log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
               [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
     in_view = np.flatnonzero(valid)
@@ -493,6 +549,40 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
         discs.append(Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5,
                           tilt_deg=float(profile.tilt_deg[z]), arc_mm=float(arc_mm[z]), ambiguous=z in doubtful))
     return discs
+
+
+def foramen_depth(pedicles: np.ndarray, z: int, g: float = COARSE_MM) -> float | None:
+    """How deep slice ``z`` lies in a neural foramen: the fall of :func:`pedicle_profile` there.
+
+    The lowest of the profile from one slice below ``z`` to two above (the
+    foramen lies at the disc and just above it), as a fraction below the
+    profile's highest within 16 mm. None when that highest is under
+    ``PEDICLE_BONE_HU`` (no pedicles in view).
+    """
+    reach = int(round(16.0 / g))
+    peak = float(pedicles[max(0, z - reach):z + reach + 1].max())
+    if peak < PEDICLE_BONE_HU:
+        return None
+    return (peak - float(pedicles[max(0, z - 1):z + 3].min())) / peak
+
+
+def _beside_foramina(cands: list[int], pedicles: np.ndarray, g: float = COARSE_MM) -> list[int]:
+    """Drop a disc candidate at the pedicles when a candidate within 16 mm lies at a foramen.
+
+    A dark vertebral body dips at mid-height, where its pedicles are; its
+    disc, with the neural foramen beside it, can be the shallower notch.
+    """
+    depth = {z: foramen_depth(pedicles, z, g) for z in cands}
+    reach = 16.0 / g
+
+    def at_pedicles(z: int) -> bool:
+        here = depth[z]
+        if here is None or here >= FORAMEN_FRACTION:
+            return False
+        return any(abs(o - z) <= reach and (other := depth[o]) is not None and other - here >= FORAMEN_MARGIN
+                   for o in cands)
+
+    return [z for z in cands if not at_pedicles(z)]
 
 
 def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm: float | None = None

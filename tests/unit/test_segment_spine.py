@@ -31,9 +31,11 @@ from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.segment.body import _star_fill
 from osteonode.segment.column import (
     PROFILE_TILTS_DEG,
+    _beside_foramina,
     _lowest_tilt,
     ambiguous_short_segments,
     disc_chain,
+    foramen_depth,
     is_short_segment,
     partial_end_slices,
 )
@@ -384,6 +386,35 @@ def test_canonical_frame_round_trip():
 
 
 # ------------------------------------------------------------------ disc chain (level naming input)
+
+def _pedicles(discs: list[int], ns: int = 80) -> np.ndarray:
+    """A pedicle profile on 2 mm slices: 500 HU at the pedicles, 150 HU at the foramina at the discs."""
+    out = np.full(ns, 500.0)
+    for z in discs:
+        out[z:z + 3] = 150.0  # the foramen: at the disc and just above it
+    return out
+
+
+def test_foramen_depth_is_deep_at_discs_and_none_without_pedicles():
+    pedicles = _pedicles([10, 27, 44, 61])
+    assert foramen_depth(pedicles, 27) == pytest.approx(0.7)
+    assert foramen_depth(pedicles, 35) == 0.0  # mid-body: the pedicles
+    assert foramen_depth(np.full(80, 200.0), 27) is None  # no bone beside the canal: no evidence
+
+
+def test_a_mid_body_candidate_loses_to_a_disc_at_a_foramen():
+    pedicles = _pedicles([10, 27, 44, 61])
+    # a dark body's mid-height dip at 36, at its pedicles, 8 slices (16 mm) below the disc at 44
+    assert _beside_foramina([10, 27, 36, 44, 61], pedicles) == [10, 27, 44, 61]
+    # alone (no candidate at a foramen within 16 mm) it stays: the chain decides
+    assert _beside_foramina([10, 36, 61], pedicles) == [10, 36, 61]
+    # a shallow foramen (the lumbosacral junction: sacral ala beside the canal) with no deeper neighbour stays
+    shallow = pedicles.copy()
+    shallow[10:13] = 400.0
+    assert _beside_foramina([10, 27], shallow) == [10, 27]
+    # no pedicles in view: nothing is dropped
+    assert _beside_foramina([27, 36], np.full(80, 200.0)) == [27, 36]
+
 
 def test_disc_chain_keeps_regular_discs_and_drops_mid_body_dips():
     """Discs 36 mm apart with a deeper mid-body dip between two of them: the regular chain wins."""
