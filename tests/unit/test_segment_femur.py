@@ -17,6 +17,7 @@ from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation
 from osteonode.segment.femur import (
     METAL_HU,
+    _edge_restored,
     _interpolated_to_native,
     _joint_centre,
     _joint_cut,
@@ -253,3 +254,24 @@ def test_joint_radius_is_the_coherent_dip_not_the_deepest_valley():
     assert _joint_radius(profiles, radii) == 21.0
     assert _joint_radius(np.full((10, len(radii)), 300.0), radii) is None
     assert _joint_radius(np.empty((0, len(radii))), radii) is None
+
+
+def test_edge_restored_undoes_partial_volume_with_the_outside_along_an_oblique_cut():
+    """A bone bar (300 HU) in muscle (40 HU) cut by an oblique field-of-view edge (outside -1024 HU); the
+    voxels next to the outside average half of it, as linear resampling of a tilted series leaves them."""
+    s, a, lat = np.indices((30, 30, 30))
+    img = np.full((30, 30, 30), 40.0, np.float32)
+    bar = (a - 15) ** 2 + (lat - 15) ** 2 <= 5 ** 2
+    img[bar] = 300.0
+    outside = s + 0.4 * a < 10
+    in_view = ~outside
+    band = in_view & ndi.binary_dilation(outside)
+    seen = img.copy()
+    seen[outside] = -1024.0
+    seen[band] = 0.5 * (img[band] - 1024.0)  # -362 HU in the bar: still in view (above -400), far below bone
+    restored = _edge_restored(seen, in_view)
+    assert np.array_equal(restored[~band], seen[~band])  # only the band changes
+    assert (restored[band & bar & ndi.binary_erosion(bar)] == 300.0).all()  # the cut bone reaches the edge
+    assert (restored[band & ~ndi.binary_dilation(bar)] == 40.0).all()  # muscle stays muscle
+    assert (restored >= seen).all()  # never darker
+    assert _edge_restored(img, np.ones(img.shape, bool)) is img  # nothing at an edge: unchanged
