@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 #: ~50 mm (L3, the longest, measured 48-50 mm on the example CT), a 12th rib beyond 70 mm.
 RIB_REACH_MM = 60.0
 
+#: The medial end of a rib spans at most this far (mm) cranio-caudally (26 mm on the example CT: the
+#: head, neck and the slope of the shaft); beyond it, a rib merged with the transverse process of the
+#: vertebra below (60 mm under a 5-degree coronal tilt: the mean put the 12th rib at L1).
+RIB_HEAD_SPAN_MM = 36.0
+
 
 SACRUM = VERTEBRA_IDS["sacrum"]
 
@@ -209,6 +214,8 @@ def rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[fl
             continue
         medial = dx < dx.min() + 8.0
         if not (-60.0 < dy[medial].mean() < 15.0):
+            continue
+        if (zz[medial].max() - zz[medial].min() + 1) * g > RIB_HEAD_SPAN_MM:  # merged with a transverse process
             continue
         ends.append(float(zz[medial].mean()))
     return ends
