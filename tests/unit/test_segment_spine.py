@@ -46,6 +46,7 @@ from osteonode.segment.levels import (
     name_levels,
     open_segment_extent,
     reference_height,
+    rib_levels,
     ribs_observable,
     unexplained_spacing_jump,
 )
@@ -414,6 +415,17 @@ def test_a_mid_body_candidate_loses_to_a_disc_at_a_foramen():
     assert _beside_foramina([10, 27], shallow) == [10, 27]
     # no pedicles in view: nothing is dropped
     assert _beside_foramina([27, 36], np.full(80, 200.0)) == [27, 36]
+
+
+def test_rib_levels_drops_a_rib_merged_with_a_transverse_process():
+    # 2 mm coarse grid, column centre at (a, l) = (40, 60); a rib 24-90 mm to the left, 18 mm thick
+    coarse = np.full((100, 80, 120), -100.0, np.float32)
+    path = np.tile([40.0, 60.0], (100, 1))
+    coarse[46:55, 35:41, 72:106] = 800.0
+    assert rib_levels(coarse, path) == [pytest.approx(50.0)]
+    # the same rib joined to a transverse process reaching 50 mm below it: its medial end cannot be told
+    coarse[20:55, 35:41, 72:76] = 800.0
+    assert rib_levels(coarse, path) == []
 
 
 def test_disc_chain_keeps_regular_discs_and_drops_mid_body_dips():
