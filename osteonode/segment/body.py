@@ -136,8 +136,8 @@ ENDPLATE_BAND_MM = 4.0
 #: The plane of each disc is searched on the image (:func:`_disc_plane`) over the columns within this
 #: distance (mm) of the body centre ...
 DISC_FIT_RADIUS_MM = 14.0
-#: ... tilted by up to this much (degrees) from the spine axis anteriorly-posteriorly (half of it
-#: left-right; the 45 % wedge of the bench tilts an endplate by about 20 degrees) ...
+#: ... tilted about the left-right axis by up to this much (degrees) from the spine axis (the 45 %
+#: wedge of the bench tilts an endplate by about 20 degrees) ...
 DISC_MAX_TILT_DEG = 30.0
 #: ... in steps of this much (degrees; 5 degrees move the rim of a 14 mm circle by 1.2 mm) ...
 DISC_TILT_STEP_DEG = 5.0
@@ -147,8 +147,11 @@ DISC_SEARCH_MM = 3.0
 DISC_FLANK_MM = (3.0, 8.0)
 #: ... minus its own HU, capped at this much (HU; one bright focus does not outweigh the plane).
 DISC_NOTCH_CAP_HU = 150.0
-#: The searched plane replaces the column profile's when its mean notch is higher by this much (HU).
+#: The searched plane replaces the column profile's when its mean notch is higher by this much (HU)
+#: and it is tilted by at least this much (degrees) against it (smaller differences are within the
+#: profile's error, and the bodies' outline and posterior wall would move with them for nothing).
 DISC_BETTER_HU = 20.0
+DISC_MIN_RETILT_DEG = 10.0
 
 
 def body_threshold(core_hu: float) -> float:
@@ -382,12 +385,13 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     is the brightest HU ``DISC_FLANK_MM`` below and above it (the two
     endplates) minus its own HU (capped at ``DISC_NOTCH_CAP_HU``): high in a
     disc whatever the density of the bodies (a dark osteoporotic core has no
-    endplate on its far side), and each plane tilted by up to ``DISC_MAX_TILT_DEG``
-    from the spine axis and moved by up to ``DISC_SEARCH_MM`` along it is
-    scored by the mean notch over the columns within ``DISC_FIT_RADIUS_MM`` of
-    the body centre. The best plane replaces the column profile's only when
-    its score is ``DISC_BETTER_HU`` higher: a disc the profile crossed well
-    stays as it was.
+    endplate on its far side), and each plane tilted about the left-right axis
+    by up to ``DISC_MAX_TILT_DEG`` from the spine axis (with the profile's
+    left-right slope) and moved by up to ``DISC_SEARCH_MM`` along it is scored
+    by the mean notch over the columns within ``DISC_FIT_RADIUS_MM`` of the
+    body centre. The best plane replaces the column profile's only when its
+    score is ``DISC_BETTER_HU`` higher and its tilt differs by at least
+    ``DISC_MIN_RETILT_DEG``: a disc the profile crossed well stays as it was.
 
     Parameters
     ----------
@@ -429,10 +433,10 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     ca, cl = a_mm[columns], l_mm[columns]
     col_notch = notch[:, columns]  # (ns, n_columns)
     u, w = perpendicular_frame(axis)
+    # planes tilted about the left-right axis (as the column profile's), its left-right slope kept
     tilts = np.radians(np.arange(-DISC_MAX_TILT_DEG, DISC_MAX_TILT_DEG + 1e-6, DISC_TILT_STEP_DEG))
-    tilt_a, tilt_l = np.meshgrid(tilts, tilts[np.abs(tilts) <= np.radians(DISC_MAX_TILT_DEG / 2) + 1e-9],
-                                 indexing="ij")
-    normals = axis + np.tan(tilt_a.ravel())[:, None] * u + np.tan(tilt_l.ravel())[:, None] * w
+    lateral = float(outer[1] @ w) / float(outer[1] @ axis)
+    normals = axis + np.tan(tilts)[:, None] * u + lateral * w
     normals = np.vstack([outer[1], normals / np.linalg.norm(normals, axis=1, keepdims=True)])
     normals = normals[np.abs(normals[:, 0]) >= 0.3]
     shifts = np.arange(-DISC_SEARCH_MM, DISC_SEARCH_MM + 1e-6, min(ds, 1.5) / 2)
@@ -455,7 +459,8 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     log.debug("disc plane at %.0f (body %.0f): given notch %.0f HU, best %.0f HU, normal %s -> %s, moved %.1f mm",
               outer[0][0], centre[0], given, best,
               np.round(outer[1], 2), np.round(best_plane[1], 2), float(shifts[k_shift]))
-    if best < given + DISC_BETTER_HU:
+    retilt = np.degrees(np.arccos(min(1.0, abs(float(best_plane[1] @ outer[1])))))
+    if best < given + DISC_BETTER_HU or retilt < DISC_MIN_RETILT_DEG:
         return outer, inner
     c = np.array(centre, float)
     offset = float(_plane_s(outer, c[1], c[2]) - _plane_s(inner, c[1], c[2]))
