@@ -411,8 +411,11 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     -------
     tuple
         The disc's centre plane and its boundary plane, parallel to it at the
-        same distance along s at the body centre as before; ``outer`` and
-        ``inner`` unchanged when no plane scores better.
+        same distance along s at the body centre as before but at most
+        ``DISC_FLANK_MM[0]`` (where the search takes the endplates to begin: a
+        profile that crossed a wedge's disc obliquely put its boundary too far
+        into the body); ``outer`` and ``inner`` unchanged when no plane scores
+        better.
     """
     zc, yc, xc = coords_mm
     ysel = np.abs(yc - centre[1]) <= DISC_FIT_RADIUS_MM
@@ -463,7 +466,10 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     if best < given + DISC_BETTER_HU or retilt < DISC_MIN_RETILT_DEG:
         return outer, inner
     c = np.array(centre, float)
+    # the boundary at most DISC_FLANK_MM[0] from the centre (where the search took the endplates to
+    # begin): the profile's boundary of a disc it crossed obliquely lies too far into the body
     offset = float(_plane_s(outer, c[1], c[2]) - _plane_s(inner, c[1], c[2]))
+    offset = float(np.sign(offset)) * min(abs(offset), DISC_FLANK_MM[0])
     point = np.array([_plane_s(best_plane, c[1], c[2]), c[1], c[2]])
     return (point, best_plane[1]), (point - np.array([offset, 0.0, 0.0]), best_plane[1])
 

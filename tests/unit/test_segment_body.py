@@ -20,7 +20,7 @@ def _two_bodies(tilt_deg: float, core_hu: float) -> tuple[np.ndarray, tuple]:
 
 def _planes():
     outer = (np.array([30.0, 25.0, 25.0]), AXIS.copy())  # the column profile's: flat
-    inner = (np.array([27.0, 25.0, 25.0]), AXIS.copy())
+    inner = (np.array([25.0, 25.0, 25.0]), AXIS.copy())  # the profile's boundary, 5 mm below
     return outer, inner
 
 
@@ -33,7 +33,7 @@ def test_disc_plane_follows_the_tilt_of_a_wedge_compressed_endplate(core_hu):
     expected /= np.linalg.norm(expected)
     assert np.degrees(np.arccos(min(1.0, float(normal @ expected)))) <= 3.0
     assert abs(point[0] - 30.0) <= 1.5 and np.allclose(point[1:], CENTRE[1:])
-    # the boundary plane stays parallel, 3 mm below along s at the body centre
+    # the boundary plane is parallel, at most 3 mm (where the endplates begin) below the centre along s
     assert np.allclose(inner_normal, normal) and np.isclose(point[0] - inner_point[0], 3.0)
 
 
