@@ -23,7 +23,9 @@ side (mid-sagittal). On each plane, every anterior-posterior column of the body
 gives a height: between the outer edges of its two endplates, each found on
 the image next to the label map's boundary (:func:`endplate_edge`: the
 steepest fall from the endplate to the disc, within 4 mm inside and 5 mm
-outside the boundary, moving it by at most 3 mm; the label map's boundary
+outside the boundary, moving it by at most 3 mm; where there is none and the
+next body's label map lies beyond, the endplate is followed outward up to
+10 mm, as a dark body's label map stops short of it; the label map's boundary
 where the image shows no endplate). The label map alone would quantise a
 height to the slice thickness (3 mm is 10 % of a lumbar body, half a Genant
 grade); the image places an edge to a fraction of a voxel, and a bright focus
@@ -47,9 +49,17 @@ fracture).
 Grading
 -------
 Height loss is the largest of ``1 - Ha/Hp`` (wedge), ``1 - Hm/Hp``
-(biconcave) and ``1 - Hp/Hp_ref`` (crush), where ``Hp_ref`` is the mean
-posterior height of the neighbouring levels: the vertebra's own posterior
-height cannot serve as the reference when the whole body is compressed. A
+(biconcave) and ``1 - max(Hp, min(Ha, Hm))/Hp_ref`` (crush), where
+``Hp_ref`` is the mean posterior height of the neighbouring levels
+(:func:`reference_posterior`): the vertebra's own posterior height cannot
+serve as the reference when the whole body is compressed. A crush lowers the
+whole body, so a posterior height short on its own (its anterior and middle
+heights both taller) is not graded as one: it is a measurement of a posterior
+corner that the label map missed (the basivertebral foramen and a tilted disc
+plane cut it) more often than a fracture. A neighbour that is itself deformed
+(by its own ratios, or a posterior height 20 % below the median of the graded
+levels) is no reference: the nearest undeformed level within two levels on
+that side is used, as osteoporotic fractures often lie next to each other. A
 grade of 1 or more flags a possible fracture. Measured but not graded (and
 not used as a reference): L5, which is wedge-shaped in health (Genant's
 method grades T4-L4).
@@ -93,16 +103,23 @@ MARGIN_HEIGHT_FRACTION = 0.5
 RIDGE_SEARCH_MM = 4.0
 #: The disc beyond an endplate ridge is looked for up to this far (mm) outside the label map's boundary.
 DISC_REACH_MM = 5.0
-#: The image moves the label map's boundary by at most this much (mm).
+#: The image moves the label map's boundary by at most this much (mm) ...
 MAX_SHIFT_MM = 3.0
-#: The endplate must stand this many HU above the disc beyond it.
+#: ... unless no endplate is near it: then the endplate is followed up to this far (mm) outward, before the
+#: next body's label map.
+NEIGHBOUR_REACH_MM = 10.0
+#: The endplate must stand this many HU above the disc beyond it ...
 MIN_EDGE_DROP_HU = 30.0
+#: ... and this many when followed beyond the label map (a dark body's endplate, dimmed by its marrow).
+CLIMB_DROP_HU = 20.0
 #: Levels graded (Genant et al. 1993 grade T4-L4; L5 is measured only).
 GRADED_LEVELS = ("T12", "L1", "L2", "L3", "L4")
 #: A body closer than this (mm) to the edge of the volume may be cut by the field of view.
 EDGE_MARGIN_MM = 3.0
 #: Reason of a level whose body is cut by the field of view.
 CUT_REASON = "not measured: the body reaches the edge of the volume (cut by the field of view)"
+#: A crush is judged against the nearest undeformed level up to this many levels away on either side.
+REFERENCE_REACH = 2
 #: Height-loss limits of grades 1, 2, 3 (Genant et al. 1993).
 GRADE_LIMITS = (0.20, 0.25, 0.40)
 GENANT_CITATION = "Genant HK et al., J Bone Miner Res 1993;8:1137-1148"
@@ -117,7 +134,8 @@ class GenantMeasurement:
     height_anterior_mm, height_middle_mm, height_posterior_mm : float or None
         Body heights along the spine axis, mm; None for a body cut by the field of view.
     reference_posterior_mm : float or None
-        Mean posterior height of the neighbouring levels, mm.
+        Mean posterior height of the nearest undeformed neighbouring levels
+        (:func:`reference_posterior`), mm.
     height_ratios : dict[str, float]
         ``anterior_posterior``, ``middle_posterior`` and, with a reference,
         ``posterior_reference``.
@@ -167,22 +185,30 @@ def _frame(centres: dict[int, np.ndarray], vid: int) -> tuple[np.ndarray, np.nda
     return height, np.cross(left, height), left  # left x superior = anterior (LPS: -y)
 
 
-def endplate_edge(profile: np.ndarray, start: int) -> float | None:
+def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> float | None:
     """Sub-sample outer edge of an endplate near the label map's boundary, on a profile running outward.
 
     The label map places the edge to within a voxel; the image refines it.
     The endplate is the brightest sample from :data:`RIDGE_SEARCH_MM` inside
     to one sample outside ``start`` (the label map's outermost sample of the
-    body), the disc the darkest from there to :data:`DISC_REACH_MM` beyond ``start``, and
-    the edge the point between them where the profile falls most steeply
-    (refined between samples by a parabola). The steepest fall marks a
-    blurred step where it is, whatever the blur of the scanner, the density
-    of the trabecular bone (the endplate stays brighter than the disc in
-    osteoporosis and in a sclerotic body alike) or the thinness of the
+    body), the disc the darkest from there to :data:`DISC_REACH_MM` beyond
+    ``start``, and the edge the point between them where the profile falls
+    most steeply (refined between samples by a parabola). The steepest fall
+    marks a blurred step where it is, whatever the blur of the scanner, the
+    density of the trabecular bone (the endplate stays brighter than the disc
+    in osteoporosis and in a sclerotic body alike) or the thinness of the
     endplate (whose blurred peak is lower, which would move a half-maximum
-    edge outward);
-    searching only next to the label map's boundary keeps a bright focus
-    inside the body, and the neighbour's endplate, out.
+    edge outward); searching only next to the label map's boundary keeps a
+    bright focus inside the body, and the neighbour's endplate, out.
+
+    Where that finds no endplate and the next body's label map (``limit``)
+    lies beyond, the label map of a dark body may stop short of its endplate
+    (its marrow as dark as the disc or darker: the outline misses a corner by
+    up to 10 mm). The profile is then followed outward from ``start`` up to
+    the first local maximum (the endplate), within :data:`NEIGHBOUR_REACH_MM`
+    and before the next body's label map, and the disc looked for up to
+    :data:`DISC_REACH_MM` beyond it; a fall of :data:`CLIMB_DROP_HU` will do
+    (the partial volume of the dark marrow dims a thin endplate).
 
     Parameters
     ----------
@@ -191,22 +217,41 @@ def endplate_edge(profile: np.ndarray, start: int) -> float | None:
         index increasing away from the body.
     start : int
         Index of the label map's outermost sample of the body on this profile.
+    limit : int or None
+        Index of the next body's first sample of the label map beyond
+        ``start`` on this profile; ``None`` when there is none.
 
     Returns
     -------
     float or None
-        Index of the edge (fractional), at most :data:`MAX_SHIFT_MM` from
-        the label map's boundary; ``None`` when the endplate does not stand
-        :data:`MIN_EDGE_DROP_HU` above the disc (then the label map's
+        Index of the edge (fractional), at most :data:`MAX_SHIFT_MM` from the
+        label map's boundary, or beyond it at a followed endplate; ``None``
+        when no endplate stands out above a disc (then the label map's
         boundary is kept).
     """
     n = profile.size
     lo = max(0, start - int(round(RIDGE_SEARCH_MM / STEP_MM)))
-    hi = min(n - 1, start + 1)
-    ridge = lo + int(np.argmax(profile[lo:hi + 1]))
-    end = min(n, start + int(round(DISC_REACH_MM / STEP_MM)) + 1)
+    ridge = lo + int(np.argmax(profile[lo:min(n - 1, start + 1) + 1]))
+    edge = _fall(profile, ridge, start, MIN_EDGE_DROP_HU)
+    if edge is not None:
+        boundary = start + 0.5
+        shift = MAX_SHIFT_MM / STEP_MM
+        return float(np.clip(edge, boundary - shift, boundary + shift))
+    if limit is None:
+        return None
+    # a dark body's label map may stop short of its endplate: follow the rising profile to the ridge
+    ridge, top = start, min(n - 1, start + int(round(NEIGHBOUR_REACH_MM / STEP_MM)), limit - 1)
+    while ridge < top and profile[ridge + 1] >= profile[ridge]:
+        ridge += 1
+    return _fall(profile, ridge, ridge, CLIMB_DROP_HU) if start < ridge < top else None
+
+
+def _fall(profile: np.ndarray, ridge: int, start: int, min_drop: float) -> float | None:
+    """Steepest fall (fractional index) from ``ridge`` to the darkest sample up to :data:`DISC_REACH_MM`
+    beyond ``start``; ``None`` when the fall is under ``min_drop`` HU."""
+    end = min(profile.size, start + int(round(DISC_REACH_MM / STEP_MM)) + 1)
     valley = ridge + int(np.argmin(profile[ridge:end]))
-    if profile[ridge] - profile[valley] < MIN_EDGE_DROP_HU:
+    if profile[ridge] - profile[valley] < min_drop:
         return None
     # the steepest fall between them, refined by a parabola through the falls around it
     falls = profile[ridge:valley] - profile[ridge + 1:valley + 1]
@@ -216,31 +261,31 @@ def endplate_edge(profile: np.ndarray, start: int) -> float | None:
         curvature = falls[k - 1] - 2.0 * falls[k] + falls[k + 1]
         if curvature < 0:
             offset = float(np.clip(0.5 * (falls[k - 1] - falls[k + 1]) / curvature, -0.5, 0.5))
-    edge = ridge + k + 0.5 + offset
-    boundary = start + 0.5
-    shift = MAX_SHIFT_MM / STEP_MM
-    return float(np.clip(edge, boundary - shift, boundary + shift))
+    return ridge + k + 0.5 + offset
 
 
-def _column_height(hu_column: np.ndarray, inside: np.ndarray) -> float:
+def _column_height(hu_column: np.ndarray, inside: np.ndarray, other: np.ndarray) -> float:
     """Height (mm) of one anterior-posterior position: between the outer edges of both endplates.
 
-    ``hu_column`` and ``inside`` are ``(n,)`` samples along the height axis
-    (inferior to superior, :data:`STEP_MM` apart). An endplate whose edge is
-    not found on the image keeps the label map's boundary.
+    ``hu_column``, ``inside`` (this body's label map) and ``other`` (any
+    other body's) are ``(n,)`` samples along the height axis (inferior to
+    superior, :data:`STEP_MM` apart). An endplate whose edge is not found on
+    the image keeps the label map's boundary.
     """
     idx = np.nonzero(inside)[0]
     bottom_in, top_in = int(idx.min()), int(idx.max())
-    top = endplate_edge(hu_column, top_in)
-    bottom = endplate_edge(hu_column[::-1], hu_column.size - 1 - bottom_in)
+    above, below = np.nonzero(other[top_in:])[0], np.nonzero(other[:bottom_in + 1])[0]
+    n = hu_column.size
+    top = endplate_edge(hu_column, top_in, top_in + int(above[0]) if above.size else None)
+    bottom = endplate_edge(hu_column[::-1], n - 1 - bottom_in, n - 1 - int(below[-1]) if below.size else None)
     top_mm = (top_in + 0.5) if top is None else top
-    bottom_mm = (bottom_in - 0.5) if bottom is None else hu_column.size - 1 - bottom
+    bottom_mm = (bottom_in - 0.5) if bottom is None else n - 1 - bottom
     return (top_mm - bottom_mm) * STEP_MM
 
 
-def _heights(volume: Volume, mask: np.ndarray, centre: np.ndarray,
+def _heights(volume: Volume, bodies: np.ndarray, vid: int, centre: np.ndarray,
              axes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float] | None:
-    """Anterior, middle and posterior heights (mm) on the mid-sagittal planes."""
+    """Anterior, middle and posterior heights (mm) of body ``vid`` of the label map on the mid-sagittal planes."""
     height_ax, anterior_ax, left_ax = axes
     grid = np.arange(-45.0, 45.0 + STEP_MM / 2, STEP_MM)
     a, h = np.meshgrid(grid, grid, indexing="ij")  # (anterior, height) samples
@@ -249,7 +294,8 @@ def _heights(volume: Volume, mask: np.ndarray, centre: np.ndarray,
     for offset in PLANE_OFFSETS_MM:
         pts = (centre + offset * left_ax)[None, :] + a.reshape(-1, 1) * anterior_ax + h.reshape(-1, 1) * height_ax
         index = ((pts - volume.affine[:3, 3]) @ inverse.T).T
-        inside = ndi.map_coordinates(mask, index, order=0, mode="constant", cval=0).reshape(a.shape) > 0
+        labels = ndi.map_coordinates(bodies, index, order=0, mode="constant", cval=0).reshape(a.shape)
+        inside, other = labels == vid, (labels != 0) & (labels != vid)
         cols = np.nonzero(inside.any(axis=1))[0]
         if cols.size < 2:
             continue
@@ -268,13 +314,65 @@ def _heights(volume: Volume, mask: np.ndarray, centre: np.ndarray,
                    for name, (f0, f1) in WINDOWS.items()}
         if not all(sel.any() for sel in windows.values()):
             continue
-        per_plane.append({name: float(np.median([_column_height(hu[col], inside[col]) for col in cols[sel]]))
-                          for name, sel in windows.items()})
+        per_plane.append({name: float(np.median([_column_height(hu[col], inside[col], other[col])
+                                                 for col in cols[sel]])) for name, sel in windows.items()})
     if not per_plane:
         return None
     # the median over the planes of each plane's median: a plane on which the label map lacks a
     # corner (under-segmentation at low density) is outvoted by the others
     return {name: float(np.median([p[name] for p in per_plane])) for name in WINDOWS}
+
+
+def _shape_loss(heights: dict[str, float]) -> float:
+    """Height loss of a body against its own posterior height (wedge, biconcave)."""
+    return 1.0 - min(heights["anterior"], heights["middle"]) / heights["posterior"]
+
+
+def _deformed(raw: dict[int, tuple[dict[str, float], str | None]], posterior: dict[int, float]) -> set[int]:
+    """Graded levels that are no reference for their neighbours' crush ratio: deformed by their own
+    ratios (a wedge or biconcave loss of :data:`GRADE_LIMITS` ``[0]``), or a posterior height that much below
+    the median of the graded levels (a crush)."""
+    if not posterior:
+        return set()
+    typical = float(np.median(list(posterior.values())))
+    return {vid for vid, hp in posterior.items()
+            if _shape_loss(raw[vid][0]) >= GRADE_LIMITS[0] or hp < (1.0 - GRADE_LIMITS[0]) * typical}
+
+
+def reference_posterior(vid: int, posterior: dict[int, float], deformed: set[int]) -> float | None:
+    """Expected posterior height (mm) of body ``vid``: the mean over its neighbours.
+
+    Genant et al. 1993 judge a crush against the adjacent vertebrae; a
+    deformed neighbour (often beside a fracture in osteoporosis) would lower
+    the expected height and hide the crush. On each side the nearest level
+    within :data:`REFERENCE_REACH` levels that is not in ``deformed`` counts;
+    the search on a side stops at a level without a posterior height (absent,
+    cut by the field of view, or not graded).
+
+    Parameters
+    ----------
+    vid : int
+        VerSe ID of the body (19 = T12 ... 23 = L4).
+    posterior : dict[int, float]
+        VerSe ID -> posterior height (mm) of the graded, measured levels.
+    deformed : set[int]
+        VerSe IDs of levels that are no reference.
+
+    Returns
+    -------
+    float or None
+        Mean of the neighbours found, mm; ``None`` when there is none.
+    """
+    found = []
+    for step in (-1, 1):
+        for k in range(1, REFERENCE_REACH + 1):
+            n = vid + step * k
+            if n not in posterior:
+                break
+            if n not in deformed:
+                found.append(posterior[n])
+                break
+    return float(np.mean(found)) if found else None
 
 
 def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, GenantMeasurement]:
@@ -317,7 +415,7 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
                 mask.take(np.r_[0:m, n - m:n], axis=ax).any() for ax, (m, n) in enumerate(zip(margin, mask.shape))):
             cut.append(vid)
             continue
-        heights = _heights(volume, mask.view(np.uint8), centres[vid], _frame(centres, vid))
+        heights = _heights(volume, bodies, vid, centres[vid], _frame(centres, vid))
         if heights is None:
             continue
         reason = None
@@ -328,15 +426,16 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
         height_anterior_mm=None, height_middle_mm=None, height_posterior_mm=None, reference_posterior_mm=None,
         height_ratios={}, height_loss=None, genant_grade=None, fracture_suspected=None, reason=CUT_REASON,
         cut_by_field_of_view=True) for vid in cut}
+    posterior = {vid: heights["posterior"] for vid, (heights, reason) in raw.items() if reason is None}
+    deformed = _deformed(raw, posterior)
     for vid, (heights, reason) in raw.items():
-        neighbours = [raw[n][0]["posterior"] for n in (vid - 1, vid + 1) if n in raw and raw[n][1] is None]
-        reference = float(np.mean(neighbours)) if neighbours else None
+        reference = reference_posterior(vid, posterior, deformed)
         ha, hm, hp = heights["anterior"], heights["middle"], heights["posterior"]
         ratios = {"anterior_posterior": round(ha / hp, 3), "middle_posterior": round(hm / hp, 3)}
-        losses = [1.0 - ha / hp, 1.0 - hm / hp]
+        losses = [_shape_loss(heights)]
         if reference is not None:
             ratios["posterior_reference"] = round(hp / reference, 3)
-            losses.append(1.0 - hp / reference)
+            losses.append(1.0 - max(hp, min(ha, hm)) / reference)
         loss = max(0.0, max(losses))
         grade = None if reason else genant_grade(loss)
         out[VERTEBRA_NAMES[vid]] = GenantMeasurement(

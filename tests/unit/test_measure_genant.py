@@ -16,7 +16,13 @@ import pytest
 import SimpleITK as sitk
 
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import apply_genant, endplate_edge, genant_grade, grade_levels
+from osteonode.measure.genant import (
+    apply_genant,
+    endplate_edge,
+    genant_grade,
+    grade_levels,
+    reference_posterior,
+)
 from osteonode.measure.hu import measure_levels
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import segment_spine
@@ -27,8 +33,9 @@ NAMES = ("T12", "L1", "L2", "L3", "L4")
 RADIUS, HEIGHT, PITCH = 18.0, 28.0, 36.0
 
 
-def _spine(deform=None):
-    """Label map of five bodies; ``deform(a, r) -> height`` shapes L2 (a: anterior mm, r: radial mm)."""
+def _spine(deform=None, deformed=("L2",)):
+    """Label map of five bodies; ``deform(a, r) -> height`` shapes the ``deformed`` levels (a: anterior mm,
+    r: radial mm)."""
     shape = (90, 400, 90)  # array (z, y, x) -> patient (anterior, inferior, left), 0.5 mm
     affine = np.zeros((4, 4))
     affine[:3, 0] = [0.0, -0.5, 0.0]  # z -> anterior
@@ -42,7 +49,7 @@ def _spine(deform=None):
     bodies = np.zeros(shape, np.uint8)
     for i, name in enumerate(NAMES):  # T12 on top
         zc = 2 * PITCH - i * PITCH
-        height = deform(ant, r) if (name == "L2" and deform) else np.full(shape, HEIGHT)
+        height = deform(ant, r) if (name in deformed and deform) else np.full(shape, HEIGHT)
         bodies[(r <= RADIUS) & (np.abs(sup - zc) <= height / 2.0)] = VERTEBRA_IDS[name]
     return volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros(shape, np.uint8))
 
@@ -171,6 +178,21 @@ def test_heights_follow_the_endplates_on_the_image(core_hu, mask_change):
         assert result[name].genant_grade == 0
 
 
+@pytest.mark.parametrize("core_hu", [-40.0, 60.0])  # fatty, osteoporotic
+def test_dark_body_label_map_short_of_its_endplates(core_hu):
+    """A label map 6 mm short at each endplate (a dark body's outline missing a corner): beyond the
+    3 mm the image may move a boundary, the endplate is followed outward to its ridge, before the
+    next body's label map."""
+    volume, seg = _with_image(*_spine(), core_hu, mask_change=-12)
+    result = grade_levels(volume, seg)
+    for name in ("L1", "L2", "L3"):  # a body on either side
+        assert result[name].height_middle_mm == pytest.approx(HEIGHT + SAMPLE_MM, abs=EDGE_MM)
+        assert result[name].height_anterior_mm == pytest.approx(HEIGHT + SAMPLE_MM, abs=EDGE_MM)
+        assert result[name].genant_grade == 0
+    # no body beyond the top of T12 and the bottom of L4: there the label map's boundary stays (6 mm short)
+    assert result["T12"].height_middle_mm == pytest.approx(HEIGHT + SAMPLE_MM - 6.0, abs=EDGE_MM)
+
+
 def test_bone_island_below_an_endplate_is_not_taken_for_it():
     volume, seg = _with_image(*_spine(), 60.0, focus=True, mask_change=-3)
     l2 = grade_levels(volume, seg)["L2"]
@@ -185,6 +207,37 @@ def test_endplate_edge_at_the_steepest_fall_between_samples():
     assert 5.0 < edge < 6.0  # between the samples of the steepest fall (300 -> 150)
     assert edge == pytest.approx(5.5 + 0.5 * (100.0 - 50.0) / (100.0 - 300.0 + 50.0))
     assert endplate_edge(np.full(12, 100.0), start=4) is None  # no endplate: the label map's boundary stays
+
+
+def test_crush_reference_skips_a_deformed_neighbour():
+    """Two adjacent crushes (55 % of the height): each is judged against the nearest undeformed levels,
+    not against the other crushed body (which would hide half the loss: grade 2 instead of 3)."""
+    volume, seg = _spine(lambda a, r: np.full(a.shape, 0.55 * HEIGHT), deformed=("L1", "L2"))
+    result = grade_levels(volume, seg)
+    for name in ("L1", "L2"):
+        assert result[name].reference_posterior_mm == pytest.approx(HEIGHT, abs=0.6)
+        assert result[name].genant_grade == 3
+    for name in ("T12", "L3", "L4"):
+        assert result[name].genant_grade == 0
+
+
+def test_posterior_height_short_on_its_own_is_no_crush():
+    """Only the posterior height low (a posterior corner missing from the label map, anterior and middle
+    heights intact): not graded as a crush against the neighbours; a uniform crush still is."""
+    reverse = lambda a, r: HEIGHT * (1.0 - 0.3 * (RADIUS - a) / (2 * RADIUS))  # noqa: E731 - 0.7 H posteriorly
+    l2 = grade_levels(*_spine(reverse))["L2"]
+    assert l2.height_ratios["posterior_reference"] < 0.8  # it would be a grade-2 crush by Hp alone
+    assert l2.genant_grade == 0
+    crushed = grade_levels(*_spine(lambda a, r: np.full(a.shape, 0.7 * HEIGHT)))["L2"]
+    assert crushed.genant_grade == 2
+
+
+def test_reference_posterior_nearest_undeformed_level_per_side():
+    heights = {19: 28.0, 20: 15.0, 21: 15.0, 22: 30.0, 23: 29.0}
+    assert reference_posterior(21, heights, {20, 21}) == pytest.approx(29.0)  # T12 above L1, L3 below
+    assert reference_posterior(22, heights, {20, 21}) == pytest.approx(29.0)  # L2 is skipped, L1 too: only L4
+    assert reference_posterior(22, heights, set()) == pytest.approx(22.0)  # L2 and L4
+    assert reference_posterior(20, {20: 28.0, 22: 28.0}, set()) is None  # L2 missing: no reference on that side
 
 
 def test_grade_limits():
