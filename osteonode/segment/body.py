@@ -71,6 +71,11 @@ CORE_RADIUS_MM = 10.0
 
 #: Voxels further (HU) from the sphere's first median are left out of the core HU (focal lesions).
 CORE_FOCUS_HU = 150.0
+#: Denser than any trabecular bone (at most about 400 HU): a bone island or blastic focus, left out of the
+#: core HU with its partial-volume halo of ``FOCAL_HALO_MM`` (a 15 mm island took 40 % of the core sphere
+#: of an L1 at -90 HU, whose core then read 391 HU and whose body shrank to the island).
+FOCAL_SCLEROTIC_HU = 600.0
+FOCAL_HALO_MM = 3.0
 
 
 #: The cortical shell of a body is at least this much (HU) denser than its trabecular core ...
@@ -103,6 +108,8 @@ STAR_SECTORS = 36
 
 #: The spinal canal (CSF and epidural fat, partial-volume averaged on 3 mm slices) is below this HU.
 CANAL_MAX_HU = 60.0
+#: A run of canal-like bins (1 mm) at least this long can be the canal (:func:`segment_body`).
+CANAL_MIN_RUN_MM = 6
 
 
 #: Soft-tissue reference HU (skeletal muscle).
@@ -167,16 +174,26 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
                        centre: np.ndarray) -> float:
     """Trabecular core HU: robust median of ``hs`` (canonical ``(s, a, l)`` crop) within 10 mm of ``centre`` (mm).
 
-    The median of the sphere is taken again over the voxels within
-    ``CORE_FOCUS_HU`` of the first median, so that a focal lesion at the centre
-    (a bone island of up to 15 mm, ~40 % of the sphere) does not set the body
-    threshold. 150 HU if the sphere is empty.
+    Voxels denser than any trabecular bone (``FOCAL_SCLEROTIC_HU``: a bone
+    island, a blastic focus) and ``FOCAL_HALO_MM`` around them are left out;
+    when that leaves less than a fifth of the sphere (an island as large as
+    it), a sphere of 15 mm is used. The median is then taken again over the
+    voxels within ``CORE_FOCUS_HU`` of the first median, so that a lesion
+    below that density at the centre does not set the body threshold either.
+    150 HU if the sphere is empty.
     """
     Z, Y, X = np.meshgrid(*(c - c0 for c, c0 in zip(coords_mm, centre)), indexing="ij", sparse=True)
-    core = np.broadcast_to(Z ** 2 + Y ** 2 + X ** 2 <= CORE_RADIUS_MM ** 2, hs.shape)
+    r2 = Z ** 2 + Y ** 2 + X ** 2
+    core = np.broadcast_to(r2 <= CORE_RADIUS_MM ** 2, hs.shape)
     if not core.any():
         return 150.0
-    values = hs[core]
+    spacing = np.array([float(c[1] - c[0]) if len(c) > 1 else 1.0 for c in coords_mm])
+    halo = ellipsoid(np.maximum(1, np.round(FOCAL_HALO_MM / spacing)).astype(int), spacing)
+    focus = ndi.binary_dilation(hs > FOCAL_SCLEROTIC_HU, structure=halo)
+    clear = core & ~focus
+    if clear.sum() < 0.2 * core.sum():  # an island as large as the sphere: the trabecular bone around it
+        clear = np.broadcast_to(r2 <= (1.5 * CORE_RADIUS_MM) ** 2, hs.shape) & ~focus
+    values = hs[clear] if clear.sum() >= 0.2 * core.sum() else hs[core]
     first = float(np.median(values))
     kept = values[np.abs(values - first) <= CORE_FOCUS_HU]
     return float(np.median(kept)) if kept.size else first
@@ -290,7 +307,10 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
             start = None
     k_wall = None
     if runs:
-        back, front = max(runs, key=lambda r: (r[1] - r[0], r[1]))
+        # the most posterior long run: in front of it, the interior of a body as dark as the canal makes
+        # a second run, as long when a bone island draws the centre forwards (L1 at -90 HU lost)
+        long = [r for r in runs if r[1] - r[0] + 1 >= CANAL_MIN_RUN_MM]
+        back, front = long[0] if long else max(runs, key=lambda r: (r[1] - r[0], r[1]))
         k_wall = next((k for k in range(front + 1, min(front + 7, len(centres)))
                       if shell_prof[k] > thr + 15.0), None)
         if k_wall is None:

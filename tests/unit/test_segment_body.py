@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
-from osteonode.segment.body import _disc_plane
+from osteonode.segment.body import _disc_plane, trabecular_core_hu
 
 AXIS = np.array([1.0, 0.0, 0.0])
 CENTRE = np.array([15.0, 25.0, 25.0])  # body centre (canonical s, a, l mm); its upper disc at s = 30 mm
@@ -52,3 +53,15 @@ def test_disc_plane_keeps_the_profile_s_plane_without_a_clearly_better_one():
     outer, inner = _planes()
     kept_outer, kept_inner = _disc_plane(hu, coords, CENTRE, AXIS, outer, inner)
     assert kept_outer is outer and kept_inner is inner
+
+
+@pytest.mark.parametrize("island_mm", [0.0, 12.0, 15.0])
+def test_core_hu_of_a_dark_body_ignores_a_bone_island(island_mm):
+    # an osteoporotic core of 20 HU on a 1.5 mm grid, with a 900 HU island about the centre, blurred
+    # like the smoothed copy: a 15 mm island fills half the 10 mm core sphere with its halo (the core read
+    # 391 HU on an L1 at -90 HU and its body shrank to the island)
+    coords = tuple(np.arange(-30.0, 30.1, 1.5) for _ in range(3))
+    s, a, lr = np.meshgrid(*coords, indexing="ij")
+    hs = np.where(np.sqrt(s ** 2 + (a - 1.5) ** 2 + lr ** 2) <= island_mm / 2, 900.0, 20.0)
+    hs = ndi.gaussian_filter(hs, 1.0 / 1.5).astype(np.float32)  # sigma 1 mm, as the smoothed copy of a noisy CT
+    assert trabecular_core_hu(hs, coords, np.zeros(3)) == pytest.approx(20.0, abs=5.0)
