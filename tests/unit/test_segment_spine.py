@@ -38,6 +38,7 @@ from osteonode.segment.column import (
     foramen_depth,
     is_short_segment,
     partial_end_slices,
+    without_focal_dense,
 )
 from osteonode.segment.frame import CanonicalFrame, canonical_view
 from osteonode.segment.levels import (
@@ -415,6 +416,18 @@ def test_a_mid_body_candidate_loses_to_a_disc_at_a_foramen():
     assert _beside_foramina([10, 27], shallow) == [10, 27]
     # no pedicles in view: nothing is dropped
     assert _beside_foramina([27, 36], np.full(80, 200.0)) == [27, 36]
+
+
+def test_without_focal_dense_fills_a_bone_island_and_keeps_plates():
+    # 2 mm grid: a body of 40 HU with a 900 HU island 12 mm across and a 700 HU endplate 40 mm wide
+    coarse = np.full((30, 30, 30), 40.0, np.float32)
+    coarse[10:16, 10:16, 10:16] = 900.0
+    coarse[24, 5:25, 5:25] = 700.0
+    out = without_focal_dense(coarse)
+    np.testing.assert_array_equal(out[10:16, 10:16, 10:16], 40.0)
+    np.testing.assert_array_equal(out[24], coarse[24])  # the plate is no focus
+    assert coarse[12, 12, 12] == 900.0  # the input is left alone
+    np.testing.assert_array_equal(without_focal_dense(coarse[20:]), coarse[20:])
 
 
 def test_rib_levels_drops_a_rib_merged_with_a_transverse_process():
