@@ -48,7 +48,7 @@ import logging
 import numpy as np
 from scipy import ndimage as ndi
 
-from osteonode.segment.column import SHELL_HU
+from osteonode.segment.column import FOCAL_DENSE_HU, SHELL_HU
 from osteonode.segment.frame import (
     COARSE_MM,
     IN_PLANE,
@@ -71,10 +71,9 @@ CORE_RADIUS_MM = 10.0
 
 #: Voxels further (HU) from the sphere's first median are left out of the core HU (focal lesions).
 CORE_FOCUS_HU = 150.0
-#: Denser than any trabecular bone (at most about 400 HU): a bone island or blastic focus, left out of the
-#: core HU with its partial-volume halo of ``FOCAL_HALO_MM`` (a 15 mm island took 40 % of the core sphere
-#: of an L1 at -90 HU, whose core then read 391 HU and whose body shrank to the island).
-FOCAL_SCLEROTIC_HU = 600.0
+#: Bone denser than ``FOCAL_DENSE_HU`` (a bone island, a blastic focus) is left out of the core HU with
+#: this partial-volume halo (mm): a 15 mm island took 40 % of the core sphere of an L1 at -90 HU, whose
+#: core then read 391 HU and whose body shrank to the island.
 FOCAL_HALO_MM = 3.0
 
 
@@ -174,7 +173,7 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
                        centre: np.ndarray) -> float:
     """Trabecular core HU: robust median of ``hs`` (canonical ``(s, a, l)`` crop) within 10 mm of ``centre`` (mm).
 
-    Voxels denser than any trabecular bone (``FOCAL_SCLEROTIC_HU``: a bone
+    Voxels denser than any trabecular bone (``FOCAL_DENSE_HU``: a bone
     island, a blastic focus) and ``FOCAL_HALO_MM`` around them are left out;
     when that leaves less than a fifth of the sphere (an island as large as
     it), a sphere of 15 mm is used. The median is then taken again over the
@@ -189,7 +188,7 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
         return 150.0
     spacing = np.array([float(c[1] - c[0]) if len(c) > 1 else 1.0 for c in coords_mm])
     halo = ellipsoid(np.maximum(1, np.round(FOCAL_HALO_MM / spacing)).astype(int), spacing)
-    focus = ndi.binary_dilation(hs > FOCAL_SCLEROTIC_HU, structure=halo)
+    focus = ndi.binary_dilation(hs > FOCAL_DENSE_HU, structure=halo)
     clear = core & ~focus
     if clear.sum() < 0.2 * core.sum():  # an island as large as the sphere: the trabecular bone around it
         clear = np.broadcast_to(r2 <= (1.5 * CORE_RADIUS_MM) ** 2, hs.shape) & ~focus

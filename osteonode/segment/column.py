@@ -52,8 +52,9 @@ from osteonode.segment.frame import COARSE_MM, perpendicular_frame, shift_along
 
 log = logging.getLogger(__name__)
 
-#: A compact focus denser than this (HU; trabecular bone stays below about 400) and at most
-#: ``FOCAL_MAX_MM`` across is a bone island to the disc profile (:func:`without_focal_dense`).
+#: Denser than any trabecular bone (HU; it stays below about 400): a bone island or blastic focus, to the
+#: disc profile when compact (at most ``FOCAL_MAX_MM`` across, :func:`without_focal_dense`) and to the
+#: core HU of a body (:func:`osteonode.segment.body.trabecular_core_hu`).
 FOCAL_DENSE_HU = 600.0
 FOCAL_MAX_MM = 20.0
 
