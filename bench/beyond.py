@@ -1,0 +1,93 @@
+"""Variants beyond the issue-10 list, to check the method on its class of problem, not on one list.
+
+``bench/robustness.py`` builds the variants named in issue 10 (L1 and L3
+deformities, islands at base density, tilts of 10 degrees, ...). The method
+was changed while looking at those, so they no longer test it blind. This
+script builds other members of the same classes from the same CT with the same
+edits (:mod:`bench.variants`): deformities of L2 and L4, deformities and bone
+islands in osteoporotic spines, densities beyond the list (+300 HU), two
+levels edited differently, noise 35 HU, scaling by 5 % and tilts of 5 degrees,
+tilt with density. It prints the table of ``bench/robustness.py`` (same
+columns, same scoring) without the target summary: these rows have no targets
+of their own, they say where the method still fails.
+
+Usage: python bench/beyond.py [--only PATTERN] [--out FILE.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.robustness import LEVELS, Spec, analyse, score, select, table  # noqa: E402
+from bench.segmentation import example_image, load_references  # noqa: E402
+from bench.variants import Anatomy, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
+from osteonode.volume import Volume  # noqa: E402
+
+log = logging.getLogger("bench.beyond")
+
+
+def _all(offset: float):
+    return lambda b, a: offset_cores(b, a, dict.fromkeys(LEVELS, offset))
+
+
+def specs() -> list[Spec]:
+    """The variants, in table order (``Spec.group`` only names the class)."""
+    out = [Spec("base", "base", lambda b, a: b)]
+    out += [Spec(f"{k}30_{n}", "deformity", lambda b, a, k=k, n=n: deform(b, a, n, k, 0.30))
+            for n in ("L2", "L4") for k in ("wedge", "biconcave", "crush")]
+    out += [
+        Spec("wedge30_L2+core_all-80", "deformity", lambda b, a: deform(_all(-80)(b, a), a, "L2", "wedge", 0.30)),
+        Spec("crush30_L4+core_all-60", "deformity", lambda b, a: deform(_all(-60)(b, a), a, "L4", "crush", 0.30)),
+        Spec("biconcave45_L2+core_all-40", "deformity",
+             lambda b, a: deform(_all(-40)(b, a), a, "L2", "biconcave", 0.45)),
+        Spec("core_all+300", "density", _all(300)),
+        Spec("core_L1+300", "density", lambda b, a: offset_cores(b, a, {"L1": 300})),
+        Spec("core_L2-60+noise20", "density", lambda b, a: add_noise(offset_cores(b, a, {"L2": -60}), 20, seed=7)),
+        Spec("core_L2-100+core_L3-40", "density", lambda b, a: offset_cores(b, a, {"L2": -100, "L3": -40})),
+    ]
+    out += [Spec(f"core_all{o:+d}+island{d}_{n}", "island",
+                 lambda b, a, o=o, d=d, n=n: add_island(_all(o)(b, a), a, n, d))
+            for o, d, n in ((-90, 12, "L1"), (-90, 15, "L1"), (-60, 15, "L3"), (-120, 8, "L4"))]
+    out += [
+        Spec("core_L2-80+island10_L2", "island", lambda b, a: add_island(offset_cores(b, a, {"L2": -80}), a, "L2", 10)),
+        Spec("noise35", "noise", lambda b, a: add_noise(b, 35, seed=35)),
+        Spec("scale0.95", "geometry", lambda b, a: transform(b, a, scale=0.95)),
+        Spec("scale1.05", "geometry", lambda b, a: transform(b, a, scale=1.05)),
+        Spec("tilt_lr+5", "geometry", lambda b, a: transform(b, a, tilt_lr_deg=5)),
+        Spec("tilt_ap+5", "geometry", lambda b, a: transform(b, a, tilt_ap_deg=5)),
+        Spec("tilt_ap-5+scale1.05", "geometry", lambda b, a: transform(b, a, tilt_ap_deg=-5, scale=1.05)),
+        Spec("tilt_lr-10+core_all-80", "geometry", lambda b, a: transform(_all(-80)(b, a), a, tilt_lr_deg=-10)),
+    ]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", metavar="PATTERN",
+                        help="variants whose name matches one of these comma-separated globs or substrings")
+    parser.add_argument("--out", type=Path, metavar="FILE.md", help="also write the table as markdown")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("osteonode").setLevel(logging.WARNING)
+    volume, refs = Volume.from_sitk(example_image()), load_references()
+    anatomy = Anatomy.from_volume(volume)
+    base_variant = baseline(volume, refs)
+    base = analyse(volume)
+    rows = []
+    for spec in select(specs(), False, args.only):
+        variant = replace(spec.build(base_variant, anatomy), name=spec.name)
+        rows.append(score(variant, analyse(variant.volume), base))
+        log.info("%s done", spec.name)
+    print(table(rows))
+    if args.out:
+        args.out.write_text(table(rows, markdown=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
