@@ -37,7 +37,7 @@ Edits (each a function ``Variant -> Variant``; :func:`baseline` starts a chain):
 * :func:`add_island`: a sphere of ``ISLAND_HU`` (a bone island, enostosis),
   partial-volume blended, in the anterior half of a core at mid-height;
 * :func:`deform`: a wedge, biconcave or crush deformity of one level by a
-  smooth cranio-caudal displacement field along the local spine axis;
+  cranio-caudal displacement field along the local spine axis that shortens its interior;
 * :func:`transform`: isotropic scaling about the spine centre and rotation
   about the left-right and/or anterior-posterior axis;
 * :func:`add_noise`: white Gaussian noise with a fixed seed.
@@ -79,8 +79,13 @@ SHELL_MM = 0.5
 ISLAND_HU = 900.0
 #: Sub-samples per voxel and axis for the partial-volume fraction of an island.
 ISLAND_SUPERSAMPLING = 5
-#: Gaussian sigma (mm) that smooths the kinks of a deformity's displacement field.
-FIELD_SMOOTHING_MM = 1.5
+#: A deformity moves this much of each end of a body (its endplate and the blur of the endplate's edge on
+#: thick slices), and as much of the disc beyond, rigidly (mm).
+ENDPLATE_MM = 3.0
+#: Grid (mm, anterior and left) on which a deformity follows the endplates of each column of the body.
+COLUMN_MM = 1.0
+#: The least height (mm) of a deformed body's compressed interior.
+MIN_INTERIOR_MM = 2.0
 #: Deformity kinds, see :func:`deform`.
 DEFORMITIES = ("wedge", "biconcave", "crush")
 OUTSIDE_HU = -1024.0
@@ -362,24 +367,63 @@ def _resample(variant: Variant, source_mm, crop: bool = False) -> Variant:
     return replace(variant, volume=moved_vol, refs=moved, warped=True)
 
 
-def _smooth_field(values: np.ndarray, spacing) -> np.ndarray:
-    return ndi.gaussian_filter(values, [FIELD_SMOOTHING_MM / s for s in spacing], mode="nearest")
+def _shortening(anatomy: Anatomy, level: str, kind: str, loss: float, limit: float) -> float:
+    """Shortening ``D`` (mm) of the measured height of ``level`` that brings Genant's ratio to ``loss``.
 
-
-def _compression(anatomy: Anatomy, level: str, kind: str, loss: float) -> float:
-    """Fraction ``c`` by which the deformity compresses the measured height of ``level``.
-
-    Chosen so that Genant's ratio on the unmodified heights reaches ``loss``:
-    wedge ``(1 - c) Ha = (1 - loss) Hp``, biconcave ``(1 - c) Hm = (1 - loss)
-    Hp``, crush ``(1 - c) Hp = (1 - loss) Hp_ref`` (``Hp_ref``: mean
-    posterior height of the neighbours; ``Hp`` when there is none). Clipped
-    to ``0..0.9`` (a body already shorter than asked is left as it is).
+    From the heights of the unmodified body: wedge ``Ha - D = (1 - loss)
+    Hp``, biconcave ``Hm - D = (1 - loss) Hp``, crush ``Hp - D = (1 - loss)
+    Hp_ref`` (``Hp_ref``: mean posterior height of the neighbours; ``Hp`` when
+    there is none). Clipped to ``0..limit`` (a body already shorter than asked
+    is left as it is).
     """
     m = anatomy.heights[level]
     ha, hm, hp = m.height_anterior_mm, m.height_middle_mm, m.height_posterior_mm
-    target, own = {"wedge": (hp, ha), "biconcave": (hp, hm),
-                   "crush": (m.reference_posterior_mm or hp, hp)}[kind]
-    return float(np.clip(1.0 - (1.0 - loss) * target / own, 0.0, 0.9))
+    own, target = {"wedge": (ha, hp), "biconcave": (hm, hp), "crush": (hp, m.reference_posterior_mm or hp)}[kind]
+    return float(np.clip(own - (1.0 - loss) * target, 0.0, limit))
+
+
+def _column_extents(h: np.ndarray, a: np.ndarray, lateral: np.ndarray, half_step: float, voxel_mm: float):
+    """Bottom and top (mm along ``h``) of every cranio-caudal column of a body, on a ``COLUMN_MM`` grid.
+
+    ``h``, ``a``, ``lateral`` are the body's voxel centres in its frame (mm);
+    each extent reaches half a voxel (``half_step``) beyond the outermost
+    centres, and is the largest over ``voxel_mm`` (the coarsest voxel
+    spacing) around the cell. Columns without a voxel take the nearest
+    column's extent, and both maps are smoothed with a Gaussian of
+    ``COLUMN_MM`` (the label map steps by a whole slice from column to
+    column). Returns ``(bottom, top, column)``: two 2-D maps indexed
+    ``(a, lateral)`` and a function ``(a, lateral) -> index`` of the map's
+    cell for arrays of points (clipped to the map).
+    """
+    a0, l0 = a.min(), lateral.min()
+    ia = np.floor((a - a0) / COLUMN_MM).astype(int)
+    il = np.floor((lateral - l0) / COLUMN_MM).astype(int)
+    shape = (int(ia.max()) + 1, int(il.max()) + 1)
+    top, bottom = np.full(shape, -np.inf), np.full(shape, np.inf)
+    np.maximum.at(top, (ia, il), h)
+    np.minimum.at(bottom, (ia, il), h)
+    # a cell narrower than a voxel holds the voxels of some slices only: take the extent over one voxel
+    reach = int(np.ceil(voxel_mm / COLUMN_MM)) + 1
+    top, bottom = ndi.maximum_filter(top, reach, mode="nearest"), ndi.minimum_filter(bottom, reach, mode="nearest")
+    nearest = ndi.distance_transform_edt(~np.isfinite(top), return_distances=False, return_indices=True)
+    top = ndi.gaussian_filter(top[tuple(nearest)] + half_step, 1.0, mode="nearest")
+    bottom = ndi.gaussian_filter(bottom[tuple(nearest)] - half_step, 1.0, mode="nearest")
+
+    def column(pa: np.ndarray, pl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (np.clip(np.floor((pa - a0) / COLUMN_MM).astype(int), 0, shape[0] - 1),
+                np.clip(np.floor((pl - l0) / COLUMN_MM).astype(int), 0, shape[1] - 1))
+
+    return bottom, top, column
+
+
+def _piecewise(h: np.ndarray, knots_out: list[np.ndarray], knots_src: list[np.ndarray]) -> np.ndarray:
+    """Piecewise-linear map of every point's ``h`` through its own increasing knots (output -> source);
+    identity outside the first and last knot."""
+    src = h.copy()
+    for o0, o1, s0, s1 in zip(knots_out[:-1], knots_out[1:], knots_src[:-1], knots_src[1:]):
+        seg = (h > o0) & (h <= o1)
+        src = np.where(seg, s0 + (h - o0) * (s1 - s0) / np.maximum(o1 - o0, 1e-9), src)
+    return src
 
 
 def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: float) -> Variant:
@@ -387,27 +431,33 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
 
     Coordinates are those of the body in the unmodified CT: ``h`` along the
     spine axis (superior, through the neighbouring centroids), ``a``
-    anterior, ``l`` left, from the body centroid; ``H = ht - hb`` is the
-    body's extent along ``h``, ``D`` its anterior-posterior depth; ``c`` is
-    :func:`_compression` (from the heights of the unmodified body, so that
-    e.g. a wedge of 30 % leaves ``Ha = 0.7 Hp`` even if ``Ha`` was larger than
-    ``Hp`` before). Every point moves only along the spine axis (a
-    cranio-caudal displacement field, smoothed with a Gaussian of
-    ``FIELD_SMOOTHING_MM`` to remove its kinks); every column of the body keeps
-    its shape along ``h`` and is shortened by the local compression:
+    anterior, ``l`` left, from the body centroid; ``hb..ht`` is the body's
+    extent along ``h`` (``H = ht - hb``), ``D`` its anterior-posterior depth.
+    Every point moves only along the spine axis, and the body is shortened
+    where a fracture shortens it, in its trabecular interior: the
+    ``ENDPLATE_MM`` inside each end of the extent (the endplate and the
+    partial-volume blur of its edge on thick slices) and the same outside it
+    move rigidly, so that an endplate edge keeps its sharpness and moves by
+    exactly the shortening asked. (Compressing or stretching a 3 mm image
+    across an endplate would widen or narrow the blur of its edge and move
+    the measured edge by up to 2 mm, a third of a Genant grade; so would a
+    smoothed displacement field.) With the shortening ``S``
+    (:func:`_shortening`, mm, from the heights of the unmodified body, so
+    that e.g. a wedge of 30 % leaves ``Ha = 0.7 Hp`` even if ``Ha`` was larger
+    than ``Hp`` before):
 
-    * ``wedge``: the local compression is ``c`` at and in front of 10 % of
-      ``D`` behind the anterior margin, 0 at and behind 10 % of ``D`` in front
-      of the posterior margin, linear in between; the slab ``hb..ht`` is
-      compressed to ``hb..ht - c(a) H`` and all that lies above moves down by
-      ``c(a) H``;
-    * ``crush``: the same with ``c`` everywhere;
-    * ``biconcave``: both endplates sink towards mid-height by ``c(r) H / 2``,
-      ``c(r) = c`` at the centre of the body's axial footprint, falling
+    * ``wedge``: the local shortening is ``S`` at and in front of 10 % of ``D``
+      behind the anterior margin, 0 at and behind 10 % of ``D`` in front of
+      the posterior margin, linear in between; the interior
+      ``hb + E..ht - E`` is compressed to ``hb + E..ht - E - s(a)`` and all
+      that lies above moves down by ``s(a)``;
+    * ``crush``: the same with ``S`` everywhere;
+    * ``biconcave``: both endplates sink towards mid-height by ``s(r) / 2``,
+      ``s(r) = S`` at the centre of the body's axial footprint, falling
       (cosine) to 0 at 65 % of the way to its margin (the anterior and
-      posterior height windows are untouched); the disc spaces over
-      ``c H / 2 + 4`` mm beyond each endplate are stretched into the dent;
-      nothing else moves.
+      posterior height windows are untouched); the interior is compressed and
+      the disc spaces over ``S / 2 + E + 4`` mm beyond each endplate are
+      stretched into the dent; nothing else moves.
 
     Slices at either end of the array (axis 0) that would be filled mostly
     from outside the original field of view are cropped (they would show a
@@ -431,7 +481,7 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     Variant
         Image resampled (linear), possibly with fewer slices; reference masks
         resampled (nearest) on their grid. Truth ``deformity = {"level",
-        "kind", "loss", "compression"}`` and ``expected_grade`` of that level
+        "kind", "loss", "shortening_mm"}`` and ``expected_grade`` of that level
         ``= genant_grade(loss)`` (Genant 1993: < 20 % 0, 20-25 % 1, 25-40 %
         2, > 40 % 3).
 
@@ -444,39 +494,42 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
         raise ValueError(f"bad deformity {kind!r} {loss}")
     _check_unwarped(variant, "deform")
     vol = variant.volume
-    comp = _compression(anatomy, level, kind, loss)
     centre, up, ant, left = _spine_frame(vol, anatomy, level)
     rel = _points_mm(vol)[anatomy.bodies == VERTEBRA_IDS[level]] - centre
     half_step = 0.5 * float(np.abs(vol.affine[:3, :3].T @ up).max())
-    hb, ht = (rel @ up).min() - half_step, (rel @ up).max() + half_step
     a_post, a_ant = (rel @ ant).min(), (rel @ ant).max()
     l_half = 0.5 * ((rel @ left).max() - (rel @ left).min())
-    height, depth = ht - hb, a_ant - a_post
+    depth, rigid = a_ant - a_post, ENDPLATE_MM
+    bottom, top, column = _column_extents(rel @ up, rel @ ant, rel @ left, half_step, max(vol.spacing))
+    # the interior of a typical column keeps at least MIN_INTERIOR_MM
+    shortening = _shortening(anatomy, level, kind, loss,
+                             limit=float(np.median(top - bottom)) - 2 * rigid - MIN_INTERIOR_MM)
 
     def source(points: np.ndarray, spacing) -> np.ndarray:
         p = points - centre
         h, a = p @ up, p @ ant
+        where = column(a, p @ left)
+        hb, ht = bottom[where], top[where]
         if kind == "biconcave":
             r = np.hypot((a - 0.5 * (a_post + a_ant)) / (depth / 2), (p @ left) / l_half)
-            dent = comp * height / 2 * 0.5 * (1.0 + np.cos(np.pi * np.clip((r - 0.15) / 0.5, 0.0, 1.0)))
-            band = comp * height / 2 + 4.0
-            # knots output -> source: hb-band -> hb-band, hb+dent -> hb, ht-dent -> ht, ht+band -> ht+band
-            src = np.where(h < hb + dent, hb - band + (h - (hb - band)) * band / (band + dent),
-                           np.where(h <= ht - dent, hb + (h - hb - dent) * height / (height - 2 * dent),
-                                    ht + (h - (ht - dent)) * band / (band + dent)))
-            src = np.where((h < hb - band) | (h > ht + band), h, src)
+            dent = shortening / 2 * 0.5 * (1.0 + np.cos(np.pi * np.clip((r - 0.15) / 0.5, 0.0, 1.0)))
+            band = shortening / 2 + rigid + 4.0
+            out = [hb - band, hb + dent - rigid, hb + dent + rigid, ht - dent - rigid, ht - dent + rigid, ht + band]
+            src = [hb - band, hb - rigid, hb + rigid, ht - rigid, ht + rigid, ht + band]
         else:
-            c = comp * (np.ones_like(a) if kind == "crush" else
-                        np.clip((a - (a_post + 0.1 * depth)) / (0.8 * depth), 0.0, 1.0))
-            src = np.where(h <= hb, h, np.where(h <= ht - c * height, hb + (h - hb) / (1.0 - c),
-                                                h + c * height))
-        shift = _smooth_field(src - h, spacing)
-        return points + shift[..., None] * up
+            s = shortening * (np.ones_like(a) if kind == "crush" else
+                              np.clip((a - (a_post + 0.1 * depth)) / (0.8 * depth), 0.0, 1.0))
+            # below hb + E unmoved; above ht - E - s down by s; the interior between compressed
+            far = float(np.abs(h).max() + np.abs(top).max() + 1.0)
+            out = [hb + rigid, ht - rigid - s, np.full_like(h, far)]
+            src = [hb + rigid, ht - rigid, far + s]
+        new_h = _piecewise(h, [np.broadcast_to(k, h.shape) for k in out], [np.broadcast_to(k, h.shape) for k in src])
+        return points + (new_h - h)[..., None] * up
 
     moved = _resample(variant, source, crop=True)
     grades = {**variant.truth["expected_grade"], level: genant_grade(loss)}
     return replace(moved, truth=_truth(variant, deformity={"level": level, "kind": kind, "loss": loss,
-                                                           "compression": round(comp, 3)},
+                                                           "shortening_mm": round(shortening, 2)},
                                        expected_grade=grades))
 
 

@@ -23,7 +23,8 @@ side (mid-sagittal). On each plane, every anterior-posterior column of the body
 gives a height: between the outer edges of its two endplates, each found on
 the image next to the label map's boundary (:func:`endplate_edge`: the
 steepest fall from the endplate to the disc, within 4 mm inside and 5 mm
-outside the boundary, moving it by at most 3 mm; where there is none and the
+outside the boundary, moving it by at most 3 mm; where the profile still
+rises 4 mm inside, a dented endplate up to 10 mm inside; where there is none and the
 next body's label map lies beyond, the endplate is followed outward up to
 10 mm, as a dark body's label map stops short of it; the label map's boundary
 where the image shows no endplate). The label map alone would quantise a
@@ -87,6 +88,7 @@ from osteonode.anatomy import REPORTED_LEVELS, VERTEBRA_IDS, VERTEBRA_NAMES
 from osteonode.measure.tissues import body_centres_mm
 from osteonode.result import LevelResult
 from osteonode.segment import SpineSegmentation
+from osteonode.segment.column import FOCAL_DENSE_HU
 from osteonode.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,8 @@ WINDOWS = {"anterior": (0.05, 0.15), "middle": (0.45, 0.55), "posterior": (0.85,
 MARGIN_HEIGHT_FRACTION = 0.5
 #: The endplate ridge is looked for up to this far (mm) inside the label map's boundary.
 RIDGE_SEARCH_MM = 4.0
+#: ... and, where the profile still rises inward there (a dented endplate), climbed to up to this far (mm).
+DENT_REACH_MM = 10.0
 #: The disc beyond an endplate ridge is looked for up to this far (mm) outside the label map's boundary.
 DISC_REACH_MM = 5.0
 #: The image moves the label map's boundary by at most this much (mm) ...
@@ -108,6 +112,8 @@ MAX_SHIFT_MM = 3.0
 #: ... unless no endplate is near it: then the endplate is followed up to this far (mm) outward, before the
 #: next body's label map.
 NEIGHBOUR_REACH_MM = 10.0
+#: Falls within this fraction of the steepest one form the run whose centre is the edge (:func:`_fall`).
+PLATEAU_FRACTION = 0.95
 #: The endplate must stand this many HU above the disc beyond it ...
 MIN_EDGE_DROP_HU = 30.0
 #: ... and this many when followed beyond the label map (a dark body's endplate, dimmed by its marrow).
@@ -193,13 +199,26 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
     to one sample outside ``start`` (the label map's outermost sample of the
     body), the disc the darkest from there to :data:`DISC_REACH_MM` beyond
     ``start``, and the edge the point between them where the profile falls
-    most steeply (refined between samples by a parabola). The steepest fall
+    most steeply: the centre of the run of falls within
+    :data:`PLATEAU_FRACTION` of the steepest (a profile sampled every 0.5 mm
+    across 3 mm slices is linear between the slice centres, so its steepest
+    fall spans a whole interval, and taking its first sample would move the
+    edge by up to a slice with the position of the slices), else refined
+    between samples by a parabola. The steepest fall
     marks a blurred step where it is, whatever the blur of the scanner, the
     density of the trabecular bone (the endplate stays brighter than the disc
     in osteoporosis and in a sclerotic body alike) or the thinness of the
     endplate (whose blurred peak is lower, which would move a half-maximum
     edge outward); searching only next to the label map's boundary keeps a
     bright focus inside the body, and the neighbour's endplate, out.
+
+    Where the profile still rises inward at the inner end of that search,
+    the endplate has sunk into the body (a biconcave or crushed endplate,
+    the disc filling the dent) and the label map reaches into the dent: the
+    profile is climbed inward to its local maximum, up to
+    :data:`DENT_REACH_MM` inside ``start``, unless that is a dense focus
+    (above :data:`osteonode.segment.column.FOCAL_DENSE_HU`, a bone island),
+    and the edge may then lie that far inside.
 
     Where that finds no endplate and the next body's label map (``limit``)
     lies beyond, the label map of a dark body may stop short of its endplate
@@ -225,18 +244,27 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
     -------
     float or None
         Index of the edge (fractional), at most :data:`MAX_SHIFT_MM` from the
-        label map's boundary, or beyond it at a followed endplate; ``None``
+        label map's boundary, inside it at a climbed dent, or beyond it at a
+        followed endplate; ``None``
         when no endplate stands out above a disc (then the label map's
         boundary is kept).
     """
     n = profile.size
     lo = max(0, start - int(round(RIDGE_SEARCH_MM / STEP_MM)))
     ridge = lo + int(np.argmax(profile[lo:min(n - 1, start + 1) + 1]))
+    inward = MAX_SHIFT_MM / STEP_MM
+    if ridge == lo and lo > 0 and profile[lo - 1] > profile[lo]:
+        # still rising inward: the endplate sank into the body (a biconcave or crushed endplate,
+        # the disc filling the dent) and the label map reaches into the dent; climb to the ridge
+        deep, climb = max(0, start - int(round(DENT_REACH_MM / STEP_MM))), lo
+        while climb > deep and profile[climb - 1] >= profile[climb]:
+            climb -= 1
+        if climb > deep and profile[climb] <= FOCAL_DENSE_HU:  # not a bone island
+            ridge, inward = climb, start + 0.5 - climb
     edge = _fall(profile, ridge, start, MIN_EDGE_DROP_HU)
     if edge is not None:
         boundary = start + 0.5
-        shift = MAX_SHIFT_MM / STEP_MM
-        return float(np.clip(edge, boundary - shift, boundary + shift))
+        return float(np.clip(edge, boundary - inward, boundary + MAX_SHIFT_MM / STEP_MM))
     if limit is None:
         return None
     # a dark body's label map may stop short of its endplate: follow the rising profile to the ridge
@@ -253,9 +281,19 @@ def _fall(profile: np.ndarray, ridge: int, start: int, min_drop: float) -> float
     valley = ridge + int(np.argmin(profile[ridge:end]))
     if profile[ridge] - profile[valley] < min_drop:
         return None
-    # the steepest fall between them, refined by a parabola through the falls around it
+    # the steepest fall between them: the centre of the run of steepest falls (a profile sampled
+    # finer than the slices is piecewise linear, steepest along a whole interval between two
+    # slices), or a parabola through the falls around a single steepest one
     falls = profile[ridge:valley] - profile[ridge + 1:valley + 1]
     k = int(np.argmax(falls))
+    steep = falls >= PLATEAU_FRACTION * falls[k]
+    first, last = k, k
+    while first > 0 and steep[first - 1]:
+        first -= 1
+    while last < falls.size - 1 and steep[last + 1]:
+        last += 1
+    if last > first:
+        return ridge + 0.5 * (first + last) + 0.5
     offset = 0.0
     if 0 < k < falls.size - 1:
         curvature = falls[k - 1] - 2.0 * falls[k] + falls[k + 1]

@@ -1,0 +1,113 @@
+"""The deformities of ``bench/variants.py`` on a phantom spine of known geometry, and Genant's heights on them.
+
+The phantom: six elliptical bodies (T12-L5, 28 mm tall, 34 x 44 mm across,
+a 1.2 mm cortical shell of 550 HU around 150 HU marrow, 10 mm discs of
+40 HU), built on a 0.25 mm grid and averaged into 3 mm slices as a scanner
+would (0.8 mm pixels). Its label map is exact. The deformity must shorten
+the body where it says and keep the endplates sharp, and
+:func:`osteonode.measure.genant.grade_levels` must measure the applied
+height loss on the deformed image with the deformed label map.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+from bench.variants import Anatomy, baseline, deform
+from osteonode.anatomy import VERTEBRA_IDS
+from osteonode.measure.genant import grade_levels
+from osteonode.segment import SpineSegmentation
+from osteonode.volume import Volume
+from tests.ctdata import References
+
+LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5")
+SLICE_MM, PIXEL_MM, FINE = 3.0, 0.8, 12  # 12 sub-slices of 0.25 mm per slice
+
+
+def _phantom() -> tuple[Volume, np.ndarray]:
+    """``(z, y, x)`` HU volume and its VerSe label map; z runs superior (slice 0 is caudal)."""
+    ny = nx = 90
+    nz = 88 * FINE
+    z = (np.arange(nz) * SLICE_MM / FINE)[:, None, None]
+    y = (np.arange(ny) * PIXEL_MM - 36.0)[None, :, None]
+    x = (np.arange(nx) * PIXEL_MM - 36.0)[None, None, :]
+    radius = np.hypot(y / 17.0, x / 22.0)
+    fine = np.full((nz, ny, nx), 40.0, np.float32)
+    fine_labels = np.zeros((nz, ny, nx), np.uint8)
+    for k, name in enumerate(LEVELS):
+        centre = 30.0 + 38.37 * k  # not aligned with the slices
+        dz = np.abs(z - centre)
+        body = (dz <= 14.0) & (radius <= 1.0)
+        shell = body & ((dz > 12.8) | (radius > 1.0 - 1.2 / 17.0))
+        fine[body], fine[shell] = 150.0, 550.0
+        fine_labels[np.broadcast_to(body, fine.shape)] = VERTEBRA_IDS[name]
+    hu = ndi.gaussian_filter(fine.reshape(-1, FINE, ny, nx).mean(axis=1), (0.3, 0.8, 0.8)).astype(np.float32)
+    affine = np.zeros((4, 4))
+    affine[0, 2], affine[1, 1], affine[2, 0], affine[3, 3] = PIXEL_MM, PIXEL_MM, SLICE_MM, 1.0
+    return Volume(hu=hu, affine=affine), fine_labels[FINE // 2::FINE]
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    volume, labels = _phantom()
+    refs = References(volume.to_sitk(labels), labels.copy(), (labels > 0).astype(np.uint8),
+                      np.zeros(labels.shape, bool))
+    heights = grade_levels(volume, SpineSegmentation(bodies=labels, trabecular=np.zeros_like(labels)))
+    return volume, labels, refs, Anatomy(bodies=labels, cores={}, heights=heights)
+
+
+def _labels_on_image(variant) -> np.ndarray:
+    moved = sitk.GetImageFromArray(variant.refs.vertebrae)
+    moved.CopyInformation(variant.refs.image)
+    grid = variant.volume.to_sitk(np.zeros(variant.volume.shape, np.uint8))
+    return sitk.GetArrayFromImage(sitk.Resample(moved, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+
+
+def test_phantom_heights_agree_between_levels(phantom):
+    """Identical bodies at different positions relative to the slices measure alike (the edge is not
+    quantised to the slices)."""
+    _, _, _, anatomy = phantom
+    posterior = [anatomy.heights[n].height_posterior_mm for n in ("L1", "L2", "L3", "L4")]
+    assert max(posterior) - min(posterior) <= 0.6
+    assert all(anatomy.heights[n].genant_grade == 0 for n in ("L1", "L2", "L3", "L4"))
+
+
+@pytest.mark.parametrize("kind", ["wedge", "biconcave", "crush"])
+@pytest.mark.parametrize("loss", [0.2, 0.3, 0.45])
+def test_deformity_is_measured(phantom, kind, loss):
+    volume, _, refs, anatomy = phantom
+    variant = deform(baseline(volume, refs), anatomy, "L2", kind, loss)
+    labels = _labels_on_image(variant)
+    measured = grade_levels(variant.volume, SpineSegmentation(bodies=labels, trabecular=np.zeros_like(labels)))
+    assert measured["L2"].height_loss == pytest.approx(loss, abs=0.05)
+    assert all(measured[n].genant_grade == 0 for n in ("L1", "L3", "L4"))
+
+
+def _superior_edge_mm(profile: np.ndarray, near: int) -> float:
+    """Where ``profile`` (HU along z, 3 mm slices) crosses midway from the endplate peak near slice
+    ``near`` to the disc above, mm from slice 0."""
+    peak = near - 2 + int(np.argmax(profile[near - 2:near + 3]))
+    level = 0.5 * (profile[peak] + 40.0)
+    k = peak
+    while profile[k + 1] > level:
+        k += 1
+    return (k + (profile[k] - level) / (profile[k] - profile[k + 1])) * SLICE_MM
+
+
+def test_crush_lowers_the_endplate_by_the_shortening(phantom):
+    """The superior endplate's edge moves down by exactly the shortening (it moves rigidly: no stretch
+    or compression of the slices across it widens its blur), the inferior one stays."""
+    volume, labels, refs, anatomy = phantom
+    variant = deform(baseline(volume, refs), anatomy, "L2", "crush", 0.3)
+    shortening = variant.truth["deformity"]["shortening_mm"]
+    column = (slice(None), 45, 45)
+    body = np.nonzero(labels[column] == VERTEBRA_IDS["L2"])[0]
+    before, after = volume.hu[column], variant.volume.hu[column]
+    assert np.allclose(variant.volume.affine, volume.affine)  # only slices at the top cropped
+    moved = _superior_edge_mm(before, body.max()) - _superior_edge_mm(after, body.max() - round(shortening / SLICE_MM))
+    assert moved == pytest.approx(shortening, abs=0.5)
+    below = _superior_edge_mm(before, body.min() - 3) - _superior_edge_mm(after, body.min() - 3)
+    assert below == pytest.approx(0.0, abs=0.2)
