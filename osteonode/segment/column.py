@@ -117,6 +117,10 @@ SHORT_SEGMENT_MM = 14.0
 OPEN_SHORT_MIN = 0.58
 
 
+#: ... and its disc replaces a regular last disc of the chain when its notch is this much (HU) deeper.
+TERMINAL_FRACTURE_MARGIN_HU = 30.0
+
+
 #: Cost (HU of notch depth) of admitting a short (fractured) segment in the disc chain.
 FRACTURE_COST_HU = 60.0
 
@@ -685,9 +689,34 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
         return []
     pos, depth = positions_mm, depths_hu
     chain, _, _, after_short = _best_chain(pos, depth)
+    normal_since_short = 1 if after_short else 2
+    if not after_short and len(chain) >= 3:
+        top = _crushed_top(pos, depth, chain)
+        if top is not None:
+            chain, normal_since_short = chain[:-1] + [top], 0
     if cranial_end_mm is not None and len(chain) >= 2:
-        chain += _cranial_extension(pos, depth, chain, cranial_end_mm, after_short)
+        chain += _cranial_extension(pos, depth, chain, cranial_end_mm, normal_since_short)
     return chain
+
+
+def _crushed_top(pos: list[float], depth: list[float], chain: list[int]) -> int | None:
+    """A candidate that bounds a crushed top vertebra in place of the chain's weak last disc, if any.
+
+    The chain's last segment has nothing above it to confirm its spacing: a
+    weak notch at the regular spacing (inside the vertebra above, when the top
+    vertebra is crushed and everything above it has come down) wins against
+    the crushed body's disc, which costs a fracture. That disc is taken
+    instead when it is at least ``TERMINAL_FRACTURE_MARGIN_HU`` deeper and
+    the segment it closes is a short one that no mid-body dip makes
+    (``OPEN_SHORT_MIN`` to ``FRACTURE_SPACING[1]`` of the segment before, and
+    at least ``SHORT_SEGMENT_MM``).
+    """
+    below, last = chain[-2], chain[-1]
+    spacing = pos[below] - pos[chain[-3]]
+    short = [k for k in range(below + 1, last)
+             if OPEN_SHORT_MIN * spacing <= pos[k] - pos[below] <= FRACTURE_SPACING[1] * spacing
+             and pos[k] - pos[below] >= SHORT_SEGMENT_MM and depth[k] >= depth[last] + TERMINAL_FRACTURE_MARGIN_HU]
+    return max(short, key=lambda k: depth[k]) if short else None
 
 
 def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple[int, int]] = frozenset()
@@ -793,7 +822,7 @@ def is_short_segment(gap_mm: float, *neighbours_mm: float) -> bool:
 
 
 def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], end_mm: float,
-                       after_short: bool) -> list[int]:
+                       normal_since_short: int) -> list[int]:
     """Candidates added beyond the chain's cranial end while the column in view there exceeds one vertebra.
 
     The deepest candidate a normal segment (``FRACTURE_SPACING[1]`` to
@@ -805,14 +834,18 @@ def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], e
     (one normal vertebra at most), only a short one, and only with
     ``OPEN_BEYOND_SHORT`` of a segment still in view above it: a crushed top
     vertebra, its disc and part of the vertebra above. As in the chain, at
-    least two normal segments lie between short ones (``after_short``: a
-    short segment lies just before the chain's last segment).
+    least two normal segments lie between short ones (``normal_since_short``:
+    normal segments since the chain's last short one, 2 or more when none is
+    near; 0 when the chain ends with one). The spacings are those of the last
+    normal segment.
     """
     added: list[int] = []
-    normal_since_short = 1 if after_short else 2
     while True:
         ends = chain + added
-        top, spacing = ends[-1], pos[ends[-1]] - pos[ends[-2]]
+        top = ends[-1]
+        # the spacing of the last normal segment (a short one's is no measure of the next vertebra)
+        normal = ends[-3:-1] if normal_since_short == 0 and len(ends) >= 3 else ends[-2:]
+        spacing = pos[normal[1]] - pos[normal[0]]
         windows = [(FRACTURE_SPACING[1], OPEN_SEGMENT_MAX)]
         if normal_since_short >= 2:
             windows.append((OPEN_SHORT_MIN, FRACTURE_SPACING[1]))

@@ -573,6 +573,27 @@ def test_disc_chain_extends_past_a_fractured_top_vertebra_only_when_the_column_g
     assert disc_chain(positions, depths, cranial_end_mm=197.0) == [0, 1, 2, 3, 4]
 
 
+def test_disc_chain_ends_at_a_crushed_top_vertebra_s_disc_not_at_a_weak_regular_notch():
+    """The candidates of the example CT with L1 (the top vertebra in view) crushed by 45 %.
+
+    Everything above L1 came down by 9 mm: the T12/L1 disc (314 mm, 58 HU)
+    closes a short segment of 25 mm, and a weak notch inside T12 (324 mm,
+    18 HU) lies at the regular spacing of 35 mm. The deeper disc wins: the
+    crushed body must not take in its disc and the bottom of T12.
+    """
+    positions = [117.0, 140.0, 177.0, 211.0, 232.0, 252.0, 274.0, 289.0, 299.0, 314.0, 324.0]
+    depths = [36.0, 90.0, 145.0, 162.0, 28.0, 121.0, 28.0, 112.0, 76.0, 58.0, 18.0]
+    expected = [140.0, 177.0, 211.0, 252.0, 289.0, 314.0]
+    assert [positions[i] for i in disc_chain(positions, depths)] == expected
+    assert [positions[i] for i in disc_chain(positions, depths, cranial_end_mm=345.0)] == expected
+    # a notch nearly as deep at the regular spacing keeps the regular chain
+    depths[-1] = 40.0
+    assert positions[disc_chain(positions, depths)[-1]] == 324.0
+    # a mid-body dip (half a segment above the last disc) is no crushed body's disc
+    positions[-2], depths[-1] = 307.0, 18.0
+    assert positions[disc_chain(positions, depths)[-1]] == 324.0
+
+
 def test_disc_chain_prefers_regular_discs_to_a_phase_shift_through_one_short_segment():
     """In a low-density spine the mid-body dips form a regular chain too, half a segment off the discs'.
 
