@@ -694,6 +694,10 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
         top = _crushed_top(pos, depth, chain)
         if top is not None:
             chain, normal_since_short = chain[:-1] + [top], 0
+        elif is_short_segment(pos[chain[-1]] - pos[chain[-2]], pos[chain[-2]] - pos[chain[-3]]):
+            # the chain's last segment, taken as a normal one at the end of the chain (nothing above it
+            # to compare with), is a short one: a crushed vertebra, no measure of the next
+            normal_since_short = 0
     if cranial_end_mm is not None and len(chain) >= 2:
         chain += _cranial_extension(pos, depth, chain, cranial_end_mm, normal_since_short)
     return chain
@@ -836,16 +840,18 @@ def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], e
     vertebra, its disc and part of the vertebra above. As in the chain, at
     least two normal segments lie between short ones (``normal_since_short``:
     normal segments since the chain's last short one, 2 or more when none is
-    near; 0 when the chain ends with one). The spacings are those of the last
-    normal segment.
+    near; 0 when the chain ends with one). The spacing the windows scale is
+    the median of the last three normal segments.
     """
     added: list[int] = []
     while True:
         ends = chain + added
         top = ends[-1]
-        # the spacing of the last normal segment (a short one's is no measure of the next vertebra)
-        normal = ends[-3:-1] if normal_since_short == 0 and len(ends) >= 3 else ends[-2:]
-        spacing = pos[normal[1]] - pos[normal[0]]
+        # the median of the last three normal segments: a short one (a crushed vertebra) is no measure
+        # of the next vertebra, and a disc placed a little low or high moves one spacing by 10 %
+        gaps = np.diff([pos[k] for k in ends])
+        normal = [gap for i, gap in enumerate(gaps) if i == 0 or not is_short_segment(gap, gaps[i - 1])]
+        spacing = float(np.median(normal[-3:]))
         windows = [(FRACTURE_SPACING[1], OPEN_SEGMENT_MAX)]
         if normal_since_short >= 2:
             windows.append((OPEN_SHORT_MIN, FRACTURE_SPACING[1]))

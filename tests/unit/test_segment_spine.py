@@ -594,6 +594,21 @@ def test_disc_chain_ends_at_a_crushed_top_vertebra_s_disc_not_at_a_weak_regular_
     assert positions[disc_chain(positions, depths)[-1]] == 324.0
 
 
+def test_disc_chain_extends_past_a_crushed_vertebra_that_ends_the_regular_chain():
+    """The candidates of the example CT with every core at -100 HU and L3 crushed by 30 %.
+
+    The regular chain ends with the crushed L3's segment (26.8 mm after
+    34.2 mm: taken as a normal one, there being nothing above it). The discs
+    above (L1/L2 at 275.7, T12/L1 at 308.0 mm) are found at the spacing of
+    the normal segments, not of the crushed one.
+    """
+    positions = [116.6, 140.1, 176.4, 210.6, 237.4, 275.7, 289.9, 308.0]
+    depths = [36.0, 90.0, 153.0, 100.0, 23.0, 23.0, 46.0, 29.0]
+    assert [positions[i] for i in disc_chain(positions, depths)] == [140.1, 176.4, 210.6, 237.4]
+    chosen = disc_chain(positions, depths, cranial_end_mm=331.75)
+    assert [positions[i] for i in chosen] == [140.1, 176.4, 210.6, 237.4, 275.7, 308.0]
+
+
 def test_disc_chain_prefers_regular_discs_to_a_phase_shift_through_one_short_segment():
     """In a low-density spine the mid-body dips form a regular chain too, half a segment off the discs'.
 
