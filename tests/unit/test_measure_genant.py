@@ -209,6 +209,29 @@ def test_endplate_edge_at_the_steepest_fall_between_samples():
     assert endplate_edge(np.full(12, 100.0), start=4) is None  # no endplate: the label map's boundary stays
 
 
+def test_endplate_edge_at_the_centre_of_a_linear_fall():
+    """3 mm slices sampled every 0.5 mm: the profile falls linearly over a whole slice interval; the edge
+    is its centre, wherever the slices lie (the first sample of the run would move it by up to 3 mm)."""
+    slices = np.array([60.0, 60.0, 400.0, 100.0, 100.0, 100.0])  # body, endplate, disc at 3 mm
+    profile = np.interp(np.arange(0.0, 5.01, 1.0 / 6.0), np.arange(6.0), slices)  # 0.5 mm samples
+    edge = endplate_edge(profile, start=12)  # the endplate's slice is sample 12
+    assert edge == pytest.approx(15.0)  # midway between the endplate's slice (12) and the disc's (18)
+
+
+def test_endplate_edge_climbs_into_a_dented_endplate():
+    """A biconcave endplate sank 6 mm into the body and the label map reaches into the dent (disc-filled):
+    the edge is the dented endplate's, not a fall inside the dent near the label map's boundary."""
+    # 0.5 mm samples running outward: body 150 HU, endplate ridge 300 HU at 6-7, its blurred edge
+    # falling to the disc (60 HU) by sample 15; the label map's boundary at sample 20
+    profile = np.concatenate([np.full(6, 150.0), [300.0, 300.0, 260.0, 220.0, 180.0, 140.0, 110.0, 85.0, 70.0],
+                              np.full(16, 60.0)])
+    edge = endplate_edge(profile, start=20)
+    assert edge == pytest.approx(9.0)  # the centre of the steepest fall (samples 7 to 11)
+    island = profile.copy()
+    island[6:8] = 900.0  # a bone island there instead: no climb, the edge stays near the boundary
+    assert endplate_edge(island, start=20) > 12.0
+
+
 def test_crush_reference_skips_a_deformed_neighbour():
     """Two adjacent crushes (55 % of the height): each is judged against the nearest undeformed levels,
     not against the other crushed body (which would hide half the loss: grade 2 instead of 3)."""
