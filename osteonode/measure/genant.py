@@ -216,9 +216,10 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
     the endplate has sunk into the body (a biconcave or crushed endplate,
     the disc filling the dent) and the label map reaches into the dent: the
     profile is climbed inward to its local maximum, up to
-    :data:`DENT_REACH_MM` inside ``start``, unless that is a dense focus
-    (above :data:`osteonode.segment.column.FOCAL_DENSE_HU`, a bone island),
-    and the edge may then lie that far inside.
+    :data:`DENT_REACH_MM` inside ``start``; when that ridge stands at least
+    :data:`MIN_EDGE_DROP_HU` above the search's inner end and is no dense
+    focus (above :data:`osteonode.segment.column.FOCAL_DENSE_HU`, a bone
+    island), the edge is looked for from it and may lie that far inside.
 
     Where that finds no endplate and the next body's label map (``limit``)
     lies beyond, the label map of a dark body may stop short of its endplate
@@ -259,7 +260,9 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
         deep, climb = max(0, start - int(round(DENT_REACH_MM / STEP_MM))), lo
         while climb > deep and profile[climb - 1] >= profile[climb]:
             climb -= 1
-        if climb > deep and profile[climb] <= FOCAL_DENSE_HU:  # not a bone island
+        # a ridge clearly above the search's inner end (not the top of the same blurred endplate
+        # half a sample on), and not a bone island
+        if climb > deep and profile[lo] + MIN_EDGE_DROP_HU <= profile[climb] <= FOCAL_DENSE_HU:
             ridge, inward = climb, start + 0.5 - climb
     edge = _fall(profile, ridge, start, MIN_EDGE_DROP_HU)
     if edge is not None:
