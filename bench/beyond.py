@@ -7,7 +7,9 @@ script builds other members of the same classes from the same CT with the same
 edits (:mod:`bench.variants`): deformities of L2 and L4, deformities and bone
 islands in osteoporotic spines, densities beyond the list (+300 HU), two
 levels edited differently, noise 35 HU, scaling by 5 % and tilts of 5 degrees,
-tilt with density. It prints the table of ``bench/robustness.py`` (same
+tilt with density; and (session 9) crushes of 30 and 45 % of every level in
+spines at -60 and -100 HU, 45 % deformities of L2 and L4, a wedge with noise,
+scaling with tilt. It prints the table of ``bench/robustness.py`` (same
 columns, same scoring) without the target summary: these rows have no targets
 of their own, they say where the method still fails.
 
@@ -62,6 +64,18 @@ def specs() -> list[Spec]:
         Spec("tilt_ap+5", "geometry", lambda b, a: transform(b, a, tilt_ap_deg=5)),
         Spec("tilt_ap-5+scale1.05", "geometry", lambda b, a: transform(b, a, tilt_ap_deg=-5, scale=1.05)),
         Spec("tilt_lr-10+core_all-80", "geometry", lambda b, a: transform(_all(-80)(b, a), a, tilt_lr_deg=-10)),
+    ]
+    # added in session 9: crushes in osteoporotic spines, severe deformities of L2 and L4, scale with tilt
+    out += [Spec(f"crush{round(100 * f)}_{n}+core_all{o}", "deformity",
+                 lambda b, a, n=n, f=f, o=o: deform(_all(o)(b, a), a, n, "crush", f))
+            for n in LEVELS for f in (0.30, 0.45) for o in (-60, -100) if (n, f, o) != ("L4", 0.30, -60)]
+    out += [Spec(f"{k}45_{n}", "deformity", lambda b, a, k=k, n=n: deform(b, a, n, k, 0.45))
+            for k, n in (("wedge", "L2"), ("wedge", "L4"), ("biconcave", "L4"), ("crush", "L2"))]
+    out += [
+        Spec("wedge35_L1+noise20", "deformity", lambda b, a: add_noise(deform(b, a, "L1", "wedge", 0.35), 20, seed=3)),
+        Spec("crush35_L3+core_all-80", "deformity", lambda b, a: deform(_all(-80)(b, a), a, "L3", "crush", 0.35)),
+        Spec("scale0.93+tilt_lr+7", "geometry", lambda b, a: transform(b, a, scale=0.93, tilt_lr_deg=7)),
+        Spec("scale1.07+tilt_ap-7", "geometry", lambda b, a: transform(b, a, scale=1.07, tilt_ap_deg=-7)),
     ]
     return out
 
