@@ -659,7 +659,9 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
     spacing -- more than one vertebra, so a disc there was missed -- a
     candidate beyond it is added, and a short segment's disc also when the
     column is shorter but goes on above it (a crushed top vertebra;
-    :func:`_cranial_extension`).
+    :func:`_cranial_extension`). A weak last disc at the regular spacing gives
+    way to a much deeper one that closes a short segment below it (a crushed
+    top vertebra with everything above it come down; :func:`_crushed_top`).
 
     Parameters
     ----------
