@@ -1,10 +1,10 @@
-"""Unit tests of the vertebral body's disc-plane search (osteonode.segment.body._disc_plane)."""
+"""Unit tests of the vertebral body helpers (osteonode.segment.body: disc plane, core HU, faint posterior wall)."""
 
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from osteonode.segment.body import _disc_plane, trabecular_core_hu
+from osteonode.segment.body import CANAL_MAX_HU, _disc_plane, _faint_wall, trabecular_core_hu
 
 AXIS = np.array([1.0, 0.0, 0.0])
 CENTRE = np.array([15.0, 25.0, 25.0])  # body centre (canonical s, a, l mm); its upper disc at s = 30 mm
@@ -65,3 +65,33 @@ def test_core_hu_of_a_dark_body_ignores_a_bone_island(island_mm):
     hs = np.where(np.sqrt(s ** 2 + (a - 1.5) ** 2 + lr ** 2) <= island_mm / 2, 900.0, 20.0)
     hs = ndi.gaussian_filter(hs, 1.0 / 1.5).astype(np.float32)  # sigma 1 mm, as the smoothed copy of a noisy CT
     assert trabecular_core_hu(hs, coords, np.zeros(3)) == pytest.approx(20.0, abs=5.0)
+
+
+def _ap_profile(wall_hu: float, interior_hu: float) -> np.ndarray:
+    """1 mm bins, posterior first: arch bone (bins 0-4), canal (5-16, about 20 HU with noise),
+    the posterior wall (17-19), the body's interior (20-30), its anterior cortex (31-33)."""
+    rng = np.random.default_rng(0)
+    prof = np.concatenate([np.full(5, 300.0), 20.0 + rng.uniform(-10.0, 10.0, 12), np.full(3, wall_hu),
+                           interior_hu + rng.uniform(-5.0, 5.0, 11), np.full(3, 150.0)])
+    return prof.astype(np.float32)
+
+
+@pytest.mark.parametrize("interior_hu", [-30.0, 10.0])  # fatty marrow darker than the canal, and as dark
+def test_faint_wall_inside_a_run_that_goes_on_into_a_dark_body(interior_hu):
+    # the wall (55 HU) is below the canal limit: the fluid run spans canal, wall and interior
+    prof = _ap_profile(55.0, interior_hu)
+    assert (prof[5:31] < CANAL_MAX_HU).all()
+    assert _faint_wall(prof, 5, 30, last=len(prof) - 1) in (17, 18, 19)
+
+
+def test_faint_wall_in_front_of_the_canal_run():
+    prof = _ap_profile(80.0, 40.0)  # the wall above the canal limit ends the run at bin 16
+    assert _faint_wall(prof, 5, 16, last=len(prof) - 1) in (17, 18, 19)
+
+
+def test_faint_wall_not_in_front_of_the_last_bin_and_not_found_without_a_bump():
+    prof = _ap_profile(55.0, -30.0)
+    # the anterior cortex (bins 31-33) is out of reach when the wall may lie no further than bin 25
+    assert _faint_wall(prof, 5, 30, last=25) in (17, 18, 19)
+    flat = np.full(34, 20.0, np.float32)
+    assert _faint_wall(flat, 5, 30, last=33) == 31  # no bump: the bin in front of the run
