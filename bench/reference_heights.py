@@ -1,0 +1,99 @@
+"""Genant heights of the built-in bodies against those of the reference bodies, on the example CT.
+
+The only ground truth of vertebral heights we have is the reference label map
+(TotalSegmentator ``ref_v2_spine_vertebrae`` where ``ref_v2_vertebrae_body ==
+1``) of the example CT. This resamples it (nearest neighbour) onto the CT's
+grid and measures it with :func:`osteonode.measure.genant.grade_levels`
+exactly as our own label map is measured, so that the two differ only by the
+label map. Per level T12-L5 it prints, for ours and the reference's:
+
+* anterior, middle and posterior height (mm) and Genant's height loss;
+* the tilt (degrees) of the posterior and anterior body walls against the
+  height axis of ``grade_levels`` (positive: the wall leans anteriorly going
+  up), per mid-sagittal plane: a line fitted to the label map's most posterior
+  and most anterior sample of each 0.5 mm row over the middle 60 % of the
+  body's height. A wall that leans where the reference's does not is a
+  corner of the body that our label map cuts.
+
+Usage: python bench/reference_heights.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage as ndi
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.segmentation import REF_V2_ID, example_image, load_references  # noqa: E402
+from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
+from osteonode.measure import genant  # noqa: E402
+from osteonode.measure.tissues import body_centres_mm  # noqa: E402
+from osteonode.segment import SpineSegmentation  # noqa: E402
+from osteonode.segment.backends import builtin  # noqa: E402
+from osteonode.volume import Volume  # noqa: E402
+
+LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5")
+
+
+def reference_bodies(image: sitk.Image) -> np.ndarray:
+    """The reference bodies T12-L5 as a ``(z, y, x)`` VerSe-ID label map on ``image``'s grid (nearest)."""
+    refs = load_references()
+    ref = sitk.GetImageFromArray(np.where(refs.body == 1, refs.vertebrae, 0).astype(np.uint8))
+    ref.CopyInformation(refs.image)
+    on_ct = sitk.GetArrayFromImage(sitk.Resample(ref, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    out = np.zeros(on_ct.shape, np.uint8)
+    for name in LEVELS:
+        out[on_ct == REF_V2_ID[VERTEBRA_IDS[name]]] = VERTEBRA_IDS[name]
+    return out
+
+
+def wall_tilts(volume: Volume, bodies: np.ndarray, name: str) -> list[tuple[float, float]]:
+    """(posterior, anterior) wall tilt (degrees) of body ``name`` on each plane of ``genant.PLANE_OFFSETS_MM``."""
+    vid = VERTEBRA_IDS[name]
+    centres = body_centres_mm(volume, bodies)
+    height_ax, anterior_ax, left_ax = genant._frame(centres, vid)
+    grid = np.arange(-45.0, 45.0 + genant.STEP_MM / 2, genant.STEP_MM)
+    a, h = np.meshgrid(grid, grid, indexing="ij")
+    inverse = np.linalg.inv(volume.affine[:3, :3])
+    out = []
+    for offset in genant.PLANE_OFFSETS_MM:
+        pts = (centres[vid] + offset * left_ax)[None, :] + a.reshape(-1, 1) * anterior_ax + h.reshape(-1, 1) * height_ax
+        index = ((pts - volume.affine[:3, 3]) @ inverse.T).T
+        inside = ndi.map_coordinates(bodies, index, order=0).reshape(a.shape) == vid
+        rows = np.nonzero(inside.any(axis=0))[0]
+        if rows.size < 5:
+            continue
+        hh = grid[rows]
+        middle = (hh > hh.min() + 0.2 * np.ptp(hh)) & (hh < hh.max() - 0.2 * np.ptp(hh))
+        back = [grid[np.nonzero(inside[:, r])[0].min()] for r in rows[middle]]
+        front = [grid[np.nonzero(inside[:, r])[0].max()] for r in rows[middle]]
+        out.append(tuple(float(np.degrees(np.arctan(np.polyfit(hh[middle], wall, 1)[0]))) for wall in (back, front)))
+    return out
+
+
+def main() -> int:
+    image = example_image()
+    volume = Volume.from_sitk(image)
+    maps = {"ours": builtin(volume).bodies, "reference": reference_bodies(image)}
+    heights = {key: genant.grade_levels(volume, SpineSegmentation(bodies=m, trabecular=np.zeros_like(m)))
+               for key, m in maps.items()}
+    print("level  label map   Ha    Hm    Hp  (mm)  loss   posterior/anterior wall tilt per plane (deg)")
+    for name in LEVELS:
+        for key, m in maps.items():
+            g = heights[key].get(name)
+            if g is None:
+                continue
+            cells = ("  cut by the field of view" if g.cut_by_field_of_view else
+                     f"{g.height_anterior_mm:5.1f} {g.height_middle_mm:5.1f} {g.height_posterior_mm:5.1f}"
+                     f"       {g.height_loss:.3f}")
+            tilts = " ".join(f"{p:+5.1f}/{q:+5.1f}" for p, q in wall_tilts(volume, m, name))
+            print(f"{name:5s}  {key:9s} {cells}   {tilts}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
