@@ -9,7 +9,9 @@ islands in osteoporotic spines, densities beyond the list (+300 HU), two
 levels edited differently, noise 35 HU, scaling by 5 % and tilts of 5 degrees,
 tilt with density; and (session 9) crushes of 30 and 45 % of every level in
 spines at -60 and -100 HU, 45 % deformities of L2 and L4, a wedge with noise,
-scaling with tilt. It prints the table of ``bench/robustness.py`` (same
+scaling with tilt; and (session 10) noise on dark and sclerotic spines, two
+dark levels, deformities of 25, 35 and 40 % in dark spines, tilted and scaled
+dark spines. It prints the table of ``bench/robustness.py`` (same
 columns, same scoring) without the target summary: these rows have no targets
 of their own, they say where the method still fails.
 
@@ -76,6 +78,29 @@ def specs() -> list[Spec]:
         Spec("crush35_L3+core_all-80", "deformity", lambda b, a: deform(_all(-80)(b, a), a, "L3", "crush", 0.35)),
         Spec("scale0.93+tilt_lr+7", "geometry", lambda b, a: transform(b, a, scale=0.93, tilt_lr_deg=7)),
         Spec("scale1.07+tilt_ap-7", "geometry", lambda b, a: transform(b, a, scale=1.07, tilt_ap_deg=-7)),
+    ]
+    # added in session 10: noise on dark and sclerotic spines, two dark levels, deformities at 25/35/40 %
+    # in dark spines, tilts and scales of dark spines
+    out += [
+        Spec("core_all-40+noise30", "density", lambda b, a: add_noise(_all(-40)(b, a), 30, seed=3)),
+        Spec("core_all-110+noise20", "density", lambda b, a: add_noise(_all(-110)(b, a), 20, seed=4)),
+        Spec("core_all+150+island12_L3", "island", lambda b, a: add_island(_all(150)(b, a), a, "L3", 12)),
+        Spec("core_L3-70+core_L1-30", "density", lambda b, a: offset_cores(b, a, {"L3": -70, "L1": -30})),
+        Spec("core_L1-100+core_L4-100", "density", lambda b, a: offset_cores(b, a, {"L1": -100, "L4": -100})),
+        Spec("wedge25_L2+core_all-50", "deformity", lambda b, a: deform(_all(-50)(b, a), a, "L2", "wedge", 0.25)),
+        Spec("biconcave35_L1+core_all-90", "deformity",
+             lambda b, a: deform(_all(-90)(b, a), a, "L1", "biconcave", 0.35)),
+        Spec("crush40_L4+core_all-80", "deformity", lambda b, a: deform(_all(-80)(b, a), a, "L4", "crush", 0.40)),
+        Spec("wedge40_L3+core_all-110", "deformity", lambda b, a: deform(_all(-110)(b, a), a, "L3", "wedge", 0.40)),
+        Spec("crush25_L1", "deformity", lambda b, a: deform(b, a, "L1", "crush", 0.25)),
+        Spec("tilt_ap+8+core_all-70", "geometry", lambda b, a: transform(_all(-70)(b, a), a, tilt_ap_deg=8)),
+        Spec("tilt_lr-7+scale1.05+core_all-90", "geometry",
+             lambda b, a: transform(_all(-90)(b, a), a, scale=1.05, tilt_lr_deg=-7)),
+        Spec("scale0.92+core_L2-80", "geometry",
+             lambda b, a: transform(offset_cores(b, a, {"L2": -80}), a, scale=0.92)),
+        Spec("wedge30_L3+noise25", "deformity", lambda b, a: add_noise(deform(b, a, "L3", "wedge", 0.30), 25, seed=5)),
+        Spec("crush35_L2+island10_L3", "deformity",
+             lambda b, a: deform(add_island(b, a, "L3", 10), a, "L2", "crush", 0.35)),
     ]
     return out
 
