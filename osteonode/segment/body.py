@@ -516,11 +516,11 @@ def _faint_wall(profile: np.ndarray, back: int, front: int, last: int) -> int:
     in front of bin ``last`` (``MIN_WALL_DEPTH_MM`` behind the body centre): the
     bin standing highest both above the darkest bin behind it in the run and
     above the darkest bin within ``FAINT_WALL_MM`` in front of it, if that is
-    ``FAINT_WALL_HU`` (noise in the canal makes smaller bumps). Without one, the
+    at least ``FAINT_WALL_HU`` (noise in the canal makes smaller bumps). Without one, the
     bin in front of the run. (The wall used to be the highest bin within
     ``FAINT_WALL_MM`` in front of the run's darkest bin; a core darker than the
     canal's fat made that bin the body's own interior, and the bump in front of
-    it the anterior cortex: with a spine axis 5 degrees off, L2 with its core
+    it the anterior cortex: with a spine axis 6 degrees off, L2 with its core
     at -100 HU of ``bench/robustness.py`` had its wall 2 mm behind its centre
     and lost 40 % of its voxels.)
 
