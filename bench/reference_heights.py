@@ -55,14 +55,10 @@ def wall_tilts(volume: Volume, bodies: np.ndarray, name: str) -> list[tuple[floa
     """(posterior, anterior) wall tilt (degrees) of body ``name`` on each plane of ``genant.PLANE_OFFSETS_MM``."""
     vid = VERTEBRA_IDS[name]
     centres = body_centres_mm(volume, bodies)
-    height_ax, anterior_ax, left_ax = genant._frame(centres, vid)
-    grid = np.arange(-45.0, 45.0 + genant.STEP_MM / 2, genant.STEP_MM)
-    a, h = np.meshgrid(grid, grid, indexing="ij")
-    inverse = np.linalg.inv(volume.affine[:3, :3])
+    a, _, indices = genant.sagittal_planes(volume, centres[vid], genant._frame(centres, vid))
+    grid = genant.PLANE_GRID_MM
     out = []
-    for offset in genant.PLANE_OFFSETS_MM:
-        pts = (centres[vid] + offset * left_ax)[None, :] + a.reshape(-1, 1) * anterior_ax + h.reshape(-1, 1) * height_ax
-        index = ((pts - volume.affine[:3, 3]) @ inverse.T).T
+    for index in indices:
         inside = ndi.map_coordinates(bodies, index, order=0).reshape(a.shape) == vid
         rows = np.nonzero(inside.any(axis=0))[0]
         if rows.size < 5:

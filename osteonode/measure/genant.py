@@ -324,17 +324,47 @@ def _column_height(hu_column: np.ndarray, inside: np.ndarray, other: np.ndarray)
     return (top_mm - bottom_mm) * STEP_MM
 
 
+#: Positions (mm from the body centroid) of the samples along the anterior and the height axis of a plane.
+PLANE_GRID_MM = np.arange(-45.0, 45.0 + STEP_MM / 2, STEP_MM)
+
+
+def sagittal_planes(volume: Volume, centre: np.ndarray, axes: tuple[np.ndarray, np.ndarray, np.ndarray]):
+    """Voxel indices of the mid-sagittal sampling planes of one body, one plane per ``PLANE_OFFSETS_MM``.
+
+    Parameters
+    ----------
+    volume : Volume
+        Only its grid (``affine``, LPS mm) is used.
+    centre : numpy.ndarray
+        ``(3,)`` body centroid, LPS mm.
+    axes : tuple of numpy.ndarray
+        Unit height, anterior and left axes (:func:`_frame`).
+
+    Returns
+    -------
+    tuple
+        ``(a, h, indices)``: ``a`` and ``h`` the ``(n, n)`` anterior and height
+        position (mm) of each sample (``PLANE_GRID_MM`` along both), and
+        ``indices`` a list of ``(3, n * n)`` fractional ``(z, y, x)`` voxel
+        indices, one per plane, for ``scipy.ndimage.map_coordinates``.
+    """
+    height_ax, anterior_ax, left_ax = axes
+    a, h = np.meshgrid(PLANE_GRID_MM, PLANE_GRID_MM, indexing="ij")  # (anterior, height) samples
+    inverse = np.linalg.inv(volume.affine[:3, :3])
+    indices = []
+    for offset in PLANE_OFFSETS_MM:
+        pts = (centre + offset * left_ax)[None, :] + a.reshape(-1, 1) * anterior_ax + h.reshape(-1, 1) * height_ax
+        indices.append(((pts - volume.affine[:3, 3]) @ inverse.T).T)
+    return a, h, indices
+
+
 def _heights(volume: Volume, bodies: np.ndarray, vid: int, centre: np.ndarray,
              axes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float] | None:
     """Anterior, middle and posterior heights (mm) of body ``vid`` of the label map on the mid-sagittal planes."""
-    height_ax, anterior_ax, left_ax = axes
-    grid = np.arange(-45.0, 45.0 + STEP_MM / 2, STEP_MM)
-    a, h = np.meshgrid(grid, grid, indexing="ij")  # (anterior, height) samples
-    inverse = np.linalg.inv(volume.affine[:3, :3])
+    a, h, indices = sagittal_planes(volume, centre, axes)
+    grid = PLANE_GRID_MM
     per_plane = []
-    for offset in PLANE_OFFSETS_MM:
-        pts = (centre + offset * left_ax)[None, :] + a.reshape(-1, 1) * anterior_ax + h.reshape(-1, 1) * height_ax
-        index = ((pts - volume.affine[:3, 3]) @ inverse.T).T
+    for index in indices:
         labels = ndi.map_coordinates(bodies, index, order=0, mode="constant", cval=0).reshape(a.shape)
         inside, other = labels == vid, (labels != 0) & (labels != vid)
         cols = np.nonzero(inside.any(axis=1))[0]
