@@ -24,11 +24,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.segmentation import REF_V2_ID, example_image, load_references  # noqa: E402
+from bench.segmentation import example_image, load_references, reference_bodies  # noqa: E402
 from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
 from osteonode.measure import genant  # noqa: E402
 from osteonode.measure.tissues import body_centres_mm  # noqa: E402
@@ -37,18 +36,6 @@ from osteonode.segment.backends import builtin  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
 
 LEVELS = ("T12", "L1", "L2", "L3", "L4", "L5")
-
-
-def reference_bodies(image: sitk.Image) -> np.ndarray:
-    """The reference bodies T12-L5 as a ``(z, y, x)`` VerSe-ID label map on ``image``'s grid (nearest)."""
-    refs = load_references()
-    ref = sitk.GetImageFromArray(np.where(refs.body == 1, refs.vertebrae, 0).astype(np.uint8))
-    ref.CopyInformation(refs.image)
-    on_ct = sitk.GetArrayFromImage(sitk.Resample(ref, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
-    out = np.zeros(on_ct.shape, np.uint8)
-    for name in LEVELS:
-        out[on_ct == REF_V2_ID[VERTEBRA_IDS[name]]] = VERTEBRA_IDS[name]
-    return out
 
 
 def wall_tilts(volume: Volume, bodies: np.ndarray, name: str) -> list[tuple[float, float]]:
@@ -74,7 +61,7 @@ def wall_tilts(volume: Volume, bodies: np.ndarray, name: str) -> list[tuple[floa
 def main() -> int:
     image = example_image()
     volume = Volume.from_sitk(image)
-    maps = {"ours": builtin(volume).bodies, "reference": reference_bodies(image)}
+    maps = {"ours": builtin(volume).bodies, "reference": reference_bodies(volume, load_references())}
     heights = {key: genant.grade_levels(volume, SpineSegmentation(bodies=m, trabecular=np.zeros_like(m)))
                for key, m in maps.items()}
     print("level  label map   Ha    Hm    Hp  (mm)  loss   posterior/anterior wall tilt per plane (deg)")

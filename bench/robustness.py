@@ -18,7 +18,15 @@ spine and proximal femurs), :func:`osteonode.measure.hu.measure_levels`,
   ``ref_v2_vertebrae_body == 1``) and right femur (v1 label 89), inside the
   variant's field of view, the references moved with the variant;
 * ``Genant``: grades of L1-L4 (``-`` not graded, ``.`` absent) and, for a
-  deformity, the expected grade of the deformed level;
+  deformity, the expected grade of the deformed level (``exp``: Genant's
+  grade of the nominal height loss) and the grade of the reference body
+  deformed alike and measured by the same
+  :func:`osteonode.measure.genant.grade_levels` (``ref``). The nominal loss
+  is reached from our own heights of the unedited body (the bench builds from
+  the image), so where our label map of the unedited body is wrong (L1 before
+  session 11: posterior height 24.9 mm against the reference's 30.4 mm), the
+  deformity actually made differs from the nominal one; ``ref`` says what
+  was made, independently of our segmentation;
 * ``seg s``: segmentation time; ``MiB``: peak resident memory of this process
   while segmenting and measuring (high-water mark reset before each variant).
 
@@ -48,7 +56,14 @@ import SimpleITK as sitk
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GRID, _hwm_mib, spacing_512  # noqa: E402
-from bench.segmentation import REF_V2_ID, dice, example_image, load_references, on_reference_grid  # noqa: E402
+from bench.segmentation import (  # noqa: E402
+    REF_V2_ID,
+    dice,
+    example_image,
+    load_references,
+    on_reference_grid,
+    reference_bodies,
+)
 from bench.variants import Anatomy, Variant, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
 from osteonode.anatomy import FEMUR_RIGHT, VERTEBRA_IDS  # noqa: E402
 from osteonode.measure.genant import apply_genant, grade_levels  # noqa: E402
@@ -189,7 +204,9 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
         (L1-L4 reported trabecular mean minus the base's, HU; ``None`` when
         either is missing), ``offset`` (applied, HU), ``dice``
         (:func:`dices`), ``grades`` (L1-L4 Genant grade, ``None`` not graded,
-        ``"."`` absent), ``fracture`` (suspected, per measured level),
+        ``"."`` absent), ``reference_grade`` (of a deformity: the grade of
+        the deformed level's reference body, measured alike; ``None`` when
+        not graded or no deformity), ``fracture`` (suspected, per measured level),
         ``seconds``, ``peak_mib``, ``not_evaluable``, ``roi_voxels`` (L1-L4
         trabecular ROI size, voxels of the variant's grid).
     """
@@ -198,11 +215,17 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
         now, then = result.levels.get(name), base.levels.get(name)
         d_hu[name] = None if now is None or then is None else now.trabecular_hu_mean - then.trabecular_hu_mean
     grades = {name: (result.levels[name].genant_grade if name in result.levels else ".") for name in LEVELS}
+    reference_grade = None
+    if variant.truth["deformity"] is not None:
+        bodies = reference_bodies(variant.volume, variant.refs)
+        measured = grade_levels(variant.volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
+        deformed = measured.get(variant.truth["deformity"]["level"])
+        reference_grade = None if deformed is None else deformed.genant_grade
     roi = {name: int((result.seg.trabecular == VERTEBRA_IDS[name]).sum()) for name in LEVELS}
     return {"variant": variant.name, "truth": variant.truth, "labels": level_check(variant, result),
             "roi_voxels": roi,
             "d_hu": d_hu, "offset": {n: variant.truth["offset"].get(n, 0.0) for n in LEVELS},
-            "dice": dices(variant, result), "grades": grades,
+            "dice": dices(variant, result), "grades": grades, "reference_grade": reference_grade,
             "fracture": {n: result.levels[n].fracture_suspected for n in LEVELS if n in result.levels},
             "seconds": result.seconds, "peak_mib": result.peak_mib,
             "not_evaluable": result.seg.not_evaluable_reason}
@@ -271,7 +294,10 @@ def row_cells(row: dict) -> list[str]:
     labels = row["labels"]
     bad = [f"{n}->{s}" for n, s in labels.items() if s != "ok"]
     deformity = row["truth"]["deformity"]
-    expected = f" exp {deformity['level']}={row['truth']['expected_grade'][deformity['level']]}" if deformity else ""
+    expected = ""
+    if deformity:
+        expected = (f" exp {deformity['level']}={row['truth']['expected_grade'][deformity['level']]}"
+                    f" ref {_fmt(row['reference_grade'], 'd')}")
     return [row["variant"], f"{4 - len(bad)}/4" + (f" ({' '.join(bad)})" if bad else ""),
             *[f"{_fmt(row['d_hu'][n], '+.1f')}/{row['offset'][n]:+.0f}" for n in LEVELS],
             " ".join(f"{row['dice'][n]:.2f}" for n in (*LEVELS, "femur_R")),
@@ -362,6 +388,14 @@ def summary(rows: list[tuple[Spec, dict]], time_512: list[float], mib_512: float
         out.append((f"Genant grade exact in >= {MIN_EXACT_GRADES:.0%} of deformities, never off by more than 1",
                     exact >= MIN_EXACT_GRADES * len(found) and not far,
                     f"exact {exact}/{len(found)}" + (f"; off by > 1 or ungraded: {', '.join(far)}" if far else "")))
+        against = [(r["variant"], r["grades"][r["truth"]["deformity"]["level"]], r["reference_grade"])
+                   for r in deformed]
+        same = sum(g == e for _, g, e in against)
+        differ = [f"{v} {g} vs {e}" for v, g, e in against if g != e]
+        out.append(("(no target) Genant grade equal to that of the reference body deformed alike and measured by "
+                    "the same code", not differ,
+                    f"equal {same}/{len(against)}" + (f"; differ (ours vs reference): {', '.join(differ)}"
+                                                      if differ else "")))
     low = [f"{r['variant']} {k} {v:.2f}" for _, r in rows for k, v in r["dice"].items() if v < MIN_DICE]
     out.append((f"L1-L4 body and right-femur Dice >= {MIN_DICE} on every variant", not low,
                 f"{len(rows) * 5 - len(low)}/{len(rows) * 5}" +

@@ -119,6 +119,24 @@ def on_reference_grid(volume: Volume, labels: np.ndarray, refs: References) -> n
     return sitk.GetArrayFromImage(image)
 
 
+def reference_bodies(volume: Volume, refs: References) -> np.ndarray:
+    """The reference bodies T12-L5 on ``volume``'s grid: a ``(z, y, x)`` uint8 label map of VerSe IDs.
+
+    ``ref_v2_spine_vertebrae`` where ``ref_v2_vertebrae_body == 1``,
+    resampled nearest-neighbour (the inverse of :func:`on_reference_grid`).
+    For scoring only, e.g. to measure the reference bodies with the code that
+    measures ours.
+    """
+    ref = sitk.GetImageFromArray(np.where(refs.body == 1, refs.vertebrae, 0).astype(np.uint8))
+    ref.CopyInformation(refs.image)
+    grid = volume.to_sitk(np.zeros(volume.shape, np.uint8))
+    on_grid = sitk.GetArrayFromImage(sitk.Resample(ref, grid, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
+    out = np.zeros(on_grid.shape, np.uint8)
+    for vid, rid in REF_V2_ID.items():
+        out[on_grid == rid] = vid
+    return out
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice coefficient of two boolean masks (1.0 when both are empty)."""
     total = int(a.sum()) + int(b.sum())

@@ -6,9 +6,10 @@ from the built-in segmentation of the unmodified CT, the TotalSegmentator
 reference masks only score. Targets: L1-L4 found and correctly labelled,
 body and right-femur Dice >= 0.85, reported trabecular HU change within
 +-5 HU of the applied core offset, a 10 mm bone island moving its level by
-<= 5 HU, a 30 % wedge graded within one Genant grade and flagged; fatty
-marrow (cores -110 HU) measured within +-5 HU; a 10 deg coronal tilt keeping
-the levels.
+<= 5 HU, a 30 % wedge graded within one Genant grade of its nominal loss and
+of the reference body deformed alike (measured by the same code), and
+flagged; fatty marrow (cores -110 HU) measured within +-5 HU; a 10 deg
+coronal tilt keeping the levels.
 """
 
 from __future__ import annotations
@@ -82,3 +83,6 @@ def test_wedge_graded(start, anatomy, base):
     expected = variant.truth["expected_grade"]["L1"]
     assert row["grades"]["L1"] is not None and abs(row["grades"]["L1"] - expected) <= 1, (row["grades"], expected)
     assert row["fracture"]["L1"] is True, row["fracture"]
+    # the reference body deformed alike and measured by the same code is a fractured body too
+    assert row["reference_grade"] is not None and row["reference_grade"] >= 1, row["reference_grade"]
+    assert abs(row["grades"]["L1"] - row["reference_grade"]) <= 1, (row["grades"], row["reference_grade"])
