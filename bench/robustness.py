@@ -204,7 +204,9 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
         (L1-L4 reported trabecular mean minus the base's, HU; ``None`` when
         either is missing), ``offset`` (applied, HU), ``dice``
         (:func:`dices`), ``grades`` (L1-L4 Genant grade, ``None`` not graded,
-        ``"."`` absent), ``reference_grade`` (of a deformity: the grade of
+        ``"."`` absent), ``borderline`` (per measured level: flagged
+        ``genant_borderline``, its height loss near a grade limit),
+        ``reference_grade`` (of a deformity: the grade of
         the deformed level's reference body, measured alike; ``None`` when
         not graded or no deformity), ``fracture`` (suspected, per measured level),
         ``seconds``, ``peak_mib``, ``not_evaluable``, ``roi_voxels`` (L1-L4
@@ -227,6 +229,8 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
             "d_hu": d_hu, "offset": {n: variant.truth["offset"].get(n, 0.0) for n in LEVELS},
             "dice": dices(variant, result), "grades": grades, "reference_grade": reference_grade,
             "fracture": {n: result.levels[n].fracture_suspected for n in LEVELS if n in result.levels},
+            "borderline": {n: "genant_borderline" in result.levels[n].quality_flags for n in LEVELS
+                           if n in result.levels},
             "seconds": result.seconds, "peak_mib": result.peak_mib,
             "not_evaluable": result.seg.not_evaluable_reason}
 
@@ -396,6 +400,14 @@ def summary(rows: list[tuple[Spec, dict]], time_512: list[float], mib_512: float
                     "the same code", not differ,
                     f"equal {same}/{len(against)}" + (f"; differ (ours vs reference): {', '.join(differ)}"
                                                       if differ else "")))
+    graded = [(r, n) for _, r in rows for n in LEVELS if isinstance(r["grades"][n], int)]
+    off = [(r, n) for r, n in graded if r["grades"][n] != r["truth"]["expected_grade"].get(n, 0)]
+    unflagged = [f"{r['variant']} {n}" for r, n in off if not r["borderline"].get(n)]
+    also = sum(1 for r, n in graded if (r, n) not in off and r["borderline"].get(n))
+    out.append(("(no target) Genant grades other than the nominal one (0 for an undeformed level) that say "
+                "genant_borderline (the grade may be one higher or lower)", not unflagged,
+                f"{len(off) - len(unflagged)}/{len(off)}" + (f"; not: {', '.join(unflagged)}" if unflagged else "")
+                + f"; flagged as well: {also} of the {len(graded) - len(off)} levels graded as nominal"))
     low = [f"{r['variant']} {k} {v:.2f}" for _, r in rows for k, v in r["dice"].items() if v < MIN_DICE]
     out.append((f"L1-L4 body and right-femur Dice >= {MIN_DICE} on every variant", not low,
                 f"{len(rows) * 5 - len(low)}/{len(rows) * 5}" +

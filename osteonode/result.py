@@ -17,11 +17,13 @@ from osteonode.config import ContrastPhaseName
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
-QualityFlag = Literal["cut_by_field_of_view", "heterogeneous", "mean_median_discordant",
+QualityFlag = Literal["cut_by_field_of_view", "genant_borderline", "heterogeneous", "mean_median_discordant",
                       "focal_lesion_excluded", "excluded_over_limit"]
 #: Words for each quality flag, as the SR, the PDF and the key images say them.
 QUALITY_FLAG_TEXT: dict[str, str] = {
     "cut_by_field_of_view": "cut by the edge of the scan: heights not reported",
+    "genant_borderline": ("height loss within 4 points of a Genant grade limit (20, 25, 40 %): "
+                          "the grade may be one higher or lower"),
     "heterogeneous": "heterogeneous trabecular ROI (high standard deviation)",
     "mean_median_discordant": "mean and median of the trabecular ROI far apart",
     "focal_lesion_excluded": "focal sclerotic or lytic focus excluded from the ROI",
@@ -194,7 +196,7 @@ class AnalysisResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = 2
+    schema_version: int = 3
     osteonode_version: str = __version__
     status: Literal["ok", "not_evaluable", "failed"]
     reason: str | None = None

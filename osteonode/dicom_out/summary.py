@@ -24,7 +24,7 @@ NA = "n/a"
 #: Genant et al. 1993 semi-quantitative grades.
 GENANT_GRADES = {0: "normal", 1: "mild", 2: "moderate", 3: "severe"}
 #: Quality flags about the vertebral body as a whole (its heights); the others concern the trabecular ROI.
-BODY_FLAGS = frozenset({"cut_by_field_of_view"})
+BODY_FLAGS = frozenset({"cut_by_field_of_view", "genant_borderline"})
 #: Said of a level whose ``used_for_bone_status`` is False (unless a flag's words already say it).
 NOT_USED = "not used for the bone status"
 #: Marks after a level name in the tables: not used for the bone status / other notes (listed below the table).

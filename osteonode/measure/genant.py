@@ -129,6 +129,11 @@ REFERENCE_REACH = 2
 #: Height-loss limits of grades 1, 2, 3 (Genant et al. 1993).
 GRADE_LIMITS = (0.20, 0.25, 0.40)
 GENANT_CITATION = "Genant HK et al., J Bone Miner Res 1993;8:1137-1148"
+#: A height loss this close (fraction of the height) to one of :data:`GRADE_LIMITS` is flagged
+#: ``genant_borderline``: twice the largest standard deviation of the height loss of L2-L4 over the
+#: slice phase on 3 mm slices (0.021; L1's is 0.043), ``bench/genant_precision.py``. Genant's
+#: semiquantitative method has a "borderline" grade (0.5) for the same doubt.
+BORDERLINE_LOSS = 0.04
 
 
 @dataclass(frozen=True)
@@ -167,6 +172,16 @@ class GenantMeasurement:
     fracture_suspected: bool | None
     reason: str | None = None
     cut_by_field_of_view: bool = False
+
+
+def near_grade_limit(height_loss: float) -> bool:
+    """Whether a relative height loss (0..1) lies within :data:`BORDERLINE_LOSS` of a Genant grade limit.
+
+    Within it, the measurement's precision on 3 mm slices cannot tell the
+    grade from the next one up or down (source of the width: the
+    :data:`BORDERLINE_LOSS` comment).
+    """
+    return any(abs(height_loss - limit) <= BORDERLINE_LOSS for limit in GRADE_LIMITS)
 
 
 def genant_grade(height_loss: float) -> int:
@@ -537,7 +552,9 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
         Copies of ``levels``; a level without a measurement is unchanged. A
         level whose body is cut by the field of view gets no heights, ratios,
         grade or fracture flag, ``cut_by_field_of_view=True`` and the quality
-        flag ``"cut_by_field_of_view"`` (added once).
+        flag ``"cut_by_field_of_view"`` (added once). A graded level whose height
+        loss is near a grade limit (:func:`near_grade_limit`) gets the quality
+        flag ``"genant_borderline"`` (added once).
     """
     out = {}
     for name, level in levels.items():
@@ -548,9 +565,13 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
         update: dict[str, object] = {"height_anterior_mm": m.height_anterior_mm, "height_middle_mm": m.height_middle_mm,
                   "height_posterior_mm": m.height_posterior_mm, "height_ratios": m.height_ratios or None,
                   "genant_grade": m.genant_grade, "fracture_suspected": m.fracture_suspected}
+        flags = list(level.quality_flags)
         if m.cut_by_field_of_view:
-            flags = list(level.quality_flags)
-            update |= {"cut_by_field_of_view": True,
-                       "quality_flags": flags if "cut_by_field_of_view" in flags else ["cut_by_field_of_view", *flags]}
+            update["cut_by_field_of_view"] = True
+            flags = flags if "cut_by_field_of_view" in flags else ["cut_by_field_of_view", *flags]
+        elif (m.genant_grade is not None and m.height_loss is not None and near_grade_limit(m.height_loss)
+              and "genant_borderline" not in flags):
+            flags.append("genant_borderline")
+        update["quality_flags"] = flags
         out[name] = level.model_copy(update=update)
     return out

@@ -2,7 +2,8 @@
 
 Hand-built results on the synthetic phantom of :mod:`test_dicom_out`:
 
-* L1: heterogeneous, a focal lesion excluded (1.2 cm3, 8 % of the ROI), used;
+* L1: heterogeneous, a focal lesion excluded (1.2 cm3, 8 % of the ROI), used; its height loss near
+  a Genant grade limit (a note on the body);
 * L2: body cut by the edge of the scan, although the level result still holds
   heights and ratios (they must not be reported);
 * L3: over 30 % excluded, not used for the bone status;
@@ -46,7 +47,8 @@ def flagged_result(series) -> AnalysisResult:
     result = complete_result(series)
     levels = result.levels
     levels["L1"] = levels["L1"].model_copy(update={
-        "quality_flags": ["heterogeneous", "focal_lesion_excluded"], "excluded_focal_volume_mm3": 1200.0,
+        "quality_flags": ["heterogeneous", "focal_lesion_excluded", "genant_borderline"],
+        "excluded_focal_volume_mm3": 1200.0,
         "excluded_fraction": 0.08})
     levels["L2"] = levels["L2"].model_copy(update={"cut_by_field_of_view": True,
                                                    "quality_flags": ["cut_by_field_of_view"]})
@@ -83,6 +85,7 @@ def _comments(group) -> list[str]:
 def test_level_notes_in_words(case):
     levels = flagged_result(case.series).levels
     assert summary.level_notes(levels["L1"]) == [
+        QUALITY_FLAG_TEXT["genant_borderline"],  # on the body: first
         QUALITY_FLAG_TEXT["heterogeneous"], QUALITY_FLAG_TEXT["focal_lesion_excluded"],
         "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI)"]
     assert summary.level_notes(levels["L2"], "body") == [QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
@@ -106,7 +109,7 @@ def test_sr_states_flags_in_the_level_groups_and_omits_cut_heights(sr, tmp_path)
     assert_valid(dataset, tmp_path / "sr.dcm")
     report = hd.sr.Comprehensive3DSR.from_dataset(round_trip(dataset))
     (l1_body, l1_roi), (l2_body, l2_roi), (l3_body, l3_roi) = level_groups(report)
-    assert _comments(l1_body) == []
+    assert _comments(l1_body) == [QUALITY_FLAG_TEXT["genant_borderline"]]
     assert _comments(l1_roi) == [QUALITY_FLAG_TEXT["heterogeneous"], QUALITY_FLAG_TEXT["focal_lesion_excluded"],
                                  "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI)"]
     assert _comments(l2_body) == [QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
@@ -166,7 +169,8 @@ def test_pdf_states_flags_marks_statistic_and_uncertainty_on_one_page(case, tmp_
     assert text.index(f"Uncertainty: {UNCERTAINTY}") < text.index("Measurements per vertebral level")
     assert "L1* " in text and "L3† " in text and "L2* " in text
     assert "† not used for the bone status; * see the notes on the level" in text
-    assert (f"L1*: {QUALITY_FLAG_TEXT['heterogeneous']}; {QUALITY_FLAG_TEXT['focal_lesion_excluded']}; "
+    assert (f"L1*: {QUALITY_FLAG_TEXT['genant_borderline']}; {QUALITY_FLAG_TEXT['heterogeneous']}; "
+            f"{QUALITY_FLAG_TEXT['focal_lesion_excluded']}; "
             "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI).") in text
     assert f"L2*: {QUALITY_FLAG_TEXT['cut_by_field_of_view']}." in text
     assert f"L3†: {QUALITY_FLAG_TEXT['excluded_over_limit']}" in text

@@ -16,14 +16,18 @@ import pytest
 import SimpleITK as sitk
 
 from osteonode.anatomy import VERTEBRA_IDS
+from osteonode.dicom_out.summary import level_notes
 from osteonode.measure.genant import (
+    GenantMeasurement,
     apply_genant,
     endplate_edge,
     genant_grade,
     grade_levels,
+    near_grade_limit,
     reference_posterior,
 )
 from osteonode.measure.hu import measure_levels
+from osteonode.result import QUALITY_FLAG_TEXT, LevelResult
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume
@@ -265,6 +269,33 @@ def test_reference_posterior_nearest_undeformed_level_per_side():
 
 def test_grade_limits():
     assert [genant_grade(x) for x in (0.0, 0.199, 0.20, 0.249, 0.25, 0.40, 0.401, 0.9)] == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_near_grade_limit():
+    losses = (0.10, 0.159, 0.17, 0.199, 0.23, 0.289, 0.30, 0.35, 0.37, 0.44, 0.5)
+    assert [near_grade_limit(x) for x in losses] == [False, False, True, True, True, True, False, False, True, True,
+                                                    False]
+
+
+def test_a_loss_near_a_grade_limit_is_flagged_borderline_once():
+    """SR, PDF and result.json say when the grade may be one higher or lower (a body note, not a ROI note)."""
+    level = LevelResult(label_confidence=1.0, trabecular_hu_mean=120.0, trabecular_hu_median=118.0,
+                        trabecular_hu_sd=30.0, trabecular_voxel_count=400, trabecular_roi_volume_mm3=10800.0,
+                        quality_flags=["heterogeneous"])
+
+    def measured(loss, grade, cut=False):
+        return GenantMeasurement(28.0 * (1 - loss), 28.0, 28.0, None, {"anterior_posterior": 1 - loss}, loss, grade,
+                                 grade > 0, cut_by_field_of_view=cut)
+
+    applied = apply_genant({"L1": level, "L2": level, "L3": level},
+                           {"L1": measured(0.19, 0), "L2": measured(0.10, 0), "L3": measured(0.42, 3)})
+    assert applied["L1"].quality_flags == ["heterogeneous", "genant_borderline"]
+    assert applied["L2"].quality_flags == ["heterogeneous"]
+    assert applied["L3"].quality_flags == ["heterogeneous", "genant_borderline"]
+    again = apply_genant(applied, {"L1": measured(0.19, 0)})
+    assert again["L1"].quality_flags == ["heterogeneous", "genant_borderline"]
+    assert level_notes(applied["L1"], "body") == [QUALITY_FLAG_TEXT["genant_borderline"]]
+    assert QUALITY_FLAG_TEXT["genant_borderline"] not in level_notes(applied["L1"], "roi")
 
 
 def test_body_at_the_edge_not_measured_nor_reference():
