@@ -54,7 +54,8 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
     quality note of that part (TID 1411 qualitative evaluations as text;
     :func:`osteonode.dicom_out.summary.level_notes`): the words of each
     quality flag (:data:`osteonode.result.QUALITY_FLAG_TEXT`; "cut by the
-    edge of the scan" in the body group, the others in the ROI group), the
+    edge of the scan" and a Genant grade near a limit in the body group, the
+    others in the ROI group), the
     excluded focal volume and "not used for the bone status";
   - not-evaluable series: one TID 1501 group referencing every source image
     (121112, DCM, "Source of Measurement") with the algorithm and the
