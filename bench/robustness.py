@@ -403,10 +403,11 @@ def summary(rows: list[tuple[Spec, dict]], time_512: list[float], mib_512: float
                     "the same code", not differ,
                     f"equal {same}/{len(against)}" + (f"; differ (ours vs reference): {', '.join(differ)}"
                                                       if differ else "")))
-    graded = [(r, n) for _, r in rows for n in LEVELS if isinstance(r["grades"][n], int)]
-    off = [(r, n) for r, n in graded if r["grades"][n] != r["truth"]["expected_grade"].get(n, 0)]
+    graded = [(r, n, r["grades"][n] == r["truth"]["expected_grade"].get(n, 0)) for _, r in rows for n in LEVELS
+              if isinstance(r["grades"][n], int)]
+    off = [(r, n) for r, n, nominal in graded if not nominal]
     unflagged = [f"{r['variant']} {n}" for r, n in off if not r["borderline"].get(n)]
-    also = sum(1 for r, n in graded if (r, n) not in off and r["borderline"].get(n))
+    also = sum(1 for r, n, nominal in graded if nominal and r["borderline"].get(n))
     out.append(("(no target) Genant grades other than the nominal one (0 for an undeformed level) that say "
                 "genant_borderline (the grade may be one higher or lower)", not unflagged,
                 f"{len(off) - len(unflagged)}/{len(off)}" + (f"; not: {', '.join(unflagged)}" if unflagged else "")

@@ -283,9 +283,9 @@ def test_a_loss_near_a_grade_limit_is_flagged_borderline_once():
                         trabecular_hu_sd=30.0, trabecular_voxel_count=400, trabecular_roi_volume_mm3=10800.0,
                         quality_flags=["heterogeneous"])
 
-    def measured(loss, grade, cut=False):
+    def measured(loss, grade):
         return GenantMeasurement(28.0 * (1 - loss), 28.0, 28.0, None, {"anterior_posterior": 1 - loss}, loss, grade,
-                                 grade > 0, cut_by_field_of_view=cut)
+                                 grade > 0)
 
     applied = apply_genant({"L1": level, "L2": level, "L3": level},
                            {"L1": measured(0.19, 0), "L2": measured(0.10, 0), "L3": measured(0.42, 3)})
