@@ -35,7 +35,11 @@ the Gaussian that brings the noise to 12 HU), in the frame of the spine axis:
   wall is concave). This cut removes the pedicles and the arch;
 * inside a 32 mm radius envelope, opened (2 mm ball), largest component,
   slice-wise hole filling and closing. A first pass centred on the tracked
-  centreline gives the centre of the final pass: its centroid.
+  centreline, in the frame of its tangent, gives the centre of the final pass:
+  its centroid. The final pass's frame (envelope, profile, posterior-wall cut)
+  is perpendicular to the line through the two neighbouring bodies' centroids
+  (:func:`osteonode.segment.spine.body_axis`), the axis along which the
+  heights are measured; the disc planes are still searched along the tangent.
 
 Whole vertebrae: on the 2 mm copy, bone above 150 HU up to 100 mm behind and
 30 mm beside the bodies is flooded from the bodies (marker watershed on
@@ -207,7 +211,8 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
                   centre: np.ndarray, axis: np.ndarray, top: tuple[np.ndarray, np.ndarray],
                   bottom: tuple[np.ndarray, np.ndarray], spacing: np.ndarray,
                   outer_top: tuple[np.ndarray, np.ndarray], outer_bottom: tuple[np.ndarray, np.ndarray],
-                  core_hu: float, fill_shell: bool = True) -> np.ndarray:
+                  core_hu: float, fill_shell: bool = True,
+                  frame_axis: np.ndarray | None = None) -> np.ndarray:
     """Segment one vertebral body inside a canonical crop (module docstring, step 5).
 
     Parameters
@@ -227,7 +232,8 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     centre : numpy.ndarray
         ``(3,)`` body centre (canonical mm).
     axis : numpy.ndarray
-        ``(3,)`` unit spine axis (pointing superior).
+        ``(3,)`` unit spine axis (pointing superior): the disc planes are
+        searched (:func:`_disc_plane`) and the disc HU sampled along it.
     top, bottom : tuple of numpy.ndarray
         (point, unit normal) of the planes through the disc boundaries above and below.
     spacing : numpy.ndarray
@@ -240,6 +246,10 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     fill_shell : bool
         Add what the cortical shell encloses (False for the sacrum, whose
         canal and foramina bone encloses too).
+    frame_axis : numpy.ndarray or None
+        ``(3,)`` unit axis (pointing superior) of the vertebra's own frame:
+        the envelope, the anterior-posterior profile and the posterior-wall
+        cut lie perpendicular to it. ``None``: ``axis``.
 
     Returns
     -------
@@ -270,8 +280,9 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     thr = body_threshold(core_hu)
     # vertebra frame: a = anterior-posterior and w = left-right, both perpendicular to the
     # spine axis (so that tilted vertebrae, e.g. L5, are cut along their own posterior wall)
-    u, w = perpendicular_frame(axis)
-    along = rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]
+    frame_axis = axis if frame_axis is None else frame_axis
+    u, w = perpendicular_frame(frame_axis)
+    along = rel[0] * frame_axis[0] + rel[1] * frame_axis[1] + rel[2] * frame_axis[2]
     a = rel[0] * u[0] + rel[1] * u[1] + rel[2] * u[2]
     lr = rel[0] * w[0] + rel[1] * w[1] + rel[2] * w[2]
     # posterior wall: AP profile through the centre (|along| < 4 mm, |lr| < 6 mm), 1 mm bins

@@ -29,9 +29,12 @@ are chosen as
 one chain (:func:`disc_chain`) whose spacing along the centreline's arc is
 that of vertebrae (24-50 mm) and changes slowly, which keeps the mid-height
 dip of a low-density body out, except for the short segment of a fractured
-vertebra between normal ones. Before the chain, a candidate at the level of
-the pedicles (:func:`pedicle_profile`, cortical bone beside the spinal canal)
-gives way to one within 16 mm beside a neural foramen, where discs lie
+vertebra between normal ones (a chain asked to hold a number of discs below
+the lowest rib, when the level anchors count a vertebra too few, may take a
+crushed vertebra's disc that it would otherwise leave out). Before the
+chain, a candidate at the level of the pedicles (:func:`pedicle_profile`,
+cortical bone beside the spinal canal) gives way to one within 16 mm beside
+a neural foramen, where discs lie
 (:func:`foramen_depth`): the mid-height dip of a dark body next to a weak disc
 (a crushed neighbour at -60 to -100 HU put the fracture one level off). A
 bone island is filled in from around it before the profile is sampled
@@ -543,7 +546,8 @@ class Disc:
     ambiguous: bool = False  # bounds a short (fractured) segment that another chain nearly explains
 
 
-def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> list[Disc]:
+def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM,
+               below: tuple[float, int] | None = None) -> list[Disc]:
     """Intervertebral discs along the column: notches of the disc profile chosen by :func:`disc_chain`.
 
     A notch is a minimum of ``profile.hu`` below the endplates on either side
@@ -551,6 +555,8 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
     per coarse slice (:func:`track_column`); the arc length of
     ``profile.pts`` measures the disc spacing (the lumbosacral junction is
     tilted by 30-45 degrees, so slice indices understate it there).
+    ``below``: ``(coarse z, count)``, at least ``count`` discs asked for
+    below that slice (:func:`disc_chain`).
     """
     nz = len(profile.hu)
     arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(profile.pts, axis=0), axis=1))]) * g
@@ -578,7 +584,9 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) 
               [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
     in_view = np.flatnonzero(valid)
     positions, depths = [float(arc_mm[z]) for z in cands], [float(notch[z]) for z in cands]
-    chosen = [cands[i] for i in disc_chain(positions, depths, float(arc_mm[in_view[-1]]) if in_view.size else None)]
+    limit = None if below is None else (float(np.interp(below[0], np.arange(nz), arc_mm)), below[1])
+    chosen = [cands[i] for i in disc_chain(positions, depths, float(arc_mm[in_view[-1]]) if in_view.size else None,
+                                           limit)]
     doubtful = {cands[i] for i in ambiguous_short_segments(positions, depths)}
     discs = []
     for z in sorted(chosen):
@@ -634,8 +642,8 @@ def _beside_foramina(cands: list[int], pedicles: np.ndarray, g: float = COARSE_M
     return [z for z in cands if not at_pedicles(z)]
 
 
-def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm: float | None = None
-               ) -> list[int]:
+def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm: float | None = None,
+               below: tuple[float, int] | None = None) -> list[int]:
     """Choose the intervertebral discs among candidate minima of the disc profile.
 
     A pure function of the candidates: the chosen discs form one chain, ordered
@@ -663,6 +671,15 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
     way to a much deeper one that closes a short segment below it (a crushed
     top vertebra with everything above it come down; :func:`_crushed_top`).
 
+    ``below`` asks for a number of discs below a position: the lowest
+    rib-bearing vertebra (T12) lies so many vertebrae above the sacrum, and a
+    chain whose anchors disagree by a vertebra too few holds a segment of two
+    vertebrae, most often a crushed one and its neighbour (the short segment's
+    disc lost to a mid-body dip, or, at the cranial end, lying under
+    ``OPEN_SHORT_MIN`` of a segment). The chain is then the best one that
+    holds that many (in the extension, a short segment down to
+    ``FRACTURE_SPACING[0]``); the unconstrained one when none does.
+
     Parameters
     ----------
     positions_mm : list of float
@@ -671,6 +688,9 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
         Their notch depths (HU), same length.
     cranial_end_mm : float, optional
         Position (mm, same axis) of the cranial end of the column in view.
+    below : tuple of (float, int), optional
+        ``(position_mm, count)``: the chain should hold at least ``count``
+        discs below ``position_mm`` (same axis).
 
     Returns
     -------
@@ -690,7 +710,9 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
     if n == 0:
         return []
     pos, depth = positions_mm, depths_hu
-    chain, _, _, after_short = _best_chain(pos, depth)
+    chain, _, _, after_short = _best_chain(pos, depth, below=below)
+    if not chain:  # no chain holds the discs asked for
+        chain, _, _, after_short = _best_chain(pos, depth)
     normal_since_short = 1 if after_short else 2
     if not after_short and len(chain) >= 3:
         top = _crushed_top(pos, depth, chain)
@@ -701,7 +723,7 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
             # to compare with), is a short one: a crushed vertebra, no measure of the next
             normal_since_short = 0
     if cranial_end_mm is not None and len(chain) >= 2:
-        chain += _cranial_extension(pos, depth, chain, cranial_end_mm, normal_since_short)
+        chain += _cranial_extension(pos, depth, chain, cranial_end_mm, normal_since_short, below)
     return chain
 
 
@@ -725,52 +747,64 @@ def _crushed_top(pos: list[float], depth: list[float], chain: list[int]) -> int 
     return max(short, key=lambda k: depth[k]) if short else None
 
 
-def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple[int, int]] = frozenset()
-                ) -> tuple[list[int], float, list[tuple[int, int]], bool]:
+def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple[int, int]] = frozenset(),
+                below: tuple[float, int] | None = None) -> tuple[list[int], float, list[tuple[int, int]], bool]:
     """The chain of :func:`disc_chain` (before the cranial extension): indices, score, short segments.
 
     ``forbidden``: short segments ``(h, i)`` (candidate indices) the chain may
-    not hold. Returns the chosen indices (ascending), the chain's score (summed
-    notch depths less the spacing penalties and fracture costs), its short
-    segments and whether one lies just before its last segment.
+    not hold. ``below``: ``(position_mm, count)``, the chain must hold at least
+    ``count`` discs below ``position_mm``. Returns the chosen indices
+    (ascending; empty when no chain holds the discs asked for), the chain's
+    score (summed notch depths less the spacing penalties and fracture costs),
+    its short segments and whether one lies just before its last segment.
     """
     n = len(pos)
     lo, hi = SEGMENT_MM
-    # state (i, j, after_short): the chain's last two discs (a normal segment), and whether a short
-    # segment lies just before them; back: the state before (a short segment lies between them when
-    # that state does not end at i)
-    value: dict[tuple[int, int, bool], float] = {}
-    back: dict[tuple[int, int, bool], tuple[int, int, bool] | None] = {}
+    limit, count = below if below is not None else (-np.inf, 0)
+
+    def under(*ks: int) -> int:  # discs below the limit among ks
+        return sum(pos[k] < limit for k in ks)
+
+    # state (i, j, after_short, below): the chain's last two discs (a normal segment), whether a short
+    # segment lies just before them and how many of its discs lie below the limit (at most count);
+    # back: the state before (a short segment lies between them when that state does not end at i)
+    State = tuple[int, int, bool, int]
+    value: dict[State, float] = {}
+    back: dict[State, State | None] = {}
     for j in range(n):
         for i in range(j):
             gap = pos[j] - pos[i]
             if not lo <= gap <= hi:
                 continue
-            best: dict[bool, tuple[float, tuple[int, int, bool] | None]] = {
-                False: (depth[i] + depth[j], None), True: (-np.inf, None)}
-            for (f, h, after_short), before_value in list(value.items()):
+            best: dict[tuple[bool, int], tuple[float, State | None]] = {
+                (False, min(count, under(i, j))): (depth[i] + depth[j], None)}
+            for (f, h, after_short, counted), before_value in list(value.items()):
                 before = pos[h] - pos[f]
                 if h == i:  # normal segment after normal segment
                     score, state = before_value + depth[j] - SPACING_PENALTY_HU_PER_MM2 * (gap - before) ** 2, False
+                    now = min(count, counted + under(j))
                 elif (h < i and not after_short and (h, i) not in forbidden
                       and is_short_segment(pos[i] - pos[h], before, gap)):
                     # h -> i a short (fractured) segment, at least two normal segments after the last one
                     score = (before_value + depth[i] + depth[j] - FRACTURE_COST_HU
                              - SPACING_PENALTY_HU_PER_MM2 * (gap - before) ** 2)
-                    state = True
+                    state, now = True, min(count, counted + under(i, j))
                 else:
                     continue
-                if score > best[state][0]:
-                    best[state] = (score, (f, h, after_short))
-            for state, (score, arg) in best.items():
-                if np.isfinite(score):
-                    value[(i, j, state)], back[(i, j, state)] = score, arg
+                if score > best.get((state, now), (-np.inf, None))[0]:
+                    best[(state, now)] = (score, (f, h, after_short, counted))
+            for (state, counted), (score, arg) in best.items():
+                value[(i, j, state, counted)], back[(i, j, state, counted)] = score, arg
+    complete = {key: v for key, v in value.items() if key[3] >= count}
     single = int(np.argmax(depth))
-    if not value or depth[single] >= max(value.values()):
-        return [single], float(depth[single]), [], False
-    last = max(value, key=lambda k: value[k])
+    if not complete or depth[single] >= max(complete.values()):
+        if under(single) >= count:
+            return [single], float(depth[single]), [], False
+        if not complete:
+            return [], -np.inf, [], False
+    last = max(complete, key=lambda k: complete[k])
     chain, shorts = [last[1]], []
-    key: tuple[int, int, bool] | None = last
+    key: State | None = last
     while key is not None:
         chain.append(key[0])
         before_key = back[key]
@@ -828,7 +862,7 @@ def is_short_segment(gap_mm: float, *neighbours_mm: float) -> bool:
 
 
 def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], end_mm: float,
-                       normal_since_short: int) -> list[int]:
+                       normal_since_short: int, below: tuple[float, int] | None = None) -> list[int]:
     """Candidates added beyond the chain's cranial end while the column in view there exceeds one vertebra.
 
     The deepest candidate a normal segment (``FRACTURE_SPACING[1]`` to
@@ -843,8 +877,11 @@ def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], e
     least two normal segments lie between short ones (``normal_since_short``:
     normal segments since the chain's last short one, 2 or more when none is
     near; 0 when the chain ends with one). The spacing the windows scale is
-    the median of the last three normal segments.
+    the median of the last three normal segments. While the chain holds fewer
+    discs below ``below[0]`` than ``below[1]`` (:func:`disc_chain`), a short
+    one there may be down to ``FRACTURE_SPACING[0]``, as in the chain.
     """
+    limit, count = below if below is not None else (-np.inf, 0)
     added: list[int] = []
     while True:
         ends = chain + added
@@ -854,9 +891,11 @@ def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], e
         gaps = np.diff([pos[k] for k in ends])
         normal = [gap for i, gap in enumerate(gaps) if i == 0 or not is_short_segment(gap, gaps[i - 1])]
         spacing = float(np.median(normal[-3:]))
+        # a disc still missing below the limit: the vertebra is crushed, not split by a mid-body dip
+        missing = sum(pos[k] < limit for k in ends) < count
         windows = [(FRACTURE_SPACING[1], OPEN_SEGMENT_MAX)]
         if normal_since_short >= 2:
-            windows.append((OPEN_SHORT_MIN, FRACTURE_SPACING[1]))
+            windows.append((FRACTURE_SPACING[0] if missing else OPEN_SHORT_MIN, FRACTURE_SPACING[1]))
         # no more than one normal vertebra in view beyond the last disc: only a fractured one's disc,
         # with at least OPEN_BEYOND_SHORT of a segment in view above it
         one_vertebra = end_mm - pos[top] <= OPEN_SEGMENT_MAX * spacing
@@ -865,7 +904,8 @@ def _cranial_extension(pos: list[float], depth: list[float], chain: list[int], e
         for low, high in windows:
             beyond = [k for k in range(top + 1, len(pos)) if low * spacing <= pos[k] - pos[top] <= high * spacing
                       and pos[k] - pos[top] >= SHORT_SEGMENT_MM
-                      and (not one_vertebra or end_mm - pos[k] >= OPEN_BEYOND_SHORT * spacing)]
+                      and (not one_vertebra or end_mm - pos[k] >= OPEN_BEYOND_SHORT * spacing)
+                      and (low >= OPEN_SHORT_MIN or pos[k] < limit)]
             if beyond:
                 added.append(max(beyond, key=lambda k: depth[k]))
                 normal_since_short = 0 if high == FRACTURE_SPACING[1] else normal_since_short + 1

@@ -286,14 +286,20 @@ def unexplained_spacing_jump(spacings_mm: list[float]) -> int | None:
 UNCERTAIN_CONFIDENCE = 0.4
 
 
+#: Segments from the sacrum's up to the lowest rib-bearing vertebra's (T12), L5-L1 between them; as
+#: many discs, L5/S1 to T12/L1, lie below the lowest rib.
+ANCHOR_SEGMENTS = 6
+
+
 def anchors_agree(sacrum_segment: int, t12_segment: int | None) -> bool:
     """Whether the lowest rib-bearing segment lies six segments above the sacrum's (L5..L1 between them)."""
-    return t12_segment is not None and t12_segment - sacrum_segment == 6
+    return t12_segment is not None and t12_segment - sacrum_segment == ANCHOR_SEGMENTS
 
 
 def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None,
                 caudal_ambiguous: bool = False, spacings_mm: list[float] | None = None,
-                fracture_ambiguous: bool = False) -> tuple[dict[int, int], float, str] | None:
+                fracture_ambiguous: bool = False, rib_guided: bool = False
+                ) -> tuple[dict[int, int], float, str] | None:
     """Name the segments between discs from the anchors, by counting (a pure function).
 
     Parameters
@@ -318,6 +324,11 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         nearly explains (:func:`osteonode.segment.column.ambiguous_short_segments`):
         the fractured vertebra's discs, hence the bodies beside it, may be
         misplaced; confidence at most ``UNCERTAIN_CONFIDENCE``.
+    rib_guided : bool
+        The anchors disagreed by a vertebra too few, and agree only on a
+        chain that the ribs asked for (:func:`osteonode.segment.column.disc_chain`,
+        ``below``): a crushed vertebra's disc, or, in transitional anatomy, a
+        mid-body dip; confidence at most ``UNCERTAIN_CONFIDENCE``.
 
     Returns
     -------
@@ -354,6 +365,9 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
     if fracture_ambiguous:
         doubts.append("a fractured (short) vertebra was admitted between discs that another choice of discs "
                       "explains nearly as well (weak discs beside dark bodies)")
+    if rib_guided:
+        doubts.append("the anchors agree only with one more disc, found below the lowest rib, than the best "
+                      "chain of discs holds (a crushed vertebra's disc, or a mid-body dip in transitional anatomy)")
     jump = unexplained_spacing_jump(spacings_mm) if spacings_mm else None
     if spacings_mm and jump is not None:
         doubts.append(f"the disc spacing jumps from {spacings_mm[jump - 1]:.0f} to {spacings_mm[jump]:.0f} mm "

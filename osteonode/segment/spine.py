@@ -21,13 +21,20 @@ alike. :func:`segment_spine` runs these steps; each lives in its own module:
    the segments between discs are named by counting from them
    (:func:`~osteonode.segment.levels.name_levels`, a pure function; the
    confidence falls to 0.4 when the anchors disagree or are ambiguous, or the
-   disc spacing jumps without a fracture to explain it).
+   disc spacing jumps without a fracture to explain it). When they count a
+   lumbar vertebra too few, a segment holds two vertebrae, most often a
+   crushed one whose disc the chain missed: the discs are chosen again with as
+   many asked for below the lowest rib as the anchors need
+   (:func:`~osteonode.segment.column.disc_chain`, ``below``), and that chain
+   is taken if the anchors then agree (confidence 0.4 all the same).
 4. **Bodies** (:mod:`osteonode.segment.body`): each labelled body is
    segmented on the native grid (at most 1 mm) in its own frame: a
    blur-invariant threshold outline joined with what its cortical shell and
    endplates enclose, clear of the spinal canal and of the discs (planes
    tilted like each disc, so that the disc in front of a wedge-compressed
-   body stays out); then the whole
+   body stays out), in two passes: one to centre each body, then one in the
+   frame of the line through its neighbours' centroids
+   (:func:`body_axis`); then the whole
    vertebrae (posterior elements) on the 2 mm copy.
 5. **Trabecular ROI** (:mod:`osteonode.segment.roi`): an elliptical cylinder
    by geometry in the anterior body at mid-height, 5 mm clear of the cortex.
@@ -56,6 +63,7 @@ not independently validated.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -74,6 +82,7 @@ from osteonode.segment.body import (
 from osteonode.segment.column import find_discs, partial_end_slices, plane_profile, track_column
 from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view, perpendicular_frame
 from osteonode.segment.levels import (
+    ANCHOR_SEGMENTS,
     SACRUM,
     SACRUM_TEST_DEPTH_MM,
     anchors_agree,
@@ -110,6 +119,136 @@ def _segments(discs: list, in_view: tuple[int, int], g: float) -> list[tuple]:
     if (in_view[1] - discs[-1].upper) * g < 8.0:
         segments.pop()
     return segments
+
+
+@dataclass
+class _Anchors:
+    """The levels' anchors on a disc chain (:func:`_anchor`).
+
+    ``discs``: the chain from the sacrum's disc (L5/S1) up, or the whole chain
+    without a sacrum; ``segments``: between them (:func:`_segments`);
+    ``sacrum_seg``: 0, or None without a sacrum; ``t12_seg``: the lowest
+    rib-bearing segment, or None; ``rib_z``: the rib ends (coarse z);
+    ``ambiguous``: :func:`~osteonode.segment.levels.caudal_anchor` could not
+    tell the lowest disc from a residual S1/S2 disc; ``lowest``: how many discs
+    of the chain lie below L5/S1 (0, or 1: a residual S1/S2 disc).
+    """
+
+    discs: list
+    segments: list
+    sacrum_seg: int | None
+    t12_seg: int | None
+    rib_z: list[float]
+    ambiguous: bool
+    lowest: int
+
+
+def _anchor(discs: list, c: np.ndarray, path: np.ndarray, in_view: tuple[int, int], rib_z_all: list[float],
+            g: float) -> _Anchors:
+    """Find the sacrum (caudal anchor) and the lowest rib-bearing vertebra (cranial anchor) on a disc chain.
+
+    The sacrum lies below the lowest disc, or below the next one, the lowest
+    notch then being a residual S1/S2 disc inside the sacrum (common; its
+    iliac-bone test, 8-30 mm below, falls on S2-S3); the cranial anchor decides
+    when both tests pass. ``c``: the coarse canonical copy (HU), ``path`` the
+    centreline (:func:`~osteonode.segment.column.track_column`), ``in_view``
+    the first and last coarse slices in view, ``rib_z_all`` the rib ends
+    (:func:`~osteonode.segment.levels.rib_levels`), ``g`` the coarse spacing (mm).
+    """
+
+    def anchors(lowest: int, sacrum: bool) -> tuple[list, list, int | None, list[float]]:
+        """Segments, lowest rib-bearing segment and rib ends with the chain from ``discs[lowest]``."""
+        kept = discs[lowest:]
+        segments = _segments(kept, in_view, g)
+        # rib-like bone at the top of the sacrum is an iliac crest
+        rib_z = [z for z in rib_z_all if z > kept[0].z + 10.0 / g] if sacrum else rib_z_all
+        rib_segs = sorted({i for z in rib_z for i, (lo, hi) in enumerate(segments)
+                           if (lo.z if lo is not None else -np.inf) <= z < (hi.z if hi is not None else np.inf)})
+        if not rib_segs:
+            return kept, segments, None, rib_z
+        below = [i for i in range(rib_segs[0]) if segments[i][0] is not None and not (sacrum and i == 0)]
+        # the vertebrae below must be seen to bear no rib: the field of view reaches where a rib would be
+        if below and all(ribs_observable(path, c.shape[2], segments[i][0].z, segments[i][1].z, g) for i in below):
+            return kept, segments, rib_segs[0], rib_z
+        return kept, segments, None, rib_z
+
+    tests: list[bool | None] = [None, None]
+    if discs[0].lower * g >= 8.0 and discs[0].z * g >= SACRUM_TEST_DEPTH_MM:
+        tests[0] = has_sacrum(c, path, discs[0], g)
+        if len(discs) > 1:
+            tests[1] = has_sacrum(c, path, discs[1], g)
+    options = {k: anchors(k, True) for k in (0, 1) if tests[k]}
+    # the sacrum tops segment 0 of either option
+    lowest, ambiguous = caudal_anchor(tests[0], tests[1], {k: anchors_agree(0, t12) for k, (_, _, t12, _)
+                                                            in options.items()})
+    if lowest == 1:
+        log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
+    kept, segments, t12_seg, rib_z = options[lowest] if lowest is not None else anchors(0, False)
+    return _Anchors(kept, segments, None if lowest is None else 0, t12_seg, rib_z, ambiguous, lowest or 0)
+
+
+@dataclass
+class _StagedBody:
+    """One labelled body between the centring pass and the final pass of :func:`segment_spine`: its
+    canonical crop (HU) and its slices ``sl`` of the canonical volume, the crop's canonical mm
+    ``native_coords``, its smoothed (``hs``) and raw working copies (at most 1 mm, HU) with their
+    canonical mm ``coords`` and the slices ``back`` to the crop's grid, its planes (top, bottom, outer
+    top, outer bottom: (point, unit normal)), centre (canonical mm), the centreline's unit tangent
+    there and the centring pass's centroid (canonical mm; None when that pass found nothing)."""
+
+    vid: int
+    sl: tuple[slice, ...]
+    crop: np.ndarray
+    native_coords: tuple[np.ndarray, np.ndarray, np.ndarray]
+    hs: np.ndarray
+    raw: np.ndarray
+    coords: tuple[np.ndarray, np.ndarray, np.ndarray]
+    back: tuple
+    planes: tuple
+    centre: np.ndarray
+    tangent: np.ndarray
+    centroid: np.ndarray | None
+
+
+#: A body's axis through its neighbours' centroids replaces the centreline's tangent only within this
+#: angle of it (degrees); beyond, a neighbour's centroid is off (a body cut by the field of view).
+MAX_AXIS_TURN_DEG = 30.0
+
+
+def body_axis(tangent: np.ndarray, above: np.ndarray | None, below: np.ndarray | None) -> np.ndarray:
+    """Axis (unit, canonical ``(s, a, l)``, pointing superior) of one body's frame in its final segmentation.
+
+    The line through the centroids of the two neighbouring bodies (cranial
+    minus caudal), the axis along which
+    :func:`osteonode.measure.genant.grade_levels` measures the body's heights;
+    the centreline's ``tangent`` when a neighbour is missing or that line
+    turns more than :data:`MAX_AXIS_TURN_DEG` from it. The tracked
+    centreline is smoothed over 10 mm and leans towards the canal: at the
+    thoracolumbar junction of the example CT its tangent at L1 lies 16
+    degrees off that line, and the posterior wall cut parallel to it took
+    the posterior-superior corner of L1 (posterior height 24.9 mm; the
+    reference body's 30.4 mm, measured alike by ``bench/reference_heights.py``).
+
+    Parameters
+    ----------
+    tangent : numpy.ndarray
+        ``(3,)`` unit tangent of the centreline at the body (superior).
+    above, below : numpy.ndarray or None
+        ``(3,)`` centroids (canonical mm) of the cranial and caudal neighbours' bodies.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(3,)`` unit vector.
+    """
+    if above is None or below is None:
+        return tangent
+    line = above - below
+    norm = float(np.linalg.norm(line))
+    if norm < 1e-6:
+        return tangent
+    line = line / norm
+    return line if float(line @ tangent) >= np.cos(np.radians(MAX_AXIS_TURN_DEG)) else tangent
 
 
 def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSegmentation:
@@ -179,50 +318,30 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     if not discs:
         return result({}, "", "no intervertebral disc found; " + no_anchor)
 
-    # --- caudal anchor: the sacrum below the lowest disc; or below the next one, the lowest notch
-    # then being a residual S1/S2 disc inside the sacrum (common; its iliac-bone test, 8-30 mm
-    # below, falls on S2-S3); the cranial anchor decides when both tests pass
     nz = c.shape[0]
     partial = partial_end_slices(view.patient.sum(axis=(1, 2)), g)
     in_view = (int(np.argmin(partial)), int(nz - 1 - np.argmin(partial[::-1])))
     rib_z_all = rib_levels(c, path, g)
-
-    def anchors(lowest: int, sacrum: bool) -> tuple[list, list, int | None, list[float]]:
-        """Segments, lowest rib-bearing segment and rib ends with the chain from ``discs[lowest]``."""
-        kept = discs[lowest:]
-        segments = _segments(kept, in_view, g)
-        # rib-like bone at the top of the sacrum is an iliac crest
-        rib_z = [z for z in rib_z_all if z > kept[0].z + 10.0 / g] if sacrum else rib_z_all
-        rib_segs = sorted({i for z in rib_z for i, (lo, hi) in enumerate(segments)
-                           if (lo.z if lo is not None else -np.inf) <= z < (hi.z if hi is not None else np.inf)})
-        if not rib_segs:
-            return kept, segments, None, rib_z
-        below = [i for i in range(rib_segs[0]) if segments[i][0] is not None and not (sacrum and i == 0)]
-        # the vertebrae below must be seen to bear no rib: the field of view reaches where a rib would be
-        if below and all(ribs_observable(path, c.shape[2], segments[i][0].z, segments[i][1].z, g) for i in below):
-            return kept, segments, rib_segs[0], rib_z
-        return kept, segments, None, rib_z
-
-    tests: list[bool | None] = [None, None]
-    if discs[0].lower * g >= 8.0 and discs[0].z * g >= SACRUM_TEST_DEPTH_MM:
-        tests[0] = has_sacrum(c, path, discs[0], g)
-        if len(discs) > 1:
-            tests[1] = has_sacrum(c, path, discs[1], g)
-    options = {k: anchors(k, True) for k in (0, 1) if tests[k]}
-    # the sacrum tops segment 0 of either option
-    lowest, ambiguous = caudal_anchor(tests[0], tests[1], {k: anchors_agree(0, t12) for k, (_, _, t12, _)
-                                                            in options.items()})
-    if lowest == 1:
-        log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
-    discs, segments, t12_seg, rib_z = options[lowest] if lowest is not None else anchors(0, False)
-    sacrum_seg = None if lowest is None else 0
+    anchored = _anchor(discs, c, path, in_view, rib_z_all, g)
+    rib_guided = False
+    if (anchored.sacrum_seg is not None and anchored.t12_seg is not None
+            and anchored.t12_seg - anchored.sacrum_seg < ANCHOR_SEGMENTS):
+        # a vertebra too few between the anchors: a segment holds two vertebrae, most often a crushed one
+        # and its neighbour; the best chain with the discs the anchors ask for below the lowest rib
+        retry = find_discs(profile, valid, g, below=(min(anchored.rib_z), anchored.lowest + ANCHOR_SEGMENTS))
+        again = _anchor(retry, c, path, in_view, rib_z_all, g) if len(retry) > len(discs) else None
+        if again is not None and again.sacrum_seg is not None and anchors_agree(again.sacrum_seg, again.t12_seg):
+            log.info("the anchors agree with %d more disc(s) below the lowest rib (a crushed vertebra)",
+                     len(retry) - len(discs))
+            anchored, rib_guided = again, True
+    discs, segments, sacrum_seg, t12_seg = anchored.discs, anchored.segments, anchored.sacrum_seg, anchored.t12_seg
     log.info("anchors: sacrum segment %s, lowest rib-bearing segment %s (rib ends at coarse z %s)",
-             sacrum_seg, t12_seg, [round(z) for z in rib_z])
+             sacrum_seg, t12_seg, [round(z) for z in anchored.rib_z])
 
     # --- labelling
-    named = name_levels(len(segments), sacrum_seg, t12_seg, ambiguous,
+    named = name_levels(len(segments), sacrum_seg, t12_seg, anchored.ambiguous,
                         [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:])],
-                        fracture_ambiguous=any(d.ambiguous for d in discs))
+                        fracture_ambiguous=any(d.ambiguous for d in discs), rib_guided=rib_guided)
     if named is None:
         return result({}, "", no_anchor)
     labels, conf, method = named
@@ -250,6 +369,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
 
     complete: set[int] = set()
     heights = [(hi.lower - lo.upper) * g if lo is not None and hi is not None else None for lo, hi in segments]
+    # first stage, per body: crop, working copies and a centring pass along the centreline's tangent
+    staged: dict[int, _StagedBody] = {}
     for i, vid in sorted(labels.items()):
         lo, hi = segments[i]
         z_bot = lo.upper if lo is not None else float(in_view[0])
@@ -287,34 +408,47 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         native_coords = (zmm[sl[0]], ymm[sl[1]], xmm[sl[2]])
         hs, coords, back = working_grid(smooth(crop), native_coords, sp, work_sp)
         raw = working_grid(crop, native_coords, sp, work_sp)[0]
+        planes = (top, bottom, outer_top, outer_bottom)
         # centring pass on the smoothed copy: the final pass is centred on this body's centroid
         # (the tracked centre leans towards the canal because the tracking score rewards it)
         body = segment_body(hs, hs, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
-                             outer_bottom, trabecular_core_hu(hs, coords, centre), fill_shell=vid != SACRUM)
+                            outer_bottom, trabecular_core_hu(hs, coords, centre), fill_shell=vid != SACRUM)
+        centroid = None
         if body.any():
-            cen = np.array([float(np.average(cc, weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
-                            for ax, cc in enumerate(coords)])
-            shift = cen - centre
+            centroid = np.array([float(np.average(cc, weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
+                                 for ax, cc in enumerate(coords)])
+            shift = centroid - centre
             shift -= tangent[im] * float(shift @ tangent[im])
             if np.linalg.norm(shift) > 1.0:
                 centre = centre + shift
+        staged[i] = _StagedBody(vid, sl, crop, native_coords, hs, raw, coords, back, planes, centre, tangent[im],
+                                centroid)
+    # second stage: each body's axis runs through its neighbours' centroids (the centreline's tangent
+    # can be 15 degrees off at the thoracolumbar junction, and the posterior wall cut along it took the
+    # posterior-superior corner of L1), then the final pass
+    for i, stage in staged.items():
+        vid, coords, hs, centre = stage.vid, stage.coords, stage.hs, stage.centre
+        top, bottom, outer_top, outer_bottom = stage.planes
+        axis = body_axis(stage.tangent, *(staged[j].centroid if j in staged else None for j in (i + 1, i - 1)))
         core_hu = trabecular_core_hu(hs, coords, centre)
         # clipped before smoothing, so that the dense cortex cannot spread above the threshold
         clip = core_hu + body_threshold(core_hu) - SOFT_TISSUE_HU
-        hb = working_grid(smooth(np.minimum(crop, clip)), native_coords, sp, work_sp)[0]
-        body = segment_body(hs, hb, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
-                             outer_bottom, core_hu, fill_shell=vid != SACRUM)
+        hb = working_grid(smooth(np.minimum(stage.crop, clip)), stage.native_coords, sp, work_sp)[0]
+        # the disc planes are still searched along the tangent: along the turned axis, the search
+        # filled the wedge of a 45 % wedge-compressed L2 (graded 1 instead of 3)
+        body = segment_body(hs, hb, stage.raw, coords, centre, stage.tangent, top, bottom, work_sp, outer_top,
+                            outer_bottom, core_hu, fill_shell=vid != SACRUM, frame_axis=axis)
         discs_mm = None
-        if hi is not None and lo is not None:
-            discs_mm = (float(outer_bottom[0] @ tangent[im]), float(outer_top[0] @ tangent[im]))
-        roi = trabecular_roi(body, coords, work_sp, tangent[im], discs_mm) if vid != SACRUM else np.zeros_like(body)
-        body, roi = body[back], roi[back]
-        body &= bodies_c[sl] == 0
+        if segments[i][0] is not None and segments[i][1] is not None:
+            discs_mm = (float(outer_bottom[0] @ stage.tangent), float(outer_top[0] @ stage.tangent))
+        roi = trabecular_roi(body, coords, work_sp, stage.tangent, discs_mm) if vid != SACRUM else np.zeros_like(body)
+        body, roi = body[stage.back], roi[stage.back]
+        body &= bodies_c[stage.sl] == 0
         if body.sum() * np.prod(sp) < 2000.0:  # < 2 cm3: not a body
             log.info("segment %d (%s): body too small, skipped", i, VERTEBRA_NAMES[vid])
             continue
-        bodies_c[sl][body] = vid
-        trab_c[sl][roi & body] = vid
+        bodies_c[stage.sl][body] = vid
+        trab_c[stage.sl][roi & body] = vid
         confidence[vid] = conf if vid in complete else conf * 0.5
 
     # whole vertebrae: bone beyond the discs next to the outermost labelled vertebrae is a neighbour's

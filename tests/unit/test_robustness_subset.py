@@ -18,6 +18,7 @@ import pytest
 
 from bench.robustness import HU_TOLERANCE, LEVELS, MIN_DICE, analyse, score
 from bench.variants import Anatomy, add_island, baseline, deform, offset_cores, transform
+from osteonode.anatomy import VERTEBRA_IDS
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +87,22 @@ def test_wedge_graded(start, anatomy, base):
     # the reference body deformed alike and measured by the same code is a fractured body too
     assert row["reference_grade"] is not None and row["reference_grade"] >= 1, row["reference_grade"]
     assert abs(row["grades"]["L1"] - row["reference_grade"]) <= 1, (row["grades"], row["reference_grade"])
+
+
+def test_crushed_dark_top_vertebra_found_from_the_ribs(start, anatomy, base):
+    """L1 crushed by 45 % in a spine at -100 HU: the disc above it is taken because the anchors ask for it.
+
+    The T12/L1 disc lies about 0.55 of a segment above L1/L2, where a mid-body
+    dip may lie too, so the chain alone stops at L1/L2 and L1 would be left
+    out with T12 (an open segment of two vertebrae). The sacrum and the ribs
+    of T12 then count a lumbar vertebra too few, and the chain that holds one
+    more disc below the lowest rib makes them agree: the levels are right,
+    flagged uncertain, and the crushed L1 is graded.
+    """
+    variant = deform(offset_cores(start, anatomy, dict.fromkeys(LEVELS, -100.0)), anatomy, "L1", "crush", 0.45)
+    result = analyse(variant.volume)
+    row = score(variant, result, base)
+    assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
+    assert "found below the lowest rib" in result.seg.method, result.seg.method
+    assert result.seg.confidence[VERTEBRA_IDS["L1"]] < 0.5
+    assert row["grades"]["L1"] is not None and row["grades"]["L1"] >= 2, row["grades"]

@@ -594,6 +594,36 @@ def test_disc_chain_ends_at_a_crushed_top_vertebra_s_disc_not_at_a_weak_regular_
     assert positions[disc_chain(positions, depths)[-1]] == 324.0
 
 
+def test_disc_chain_holds_the_discs_the_ribs_ask_for_below_them():
+    """Crushed, dark vertebrae whose disc the best chain misses: the anchors ask for one more below the rib.
+
+    Candidates of the example CT with every core at -60 HU and L2 crushed by
+    30 % (the variant built from the bodies of the final pass along the
+    neighbours' axis): the L1 mid-body dip (293.5 mm, 52 HU) outscores the
+    crushed L2's upper disc (277.3 mm, 49 HU), and the regular chain holds a
+    segment of two vertebrae, L2 and half of L1 (44 mm). The lowest rib lies at
+    326.6 mm: six discs (L5/S1 to T12/L1) lie below it.
+    """
+    positions = [116.6, 140.1, 176.6, 211.0, 249.4, 277.3, 293.5, 310.8]
+    depths = [35.8, 89.8, 146.1, 105.8, 77.7, 48.6, 52.5, 44.6]
+    assert [positions[i] for i in disc_chain(positions, depths, 335.8)] == [140.1, 176.6, 211.0, 249.4, 293.5]
+    chosen = disc_chain(positions, depths, 335.8, below=(326.6, 6))
+    assert [positions[i] for i in chosen] == [140.1, 176.6, 211.0, 249.4, 277.3, 310.8]
+    # every core at -100 HU and L1 crushed by 45 %: the T12/L1 disc lies 20 mm (0.55 of the spacing) above
+    # L1/L2, under OPEN_SHORT_MIN, where a mid-body dip may lie; with a disc missing below the rib, the
+    # extension takes it down to FRACTURE_SPACING[0]
+    positions = [116.6, 140.1, 176.4, 210.6, 247.4, 285.8, 297.8, 305.8]
+    depths = [35.8, 89.9, 153.3, 92.8, 69.7, 66.7, 48.9, 14.6]
+    assert positions[disc_chain(positions, depths, 329.2)[-1]] == 285.8
+    assert positions[disc_chain(positions, depths, 329.2, below=(319.1, 6))[-1]] == 305.8
+    # ... but not above the rib, nor when the chain already holds the discs asked for
+    assert positions[disc_chain(positions, depths, 329.2, below=(305.0, 6))[-1]] == 285.8
+    assert positions[disc_chain(positions, depths, 329.2, below=(319.1, 5))[-1]] == 285.8
+    # no chain can hold that many: the unconstrained one, extended as far as it goes
+    assert [positions[i] for i in disc_chain(positions, depths, 329.2, below=(319.1, 9))] == \
+        [140.1, 176.4, 210.6, 247.4, 285.8, 305.8]
+
+
 def test_disc_chain_extends_past_a_crushed_vertebra_that_ends_the_regular_chain():
     """The candidates of the example CT with every core at -100 HU and L3 crushed by 30 %.
 
@@ -672,6 +702,11 @@ def test_name_levels_from_both_anchors():
 def test_name_levels_disagreeing_anchors_count_from_the_sacrum():
     labels, conf, method = name_levels(8, 0, 7)  # six mobile segments between: L6 or a missed rib
     assert labels[1] == 24 and labels[5] == 20 and conf == 0.4 and "DISAGREE" in method
+
+
+def test_name_levels_agreeing_only_on_the_chain_the_ribs_asked_for_is_uncertain():
+    labels, conf, method = name_levels(8, 0, 6, rib_guided=True)
+    assert labels[1] == 24 and labels[6] == 19 and conf == 0.4 and "found below the lowest rib" in method
 
 
 def test_caudal_anchor_between_a_residual_s1_s2_disc_and_the_lumbosacral_disc():
