@@ -226,8 +226,9 @@ def body_axis(tangent: np.ndarray, above: np.ndarray | None, below: np.ndarray |
     centreline is smoothed over 10 mm and leans towards the canal: at the
     thoracolumbar junction of the example CT its tangent at L1 lies 16
     degrees off that line, and the posterior wall cut parallel to it took
-    the posterior-superior corner of L1 (posterior height 24.9 mm; the
-    reference body's 30.4 mm, measured alike by ``bench/reference_heights.py``).
+    the posterior-superior corner of L1 (posterior height 24.9 mm, 29.8 mm
+    in this frame; the reference body's 30.4 mm, measured alike by
+    ``bench/reference_heights.py``).
 
     Parameters
     ----------
