@@ -12,8 +12,11 @@ spines at -60 and -100 HU, 45 % deformities of L2 and L4, a wedge with noise,
 scaling with tilt; and (session 10) noise on dark and sclerotic spines, two
 dark levels, deformities of 25, 35 and 40 % in dark spines, tilted and scaled
 dark spines. It prints the table of ``bench/robustness.py`` (same
-columns, same scoring) without the target summary: these rows have no targets
-of their own, they say where the method still fails.
+columns, same scoring) and, without PASS/FAIL (these rows have no targets of
+their own, they say where the method still fails), the counts of its label
+and Genant lines (:func:`bench.robustness.labels_line`,
+:func:`bench.robustness.genant_lines`): labels, grades against the nominal
+one and the reference body's, the borderline flag and the false grades.
 
 Usage: python bench/beyond.py [--only PATTERN] [--out FILE.md]
 """
@@ -27,7 +30,7 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.robustness import LEVELS, Spec, analyse, score, select, table  # noqa: E402
+from bench.robustness import LEVELS, Spec, analyse, genant_lines, labels_line, score, select, table  # noqa: E402
 from bench.segmentation import example_image, load_references  # noqa: E402
 from bench.variants import Anatomy, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
@@ -122,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
         variant = replace(spec.build(base_variant, anatomy), name=spec.name)
         rows.append(score(variant, analyse(variant.volume), base))
         log.info("%s done", spec.name)
+    # no targets of their own: every line is a count
+    lines = [f"INFO  {title.removeprefix('(no target) ')}: {detail}"
+             for title, _, detail in [labels_line(rows), *genant_lines(rows)]]
     print(table(rows))
+    print()
+    print("\n".join(lines))
     if args.out:
-        args.out.write_text(table(rows, markdown=True) + "\n")
+        args.out.write_text(table(rows, markdown=True) + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n",
+                            encoding="utf-8")
     return 0
 
 

@@ -340,13 +340,61 @@ def _island_move(row: dict) -> float | None:
     return None if row["d_hu"][name] is None else row["d_hu"][name] - row["offset"][name]
 
 
+def labels_line(rows: list[dict]) -> tuple[str, bool, str]:
+    """(target, passed, detail): L1-L4 found and correctly labelled on every row (:func:`score` dicts)."""
+    wrong = [r["variant"] for r in rows if any(s != "ok" for s in r["labels"].values())]
+    return ("L1-L4 found and correctly labelled (100 % of variants; the edits keep the cortex visible)",
+            not wrong, f"{len(rows) - len(wrong)}/{len(rows)}" + (f"; wrong: {', '.join(wrong)}" if wrong else ""))
+
+
+def genant_lines(rows: list[dict]) -> list[tuple[str, bool, str]]:
+    """(target, passed, detail) of the Genant grades of the rows (:func:`score` dicts).
+
+    The issue-10 target (exact against the nominal grade, never off by more
+    than one), and without a target: equality with the reference body deformed
+    alike (and those off by more than one), the ``genant_borderline`` flag on
+    grades other than the nominal one, and the false grades (1 or more on a
+    level not deformed).
+    """
+    out = []
+    deformed = [r for r in rows if r["truth"]["deformity"] is not None]
+    if deformed:
+        found = [(r["variant"], r["grades"][r["truth"]["deformity"]["level"]],
+                  r["truth"]["expected_grade"][r["truth"]["deformity"]["level"]]) for r in deformed]
+        exact = sum(g == e for _, g, e in found)
+        far = [f"{v} {g} vs {e}" for v, g, e in found if not isinstance(g, int) or abs(g - e) > 1]
+        out.append((f"Genant grade exact in >= {MIN_EXACT_GRADES:.0%} of deformities, never off by more than 1",
+                    exact >= MIN_EXACT_GRADES * len(found) and not far,
+                    f"exact {exact}/{len(found)}" + (f"; off by > 1 or ungraded: {', '.join(far)}" if far else "")))
+        against = [(r["variant"], r["grades"][r["truth"]["deformity"]["level"]], r["reference_grade"])
+                   for r in deformed]
+        same = sum(g == e for _, g, e in against)
+        differ = [f"{v} {g} vs {e}" for v, g, e in against if g != e]
+        two = sum(1 for _, g, e in against if isinstance(e, int) and (not isinstance(g, int) or abs(g - e) > 1))
+        out.append(("(no target) Genant grade equal to that of the reference body deformed alike and measured by "
+                    "the same code", not differ,
+                    f"equal {same}/{len(against)}, off by more than one or ungraded {two}"
+                    + (f"; differ (ours vs reference): {', '.join(differ)}" if differ else "")))
+    graded = [(r, n, r["grades"][n] == r["truth"]["expected_grade"].get(n, 0)) for r in rows for n in LEVELS
+              if isinstance(r["grades"][n], int)]
+    off = [(r, n) for r, n, nominal in graded if not nominal]
+    unflagged = [f"{r['variant']} {n}" for r, n in off if not r["borderline"].get(n)]
+    also = sum(1 for r, n, nominal in graded if nominal and r["borderline"].get(n))
+    out.append(("(no target) Genant grades other than the nominal one (0 for an undeformed level) that say "
+                "genant_borderline (the grade may be one higher or lower)", not unflagged,
+                f"{len(off) - len(unflagged)}/{len(off)}" + (f"; not: {', '.join(unflagged)}" if unflagged else "")
+                + f"; flagged as well: {also} of the {len(graded) - len(off)} levels graded as nominal"))
+    false = [f"{r['variant']} {n}={r['grades'][n]}" for r in rows for n in LEVELS
+             if isinstance(r["grades"][n], int) and r["grades"][n] >= 1 and n not in r["truth"]["expected_grade"]]
+    out.append(("(no target) false grades: 1 or more on a level not deformed", not false,
+                f"{len(false)}" + (f": {', '.join(false)}" if false else "")))
+    return out
+
+
 def summary(rows: list[tuple[Spec, dict]], time_512: list[float], mib_512: float | None) -> list[tuple[str, bool,
                                                                                                             str]]:
     """(target, passed, detail) for each target of issue 10 that the rows cover."""
-    out = []
-    wrong = [r["variant"] for _, r in rows if any(s != "ok" for s in r["labels"].values())]
-    out.append(("L1-L4 found and correctly labelled (100 % of variants; the edits keep the cortex visible)",
-                not wrong, f"{len(rows) - len(wrong)}/{len(rows)}" + (f"; wrong: {', '.join(wrong)}" if wrong else "")))
+    out = [labels_line([r for _, r in rows])]
     for group, title in (("offset_all", "all levels"), ("offset_one", "one level")):
         if not any(s.group == group for s, _ in rows):
             continue
@@ -386,32 +434,7 @@ def summary(rows: list[tuple[Spec, dict]], time_512: list[float], mib_512: float
                   if r["d_hu"][n] is None or abs(r["d_hu"][n]) > HU_TOLERANCE]
         out.append((f"(no target) geometric variants: dHU within +-{HU_TOLERANCE:.0f} HU", not misses,
                     f"{len(geo) * 4 - len(misses)}/{len(geo) * 4}" + (f"; off: {'; '.join(misses)}" if misses else "")))
-    deformed = [r for _, r in rows if r["truth"]["deformity"] is not None]
-    if deformed:
-        found = [(r["variant"], r["grades"][r["truth"]["deformity"]["level"]],
-                  r["truth"]["expected_grade"][r["truth"]["deformity"]["level"]]) for r in deformed]
-        exact = sum(g == e for _, g, e in found)
-        far = [f"{v} {g} vs {e}" for v, g, e in found if not isinstance(g, int) or abs(g - e) > 1]
-        out.append((f"Genant grade exact in >= {MIN_EXACT_GRADES:.0%} of deformities, never off by more than 1",
-                    exact >= MIN_EXACT_GRADES * len(found) and not far,
-                    f"exact {exact}/{len(found)}" + (f"; off by > 1 or ungraded: {', '.join(far)}" if far else "")))
-        against = [(r["variant"], r["grades"][r["truth"]["deformity"]["level"]], r["reference_grade"])
-                   for r in deformed]
-        same = sum(g == e for _, g, e in against)
-        differ = [f"{v} {g} vs {e}" for v, g, e in against if g != e]
-        out.append(("(no target) Genant grade equal to that of the reference body deformed alike and measured by "
-                    "the same code", not differ,
-                    f"equal {same}/{len(against)}" + (f"; differ (ours vs reference): {', '.join(differ)}"
-                                                      if differ else "")))
-    graded = [(r, n, r["grades"][n] == r["truth"]["expected_grade"].get(n, 0)) for _, r in rows for n in LEVELS
-              if isinstance(r["grades"][n], int)]
-    off = [(r, n) for r, n, nominal in graded if not nominal]
-    unflagged = [f"{r['variant']} {n}" for r, n in off if not r["borderline"].get(n)]
-    also = sum(1 for r, n, nominal in graded if nominal and r["borderline"].get(n))
-    out.append(("(no target) Genant grades other than the nominal one (0 for an undeformed level) that say "
-                "genant_borderline (the grade may be one higher or lower)", not unflagged,
-                f"{len(off) - len(unflagged)}/{len(off)}" + (f"; not: {', '.join(unflagged)}" if unflagged else "")
-                + f"; flagged as well: {also} of the {len(graded) - len(off)} levels graded as nominal"))
+    out += genant_lines([r for _, r in rows])
     low = [f"{r['variant']} {k} {v:.2f}" for _, r in rows for k, v in r["dice"].items() if v < MIN_DICE]
     out.append((f"L1-L4 body and right-femur Dice >= {MIN_DICE} on every variant", not low,
                 f"{len(rows) * 5 - len(low)}/{len(rows) * 5}" +

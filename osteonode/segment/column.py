@@ -765,7 +765,7 @@ def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple
     def under(*ks: int) -> int:  # discs below the limit among ks
         return sum(pos[k] < limit for k in ks)
 
-    # state (i, j, after_short, below): the chain's last two discs (a normal segment), whether a short
+    # state (i, j, after_short, counted): the chain's last two discs (a normal segment), whether a short
     # segment lies just before them and how many of its discs lie below the limit (at most count);
     # back: the state before (a short segment lies between them when that state does not end at i)
     State = tuple[int, int, bool, int]
