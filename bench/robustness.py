@@ -23,8 +23,8 @@ spine and proximal femurs), :func:`osteonode.measure.hu.measure_levels`,
   deformed alike and measured by the same
   :func:`osteonode.measure.genant.grade_levels` (``ref``). The nominal loss
   is reached from our own heights of the unedited body (the bench builds from
-  the image), so where our label map of the unedited body is wrong (L1:
-  posterior height 24.9 mm against the reference's 30.4 mm,
+  the image), so where our label map of the unedited body is wrong (L1 until
+  session 12: posterior height 24.9 mm against the reference's 30.4 mm,
   ``bench/reference_heights.py``), the deformity actually made differs from
   the nominal one; ``ref`` says what was made, independently of our
   segmentation;
@@ -32,8 +32,9 @@ spine and proximal femurs), :func:`osteonode.measure.hu.measure_levels`,
   while segmenting and measuring (high-water mark reset before each variant).
 
 The summary checks the targets of issue 10 (PASS/FAIL), with INFO lines that
-have no target (among them: our grades against the reference's, and how many
-grades other than the nominal one carry the ``genant_borderline`` flag); the
+have no target (among them: our grades against the reference's, how many
+grades other than the nominal one carry the ``genant_borderline`` flag, and
+the false grades: 1 or more on a level not deformed); the
 time and memory targets are measured on the example CT resampled (linear) onto the 512 x 512
 x 300 grid of ``bench/common.py`` in memory (median of ``--repeats-512``).
 Results go to ``bench/README.md``.
