@@ -358,23 +358,23 @@ def genant_lines(rows: list[dict]) -> list[tuple[str, bool, str]]:
     level not deformed).
     """
     out = []
-    deformed = [r for r in rows if r["truth"]["deformity"] is not None]
+    # per deformity: (variant, our grade of the deformed level, its nominal grade, the reference body's)
+    deformed = [(r["variant"], r["grades"][level], r["truth"]["expected_grade"][level], r["reference_grade"])
+                for r in rows if r["truth"]["deformity"] is not None
+                for level in (r["truth"]["deformity"]["level"],)]
     if deformed:
-        found = [(r["variant"], r["grades"][r["truth"]["deformity"]["level"]],
-                  r["truth"]["expected_grade"][r["truth"]["deformity"]["level"]]) for r in deformed]
-        exact = sum(g == e for _, g, e in found)
-        far = [f"{v} {g} vs {e}" for v, g, e in found if not isinstance(g, int) or abs(g - e) > 1]
+        exact = sum(g == e for _, g, e, _ in deformed)
+        far = [f"{v} {g} vs {e}" for v, g, e, _ in deformed if not isinstance(g, int) or abs(g - e) > 1]
         out.append((f"Genant grade exact in >= {MIN_EXACT_GRADES:.0%} of deformities, never off by more than 1",
-                    exact >= MIN_EXACT_GRADES * len(found) and not far,
-                    f"exact {exact}/{len(found)}" + (f"; off by > 1 or ungraded: {', '.join(far)}" if far else "")))
-        against = [(r["variant"], r["grades"][r["truth"]["deformity"]["level"]], r["reference_grade"])
-                   for r in deformed]
-        same = sum(g == e for _, g, e in against)
-        differ = [f"{v} {g} vs {e}" for v, g, e in against if g != e]
-        two = sum(1 for _, g, e in against if isinstance(e, int) and (not isinstance(g, int) or abs(g - e) > 1))
+                    exact >= MIN_EXACT_GRADES * len(deformed) and not far,
+                    f"exact {exact}/{len(deformed)}" + (f"; off by > 1 or ungraded: {', '.join(far)}" if far else "")))
+        same = sum(g == ref for _, g, _, ref in deformed)
+        differ = [f"{v} {g} vs {ref}" for v, g, _, ref in deformed if g != ref]
+        two = sum(1 for _, g, _, ref in deformed
+                  if isinstance(ref, int) and (not isinstance(g, int) or abs(g - ref) > 1))
         out.append(("(no target) Genant grade equal to that of the reference body deformed alike and measured by "
                     "the same code", not differ,
-                    f"equal {same}/{len(against)}, off by more than one or ungraded {two}"
+                    f"equal {same}/{len(deformed)}, off by more than one or ungraded {two}"
                     + (f"; differ (ours vs reference): {', '.join(differ)}" if differ else "")))
     graded = [(r, n, r["grades"][n] == r["truth"]["expected_grade"].get(n, 0)) for r in rows for n in LEVELS
               if isinstance(r["grades"][n], int)]
