@@ -19,17 +19,6 @@ BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
 QualityFlag = Literal["cut_by_field_of_view", "genant_borderline", "heterogeneous", "mean_median_discordant",
                       "focal_lesion_excluded", "excluded_over_limit"]
-#: Words for each quality flag, as the SR, the PDF and the key images say them.
-QUALITY_FLAG_TEXT: dict[str, str] = {
-    "cut_by_field_of_view": "cut by the edge of the scan: heights not reported",
-    "genant_borderline": ("height loss within 4 points of a Genant grade limit (20, 25, 40 %): "
-                          "the grade may be one higher or lower"),
-    "heterogeneous": "heterogeneous trabecular ROI (high standard deviation)",
-    "mean_median_discordant": "mean and median of the trabecular ROI far apart",
-    "focal_lesion_excluded": "focal sclerotic or lytic focus excluded from the ROI",
-    "excluded_over_limit": "over 30 % of the ROI excluded as focal lesion: level not used for the bone status",
-}
-
 
 class LevelResult(BaseModel):
     """Measurements of one vertebral level (trabecular ROI of the body)."""
@@ -49,7 +38,8 @@ class LevelResult(BaseModel):
     cut_by_field_of_view: bool = Field(
         default=False, description="the body is cut by the edge of the scan: heights are not reported")
     quality_flags: list[QualityFlag] = Field(
-        default_factory=list, description="why the level's measurement may be unreliable (codes, QUALITY_FLAG_TEXT)")
+        default_factory=list,
+        description="why the measurement may be unreliable (codes; words: dicom_out.summary.QUALITY_FLAG_TEXT)")
     used_for_bone_status: bool = Field(
         default=True, description="False when the level is not usable for the bone status (see quality_flags)")
     # filled by later stages when available (issue 4): calibrated density and Genant grading

@@ -53,7 +53,7 @@ Comprehensive 3D SR Storage instance (PS3.3 A.35.13):
     and, in either group, one CONTAINS TEXT (121106, DCM, "Comment") per
     quality note of that part (TID 1411 qualitative evaluations as text;
     :func:`osteonode.dicom_out.summary.level_notes`): the words of each
-    quality flag (:data:`osteonode.result.QUALITY_FLAG_TEXT`; "cut by the
+    quality flag (:data:`osteonode.dicom_out.summary.QUALITY_FLAG_TEXT`; "cut by the
     edge of the scan" and a Genant grade near a limit in the body group, the
     others in the ROI group), the
     excluded focal volume and "not used for the bone status";

@@ -16,10 +16,26 @@ from pydicom.valuerep import PersonName
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.result import QUALITY_FLAG_TEXT, AnalysisResult, LevelResult
+from osteonode.measure.genant import BORDERLINE_LOSS, GRADE_LIMITS
+from osteonode.measure.hu import DISCORDANT_HU, HETEROGENEOUS_SD_HU, MAX_EXCLUDED_FRACTION
+from osteonode.result import AnalysisResult, LevelResult, QualityFlag
 
 #: Printed for a value that is not available.
 NA = "n/a"
+
+#: Words for each quality flag, as the SR, the PDF and the key images say them; the figures are those
+#: of the measurement that sets the flag (:mod:`osteonode.measure.genant`, :mod:`osteonode.measure.hu`).
+QUALITY_FLAG_TEXT: dict[QualityFlag, str] = {
+    "cut_by_field_of_view": "cut by the edge of the scan: heights not reported",
+    "genant_borderline": (f"height loss within {100 * BORDERLINE_LOSS:g} points of a Genant grade limit "
+                          f"({', '.join(f'{100 * limit:g}' for limit in GRADE_LIMITS)} %): "
+                          "the grade may be one higher or lower"),
+    "heterogeneous": f"heterogeneous trabecular ROI (standard deviation above {HETEROGENEOUS_SD_HU:g} HU)",
+    "mean_median_discordant": f"mean and median of the trabecular ROI more than {DISCORDANT_HU:g} HU apart",
+    "focal_lesion_excluded": "focal sclerotic or lytic focus excluded from the ROI",
+    "excluded_over_limit": (f"over {100 * MAX_EXCLUDED_FRACTION:g} % of the ROI excluded as focal lesion: "
+                            "level not used for the bone status"),
+}
 
 #: Genant et al. 1993 semi-quantitative grades.
 GENANT_GRADES = {0: "normal", 1: "mild", 2: "moderate", 3: "severe"}
@@ -101,9 +117,9 @@ def fracture_texture(name: str, level: LevelResult) -> str | None:
             f"not a benign/malignant classification): {', '.join(f'{k} {v:.4g}' for k, v in named)}.")
 
 
-def quality_flags(level: LevelResult) -> list[str]:
+def quality_flags(level: LevelResult) -> list[QualityFlag]:
     """The level's quality flag codes, with ``cut_by_field_of_view`` when that field is set, without duplicates."""
-    flags: list[str] = list(dict.fromkeys(level.quality_flags))
+    flags: list[QualityFlag] = list(dict.fromkeys(level.quality_flags))
     if level.cut_by_field_of_view and "cut_by_field_of_view" not in flags:
         flags.insert(0, "cut_by_field_of_view")
     return flags
@@ -125,7 +141,7 @@ def level_notes(level: LevelResult, part: str | None = None) -> list[str]:
     Returns
     -------
     list of str
-        The words of each flag (:data:`osteonode.result.QUALITY_FLAG_TEXT`), then,
+        The words of each flag (:data:`QUALITY_FLAG_TEXT`), then,
         for the ROI, the excluded focal volume in cm3 (ASCII: SR text) with its fraction of the
         ROI when it is above 0, and :data:`NOT_USED` when the level is not used
         for the bone status and no flag's words already say so.

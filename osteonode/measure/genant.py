@@ -73,7 +73,7 @@ be cut by the edge of the scan: its heights would be those of the cut, not of
 the vertebra. It gets no heights, no ratios and no grade, is not a reference
 for its neighbours, and :func:`apply_genant` sets its ``cut_by_field_of_view``
 and adds the quality flag ``"cut_by_field_of_view"``
-(:data:`osteonode.result.QUALITY_FLAG_TEXT`).
+(:data:`osteonode.dicom_out.summary.QUALITY_FLAG_TEXT`).
 
 Grades near a limit
 -------------------

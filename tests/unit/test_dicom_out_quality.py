@@ -35,7 +35,7 @@ from test_dicom_out import (
 )
 
 from osteonode.dicom_out import build_key_images, build_pdf_report, build_seg, build_sr, summary
-from osteonode.result import QUALITY_FLAG_TEXT, AnalysisResult
+from osteonode.result import AnalysisResult
 
 STATISTIC = "mean trabecular HU of L1-L2 (L3 excluded)"
 UNCERTAINTY = "within 5 HU of the 100 HU threshold: osteoporosis within the measurement uncertainty"
@@ -85,20 +85,20 @@ def _comments(group) -> list[str]:
 def test_level_notes_in_words(case):
     levels = flagged_result(case.series).levels
     assert summary.level_notes(levels["L1"]) == [
-        QUALITY_FLAG_TEXT["genant_borderline"],  # on the body: first
-        QUALITY_FLAG_TEXT["heterogeneous"], QUALITY_FLAG_TEXT["focal_lesion_excluded"],
+        summary.QUALITY_FLAG_TEXT["genant_borderline"],  # on the body: first
+        summary.QUALITY_FLAG_TEXT["heterogeneous"], summary.QUALITY_FLAG_TEXT["focal_lesion_excluded"],
         "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI)"]
-    assert summary.level_notes(levels["L2"], "body") == [QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
+    assert summary.level_notes(levels["L2"], "body") == [summary.QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
     assert summary.level_notes(levels["L2"], "roi") == []
     # excluded_over_limit already says "not used for the bone status": not said twice
-    assert summary.level_notes(levels["L3"]) == [QUALITY_FLAG_TEXT["excluded_over_limit"],
+    assert summary.level_notes(levels["L3"]) == [summary.QUALITY_FLAG_TEXT["excluded_over_limit"],
                                                  "0.3 cm3 of focal foci excluded from the ROI (35 % of the ROI)"]
     unused = levels["L1"].model_copy(update={"used_for_bone_status": False, "quality_flags": [],
                                              "excluded_focal_volume_mm3": 0.0})
     assert summary.level_notes(unused) == [summary.NOT_USED]
     # cut_by_field_of_view set without the flag still says why
     assert summary.level_notes(levels["L2"].model_copy(update={"quality_flags": []})) == [
-        QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
+        summary.QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
     assert summary.reported_heights(levels["L2"]) == (None, None, None)
 
 
@@ -109,15 +109,16 @@ def test_sr_states_flags_in_the_level_groups_and_omits_cut_heights(sr, tmp_path)
     assert_valid(dataset, tmp_path / "sr.dcm")
     report = hd.sr.Comprehensive3DSR.from_dataset(round_trip(dataset))
     (l1_body, l1_roi), (l2_body, l2_roi), (l3_body, l3_roi) = level_groups(report)
-    assert _comments(l1_body) == [QUALITY_FLAG_TEXT["genant_borderline"]]
-    assert _comments(l1_roi) == [QUALITY_FLAG_TEXT["heterogeneous"], QUALITY_FLAG_TEXT["focal_lesion_excluded"],
+    assert _comments(l1_body) == [summary.QUALITY_FLAG_TEXT["genant_borderline"]]
+    assert _comments(l1_roi) == [summary.QUALITY_FLAG_TEXT["heterogeneous"],
+                                 summary.QUALITY_FLAG_TEXT["focal_lesion_excluded"],
                                  "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI)"]
-    assert _comments(l2_body) == [QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
+    assert _comments(l2_body) == [summary.QUALITY_FLAG_TEXT["cut_by_field_of_view"]]
     assert _comments(l2_roi) == []
     assert l2_body.get_measurements(name=HEIGHT) == [] and l2_body.get_measurements(name=RATIO) == []
     assert not any(_code(item) == ("125605004", "SCT") for item in l2_body[0].ContentSequence)  # no fracture call
     assert len(l1_body.get_measurements(name=HEIGHT)) == 3 and len(l3_body.get_measurements(name=HEIGHT)) == 3
-    assert _comments(l3_roi)[0] == QUALITY_FLAG_TEXT["excluded_over_limit"]
+    assert _comments(l3_roi)[0] == summary.QUALITY_FLAG_TEXT["excluded_over_limit"]
     assert "not used for the bone status" in _comments(l3_roi)[0]
 
 
@@ -169,11 +170,11 @@ def test_pdf_states_flags_marks_statistic_and_uncertainty_on_one_page(case, tmp_
     assert text.index(f"Uncertainty: {UNCERTAINTY}") < text.index("Measurements per vertebral level")
     assert "L1* " in text and "L3† " in text and "L2* " in text
     assert "† not used for the bone status; * see the notes on the level" in text
-    assert (f"L1*: {QUALITY_FLAG_TEXT['genant_borderline']}; {QUALITY_FLAG_TEXT['heterogeneous']}; "
-            f"{QUALITY_FLAG_TEXT['focal_lesion_excluded']}; "
+    assert (f"L1*: {summary.QUALITY_FLAG_TEXT['genant_borderline']}; {summary.QUALITY_FLAG_TEXT['heterogeneous']}; "
+            f"{summary.QUALITY_FLAG_TEXT['focal_lesion_excluded']}; "
             "1.2 cm3 of focal foci excluded from the ROI (8 % of the ROI).") in text
-    assert f"L2*: {QUALITY_FLAG_TEXT['cut_by_field_of_view']}." in text
-    assert f"L3†: {QUALITY_FLAG_TEXT['excluded_over_limit']}" in text
+    assert f"L2*: {summary.QUALITY_FLAG_TEXT['cut_by_field_of_view']}." in text
+    assert f"L3†: {summary.QUALITY_FLAG_TEXT['excluded_over_limit']}" in text
     lines = {line.split()[0]: line.split() for line in pdf_text(document, tmp_path).splitlines()
              if line.strip()[:2] in ("L1", "L2", "L3") and len(line.split()) > 8}
     assert lines["L2*"][-1] == "n/a"  # heights of the cut body
@@ -196,8 +197,8 @@ def test_levels_with_the_same_notes_share_a_line_and_the_pdf_keeps_one_page(case
                               "excluded_over_limit"],
             "excluded_focal_volume_mm3": 4321.0, "excluded_fraction": 0.37, "used_for_bone_status": False})
     shared, cut = summary.level_note_lines(result)  # L2 is also cut by the edge of the scan
-    assert shared.startswith("L1†, L3†: " + QUALITY_FLAG_TEXT["heterogeneous"])
-    assert cut.startswith("L2†: " + QUALITY_FLAG_TEXT["cut_by_field_of_view"])
+    assert shared.startswith("L1†, L3†: " + summary.QUALITY_FLAG_TEXT["heterogeneous"])
+    assert cut.startswith("L2†: " + summary.QUALITY_FLAG_TEXT["cut_by_field_of_view"])
     document = pdf_document(build_pdf_report(case.series, result, banner=BANNER))
     assert pdf_pages(document, tmp_path) == 1
     text = " ".join(pdf_text(document, tmp_path).split())

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.dicom_out.summary import level_notes
+from osteonode.dicom_out.summary import QUALITY_FLAG_TEXT, level_notes
 from osteonode.measure.genant import (
     GenantMeasurement,
     apply_genant,
@@ -27,7 +27,7 @@ from osteonode.measure.genant import (
     reference_posterior,
 )
 from osteonode.measure.hu import measure_levels
-from osteonode.result import QUALITY_FLAG_TEXT, LevelResult
+from osteonode.result import LevelResult
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.spine import segment_spine
 from osteonode.volume import Volume
