@@ -546,17 +546,37 @@ class Disc:
     ambiguous: bool = False  # bounds a short (fractured) segment that another chain nearly explains
 
 
-def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM,
-               below: tuple[float, int] | None = None) -> list[Disc]:
-    """Intervertebral discs along the column: notches of the disc profile chosen by :func:`disc_chain`.
+@dataclass(frozen=True)
+class DiscCandidates:
+    """Notches of the disc profile (:func:`disc_candidates`), from which :func:`choose_discs` picks the discs.
+
+    ``z``: coarse slices of the candidates, caudal first; per coarse slice of
+    the column (``(ns,)`` arrays): ``arc_mm``, the arc length of the
+    centreline (mm); ``notch``, the notch depth (HU); ``hu``, the smoothed disc
+    profile (HU); ``tilt_deg``, the disc plane's tilt (:func:`plane_profile`).
+    ``cranial_end_mm``: arc length of the last slice of the column in view
+    (None when none is).
+    """
+
+    z: list[int]
+    arc_mm: np.ndarray
+    notch: np.ndarray
+    hu: np.ndarray
+    tilt_deg: np.ndarray
+    cranial_end_mm: float | None
+
+
+def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> DiscCandidates:
+    """Candidate intervertebral discs along the column: the notches of the disc profile.
 
     A notch is a minimum of ``profile.hu`` below the endplates on either side
-    (``profile.bright``, which crosses a tilted endplate flat). ``valid`` is
-    per coarse slice (:func:`track_column`); the arc length of
-    ``profile.pts`` measures the disc spacing (the lumbosacral junction is
-    tilted by 30-45 degrees, so slice indices understate it there).
-    ``below``: ``(coarse z, count)``, at least ``count`` discs asked for
-    below that slice (:func:`disc_chain`).
+    (``profile.bright``, which crosses a tilted endplate flat), with bone on
+    both sides and the column confirmed (body and canal) around it, and not at
+    the pedicles when a candidate nearby lies at a neural foramen
+    (:func:`_beside_foramina`). ``valid`` is per coarse slice
+    (:func:`track_column`); the arc length of ``profile.pts`` measures the
+    disc spacing (the lumbosacral junction is tilted by 30-45 degrees, so
+    slice indices understate it there).
     """
     nz = len(profile.hu)
     arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(profile.pts, axis=0), axis=1))]) * g
@@ -583,14 +603,27 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM,
     log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
               [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
     in_view = np.flatnonzero(valid)
-    positions, depths = [float(arc_mm[z]) for z in cands], [float(notch[z]) for z in cands]
+    return DiscCandidates(z=cands, arc_mm=arc_mm, notch=notch, hu=p, tilt_deg=profile.tilt_deg,
+                          cranial_end_mm=float(arc_mm[in_view[-1]]) if in_view.size else None)
+
+
+def choose_discs(candidates: DiscCandidates, g: float = COARSE_MM,
+                 below: tuple[float, int] | None = None) -> list[Disc]:
+    """The intervertebral discs: the candidates chosen by :func:`disc_chain`, with their boundaries.
+
+    ``below``: ``(coarse z, count)``, at least ``count`` discs asked for below
+    that slice (:func:`disc_chain`). Each disc's boundaries lie half-way
+    between the profile's minimum at the disc and its maxima within 10 mm on
+    either side. Returns the discs caudal first.
+    """
+    cands, arc_mm, p = candidates.z, candidates.arc_mm, candidates.hu
+    nz = len(p)
+    positions, depths = [float(arc_mm[z]) for z in cands], [float(candidates.notch[z]) for z in cands]
     limit = None if below is None else (float(np.interp(below[0], np.arange(nz), arc_mm)), below[1])
-    chosen = [cands[i] for i in disc_chain(positions, depths, float(arc_mm[in_view[-1]]) if in_view.size else None,
-                                           limit)]
+    chosen = [cands[i] for i in disc_chain(positions, depths, candidates.cranial_end_mm, limit)]
     doubtful = {cands[i] for i in ambiguous_short_segments(positions, depths)}
     discs = []
     for z in sorted(chosen):
-        # boundaries: half-way between the disc minimum and the flanking maxima within 10 mm
         lo = max(0, z - int(10 / g))
         hi = min(nz - 1, z + int(10 / g))
         below_max = lo + int(np.argmax(p[lo:z + 1]))
@@ -603,8 +636,9 @@ def find_discs(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM,
         za = z
         while za < above_max and p[za + 1] < lvl_a:
             za += 1
-        discs.append(Disc(z=float(z), depth=float(notch[z]), upper=float(za) + 0.5, lower=float(zb) - 0.5,
-                          tilt_deg=float(profile.tilt_deg[z]), arc_mm=float(arc_mm[z]), ambiguous=z in doubtful))
+        discs.append(Disc(z=float(z), depth=float(candidates.notch[z]), upper=float(za) + 0.5,
+                          lower=float(zb) - 0.5, tilt_deg=float(candidates.tilt_deg[z]), arc_mm=float(arc_mm[z]),
+                          ambiguous=z in doubtful))
     return discs
 
 

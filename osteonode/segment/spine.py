@@ -79,7 +79,13 @@ from osteonode.segment.body import (
     trabecular_core_hu,
     working_grid,
 )
-from osteonode.segment.column import find_discs, partial_end_slices, plane_profile, track_column
+from osteonode.segment.column import (
+    choose_discs,
+    disc_candidates,
+    partial_end_slices,
+    plane_profile,
+    track_column,
+)
 from osteonode.segment.frame import COARSE_MM, CanonicalView, canonical_view, perpendicular_frame
 from osteonode.segment.levels import (
     ANCHOR_SEGMENTS,
@@ -312,7 +318,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     path, valid = track_column(c, view.patient, g)
     profile = plane_profile(c, path)
     pts, tangent = profile.pts, profile.tangent
-    discs = find_discs(profile, valid, g)
+    candidates = disc_candidates(profile, valid, g)
+    discs = choose_discs(candidates, g)
     log.info("column tracked over %d coarse slices; %d disc(s) found", c.shape[0], len(discs))
     no_anchor = ("neither the sacrum nor the lowest rib-bearing vertebra (T12) is in the field of view; "
                  "lumbar levels cannot be identified")
@@ -329,7 +336,7 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
             and anchored.t12_seg - anchored.sacrum_seg < ANCHOR_SEGMENTS):
         # a vertebra too few between the anchors: a segment holds two vertebrae, most often a crushed one
         # and its neighbour; the best chain with the discs the anchors ask for below the lowest rib
-        retry = find_discs(profile, valid, g, below=(min(anchored.rib_z), anchored.lowest + ANCHOR_SEGMENTS))
+        retry = choose_discs(candidates, g, below=(min(anchored.rib_z), anchored.lowest + ANCHOR_SEGMENTS))
         again = _anchor(retry, c, path, in_view, rib_z_all, g) if len(retry) > len(discs) else None
         if again is not None and again.sacrum_seg is not None and anchors_agree(again.sacrum_seg, again.t12_seg):
             log.info("the anchors agree with %d more disc(s) below the lowest rib (a crushed vertebra)",
