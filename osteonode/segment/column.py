@@ -36,7 +36,12 @@ chain, a candidate at the level of the pedicles (:func:`pedicle_profile`,
 cortical bone beside the spinal canal) gives way to one within 16 mm beside
 a neural foramen, where discs lie
 (:func:`foramen_depth`): the mid-height dip of a dark body next to a weak disc
-(a crushed neighbour at -60 to -100 HU put the fracture one level off). A
+(a crushed neighbour at -60 to -100 HU put the fracture one level off). And
+a neural foramen with no notch near it is a candidate itself
+(:func:`_foramina`): where a body at -100 HU (trabecular bone near 10 HU)
+meets a disc of 70-100 HU, the profile falls or rises through the disc
+without a minimum (a crushed L2 or L3 in such a spine lost the disc above
+the next body, and the levels went one off). A
 bone island is filled in from around it before the profile is sampled
 (:func:`without_focal_dense`): it is no endplate. End slices partly outside
 the reconstructed field of view (:func:`partial_end_slices`) carry no
@@ -68,6 +73,11 @@ PEDICLE_PERCENTILE = 90.0
 #: 16 mm that is ``FORAMEN_MARGIN`` deeper; the pedicles are in view where the profile reaches ``PEDICLE_BONE_HU``.
 FORAMEN_FRACTION = 0.4
 FORAMEN_MARGIN = 0.2
+#: A foramen with no disc candidate within this distance (mm) along the column is a disc candidate itself
+#: (:func:`_foramina`), with the weakest notch, ``MIN_NOTCH_HU``: half a vertebra's 30-40 mm spacing leaves
+#: out the foramen beside a disc the profile found and the pedicle dip at a dark body's mid-height beside
+#: its mid-body notch.
+FORAMEN_ALONE_MM = 8.0
 PEDICLE_BONE_HU = 300.0
 
 #: Cost (HU per mm^2) of a change of the disc-to-disc spacing between consecutive segments.
@@ -573,7 +583,10 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
     (``profile.bright``, which crosses a tilted endplate flat), with bone on
     both sides and the column confirmed (body and canal) around it, and not at
     the pedicles when a candidate nearby lies at a neural foramen
-    (:func:`_beside_foramina`). ``valid`` is per coarse slice
+    (:func:`_beside_foramina`); and a neural foramen (:func:`_foramina`)
+    without a notch within ``FORAMEN_ALONE_MM``, as a notch of at least
+    ``MIN_NOTCH_HU`` (a dark body's profile may run through its disc without
+    a minimum). ``valid`` is per coarse slice
     (:func:`track_column`); the arc length of ``profile.pts`` measures the
     disc spacing (the lumbosacral junction is tilted by 30-45 degrees, so
     slice indices understate it there).
@@ -600,6 +613,12 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
     is_min = (p <= np.roll(p, 1)) & (p <= np.roll(p, -1))
     is_min[[0, -1]] = False
     cands = _beside_foramina([int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]], profile.pedicles, g)
+    foramina = _foramina(profile.pedicles, support >= 0.5, g)
+    lone = [z for z in foramina if all(abs(arc_mm[z] - arc_mm[o]) > FORAMEN_ALONE_MM for o in cands)]
+    if lone:
+        log.debug("discs known by their foramina only (coarse z): %s", lone)
+        notch[lone] = np.maximum(notch[lone], MIN_NOTCH_HU)
+        cands = sorted(cands + lone)
     log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
               [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
     in_view = np.flatnonzero(valid)
@@ -655,6 +674,21 @@ def foramen_depth(pedicles: np.ndarray, z: int, g: float = COARSE_MM) -> float |
     if peak < PEDICLE_BONE_HU:
         return None
     return (peak - float(pedicles[max(0, z - 1):z + 3].min())) / peak
+
+
+def _foramina(pedicles: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) -> list[int]:
+    """Coarse slices at the neural foramina: the lowest of :func:`pedicle_profile` within ``FORAMEN_ALONE_MM``
+    on either side, at least ``FORAMEN_FRACTION`` deep (:func:`foramen_depth`), where ``valid`` (per slice).
+
+    The pedicles and the foramina between them are cortical bone and its
+    absence beside the canal: they mark the discs whatever the bodies'
+    trabecular density.
+    """
+    reach = int(round(FORAMEN_ALONE_MM / g))
+    lowest = ndi.minimum_filter1d(pedicles, 2 * reach + 1, mode="nearest") == pedicles  # one per foramen ...
+    lowest[1:] &= pedicles[1:] < pedicles[:-1]  # ... the first slice of a flat one
+    return [int(z) for z in np.flatnonzero(lowest & valid)
+            if (depth := foramen_depth(pedicles, int(z), g)) is not None and depth >= FORAMEN_FRACTION]
 
 
 def _beside_foramina(cands: list[int], pedicles: np.ndarray, g: float = COARSE_MM) -> list[int]:

@@ -106,3 +106,22 @@ def test_crushed_dark_top_vertebra_found_from_the_ribs(start, anatomy, base):
     assert "found below the lowest rib" in result.seg.method, result.seg.method
     assert result.seg.confidence[VERTEBRA_IDS["L1"]] < 0.5
     assert row["grades"]["L1"] is not None and row["grades"]["L1"] >= 2, row["grades"]
+
+
+def test_crushed_vertebra_in_a_very_dark_spine_keeps_the_disc_above_the_next_body(start, anatomy, base):
+    """L3 crushed by 30 % with every core at -100 HU (trabecular bone about 10 HU): the L1/L2 disc is found.
+
+    The discs (70-100 HU) are brighter than these bodies, so the disc
+    profile runs through the L1/L2 disc without a minimum; its candidates
+    were the mid-body dips of L2 and L1 instead, and with the crushed L3 the
+    chain of discs put L1 one level off (L1 read as L2 and L2 as the lower
+    half of L2 with the upper half of L3) with the anchors agreeing. The
+    neural foramen beside the disc (cortical bone of the pedicles around it)
+    is a candidate whatever the density, and the levels are right.
+    """
+    variant = deform(offset_cores(start, anatomy, dict.fromkeys(LEVELS, -100.0)), anatomy, "L3", "crush", 0.30)
+    result = analyse(variant.volume)
+    row = score(variant, result, base)
+    assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
+    assert row["grades"]["L3"] is not None and row["grades"]["L3"] >= 1, row["grades"]
+    _assert_offsets(row, ("L2", "L4"))

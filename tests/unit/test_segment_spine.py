@@ -32,6 +32,7 @@ from osteonode.segment.body import _star_fill
 from osteonode.segment.column import (
     PROFILE_TILTS_DEG,
     _beside_foramina,
+    _foramina,
     _lowest_tilt,
     ambiguous_short_segments,
     disc_chain,
@@ -402,6 +403,24 @@ def test_foramen_depth_is_deep_at_discs_and_none_without_pedicles():
     assert foramen_depth(pedicles, 27) == pytest.approx(0.7)
     assert foramen_depth(pedicles, 35) == 0.0  # mid-body: the pedicles
     assert foramen_depth(np.full(80, 200.0), 27) is None  # no bone beside the canal: no evidence
+
+
+def test_foramina_mark_the_discs_whatever_the_bodies():
+    pedicles = _pedicles([10, 27, 44, 61])
+    valid = np.ones(80, bool)
+    assert _foramina(pedicles, valid) == [10, 27, 44, 61]  # the first slice of each 3-slice foramen
+    # a shallower dip 6 mm above a foramen (noise, a pedicle's own waist) is the same foramen
+    noisy = pedicles.copy()
+    noisy[31] = 200.0
+    assert _foramina(noisy, valid) == [10, 27, 44, 61]
+    # a dip of a quarter of the pedicles' HU is no foramen (FORAMEN_FRACTION: 0.4)
+    shallow = pedicles.copy()
+    shallow[44:47] = 375.0
+    assert _foramina(shallow, valid) == [10, 27, 61]
+    # only where the column is confirmed; without pedicles in view, none
+    valid[40:] = False
+    assert _foramina(pedicles, valid) == [10, 27]
+    assert _foramina(np.full(80, 200.0), np.ones(80, bool)) == []
 
 
 def test_a_mid_body_candidate_loses_to_a_disc_at_a_foramen():
