@@ -70,7 +70,7 @@ from bench.segmentation import (  # noqa: E402
 )
 from bench.variants import Anatomy, Variant, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
 from osteonode.anatomy import FEMUR_RIGHT, VERTEBRA_IDS  # noqa: E402
-from osteonode.measure.genant import apply_genant, grade_levels  # noqa: E402
+from osteonode.measure.genant import apply_genant, grade_levels, near_grade_limit  # noqa: E402
 from osteonode.measure.hu import measure_levels  # noqa: E402
 from osteonode.segment import SpineSegmentation  # noqa: E402
 from osteonode.segment.backends import builtin  # noqa: E402
@@ -352,25 +352,35 @@ def genant_lines(rows: list[dict]) -> list[tuple[str, bool, str]]:
     """(target, passed, detail) of the Genant grades of the rows (:func:`score` dicts).
 
     The issue-10 target (exact against the nominal grade, never off by more
-    than one), and without a target: equality with the reference body deformed
+    than one), and without a target: the same for the deformities whose nominal
+    loss lies outside the ``genant_borderline`` band of every grade limit (a
+    20 % deformity lies on Genant's 20 % limit), equality with the reference body deformed
     alike (and those off by more than one), the ``genant_borderline`` flag on
     grades other than the nominal one, and the false grades (1 or more on a
     level not deformed).
     """
     out = []
-    # per deformity: (variant, our grade of the deformed level, its nominal grade, the reference body's)
-    deformed = [(r["variant"], r["grades"][level], r["truth"]["expected_grade"][level], r["reference_grade"])
-                for r in rows if r["truth"]["deformity"] is not None
-                for level in (r["truth"]["deformity"]["level"],)]
+    # per deformity: (variant, our grade of the deformed level, its nominal grade, the reference body's,
+    # whether its nominal loss lies within the genant_borderline band of a grade limit)
+    deformed = [(r["variant"], r["grades"][d["level"]], r["truth"]["expected_grade"][d["level"]],
+                 r["reference_grade"], near_grade_limit(d["loss"]))
+                for r in rows if (d := r["truth"]["deformity"]) is not None]
     if deformed:
-        exact = sum(g == e for _, g, e, _ in deformed)
-        far = [f"{v} {g} vs {e}" for v, g, e, _ in deformed if not isinstance(g, int) or abs(g - e) > 1]
+        exact = sum(g == e for _, g, e, _, _ in deformed)
+        far = [f"{v} {g} vs {e}" for v, g, e, _, _ in deformed if not isinstance(g, int) or abs(g - e) > 1]
         out.append((f"Genant grade exact in >= {MIN_EXACT_GRADES:.0%} of deformities, never off by more than 1",
                     exact >= MIN_EXACT_GRADES * len(deformed) and not far,
                     f"exact {exact}/{len(deformed)}" + (f"; off by > 1 or ungraded: {', '.join(far)}" if far else "")))
-        same = sum(g == ref for _, g, _, ref in deformed)
-        differ = [f"{v} {g} vs {ref}" for v, g, _, ref in deformed if g != ref]
-        two = sum(1 for _, g, _, ref in deformed
+        # a nominal loss on a grade limit (a 20 % deformity) is graded on either side of it by any measurement
+        # with a scatter: the same count apart from those
+        clear = [g == e for _, g, e, _, near in deformed if not near]
+        out.append(("(no target) Genant grade exact where the nominal loss lies outside the genant_borderline "
+                    "band of every grade limit", all(clear),
+                    f"exact {sum(clear)}/{len(clear)}; within the band: exact {exact - sum(clear)}/"
+                    f"{len(deformed) - len(clear)}"))
+        same = sum(g == ref for _, g, _, ref, _ in deformed)
+        differ = [f"{v} {g} vs {ref}" for v, g, _, ref, _ in deformed if g != ref]
+        two = sum(1 for _, g, _, ref, _ in deformed
                   if isinstance(ref, int) and (not isinstance(g, int) or abs(g - ref) > 1))
         out.append(("(no target) Genant grade equal to that of the reference body deformed alike and measured by "
                     "the same code", not differ,
