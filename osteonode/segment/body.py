@@ -9,9 +9,10 @@ the Gaussian that brings the noise to 12 HU), in the frame of the spine axis:
   (:func:`_disc_plane`: the plane of highest notch between two endplates),
   as a wedge-compressed endplate tilts its disc by more than the profile
   sees;
-* **core HU**: robust median within 10 mm of the body centre, taken again
-  without voxels 150 HU or more from the first median (a bone island at the
-  centre does not set the threshold);
+* **core HU**: robust median within 10 mm of the body centre and at least
+  4 mm inside its boundary planes (a crushed body's endplates and discs are
+  no marrow), taken again without voxels 150 HU or more from the first
+  median (a bone island at the centre does not set the threshold);
 * **threshold outline**: half-way between soft tissue (40 HU) and the core,
   bounded to [70, 140] HU, on a copy clipped before smoothing at the core plus
   the threshold's height (blur-invariant half-maximum edge: Hangartner TN,
@@ -71,8 +72,15 @@ from osteonode.volume import bounding_box
 
 log = logging.getLogger(__name__)
 
-#: Radius (mm) of the sphere at the body centre whose robust median is the core HU.
+#: A plane: a point on it and its unit normal, canonical ``(s, a, l)`` mm.
+Plane = tuple[np.ndarray, np.ndarray]
+
+#: Radius (mm) of the sphere at the body centre whose robust median is the core HU ...
 CORE_RADIUS_MM = 10.0
+#: ... of its voxels at least this far (mm) inside the body's boundary planes: the sphere is 20 mm across,
+#: and a crushed body 15 mm tall (45 % of L3) filled it with its endplates and discs (core 76 HU for a
+#: marrow of about 15 HU at -100 HU: the body outline left the marrow out, Dice 0.49).
+CORE_PLATE_MARGIN_MM = 4.0
 
 
 #: Voxels further (HU) from the sphere's first median are left out of the core HU (focal lesions).
@@ -182,9 +190,13 @@ def body_threshold(core_hu: float) -> float:
 
 
 def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
-                       centre: np.ndarray) -> float:
+                       centre: np.ndarray, between: tuple[Plane, Plane] | None = None) -> float:
     """Trabecular core HU: robust median of ``hs`` (canonical ``(s, a, l)`` crop) within 10 mm of ``centre`` (mm).
 
+    With ``between`` (the body's upper and lower boundary planes, point and
+    unit normal, canonical mm), only the voxels at least
+    ``CORE_PLATE_MARGIN_MM`` inside both count, unless that leaves less than a
+    fifth of the sphere (a body under about 10 mm tall).
     Voxels denser than any trabecular bone (``FOCAL_DENSE_HU``: a bone
     island, a blastic focus) and ``FOCAL_HALO_MM`` around them are left out;
     when that leaves less than a fifth of the sphere (an island as large as
@@ -198,6 +210,11 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
     core = np.broadcast_to(r2 <= CORE_RADIUS_MM ** 2, hs.shape)
     if not core.any():
         return 150.0
+    if between is not None:
+        below_top, above_bottom = (_signed(plane, coords_mm) for plane in between)
+        inside = core & (below_top <= -CORE_PLATE_MARGIN_MM) & (above_bottom >= CORE_PLATE_MARGIN_MM)
+        if inside.sum() >= 0.2 * core.sum():
+            core = inside
     spacing = np.array([float(c[1] - c[0]) if len(c) > 1 else 1.0 for c in coords_mm])
     halo = ellipsoid(np.maximum(1, np.round(FOCAL_HALO_MM / spacing)).astype(int), spacing)
     focus = ndi.binary_dilation(hs > FOCAL_DENSE_HU, structure=halo)
@@ -263,18 +280,14 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     Z, Y, X = np.meshgrid(zc, yc, xc, indexing="ij", sparse=True)
     rel = (Z - centre[0], Y - centre[1], X - centre[2])
 
-    def signed(plane):
-        p, n = plane
-        return (Z - p[0]) * n[0] + (Y - p[1]) * n[1] + (X - p[2]) * n[2]
-
     if fill_shell:  # not the sacrum: its S1 body is not measured
         if _differs(top, outer_top):
             outer_top, top = _disc_plane(hs, coords_mm, centre, axis, outer_top, top)
         if _differs(bottom, outer_bottom):
             outer_bottom, bottom = _disc_plane(hs, coords_mm, centre, axis, outer_bottom, bottom)
-    s_top, s_bottom = signed(top), signed(bottom)
+    s_top, s_bottom = _signed(top, coords_mm), _signed(bottom, coords_mm)
     inner = (s_top <= 0) & (s_bottom >= 0)
-    s_ot, s_ob = signed(outer_top), signed(outer_bottom)
+    s_ot, s_ob = _signed(outer_top, coords_mm), _signed(outer_bottom, coords_mm)
     slab = (s_ot <= 0) & (s_ob >= 0)
     radial2 = rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2 - (rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]) ** 2
     disc_zone = (radial2 <= 100.0) & ((np.abs(s_ot) <= 1.6) | (np.abs(s_ob) <= 1.6))
@@ -402,6 +415,14 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     mask = ndi.binary_closing(mask, structure=ball) & keep
     out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
     return out
+
+
+def _signed(plane: Plane, coords_mm: Coords) -> np.ndarray:
+    """Signed distance (mm, along the plane's unit normal) of each voxel of a canonical crop from ``plane``
+    (point, normal); broadcastable to the crop's ``(s, a, l)`` shape."""
+    Z, Y, X = np.meshgrid(*coords_mm, indexing="ij", sparse=True)
+    p, n = plane
+    return (Z - p[0]) * n[0] + (Y - p[1]) * n[1] + (X - p[2]) * n[2]
 
 
 def _differs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:

@@ -420,7 +420,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         # centring pass on the smoothed copy: the final pass is centred on this body's centroid
         # (the tracked centre leans towards the canal because the tracking score rewards it)
         body = segment_body(hs, hs, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
-                            outer_bottom, trabecular_core_hu(hs, coords, centre), fill_shell=vid != SACRUM)
+                            outer_bottom, trabecular_core_hu(hs, coords, centre, (top, bottom)),
+                            fill_shell=vid != SACRUM)
         centroid = None
         if body.any():
             centroid = np.array([float(np.average(cc, weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
@@ -438,7 +439,7 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         vid, coords, hs, centre = stage.vid, stage.coords, stage.hs, stage.centre
         top, bottom, outer_top, outer_bottom = stage.planes
         axis = body_axis(stage.tangent, *(staged[j].centroid if j in staged else None for j in (i + 1, i - 1)))
-        core_hu = trabecular_core_hu(hs, coords, centre)
+        core_hu = trabecular_core_hu(hs, coords, centre, (top, bottom))
         # clipped before smoothing, so that the dense cortex cannot spread above the threshold
         clip = core_hu + body_threshold(core_hu) - SOFT_TISSUE_HU
         hb = working_grid(smooth(np.minimum(stage.crop, clip)), stage.native_coords, sp, work_sp)[0]

@@ -125,3 +125,20 @@ def test_crushed_vertebra_in_a_very_dark_spine_keeps_the_disc_above_the_next_bod
     assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
     assert row["grades"]["L3"] is not None and row["grades"]["L3"] >= 1, row["grades"]
     _assert_offsets(row, ("L2", "L4"))
+
+
+def test_severely_crushed_vertebra_in_a_very_dark_spine_is_measured_and_graded(start, anatomy, base):
+    """L3 crushed by 45 % with every core at -100 HU: the 15 mm body is segmented, measured and graded.
+
+    Its 10 mm core sphere reached into the compacted endplates and the discs
+    (core 76 HU for a marrow near 15 HU), the body outline then left the
+    marrow out (Dice 0.49, a trabecular ROI of 9 voxels), and L3 went
+    unmeasured: the study was not evaluable. The core is now read at least
+    4 mm inside the body's boundary planes.
+    """
+    variant = deform(offset_cores(start, anatomy, dict.fromkeys(LEVELS, -100.0)), anatomy, "L3", "crush", 0.45)
+    result = analyse(variant.volume)
+    row = score(variant, result, base)
+    assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
+    assert row["d_hu"]["L3"] is not None and row["dice"]["L3"] >= 0.75, (row["d_hu"], row["dice"])
+    assert row["grades"]["L3"] is not None and row["grades"]["L3"] >= 2, row["grades"]

@@ -55,6 +55,23 @@ def test_disc_plane_keeps_the_profile_s_plane_without_a_clearly_better_one():
     assert kept_outer is outer and kept_inner is inner
 
 
+def test_core_hu_of_a_crushed_dark_body_stays_inside_its_endplates():
+    # a body crushed to 15 mm between its boundary planes (s = -7.5 and 7.5 mm): marrow 15 HU (every core
+    # at -100 HU) 4 mm thick, compacted endplates blurred over 5 mm (300 HU), discs of 90 HU beyond; the
+    # 10 mm core sphere is mostly endplate and disc, the voxels 4 mm inside the planes mostly marrow
+    coords = tuple(np.arange(-30.0, 30.1, 1.0) for _ in range(3))
+    s = np.meshgrid(*coords, indexing="ij", sparse=True)[0]
+    hs = np.broadcast_to(np.where(np.abs(s) <= 2.0, 15.0, np.where(np.abs(s) <= 7.5, 300.0, 90.0)),
+                         tuple(len(c) for c in coords)).astype(np.float32)
+    up = np.array([1.0, 0.0, 0.0])
+    planes = ((np.array([7.5, 0.0, 0.0]), up), (np.array([-7.5, 0.0, 0.0]), up))
+    assert trabecular_core_hu(hs, coords, np.zeros(3)) == pytest.approx(300.0)  # the sphere alone: endplate
+    assert trabecular_core_hu(hs, coords, np.zeros(3), planes) == pytest.approx(15.0)
+    # a body too thin for the margins (under about 10 mm): the sphere as before
+    thin = ((np.array([3.0, 0.0, 0.0]), up), (np.array([-3.0, 0.0, 0.0]), up))
+    assert trabecular_core_hu(hs, coords, np.zeros(3), thin) == trabecular_core_hu(hs, coords, np.zeros(3))
+
+
 @pytest.mark.parametrize("island_mm", [0.0, 12.0, 15.0])
 def test_core_hu_of_a_dark_body_ignores_a_bone_island(island_mm):
     # an osteoporotic core of 20 HU on a 1.5 mm grid, with a 900 HU island about the centre, blurred
