@@ -197,6 +197,7 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
     unit normal, canonical mm), only the voxels at least
     ``CORE_PLATE_MARGIN_MM`` inside both count, unless that leaves less than a
     fifth of the sphere (a body under about 10 mm tall).
+
     Voxels denser than any trabecular bone (``FOCAL_DENSE_HU``: a bone
     island, a blastic focus) and ``FOCAL_HALO_MM`` around them are left out;
     when that leaves less than a fifth of the sphere (an island as large as
