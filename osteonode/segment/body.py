@@ -229,10 +229,8 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
 
 
 def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
-                  centre: np.ndarray, axis: np.ndarray, top: tuple[np.ndarray, np.ndarray],
-                  bottom: tuple[np.ndarray, np.ndarray], spacing: np.ndarray,
-                  outer_top: tuple[np.ndarray, np.ndarray], outer_bottom: tuple[np.ndarray, np.ndarray],
-                  core_hu: float, fill_shell: bool = True,
+                  centre: np.ndarray, axis: np.ndarray, top: Plane, bottom: Plane, spacing: np.ndarray,
+                  outer_top: Plane, outer_bottom: Plane, core_hu: float, fill_shell: bool = True,
                   frame_axis: np.ndarray | None = None) -> np.ndarray:
     """Segment one vertebral body inside a canonical crop (module docstring, step 5).
 
@@ -426,20 +424,19 @@ def _signed(plane: Plane, coords_mm: Coords) -> np.ndarray:
     return (Z - p[0]) * n[0] + (Y - p[1]) * n[1] + (X - p[2]) * n[2]
 
 
-def _differs(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray]) -> bool:
+def _differs(a: Plane, b: Plane) -> bool:
     """Whether two planes (point, normal) differ (a disc boundary and its centre: there is a disc)."""
     return not (np.allclose(a[0], b[0]) and np.allclose(a[1], b[1]))
 
 
-def _plane_s(plane: tuple[np.ndarray, np.ndarray], a_mm: np.ndarray, l_mm: np.ndarray) -> np.ndarray:
+def _plane_s(plane: Plane, a_mm: np.ndarray, l_mm: np.ndarray) -> np.ndarray:
     """Canonical s (mm) of ``plane`` (point, unit normal) over canonical ``a_mm``, ``l_mm`` positions."""
     p, n = plane
     return p[0] - ((a_mm - p[1]) * n[1] + (l_mm - p[2]) * n[2]) / n[0]
 
 
 def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.ndarray,
-                outer: tuple[np.ndarray, np.ndarray], inner: tuple[np.ndarray, np.ndarray]
-                ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+                outer: Plane, inner: Plane) -> tuple[Plane, Plane]:
     """The plane of a disc searched on the image next to one body, and the boundary plane moved with it.
 
     The column profile (:mod:`osteonode.segment.column`) gives each disc one
