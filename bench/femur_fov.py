@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.segmentation import dice, example_image, load_references, on_reference_grid  # noqa: E402
+from bench.segmentation import dice, example_image, field_of_view, load_references, on_reference_grid  # noqa: E402
 from osteonode.anatomy import FEMUR_RIGHT  # noqa: E402
 from osteonode.segment.femur import segment_proximal_femurs  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
@@ -42,23 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     step = float(volume.spacing[0])
     print("cut  FOV bottom - head centre (mm)  centre shift (mm)   radius (mm)  Dice  uncut mask cut alike")
     for k in range(args.slices):
-        cut = volume.crop((slice(k, None), slice(None), slice(None))) if _bottom_first(volume) else \
+        # index 0 of axis 0 is the inferior end when the slices' index direction points superior (LPS z)
+        cut = volume.crop((slice(k, None), slice(None), slice(None))) if volume.index_direction(0)[2] > 0 else \
             volume.crop((slice(0, volume.shape[0] - k), slice(None), slice(None)))
         seg = segment_proximal_femurs(cut)
         side = seg.sides["right"]
-        fov = on_reference_grid(cut, np.ones(cut.shape, np.uint8), refs) > 0
+        fov = field_of_view(cut, refs)
         ref = refs.femur_right & fov
         ours = on_reference_grid(cut, seg.labels, refs) == FEMUR_RIGHT
         shift = None if side.head_centre_mm is None else np.round(np.array(side.head_centre_mm) - centre, 1)
         print(f"{k:3d}  {bottom + k * step - centre[2]:+28.1f}  {str(shift):>18}  {str(side.head_radius_mm):>11}  "
               f"{dice(ours, ref):.3f}  {dice(base_mask & fov, ref):.3f}")
     return 0
-
-
-def _bottom_first(volume: Volume) -> bool:
-    """Whether index 0 of axis 0 is the inferior end of the volume (LPS z increases superiorly)."""
-    return float(volume.index_to_lps(np.array([0.0, 0.0, 0.0]))[2]) < \
-        float(volume.index_to_lps(np.array([1.0, 0.0, 0.0]))[2])
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ from bench.segmentation import (  # noqa: E402
     REF_V2_ID,
     dice,
     example_image,
+    field_of_view,
     load_references,
     on_reference_grid,
     reference_bodies,
@@ -179,7 +180,7 @@ def level_check(variant: Variant, result: Analysis) -> dict[str, str]:
 def dices(variant: Variant, result: Analysis) -> dict[str, float]:
     """Dice of the L1-L4 bodies and the right femur inside the variant's field of view (reference grid)."""
     refs = variant.refs
-    fov = on_reference_grid(variant.volume, np.ones(variant.volume.shape, np.uint8), refs) > 0
+    fov = field_of_view(variant.volume, refs)
     ours = on_reference_grid(variant.volume, result.seg.bodies, refs)
     out = {name: dice((ours == VERTEBRA_IDS[name]) & fov,
                       (refs.vertebrae == REF_V2_ID[VERTEBRA_IDS[name]]) & (refs.body == 1) & fov)

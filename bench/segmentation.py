@@ -119,6 +119,11 @@ def on_reference_grid(volume: Volume, labels: np.ndarray, refs: References) -> n
     return sitk.GetArrayFromImage(image)
 
 
+def field_of_view(volume: Volume, refs: References) -> np.ndarray:
+    """Boolean mask, on the reference grid, of the reference voxels that ``volume`` covers (nearest)."""
+    return on_reference_grid(volume, np.ones(volume.shape, np.uint8), refs) > 0
+
+
 def reference_bodies(volume: Volume, refs: References) -> np.ndarray:
     """The reference bodies T12-L5 on ``volume``'s grid: a ``(z, y, x)`` uint8 label map of VerSe IDs.
 
@@ -152,7 +157,7 @@ def evaluate(volume: Volume, seg: SpineSegmentation, femurs: FemurSegmentation, 
     its reference mask lies in the volume's field of view. ``dice_whole``
     compares the whole vertebrae with ``ref_v2_spine_vertebrae`` (no target).
     """
-    fov = on_reference_grid(volume, np.ones(volume.shape, np.uint8), refs) > 0
+    fov = field_of_view(volume, refs)
     ours = on_reference_grid(volume, seg.bodies, refs)
     whole = on_reference_grid(volume, seg.whole, refs) if seg.whole is not None else None
     out: dict = {"dice": {}, "dice_whole": {}, "levels": {}, "evaluable": seg.not_evaluable_reason is None}
