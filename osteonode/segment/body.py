@@ -217,11 +217,16 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
         if inside.sum() >= 0.2 * core.sum():
             core = inside
     spacing = np.array([float(c[1] - c[0]) if len(c) > 1 else 1.0 for c in coords_mm])
-    halo = ellipsoid(np.maximum(1, np.round(FOCAL_HALO_MM / spacing)).astype(int), spacing)
-    focus = ndi.binary_dilation(hs > FOCAL_DENSE_HU, structure=halo)
+    reach = np.maximum(1, np.round(FOCAL_HALO_MM / spacing)).astype(int)
+    wide = np.broadcast_to(r2 <= (1.5 * CORE_RADIUS_MM) ** 2, hs.shape)
+    # the halo of the dense foci within the widest sphere used, from the image around it only (the
+    # whole crop's cortex and posterior elements: 0.8 s of 4.3 s segmenting the 512 grid)
+    box = bounding_box(wide, reach)
+    focus = np.zeros(hs.shape, bool)
+    focus[box] = ndi.binary_dilation(hs[box] > FOCAL_DENSE_HU, structure=ellipsoid(reach, spacing))
     clear = core & ~focus
     if clear.sum() < 0.2 * core.sum():  # an island as large as the sphere: the trabecular bone around it
-        clear = np.broadcast_to(r2 <= (1.5 * CORE_RADIUS_MM) ** 2, hs.shape) & ~focus
+        clear = wide & ~focus
     values = hs[clear] if clear.sum() >= 0.2 * core.sum() else hs[core]
     first = float(np.median(values))
     kept = values[np.abs(values - first) <= CORE_FOCUS_HU]
