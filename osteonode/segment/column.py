@@ -118,8 +118,11 @@ MIN_NOTCH_HU = 12.0
 SEGMENT_MM = (24.0, 50.0)
 
 
-#: A fractured vertebra's segment (disc to disc) is this fraction of its neighbours' (:func:`is_short_segment`).
-FRACTURE_SPACING = (0.5, 0.85)
+#: A fractured vertebra's segment (disc to disc) is this fraction of its neighbours' (:func:`is_short_segment`):
+#: down to 0.35, a vertebra plana (a body crushed by about 80 %) and its disc. With 0.5, L4 of the example
+#: CT crushed by 65 % (a segment of 18 mm between two of 36 and 38 mm) was no short segment: the chain
+#: dropped L4, L5 and the sacrum, and the study was not evaluable.
+FRACTURE_SPACING = (0.35, 0.85)
 
 
 #: ... and at least this long (mm): half of the shortest body (T11, ~20 mm) plus a thin disc.
@@ -921,9 +924,12 @@ def is_short_segment(gap_mm: float, *neighbours_mm: float) -> bool:
     """Whether a segment of ``gap_mm`` between discs can be a fractured vertebra's beside ``neighbours_mm``.
 
     At least ``SHORT_SEGMENT_MM`` long and within ``FRACTURE_SPACING`` of every
-    neighbouring segment: a body compressed by up to 45 % (Genant grade 3) and
-    its disc keep about 0.6 of a segment (0.5-0.85 allows for the spread of
-    the neighbours' spacings).
+    neighbouring segment: a body compressed by 45 % (Genant grade 3) and its
+    disc keep about 0.6 of a segment, a vertebra plana about 0.4 (0.35-0.85
+    allows for the spread of the neighbours' spacings). A mid-body dip of a
+    low-density body, about half a segment from the discs, passes this test
+    too; :func:`disc_chain` keeps it out, as it would split one segment into
+    two short ones, one after the other.
     """
     return gap_mm >= SHORT_SEGMENT_MM and all(
         FRACTURE_SPACING[0] * s <= gap_mm <= FRACTURE_SPACING[1] * s for s in neighbours_mm)

@@ -142,3 +142,16 @@ def test_severely_crushed_vertebra_in_a_very_dark_spine_is_measured_and_graded(s
     assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
     assert row["d_hu"]["L3"] is not None and row["dice"]["L3"] >= 0.75, (row["d_hu"], row["dice"])
     assert row["grades"]["L3"] is not None and row["grades"]["L3"] >= 2, row["grades"]
+
+
+def test_vertebra_crushed_by_two_thirds_keeps_the_levels_below_it(start, anatomy, base):
+    """L4 crushed by 65 %: its 18 mm segment is a fractured vertebra's, not a reason to drop L4 and L5.
+
+    The disc chain admitted short segments down to half of their neighbours'
+    only: it started above L4, the sacrum went unseen and the study was not
+    evaluable.
+    """
+    variant = deform(start, anatomy, "L4", "crush", 0.65)
+    row = score(variant, analyse(variant.volume), base)
+    assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
+    assert row["grades"]["L4"] == 3, row["grades"]

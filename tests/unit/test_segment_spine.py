@@ -683,10 +683,24 @@ def test_unexplained_spacing_jump():
     assert name_levels(7, 0, 6, spacings_mm=[37.0, 34.0, 21.0, 36.0, 36.0])[1] == 0.9
 
 
+def test_disc_chain_keeps_the_short_segment_of_a_vertebra_crushed_by_two_thirds():
+    """The candidates of the example CT with L4 crushed by 65 % (bench/variants.deform).
+
+    L4 and its disc keep 18 mm (176-194 mm) between segments of 36 and 38 mm,
+    under half of them: as no short segment the chain started above it, at
+    194 mm, and lost L4, L5 and the sacrum (the study not evaluable).
+    """
+    positions = [116.6, 140.1, 176.4, 194.5, 232.1, 270.6, 288.6, 304.7]
+    depths = [35.8, 89.9, 153.7, 108.4, 73.8, 76.8, 28.4, 57.2]
+    chosen = disc_chain(positions, depths, cranial_end_mm=326.5)
+    assert [positions[i] for i in chosen] == [140.1, 176.4, 194.5, 232.1, 270.6, 304.7]
+
+
 def test_is_short_segment():
     assert is_short_segment(21.0, 34.0, 36.0)  # crushed by 45 %: 0.6 of its neighbours
     assert is_short_segment(29.0, 36.0)  # wedge: 0.8
-    assert not is_short_segment(17.0, 34.0, 36.0)  # a mid-body dip: half a segment
+    assert is_short_segment(17.0, 34.0, 36.0)  # crushed by 65 %, or a mid-body dip (disc_chain tells them apart)
+    assert not is_short_segment(11.0, 34.0, 36.0)  # a third of a segment: shorter than a vertebra plana and its disc
     assert not is_short_segment(32.0, 36.0)  # within the normal change of spacing
     assert not is_short_segment(13.0, 24.0)  # shorter than any body and disc
 
