@@ -11,7 +11,8 @@ tilt with density; and (session 9) crushes of 30 and 45 % of every level in
 spines at -60 and -100 HU, 45 % deformities of L2 and L4, a wedge with noise,
 scaling with tilt; and (session 10) noise on dark and sclerotic spines, two
 dark levels, deformities of 25, 35 and 40 % in dark spines, tilted and scaled
-dark spines. It prints the table of ``bench/robustness.py`` (same
+dark spines; and (session 14) crushes of 55-75 % (down to a vertebra plana), at base density
+and in spines at -80 HU, and a wedge of 65 %. It prints the table of ``bench/robustness.py`` (same
 columns, same scoring) and, without PASS/FAIL (these rows have no targets of
 their own, they say where the method still fails), the counts of its label
 and Genant lines (:func:`bench.robustness.labels_line`,
@@ -105,6 +106,14 @@ def specs() -> list[Spec]:
         Spec("crush35_L2+island10_L3", "deformity",
              lambda b, a: deform(add_island(b, a, "L3", 10), a, "L2", "crush", 0.35)),
     ]
+    # added in session 14: crushes beyond 45 % (grade 3 down to a vertebra plana), at base density and in
+    # dark spines, and a severe wedge
+    out += [Spec(f"crush{round(100 * f)}_{n}", "deformity", lambda b, a, n=n, f=f: deform(b, a, n, "crush", f))
+            for n, f in (("L1", 0.60), ("L1", 0.75), ("L2", 0.60), ("L2", 0.75), ("L4", 0.65), ("L4", 0.75))]
+    out += [Spec(f"crush{round(100 * f)}_{n}+core_all{o}", "deformity",
+                 lambda b, a, n=n, f=f, o=o: deform(_all(o)(b, a), a, n, "crush", f))
+            for n, f, o in (("L2", 0.55, -80), ("L3", 0.65, -80), ("L4", 0.75, -80))]
+    out += [Spec("wedge65_L3", "deformity", lambda b, a: deform(b, a, "L3", "wedge", 0.65))]
     return out
 
 

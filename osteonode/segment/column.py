@@ -142,7 +142,9 @@ FRACTURE_COST_HU = 60.0
 
 
 #: A chain with a short segment is ambiguous when the best chain without that segment scores within
-#: this much (HU of notch depth) of it (:func:`ambiguous_short_segments`).
+#: this much (HU of notch depth) of it (:func:`ambiguous_short_segments`); the unconstrained chain,
+#: extended at its cranial end, replaces the one the anchors ask for only when it scores this much
+#: higher (:func:`disc_chain`).
 FRACTURE_AMBIGUITY_HU = 30.0
 
 
@@ -747,9 +749,19 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
     chain whose anchors disagree by a vertebra too few holds a segment of two
     vertebrae, most often a crushed one and its neighbour (the short segment's
     disc lost to a mid-body dip, or, at the cranial end, lying under
-    ``OPEN_SHORT_MIN`` of a segment). The chain is then the best one that
-    holds that many (in the extension, a short segment down to
-    ``FRACTURE_SPACING[0]``); the unconstrained one when none does.
+    ``OPEN_SHORT_MIN`` of a segment). In the cranial extension a short
+    segment may then be down to ``FRACTURE_SPACING[0]``, and the chain is the
+    best one that holds that many, unless the unconstrained chain, so
+    extended, holds them and scores more than ``FRACTURE_AMBIGUITY_HU`` higher,
+    each disc the extension adds counted as a short segment's (its depth less
+    ``FRACTURE_COST_HU``): with L1 crushed by 60 or 75 %, the best chain
+    holding six discs took a mid-body dip of L2 (28 HU) where the
+    unconstrained one ends at L1/L2 (112 HU) and the extension adds the
+    crushed L1's disc above it (135 HU higher); with L2 crushed in a dark
+    spine, the unconstrained chain ends at a mid-body dip of L1 and its
+    extension at a weak disc above (13 HU higher only), and the constrained
+    chain, with the crushed L2's disc, is right. The unconstrained chain is
+    kept when no chain holds the discs asked for.
 
     Parameters
     ----------
@@ -781,9 +793,30 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
     if n == 0:
         return []
     pos, depth = positions_mm, depths_hu
-    chain, _, _, after_short = _best_chain(pos, depth, below=below)
+    chain, score, _, after_short = _best_chain(pos, depth)
+    free = _completed(pos, depth, chain, after_short, cranial_end_mm, below)
+    if below is None:
+        return free
+    held, free_score = sum(pos[k] < below[0] for k in free) >= below[1], score + _added_value(depth, chain, free)
+    chain, score, _, after_short = _best_chain(pos, depth, below=below)
     if not chain:  # no chain holds the discs asked for
-        chain, _, _, after_short = _best_chain(pos, depth)
+        return free
+    constrained = _completed(pos, depth, chain, after_short, cranial_end_mm, below)
+    if held and free_score > score + _added_value(depth, chain, constrained) + FRACTURE_AMBIGUITY_HU:
+        return free
+    return constrained
+
+
+def _added_value(depth: list[float], chain: list[int], completed: list[int]) -> float:
+    """Notch depth that :func:`_completed` adds to ``chain``: each disc it adds counts as a short segment's
+    (its depth less ``FRACTURE_COST_HU``), each it drops with its depth."""
+    added, dropped = set(completed) - set(chain), set(chain) - set(completed)
+    return sum(depth[k] - FRACTURE_COST_HU for k in added) - sum(depth[k] for k in dropped)
+
+
+def _completed(pos: list[float], depth: list[float], chain: list[int], after_short: bool,
+               cranial_end_mm: float | None, below: tuple[float, int] | None) -> list[int]:
+    """A chain of :func:`_best_chain` completed at its cranial end (:func:`disc_chain`)."""
     normal_since_short = 1 if after_short else 2
     if not after_short and len(chain) >= 3:
         top = _crushed_top(pos, depth, chain)
@@ -794,7 +827,7 @@ def disc_chain(positions_mm: list[float], depths_hu: list[float], cranial_end_mm
             # to compare with), is a short one: a crushed vertebra, no measure of the next
             normal_since_short = 0
     if cranial_end_mm is not None and len(chain) >= 2:
-        chain += _cranial_extension(pos, depth, chain, cranial_end_mm, normal_since_short, below)
+        chain = chain + _cranial_extension(pos, depth, chain, cranial_end_mm, normal_since_short, below)
     return chain
 
 

@@ -155,3 +155,16 @@ def test_vertebra_crushed_by_two_thirds_keeps_the_levels_below_it(start, anatomy
     row = score(variant, analyse(variant.volume), base)
     assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
     assert row["grades"]["L4"] == 3, row["grades"]
+
+
+def test_vertebra_plana_at_the_top_of_the_lumbar_spine_keeps_the_levels(start, anatomy, base):
+    """L1 crushed by 75 %, under the lowest rib: graded 3, and L2 not named L1.
+
+    The ribs ask for one disc more below them than the best chain holds; the
+    best chain holding it took a mid-body dip of L2 instead of the crushed
+    L1's disc above the chain's end, and named the two levels one off.
+    """
+    variant = deform(start, anatomy, "L1", "crush", 0.75)
+    row = score(variant, analyse(variant.volume), base)
+    assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
+    assert row["grades"]["L1"] == 3, row["grades"]

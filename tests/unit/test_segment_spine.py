@@ -696,6 +696,23 @@ def test_disc_chain_keeps_the_short_segment_of_a_vertebra_crushed_by_two_thirds(
     assert [positions[i] for i in chosen] == [140.1, 176.4, 194.5, 232.1, 270.6, 304.7]
 
 
+def test_disc_chain_ends_at_a_vertebra_plana_under_the_lowest_rib():
+    """The candidates of the example CT with L1 crushed by 75 % (bench/variants.deform).
+
+    The best chain ends at L1/L2 (288.8 mm); above it the crushed L1 and its
+    disc keep 14.6 mm, 0.39 of the segment below. The ribs ask for six discs
+    below 310.3 mm: the best chain holding six took a mid-body dip of L2
+    (274.4 mm, 28 HU) instead, and named L2 and L1 one level off. The best
+    chain with the crushed top vertebra's disc added scores higher and holds
+    the six.
+    """
+    positions = [116.6, 140.1, 176.6, 210.9, 231.6, 251.8, 274.4, 288.8, 303.4]
+    depths = [35.8, 89.8, 145.4, 162.1, 28.3, 121.0, 28.4, 111.9, 48.5]
+    assert [positions[i] for i in disc_chain(positions, depths, 326.3)] == [140.1, 176.6, 210.9, 251.8, 288.8]
+    chosen = disc_chain(positions, depths, 326.3, below=(310.3, 6))
+    assert [positions[i] for i in chosen] == [140.1, 176.6, 210.9, 251.8, 288.8, 303.4]
+
+
 def test_is_short_segment():
     assert is_short_segment(21.0, 34.0, 36.0)  # crushed by 45 %: 0.6 of its neighbours
     assert is_short_segment(29.0, 36.0)  # wedge: 0.8
