@@ -12,7 +12,7 @@ spines at -60 and -100 HU, 45 % deformities of L2 and L4, a wedge with noise,
 scaling with tilt; and (session 10) noise on dark and sclerotic spines, two
 dark levels, deformities of 25, 35 and 40 % in dark spines, tilted and scaled
 dark spines; and (session 14) crushes of 55-75 % (down to a vertebra plana), at base density
-and in spines at -80 HU, and a wedge of 65 %. It prints the table of ``bench/robustness.py`` (same
+and in spines at -80 HU (L1-L4, or T12-L5), and a wedge of 65 %. It prints the table of ``bench/robustness.py`` (same
 columns, same scoring) and, without PASS/FAIL (these rows have no targets of
 their own, they say where the method still fails), the counts of its label
 and Genant lines (:func:`bench.robustness.labels_line`,
@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.robustness import LEVELS, Spec, analyse, genant_lines, labels_line, score, select, table  # noqa: E402
 from bench.segmentation import example_image, load_references  # noqa: E402
-from bench.variants import Anatomy, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
+from bench.variants import CORE_LEVELS, Anatomy, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
 
 log = logging.getLogger("bench.beyond")
@@ -114,6 +114,10 @@ def specs() -> list[Spec]:
                  lambda b, a, n=n, f=f, o=o: deform(_all(o)(b, a), a, n, "crush", f))
             for n, f, o in (("L2", 0.55, -80), ("L3", 0.65, -80), ("L4", 0.75, -80))]
     out += [Spec("wedge65_L3", "deformity", lambda b, a: deform(b, a, "L3", "wedge", 0.65))]
+    # ... and with T12 and L5 dark as well (the edits above darken L1-L4 only)
+    out += [Spec(f"crush{round(100 * f)}_{n}+core_T12-L5-80", "deformity",
+                 lambda b, a, n=n, f=f: deform(offset_cores(b, a, dict.fromkeys(CORE_LEVELS, -80)), a, n, "crush", f))
+            for n, f in (("L2", 0.55), ("L3", 0.65))]
     return out
 
 
