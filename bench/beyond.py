@@ -117,7 +117,7 @@ def specs() -> list[Spec]:
     # ... and with T12 and L5 dark as well (the edits above darken L1-L4 only)
     out += [Spec(f"crush{round(100 * f)}_{n}+core_T12-L5-80", "deformity",
                  lambda b, a, n=n, f=f: deform(offset_cores(b, a, dict.fromkeys(CORE_LEVELS, -80)), a, n, "crush", f))
-            for n, f in (("L2", 0.55), ("L3", 0.65))]
+            for n in ("L2", "L3", "L4") for f in (0.55, 0.65, 0.75)]
     return out
 
 
