@@ -7,8 +7,10 @@
   24-110 mm lateral: the iliac bones at the sacro-iliac joints. The lowest
   mobile vertebra above it is L5. The lowest notch may be a residual S1/S2
   disc inside the sacrum, and an L5 between high iliac crests passes the test
-  too: :func:`caudal_anchor` chooses between the two lowest discs, the cranial
-  anchor deciding (with confidence 0.4) when both pass.
+  too: :func:`caudal_anchor` chooses between the two lowest discs when both
+  pass (with confidence 0.4): the next one when the vertebra above the lowest
+  would be short (more likely S1 than a crushed L5), else the cranial anchor
+  decides.
 * *Lowest rib-bearing vertebra = T12 (cranial anchor)*: bone components lateral
   to the column (> 150 HU, after removing a 44 mm wide central column) that
   start at the column, reach at least ``RIB_REACH_MM`` lateral (lumbar
@@ -142,8 +144,8 @@ def has_sacrum(c: np.ndarray, path: np.ndarray, disc: Disc, g: float = COARSE_MM
     return frac >= 0.6
 
 
-def caudal_anchor(below_lowest: bool | None, below_next: bool | None, agrees: dict[int, bool]
-                  ) -> tuple[int | None, bool]:
+def caudal_anchor(below_lowest: bool | None, below_next: bool | None, agrees: dict[int, bool],
+                  lowest_short: bool = False) -> tuple[int | None, bool]:
     """Which of the two lowest discs tops the sacrum (0 the lowest, 1 the next), or None (a pure function).
 
     The lowest notch of the column may be a residual S1/S2 disc inside the
@@ -159,27 +161,36 @@ def caudal_anchor(below_lowest: bool | None, below_next: bool | None, agrees: di
         For each disc index whose test passed: whether the lowest
         rib-bearing vertebra (T12) lies five mobile vertebrae above the
         sacrum so placed.
+    lowest_short : bool
+        The segment between the two lowest discs is a short one against the
+        next (:func:`osteonode.segment.column.is_short_segment`): as L5 it
+        would be a crushed vertebra; as S1 below a residual S1/S2 disc it is
+        of the usual size. With a dark L5 (its disc with S1 a weak notch) the
+        chain takes such a residual disc, 25 mm below L5/S1, and the cranial
+        anchor may then agree with it through a disc the chain lost higher up:
+        with T12-L5 100 or 120 HU below normal every level was named one off.
 
     Returns
     -------
     tuple
         ``(disc, ambiguous)``. ``disc``: 0 when the test passes below the
-        lowest disc (or both pass and the cranial anchor does not favour the
-        next one); 1 when it failed there but passes below the next disc, or
-        both pass and only the next agrees with the cranial anchor; None when
+        lowest disc (or both pass, the lowest segment is not short and the
+        cranial anchor does not favour the next one); 1 when it failed there
+        but passes below the next disc, or both pass and the lowest segment is
+        short or only the next agrees with the cranial anchor; None when
         the test failed or was not made below the lowest disc and did not
         pass below the next one. The next disc is never taken when the test
         below the lowest could not be made: a scan ending in S1 must not make
         L5, flanked by high iliac crests, the sacrum. ``ambiguous``: the
-        next disc was taken only because the cranial anchor agrees then (L5
-        flanked by high iliac crests passes the test too, and a missed 12th
-        rib would agree likewise), so the levels are uncertain
-        (:func:`name_levels`).
+        next disc was taken only because the cranial anchor agrees then or
+        the lowest segment is short (L5 flanked by high iliac crests passes
+        the test too, a missed 12th rib would agree likewise, and L5 may be
+        crushed), so the levels are uncertain (:func:`name_levels`).
     """
     if below_lowest is None:
         return None, False
     if below_lowest and below_next:
-        flip = bool(agrees.get(1)) and not agrees.get(0)
+        flip = lowest_short or (bool(agrees.get(1)) and not agrees.get(0))
         return (1, True) if flip else (0, False)
     if below_lowest:
         return 0, False
@@ -361,7 +372,8 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
     doubts = []
     if caudal_ambiguous and sacrum_segment is not None:
         doubts.append("the iliac bones flank the bone below each of the two lowest discs; the lowest was taken "
-                      "for a residual S1/S2 disc because the anchors agree then")
+                      "for a residual S1/S2 disc because the anchors agree then or the vertebra above it would "
+                      "be short")
     if fracture_ambiguous:
         doubts.append("a fractured (short) vertebra was admitted between discs that another choice of discs "
                       "explains nearly as well (weak discs beside dark bodies)")

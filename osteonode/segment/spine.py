@@ -82,6 +82,7 @@ from osteonode.segment.body import (
 from osteonode.segment.column import (
     choose_discs,
     disc_candidates,
+    is_short_segment,
     partial_end_slices,
     plane_profile,
     track_column,
@@ -185,8 +186,10 @@ def _anchor(discs: list, c: np.ndarray, path: np.ndarray, in_view: tuple[int, in
             tests[1] = has_sacrum(c, path, discs[1], g)
     options = {k: anchors(k, True) for k in (0, 1) if tests[k]}
     # the sacrum tops segment 0 of either option
+    spacings = [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:3])]
+    lowest_short = len(spacings) == 2 and is_short_segment(*spacings)
     lowest, ambiguous = caudal_anchor(tests[0], tests[1], {k: anchors_agree(0, t12) for k, (_, _, t12, _)
-                                                            in options.items()})
+                                                            in options.items()}, lowest_short)
     if lowest == 1:
         log.info("the lowest disc lies inside the sacrum (residual S1/S2 disc): not a level boundary")
     kept, segments, t12_seg, rib_z = options[lowest] if lowest is not None else anchors(0, False)

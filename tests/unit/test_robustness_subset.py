@@ -17,7 +17,7 @@ from __future__ import annotations
 import pytest
 
 from bench.robustness import HU_TOLERANCE, LEVELS, MIN_DICE, analyse, score
-from bench.variants import Anatomy, add_island, baseline, deform, offset_cores, transform
+from bench.variants import CORE_LEVELS, Anatomy, add_island, baseline, deform, offset_cores, transform
 from osteonode.anatomy import VERTEBRA_IDS
 
 
@@ -168,3 +168,13 @@ def test_vertebra_plana_at_the_top_of_the_lumbar_spine_keeps_the_levels(start, a
     row = score(variant, analyse(variant.volume), base)
     assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
     assert row["grades"]["L1"] == 3, row["grades"]
+
+
+def test_residual_s1_s2_disc_under_a_dark_l5_does_not_shift_the_levels(start, anatomy, base):
+    """T12-L5 at -60 HU and L2 crushed by 30 %: the dark L5's disc with S1 is a weak notch, and a residual
+    S1/S2 notch 25 mm below it entered the chain; the lowest rib agreed with it through the crushed L2's
+    lost disc, and every level was named one off with confidence 0.9. The segment above that notch is a
+    short one (25 against 34 mm): S1, not a crushed L5."""
+    variant = deform(offset_cores(start, anatomy, dict.fromkeys(CORE_LEVELS, -60.0)), anatomy, "L2", "crush", 0.30)
+    row = score(variant, analyse(variant.volume), base)
+    assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]

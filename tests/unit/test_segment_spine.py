@@ -769,6 +769,10 @@ def test_caudal_anchor_between_a_residual_s1_s2_disc_and_the_lumbosacral_disc():
     assert caudal_anchor(True, True, {0: True, 1: False}) == (0, False)
     assert caudal_anchor(True, True, {0: False, 1: False}) == (0, False)
     assert caudal_anchor(True, True, {0: False, 1: True}) == (1, True)
+    # the segment above the lowest disc short against the next (25 against 34 mm): S1 below a residual
+    # S1/S2 disc, not a crushed L5, even where the cranial anchor agrees with the lowest
+    assert caudal_anchor(True, True, {0: True, 1: False}, lowest_short=True) == (1, True)
+    assert caudal_anchor(True, False, {0: True}, lowest_short=True) == (0, False)  # the next fails the test
     labels, conf, method = name_levels(7, 0, 6, caudal_ambiguous=True)
     assert labels[1] == 24 and labels[6] == 19 and conf == 0.4 and "UNCERTAIN" in method
 
