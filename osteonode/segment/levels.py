@@ -170,7 +170,7 @@ def caudal_anchor(below_lowest: bool | None, below_next: bool | None, agrees: di
         anchor may then agree with it through a disc the chain lost higher up:
         in 8 of 20 copies of the example CT with T12-L5 40-120 HU below
         normal, plain or with a crushed or wedged vertebra, every level was
-        named one off (bench/README.md, "Session 14", item 5).
+        named one off (bench/README.md, "Session 14", item 4).
 
     Returns
     -------
