@@ -1,4 +1,4 @@
-"""CI subset of the robustness bench (issue 10): six edited copies of the real abdomen CT.
+"""CI subset of the robustness bench (issue 10): edited copies of the real abdomen CT.
 
 The variants and the scoring are those of ``bench/variants.py`` and
 ``bench/robustness.py`` (one copy of each builder): the cores to edit come
@@ -9,7 +9,10 @@ body and right-femur Dice >= 0.85, reported trabecular HU change within
 <= 5 HU, a 30 % wedge graded within one Genant grade of its nominal loss and
 of the reference body deformed alike (measured by the same code), and
 flagged; fatty marrow (cores -110 HU) measured within +-5 HU; a 10 deg
-coronal tilt keeping the levels.
+coronal tilt keeping the levels. Then cases the bench once got wrong, each
+test saying how: crushed vertebrae at the top of the scan and in very dark
+spines, crushes of 65-75 % (down to a vertebra plana), and a residual S1/S2
+disc under a dark L5.
 """
 
 from __future__ import annotations
