@@ -39,8 +39,8 @@ from osteonode.volume import Volume  # noqa: E402
 log = logging.getLogger("bench.beyond")
 
 
-def _all(offset: float):
-    return lambda b, a: offset_cores(b, a, dict.fromkeys(LEVELS, offset))
+def _all(offset: float, levels: tuple[str, ...] = LEVELS):
+    return lambda b, a: offset_cores(b, a, dict.fromkeys(levels, offset))
 
 
 def specs() -> list[Spec]:
@@ -116,7 +116,7 @@ def specs() -> list[Spec]:
     out += [Spec("wedge65_L3", "deformity", lambda b, a: deform(b, a, "L3", "wedge", 0.65))]
     # ... and with T12 and L5 dark as well (the edits above darken L1-L4 only)
     out += [Spec(f"crush{round(100 * f)}_{n}+core_T12-L5-80", "deformity",
-                 lambda b, a, n=n, f=f: deform(offset_cores(b, a, dict.fromkeys(CORE_LEVELS, -80)), a, n, "crush", f))
+                 lambda b, a, n=n, f=f: deform(_all(-80, CORE_LEVELS)(b, a), a, n, "crush", f))
             for n in ("L2", "L3", "L4") for f in (0.55, 0.65, 0.75)]
     return out
 
