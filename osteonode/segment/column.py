@@ -45,13 +45,17 @@ the next body, and the levels went one off). A
 bone island is filled in from around it before the profile is sampled
 (:func:`without_focal_dense`): it is no endplate. End slices partly outside
 the reconstructed field of view (:func:`partial_end_slices`) carry no
-tracking evidence.
+tracking evidence. The lowest rib, once found, checks the candidates
+(:func:`below_lowest_rib`): its head lies on T12's body, so no disc lies at
+it, and T12/L1 lies just below it; where T12 and L1 are both darker than
+their disc, the profile runs through that disc without a minimum, and the
+deepest notch there stands in for one.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -559,6 +563,7 @@ class Disc:
     tilt_deg: float = 0.0  # tilt of the disc's plane about the left-right axis (plane_profile)
     arc_mm: float = 0.0  # position along the centreline's arc (mm), which measures the disc spacing
     ambiguous: bool = False  # bounds a short (fractured) segment that another chain nearly explains
+    by_rib: bool = False  # placed below the lowest rib, not at a minimum of the profile (below_lowest_rib)
 
 
 @dataclass(frozen=True)
@@ -570,7 +575,8 @@ class DiscCandidates:
     centreline (mm); ``notch``, the notch depth (HU); ``hu``, the smoothed disc
     profile (HU); ``tilt_deg``, the disc plane's tilt (:func:`plane_profile`).
     ``cranial_end_mm``: arc length of the last slice of the column in view
-    (None when none is).
+    (None when none is). ``by_rib``: candidates among ``z`` placed below the
+    lowest rib, not at a minimum of the profile (:func:`below_lowest_rib`).
     """
 
     z: list[int]
@@ -579,6 +585,7 @@ class DiscCandidates:
     hu: np.ndarray
     tilt_deg: np.ndarray
     cranial_end_mm: float | None
+    by_rib: tuple[int, ...] = ()
 
 
 def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> DiscCandidates:
@@ -631,6 +638,52 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
                           cranial_end_mm=float(arc_mm[in_view[-1]]) if in_view.size else None)
 
 
+#: The lowest rib's head lies on its own vertebra's body, not at a disc (the 11th and 12th ribs have a single
+#: costal facet, on the body of T11 and T12; Gray's Anatomy): no disc lies within this distance (mm, along
+#: the column) of the rib's medial end (:func:`osteonode.segment.levels.rib_levels`) ...
+RIB_HEAD_CLEAR_MM = 4.0
+#: ... and that vertebra's lower disc lies this far (mm) below it: 11-13 mm on the example CT, 6-10 mm
+#: where the top of the field of view cuts the rib (its medial end then moves down).
+RIB_TO_DISC_MM = (4.0, 24.0)
+
+
+def below_lowest_rib(candidates: DiscCandidates, rib_z: float) -> DiscCandidates:
+    """The candidates checked against the lowest rib: its vertebra (T12) bears it, the disc below lies near.
+
+    The rib's medial end lies on its own vertebra's body: a candidate within
+    ``RIB_HEAD_CLEAR_MM`` of it is the middle of that body (a dark T12), not a
+    disc, and is dropped. That vertebra's lower disc (T12/L1) lies
+    ``RIB_TO_DISC_MM`` below; when no candidate lies there, the deepest
+    notch there (above ``MIN_NOTCH_HU``) is one: with T12 and L1 both darker
+    than their disc (trabecular bone 80-120 HU below normal), the profile
+    falls from L1's endplate through the disc into T12 without a minimum, and
+    that disc was missing (L1 not found, or bounded by a mid-body dip).
+
+    Parameters
+    ----------
+    candidates : DiscCandidates
+        From :func:`disc_candidates`.
+    rib_z : float
+        Coarse slice of the lowest rib's medial end
+        (:func:`osteonode.segment.levels.rib_levels`, iliac crests left out).
+
+    Returns
+    -------
+    DiscCandidates
+        A copy; ``by_rib`` names the candidate placed below the rib, if any.
+    """
+    arc = candidates.arc_mm
+    rib_mm = float(np.interp(rib_z, np.arange(len(arc)), arc))
+    kept = [z for z in candidates.z if abs(arc[z] - rib_mm) > RIB_HEAD_CLEAR_MM]
+    window = np.flatnonzero((arc >= rib_mm - RIB_TO_DISC_MM[1]) & (arc <= rib_mm - RIB_TO_DISC_MM[0]))
+    placed: tuple[int, ...] = ()
+    if window.size and not set(kept) & set(window.tolist()):
+        deepest = int(window[np.argmax(candidates.notch[window])])
+        if candidates.notch[deepest] > MIN_NOTCH_HU:
+            placed = (deepest,)
+    return replace(candidates, z=sorted(kept + list(placed)), by_rib=placed)
+
+
 def choose_discs(candidates: DiscCandidates, g: float = COARSE_MM,
                  below: tuple[float, int] | None = None) -> list[Disc]:
     """The intervertebral discs: the candidates chosen by :func:`disc_chain`, with their boundaries.
@@ -662,7 +715,7 @@ def choose_discs(candidates: DiscCandidates, g: float = COARSE_MM,
             za += 1
         discs.append(Disc(z=float(z), depth=float(candidates.notch[z]), upper=float(za) + 0.5,
                           lower=float(zb) - 0.5, tilt_deg=float(candidates.tilt_deg[z]), arc_mm=float(arc_mm[z]),
-                          ambiguous=z in doubtful))
+                          ambiguous=z in doubtful, by_rib=z in candidates.by_rib))
     return discs
 
 

@@ -311,7 +311,7 @@ def anchors_agree(sacrum_segment: int, t12_segment: int | None) -> bool:
 
 def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | None,
                 caudal_ambiguous: bool = False, spacings_mm: list[float] | None = None,
-                fracture_ambiguous: bool = False, rib_guided: bool = False
+                fracture_ambiguous: bool = False, rib_guided: bool = False, rib_placed: bool = False
                 ) -> tuple[dict[int, int], float, str] | None:
     """Name the segments between discs from the anchors, by counting (a pure function).
 
@@ -342,6 +342,11 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         chain that the ribs asked for (:func:`osteonode.segment.column.disc_chain`,
         ``below``): a crushed vertebra's disc, or, in transitional anatomy, a
         mid-body dip; confidence at most ``UNCERTAIN_CONFIDENCE``.
+    rib_placed : bool
+        A disc of the chain was placed below the lowest rib where the disc
+        profile has no minimum (:func:`osteonode.segment.column.below_lowest_rib`:
+        bodies as dark as the disc on both sides); confidence at most
+        ``UNCERTAIN_CONFIDENCE``.
 
     Returns
     -------
@@ -382,6 +387,9 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
     if rib_guided:
         doubts.append("the anchors agree only with one more disc, found below the lowest rib, than the best "
                       "chain of discs holds (a crushed vertebra's disc, or a mid-body dip in transitional anatomy)")
+    if rib_placed:
+        doubts.append("the disc below the lowest rib-bearing vertebra was placed from the rib, where the disc "
+                      "profile has no minimum (the bodies on both sides are as dark as the disc)")
     jump = unexplained_spacing_jump(spacings_mm) if spacings_mm else None
     if spacings_mm and jump is not None:
         doubts.append(f"the disc spacing jumps from {spacings_mm[jump - 1]:.0f} to {spacings_mm[jump]:.0f} mm "

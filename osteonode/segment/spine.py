@@ -26,7 +26,12 @@ alike. :func:`segment_spine` runs these steps; each lives in its own module:
    crushed one whose disc the chain missed: the discs are chosen again with as
    many asked for below the lowest rib as the anchors need
    (:func:`~osteonode.segment.column.disc_chain`, ``below``), and that chain
-   is taken if the anchors then agree (confidence 0.4 all the same).
+   is taken if the anchors then agree (confidence 0.4 all the same). Before
+   that, the candidates are checked against the lowest rib
+   (:func:`~osteonode.segment.column.below_lowest_rib`: no disc at its head,
+   T12/L1 just below it) and the discs chosen again if that changes them; a
+   disc placed there without a minimum of the profile sets the confidence to
+   0.4.
 4. **Bodies** (:mod:`osteonode.segment.body`): each labelled body is
    segmented on the native grid (at most 1 mm) in its own frame: a
    blur-invariant threshold outline joined with what its cortical shell and
@@ -80,6 +85,7 @@ from osteonode.segment.body import (
     working_grid,
 )
 from osteonode.segment.column import (
+    below_lowest_rib,
     choose_discs,
     disc_candidates,
     is_short_segment,
@@ -334,6 +340,14 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     in_view = (int(np.argmin(partial)), int(nz - 1 - np.argmin(partial[::-1])))
     rib_z_all = rib_levels(c, path, g)
     anchored = _anchor(discs, c, path, in_view, rib_z_all, g)
+    if anchored.rib_z:
+        # no disc at the lowest rib's head, and T12/L1 just below it (a disc between two dark bodies)
+        checked = below_lowest_rib(candidates, min(anchored.rib_z))
+        again_discs = choose_discs(checked, g) if checked.z != candidates.z else []
+        if again_discs:
+            log.info("disc candidates checked against the lowest rib: %d -> %d", len(candidates.z), len(checked.z))
+            candidates, discs = checked, again_discs
+            anchored = _anchor(discs, c, path, in_view, rib_z_all, g)
     rib_guided = False
     if (anchored.sacrum_seg is not None and anchored.t12_seg is not None
             and anchored.t12_seg - anchored.sacrum_seg < ANCHOR_SEGMENTS):
@@ -352,7 +366,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     # --- labelling
     named = name_levels(len(segments), sacrum_seg, t12_seg, anchored.ambiguous,
                         [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:])],
-                        fracture_ambiguous=any(d.ambiguous for d in discs), rib_guided=rib_guided)
+                        fracture_ambiguous=any(d.ambiguous for d in discs), rib_guided=rib_guided,
+                        rib_placed=any(d.by_rib for d in discs))
     if named is None:
         return result({}, "", no_anchor)
     labels, conf, method = named

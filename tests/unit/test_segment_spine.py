@@ -31,10 +31,13 @@ from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.segment.body import _star_fill
 from osteonode.segment.column import (
     PROFILE_TILTS_DEG,
+    DiscCandidates,
     _beside_foramina,
     _foramina,
     _lowest_tilt,
     ambiguous_short_segments,
+    below_lowest_rib,
+    choose_discs,
     disc_chain,
     foramen_depth,
     is_short_segment,
@@ -757,6 +760,38 @@ def test_name_levels_disagreeing_anchors_count_from_the_sacrum():
 def test_name_levels_agreeing_only_on_the_chain_the_ribs_asked_for_is_uncertain():
     labels, conf, method = name_levels(8, 0, 6, rib_guided=True)
     assert labels[1] == 24 and labels[6] == 19 and conf == 0.4 and "found below the lowest rib" in method
+
+
+def test_name_levels_with_a_disc_placed_from_the_lowest_rib_is_uncertain():
+    labels, conf, method = name_levels(8, 0, 6, rib_placed=True)
+    assert labels[1] == 24 and labels[6] == 19 and conf == 0.4 and "placed from the rib" in method
+
+
+def _candidates(z: list[int], notch: dict[int, float], n: int = 60) -> DiscCandidates:
+    """Candidates on a straight column of 2 mm slices (arc = 2 mm per slice)."""
+    depth = np.zeros(n)
+    for k, v in notch.items():
+        depth[k] = v
+    return DiscCandidates(z=z, arc_mm=np.arange(n) * 2.0, notch=depth, hu=np.zeros(n), tilt_deg=np.zeros(n),
+                          cranial_end_mm=(n - 1) * 2.0)
+
+
+def test_below_lowest_rib_drops_a_dip_at_the_rib_head_and_places_the_disc_below_it():
+    """Rib end at slice 50 (100 mm): a candidate at 102 mm is the middle of T12's body; none lies 4-24 mm
+    below, where the deepest notch (slice 45, 90 mm) stands in for T12/L1."""
+    out = below_lowest_rib(_candidates([10, 28, 51], {10: 80, 28: 60, 51: 55, 44: 20, 45: 30, 47: 25}), 50.0)
+    assert out.z == [10, 28, 45] and out.by_rib == (45,)
+    discs = choose_discs(out)
+    assert [d.by_rib for d in discs if d.z == 45] == [True]
+
+
+def test_below_lowest_rib_keeps_a_disc_found_below_it_and_places_none_without_a_notch():
+    found = below_lowest_rib(_candidates([10, 28, 44], {10: 80, 28: 60, 44: 50, 46: 70}), 50.0)
+    assert found.z == [10, 28, 44] and found.by_rib == ()
+    flat = below_lowest_rib(_candidates([10, 28], {10: 80, 28: 60, 45: 10}), 50.0)  # under MIN_NOTCH_HU
+    assert flat.z == [10, 28] and flat.by_rib == ()
+    near = below_lowest_rib(_candidates([10, 28, 47], {10: 80, 28: 60, 47: 40}), 50.0)  # 6 mm below: a disc
+    assert near.z == [10, 28, 47] and near.by_rib == ()
 
 
 def test_caudal_anchor_between_a_residual_s1_s2_disc_and_the_lumbosacral_disc():
