@@ -118,6 +118,19 @@ def specs() -> list[Spec]:
     out += [Spec(f"crush{round(100 * f)}_{n}+core_T12-L5-80", "deformity",
                  lambda b, a, n=n, f=f: deform(_all(-80, CORE_LEVELS)(b, a), a, n, "crush", f))
             for n in ("L2", "L3", "L4") for f in (0.55, 0.65, 0.75)]
+    # added in session 15: the combinations of bench/robustness.py and deformities of 30-45 % with T12-L5
+    # dark (a dark T12 above a dark L1 hid their disc)
+    dark = lambda o: _all(o, CORE_LEVELS)  # noqa: E731
+    out += [
+        Spec("core_T12-L5-80+noise25", "combination", lambda b, a: add_noise(dark(-80)(b, a), 25, seed=25)),
+        Spec("core_T12-L5-60+island10_L2", "combination", lambda b, a: add_island(dark(-60)(b, a), a, "L2", 10)),
+        Spec("tilt_lr+10+scale0.90+core_T12-L5-50", "combination",
+             lambda b, a: transform(dark(-50)(b, a), a, scale=0.9, tilt_lr_deg=10)),
+        Spec("core_T12-L5-70+noise20", "combination", lambda b, a: add_noise(dark(-70)(b, a), 20, seed=9)),
+    ]
+    out += [Spec(f"{k}{round(100 * f)}_{n}+core_T12-L5{o}", "deformity",
+                 lambda b, a, k=k, n=n, f=f, o=o: deform(dark(o)(b, a), a, n, k, f))
+            for o in (-60, -100) for k, n, f in (("wedge", "L1", 0.30), ("crush", "L2", 0.30), ("crush", "L3", 0.45))]
     return out
 
 

@@ -69,7 +69,17 @@ from bench.segmentation import (  # noqa: E402
     on_reference_grid,
     reference_bodies,
 )
-from bench.variants import Anatomy, Variant, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
+from bench.variants import (  # noqa: E402
+    CORE_LEVELS,
+    Anatomy,
+    Variant,
+    add_island,
+    add_noise,
+    baseline,
+    deform,
+    offset_cores,
+    transform,
+)
 from osteonode.anatomy import FEMUR_RIGHT, VERTEBRA_IDS  # noqa: E402
 from osteonode.measure.genant import apply_genant, grade_levels, near_grade_limit  # noqa: E402
 from osteonode.measure.hu import measure_levels  # noqa: E402
@@ -254,10 +264,15 @@ def specs() -> list[Spec]:
     out = [Spec("base", "base", lambda b, a: b)]
     out += [Spec(f"core_all{o:+d}", "offset_all", lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(LEVELS, o)))
             for o in OFFSETS]
+    # every vertebra in view (T12-L5) as well: a dark T12 above a dark L1 hides their disc
+    out += [Spec(f"core_T12-L5{o:+d}", "offset_all",
+                 lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(CORE_LEVELS, o))) for o in OFFSETS]
     out += [Spec(f"core_{n}{o:+d}", "offset_one", lambda b, a, n=n, o=o: offset_cores(b, a, {n: o}))
             for n in LEVELS for o in OFFSETS]
     out += [Spec(f"core_all{o:+d}", "sclerotic", lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(LEVELS, o)))
             for o in (100, 200)]
+    out += [Spec(f"core_T12-L5{o:+d}", "sclerotic",
+                 lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(CORE_LEVELS, o))) for o in (100, 200)]
     out += [Spec(f"noise{s}", "noise", lambda b, a, s=s: add_noise(b, s, seed=s)) for s in NOISE]
     out += [Spec(f"island{d}_{n}", "island", lambda b, a, d=d, n=n: add_island(b, a, n, d))
             for n in LEVELS for d in ISLANDS_MM]
