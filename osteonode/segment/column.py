@@ -654,10 +654,12 @@ def below_lowest_rib(candidates: DiscCandidates, rib_z: float) -> DiscCandidates
     ``RIB_HEAD_CLEAR_MM`` of it is the middle of that body (a dark T12), not a
     disc, and is dropped. That vertebra's lower disc (T12/L1) lies
     ``RIB_TO_DISC_MM`` below; when no candidate lies there, the deepest
-    notch there (above ``MIN_NOTCH_HU``) is one: with T12 and L1 both darker
-    than their disc (trabecular bone 80-120 HU below normal), the profile
-    falls from L1's endplate through the disc into T12 without a minimum, and
-    that disc was missing (L1 not found, or bounded by a mid-body dip).
+    notch there is one, however shallow (bone brighter than the plane on
+    both sides): with T12 and L1 both darker than their disc (trabecular bone
+    80-120 HU below normal), the profile falls from L1's endplate through the
+    disc into T12 without a minimum, and that disc was missing (L1 not found,
+    or bounded by a mid-body dip; with L1 also wedged by 30 %, a notch of
+    7 HU only, and the ribs took L1's mid-body dip for a crushed L1's disc).
 
     Parameters
     ----------
@@ -679,7 +681,7 @@ def below_lowest_rib(candidates: DiscCandidates, rib_z: float) -> DiscCandidates
     placed: tuple[int, ...] = ()
     if window.size and not set(kept) & set(window.tolist()):
         deepest = int(window[np.argmax(candidates.notch[window])])
-        if candidates.notch[deepest] > MIN_NOTCH_HU:
+        if candidates.notch[deepest] > 0.0:
             placed = (deepest,)
     return replace(candidates, z=sorted(kept + list(placed)), by_rib=placed)
 

@@ -788,8 +788,10 @@ def test_below_lowest_rib_drops_a_dip_at_the_rib_head_and_places_the_disc_below_
 def test_below_lowest_rib_keeps_a_disc_found_below_it_and_places_none_without_a_notch():
     found = below_lowest_rib(_candidates([10, 28, 44], {10: 80, 28: 60, 44: 50, 46: 70}), 50.0)
     assert found.z == [10, 28, 44] and found.by_rib == ()
-    flat = below_lowest_rib(_candidates([10, 28], {10: 80, 28: 60, 45: 10}), 50.0)  # under MIN_NOTCH_HU
+    flat = below_lowest_rib(_candidates([10, 28], {10: 80, 28: 60}), 50.0)  # no bone brighter on both sides
     assert flat.z == [10, 28] and flat.by_rib == ()
+    shallow = below_lowest_rib(_candidates([10, 28], {10: 80, 28: 60, 45: 5}), 50.0)
+    assert shallow.z == [10, 28, 45] and shallow.by_rib == (45,)
     near = below_lowest_rib(_candidates([10, 28, 47], {10: 80, 28: 60, 47: 40}), 50.0)  # 6 mm below: a disc
     assert near.z == [10, 28, 47] and near.by_rib == ()
 
