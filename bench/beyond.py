@@ -12,7 +12,9 @@ spines at -60 and -100 HU, 45 % deformities of L2 and L4, a wedge with noise,
 scaling with tilt; and (session 10) noise on dark and sclerotic spines, two
 dark levels, deformities of 25, 35 and 40 % in dark spines, tilted and scaled
 dark spines; and (session 14) crushes of 55-75 % (down to a vertebra plana), at base density
-and in spines at -80 HU (L1-L4, or T12-L5), and a wedge of 65 %. It prints the table of ``bench/robustness.py`` (same
+and in spines at -80 HU (L1-L4, or T12-L5), and a wedge of 65 %; and (session 15) spines dark
+from T12 to L5 with noise, an island, tilts, scales and deformities of 30-45 %. It prints the table
+of ``bench/robustness.py`` (same
 columns, same scoring) and, without PASS/FAIL (these rows have no targets of
 their own, they say where the method still fails), the counts of its label
 and Genant lines (:func:`bench.robustness.labels_line`,
@@ -118,8 +120,8 @@ def specs() -> list[Spec]:
     out += [Spec(f"crush{round(100 * f)}_{n}+core_T12-L5-80", "deformity",
                  lambda b, a, n=n, f=f: deform(_all(-80, CORE_LEVELS)(b, a), a, n, "crush", f))
             for n in ("L2", "L3", "L4") for f in (0.55, 0.65, 0.75)]
-    # added in session 15: the combinations of bench/robustness.py and deformities of 30-45 % with T12-L5
-    # dark (a dark T12 above a dark L1 hid their disc)
+    # added in session 15: the combinations of bench/robustness.py, deformities of 30-45 %, tilts, scales,
+    # noise and an island with T12-L5 dark (a dark T12 above a dark L1 hid their disc)
     dark = lambda o: _all(o, CORE_LEVELS)  # noqa: E731
     out += [
         Spec("core_T12-L5-80+noise25", "combination", lambda b, a: add_noise(dark(-80)(b, a), 25, seed=25)),
@@ -131,6 +133,19 @@ def specs() -> list[Spec]:
     out += [Spec(f"{k}{round(100 * f)}_{n}+core_T12-L5{o}", "deformity",
                  lambda b, a, k=k, n=n, f=f, o=o: deform(dark(o)(b, a), a, n, k, f))
             for o in (-60, -100) for k, n, f in (("wedge", "L1", 0.30), ("crush", "L2", 0.30), ("crush", "L3", 0.45))]
+    out += [
+        Spec("tilt_ap+10+core_T12-L5-90", "geometry", lambda b, a: transform(dark(-90)(b, a), a, tilt_ap_deg=10)),
+        Spec("tilt_ap-10+core_T12-L5-90", "geometry", lambda b, a: transform(dark(-90)(b, a), a, tilt_ap_deg=-10)),
+        Spec("tilt_lr-10+core_T12-L5-100", "geometry", lambda b, a: transform(dark(-100)(b, a), a, tilt_lr_deg=-10)),
+        Spec("scale1.10+core_T12-L5-80", "geometry", lambda b, a: transform(dark(-80)(b, a), a, scale=1.1)),
+        Spec("scale0.90+core_T12-L5-80", "geometry", lambda b, a: transform(dark(-80)(b, a), a, scale=0.9)),
+        Spec("core_T12-L5-110+noise25", "combination", lambda b, a: add_noise(dark(-110)(b, a), 25, seed=11)),
+        Spec("core_T12-L5-90+island12_L1", "island", lambda b, a: add_island(dark(-90)(b, a), a, "L1", 12)),
+    ]
+    out += [Spec(f"{k}{round(100 * f)}_{n}+core_T12-L5{o}", "deformity",
+                 lambda b, a, k=k, n=n, f=f, o=o: deform(dark(o)(b, a), a, n, k, f))
+            for k, n, f, o in (("wedge", "L1", 0.45, -80), ("crush", "L1", 0.45, -80), ("biconcave", "L1", 0.30, -90),
+                               ("crush", "L4", 0.30, -120))]
     return out
 
 
