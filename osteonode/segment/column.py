@@ -588,6 +588,11 @@ class DiscCandidates:
     by_rib: tuple[int, ...] = ()
 
 
+#: A notch's flanks, the endplates of both neighbours, lie from this far (mm) to 8 mm on either side; a notch
+#: closer than this to the cranial end of the column in view has no endplate seen above it.
+FLANK_MM = 4.0
+
+
 def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> DiscCandidates:
     """Candidate intervertebral discs along the column: the notches of the disc profile.
 
@@ -601,7 +606,11 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
     a minimum). ``valid`` is per coarse slice
     (:func:`track_column`); the arc length of ``profile.pts`` measures the
     disc spacing (the lumbosacral junction is tilted by 30-45 degrees, so
-    slice indices understate it there).
+    slice indices understate it there). A notch less than ``FLANK_MM``
+    below the cranial end of the column in view is no candidate: the endplate
+    above it is not seen (at the top of the scan, the middle of a dark T12
+    made a 42 mm segment of a crushed L1 and its disc with T12, and of L1
+    with T12 in a scaled, tilted dark spine).
     """
     nz = len(profile.hu)
     arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(profile.pts, axis=0), axis=1))]) * g
@@ -611,7 +620,7 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
     left = np.full(nz, -1e3)
     right = np.full(nz, -1e3)
     # flanks: the brightest plane 4-8 mm on each side (the endplates of both neighbours)
-    for k in range(int(round(4.0 / g)), d + 1):
+    for k in range(int(round(FLANK_MM / g)), d + 1):
         left[k:] = np.maximum(left[k:], bright[:-k])
         right[:-k] = np.maximum(right[:-k], bright[k:])
     flank = np.minimum(left, right)
@@ -631,11 +640,14 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
         log.debug("discs known by their foramina only (coarse z): %s", lone)
         notch[lone] = np.maximum(notch[lone], MIN_NOTCH_HU)
         cands = sorted(cands + lone)
+    in_view = np.flatnonzero(valid)
+    cranial_end_mm = float(arc_mm[in_view[-1]]) if in_view.size else None
+    if cranial_end_mm is not None:
+        cands = [z for z in cands if arc_mm[z] + FLANK_MM <= cranial_end_mm]
     log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
               [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
-    in_view = np.flatnonzero(valid)
     return DiscCandidates(z=cands, arc_mm=arc_mm, notch=notch, hu=p, tilt_deg=profile.tilt_deg,
-                          cranial_end_mm=float(arc_mm[in_view[-1]]) if in_view.size else None)
+                          cranial_end_mm=cranial_end_mm)
 
 
 #: The lowest rib's head lies on its own vertebra's body, not at a disc (the 11th and 12th ribs have a single

@@ -212,3 +212,12 @@ def test_bone_island_in_a_dark_body_is_not_its_posterior_wall(start, anatomy, ba
     lies at least 8 mm behind the centre."""
     variant = add_island(offset_cores(start, anatomy, dict.fromkeys(CORE_LEVELS, -60.0)), anatomy, "L2", 10)
     _row(variant, base)
+
+
+def test_crushed_l1_under_a_dark_t12_at_the_top_of_the_scan(start, anatomy, base):
+    """T12-L5 at -40 HU and L1 crushed by 45 %: a notch 1 mm below the top of the column in view (the middle
+    of the dark T12, no endplate seen above it) made one 42 mm segment of the crushed L1 and T12 (L1 Dice
+    0.65, not graded). No candidate lies within 4 mm of the cranial end of the column in view."""
+    variant = deform(offset_cores(start, anatomy, dict.fromkeys(CORE_LEVELS, -40.0)), anatomy, "L1", "crush", 0.45)
+    row = _row(variant, base)
+    assert row["grades"]["L1"] in (2, 3), row["grades"]  # nominal 3, the reference body deformed alike 2
