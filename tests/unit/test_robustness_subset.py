@@ -12,7 +12,9 @@ flagged; fatty marrow (cores -110 HU) measured within +-5 HU; a 10 deg
 coronal tilt keeping the levels. Then cases the bench once got wrong, each
 test saying how: crushed vertebrae at the top of the scan and in very dark
 spines, crushes of 65-75 % (down to a vertebra plana), a residual S1/S2
-disc under a dark L5, and T12/L1 between two dark bodies.
+disc under a dark L5, T12/L1 between two dark bodies (plain, and with L1
+wedged or crushed), and a bone island's halo taken for a dark body's
+posterior wall.
 """
 
 from __future__ import annotations
