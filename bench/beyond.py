@@ -145,7 +145,9 @@ def specs() -> list[Spec]:
     out += [Spec(f"{k}{round(100 * f)}_{n}+core_T12-L5{o}", "deformity",
                  lambda b, a, k=k, n=n, f=f, o=o: deform(dark(o)(b, a), a, n, k, f))
             for k, n, f, o in (("wedge", "L1", 0.45, -80), ("crush", "L1", 0.45, -80), ("biconcave", "L1", 0.30, -90),
-                               ("crush", "L4", 0.30, -120))]
+                               ("crush", "L4", 0.30, -120), ("crush", "L1", 0.45, -40), ("crush", "L1", 0.45, -100),
+                               ("crush", "L1", 0.45, -120))]
+    out += [Spec("crush45_L1+core_all-120", "deformity", lambda b, a: deform(_all(-120)(b, a), a, "L1", "crush", 0.45))]
     return out
 
 
