@@ -24,9 +24,10 @@ crosses a lordotic disc, or the disc above a wedge-compressed body, flat; the
 highest crosses a tilted endplate flat; the tilt of the lowest is the disc's,
 and the bodies are cut along it. A disc is a notch of at least
 ``MIN_NOTCH_HU`` in the lowest between bright flanks in the highest (the
-endplates, 4-8 mm on either side) where the column is confirmed; the discs
-are chosen as
-one chain (:func:`disc_chain`) whose spacing along the centreline's arc is
+endplates, 4-8 mm on either side) where the column is confirmed, and not
+within 4 mm of the cranial end of the column in view (no endplate seen above
+it); the discs are chosen as one chain (:func:`disc_chain`) whose spacing
+along the centreline's arc is
 that of vertebrae (24-50 mm) and changes slowly, which keeps the mid-height
 dip of a low-density body out, except for the short segment of a fractured
 vertebra between normal ones (a chain asked to hold a number of discs below
