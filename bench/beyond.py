@@ -45,6 +45,11 @@ def _all(offset: float, levels: tuple[str, ...] = LEVELS):
     return lambda b, a: offset_cores(b, a, dict.fromkeys(levels, offset))
 
 
+def _dark(offset: float):
+    """Every vertebra in view (T12-L5) ``offset`` HU darker."""
+    return _all(offset, CORE_LEVELS)
+
+
 def specs() -> list[Spec]:
     """The variants, in table order (``Spec.group`` only names the class)."""
     out = [Spec("base", "base", lambda b, a: b)]
@@ -118,32 +123,31 @@ def specs() -> list[Spec]:
     out += [Spec("wedge65_L3", "deformity", lambda b, a: deform(b, a, "L3", "wedge", 0.65))]
     # ... and with T12 and L5 dark as well (the edits above darken L1-L4 only)
     out += [Spec(f"crush{round(100 * f)}_{n}+core_T12-L5-80", "deformity",
-                 lambda b, a, n=n, f=f: deform(_all(-80, CORE_LEVELS)(b, a), a, n, "crush", f))
+                 lambda b, a, n=n, f=f: deform(_dark(-80)(b, a), a, n, "crush", f))
             for n in ("L2", "L3", "L4") for f in (0.55, 0.65, 0.75)]
     # added in session 15: the combinations of bench/robustness.py, deformities of 30-45 %, tilts, scales,
     # noise and an island with T12-L5 dark (a dark T12 above a dark L1 hid their disc)
-    dark = lambda o: _all(o, CORE_LEVELS)  # noqa: E731
     out += [
-        Spec("core_T12-L5-80+noise25", "combination", lambda b, a: add_noise(dark(-80)(b, a), 25, seed=25)),
-        Spec("core_T12-L5-60+island10_L2", "combination", lambda b, a: add_island(dark(-60)(b, a), a, "L2", 10)),
+        Spec("core_T12-L5-80+noise25", "combination", lambda b, a: add_noise(_dark(-80)(b, a), 25, seed=25)),
+        Spec("core_T12-L5-60+island10_L2", "combination", lambda b, a: add_island(_dark(-60)(b, a), a, "L2", 10)),
         Spec("tilt_lr+10+scale0.90+core_T12-L5-50", "combination",
-             lambda b, a: transform(dark(-50)(b, a), a, scale=0.9, tilt_lr_deg=10)),
-        Spec("core_T12-L5-70+noise20", "combination", lambda b, a: add_noise(dark(-70)(b, a), 20, seed=9)),
+             lambda b, a: transform(_dark(-50)(b, a), a, scale=0.9, tilt_lr_deg=10)),
+        Spec("core_T12-L5-70+noise20", "combination", lambda b, a: add_noise(_dark(-70)(b, a), 20, seed=9)),
     ]
     out += [Spec(f"{k}{round(100 * f)}_{n}+core_T12-L5{o}", "deformity",
-                 lambda b, a, k=k, n=n, f=f, o=o: deform(dark(o)(b, a), a, n, k, f))
+                 lambda b, a, k=k, n=n, f=f, o=o: deform(_dark(o)(b, a), a, n, k, f))
             for o in (-60, -100) for k, n, f in (("wedge", "L1", 0.30), ("crush", "L2", 0.30), ("crush", "L3", 0.45))]
     out += [
-        Spec("tilt_ap+10+core_T12-L5-90", "geometry", lambda b, a: transform(dark(-90)(b, a), a, tilt_ap_deg=10)),
-        Spec("tilt_ap-10+core_T12-L5-90", "geometry", lambda b, a: transform(dark(-90)(b, a), a, tilt_ap_deg=-10)),
-        Spec("tilt_lr-10+core_T12-L5-100", "geometry", lambda b, a: transform(dark(-100)(b, a), a, tilt_lr_deg=-10)),
-        Spec("scale1.10+core_T12-L5-80", "geometry", lambda b, a: transform(dark(-80)(b, a), a, scale=1.1)),
-        Spec("scale0.90+core_T12-L5-80", "geometry", lambda b, a: transform(dark(-80)(b, a), a, scale=0.9)),
-        Spec("core_T12-L5-110+noise25", "combination", lambda b, a: add_noise(dark(-110)(b, a), 25, seed=11)),
-        Spec("core_T12-L5-90+island12_L1", "island", lambda b, a: add_island(dark(-90)(b, a), a, "L1", 12)),
+        Spec("tilt_ap+10+core_T12-L5-90", "geometry", lambda b, a: transform(_dark(-90)(b, a), a, tilt_ap_deg=10)),
+        Spec("tilt_ap-10+core_T12-L5-90", "geometry", lambda b, a: transform(_dark(-90)(b, a), a, tilt_ap_deg=-10)),
+        Spec("tilt_lr-10+core_T12-L5-100", "geometry", lambda b, a: transform(_dark(-100)(b, a), a, tilt_lr_deg=-10)),
+        Spec("scale1.10+core_T12-L5-80", "geometry", lambda b, a: transform(_dark(-80)(b, a), a, scale=1.1)),
+        Spec("scale0.90+core_T12-L5-80", "geometry", lambda b, a: transform(_dark(-80)(b, a), a, scale=0.9)),
+        Spec("core_T12-L5-110+noise25", "combination", lambda b, a: add_noise(_dark(-110)(b, a), 25, seed=11)),
+        Spec("core_T12-L5-90+island12_L1", "island", lambda b, a: add_island(_dark(-90)(b, a), a, "L1", 12)),
     ]
     out += [Spec(f"{k}{round(100 * f)}_{n}+core_T12-L5{o}", "deformity",
-                 lambda b, a, k=k, n=n, f=f, o=o: deform(dark(o)(b, a), a, n, k, f))
+                 lambda b, a, k=k, n=n, f=f, o=o: deform(_dark(o)(b, a), a, n, k, f))
             for k, n, f, o in (("wedge", "L1", 0.45, -80), ("crush", "L1", 0.45, -80), ("biconcave", "L1", 0.30, -90),
                                ("crush", "L4", 0.30, -120), ("crush", "L1", 0.45, -40), ("crush", "L1", 0.45, -100),
                                ("crush", "L1", 0.45, -120))]
