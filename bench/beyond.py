@@ -34,15 +34,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.robustness import LEVELS, Spec, analyse, genant_lines, labels_line, score, select, table  # noqa: E402
+from bench.robustness import all_cores as _all  # noqa: E402
 from bench.segmentation import example_image, load_references  # noqa: E402
 from bench.variants import CORE_LEVELS, Anatomy, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
 
 log = logging.getLogger("bench.beyond")
-
-
-def _all(offset: float, levels: tuple[str, ...] = LEVELS):
-    return lambda b, a: offset_cores(b, a, dict.fromkeys(levels, offset))
 
 
 def _dark(offset: float):

@@ -259,20 +259,22 @@ class Spec:
     build: Callable[[Variant, Anatomy], Variant]
 
 
+def all_cores(offset: float, levels: tuple[str, ...] = LEVELS) -> Callable[[Variant, Anatomy], Variant]:
+    """A builder that offsets the trabecular cores of ``levels`` by ``offset`` HU
+    (:func:`bench.variants.offset_cores`); ``CORE_LEVELS`` for every vertebra in view (T12-L5)."""
+    return lambda b, a: offset_cores(b, a, dict.fromkeys(levels, offset))
+
+
 def specs() -> list[Spec]:
     """Every variant of the full bench, in table order."""
     out = [Spec("base", "base", lambda b, a: b)]
-    out += [Spec(f"core_all{o:+d}", "offset_all", lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(LEVELS, o)))
-            for o in OFFSETS]
+    out += [Spec(f"core_all{o:+d}", "offset_all", all_cores(o)) for o in OFFSETS]
     # every vertebra in view (T12-L5) as well: a dark T12 above a dark L1 hides their disc
-    out += [Spec(f"core_T12-L5{o:+d}", "offset_all",
-                 lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(CORE_LEVELS, o))) for o in OFFSETS]
+    out += [Spec(f"core_T12-L5{o:+d}", "offset_all", all_cores(o, CORE_LEVELS)) for o in OFFSETS]
     out += [Spec(f"core_{n}{o:+d}", "offset_one", lambda b, a, n=n, o=o: offset_cores(b, a, {n: o}))
             for n in LEVELS for o in OFFSETS]
-    out += [Spec(f"core_all{o:+d}", "sclerotic", lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(LEVELS, o)))
-            for o in (100, 200)]
-    out += [Spec(f"core_T12-L5{o:+d}", "sclerotic",
-                 lambda b, a, o=o: offset_cores(b, a, dict.fromkeys(CORE_LEVELS, o))) for o in (100, 200)]
+    out += [Spec(f"core_all{o:+d}", "sclerotic", all_cores(o)) for o in (100, 200)]
+    out += [Spec(f"core_T12-L5{o:+d}", "sclerotic", all_cores(o, CORE_LEVELS)) for o in (100, 200)]
     out += [Spec(f"noise{s}", "noise", lambda b, a, s=s: add_noise(b, s, seed=s)) for s in NOISE]
     out += [Spec(f"island{d}_{n}", "island", lambda b, a, d=d, n=n: add_island(b, a, n, d))
             for n in LEVELS for d in ISLANDS_MM]
@@ -283,13 +285,13 @@ def specs() -> list[Spec]:
     out += [Spec(f"tilt_ap{t:+d}", "geometry", lambda b, a, t=t: transform(b, a, tilt_ap_deg=t)) for t in (10, -10)]
     out += [
         Spec("core_all-80+noise25", "combination",
-             lambda b, a: add_noise(offset_cores(b, a, dict.fromkeys(LEVELS, -80)), 25, seed=25)),
+             lambda b, a: add_noise(all_cores(-80)(b, a), 25, seed=25)),
         Spec("core_all-60+island10_L2", "combination",
-             lambda b, a: add_island(offset_cores(b, a, dict.fromkeys(LEVELS, -60)), a, "L2", 10)),
+             lambda b, a: add_island(all_cores(-60)(b, a), a, "L2", 10)),
         Spec("tilt_lr+10+scale0.90+core_all-50", "combination",
-             lambda b, a: transform(offset_cores(b, a, dict.fromkeys(LEVELS, -50)), a, scale=0.9, tilt_lr_deg=10)),
+             lambda b, a: transform(all_cores(-50)(b, a), a, scale=0.9, tilt_lr_deg=10)),
         Spec("wedge30_L1+core_all-60", "combination",
-             lambda b, a: deform(offset_cores(b, a, dict.fromkeys(LEVELS, -60)), a, "L1", "wedge", 0.30)),
+             lambda b, a: deform(all_cores(-60)(b, a), a, "L1", "wedge", 0.30)),
     ]
     return out
 
