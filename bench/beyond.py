@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("osteonode").setLevel(logging.WARNING)
     volume, refs = Volume.from_sitk(example_image()), load_references()
-    anatomy = Anatomy.from_volume(volume)
+    anatomy = Anatomy.of_example(volume)
     base_variant = baseline(volume, refs)
     base = analyse(volume)
     rows = []

@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("osteonode").setLevel(logging.WARNING)
     start = time.perf_counter()
     volume, refs = Volume.from_sitk(example_image()), load_references()
-    anatomy = Anatomy.from_volume(volume)
+    anatomy = Anatomy.of_example(volume)
     base_variant = baseline(volume, refs)
     base = analyse(volume)
     rows = []

@@ -5,7 +5,14 @@ Every edit is made **from the image itself**: the reference masks
 edits, to score the result. Where an edit needs to know where a vertebral
 body is, it uses :class:`Anatomy`: the bodies found by the built-in
 segmentation (:func:`osteonode.segment.backends.builtin`) on the
-*unmodified* CT, computed once. Each body's **trabecular core** is the body
+*unmodified* CT. For the example CT those bodies are stored
+(``EXAMPLE_BODIES``, segmented by the code of commit 9bbab0c;
+``python -m bench.variants --store-example-bodies`` writes them again), so
+that every commit is measured on the same edited images: segmented afresh
+by each commit, the edits followed that commit's body outlines, and a change
+that moved the posterior wall of the unedited bodies by under 1 mm changed
+the images enough that four of the 108 ``bench/beyond.py`` variants were
+mislabelled, by the code before the change as by the code after it. Each body's **trabecular core** is the body
 minus a thin cortical shell, with partial-volume weights: a voxel of size
 ``s`` (the finest spacing) whose centre lies ``e`` mm from the nearest voxel
 outside the body spans depths ``e - s .. e`` below the body surface; its core
@@ -56,13 +63,15 @@ Figures from running the bench belong in ``bench/README.md``, not here.
 
 from __future__ import annotations
 
+import argparse
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi
 
-from bench.segmentation import References
+from bench.segmentation import References, example_image
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.genant import GenantMeasurement, genant_grade, grade_levels
 from osteonode.measure.tissues import body_centres_mm
@@ -89,6 +98,9 @@ MIN_INTERIOR_MM = 2.0
 #: Deformity kinds, see :func:`deform`.
 DEFORMITIES = ("wedge", "biconcave", "crush")
 OUTSIDE_HU = -1024.0
+#: The bodies (``bodies``, ``(z, y, x)`` VerSe IDs) of the example CT found by the built-in segmentation,
+#: with the ``affine`` of its grid (module docstring).
+EXAMPLE_BODIES = Path(__file__).resolve().parent / "data" / "example_bodies.npz"
 
 
 @dataclass(frozen=True)
@@ -122,6 +134,21 @@ class Anatomy:
             If the built-in segmentation finds none of T12-L5.
         """
         return cls.from_bodies(volume, builtin(volume).bodies)
+
+    @classmethod
+    def of_example(cls, volume: Volume) -> Anatomy:
+        """The example CT's anatomy from its stored bodies (``EXAMPLE_BODIES``, module docstring).
+
+        Raises
+        ------
+        ValueError
+            If ``volume`` is not on the grid of the stored bodies.
+        """
+        with np.load(EXAMPLE_BODIES) as stored:
+            bodies, affine = stored["bodies"], stored["affine"]
+        if bodies.shape != volume.shape or not np.allclose(affine, volume.affine):
+            raise ValueError(f"{EXAMPLE_BODIES.name} holds bodies on another grid than this volume's")
+        return cls.from_bodies(volume, bodies)
 
     @classmethod
     def from_bodies(cls, volume: Volume, bodies: np.ndarray) -> Anatomy:
@@ -605,3 +632,22 @@ def add_noise(variant: Variant, sigma: float, seed: int = 0) -> Variant:
     return replace(variant, volume=Volume(hu=hu, affine=variant.volume.affine),
                    truth=_truth(variant, noise_sigma=float(np.hypot(variant.truth["noise_sigma"], sigma))))
 
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--store-example-bodies``: segment the example CT and write ``EXAMPLE_BODIES``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--store-example-bodies", action="store_true",
+                        help=f"segment the example CT with this code and write {EXAMPLE_BODIES}")
+    args = parser.parse_args(argv)
+    if not args.store_example_bodies:
+        parser.print_help()
+        return 2
+    volume = Volume.from_sitk(example_image())
+    EXAMPLE_BODIES.parent.mkdir(exist_ok=True)
+    np.savez_compressed(EXAMPLE_BODIES, bodies=builtin(volume).bodies, affine=volume.affine)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -28,7 +28,7 @@ from osteonode.anatomy import VERTEBRA_IDS
 
 @pytest.fixture(scope="module")
 def anatomy(volume) -> Anatomy:
-    return Anatomy.from_volume(volume)
+    return Anatomy.of_example(volume)
 
 
 @pytest.fixture(scope="module")
