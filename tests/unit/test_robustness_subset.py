@@ -13,15 +13,15 @@ coronal tilt keeping the levels. Then cases the bench once got wrong, each
 test saying how: crushed vertebrae at the top of the scan and in very dark
 spines, crushes of 65-75 % (down to a vertebra plana), a residual S1/S2
 disc under a dark L5, T12/L1 between two dark bodies (plain, and with L1
-wedged or crushed), and a bone island's halo taken for a dark body's
-posterior wall.
+wedged or crushed), a bone island's halo taken for a dark body's
+posterior wall, and a trabecular ROI that shrank with a thinned posterior wall.
 """
 
 from __future__ import annotations
 
 import pytest
 
-from bench.robustness import HU_TOLERANCE, LEVELS, MIN_DICE, analyse, score
+from bench.robustness import HU_TOLERANCE, LEVELS, MIN_DICE, ROI_SIZE_TOLERANCE, analyse, score
 from bench.variants import CORE_LEVELS, Anatomy, add_island, baseline, deform, offset_cores, transform
 from osteonode.anatomy import VERTEBRA_IDS
 
@@ -223,3 +223,13 @@ def test_crushed_l1_under_a_dark_t12_at_the_top_of_the_scan(start, anatomy, base
     variant = deform(offset_cores(start, anatomy, dict.fromkeys(CORE_LEVELS, -40.0)), anatomy, "L1", "crush", 0.45)
     row = _row(variant, base)
     assert row["grades"]["L1"] in (2, 3), row["grades"]  # nominal 3, the reference body deformed alike 2
+
+
+@pytest.mark.parametrize(("offsets", "level"), [(dict.fromkeys(LEVELS, -90.0), "L4"), ({"L2": -30.0}, "L2")])
+def test_trabecular_roi_keeps_its_size_when_the_posterior_wall_thins(start, anatomy, base, offsets, level):
+    """L1-L4 at -90 HU (L4) and L2 alone at -30 HU: the thinned posterior wall's first bin above the body
+    threshold lay 3 mm further forwards than on the unedited CT, and the ROI had 13 % (L4) and 11 % (L2)
+    fewer voxels. The wall is cut at its half-maximum edge on the canal side."""
+    row = _row(offset_cores(start, anatomy, offsets), base)
+    ours, unedited = row["roi_voxels"][level], int((base.seg.trabecular == VERTEBRA_IDS[level]).sum())
+    assert abs(ours / unedited - 1.0) <= ROI_SIZE_TOLERANCE, (ours, unedited)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from osteonode.segment.body import CANAL_MAX_HU, _disc_plane, _faint_wall, trabecular_core_hu
+from osteonode.segment.body import CANAL_MAX_HU, _disc_plane, _faint_wall, _wall_edge, trabecular_core_hu
 
 AXIS = np.array([1.0, 0.0, 0.0])
 CENTRE = np.array([15.0, 25.0, 25.0])  # body centre (canonical s, a, l mm); its upper disc at s = 30 mm
@@ -112,3 +112,36 @@ def test_faint_wall_not_in_front_of_the_last_bin_and_not_found_without_a_bump():
     assert _faint_wall(prof, 5, 30, last=25) in (17, 18, 19)
     flat = np.full(34, 20.0, np.float32)
     assert _faint_wall(flat, 5, 30, last=33) == 31  # no bump: the bin in front of the run
+
+
+def _blurred_wall(wall_hu: float, interior_hu: float) -> np.ndarray:
+    """1 mm bins, posterior first: canal (bins 0-16, 12 HU), the posterior wall from 16.5 mm (3 mm,
+    ``wall_hu``), the interior (``interior_hu``), blurred as by 3 mm voxels (Gaussian, 1.3 mm)."""
+    fine = np.arange(0.0, 34.0, 0.1)
+    step = np.where(fine < 16.5, 12.0, np.where(fine < 19.5, wall_hu, interior_hu))
+    fine_blurred = ndi.gaussian_filter1d(step, 13.0, mode="nearest")
+    return np.interp(np.arange(34.0), fine, fine_blurred)
+
+
+@pytest.mark.parametrize(("wall_hu", "interior_hu"), [(200.0, 120.0), (110.0, 30.0), (60.0, -30.0), (420.0, 320.0)])
+def test_wall_edge_is_the_canal_side_of_the_wall_whatever_the_marrow(wall_hu, interior_hu):
+    # a normal body, the same with marrow and wall 90 HU darker, a fatty one, a sclerotic one: the first
+    # bin 15 HU above the body threshold (95, 85, none, 155 HU) lies at 17, 18, - and 16 mm, the
+    # wall's canal side (16.5 mm; the blur of a 3 mm wall lowers its peak, and half-way with it) within
+    # 0.75 mm of it
+    prof = _blurred_wall(wall_hu, interior_hu)
+    k_first = int(np.argmax(prof > 30.0))  # any bin on the rise
+    edge = _wall_edge(prof, np.arange(34.0), 2, 15, k_first, last=30)
+    assert abs(edge - 16.5) <= 0.75
+
+
+def test_wall_edge_ignores_a_dip_between_the_first_dense_bin_and_the_peak():
+    # bins sampled off a 3 mm grid: 118 HU, then 65 HU, then the wall's peak of 151 HU
+    prof = np.array([10.0] * 12 + [29.0, 73.0, 118.0, 65.0, 151.0, 125.0, 92.0, 99.0])
+    edge = _wall_edge(prof, np.arange(len(prof), dtype=float), 0, 12, 14, last=19)
+    assert 13.0 < edge < 14.0  # between the 73 and the 118 HU bins, not behind the 151 HU peak
+
+
+def test_wall_edge_without_a_rise_through_half_way_is_the_first_wall_bin():
+    prof = np.array([40.0] * 12 + [45.0, 41.0, 44.0, 42.0])  # a "wall" no higher than the canal
+    assert _wall_edge(prof, np.arange(len(prof), dtype=float), 0, 11, 12, last=15) == 11.5
