@@ -12,7 +12,7 @@
   would be short (more likely S1 than a crushed L5), else the cranial anchor
   decides.
 * *Lowest rib-bearing vertebra = T12 (cranial anchor)*: bone components lateral
-  to the column (> 150 HU, after removing a 44 mm wide central column) that
+  to the column (> ``RIB_BONE_HU``, after removing a 44 mm wide central column) that
   start at the column, reach at least ``RIB_REACH_MM`` lateral (lumbar
   transverse processes end within ~50 mm) and run at least 16 mm
   cranio-caudally are ribs, unless the bottom of the field of view cuts them (a
@@ -49,6 +49,14 @@ RIB_REACH_MM = 60.0
 #: head, neck and the slope of the shaft); beyond it, a rib merged with the transverse process of the
 #: vertebra below (60 mm under a 5-degree coronal tilt: the mean put the 12th rib at L1).
 RIB_HEAD_SPAN_MM = 36.0
+
+#: Rib bone on the 2 mm coarse copy, after a 4 mm in-plane mean (HU). On a copy of the example CT scaled
+#: by 0.9 and tilted by 10 degrees the thin 12th ribs read below 150 HU at 9 of 16 points 48-76 mm off the
+#: midline (96-145 HU; 1 of 16 unedited), and at 150 HU they broke into pieces that did not reach
+#: ``RIB_REACH_MM``: no rib, and a dark spine there was labelled one level off from the sacrum alone.
+#: At 110 HU the ribs of the copy scaled by 1.1 merged with other bone and were lost (bench/README.md,
+#: "Session 16").
+RIB_BONE_HU = 130.0
 
 
 SACRUM = VERTEBRA_IDS["sacrum"]
@@ -201,7 +209,7 @@ def caudal_anchor(below_lowest: bool | None, below_next: bool | None, agrees: di
 
 def rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[float]:
     """Coarse z of the medial ends of rib-like bone components."""
-    bone = ndi.uniform_filter(c, size=(1, 2, 2)) > 150.0
+    bone = ndi.uniform_filter(c, size=(1, 2, 2)) > RIB_BONE_HU
     nz, ny, nx = c.shape
     xs = np.arange(nx)
     dist_x = np.abs(xs[None, :] - path[:, 1:2]) * g  # (nz, nx)
