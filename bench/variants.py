@@ -12,13 +12,15 @@ that every commit is measured on the same edited images: segmented afresh
 by each commit, the edits followed that commit's body outlines, and a change
 that moved the posterior wall of the unedited bodies by under 1 mm changed
 the images enough that four of the 108 ``bench/beyond.py`` variants were
-mislabelled, by the code before the change as by the code after it. Each body's **trabecular core** is the body
-minus a thin cortical shell, with partial-volume weights: a voxel of size
-``s`` (the finest spacing) whose centre lies ``e`` mm from the nearest voxel
-outside the body spans depths ``e - s .. e`` below the body surface; its core
-weight is the fraction of that span deeper than ``SHELL_MM`` (the cortex):
-``clip((e - SHELL_MM) / s, 0, 1)``. A density edit thus blends over one voxel
-(about 1 mm on thin slices) instead of making a step edge, leaves the outer
+mislabelled, by the code before the change as by the code after it.
+
+Each body's **trabecular core** is the body minus a thin cortical shell,
+with partial-volume weights: a voxel of size ``s`` (the finest spacing)
+whose centre lies ``e`` mm from the nearest voxel outside the body spans
+depths ``e - s .. e`` below the body surface; its core weight is the
+fraction of that span deeper than ``SHELL_MM`` (the cortex): ``clip((e -
+SHELL_MM) / s, 0, 1)``. A density edit thus blends over one voxel (about 1
+mm on thin slices) instead of making a step edge, leaves the outer
 ``SHELL_MM`` of cortex alone, and edits the outermost voxel layer of a
 coarse grid by its trabecular fraction (5/6 of the offset on the 3 mm
 example, the next layer fully).
@@ -631,7 +633,6 @@ def add_noise(variant: Variant, sigma: float, seed: int = 0) -> Variant:
     hu = variant.volume.hu + rng.normal(0.0, sigma, variant.volume.shape).astype(np.float32)
     return replace(variant, volume=Volume(hu=hu, affine=variant.volume.affine),
                    truth=_truth(variant, noise_sigma=float(np.hypot(variant.truth["noise_sigma"], sigma))))
-
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -464,7 +464,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         # the disc planes are still searched along the tangent: along the turned axis, the search
         # filled the wedge of a 45 % wedge-compressed L2 (graded 1 instead of 3). The posterior wall is
         # cut at its half-maximum edge here only: in the centring pass too, it made L1's ROI 16-20 %
-        # smaller than the unedited L1's with the cores of bench/robustness.py 90-120 HU darker
+        # smaller than the unedited L1's on copies whose cores (edited along that code's own bodies) were
+        # 90-120 HU darker (bench/README.md, "Session 16")
         body = segment_body(hs, hb, stage.raw, coords, centre, stage.tangent, top, bottom, work_sp, outer_top,
                             outer_bottom, core_hu, fill_shell=vid != SACRUM, frame_axis=axis,
                             wall_edge=True)
