@@ -18,9 +18,9 @@ Each body's **trabecular core** is the body minus a thin cortical shell,
 with partial-volume weights: a voxel of size ``s`` (the finest spacing)
 whose centre lies ``e`` mm from the nearest voxel outside the body spans
 depths ``e - s .. e`` below the body surface; its core weight is the
-fraction of that span deeper than ``SHELL_MM`` (the cortex): ``clip((e -
-SHELL_MM) / s, 0, 1)``. A density edit thus blends over one voxel (about 1
-mm on thin slices) instead of making a step edge, leaves the outer
+fraction of that span deeper than ``SHELL_MM`` (the cortex):
+``clip((e - SHELL_MM) / s, 0, 1)``. A density edit thus blends over one
+voxel (about 1 mm on thin slices) instead of making a step edge, leaves the outer
 ``SHELL_MM`` of cortex alone, and edits the outermost voxel layer of a
 coarse grid by its trabecular fraction (5/6 of the offset on the 3 mm
 example, the next layer fully).
