@@ -127,17 +127,6 @@ class Anatomy:
     heights: dict[str, GenantMeasurement]
 
     @classmethod
-    def from_volume(cls, volume: Volume) -> Anatomy:
-        """Segment ``volume`` (the unmodified CT) and derive the cores of T12-L5.
-
-        Raises
-        ------
-        ValueError
-            If the built-in segmentation finds none of T12-L5.
-        """
-        return cls.from_bodies(volume, builtin(volume).bodies)
-
-    @classmethod
     def of_example(cls, volume: Volume) -> Anatomy:
         """The example CT's anatomy from its stored bodies (``EXAMPLE_BODIES``, module docstring).
 
@@ -154,7 +143,13 @@ class Anatomy:
 
     @classmethod
     def from_bodies(cls, volume: Volume, bodies: np.ndarray) -> Anatomy:
-        """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid)."""
+        """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid).
+
+        Raises
+        ------
+        ValueError
+            If ``bodies`` holds none of T12-L5.
+        """
         step = min(volume.spacing)
         cores = {}
         for name in CORE_LEVELS:
@@ -164,7 +159,7 @@ class Anatomy:
             depth = ndi.distance_transform_edt(np.pad(body, 1), sampling=volume.spacing)[1:-1, 1:-1, 1:-1]
             cores[name] = np.where(body, np.clip((depth - SHELL_MM) / step, 0.0, 1.0), 0.0).astype(np.float32)
         if not cores:
-            raise ValueError("the built-in segmentation found no vertebral body T12-L5 on the unmodified CT")
+            raise ValueError("the bodies hold no vertebral body T12-L5")
         heights = grade_levels(volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
         return cls(bodies=bodies, cores=cores, heights=heights)
 
