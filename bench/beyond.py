@@ -13,7 +13,8 @@ scaling with tilt; and (session 10) noise on dark and sclerotic spines, two
 dark levels, deformities of 25, 35 and 40 % in dark spines, tilted and scaled
 dark spines; and (session 14) crushes of 55-75 % (down to a vertebra plana), at base density
 and in spines at -80 HU (L1-L4, or T12-L5), and a wedge of 65 %; and (session 15) spines dark
-from T12 to L5 with noise, an island, tilts, scales and deformities of 30-45 %. It prints the table
+from T12 to L5 with noise, an island, tilts, scales and deformities of 30-45 %; and (session 16)
+45 % crushes and wedges of L2-L4 in spines 80-120 HU dark (L1-L4 or T12-L5). It prints the table
 of ``bench/robustness.py`` (same
 columns, same scoring) and, without PASS/FAIL (these rows have no targets of
 their own, they say where the method still fails), the counts of its label
@@ -149,6 +150,12 @@ def specs() -> list[Spec]:
                                ("crush", "L4", 0.30, -120), ("crush", "L1", 0.45, -40), ("crush", "L1", 0.45, -100),
                                ("crush", "L1", 0.45, -120))]
     out += [Spec("crush45_L1+core_all-120", "deformity", lambda b, a: deform(_all(-120)(b, a), a, "L1", "crush", 0.45))]
+    # added in session 16: 45 % crushes and wedges of L2-L4 in spines 80-120 HU dark (bench/README.md,
+    # "Session 16": where the body outlines fail most)
+    out += [Spec(f"{k}45_{n}+core_{tag}{o}", "deformity",
+                 lambda b, a, k=k, n=n, o=o, dark=dark: deform(dark(o)(b, a), a, n, k, 0.45))
+            for n in ("L2", "L3", "L4") for k in ("crush", "wedge") for o in (-80, -90, -110, -120)
+            for tag, dark in (("all", _all), ("T12-L5", _dark))]
     return out
 
 
