@@ -48,16 +48,23 @@ def _dark(offset: float):
     return _all(offset, CORE_LEVELS)
 
 
+def _deformed_dark(kind: str, level: str, loss: float, offset: int, spine: str = "all") -> Spec:
+    """``kind`` deformity of ``level`` by ``loss`` in a spine ``offset`` HU darker: L1-L4 (``spine`` "all") or
+    T12-L5 ("T12-L5"); row ``{kind}{loss %}_{level}+core_{spine}{offset}``."""
+    dark = _dark if spine == "T12-L5" else _all
+    return Spec(f"{kind}{round(100 * loss)}_{level}+core_{spine}{offset}", "deformity",
+                lambda b, a: deform(dark(offset)(b, a), a, level, kind, loss))
+
+
 def specs() -> list[Spec]:
     """The variants, in table order (``Spec.group`` only names the class)."""
     out = [Spec("base", "base", lambda b, a: b)]
     out += [Spec(f"{k}30_{n}", "deformity", lambda b, a, k=k, n=n: deform(b, a, n, k, 0.30))
             for n in ("L2", "L4") for k in ("wedge", "biconcave", "crush")]
     out += [
-        Spec("wedge30_L2+core_all-80", "deformity", lambda b, a: deform(_all(-80)(b, a), a, "L2", "wedge", 0.30)),
-        Spec("crush30_L4+core_all-60", "deformity", lambda b, a: deform(_all(-60)(b, a), a, "L4", "crush", 0.30)),
-        Spec("biconcave45_L2+core_all-40", "deformity",
-             lambda b, a: deform(_all(-40)(b, a), a, "L2", "biconcave", 0.45)),
+        _deformed_dark("wedge", "L2", 0.30, -80),
+        _deformed_dark("crush", "L4", 0.30, -60),
+        _deformed_dark("biconcave", "L2", 0.45, -40),
         Spec("core_all+300", "density", _all(300)),
         Spec("core_L1+300", "density", lambda b, a: offset_cores(b, a, {"L1": 300})),
         Spec("core_L2-60+noise20", "density", lambda b, a: add_noise(offset_cores(b, a, {"L2": -60}), 20, seed=7)),
@@ -77,14 +84,13 @@ def specs() -> list[Spec]:
         Spec("tilt_lr-10+core_all-80", "geometry", lambda b, a: transform(_all(-80)(b, a), a, tilt_lr_deg=-10)),
     ]
     # added in session 9: crushes in osteoporotic spines, severe deformities of L2 and L4, scale with tilt
-    out += [Spec(f"crush{round(100 * f)}_{n}+core_all{o}", "deformity",
-                 lambda b, a, n=n, f=f, o=o: deform(_all(o)(b, a), a, n, "crush", f))
+    out += [_deformed_dark("crush", n, f, o)
             for n in LEVELS for f in (0.30, 0.45) for o in (-60, -100) if (n, f, o) != ("L4", 0.30, -60)]
     out += [Spec(f"{k}45_{n}", "deformity", lambda b, a, k=k, n=n: deform(b, a, n, k, 0.45))
             for k, n in (("wedge", "L2"), ("wedge", "L4"), ("biconcave", "L4"), ("crush", "L2"))]
     out += [
         Spec("wedge35_L1+noise20", "deformity", lambda b, a: add_noise(deform(b, a, "L1", "wedge", 0.35), 20, seed=3)),
-        Spec("crush35_L3+core_all-80", "deformity", lambda b, a: deform(_all(-80)(b, a), a, "L3", "crush", 0.35)),
+        _deformed_dark("crush", "L3", 0.35, -80),
         Spec("scale0.93+tilt_lr+7", "geometry", lambda b, a: transform(b, a, scale=0.93, tilt_lr_deg=7)),
         Spec("scale1.07+tilt_ap-7", "geometry", lambda b, a: transform(b, a, scale=1.07, tilt_ap_deg=-7)),
     ]
@@ -96,11 +102,10 @@ def specs() -> list[Spec]:
         Spec("core_all+150+island12_L3", "island", lambda b, a: add_island(_all(150)(b, a), a, "L3", 12)),
         Spec("core_L3-70+core_L1-30", "density", lambda b, a: offset_cores(b, a, {"L3": -70, "L1": -30})),
         Spec("core_L1-100+core_L4-100", "density", lambda b, a: offset_cores(b, a, {"L1": -100, "L4": -100})),
-        Spec("wedge25_L2+core_all-50", "deformity", lambda b, a: deform(_all(-50)(b, a), a, "L2", "wedge", 0.25)),
-        Spec("biconcave35_L1+core_all-90", "deformity",
-             lambda b, a: deform(_all(-90)(b, a), a, "L1", "biconcave", 0.35)),
-        Spec("crush40_L4+core_all-80", "deformity", lambda b, a: deform(_all(-80)(b, a), a, "L4", "crush", 0.40)),
-        Spec("wedge40_L3+core_all-110", "deformity", lambda b, a: deform(_all(-110)(b, a), a, "L3", "wedge", 0.40)),
+        _deformed_dark("wedge", "L2", 0.25, -50),
+        _deformed_dark("biconcave", "L1", 0.35, -90),
+        _deformed_dark("crush", "L4", 0.40, -80),
+        _deformed_dark("wedge", "L3", 0.40, -110),
         Spec("crush25_L1", "deformity", lambda b, a: deform(b, a, "L1", "crush", 0.25)),
         Spec("tilt_ap+8+core_all-70", "geometry", lambda b, a: transform(_all(-70)(b, a), a, tilt_ap_deg=8)),
         Spec("tilt_lr-7+scale1.05+core_all-90", "geometry",
@@ -115,14 +120,10 @@ def specs() -> list[Spec]:
     # dark spines, and a severe wedge
     out += [Spec(f"crush{round(100 * f)}_{n}", "deformity", lambda b, a, n=n, f=f: deform(b, a, n, "crush", f))
             for n, f in (("L1", 0.60), ("L1", 0.75), ("L2", 0.60), ("L2", 0.75), ("L4", 0.65), ("L4", 0.75))]
-    out += [Spec(f"crush{round(100 * f)}_{n}+core_all{o}", "deformity",
-                 lambda b, a, n=n, f=f, o=o: deform(_all(o)(b, a), a, n, "crush", f))
-            for n, f, o in (("L2", 0.55, -80), ("L3", 0.65, -80), ("L4", 0.75, -80))]
+    out += [_deformed_dark("crush", n, f, o) for n, f, o in (("L2", 0.55, -80), ("L3", 0.65, -80), ("L4", 0.75, -80))]
     out += [Spec("wedge65_L3", "deformity", lambda b, a: deform(b, a, "L3", "wedge", 0.65))]
     # ... and with T12 and L5 dark as well (the edits above darken L1-L4 only)
-    out += [Spec(f"crush{round(100 * f)}_{n}+core_T12-L5-80", "deformity",
-                 lambda b, a, n=n, f=f: deform(_dark(-80)(b, a), a, n, "crush", f))
-            for n in ("L2", "L3", "L4") for f in (0.55, 0.65, 0.75)]
+    out += [_deformed_dark("crush", n, f, -80, "T12-L5") for n in ("L2", "L3", "L4") for f in (0.55, 0.65, 0.75)]
     # added in session 15: the combinations of bench/robustness.py, deformities of 30-45 %, tilts, scales,
     # noise and an island with T12-L5 dark (a dark T12 above a dark L1 hid their disc)
     out += [
@@ -132,8 +133,7 @@ def specs() -> list[Spec]:
              lambda b, a: transform(_dark(-50)(b, a), a, scale=0.9, tilt_lr_deg=10)),
         Spec("core_T12-L5-70+noise20", "combination", lambda b, a: add_noise(_dark(-70)(b, a), 20, seed=9)),
     ]
-    out += [Spec(f"{k}{round(100 * f)}_{n}+core_T12-L5{o}", "deformity",
-                 lambda b, a, k=k, n=n, f=f, o=o: deform(_dark(o)(b, a), a, n, k, f))
+    out += [_deformed_dark(k, n, f, o, "T12-L5")
             for o in (-60, -100) for k, n, f in (("wedge", "L1", 0.30), ("crush", "L2", 0.30), ("crush", "L3", 0.45))]
     out += [
         Spec("tilt_ap+10+core_T12-L5-90", "geometry", lambda b, a: transform(_dark(-90)(b, a), a, tilt_ap_deg=10)),
@@ -144,18 +144,16 @@ def specs() -> list[Spec]:
         Spec("core_T12-L5-110+noise25", "combination", lambda b, a: add_noise(_dark(-110)(b, a), 25, seed=11)),
         Spec("core_T12-L5-90+island12_L1", "island", lambda b, a: add_island(_dark(-90)(b, a), a, "L1", 12)),
     ]
-    out += [Spec(f"{k}{round(100 * f)}_{n}+core_T12-L5{o}", "deformity",
-                 lambda b, a, k=k, n=n, f=f, o=o: deform(_dark(o)(b, a), a, n, k, f))
+    out += [_deformed_dark(k, n, f, o, "T12-L5")
             for k, n, f, o in (("wedge", "L1", 0.45, -80), ("crush", "L1", 0.45, -80), ("biconcave", "L1", 0.30, -90),
                                ("crush", "L4", 0.30, -120), ("crush", "L1", 0.45, -40), ("crush", "L1", 0.45, -100),
                                ("crush", "L1", 0.45, -120))]
-    out += [Spec("crush45_L1+core_all-120", "deformity", lambda b, a: deform(_all(-120)(b, a), a, "L1", "crush", 0.45))]
+    out += [_deformed_dark("crush", "L1", 0.45, -120)]
     # added in session 16: 45 % crushes and wedges of L2-L4 in spines 80-120 HU dark (bench/README.md,
     # "Session 16": where the body outlines fail most)
-    out += [Spec(f"{k}45_{n}+core_{tag}{o}", "deformity",
-                 lambda b, a, k=k, n=n, o=o, dark=dark: deform(dark(o)(b, a), a, n, k, 0.45))
+    out += [_deformed_dark(k, n, 0.45, o, spine)
             for n in ("L2", "L3", "L4") for k in ("crush", "wedge") for o in (-80, -90, -110, -120)
-            for tag, dark in (("all", _all), ("T12-L5", _dark))]
+            for spine in ("all", "T12-L5")]
     return out
 
 
