@@ -576,7 +576,8 @@ class DiscCandidates:
     centreline (mm); ``notch``, the notch depth (HU); ``hu``, the smoothed disc
     profile (HU); ``tilt_deg``, the disc plane's tilt (:func:`plane_profile`).
     ``cranial_end_mm``: arc length of the last slice of the column in view
-    (None when none is). ``by_rib``: candidates among ``z`` placed below the
+    (None when none is). ``pedicles``: per coarse slice, the pedicle profile
+    (:func:`pedicle_profile`, HU; None when not computed). ``by_rib``: candidates among ``z`` placed below the
     lowest rib, not at a minimum of the profile (:func:`below_lowest_rib`).
     """
 
@@ -586,6 +587,7 @@ class DiscCandidates:
     hu: np.ndarray
     tilt_deg: np.ndarray
     cranial_end_mm: float | None
+    pedicles: np.ndarray | None = None
     by_rib: tuple[int, ...] = ()
 
 
@@ -648,7 +650,7 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
     log.debug("disc candidates (coarse z, arc mm, notch HU): %s",
               [(z, round(float(arc_mm[z])), round(float(notch[z]))) for z in cands])
     return DiscCandidates(z=cands, arc_mm=arc_mm, notch=notch, hu=p, tilt_deg=profile.tilt_deg,
-                          cranial_end_mm=cranial_end_mm)
+                          cranial_end_mm=cranial_end_mm, pedicles=profile.pedicles)
 
 
 #: The lowest rib's head lies on its own vertebra's body, not at a disc (the 11th and 12th ribs have a single
@@ -666,13 +668,19 @@ def below_lowest_rib(candidates: DiscCandidates, rib_z: float) -> DiscCandidates
     The rib's medial end lies on its own vertebra's body: a candidate within
     ``RIB_HEAD_CLEAR_MM`` of it is the middle of that body (a dark T12), not a
     disc, and is dropped. That vertebra's lower disc (T12/L1) lies
-    ``RIB_TO_DISC_MM`` below; when no candidate lies there, the deepest
-    notch there is one, however shallow (bone brighter than the plane on
-    both sides): with T12 and L1 both darker than their disc (trabecular bone
+    ``RIB_TO_DISC_MM`` below; when no candidate lies there, one is placed
+    there, however shallow its notch (bone brighter than the plane on both
+    sides): with T12 and L1 both darker than their disc (trabecular bone
     80-120 HU below normal), the profile falls from L1's endplate through the
     disc into T12 without a minimum, and that disc was missing (L1 not found,
     or bounded by a mid-body dip; with L1 also wedged by 30 %, a notch of
     7 HU only, and the ribs took L1's mid-body dip for a crushed L1's disc).
+    It is placed at the neural foramen, where the pedicle profile shows one
+    there (:func:`_rib_foramen`) with a notch, else at the deepest notch: the
+    deepest notch may lie inside a dark L1 (with L1-L4 110 or 120 HU below
+    normal under a normal T12 and L2 wedged by 45 %, 4 mm above L1's mid-body
+    dip, and L1 lost most of its body to T12: Dice 0.07 and 0.21, 0.83 and
+    0.80 with the foramen).
 
     Parameters
     ----------
@@ -693,10 +701,26 @@ def below_lowest_rib(candidates: DiscCandidates, rib_z: float) -> DiscCandidates
     window = np.flatnonzero((arc >= rib_mm - RIB_TO_DISC_MM[1]) & (arc <= rib_mm - RIB_TO_DISC_MM[0]))
     placed: tuple[int, ...] = ()
     if window.size and not set(kept) & set(window.tolist()):
-        deepest = int(window[np.argmax(candidates.notch[window])])
-        if candidates.notch[deepest] > 0.0:
-            placed = (deepest,)
+        at = _rib_foramen(candidates.pedicles, window)
+        if at is None or candidates.notch[at] <= 0.0:
+            at = int(window[np.argmax(candidates.notch[window])])
+        if candidates.notch[at] > 0.0:
+            placed = (at,)
     return replace(candidates, z=sorted(kept + list(placed)), by_rib=placed)
+
+
+def _rib_foramen(pedicles: np.ndarray | None, window: np.ndarray) -> int | None:
+    """The neural foramen among ``window``'s coarse slices (below the lowest rib), if the pedicle profile
+    (``pedicles``, HU per coarse slice) shows one: its lowest slice, at least ``FORAMEN_FRACTION`` below the
+    profile's highest in the window (T12's or L1's pedicles). No ``PEDICLE_BONE_HU`` floor
+    (:func:`foramen_depth`): the window's highest was 264 HU with L2 wedged in a dark spine."""
+    if pedicles is None:
+        return None
+    ped = pedicles[window]
+    peak = float(ped.max())
+    if peak <= 0.0 or (peak - float(ped.min())) / peak < FORAMEN_FRACTION:
+        return None
+    return int(window[np.argmin(ped)])
 
 
 def choose_discs(candidates: DiscCandidates, g: float = COARSE_MM,

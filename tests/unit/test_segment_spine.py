@@ -767,13 +767,14 @@ def test_name_levels_with_a_disc_placed_from_the_lowest_rib_is_uncertain():
     assert labels[1] == 24 and labels[6] == 19 and conf == 0.4 and "placed from the rib" in method
 
 
-def _candidates(z: list[int], notch: dict[int, float], n: int = 60) -> DiscCandidates:
+def _candidates(z: list[int], notch: dict[int, float], n: int = 60,
+                pedicles: np.ndarray | None = None) -> DiscCandidates:
     """Candidates on a straight column of 2 mm slices (arc = 2 mm per slice)."""
     depth = np.zeros(n)
     for k, v in notch.items():
         depth[k] = v
     return DiscCandidates(z=z, arc_mm=np.arange(n) * 2.0, notch=depth, hu=np.zeros(n), tilt_deg=np.zeros(n),
-                          cranial_end_mm=(n - 1) * 2.0)
+                          cranial_end_mm=(n - 1) * 2.0, pedicles=pedicles)
 
 
 def test_below_lowest_rib_drops_a_dip_at_the_rib_head_and_places_the_disc_below_it():
@@ -783,6 +784,20 @@ def test_below_lowest_rib_drops_a_dip_at_the_rib_head_and_places_the_disc_below_
     assert out.z == [10, 28, 45] and out.by_rib == (45,)
     discs = choose_discs(out)
     assert [d.by_rib for d in discs if d.z == 45] == [True]
+
+
+def test_below_lowest_rib_places_the_disc_at_the_neural_foramen_when_the_pedicles_show_one():
+    """Rib end at slice 50: the deepest notch 4-24 mm below (slice 39, 30 HU) lies inside a dark L1; the
+    pedicle profile falls by 45 % at slice 45 (the T12/L1 foramen), where the notch is shallow but there."""
+    pedicles = np.full(60, 250.0)
+    pedicles[44:47] = (180.0, 137.0, 170.0)
+    notch = {10: 80, 28: 60, 39: 30, 45: 8}
+    out = below_lowest_rib(_candidates([10, 28], notch, pedicles=pedicles), 50.0)
+    assert out.z == [10, 28, 45] and out.by_rib == (45,)
+    # no notch at the foramen, or a fall of the pedicle profile under FORAMEN_FRACTION: the deepest notch
+    assert below_lowest_rib(_candidates([10, 28], {**notch, 45: 0}, pedicles=pedicles), 50.0).by_rib == (39,)
+    shallow = np.where(pedicles < 250.0, 200.0, pedicles)  # a fall of 20 %
+    assert below_lowest_rib(_candidates([10, 28], notch, pedicles=shallow), 50.0).by_rib == (39,)
 
 
 def test_below_lowest_rib_keeps_a_disc_found_below_it_and_places_none_without_a_notch():
