@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import GRID, _hwm_mib, spacing_512  # noqa: E402
 from bench.segmentation import (  # noqa: E402
     REF_V2_ID,
+    UNCERTAIN,
     dice,
     example_image,
     field_of_view,
@@ -225,7 +226,8 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
         the deformed level's reference body, measured alike; ``None`` when
         not graded or no deformity), ``fracture`` (suspected, per measured level),
         ``seconds``, ``peak_mib``, ``not_evaluable``, ``roi_voxels`` (L1-L4
-        trabecular ROI size, voxels of the variant's grid).
+        trabecular ROI size, voxels of the variant's grid), ``confidence``
+        (L1-L4 label confidence, 0 when absent).
     """
     d_hu = {}
     for name in LEVELS:
@@ -247,7 +249,8 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
             "borderline": {n: "genant_borderline" in result.levels[n].quality_flags for n in LEVELS
                            if n in result.levels},
             "seconds": result.seconds, "peak_mib": result.peak_mib,
-            "not_evaluable": result.seg.not_evaluable_reason}
+            "not_evaluable": result.seg.not_evaluable_reason,
+            "confidence": {n: result.seg.confidence.get(VERTEBRA_IDS[n], 0.0) for n in LEVELS}}
 
 
 @dataclass(frozen=True)
@@ -360,10 +363,17 @@ def _island_move(row: dict) -> float | None:
 
 
 def labels_line(rows: list[dict]) -> tuple[str, bool, str]:
-    """(target, passed, detail): L1-L4 found and correctly labelled on every row (:func:`score` dicts)."""
-    wrong = [r["variant"] for r in rows if any(s != "ok" for s in r["labels"].values())]
+    """(target, passed, detail): L1-L4 found and correctly labelled on every row (:func:`score` dicts).
+
+    A wrong row is named with ``(uncertain)`` when a wrong level's label confidence is under
+    :data:`bench.segmentation.UNCERTAIN` (the report flags it), else ``(confident)``: levels are never to be
+    confidently wrong (issue 10).
+    """
+    wrong = [(r["variant"], min(r["confidence"][n] for n, s in r["labels"].items() if s != "ok"))
+             for r in rows if any(s != "ok" for s in r["labels"].values())]
+    named = [f"{name} ({'uncertain' if conf < UNCERTAIN else 'confident'})" for name, conf in wrong]
     return ("L1-L4 found and correctly labelled (100 % of variants; the edits keep the cortex visible)",
-            not wrong, f"{len(rows) - len(wrong)}/{len(rows)}" + (f"; wrong: {', '.join(wrong)}" if wrong else ""))
+            not wrong, f"{len(rows) - len(wrong)}/{len(rows)}" + (f"; wrong: {', '.join(named)}" if wrong else ""))
 
 
 def genant_lines(rows: list[dict]) -> list[tuple[str, bool, str]]:

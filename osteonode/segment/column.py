@@ -147,7 +147,7 @@ FRACTURE_COST_HU = 60.0
 
 
 #: A chain with a short segment is ambiguous when the best chain without that segment scores within
-#: this much (HU of notch depth) of it (:func:`ambiguous_short_segments`); the unconstrained chain,
+#: this much (HU of notch depth) of it (:func:`ambiguous_fracture_discs`); the unconstrained chain,
 #: extended at its cranial end, replaces the one the anchors ask for only when it scores this much
 #: higher (:func:`disc_chain`).
 FRACTURE_AMBIGUITY_HU = 30.0
@@ -563,7 +563,7 @@ class Disc:
     lower: float  # coarse index of the lower boundary
     tilt_deg: float = 0.0  # tilt of the disc's plane about the left-right axis (plane_profile)
     arc_mm: float = 0.0  # position along the centreline's arc (mm), which measures the disc spacing
-    ambiguous: bool = False  # bounds a short (fractured) segment that another chain nearly explains
+    ambiguous: bool = False  # a chain that differs here by a fractured segment nearly ties (ambiguous_fracture_discs)
     by_rib: bool = False  # placed below the lowest rib, not at a minimum of the profile (below_lowest_rib)
 
 
@@ -737,7 +737,7 @@ def choose_discs(candidates: DiscCandidates, g: float = COARSE_MM,
     positions, depths = [float(arc_mm[z]) for z in cands], [float(candidates.notch[z]) for z in cands]
     limit = None if below is None else (float(np.interp(below[0], np.arange(nz), arc_mm)), below[1])
     chosen = [cands[i] for i in disc_chain(positions, depths, candidates.cranial_end_mm, limit)]
-    doubtful = {cands[i] for i in ambiguous_short_segments(positions, depths)}
+    doubtful = {cands[i] for i in ambiguous_fracture_discs(positions, depths)}
     discs = []
     for z in sorted(chosen):
         lo = max(0, z - int(10 / g))
@@ -944,12 +944,14 @@ def _crushed_top(pos: list[float], depth: list[float], chain: list[int]) -> int 
 
 
 def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple[int, int]] = frozenset(),
-                below: tuple[float, int] | None = None) -> tuple[list[int], float, list[tuple[int, int]], bool]:
+                below: tuple[float, int] | None = None,
+                fractured: bool = False) -> tuple[list[int], float, list[tuple[int, int]], bool]:
     """The chain of :func:`disc_chain` (before the cranial extension): indices, score, short segments.
 
     ``forbidden``: short segments ``(h, i)`` (candidate indices) the chain may
     not hold. ``below``: ``(position_mm, count)``, the chain must hold at least
-    ``count`` discs below ``position_mm``. Returns the chosen indices
+    ``count`` discs below ``position_mm``. ``fractured``: the chain must hold a
+    short segment. Returns the chosen indices
     (ascending; empty when no chain holds the discs asked for), the chain's
     score (summed notch depths less the spacing penalties and fracture costs),
     its short segments and whether one lies just before its last segment.
@@ -961,10 +963,11 @@ def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple
     def under(*ks: int) -> int:  # discs below the limit among ks
         return sum(pos[k] < limit for k in ks)
 
-    # state (i, j, after_short, counted): the chain's last two discs (a normal segment), whether a short
-    # segment lies just before them and how many of its discs lie below the limit (at most count);
-    # back: the state before (a short segment lies between them when that state does not end at i)
-    State = tuple[int, int, bool, int]
+    # state (i, j, after_short, counted, has_short): the chain's last two discs (a normal segment), whether
+    # a short segment lies just before them, how many of its discs lie below the limit (at most count) and
+    # whether it holds a short segment; back: the state before (a short segment lies between them when
+    # that state does not end at i)
+    State = tuple[int, int, bool, int, bool]
     value: dict[State, float] = {}
     back: dict[State, State | None] = {}
     for j in range(n):
@@ -972,9 +975,9 @@ def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple
             gap = pos[j] - pos[i]
             if not lo <= gap <= hi:
                 continue
-            best: dict[tuple[bool, int], tuple[float, State | None]] = {
-                (False, min(count, under(i, j))): (depth[i] + depth[j], None)}
-            for (f, h, after_short, counted), before_value in list(value.items()):
+            best: dict[tuple[bool, int, bool], tuple[float, State | None]] = {
+                (False, min(count, under(i, j)), False): (depth[i] + depth[j], None)}
+            for (f, h, after_short, counted, has_short), before_value in list(value.items()):
                 before = pos[h] - pos[f]
                 if h == i:  # normal segment after normal segment
                     score, state = before_value + depth[j] - SPACING_PENALTY_HU_PER_MM2 * (gap - before) ** 2, False
@@ -987,13 +990,17 @@ def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple
                     state, now = True, min(count, counted + under(i, j))
                 else:
                     continue
-                if score > best.get((state, now), (-np.inf, None))[0]:
-                    best[(state, now)] = (score, (f, h, after_short, counted))
-            for (state, counted), (score, arg) in best.items():
-                value[(i, j, state, counted)], back[(i, j, state, counted)] = score, arg
-    complete = {key: v for key, v in value.items() if key[3] >= count}
+                slot = (state, now, has_short or state)
+                if score > best.get(slot, (-np.inf, None))[0]:
+                    best[slot] = (score, (f, h, after_short, counted, has_short))
+            for (state, counted, has_short), (score, arg) in best.items():
+                value[(i, j, state, counted, has_short)] = score
+                back[(i, j, state, counted, has_short)] = arg
+    complete = {key: v for key, v in value.items() if key[3] >= count and (key[4] or not fractured)}
+    if fractured and not complete:
+        return [], -np.inf, [], False
     single = int(np.argmax(depth))
-    if not complete or depth[single] >= max(complete.values()):
+    if not fractured and (not complete or depth[single] >= max(complete.values())):
         if under(single) >= count:
             return [single], float(depth[single]), [], False
         if not complete:
@@ -1012,15 +1019,20 @@ def _best_chain(pos: list[float], depth: list[float], forbidden: frozenset[tuple
     return chain, value[last], shorts, last[2]
 
 
-def ambiguous_short_segments(positions_mm: list[float], depths_hu: list[float]) -> set[int]:
-    """Candidates bounding a short (fractured) segment of the disc chain that another chain nearly explains.
+def ambiguous_fracture_discs(positions_mm: list[float], depths_hu: list[float]) -> set[int]:
+    """Candidates of the disc chain where a chain that differs by a fractured (short) segment nearly ties.
 
     A pure function. For each short segment of :func:`disc_chain`'s chain,
     the best chain without it is found; when that one scores within
     ``FRACTURE_AMBIGUITY_HU`` of the chain's score, the fracture may as well
     lie elsewhere (a weak disc beside a dark, compressed body against a
     mid-body dip of its neighbour), and the two candidates bounding it are
-    returned, so that the levels can be flagged uncertain rather than
+    returned. Likewise, when the chain holds no short segment, the best
+    chain that holds one: when it scores within ``FRACTURE_AMBIGUITY_HU``,
+    the chain's candidates that it lacks are returned (in a spine 80 HU
+    dark, L3 crushed by 45 %: a notch of 12 HU at the regular spacing beat
+    the crushed body's disc of 62 HU by 29 HU, and L3 took in its disc and
+    the bottom of L2). The levels can then be flagged uncertain rather than
     confidently mis-bounded.
 
     Parameters
@@ -1031,17 +1043,20 @@ def ambiguous_short_segments(positions_mm: list[float], depths_hu: list[float]) 
     Returns
     -------
     set of int
-        Candidate indices; empty when the chain holds no short segment or
-        every alternative is clearly worse.
+        Candidate indices; empty when every alternative is clearly worse.
     """
     if len(positions_mm) < 2:
         return set()
-    _, score, shorts, _ = _best_chain(positions_mm, depths_hu)
+    chain, score, shorts, _ = _best_chain(positions_mm, depths_hu)
     out: set[int] = set()
     for pair in shorts:
         _, alternative, _, _ = _best_chain(positions_mm, depths_hu, frozenset([pair]))
         if score - alternative < FRACTURE_AMBIGUITY_HU:
             out.update(pair)
+    if not shorts:
+        fractured, alternative, _, _ = _best_chain(positions_mm, depths_hu, fractured=True)
+        if fractured and score - alternative < FRACTURE_AMBIGUITY_HU:
+            out.update(set(chain) - set(fractured))
     return out
 
 

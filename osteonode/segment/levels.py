@@ -342,8 +342,9 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
         ``UNCERTAIN_CONFIDENCE``.
     fracture_ambiguous : bool
         The disc chain holds a short (fractured) segment that another chain
-        nearly explains (:func:`osteonode.segment.column.ambiguous_short_segments`):
-        the fractured vertebra's discs, hence the bodies beside it, may be
+        nearly explains, or holds none where a chain with one nearly ties
+        (:func:`osteonode.segment.column.ambiguous_fracture_discs`): the
+        discs beside a fractured vertebra, hence the bodies, may be
         misplaced; confidence at most ``UNCERTAIN_CONFIDENCE``.
     rib_guided : bool
         The anchors disagreed by a vertebra too few, and agree only on a
@@ -390,8 +391,8 @@ def name_levels(n_segments: int, sacrum_segment: int | None, t12_segment: int | 
                       "for a residual S1/S2 disc because the anchors agree then or the vertebra above it would "
                       "be short")
     if fracture_ambiguous:
-        doubts.append("a fractured (short) vertebra was admitted between discs that another choice of discs "
-                      "explains nearly as well (weak discs beside dark bodies)")
+        doubts.append("the discs were chosen between a chain with a fractured (short) vertebra and one "
+                      "without, which explain the image nearly as well (weak discs beside dark bodies)")
     if rib_guided:
         doubts.append("the anchors agree only with one more disc, found below the lowest rib, than the best "
                       "chain of discs holds (a crushed vertebra's disc, or a mid-body dip in transitional anatomy)")

@@ -6,11 +6,12 @@ from bench.robustness import genant_lines, labels_line
 
 
 def _row(name: str, grades: dict, expected: dict, reference: int | None = None, borderline: tuple = (),
-         labels: str = "ok", loss: float = 0.3) -> dict:
+         labels: str = "ok", loss: float = 0.3, confidence: float = 0.9) -> dict:
     deformity = {"level": next(iter(expected)), "loss": loss} if expected else None
     return {"variant": name, "labels": dict.fromkeys(("L1", "L2", "L3", "L4"), labels), "grades": grades,
             "truth": {"deformity": deformity, "expected_grade": expected}, "reference_grade": reference,
-            "borderline": {n: n in borderline for n in grades}}
+            "borderline": {n: n in borderline for n in grades},
+            "confidence": dict.fromkeys(("L1", "L2", "L3", "L4"), confidence)}
 
 
 def test_genant_lines_count_grades_against_nominal_reference_and_false_ones():
@@ -34,4 +35,6 @@ def test_genant_lines_count_grades_against_nominal_reference_and_false_ones():
     false = next(v for k, v in lines.items() if "false grades" in k)
     assert false == (False, "2: wedge45_L3 L1=2, core_L2-60 L2=1")
     assert labels_line(rows)[1:] == (True, "5/5")
-    assert labels_line(rows + [_row("x", {}, {}, labels="L2")])[1:] == (False, "5/6; wrong: x")
+    assert labels_line(rows + [_row("x", {}, {}, labels="L2")])[1:] == (False, "5/6; wrong: x (confident)")
+    assert labels_line(rows + [_row("y", {}, {}, labels="<50%", confidence=0.4)])[1:] == (
+        False, "5/6; wrong: y (uncertain)")

@@ -35,7 +35,7 @@ from osteonode.segment.column import (
     _beside_foramina,
     _foramina,
     _lowest_tilt,
-    ambiguous_short_segments,
+    ambiguous_fracture_discs,
     below_lowest_rib,
     choose_discs,
     disc_chain,
@@ -849,10 +849,27 @@ def test_a_fracture_that_another_chain_nearly_explains_flags_the_levels_uncertai
     positions = [117.0, 140.0, 177.0, 197.0, 211.0, 233.0, 247.0, 260.0, 268.0, 286.0, 303.0]
     depths = [36.0, 90.0, 147.0, 34.0, 108.0, 49.0, 31.0, 54.0, 48.0, 34.0, 66.0]
     assert [positions[i] for i in disc_chain(positions, depths)] == [140.0, 177.0, 211.0, 233.0, 268.0, 303.0]
-    assert {positions[i] for i in ambiguous_short_segments(positions, depths)} == {211.0, 233.0}
+    assert {positions[i] for i in ambiguous_fracture_discs(positions, depths)} == {211.0, 233.0}
     labels, conf, method = name_levels(6, 0, 6, spacings_mm=[37.0, 34.0, 22.0, 35.0, 35.0], fracture_ambiguous=True)
     assert conf == UNCERTAIN_CONFIDENCE and "UNCERTAIN" in method
     clear = [117.0, 140.0, 177.0, 195.0, 211.0, 221.0, 231.0, 255.0, 268.0, 288.0, 303.0]
     clear_depths = [36.0, 90.0, 145.0, 44.0, 83.0, 55.0, 73.0, 21.0, 89.0, 21.0, 30.0]
-    assert ambiguous_short_segments(clear, clear_depths) == set()
-    assert ambiguous_short_segments([], []) == set()
+    assert ambiguous_fracture_discs(clear, clear_depths) == set()
+    assert ambiguous_fracture_discs([], []) == set()
+
+
+def test_a_fracture_left_out_that_a_chain_with_it_nearly_explains_flags_the_levels_uncertain():
+    """The other way round: the best chain holds no short segment, and one that does nearly ties.
+
+    Candidates (arc mm, notch HU) of the example CT with L1-L4 at -80 HU and L3 crushed by 45 %: a notch
+    of 12 HU (244 mm) at the regular spacing beats the crushed L3's disc of 62 HU (234 mm), which costs a
+    fracture, by 29 HU; L3 took in its disc and the bottom of L2. The chain's 244 mm disc is flagged.
+    The unedited CT's candidates leave no doubt.
+    """
+    positions = [117.0, 140.0, 177.0, 211.0, 234.0, 244.0, 273.0, 289.0, 305.0]
+    depths = [36.0, 90.0, 148.0, 99.0, 62.0, 12.0, 57.0, 61.0, 63.0]
+    assert [positions[i] for i in disc_chain(positions, depths)] == [140.0, 177.0, 211.0, 244.0, 273.0, 305.0]
+    assert {positions[i] for i in ambiguous_fracture_discs(positions, depths)} == {244.0}
+    unedited = [117.0, 140.0, 177.0, 211.0, 231.0, 251.0, 287.0, 305.0, 321.0, 328.0]
+    unedited_depths = [36.0, 90.0, 145.0, 158.0, 38.0, 120.0, 126.0, 27.0, 60.0, 35.0]
+    assert ambiguous_fracture_discs(unedited, unedited_depths) == set()
