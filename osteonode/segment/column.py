@@ -49,8 +49,12 @@ the reconstructed field of view (:func:`partial_end_slices`) carry no
 tracking evidence. The lowest rib, once found, checks the candidates
 (:func:`below_lowest_rib`): its head lies on T12's body, so no disc lies at
 it, and T12/L1 lies just below it; where T12 and L1 are both darker than
-their disc, the profile runs through that disc without a minimum, and the
-deepest notch there stands in for one.
+their disc, the profile runs through that disc without a minimum, and a
+disc is placed there: at the neural foramen where the pedicle profile shows
+one, else at the deepest notch. A chain that a chain differing by one
+fractured (short) segment nearly ties, in either direction, marks its
+discs there ambiguous (:func:`ambiguous_fracture_discs`): the levels are
+then flagged uncertain.
 """
 
 from __future__ import annotations
@@ -577,8 +581,9 @@ class DiscCandidates:
     profile (HU); ``tilt_deg``, the disc plane's tilt (:func:`plane_profile`).
     ``cranial_end_mm``: arc length of the last slice of the column in view
     (None when none is). ``pedicles``: per coarse slice, the pedicle profile
-    (:func:`pedicle_profile`, HU; None when not computed). ``by_rib``: candidates among ``z`` placed below the
-    lowest rib, not at a minimum of the profile (:func:`below_lowest_rib`).
+    (:func:`pedicle_profile`, HU; None when not computed). ``by_rib``:
+    candidates among ``z`` placed below the lowest rib, not at a minimum of
+    the profile (:func:`below_lowest_rib`).
     """
 
     z: list[int]
