@@ -1,0 +1,68 @@
+"""Label confidence against label truth on every variant of ``bench/robustness.py`` and ``bench/beyond.py``.
+
+Issue 10 asks that levels are never confidently wrong. For each variant
+(the union of both benches' names, built as they build it) this runs the
+built-in segmentation only (no measurement, no Genant) and counts the
+variants whose L1-L4 are all labelled right (:func:`bench.robustness.level_check`)
+or not, and whose lowest L1-L4 label confidence is under
+:data:`bench.segmentation.UNCERTAIN` (flagged uncertain in the report) or
+not. Wrong and not flagged is the case that must not happen; right but
+flagged is its cost. Each variant in those two cells is listed.
+
+Usage: python bench/label_confidence.py [--only PATTERN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import beyond, robustness  # noqa: E402
+from bench.segmentation import UNCERTAIN, example_image, load_references  # noqa: E402
+from bench.variants import Anatomy, baseline  # noqa: E402
+from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
+from osteonode.segment.backends import builtin  # noqa: E402
+from osteonode.volume import Volume  # noqa: E402
+
+log = logging.getLogger("bench.label_confidence")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", metavar="PATTERN",
+                        help="variants whose name matches one of these comma-separated globs or substrings")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("osteonode").setLevel(logging.WARNING)
+    volume, refs = Volume.from_sitk(example_image()), load_references()
+    anatomy = Anatomy.of_example(volume)
+    start = baseline(volume, refs)
+    specs = {spec.name: spec for spec in robustness.specs() + beyond.specs()}  # one per name
+    counts: Counter[tuple[bool, bool]] = Counter()
+    named: dict[tuple[bool, bool], list[str]] = {(False, False): [], (True, True): []}
+    for spec in robustness.select(list(specs.values()), False, args.only):
+        variant = replace(spec.build(start, anatomy), name=spec.name)
+        seg = builtin(variant.volume)
+        labels = robustness.level_check(variant, robustness.Analysis(levels={}, seg=seg, seconds=0.0,
+                                                                     peak_mib=0.0))
+        right = all(state == "ok" for state in labels.values())
+        flagged = min(seg.confidence.get(VERTEBRA_IDS[n], 0.0) for n in robustness.LEVELS) < UNCERTAIN
+        counts[(right, flagged)] += 1
+        named.get((right, flagged), []).append(spec.name)
+        log.info("%s: %s, %s", spec.name, "right" if right else "wrong", "flagged" if flagged else "confident")
+    total = sum(counts.values())
+    print(f"{total} variants: right and confident {counts[(True, False)]}, right but flagged uncertain "
+          f"{counts[(True, True)]}, wrong and flagged uncertain {counts[(False, True)]}, "
+          f"wrong and confident {counts[(False, False)]}")
+    print("wrong and confident:", ", ".join(named[(False, False)]) or "none")
+    print("right but flagged uncertain:", ", ".join(named[(True, True)]) or "none")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
