@@ -34,11 +34,20 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.robustness import LEVELS, Spec, analyse, genant_lines, labels_line, score, select, table  # noqa: E402
+from bench.robustness import (  # noqa: E402
+    LEVELS,
+    ONLY_HELP,
+    Spec,
+    analyse,
+    example_chain,
+    genant_lines,
+    labels_line,
+    score,
+    select,
+    table,
+)
 from bench.robustness import all_cores as _all  # noqa: E402
-from bench.segmentation import example_image, load_references  # noqa: E402
-from bench.variants import CORE_LEVELS, Anatomy, add_island, add_noise, baseline, deform, offset_cores, transform  # noqa: E402
-from osteonode.volume import Volume  # noqa: E402
+from bench.variants import CORE_LEVELS, add_island, add_noise, deform, offset_cores, transform  # noqa: E402
 
 log = logging.getLogger("bench.beyond")
 
@@ -159,15 +168,10 @@ def specs() -> list[Spec]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", metavar="PATTERN",
-                        help="variants whose name matches one of these comma-separated globs or substrings")
+    parser.add_argument("--only", metavar="PATTERN", help=ONLY_HELP)
     parser.add_argument("--out", type=Path, metavar="FILE.md", help="also write the table as markdown")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("osteonode").setLevel(logging.WARNING)
-    volume, refs = Volume.from_sitk(example_image()), load_references()
-    anatomy = Anatomy.of_example(volume)
-    base_variant = baseline(volume, refs)
+    volume, anatomy, base_variant = example_chain()
     base = analyse(volume)
     rows = []
     for spec in select(specs(), False, args.only):

@@ -23,25 +23,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import beyond, robustness  # noqa: E402
-from bench.segmentation import UNCERTAIN, example_image, load_references  # noqa: E402
-from bench.variants import Anatomy, baseline  # noqa: E402
+from bench.segmentation import UNCERTAIN  # noqa: E402
 from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
 from osteonode.segment.backends import builtin  # noqa: E402
-from osteonode.volume import Volume  # noqa: E402
 
 log = logging.getLogger("bench.label_confidence")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", metavar="PATTERN",
-                        help="variants whose name matches one of these comma-separated globs or substrings")
+    parser.add_argument("--only", metavar="PATTERN", help=robustness.ONLY_HELP)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("osteonode").setLevel(logging.WARNING)
-    volume, refs = Volume.from_sitk(example_image()), load_references()
-    anatomy = Anatomy.of_example(volume)
-    start = baseline(volume, refs)
+    _, anatomy, start = robustness.example_chain()
     specs = {spec.name: spec for spec in robustness.specs() + beyond.specs()}  # one per name
     counts: Counter[tuple[bool, bool]] = Counter()
     named: dict[tuple[bool, bool], list[str]] = {(False, False): [], (True, True): []}

@@ -496,21 +496,35 @@ def grid_512_volume() -> Volume:
     return Volume.from_sitk(out)
 
 
+#: ``--only`` of the benches.
+ONLY_HELP = "variants whose name matches one of these comma-separated globs or substrings"
+
+
+def example_chain() -> tuple[Volume, Anatomy, Variant]:
+    """Log at INFO (``osteonode`` at WARNING) and load the example CT for a bench.
+
+    Returns
+    -------
+    tuple
+        The volume (``(z, y, x)`` HU), its stored anatomy (:meth:`bench.variants.Anatomy.of_example`) and
+        the start of every chain of edits (:func:`bench.variants.baseline`).
+    """
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("osteonode").setLevel(logging.WARNING)
+    volume, refs = Volume.from_sitk(example_image()), load_references()
+    return volume, Anatomy.of_example(volume), baseline(volume, refs)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
-    parser.add_argument("--only", metavar="PATTERN",
-                        help="variants whose name matches one of these comma-separated globs or substrings")
+    parser.add_argument("--only", metavar="PATTERN", help=ONLY_HELP)
     parser.add_argument("--out", type=Path, metavar="FILE.md", help="also write the table and summary as markdown")
     parser.add_argument("--repeats-512", type=int, default=None,
                         help="segmentations of the 512 x 512 x 300 grid (default 3, --quick 1, 0 to skip)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    logging.getLogger("osteonode").setLevel(logging.WARNING)
     start = time.perf_counter()
-    volume, refs = Volume.from_sitk(example_image()), load_references()
-    anatomy = Anatomy.of_example(volume)
-    base_variant = baseline(volume, refs)
+    volume, anatomy, base_variant = example_chain()
     base = analyse(volume)
     rows = []
     for spec in select(specs(), args.quick, args.only):
