@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,24 +35,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _, anatomy, start = robustness.example_chain()
     specs = {spec.name: spec for spec in robustness.specs() + beyond.specs()}  # one per name
-    counts: Counter[tuple[bool, bool]] = Counter()
-    named: dict[tuple[bool, bool], list[str]] = {(False, False): [], (True, True): []}
+    # (labels right, flagged uncertain) -> variant names
+    cells: dict[tuple[bool, bool], list[str]] = {(r, f): [] for r in (True, False) for f in (False, True)}
     for spec in robustness.select(list(specs.values()), False, args.only):
         variant = replace(spec.build(start, anatomy), name=spec.name)
         seg = builtin(variant.volume)
-        labels = robustness.level_check(variant, robustness.Analysis(levels={}, seg=seg, seconds=0.0,
-                                                                     peak_mib=0.0))
-        right = all(state == "ok" for state in labels.values())
+        right = all(state == "ok" for state in robustness.level_check(variant, seg.bodies).values())
         flagged = min(seg.confidence.get(VERTEBRA_IDS[n], 0.0) for n in robustness.LEVELS) < UNCERTAIN
-        counts[(right, flagged)] += 1
-        named.get((right, flagged), []).append(spec.name)
+        cells[(right, flagged)].append(spec.name)
         log.info("%s: %s, %s", spec.name, "right" if right else "wrong", "flagged" if flagged else "confident")
-    total = sum(counts.values())
-    print(f"{total} variants: right and confident {counts[(True, False)]}, right but flagged uncertain "
-          f"{counts[(True, True)]}, wrong and flagged uncertain {counts[(False, True)]}, "
-          f"wrong and confident {counts[(False, False)]}")
-    print("wrong and confident:", ", ".join(named[(False, False)]) or "none")
-    print("right but flagged uncertain:", ", ".join(named[(True, True)]) or "none")
+    print(f"{sum(map(len, cells.values()))} variants: right and confident {len(cells[(True, False)])}, "
+          f"right but flagged uncertain {len(cells[(True, True)])}, "
+          f"wrong and flagged uncertain {len(cells[(False, True)])}, "
+          f"wrong and confident {len(cells[(False, False)])}")
+    print("wrong and confident:", ", ".join(cells[(False, False)]) or "none")
+    print("right but flagged uncertain:", ", ".join(cells[(True, True)]) or "none")
     return 0
 
 

@@ -165,11 +165,12 @@ def analyse(volume: Volume) -> Analysis:
     return Analysis(levels, seg, seconds, _peak_mib())
 
 
-def level_check(variant: Variant, result: Analysis) -> dict[str, str]:
-    """Per L1-L4: ``ok``, ``missing``, ``<50%`` (right level, but less than half of our body in it) or
-    the reference level that holds most of our body (``none``: no reference body)."""
+def level_check(variant: Variant, bodies: np.ndarray) -> dict[str, str]:
+    """Per L1-L4 of our ``bodies`` (``(z, y, x)`` VerSe IDs on the variant's grid): ``ok``, ``missing``,
+    ``<50%`` (right level, but less than half of our body in it) or the reference level that holds most of
+    our body (``none``: no reference body)."""
     refs = variant.refs
-    ours = on_reference_grid(variant.volume, result.seg.bodies, refs)
+    ours = on_reference_grid(variant.volume, bodies, refs)
     bodies = np.where(refs.body == 1, refs.vertebrae, 0)
     name_of = {rid: name for name, rid in ((n, REF_V2_ID[VERTEBRA_IDS[n]]) for n in
                                            ("T12", "L1", "L2", "L3", "L4", "L5"))}
@@ -241,7 +242,7 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
         deformed = measured.get(variant.truth["deformity"]["level"])
         reference_grade = None if deformed is None else deformed.genant_grade
     roi = {name: int((result.seg.trabecular == VERTEBRA_IDS[name]).sum()) for name in LEVELS}
-    return {"variant": variant.name, "truth": variant.truth, "labels": level_check(variant, result),
+    return {"variant": variant.name, "truth": variant.truth, "labels": level_check(variant, result.seg.bodies),
             "roi_voxels": roi,
             "d_hu": d_hu, "offset": {n: variant.truth["offset"].get(n, 0.0) for n in LEVELS},
             "dice": dices(variant, result), "grades": grades, "reference_grade": reference_grade,
