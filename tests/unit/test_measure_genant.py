@@ -232,8 +232,18 @@ def test_endplate_edge_climbs_into_a_dented_endplate():
     edge = endplate_edge(profile, start=20)
     assert edge == pytest.approx(9.0)  # the centre of the steepest fall (samples 7 to 11)
     island = profile.copy()
-    island[6:8] = 900.0  # a bone island there instead: no climb, the edge stays near the boundary
-    assert endplate_edge(island, start=20) > 12.0
+    island[6:8] = 900.0  # a bone island there instead: no climb, and its flank is no endplate: the boundary stays
+    assert endplate_edge(island, start=20) is None
+
+
+def test_endplate_edge_is_not_the_flank_of_a_dense_focus_inside_the_body():
+    """L1 of the example CT (1 mm samples from the body centre up, plane through the centroid): a dense focus
+    peaks 11 mm below the label map's top (+15 mm) and falls towards the endplate more steeply (34 HU/mm) than
+    the endplate falls to the disc (29 HU/mm). The search, beginning 4 mm inside, began on that flank and put
+    the edge 3 mm inside the boundary (middle height 24.5 mm, the reference body's 27.4 mm)."""
+    hu = [135, 141, 253, 362, 458, 437, 395, 366, 335, 299, 263, 223, 189, 170, 156, 127, 98, 72, 86, 103]
+    profile = np.interp(np.arange(0.0, 19.01, 0.5), np.arange(20.0), hu)  # 0.5 mm samples, running outward
+    assert endplate_edge(profile, start=30) is None  # the label map's boundary (+15.25 mm) stays
 
 
 def test_crush_reference_skips_a_deformed_neighbour():

@@ -23,10 +23,12 @@ from bench.segmentation import (
     example_image,
     noisy,
     on_reference_grid,
+    reference_bodies,
     reversed_axes,
     thin,
 )
 from osteonode.anatomy import VERTEBRA_IDS
+from osteonode.measure.genant import grade_levels
 from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.segment.body import _star_fill
 from osteonode.segment.column import (
@@ -128,6 +130,17 @@ def test_real_ct_trabecular_roi(volume, seg):
         mean_hu = float(volume.hu[roi].mean())
         assert 50.0 < mean_hu < 300.0, mean_hu  # adult trabecular bone
         assert mean_hu < float(volume.hu[body].mean())  # the body includes the cortical shell
+
+
+def test_real_ct_l1_middle_height_is_the_reference_body_s(refs, volume, seg):
+    # L1 holds a dense focus (400-580 HU on the sagittal planes) 5-11 mm below its superior endplate; its
+    # flank was taken for the endplate on three of the five planes: middle height 24.5 mm, loss 0.176 (four
+    # points from grade 1, so that every darker copy of L1 was graded at Genant's limit)
+    bodies = reference_bodies(volume, refs)
+    reference = grade_levels(volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))["L1"]
+    ours = grade_levels(volume, seg)["L1"]
+    assert abs(ours.height_middle_mm - reference.height_middle_mm) <= 1.0
+    assert ours.height_loss < 0.16
 
 
 @pytest.mark.parametrize("variant", ["feet_first", "thin", "crop_L4", "noise35"])
