@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -47,7 +48,16 @@ from bench.robustness import (  # noqa: E402
     table,
 )
 from bench.robustness import all_cores as _all  # noqa: E402
-from bench.variants import CORE_LEVELS, add_island, add_noise, deform, offset_cores, transform  # noqa: E402
+from bench.robustness import specs as robustness_specs  # noqa: E402
+from bench.variants import (  # noqa: E402
+    CORE_LEVELS,
+    Variant,
+    add_island,
+    add_noise,
+    deform,
+    offset_cores,
+    transform,
+)
 
 log = logging.getLogger("bench.beyond")
 
@@ -164,6 +174,18 @@ def specs() -> list[Spec]:
             for n in ("L2", "L3", "L4") for k in ("crush", "wedge") for o in (-80, -90, -110, -120)
             for spine in ("all", "T12-L5")]
     return out
+
+
+def every_variant(only: str | None) -> Iterator[Variant]:
+    """Every variant of ``bench/robustness.py`` and of this bench (one per name; ``only``: ``--only``), built.
+
+    Loads the example CT (:func:`bench.robustness.example_chain`) and builds each
+    variant when asked for, as the two benches build it.
+    """
+    _, anatomy, start = example_chain()
+    every = {spec.name: spec for spec in robustness_specs() + specs()}
+    for spec in select(list(every.values()), False, only):
+        yield replace(spec.build(start, anatomy), name=spec.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -33,17 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", metavar="PATTERN", help=robustness.ONLY_HELP)
     args = parser.parse_args(argv)
-    _, anatomy, start = robustness.example_chain()
-    specs = {spec.name: spec for spec in robustness.specs() + beyond.specs()}  # one per name
     # (labels right, flagged uncertain) -> variant names
     cells: dict[tuple[bool, bool], list[str]] = {(r, f): [] for r in (True, False) for f in (False, True)}
-    for spec in robustness.select(list(specs.values()), False, args.only):
-        variant = replace(spec.build(start, anatomy), name=spec.name)
+    for variant in beyond.every_variant(args.only):
         seg = builtin(variant.volume)
         right = all(state == "ok" for state in robustness.level_check(variant, seg.bodies).values())
         flagged = min(seg.confidence.get(VERTEBRA_IDS[n], 0.0) for n in robustness.LEVELS) < UNCERTAIN
-        cells[(right, flagged)].append(spec.name)
-        log.info("%s: %s, %s", spec.name, "right" if right else "wrong", "flagged" if flagged else "confident")
+        cells[(right, flagged)].append(variant.name)
+        log.info("%s: %s, %s", variant.name, "right" if right else "wrong", "flagged" if flagged else "confident")
     print(f"{sum(map(len, cells.values()))} variants: right and confident {len(cells[(True, False)])}, "
           f"right but flagged uncertain {len(cells[(True, True)])}, "
           f"wrong and flagged uncertain {len(cells[(False, True)])}, "

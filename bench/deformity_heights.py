@@ -1,0 +1,63 @@
+"""Genant heights and ratios of each deformed level, ours and the reference body's deformed alike.
+
+For every deformity variant of ``bench/robustness.py`` and ``bench/beyond.py``
+(built as they build it) this segments the variant with the built-in
+segmentation, measures the deformed level with :func:`osteonode.measure.genant.grade_levels`
+on our label map and on the reference body moved with the deformation, and
+prints per variant the nominal loss and the shortening the bench applied
+(mm), then for ours and the reference body: the anterior/posterior,
+middle/posterior and posterior/reference ratios, the height loss, the grade
+and the heights Ha, Hm, Hp and the neighbours' reference posterior height
+(mm): whether a grade other than the nominal one is our measurement's or
+the deformity the bench made.
+
+Usage: python bench/deformity_heights.py [--only PATTERN]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import beyond, robustness  # noqa: E402
+from bench.segmentation import reference_bodies  # noqa: E402
+from osteonode.measure.genant import GenantMeasurement, grade_levels  # noqa: E402
+from osteonode.segment import SpineSegmentation  # noqa: E402
+from osteonode.segment.backends import builtin  # noqa: E402
+
+
+def _line(m: GenantMeasurement | None) -> str:
+    if m is None or m.height_loss is None:
+        return "not measured"
+    r = m.height_ratios
+    ref = r.get("posterior_reference")
+    return (f"A/P {r['anterior_posterior']:.3f}  M/P {r['middle_posterior']:.3f}  "
+            f"P/R {'-' if ref is None else f'{ref:.3f}'}  loss {m.height_loss:.3f}  grade {m.genant_grade}  "
+            f"(Ha {m.height_anterior_mm:.1f}, Hm {m.height_middle_mm:.1f}, Hp {m.height_posterior_mm:.1f}, "
+            f"ref {'-' if m.reference_posterior_mm is None else f'{m.reference_posterior_mm:.1f}'} mm)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", metavar="PATTERN", help=robustness.ONLY_HELP)
+    args = parser.parse_args(argv)
+    for variant in beyond.every_variant(args.only):
+        deformity = variant.truth["deformity"]
+        if deformity is None:
+            continue
+        level = deformity["level"]
+        ours = grade_levels(variant.volume, builtin(variant.volume)).get(level)
+        bodies = reference_bodies(variant.volume, variant.refs)
+        theirs = grade_levels(variant.volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
+        print(f"{variant.name}: {level} nominal loss {deformity['loss']:.2f}, shortening "
+              f"{deformity['shortening_mm']:.1f} mm\n  ours       {_line(ours)}\n"
+              f"  reference  {_line(theirs.get(level))}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
