@@ -659,17 +659,17 @@ def _wall_edge(profile: np.ndarray, centres: np.ndarray, back: int, front: int, 
     stop = max(k_wall, min(k_wall + 3, last, len(profile) - 1))
     peak = k_wall + int(np.argmax(profile[k_wall:stop + 1]))
     canal = float(np.median(profile[back:front + 1]))
-    half = min(0.5 * (canal + float(profile[peak])), canal + WALL_EDGE_RISE_HU)
+    level = min(0.5 * (canal + float(profile[peak])), canal + WALL_EDGE_RISE_HU)
     k = k_wall
-    if profile[k] >= half:  # walk posteriorly to the last bin at or above half-way
-        while k - 1 > back and profile[k - 1] >= half:
+    if profile[k] >= level:  # walk posteriorly to the last bin at or above the level
+        while k - 1 > back and profile[k - 1] >= level:
             k -= 1
     else:  # walk anteriorly to the first (the peak at the latest)
-        while k < peak and profile[k] < half:
+        while k < peak and profile[k] < level:
             k += 1
-    if profile[k] < half or k - 1 < back or profile[k - 1] >= half:  # no rise through half-way
+    if profile[k] < level or k - 1 < back or profile[k - 1] >= level:  # no rise through the level
         return float(centres[k_wall]) - 0.5
-    return float(centres[k - 1] + (half - profile[k - 1]) / (profile[k] - profile[k - 1]))
+    return float(centres[k - 1] + (level - profile[k - 1]) / (profile[k] - profile[k - 1]))
 
 
 def _star_fill(shell: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
