@@ -20,13 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import beyond, robustness  # noqa: E402
-from bench.segmentation import reference_bodies  # noqa: E402
+from bench.segmentation import grade_label_map, reference_bodies  # noqa: E402
 from osteonode.measure.genant import GenantMeasurement, grade_levels  # noqa: E402
-from osteonode.segment import SpineSegmentation  # noqa: E402
 from osteonode.segment.backends import builtin  # noqa: E402
 
 
@@ -51,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         level = deformity["level"]
         ours = grade_levels(variant.volume, builtin(variant.volume)).get(level)
-        bodies = reference_bodies(variant.volume, variant.refs)
-        theirs = grade_levels(variant.volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
+        theirs = grade_label_map(variant.volume, reference_bodies(variant.volume, variant.refs))
         print(f"{variant.name}: {level} nominal loss {deformity['loss']:.2f}, shortening "
               f"{deformity['shortening_mm']:.1f} mm\n  ours       {_line(ours)}\n"
               f"  reference  {_line(theirs.get(level))}", flush=True)

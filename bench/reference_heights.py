@@ -27,11 +27,10 @@ import numpy as np
 from scipy import ndimage as ndi
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.segmentation import example_image, load_references, reference_bodies  # noqa: E402
+from bench.segmentation import example_image, grade_label_map, load_references, reference_bodies  # noqa: E402
 from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
 from osteonode.measure import genant  # noqa: E402
 from osteonode.measure.tissues import body_centres_mm  # noqa: E402
-from osteonode.segment import SpineSegmentation  # noqa: E402
 from osteonode.segment.backends import builtin  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
 
@@ -62,8 +61,7 @@ def main() -> int:
     image = example_image()
     volume = Volume.from_sitk(image)
     maps = {"ours": builtin(volume).bodies, "reference": reference_bodies(volume, load_references())}
-    heights = {key: genant.grade_levels(volume, SpineSegmentation(bodies=m, trabecular=np.zeros_like(m)))
-               for key, m in maps.items()}
+    heights = {key: grade_label_map(volume, m) for key, m in maps.items()}
     print("level  label map   Ha    Hm    Hp  (mm)  loss   posterior/anterior wall tilt per plane (deg)")
     for name in LEVELS:
         for key, m in maps.items():

@@ -66,6 +66,7 @@ from bench.segmentation import (  # noqa: E402
     dice,
     example_image,
     field_of_view,
+    grade_label_map,
     load_references,
     on_reference_grid,
     reference_bodies,
@@ -237,8 +238,7 @@ def score(variant: Variant, result: Analysis, base: Analysis) -> dict:
     grades = {name: (result.levels[name].genant_grade if name in result.levels else ".") for name in LEVELS}
     reference_grade = None
     if variant.truth["deformity"] is not None:
-        bodies = reference_bodies(variant.volume, variant.refs)
-        measured = grade_levels(variant.volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
+        measured = grade_label_map(variant.volume, reference_bodies(variant.volume, variant.refs))
         deformed = measured.get(variant.truth["deformity"]["level"])
         reference_grade = None if deformed is None else deformed.genant_grade
     roi = {name: int((result.seg.trabecular == VERTEBRA_IDS[name]).sum()) for name in LEVELS}

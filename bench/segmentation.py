@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import median, series_512  # noqa: E402
 
 from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
+from osteonode.measure.genant import GenantMeasurement, grade_levels  # noqa: E402
 from osteonode.segment import FemurSegmentation, SpineSegmentation  # noqa: E402
 from osteonode.segment.femur import segment_proximal_femurs  # noqa: E402
 from osteonode.segment.frame import canonical_view  # noqa: E402
@@ -122,6 +123,12 @@ def on_reference_grid(volume: Volume, labels: np.ndarray, refs: References) -> n
 def field_of_view(volume: Volume, refs: References) -> np.ndarray:
     """Boolean mask, on the reference grid, of the reference voxels that ``volume`` covers (nearest)."""
     return on_reference_grid(volume, np.ones(volume.shape, np.uint8), refs) > 0
+
+
+def grade_label_map(volume: Volume, bodies: np.ndarray) -> dict[str, GenantMeasurement]:
+    """:func:`osteonode.measure.genant.grade_levels` of a body label map alone (``(z, y, x)`` VerSe IDs on
+    ``volume``'s grid, no trabecular ROI), e.g. of :func:`reference_bodies` or of a stored segmentation."""
+    return grade_levels(volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
 
 
 def reference_bodies(volume: Volume, refs: References) -> np.ndarray:

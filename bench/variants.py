@@ -73,11 +73,10 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage as ndi
 
-from bench.segmentation import References, example_image
+from bench.segmentation import References, example_image, grade_label_map
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import GenantMeasurement, genant_grade, grade_levels
+from osteonode.measure.genant import GenantMeasurement, genant_grade
 from osteonode.measure.tissues import body_centres_mm
-from osteonode.segment import SpineSegmentation
 from osteonode.segment.backends import builtin
 from osteonode.volume import Volume
 
@@ -160,7 +159,7 @@ class Anatomy:
             cores[name] = np.where(body, np.clip((depth - SHELL_MM) / step, 0.0, 1.0), 0.0).astype(np.float32)
         if not cores:
             raise ValueError("the bodies hold no vertebral body T12-L5")
-        heights = grade_levels(volume, SpineSegmentation(bodies=bodies, trabecular=np.zeros_like(bodies)))
+        heights = grade_label_map(volume, bodies)
         return cls(bodies=bodies, cores=cores, heights=heights)
 
 
