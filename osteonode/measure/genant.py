@@ -25,8 +25,9 @@ the image next to the label map's boundary (:func:`endplate_edge`: the
 steepest fall from the endplate to the disc, within 4 mm inside and 5 mm
 outside the boundary, moving it by at most 3 mm; where the profile still
 rises 4 mm inside, a dented endplate up to 10 mm inside, unless it still rises
-10 mm inside or into a bone island (the flank of a dense focus, whose fall is
-no endplate's: the boundary stays); where there is none and the
+10 mm inside, into a bone island, or to a ridge followed by bone rather than
+disc up to the boundary (the flank of a dense focus, whose fall is no
+endplate's: the boundary stays); where there is none and the
 next body's label map lies beyond, the endplate is followed outward up to
 10 mm, as a dark body's label map stops short of it; the label map's boundary
 where the image shows no endplate). The label map alone would quantise a
@@ -246,7 +247,15 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
     :data:`DENT_REACH_MM` inside ``start``; when that ridge stands at least
     :data:`MIN_EDGE_DROP_HU` above the search's inner end and is no dense
     focus (above :data:`osteonode.segment.column.FOCAL_DENSE_HU`, a bone
-    island), the edge is looked for from it and may lie that far inside.
+    island), the edge is looked for from it and may lie that far inside --
+    provided that the dent holds disc: between the ridge and ``start`` the
+    profile comes down to within :data:`MIN_EDGE_DROP_HU` of the disc beyond
+    ``start`` (the darkest sample up to :data:`DISC_REACH_MM` out). A ridge
+    followed by bone all the way to the boundary is something denser inside
+    the body, not a sunken endplate: ``None`` (L1 of the bench's 20 %
+    biconcave copy of the example CT: the focus 8 mm inside, its flank
+    falling without a step through the sunken endplate, the profile 30-132 HU
+    above the disc up to the boundary; its middle height read 1.3 mm short).
     When the climb reaches :data:`DENT_REACH_MM` still rising, or a bone
     island, the search began on the flank of a dense focus inside the body,
     and the flank's fall is no endplate's: ``None``. (L1 of the example CT
@@ -296,6 +305,10 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
         # a ridge clearly above the search's inner end (not the top of the same blurred endplate
         # half a sample on), and not a bone island
         if climb > deep and profile[lo] + MIN_EDGE_DROP_HU <= profile[climb] <= FOCAL_DENSE_HU:
+            # a dent holds disc: between the ridge and the boundary the profile comes down to the disc
+            disc = float(profile[start:min(n, start + int(round(DISC_REACH_MM / STEP_MM)) + 1)].min())
+            if float(profile[climb:start + 1].min()) > disc + MIN_EDGE_DROP_HU:
+                return None
             ridge, inward = climb, start + 0.5 - climb
         elif climb == deep or profile[climb] > FOCAL_DENSE_HU:
             # still rising DENT_REACH_MM inside, or into a bone island: the search began on the flank of

@@ -246,6 +246,18 @@ def test_endplate_edge_is_not_the_flank_of_a_dense_focus_inside_the_body():
     assert endplate_edge(profile, start=30) is None  # the label map's boundary (+15.25 mm) stays
 
 
+def test_endplate_edge_climb_to_a_dense_focus_that_no_disc_follows_is_no_dent():
+    """L1 of the bench's 20 % biconcave copy of the example CT (1 mm samples up the mid-sagittal plane, 3 mm in
+    front of the centroid): the dense focus below the superior endplate peaks at 471 HU 8 mm inside the label
+    map's top, and its flank falls without a step through the sunken endplate to the disc (95-104 HU). The
+    climb from the search's inner end reached the focus and took its flank for a dented endplate (middle
+    height 1.3 mm short); between the focus and the boundary the profile stays 53 HU or more above the disc
+    (95 HU), where a dent holds disc: the boundary stays."""
+    hu = [128, 132, 135, 141, 148, 260, 371, 471, 463, 414, 370, 317, 261, 214, 178, 148, 123, 104, 98, 95, 95]
+    profile = np.interp(np.arange(0.0, 20.01, 0.5), np.arange(21.0), hu)  # 0.5 mm samples, running outward
+    assert endplate_edge(profile, start=30) is None  # the label map's boundary (+15.25 mm) stays
+
+
 def test_crush_reference_skips_a_deformed_neighbour():
     """Two adjacent crushes (55 % of the height): each is judged against the nearest undeformed levels,
     not against the other crushed body (which would hide half the loss: grade 2 instead of 3)."""
