@@ -194,12 +194,13 @@ DISC_NOTCH_CAP_HU = 150.0
 #: endplate, is not disc (a 30 % wedge of L2 with all cores at -100 HU, held out of the bench, took
 #: in the disc above: Dice 0.81 without this floor, 0.88 with it and before the search).
 DISC_MIN_HU = 30.0
-#: The searched plane replaces the column profile's when its mean notch is higher by this much (HU)
-#: and it is tilted by at least this much (degrees) against it (smaller differences are within the
-#: profile's error, and the bodies' outline and posterior wall would move with them for nothing). A
-#: thin disc on 3 mm slices has a shallow notch: the example CT's T12/L1 disc scores 49 HU flat and
-#: 60 HU at the 11 degrees a 45 % wedge of L1 tilts it (with 20 HU here the flat plane cut L1's
-#: posterior-superior corner and the wedge was graded 2; bench/README.md, session 19).
+#: The searched plane replaces the column profile's when its mean notch is higher by this much (HU;
+#: :func:`searched_plane_replaces`) and it is tilted by at least this much (degrees) against it
+#: (smaller differences are within the profile's error, and the bodies' outline and posterior wall
+#: would move with them for nothing). A thin disc on 3 mm slices has a shallow notch: the example
+#: CT's T12/L1 disc scores 49 HU flat and 60 HU at the 11 degrees a 45 % wedge of L1 tilts it (with
+#: 20 HU here the flat plane cut L1's posterior-superior corner and the wedge was graded 2;
+#: bench/README.md, session 19).
 DISC_BETTER_HU = 10.0
 DISC_MIN_RETILT_DEG = 10.0
 
@@ -486,8 +487,9 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     left-right slope) and moved by up to ``DISC_SEARCH_MM`` along it is scored
     by the mean notch over the columns within ``DISC_FIT_RADIUS_MM`` of the
     body centre. The best plane replaces the column profile's only when its
-    score is ``DISC_BETTER_HU`` higher and its tilt differs by at least
-    ``DISC_MIN_RETILT_DEG``: a disc the profile crossed well stays as it was.
+    score is clearly higher and its tilt clearly different
+    (:func:`searched_plane_replaces`): a disc the profile crossed well stays
+    as it was.
 
     Parameters
     ----------
@@ -560,7 +562,7 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
               outer[0][0], centre[0], given, best,
               np.round(outer[1], 2), np.round(best_plane[1], 2), float(shifts[k_shift]))
     retilt = np.degrees(np.arccos(min(1.0, abs(float(best_plane[1] @ outer[1])))))
-    if best < given + DISC_BETTER_HU or retilt < DISC_MIN_RETILT_DEG:
+    if not searched_plane_replaces(given, best, retilt):
         return outer, inner
     c = np.array(centre, float)
     # the boundary at most DISC_FLANK_MM[0] from the centre (where the search took the endplates to
@@ -569,6 +571,31 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     offset = float(np.sign(offset)) * min(abs(offset), DISC_FLANK_MM[0])
     point = np.array([_plane_s(best_plane, c[1], c[2]), c[1], c[2]])
     return (point, best_plane[1]), (point - np.array([offset, 0.0, 0.0]), best_plane[1])
+
+
+def searched_plane_replaces(given_hu: float, best_hu: float, retilt_deg: float) -> bool:
+    """Whether the disc plane found by :func:`_disc_plane` replaces the column profile's.
+
+    Parameters
+    ----------
+    given_hu, best_hu : float
+        Mean notch (HU) of the column profile's plane and of the best searched plane.
+    retilt_deg : float
+        Angle between the two planes, degrees.
+
+    Returns
+    -------
+    bool
+        True when the tilt differs by at least ``DISC_MIN_RETILT_DEG`` and the
+        notch is ``DISC_BETTER_HU`` deeper -- or, where the profile's plane
+        scores under ``DISC_BETTER_HU`` (the faint disc of a dark spine, or a
+        plane that misses it), at least twice as deep and ``DISC_BETTER_HU``
+        deep. (The disc above a 45 % wedge of L2 with every core 110 HU
+        darker: 5 HU flat, 13 HU at the wedge's tilt; with the flat plane L2
+        was graded 0.)
+    """
+    needed = max(DISC_BETTER_HU, given_hu + min(DISC_BETTER_HU, given_hu))
+    return retilt_deg >= DISC_MIN_RETILT_DEG and best_hu >= needed
 
 
 def _faint_wall(profile: np.ndarray, back: int, front: int, last: int) -> int:

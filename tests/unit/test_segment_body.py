@@ -4,7 +4,14 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from osteonode.segment.body import CANAL_MAX_HU, _disc_plane, _faint_wall, _wall_edge, trabecular_core_hu
+from osteonode.segment.body import (
+    CANAL_MAX_HU,
+    _disc_plane,
+    _faint_wall,
+    _wall_edge,
+    searched_plane_replaces,
+    trabecular_core_hu,
+)
 
 AXIS = np.array([1.0, 0.0, 0.0])
 CENTRE = np.array([15.0, 25.0, 25.0])  # body centre (canonical s, a, l mm); its upper disc at s = 30 mm
@@ -68,6 +75,18 @@ def test_disc_plane_follows_the_tilt_of_a_thin_blurred_disc_with_a_shallow_notch
     (_, normal), _ = _disc_plane(ndi.gaussian_filter(sharp, (2.0, 0.5, 0.5)), coords, CENTRE, AXIS, outer, inner)
     expected = np.array([1.0, -np.tan(np.radians(15.0)), 0.0])
     assert np.degrees(np.arccos(min(1.0, float(normal @ expected) / np.linalg.norm(expected)))) <= 3.0
+
+
+@pytest.mark.parametrize(("given", "best", "retilt", "replaces"), [
+    (49.0, 60.0, 11.0, True),  # T12/L1 above a 45 % wedge of L1 (the example CT, 3 mm slices)
+    (143.0, 150.0, 10.0, False),  # a bright disc the flat plane still crosses (the synthetic test above)
+    (5.0, 13.0, 18.0, True),  # L1/L2 above a 45 % wedge of L2, every core 110 HU darker: a faint disc
+    (5.0, 9.0, 18.0, False),  # ... under DISC_BETTER_HU deep: no disc found either
+    (8.0, 14.0, 18.0, False),  # ... not twice as deep
+    (49.0, 60.0, 9.0, False),  # hardly tilted
+])
+def test_searched_disc_plane_replaces_the_profile_s_when_clearly_better(given, best, retilt, replaces):
+    assert searched_plane_replaces(given, best, retilt) is replaces
 
 
 def test_core_hu_of_a_crushed_dark_body_stays_inside_its_endplates():
