@@ -591,8 +591,8 @@ def searched_plane_replaces(given_hu: float, best_hu: float, retilt_deg: float) 
         scores under ``DISC_BETTER_HU`` (the faint disc of a dark spine, or a
         plane that misses it), at least twice as deep and ``DISC_BETTER_HU``
         deep. (The disc above a 45 % wedge of L2 with every core 110 HU
-        darker: 5 HU flat, 13 HU at the wedge's tilt; with the flat plane L2
-        was graded 0.)
+        darker: 5 HU on the profile's plane, 13 HU on the searched plane 23
+        degrees from it; with the profile's plane L2 was graded 0.)
     """
     needed = max(DISC_BETTER_HU, given_hu + min(DISC_BETTER_HU, given_hu))
     return retilt_deg >= DISC_MIN_RETILT_DEG and best_hu >= needed

@@ -80,9 +80,9 @@ def test_disc_plane_follows_the_tilt_of_a_thin_blurred_disc_with_a_shallow_notch
 @pytest.mark.parametrize(("given", "best", "retilt", "replaces"), [
     (49.0, 60.0, 11.0, True),  # T12/L1 above a 45 % wedge of L1 (the example CT, 3 mm slices)
     (143.0, 150.0, 10.0, False),  # a bright disc the flat plane still crosses (the synthetic test above)
-    (5.0, 13.0, 18.0, True),  # L1/L2 above a 45 % wedge of L2, every core 110 HU darker: a faint disc
-    (5.0, 9.0, 18.0, False),  # ... under DISC_BETTER_HU deep: no disc found either
-    (8.0, 14.0, 18.0, False),  # ... not twice as deep
+    (5.0, 13.0, 23.0, True),  # L1/L2 above a 45 % wedge of L2, every core 110 HU darker: a faint disc
+    (5.0, 9.0, 23.0, False),  # ... under DISC_BETTER_HU deep: no disc found either
+    (8.0, 14.0, 23.0, False),  # ... not twice as deep
     (49.0, 60.0, 9.0, False),  # hardly tilted
 ])
 def test_searched_disc_plane_replaces_the_profile_s_when_clearly_better(given, best, retilt, replaces):
