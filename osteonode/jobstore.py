@@ -68,8 +68,10 @@ JOB_STATES = ("queued", "analysing", "ok", "not_evaluable", "failed")
 FINAL_JOB_STATES = ("ok", "not_evaluable", "failed")
 DELIVERY_STATES = ("pending", "delivered", "failed")
 #: SQL for the state of a job just queued: ``queued``, unless a worker started it after the message was sent
-#: (the parameter: the time just before the enqueue).
-_UNLESS_STARTED = "CASE WHEN jobs.state = 'analysing' AND jobs.started >= ? THEN jobs.state ELSE 'queued' END"
+#: (the parameter: the time just before the enqueue): then it keeps the worker's state, ``analysing`` or, when
+#: the worker also finished before this record was written, its final state (a 10-sender load test once
+#: left a delivered study's job ``queued`` for good).
+_UNLESS_STARTED = "CASE WHEN jobs.state <> 'queued' AND jobs.started >= ? THEN jobs.state ELSE 'queued' END"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -278,7 +280,8 @@ class JobStore:
         """Record an enqueued job (a re-enqueued identical job is the same row, queued again); return its id.
 
         ``enqueued_at`` is the time just before the message went to the broker: a worker that
-        started the job since then (it may be quicker than this record) keeps its ``analysing``.
+        started the job since then (it may be quicker than this record) keeps its ``analysing``, or
+        the final state it has already recorded.
         """
         now = time.time()
         with self._write() as db:

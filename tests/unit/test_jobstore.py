@@ -130,3 +130,15 @@ def test_a_worker_quicker_than_the_queued_record_keeps_its_job_analysing(tmp_pat
     store.job_finished(job, "ok")
     store.job_queued("1.2", "f" * 64, {}, time.time())  # re-analysis of a finished job
     assert store.study("1.2")["jobs"][0]["state"] == "queued"
+
+
+def test_a_worker_that_finished_before_the_queued_record_keeps_its_final_state(tmp_path):
+    # the embedded queue under load: the worker took the message, analysed and finished the job before
+    # serve wrote its "queued" record; the study must not show a queued job for good
+    store = JobStore(tmp_path / "jobs.sqlite3")
+    enqueued_at = time.time()
+    job = store.job_started("1.2", "f" * 64, {}, worker="h:1")
+    store.job_finished(job, "not_evaluable", reason="too few slices")
+    store.job_queued("1.2", "f" * 64, {}, enqueued_at)
+    assert [j["state"] for j in store.study("1.2")["jobs"]] == ["not_evaluable"]
+    assert store.study("1.2")["status"] == "not_evaluable"
