@@ -306,7 +306,7 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
         # half a sample on), and not a bone island
         if climb > deep and profile[lo] + MIN_EDGE_DROP_HU <= profile[climb] <= FOCAL_DENSE_HU:
             # a dent holds disc: between the ridge and the boundary the profile comes down to the disc
-            disc = float(profile[start:min(n, start + int(round(DISC_REACH_MM / STEP_MM)) + 1)].min())
+            disc = float(profile[start:_disc_reach_end(profile, start)].min())
             if float(profile[climb:start + 1].min()) > disc + MIN_EDGE_DROP_HU:
                 return None
             ridge, inward = climb, start + 0.5 - climb
@@ -327,11 +327,15 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
     return _fall(profile, ridge, ridge, CLIMB_DROP_HU) if start < ridge < top else None
 
 
+def _disc_reach_end(profile: np.ndarray, start: int) -> int:
+    """End (exclusive index) of the samples up to :data:`DISC_REACH_MM` beyond ``start`` (the disc's)."""
+    return min(profile.size, start + int(round(DISC_REACH_MM / STEP_MM)) + 1)
+
+
 def _fall(profile: np.ndarray, ridge: int, start: int, min_drop: float) -> float | None:
     """Steepest fall (fractional index) from ``ridge`` to the darkest sample up to :data:`DISC_REACH_MM`
     beyond ``start``; ``None`` when the fall is under ``min_drop`` HU."""
-    end = min(profile.size, start + int(round(DISC_REACH_MM / STEP_MM)) + 1)
-    valley = ridge + int(np.argmin(profile[ridge:end]))
+    valley = ridge + int(np.argmin(profile[ridge:_disc_reach_end(profile, start)]))
     if profile[ridge] - profile[valley] < min_drop:
         return None
     # the steepest fall between them: the centre of the run of steepest falls (a profile sampled
