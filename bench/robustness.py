@@ -377,13 +377,41 @@ def labels_line(rows: list[dict]) -> tuple[str, bool, str]:
             not wrong, f"{len(rows) - len(wrong)}/{len(rows)}" + (f"; wrong: {', '.join(named)}" if wrong else ""))
 
 
+#: A spine whose darkest core offset (HU) lies below this is "very dark" in :func:`_genant_by_class`.
+VERY_DARK_HU = -60.0
+
+
+def _genant_by_class(rows: list[dict]) -> tuple[str, bool, str]:
+    """(title, all exact, detail): Genant grades exact against the nominal one (and the reference
+    body's) by deformity kind and by how dark the spine is (the darkest core offset of L1-L4)."""
+    bands = ("cores unedited", f"up to {-VERY_DARK_HU:.0f} HU darker", f"over {-VERY_DARK_HU:.0f} HU darker")
+    counts: dict[tuple[str, str], list[int]] = {}
+    for r in rows:
+        d = r["truth"]["deformity"]
+        if d is None:
+            continue
+        darkest = min(r.get("offset", {}).values(), default=0.0)
+        band = bands[0] if darkest >= 0.0 else bands[1] if darkest >= VERY_DARK_HU else bands[2]
+        nominal = r["truth"]["expected_grade"][d["level"]]
+        tally = counts.setdefault((d.get("kind", "?"), band), [0, 0, 0])
+        tally[0] += 1
+        tally[1] += r["grades"][d["level"]] == nominal
+        tally[2] += r["reference_grade"] == nominal
+    ordered = sorted(counts.items(), key=lambda kv: (kv[0][0], bands.index(kv[0][1])))
+    detail = "; ".join(f"{kind} {band}: {n_exact}/{n} (reference body {n_ref}/{n})"
+                       for (kind, band), (n, n_exact, n_ref) in ordered)
+    return ("(no target) Genant grade exact by deformity kind and by the darkest core offset",
+            all(n_exact == n for n, n_exact, _ in counts.values()), detail)
+
+
 def genant_lines(rows: list[dict]) -> list[tuple[str, bool, str]]:
     """(target, passed, detail) of the Genant grades of the rows (:func:`score` dicts).
 
     The issue-10 target (exact against the nominal grade, never off by more
     than one), and without a target: the same for the deformities whose nominal
     loss lies outside the ``genant_borderline`` band of every grade limit (a
-    20 % deformity lies on Genant's 20 % limit), equality with the reference body deformed
+    20 % deformity lies on Genant's 20 % limit), the same by deformity kind and by
+    how dark the spine is, equality with the reference body deformed
     alike (and those off by more than one), the ``genant_borderline`` flag on
     grades other than the nominal one, and the false grades (1 or more on a
     level not deformed).
@@ -407,6 +435,7 @@ def genant_lines(rows: list[dict]) -> list[tuple[str, bool, str]]:
                     "band of every grade limit", all(clear),
                     f"exact {sum(clear)}/{len(clear)}; within the band: exact {exact - sum(clear)}/"
                     f"{len(deformed) - len(clear)}"))
+        out.append(_genant_by_class(rows))
         same = sum(g == ref for _, g, _, ref, _ in deformed)
         differ = [f"{v} {g} vs {ref}" for v, g, _, ref, _ in deformed if g != ref]
         two = sum(1 for _, g, _, ref, _ in deformed
