@@ -384,16 +384,16 @@ VERY_DARK_HU = -60.0
 def _genant_by_class(rows: list[dict]) -> tuple[str, bool, str]:
     """(title, all exact, detail): Genant grades exact against the nominal one (and the reference
     body's) by deformity kind and by how dark the spine is (the darkest core offset of L1-L4)."""
-    bands = ("cores unedited", f"up to {-VERY_DARK_HU:.0f} HU darker", f"over {-VERY_DARK_HU:.0f} HU darker")
+    bands = ("cores not darker", f"up to {-VERY_DARK_HU:.0f} HU darker", f"over {-VERY_DARK_HU:.0f} HU darker")
     counts: dict[tuple[str, str], list[int]] = {}
     for r in rows:
         d = r["truth"]["deformity"]
         if d is None:
             continue
-        darkest = min(r.get("offset", {}).values(), default=0.0)
+        darkest = min(r["offset"].values())
         band = bands[0] if darkest >= 0.0 else bands[1] if darkest >= VERY_DARK_HU else bands[2]
         nominal = r["truth"]["expected_grade"][d["level"]]
-        tally = counts.setdefault((d.get("kind", "?"), band), [0, 0, 0])
+        tally = counts.setdefault((d["kind"], band), [0, 0, 0])
         tally[0] += 1
         tally[1] += r["grades"][d["level"]] == nominal
         tally[2] += r["reference_grade"] == nominal

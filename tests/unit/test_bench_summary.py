@@ -30,8 +30,8 @@ def test_genant_lines_count_grades_against_nominal_reference_and_false_ones():
     clear = next(v for k, v in lines.items() if "outside the genant_borderline band" in k)
     assert clear == (False, "exact 1/2; within the band: exact 0/1")  # crush20_L3: on the 20 % limit
     by_class = next(v for k, v in lines.items() if "by deformity kind" in k)
-    assert by_class == (False, "crush cores unedited: 0/1 (reference body 1/1); "
-                               "wedge cores unedited: 1/1 (reference body 1/1); "
+    assert by_class == (False, "crush cores not darker: 0/1 (reference body 1/1); "
+                               "wedge cores not darker: 1/1 (reference body 1/1); "
                                "wedge over 60 HU darker: 0/1 (reference body 1/1)")
     reference = next(v for k, v in lines.items() if "equal to that of the reference body" in k)
     assert reference[1].startswith("equal 1/3, off by more than one or ungraded 1")
