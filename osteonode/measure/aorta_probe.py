@@ -234,14 +234,14 @@ def probe_aorta(volume: Volume) -> AortaProbe | None:
     if min(volume.shape) < 2:
         return None
     view = canonical_view(volume)
-    c, g = view.coarse, COARSE_MM
-    path, valid = track_column(c, view.patient, g)
-    column = np.nonzero(valid)[0][::max(1, int(round(PROBE_SLICE_MM / g)))]
+    coarse, grid_mm = view.coarse, COARSE_MM
+    path, valid = track_column(coarse, view.patient, grid_mm)
+    column = np.nonzero(valid)[0][::max(1, int(round(PROBE_SLICE_MM / grid_mm)))]
     vessels, plain = [], []  # (s mm, a mm, l mm, HU) of enhanced lumens; HU of slices without one
     for s in column:
-        kind, found = _slice_lumen(c[s], path[s], g)
+        kind, found = _slice_lumen(coarse[s], path[s], grid_mm)
         if kind == "vessel":
-            vessels.append((s * g, *found))
+            vessels.append((s * grid_mm, *found))
         elif kind == "plain":
             plain.append(found[2])
     tube = _tube(np.array(vessels).reshape(-1, 4))
@@ -250,7 +250,7 @@ def probe_aorta(volume: Volume) -> AortaProbe | None:
                             length_mm=float(tube[:, 0].max() - tube[:, 0].min()), enhanced=True)
     elif len(plain) >= MIN_PLAIN_SLICES and len(plain) >= PLAIN_FRACTION * len(column):
         result = AortaProbe(hu=round(float(np.median(plain)), 1), slices=len(plain),
-                            length_mm=float(np.ptp(column) * g), enhanced=False)
+                            length_mm=float(np.ptp(column) * grid_mm), enhanced=False)
     else:
         log.info("aorta probe: not confident (%d column slices: %d with an enhanced lumen, %d without)",
                  len(column), len(vessels), len(plain))
@@ -261,14 +261,14 @@ def probe_aorta(volume: Volume) -> AortaProbe | None:
     return result
 
 
-def _disc(radius_mm: float, g: float) -> np.ndarray:
-    r = radius_mm / g
+def _disc(radius_mm: float, grid_mm: float) -> np.ndarray:
+    r = radius_mm / grid_mm
     n = int(np.ceil(r))
     yy, xx = np.mgrid[-n:n + 1, -n:n + 1]
     return (yy ** 2 + xx ** 2) <= r * r + 1e-6
 
 
-def _slice_lumen(sl: np.ndarray, centre: np.ndarray, g: float) -> tuple[str, tuple[float, float, float]]:
+def _slice_lumen(sl: np.ndarray, centre: np.ndarray, grid_mm: float) -> tuple[str, tuple[float, float, float]]:
     """What one coarse ``(a, l)`` slice shows in the aortic window.
 
     Homogeneous discs are tried densest first. Returns ``("vessel", (a mm,
@@ -281,18 +281,19 @@ def _slice_lumen(sl: np.ndarray, centre: np.ndarray, g: float) -> tuple[str, tup
     crop: the window and ``LUMEN_DIAMETER_MM`` around it.
     """
     margin = LUMEN_DIAMETER_MM[1]
-    low = np.maximum(0, np.floor(centre + np.array([WINDOW_ANTERIOR_MM[0], WINDOW_LEFT_MM[0]]) / g
-                                 - margin / g).astype(int))
-    high = np.ceil(centre + np.array([WINDOW_ANTERIOR_MM[1], WINDOW_LEFT_MM[1]]) / g + margin / g).astype(int) + 1
+    low = np.maximum(0, np.floor(centre + np.array([WINDOW_ANTERIOR_MM[0], WINDOW_LEFT_MM[0]]) / grid_mm
+                                 - margin / grid_mm).astype(int))
+    high = np.ceil(centre + np.array([WINDOW_ANTERIOR_MM[1], WINDOW_LEFT_MM[1]]) / grid_mm
+                   + margin / grid_mm).astype(int) + 1
     sl = sl[low[0]:high[0], low[1]:high[1]]
     centre = centre - low
-    disc = _disc(LUMEN_RADIUS_MM, g)
+    disc = _disc(LUMEN_RADIUS_MM, grid_mm)
     weights = disc / disc.sum()
     mean = ndi.correlate(sl, weights, mode="nearest")
     sd = np.sqrt(np.maximum(ndi.correlate(sl * sl, weights, mode="nearest") - mean * mean, 0.0))
-    touch = ndi.maximum_filter(sl, footprint=_disc(LUMEN_RADIUS_MM + g, g), mode="nearest")
+    touch = ndi.maximum_filter(sl, footprint=_disc(LUMEN_RADIUS_MM + grid_mm, grid_mm), mode="nearest")
     rows, cols = np.mgrid[0:sl.shape[0], 0:sl.shape[1]]
-    da, dl = (rows - centre[0]) * g, (cols - centre[1]) * g
+    da, dl = (rows - centre[0]) * grid_mm, (cols - centre[1]) * grid_mm
     window = ((da >= WINDOW_ANTERIOR_MM[0]) & (da <= WINDOW_ANTERIOR_MM[1]) & (dl >= WINDOW_LEFT_MM[0])
               & (dl <= WINDOW_LEFT_MM[1]) & (np.hypot(da, dl) >= MIN_BODY_DISTANCE_MM))
     score = np.where(window & (sd <= MAX_LUMEN_SD_HU) & (touch < BONE_HU) & (mean > -20.0), mean - sd, -np.inf)
@@ -303,10 +304,10 @@ def _slice_lumen(sl: np.ndarray, centre: np.ndarray, g: float) -> tuple[str, tup
         best = tuple(int(i) for i in np.unravel_index(int(np.argmax(score)), score.shape))
         if not np.isfinite(score[best]):
             break
-        hit = (float((best[0] + low[0]) * g), float((best[1] + low[1]) * g), float(mean[best]))
+        hit = (float((best[0] + low[0]) * grid_mm), float((best[1] + low[1]) * grid_mm), float(mean[best]))
         if mean[best] < NON_CONTRAST_MAX_HU:
             return ("none" if doubt else "plain"), hit
-        region, lumen = _region(sl, best, float(mean[best]), g)
+        region, lumen = _region(sl, best, float(mean[best]), grid_mm)
         on_body = bool((region & body_near).any()) or _on_body(sl, region, body_near)
         if lumen and not on_body:
             return "vessel", hit
@@ -340,7 +341,7 @@ def _near(point: tuple[int, ...], shape: tuple[int, ...], radius: float) -> np.n
     return np.hypot(rows - point[0], cols - point[1]) <= radius
 
 
-def _region(sl: np.ndarray, seed: tuple[int, ...], hu: float, g: float) -> tuple[np.ndarray, bool]:
+def _region(sl: np.ndarray, seed: tuple[int, ...], hu: float, grid_mm: float) -> tuple[np.ndarray, bool]:
     """The region of about ``hu`` HU around ``seed``, and whether it is a lumen.
 
     The region is the pixels within ``max(40, 0.2 hu)`` HU of ``hu`` connected
@@ -353,12 +354,12 @@ def _region(sl: np.ndarray, seed: tuple[int, ...], hu: float, g: float) -> tuple
     similar = ndi.binary_opening(np.abs(sl - hu) <= max(40.0, 0.2 * hu), structure=np.ones((3, 3), bool))
     labels, _ = ndi.label(similar)
     if not labels[seed]:
-        return _near(seed, sl.shape, LUMEN_RADIUS_MM / g), False
+        return _near(seed, sl.shape, LUMEN_RADIUS_MM / grid_mm), False
     region = labels == labels[seed]
     points = np.argwhere(region)
-    area_mm2 = len(points) * g * g
+    area_mm2 = len(points) * grid_mm * grid_mm
     diameter = 2.0 * np.sqrt(area_mm2 / np.pi)
-    reach_mm = float(np.hypot(*(points - points.mean(axis=0)).T).max()) * g + g / 2.0
+    reach_mm = float(np.hypot(*(points - points.mean(axis=0)).T).max()) * grid_mm + grid_mm / 2.0
     rim = ndi.binary_dilation(region, iterations=2) & ~region
     lumen = (LUMEN_DIAMETER_MM[0] <= diameter <= LUMEN_DIAMETER_MM[1] and area_mm2 >= 0.5 * np.pi * reach_mm ** 2
              and float((sl[rim] > BONE_HU).mean()) <= 0.1)

@@ -210,9 +210,9 @@ def body_threshold(core_hu: float) -> float:
     return float(np.clip(0.5 * (SOFT_TISSUE_HU + core_hu), 70.0, 140.0))
 
 
-def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
+def trabecular_core_hu(smoothed: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
                        centre: np.ndarray, between: tuple[Plane, Plane] | None = None) -> float:
-    """Trabecular core HU: robust median of ``hs`` (canonical ``(s, a, l)`` crop) within 10 mm of ``centre`` (mm).
+    """Trabecular core HU: robust median of ``smoothed`` (canonical ``(s, a, l)`` crop) within 10 mm of ``centre`` (mm).
 
     With ``between`` (the body's upper and lower boundary planes, point and
     unit normal, canonical mm), only the voxels at least
@@ -227,9 +227,10 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
     below that density at the centre does not set the body threshold either.
     150 HU if the sphere is empty.
     """
-    Z, Y, X = np.meshgrid(*(c - c0 for c, c0 in zip(coords_mm, centre)), indexing="ij", sparse=True)
+    Z, Y, X = np.meshgrid(*(axis_mm - centre_mm for axis_mm, centre_mm in zip(coords_mm, centre)),
+                          indexing="ij", sparse=True)
     r2 = Z ** 2 + Y ** 2 + X ** 2
-    core = np.broadcast_to(r2 <= CORE_RADIUS_MM ** 2, hs.shape)
+    core = np.broadcast_to(r2 <= CORE_RADIUS_MM ** 2, smoothed.shape)
     if not core.any():
         return 150.0
     if between is not None:
@@ -237,24 +238,25 @@ def trabecular_core_hu(hs: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, 
         inside = core & (below_top <= -CORE_PLATE_MARGIN_MM) & (above_bottom >= CORE_PLATE_MARGIN_MM)
         if inside.sum() >= 0.2 * core.sum():
             core = inside
-    spacing = np.array([float(c[1] - c[0]) if len(c) > 1 else 1.0 for c in coords_mm])
+    spacing = np.array([float(axis_mm[1] - axis_mm[0]) if len(axis_mm) > 1 else 1.0 for axis_mm in coords_mm])
     reach = np.maximum(1, np.round(FOCAL_HALO_MM / spacing)).astype(int)
-    wide = np.broadcast_to(r2 <= (1.5 * CORE_RADIUS_MM) ** 2, hs.shape)
+    wide = np.broadcast_to(r2 <= (1.5 * CORE_RADIUS_MM) ** 2, smoothed.shape)
     # the halo of the dense foci within the widest sphere used, from the image around it only (the
     # whole crop's cortex and posterior elements: 0.8 s of 4.3 s segmenting the 512 grid)
     box = bounding_box(wide, reach)
-    focus = np.zeros(hs.shape, bool)
-    focus[box] = ndi.binary_dilation(hs[box] > FOCAL_DENSE_HU, structure=ellipsoid(reach, spacing))
+    focus = np.zeros(smoothed.shape, bool)
+    focus[box] = ndi.binary_dilation(smoothed[box] > FOCAL_DENSE_HU, structure=ellipsoid(reach, spacing))
     clear = core & ~focus
     if clear.sum() < 0.2 * core.sum():  # an island as large as the sphere: the trabecular bone around it
         clear = wide & ~focus
-    values = hs[clear] if clear.sum() >= 0.2 * core.sum() else hs[core]
+    values = smoothed[clear] if clear.sum() >= 0.2 * core.sum() else smoothed[core]
     first = float(np.median(values))
     kept = values[np.abs(values - first) <= CORE_FOCUS_HU]
     return float(np.median(kept)) if kept.size else first
 
 
-def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
+def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
+                 coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
                   centre: np.ndarray, axis: np.ndarray, top: Plane, bottom: Plane, spacing: np.ndarray,
                   outer_top: Plane, outer_bottom: Plane, core_hu: float, fill_shell: bool = True,
                   frame_axis: np.ndarray | None = None, wall_edge: bool = False) -> np.ndarray:
@@ -262,18 +264,18 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
 
     Parameters
     ----------
-    hs : numpy.ndarray
+    smoothed : numpy.ndarray
         ``(s, a, l)`` crop in HU, smoothed: tells bone clearly denser than the disc.
-    hb : numpy.ndarray
+    outline_hu : numpy.ndarray
         The same crop (same shape, HU) clipped at the core HU plus the
         threshold's height above soft tissue before smoothing: the outline is
-        thresholded on it (the centring pass passes ``hs`` again).
+        thresholded on it (the centring pass passes ``smoothed`` again).
     raw : numpy.ndarray
         The same crop (same shape, HU) unsmoothed: the cortical shell is found
         on it (smoothing for noise would blur a one-voxel cortex below the
         shell threshold).
     coords_mm : tuple of numpy.ndarray
-        Canonical position (mm) of each index along the three axes of ``hb``.
+        Canonical position (mm) of each index along the three axes of ``outline_hu``.
     centre : numpy.ndarray
         ``(3,)`` body centre (canonical mm).
     axis : numpy.ndarray
@@ -282,7 +284,7 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     top, bottom : tuple of numpy.ndarray
         (point, unit normal) of the planes through the disc boundaries above and below.
     spacing : numpy.ndarray
-        ``(3,)`` voxel spacing of ``hb`` in mm.
+        ``(3,)`` voxel spacing of ``outline_hu`` in mm.
     outer_top, outer_bottom : tuple of numpy.ndarray
         Planes through the disc centres above and below (equal to ``top`` /
         ``bottom`` where the field of view ends without a disc).
@@ -303,7 +305,7 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     Returns
     -------
     numpy.ndarray
-        Boolean ``(s, a, l)`` mask of the body, same shape as ``hb``.
+        Boolean ``(s, a, l)`` mask of the body, same shape as ``outline_hu``.
     """
     zc, yc, xc = coords_mm
     Z, Y, X = np.meshgrid(zc, yc, xc, indexing="ij", sparse=True)
@@ -311,9 +313,9 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
 
     if fill_shell:  # not the sacrum: its S1 body is not measured
         if _differs(top, outer_top):
-            outer_top, top = _disc_plane(hs, coords_mm, centre, axis, outer_top, top)
+            outer_top, top = _disc_plane(smoothed, coords_mm, centre, axis, outer_top, top)
         if _differs(bottom, outer_bottom):
-            outer_bottom, bottom = _disc_plane(hs, coords_mm, centre, axis, outer_bottom, bottom)
+            outer_bottom, bottom = _disc_plane(smoothed, coords_mm, centre, axis, outer_bottom, bottom)
     s_top, s_bottom = _signed(top, coords_mm), _signed(bottom, coords_mm)
     inner = (s_top <= 0) & (s_bottom >= 0)
     s_ot, s_ob = _signed(outer_top, coords_mm), _signed(outer_bottom, coords_mm)
@@ -321,7 +323,7 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     radial2 = rel[0] ** 2 + rel[1] ** 2 + rel[2] ** 2 - (rel[0] * axis[0] + rel[1] * axis[1] + rel[2] * axis[2]) ** 2
     disc_zone = (radial2 <= 100.0) & ((np.abs(s_ot) <= 1.6) | (np.abs(s_ob) <= 1.6))
     disc_zone = disc_zone & ~inner
-    disc_hu = float(np.mean(hb[disc_zone])) if disc_zone.any() else np.nan
+    disc_hu = float(np.mean(outline_hu[disc_zone])) if disc_zone.any() else np.nan
     thr = body_threshold(core_hu)
     # vertebra frame: a = anterior-posterior and w = left-right, both perpendicular to the
     # spine axis (so that tilted vertebrae, e.g. L5, are cut along their own posterior wall)
@@ -332,7 +334,7 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     lr = rel[0] * w[0] + rel[1] * w[1] + rel[2] * w[2]
     # posterior wall: AP profile through the centre (|along| < 4 mm, |lr| < 6 mm), 1 mm bins
     ap_band = inner & (np.abs(lr) < 6.0) & (np.abs(along) < 4.0)
-    a_band = np.broadcast_to(a, hb.shape)[ap_band]
+    a_band = np.broadcast_to(a, outline_hu.shape)[ap_band]
     bins = np.arange(-35.5, 0.0, 1.0)
     idx = np.digitize(a_band, bins) - 1
     ok = (idx >= 0) & (idx < len(bins) - 1)
@@ -348,7 +350,7 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
             prof = np.interp(centres, centres[good], prof[good])
         return prof
 
-    prof, shell_prof = ap_profile(hb), ap_profile(hs)
+    prof, shell_prof = ap_profile(outline_hu), ap_profile(smoothed)
     # the cortical shell: clearly denser than the core (a thin, partial-volume cortex of an
     # osteoporotic body is 100-200 HU at 3 mm), clearly denser than soft tissue
     shell_thr = float(np.clip(core_hu + SHELL_ABOVE_CORE_HU, SHELL_MIN_HU, SHELL_HU))
@@ -403,20 +405,20 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
         for s_inner, s_outer, sign in ((s_top, s_ot, -1.0), (s_bottom, s_ob, 1.0)):
             if np.any(s_inner != s_outer):  # a disc on this side
                 band = band | (sign * s_inner < ENDPLATE_BAND_MM)
-        outline = hb > np.where(band, max(thr, 0.5 * (disc_hu + core_hu)), thr)
-        full = envelope & slab & outline & (inner | (hs > max(thr, disc_hu + 40.0)))
+        outline = outline_hu > np.where(band, max(thr, 0.5 * (disc_hu + core_hu)), thr)
+        full = envelope & slab & outline & (inner | (smoothed > max(thr, disc_hu + 40.0)))
     else:
-        full = envelope & inner & (hb > thr)
+        full = envelope & inner & (outline_hu > thr)
     # what the cortical shell encloses, whatever its density (osteoporotic or fatty marrow darker
     # than the threshold), in axial, coronal or sagittal planes; closed behind the posterior wall
     if fill_shell:
-        shell = _without_specks((raw > shell_thr) & np.broadcast_to(envelope, hb.shape), SPECK_MM3, spacing)
-        shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), hb.shape)
+        shell = _without_specks((raw > shell_thr) & np.broadcast_to(envelope, outline_hu.shape), SPECK_MM3, spacing)
+        shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), outline_hu.shape)
         # between the inner boundaries only: reaching 2 or 4 mm past them brought back the endplates
         # of dark L1 bodies (core_L1-70 Dice 0.86 -> 0.91) but graded undeformed dark L1 bodies 2
         # (core_all-110, core_L1-120) and lost L1 of the -60 HU wedge (session 8)
-        region = np.broadcast_to(envelope & inner, hb.shape)
-        enclosed = np.zeros(hb.shape, bool)
+        region = np.broadcast_to(envelope & inner, outline_hu.shape)
+        enclosed = np.zeros(outline_hu.shape, bool)
         if region.any():  # fill within the envelope's box only (padded by the widest gap)
             box = bounding_box(region, np.ceil(SHELL_GAP_MM / spacing).astype(int) + 1)
             enclosed[box] = _enclosed(shell[box], SHELL_GAP_MM, spacing)
@@ -426,14 +428,14 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
             # the threshold outline leaves the core out and a cortex thinned by partial volume (or
             # blurred by resampling) leaves gaps wider than SHELL_GAP_MM; between the inner
             # boundaries only, as rays would cross the disc's annulus beyond them
-            within = np.broadcast_to(envelope & inner, hb.shape)
+            within = np.broadcast_to(envelope & inner, outline_hu.shape)
             full = full | (_star_fill(shell & within, coords_mm, centre) & within)
-        height = np.broadcast_to(s_bottom / np.maximum(s_bottom - s_top, 1e-3), hb.shape)
+        height = np.broadcast_to(s_bottom / np.maximum(s_bottom - s_top, 1e-3), outline_hu.shape)
         plates = shell & full
         full = _within_endplates(full, plates & (height >= 1.0 - PLATE_ZONE), plates & (height <= PLATE_ZONE))
     log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm",
               np.round(centre), core_hu, thr, disc_hu, wall)
-    out = np.zeros(hb.shape, bool)
+    out = np.zeros(outline_hu.shape, bool)
     if not full.any():
         return out
     rad = np.maximum(1, np.round(2.0 / spacing)).astype(int)
@@ -444,7 +446,7 @@ def segment_body(hs: np.ndarray, hb: np.ndarray, raw: np.ndarray, coords_mm: tup
     if not mask.any():
         return out
     mask = largest_component_filled(mask)  # the largest component is the body
-    keep = np.broadcast_to(slab & envelope, hb.shape)[box]
+    keep = np.broadcast_to(slab & envelope, outline_hu.shape)[box]
     mask = ndi.binary_closing(mask, structure=ball) & keep
     out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
     return out
@@ -469,7 +471,7 @@ def _plane_s(plane: Plane, a_mm: np.ndarray, l_mm: np.ndarray) -> np.ndarray:
     return p[0] - ((a_mm - p[1]) * n[1] + (l_mm - p[2]) * n[2]) / n[0]
 
 
-def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.ndarray,
+def _disc_plane(smoothed: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.ndarray,
                 outer: Plane, inner: Plane) -> tuple[Plane, Plane]:
     """The plane of a disc searched on the image next to one body, and the boundary plane moved with it.
 
@@ -493,10 +495,10 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
 
     Parameters
     ----------
-    hs : numpy.ndarray
+    smoothed : numpy.ndarray
         Smoothed ``(s, a, l)`` crop, HU.
     coords_mm : tuple of numpy.ndarray
-        Canonical position (mm) of each index along the three axes of ``hs``.
+        Canonical position (mm) of each index along the three axes of ``smoothed``.
     centre : numpy.ndarray
         ``(3,)`` body centre (canonical mm).
     axis : numpy.ndarray
@@ -520,7 +522,7 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     xsel = np.abs(xc - centre[2]) <= DISC_FIT_RADIUS_MM
     if len(zc) < 3 or not ysel.any() or not xsel.any():
         return outer, inner
-    sub = hs[:, ysel][:, :, xsel]
+    sub = smoothed[:, ysel][:, :, xsel]
     a_mm, l_mm = np.meshgrid(yc[ysel], xc[xsel], indexing="ij")
     columns = (a_mm - centre[1]) ** 2 + (l_mm - centre[2]) ** 2 <= DISC_FIT_RADIUS_MM ** 2
     ds = float(zc[1] - zc[0])
@@ -564,12 +566,12 @@ def _disc_plane(hs: np.ndarray, coords_mm: Coords, centre: np.ndarray, axis: np.
     retilt = np.degrees(np.arccos(min(1.0, abs(float(best_plane[1] @ outer[1])))))
     if not searched_plane_replaces(given, best, retilt):
         return outer, inner
-    c = np.array(centre, float)
+    centre_mm = np.array(centre, float)
     # the boundary at most DISC_FLANK_MM[0] from the centre (where the search took the endplates to
     # begin): the profile's boundary of a disc it crossed obliquely lies too far into the body
-    offset = float(_plane_s(outer, c[1], c[2]) - _plane_s(inner, c[1], c[2]))
+    offset = float(_plane_s(outer, centre_mm[1], centre_mm[2]) - _plane_s(inner, centre_mm[1], centre_mm[2]))
     offset = float(np.sign(offset)) * min(abs(offset), DISC_FLANK_MM[0])
-    point = np.array([_plane_s(best_plane, c[1], c[2]), c[1], c[2]])
+    point = np.array([_plane_s(best_plane, centre_mm[1], centre_mm[2]), centre_mm[1], centre_mm[2]])
     return (point, best_plane[1]), (point - np.array([offset, 0.0, 0.0]), best_plane[1])
 
 
@@ -841,10 +843,10 @@ def working_grid(crop: np.ndarray, coords: Coords, spacing: np.ndarray, work: np
         if np.isclose(st, 1.0):
             continue
         out = linear_along(out, np.arange(n) * st, ax)
-    s_mm, a_mm, l_mm = (c[0] + np.arange(n) * w for c, n, w in zip(coords, shape, work, strict=True))
+    s_mm, a_mm, l_mm = (axis_mm[0] + np.arange(n) * w for axis_mm, n, w in zip(coords, shape, work, strict=True))
     work_coords = (s_mm, a_mm, l_mm)
-    back = tuple(np.clip(np.round((c - c[0]) / w).astype(int), 0, n - 1)
-                 for c, w, n in zip(coords, work, shape))
+    back = tuple(np.clip(np.round((axis_mm - axis_mm[0]) / w).astype(int), 0, n - 1)
+                 for axis_mm, w, n in zip(coords, work, shape))
     return out, work_coords, np.ix_(*back)
 
 
@@ -860,20 +862,20 @@ def add_posterior_elements(view: CanonicalView, whole: np.ndarray, foreign_above
     floods from there. The sacrum keeps its body only; each labelled body keeps
     its exact native voxels.
     """
-    c, offset, sp, g = view.coarse, view.offset, view.frame.spacing, COARSE_MM
-    index = [np.clip(np.round((np.arange(n) * g + o) / p).astype(int), 0, m - 1)
-             for n, o, p, m in zip(c.shape, offset, sp, whole.shape)]
+    coarse, offset, spacing, grid_mm = view.coarse, view.offset, view.frame.spacing, COARSE_MM
+    index = [np.clip(np.round((np.arange(n) * grid_mm + o) / p).astype(int), 0, m - 1)
+             for n, o, p, m in zip(coarse.shape, offset, spacing, whole.shape)]
     coarse_bodies = whole[np.ix_(*index)]
     if not np.isin(coarse_bodies, [SACRUM, 0], invert=True).any():
         return
     box = bounding_box(coarse_bodies > 0, 0)
     grow = [(25.0, 25.0), (100.0, 5.0), (30.0, 30.0)]  # mm below/above, behind/in front, right/left
-    sl = tuple(slice(max(0, b.start - int(np.ceil(lo / g))), min(n, b.stop + int(np.ceil(hi / g))))
-               for b, (lo, hi), n in zip(box, grow, c.shape))
-    crop = c[sl]
+    sl = tuple(slice(max(0, b.start - int(np.ceil(lo / grid_mm))), min(n, b.stop + int(np.ceil(hi / grid_mm))))
+               for b, (lo, hi), n in zip(box, grow, coarse.shape))
+    crop = coarse[sl]
     markers = coarse_bodies[sl].astype(np.int16)
     bone = crop > ARCH_BONE_HU
-    s_mm = (np.arange(sl[0].start, sl[0].stop) * g + offset[0])[:, None, None]
+    s_mm = (np.arange(sl[0].start, sl[0].stop) * grid_mm + offset[0])[:, None, None]
     free = bone & (markers == 0)
     if foreign_above is not None:
         markers[free & (s_mm > foreign_above)] = FOREIGN
@@ -882,7 +884,7 @@ def add_posterior_elements(view: CanonicalView, whole: np.ndarray, foreign_above
     cost = np.where(bone, np.clip(1000.0 - crop, 0.0, 2000.0), 65535.0).astype(np.uint16)
     flooded = ndi.watershed_ift(cost, markers) * bone
     flooded[(flooded == FOREIGN) | (flooded == SACRUM)] = 0
-    labels, native = coarse_to_native(flooded, sl, offset, g, sp, whole.shape)
+    labels, native = coarse_to_native(flooded, sl, offset, grid_mm, spacing, whole.shape)
     target = whole[native]
     put = (labels > 0) & (target == 0)
     target[put] = labels[put]

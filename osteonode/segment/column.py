@@ -172,7 +172,7 @@ OPEN_BEYOND_SHORT = 0.3
 PARTIAL_SLICE_FRACTION = 0.8
 
 
-def partial_end_slices(area: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
+def partial_end_slices(area: np.ndarray, grid_mm: float = COARSE_MM) -> np.ndarray:
     """Slices at either end of the scan that are partly outside the reconstructed field of view.
 
     A body's cross-section changes by a few per cent per 2 mm; an end slice
@@ -186,7 +186,7 @@ def partial_end_slices(area: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
     ----------
     area : numpy.ndarray
         ``(ns,)`` patient cross-section per coarse slice (voxels).
-    g : float
+    grid_mm : float
         Coarse spacing, mm.
 
     Returns
@@ -196,7 +196,7 @@ def partial_end_slices(area: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
     """
     ns = len(area)
     out = np.zeros(ns, bool)
-    near, far = int(round(10.0 / g)), int(round(30.0 / g))
+    near, far = int(round(10.0 / grid_mm)), int(round(30.0 / grid_mm))
     if ns <= far:
         return out
     for order in (np.arange(ns)[::-1], np.arange(ns)):
@@ -208,7 +208,7 @@ def partial_end_slices(area: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
     return out
 
 
-def shell_cover(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
+def shell_cover(coarse: np.ndarray, grid_mm: float = COARSE_MM) -> np.ndarray:
     """Fraction of 8 in-plane directions in which a bony shell surrounds each point.
 
     For every voxel of the coarse ``(s, a, l)`` copy and each of the 8
@@ -222,9 +222,9 @@ def shell_cover(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
 
     Parameters
     ----------
-    c : numpy.ndarray
+    coarse : numpy.ndarray
         Coarse canonical ``(s, a, l)`` array in HU.
-    g : float
+    grid_mm : float
         Its spacing in mm.
 
     Returns
@@ -232,11 +232,11 @@ def shell_cover(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
     numpy.ndarray
         Same shape, float32 in [0, 1].
     """
-    bone = c > SHELL_HU
-    steps = range(int(round(4.0 / g)), int(round(22.0 / g)) + 1)
-    cover = np.zeros(c.shape, np.float32)
+    bone = coarse > SHELL_HU
+    steps = range(int(round(4.0 / grid_mm)), int(round(22.0 / grid_mm)) + 1)
+    cover = np.zeros(coarse.shape, np.float32)
     for da, dl in ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (1, -1), (-1, 1), (-1, -1)):
-        hit = np.zeros(c.shape, bool)
+        hit = np.zeros(coarse.shape, bool)
         for k in steps:
             n = k if da == 0 or dl == 0 else max(1, int(round(k / np.sqrt(2.0))))
             hit |= shift_along(shift_along(bone, -da * n, 1, False), -dl * n, 2, False)
@@ -244,7 +244,7 @@ def shell_cover(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
     return cover / 8.0
 
 
-def track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
+def track_column(coarse: np.ndarray, patient: np.ndarray, grid_mm: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
     """Centreline of the vertebral bodies on the coarse grid.
 
     Each axial slice is scored for "vertebral body centre" and a dynamic
@@ -265,11 +265,11 @@ def track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tu
 
     Parameters
     ----------
-    c : numpy.ndarray
+    coarse : numpy.ndarray
         Coarse canonical ``(s, a, l)`` array, HU.
     patient : numpy.ndarray
         Boolean patient mask, same shape.
-    g : float
+    grid_mm : float
         Coarse spacing, mm.
 
     Returns
@@ -280,27 +280,27 @@ def track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tu
         ``(ns,)`` bool: the slice shows a body (denser than soft tissue, or with a
         bone-surrounded canal behind it) with a spinal canal behind it.
     """
-    nz, ny, nx = c.shape
+    nz, ny, nx = coarse.shape
     area = patient.sum(axis=(1, 2))
     xs = np.arange(nx)
     # midline band: +-50 mm around the patient's left-right centre of mass
     col = patient.sum(axis=(0, 1)).astype(float)
     xmid = float((col * xs).sum() / max(col.sum(), 1.0))
-    half = int(round(50.0 / g))
+    half = int(round(50.0 / grid_mm))
     x0, x1 = max(0, int(xmid) - half - 8), min(nx, int(xmid) + half + 9)
-    sub = c[:, :, x0:x1]
-    r_body = int(round(9.0 / g))
+    sub = coarse[:, :, x0:x1]
+    r_body = int(round(9.0 / grid_mm))
     body = ndi.uniform_filter(np.clip(sub, -100, 250), size=(1, 2 * r_body + 1, 2 * r_body + 1))
     small = ndi.uniform_filter(np.clip(sub, -100, 400), size=(1, 3, 3))
     canal = np.full(sub.shape, 400.0, np.float32)
     for mm in (18.0, 22.0, 26.0):
-        canal = np.minimum(canal, shift_along(small, int(round(mm / g)), axis=1, fill=400.0))
-    arch_src = ndi.maximum_filter(small, size=(1, 1, int(round(20.0 / g)) | 1))
+        canal = np.minimum(canal, shift_along(small, int(round(mm / grid_mm)), axis=1, fill=400.0))
+    arch_src = ndi.maximum_filter(small, size=(1, 1, int(round(20.0 / grid_mm)) | 1))
     arch = np.zeros(sub.shape, np.float32)
     for mm in np.arange(30.0, 55.0, 4.0):
-        arch = np.maximum(arch, shift_along(arch_src, int(round(mm / g)), axis=1, fill=0.0))
-    canal_here, ring = _canal_score(sub, g)
-    behind = int(round(CANAL_TO_BODY_MM / g))
+        arch = np.maximum(arch, shift_along(arch_src, int(round(mm / grid_mm)), axis=1, fill=0.0))
+    canal_here, ring = _canal_score(sub, grid_mm)
+    behind = int(round(CANAL_TO_BODY_MM / grid_mm))
     canal_evidence = shift_along(canal_here, behind, axis=1, fill=0.0)
     score = (body - 1.5 * np.maximum(0.0, canal - 60.0) + 0.5 * np.minimum(arch, 300.0)
              + np.maximum(canal_evidence, 0.0))
@@ -308,13 +308,13 @@ def track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tu
     sub_patient = patient[:, :, x0:x1]
     score[~sub_patient] = -1e4
     xs_sub = np.arange(x0, x1)
-    outside = partial_end_slices(area, g)
+    outside = partial_end_slices(area, grid_mm)
     for z in range(nz):
         if area[z] < 50 or outside[z]:  # no evidence: the path runs straight through
             score[z] = -1e4
             continue
         xc = ndi.center_of_mass(patient[z])[1]
-        score[z][:, np.abs(xs_sub - xc) > 40.0 / g] = -1e4
+        score[z][:, np.abs(xs_sub - xc) > 40.0 / grid_mm] = -1e4
     path = _dynamic_path(score)
     at = (np.arange(nz), path[:, 0], path[:, 1])
     ring_behind = shift_along(ring, behind, axis=1, fill=0.0)
@@ -327,7 +327,7 @@ def track_column(c: np.ndarray, patient: np.ndarray, g: float = COARSE_MM) -> tu
     return path, valid
 
 
-def _canal_score(sub: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
+def _canal_score(sub: np.ndarray, grid_mm: float) -> tuple[np.ndarray, np.ndarray]:
     """Spinal-canal evidence (HU-like score) at each point of a coarse ``(s, a, l)`` array, and the shell cover.
 
     High where the point is fluid or fat (-100 to 60 HU), bone surrounds it
@@ -336,13 +336,13 @@ def _canal_score(sub: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
     density of the bodies.
     """
     small = ndi.uniform_filter(np.clip(sub, -300, 400), size=(1, 3, 3))
-    ring = shell_cover(sub, g)
+    ring = shell_cover(sub, grid_mm)
     front = np.full(sub.shape, -300.0, np.float32)
     for mm in (6.0, 10.0, 14.0):
-        front = np.maximum(front, shift_along(small, -int(round(mm / g)), axis=1, fill=-300.0))
+        front = np.maximum(front, shift_along(small, -int(round(mm / grid_mm)), axis=1, fill=-300.0))
     behind = np.full(sub.shape, -300.0, np.float32)
     for mm in np.arange(8.0, 31.0, 4.0):
-        behind = np.maximum(behind, shift_along(small, int(round(mm / g)), axis=1, fill=-300.0))
+        behind = np.maximum(behind, shift_along(small, int(round(mm / grid_mm)), axis=1, fill=-300.0))
     score = (CANAL_RING_HU * (ring - 0.5) - 1.5 * np.maximum(0.0, np.abs(small - 0.0) - 100.0)
              + 0.3 * np.clip(front, 0.0, 250.0) + 0.3 * np.clip(behind, 0.0, 250.0) - 100.0)
     return score.astype(np.float32), ring
@@ -411,7 +411,7 @@ class ColumnProfile:
     pedicles: np.ndarray
 
 
-def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> ColumnProfile:
+def plane_profile(coarse: np.ndarray, path: np.ndarray, grid_mm: float = COARSE_MM) -> ColumnProfile:
     """Disc profile along the column: HU of the bone in planes across the smoothed centreline.
 
     Two measures per plane, each the lowest over planes tilted by
@@ -431,26 +431,26 @@ def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> Colu
 
     Parameters
     ----------
-    c : numpy.ndarray
+    coarse : numpy.ndarray
         Coarse canonical ``(s, a, l)`` array, HU.
     path : numpy.ndarray
         ``(ns, 2)`` centreline (a, l coarse indices per slice).
-    g : float
+    grid_mm : float
         Coarse spacing, mm.
 
     Returns
     -------
     ColumnProfile
     """
-    nz = c.shape[0]
+    nz = coarse.shape[0]
     pts = np.column_stack([np.arange(nz, dtype=float), path])
     pts = ndi.gaussian_filter1d(pts, 2.5, axis=0, mode="nearest")  # 5 mm
     tangent = np.gradient(ndi.gaussian_filter1d(pts, 5.0, axis=0, mode="nearest"), axis=0)
     tangent /= np.linalg.norm(tangent, axis=1, keepdims=True)
     uu, ww = np.meshgrid(np.arange(-6, 6), np.arange(-8, 9), indexing="ij")  # coarse voxels (2 mm)
     angles = np.radians(np.arange(-120.0, 121.0, 20.0))  # 0 = anterior
-    radii = np.arange(6.0, 27.0, 2.0) / g
-    clipped = np.clip(without_focal_dense(c, g), -100, 500)
+    radii = np.arange(6.0, 27.0, 2.0) / grid_mm
+    clipped = np.clip(without_focal_dense(coarse, grid_mm), -100, 500)
     frames = [perpendicular_frame(t) for t in tangent]
     planes, rings = [], []
     for tilt in np.tan(np.radians(PROFILE_TILTS_DEG)):
@@ -470,11 +470,11 @@ def plane_profile(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> Colu
     planes_by_tilt = np.array(planes)
     return ColumnProfile(hu=np.maximum(planes_by_tilt.min(axis=0), ring), bright=planes_by_tilt.max(axis=0),
                          tilt_deg=_lowest_tilt(planes_by_tilt), pts=pts, tangent=tangent,
-                         pedicles=pedicle_profile(c, pts, frames, g))
+                         pedicles=pedicle_profile(coarse, pts, frames, grid_mm))
 
 
-def pedicle_profile(c: np.ndarray, pts: np.ndarray, frames: list[tuple[np.ndarray, np.ndarray]],
-                    g: float = COARSE_MM) -> np.ndarray:
+def pedicle_profile(coarse: np.ndarray, pts: np.ndarray, frames: list[tuple[np.ndarray, np.ndarray]],
+                    grid_mm: float = COARSE_MM) -> np.ndarray:
     """Bone beside the spinal canal per coarse slice: high at the pedicles, low at the neural foramina.
 
     In each plane across the centreline, the ``PEDICLE_PERCENTILE`` (90th)
@@ -486,13 +486,13 @@ def pedicle_profile(c: np.ndarray, pts: np.ndarray, frames: list[tuple[np.ndarra
 
     Parameters
     ----------
-    c : numpy.ndarray
+    coarse : numpy.ndarray
         Coarse canonical ``(s, a, l)`` array, HU.
     pts : numpy.ndarray
         ``(ns, 3)`` centreline points (coarse indices).
     frames : list of tuple of numpy.ndarray
         Per slice, the unit anterior and left directions across the centreline.
-    g : float
+    grid_mm : float
         Coarse spacing, mm.
 
     Returns
@@ -500,18 +500,19 @@ def pedicle_profile(c: np.ndarray, pts: np.ndarray, frames: list[tuple[np.ndarra
     numpy.ndarray
         ``(ns,)`` HU.
     """
-    behind, beside = np.meshgrid(np.arange(-24.0, -11.0, 2.0) / g, np.arange(6.0, 21.0, 2.0) / g, indexing="ij")
+    behind, beside = np.meshgrid(np.arange(-24.0, -11.0, 2.0) / grid_mm, np.arange(6.0, 21.0, 2.0) / grid_mm,
+                                 indexing="ij")
     sides = []
     for sign in (1.0, -1.0):
         samples = np.stack([p[:, None] + u[:, None] * behind.ravel() + w[:, None] * sign * beside.ravel()
                             for p, (u, w) in zip(pts, frames)], axis=1)  # (3, ns, n)
-        vals = ndi.map_coordinates(c, samples.reshape(3, -1), order=1, mode="nearest").reshape(len(pts), -1)
+        vals = ndi.map_coordinates(coarse, samples.reshape(3, -1), order=1, mode="nearest").reshape(len(pts), -1)
         sides.append(np.percentile(vals, PEDICLE_PERCENTILE, axis=1))
     return np.minimum(*sides)
 
 
-def without_focal_dense(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
-    """``c`` with compact foci denser than any trabecular bone filled in from around them.
+def without_focal_dense(coarse: np.ndarray, grid_mm: float = COARSE_MM) -> np.ndarray:
+    """``coarse`` with compact foci denser than any trabecular bone filled in from around them.
 
     A bone island (or a blastic focus) inside a vertebral body is a blob above
     ``FOCAL_DENSE_HU`` at most ``FOCAL_MAX_MM`` across in every direction; its
@@ -523,25 +524,25 @@ def without_focal_dense(c: np.ndarray, g: float = COARSE_MM) -> np.ndarray:
 
     Parameters
     ----------
-    c : numpy.ndarray
+    coarse : numpy.ndarray
         Coarse canonical ``(s, a, l)`` array, HU.
-    g : float
+    grid_mm : float
         Coarse spacing, mm.
 
     Returns
     -------
     numpy.ndarray
-        A copy of ``c`` (HU), or ``c`` itself when it holds no such focus.
+        A copy of ``coarse`` (HU), or ``coarse`` itself when it holds no such focus.
     """
-    labels, _ = ndi.label(c > FOCAL_DENSE_HU, structure=np.ones((3, 3, 3), bool))
-    out = c
+    labels, _ = ndi.label(coarse > FOCAL_DENSE_HU, structure=np.ones((3, 3, 3), bool))
+    out = coarse
     for i, box in enumerate(ndi.find_objects(labels)):
-        if box is None or max(b.stop - b.start for b in box) * g > FOCAL_MAX_MM:
+        if box is None or max(b.stop - b.start for b in box) * grid_mm > FOCAL_MAX_MM:
             continue
-        grown = tuple(slice(max(0, b.start - 3), min(n, b.stop + 3)) for b, n in zip(box, c.shape))
+        grown = tuple(slice(max(0, b.start - 3), min(n, b.stop + 3)) for b, n in zip(box, coarse.shape))
         focus = ndi.binary_dilation(labels[grown] == i + 1)
-        if out is c:
-            out = c.copy()
+        if out is coarse:
+            out = coarse.copy()
         nearest = ndi.distance_transform_edt(focus, return_distances=False, return_indices=True)
         out[grown] = out[grown][tuple(nearest)]
     return out
@@ -601,7 +602,7 @@ class DiscCandidates:
 FLANK_MM = 4.0
 
 
-def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE_MM) -> DiscCandidates:
+def disc_candidates(profile: ColumnProfile, valid: np.ndarray, grid_mm: float = COARSE_MM) -> DiscCandidates:
     """Candidate intervertebral discs along the column: the notches of the disc profile.
 
     A notch is a minimum of ``profile.hu`` below the endplates on either side
@@ -621,14 +622,14 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
     with T12 in a scaled, tilted dark spine).
     """
     nz = len(profile.hu)
-    arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(profile.pts, axis=0), axis=1))]) * g
+    arc_mm = np.concatenate([[0.0], np.cumsum(np.linalg.norm(np.diff(profile.pts, axis=0), axis=1))]) * grid_mm
     p = ndi.gaussian_filter1d(profile.hu, 0.6, mode="nearest")
     bright = np.maximum(p, ndi.gaussian_filter1d(profile.bright, 0.6, mode="nearest"))
-    d = int(round(8.0 / g))
+    d = int(round(8.0 / grid_mm))
     left = np.full(nz, -1e3)
     right = np.full(nz, -1e3)
     # flanks: the brightest plane 4-8 mm on each side (the endplates of both neighbours)
-    for k in range(int(round(FLANK_MM / g)), d + 1):
+    for k in range(int(round(FLANK_MM / grid_mm)), d + 1):
         left[k:] = np.maximum(left[k:], bright[:-k])
         right[:-k] = np.maximum(right[:-k], bright[k:])
     flank = np.minimum(left, right)
@@ -636,13 +637,14 @@ def disc_candidates(profile: ColumnProfile, valid: np.ndarray, g: float = COARSE
     # flanks must be bone (endplates), not a dip in soft tissue
     notch[flank < 100.0] = 0.0
     # the column must be confirmed (body + canal) around the disc
-    w = int(round(10.0 / g))
+    w = int(round(10.0 / grid_mm))
     support = ndi.uniform_filter1d(valid.astype(float), 2 * w + 1, mode="constant")
     notch[support < 0.5] = 0.0
     is_min = (p <= np.roll(p, 1)) & (p <= np.roll(p, -1))
     is_min[[0, -1]] = False
-    cands = _beside_foramina([int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]], profile.pedicles, g)
-    foramina = _foramina(profile.pedicles, support >= 0.5, g)
+    cands = _beside_foramina([int(z) for z in np.nonzero(is_min & (notch > MIN_NOTCH_HU))[0]], profile.pedicles,
+                             grid_mm)
+    foramina = _foramina(profile.pedicles, support >= 0.5, grid_mm)
     lone = [z for z in foramina if all(abs(arc_mm[z] - arc_mm[o]) > FORAMEN_ALONE_MM for o in cands)]
     if lone:
         log.debug("discs known by their foramina only (coarse z): %s", lone)
@@ -728,7 +730,7 @@ def _rib_foramen(pedicles: np.ndarray | None, window: np.ndarray) -> int | None:
     return int(window[np.argmin(ped)])
 
 
-def choose_discs(candidates: DiscCandidates, g: float = COARSE_MM,
+def choose_discs(candidates: DiscCandidates, grid_mm: float = COARSE_MM,
                  below: tuple[float, int] | None = None) -> list[Disc]:
     """The intervertebral discs: the candidates chosen by :func:`disc_chain`, with their boundaries.
 
@@ -745,8 +747,8 @@ def choose_discs(candidates: DiscCandidates, g: float = COARSE_MM,
     doubtful = {cands[i] for i in ambiguous_fracture_discs(positions, depths)}
     discs = []
     for z in sorted(chosen):
-        lo = max(0, z - int(10 / g))
-        hi = min(nz - 1, z + int(10 / g))
+        lo = max(0, z - int(10 / grid_mm))
+        hi = min(nz - 1, z + int(10 / grid_mm))
         below_max = lo + int(np.argmax(p[lo:z + 1]))
         above_max = z + int(np.argmax(p[z:hi + 1]))
         lvl_b = 0.5 * (p[z] + p[below_max])
@@ -763,7 +765,7 @@ def choose_discs(candidates: DiscCandidates, g: float = COARSE_MM,
     return discs
 
 
-def foramen_depth(pedicles: np.ndarray, z: int, g: float = COARSE_MM) -> float | None:
+def foramen_depth(pedicles: np.ndarray, z: int, grid_mm: float = COARSE_MM) -> float | None:
     """How deep slice ``z`` lies in a neural foramen: the fall of :func:`pedicle_profile` there.
 
     The lowest of the profile from one slice below ``z`` to two above (the
@@ -771,14 +773,14 @@ def foramen_depth(pedicles: np.ndarray, z: int, g: float = COARSE_MM) -> float |
     profile's highest within 16 mm. None when that highest is under
     ``PEDICLE_BONE_HU`` (no pedicles in view).
     """
-    reach = int(round(16.0 / g))
+    reach = int(round(16.0 / grid_mm))
     peak = float(pedicles[max(0, z - reach):z + reach + 1].max())
     if peak < PEDICLE_BONE_HU:
         return None
     return (peak - float(pedicles[max(0, z - 1):z + 3].min())) / peak
 
 
-def _foramina(pedicles: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) -> list[int]:
+def _foramina(pedicles: np.ndarray, valid: np.ndarray, grid_mm: float = COARSE_MM) -> list[int]:
     """Coarse slices at the neural foramina: the lowest of :func:`pedicle_profile` within ``FORAMEN_ALONE_MM``
     on either side, at least ``FORAMEN_FRACTION`` deep (:func:`foramen_depth`), where ``valid`` (per slice).
 
@@ -786,21 +788,21 @@ def _foramina(pedicles: np.ndarray, valid: np.ndarray, g: float = COARSE_MM) -> 
     absence beside the canal: they mark the discs whatever the bodies'
     trabecular density.
     """
-    reach = int(round(FORAMEN_ALONE_MM / g))
+    reach = int(round(FORAMEN_ALONE_MM / grid_mm))
     lowest = ndi.minimum_filter1d(pedicles, 2 * reach + 1, mode="nearest") == pedicles  # one per foramen ...
     lowest[1:] &= pedicles[1:] < pedicles[:-1]  # ... the first slice of a flat one
     return [int(z) for z in np.flatnonzero(lowest & valid)
-            if (depth := foramen_depth(pedicles, int(z), g)) is not None and depth >= FORAMEN_FRACTION]
+            if (depth := foramen_depth(pedicles, int(z), grid_mm)) is not None and depth >= FORAMEN_FRACTION]
 
 
-def _beside_foramina(cands: list[int], pedicles: np.ndarray, g: float = COARSE_MM) -> list[int]:
+def _beside_foramina(cands: list[int], pedicles: np.ndarray, grid_mm: float = COARSE_MM) -> list[int]:
     """Drop a disc candidate at the pedicles when a candidate within 16 mm lies at a foramen.
 
     A dark vertebral body dips at mid-height, where its pedicles are; its
     disc, with the neural foramen beside it, can be the shallower notch.
     """
-    depth = {z: foramen_depth(pedicles, z, g) for z in cands}
-    reach = 16.0 / g
+    depth = {z: foramen_depth(pedicles, z, grid_mm) for z in cands}
+    reach = 16.0 / grid_mm
 
     def at_pedicles(z: int) -> bool:
         here = depth[z]

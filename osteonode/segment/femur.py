@@ -175,7 +175,7 @@ _RAYS = np.stack([np.cos(_POLAR)[:, None] * np.ones_like(_AZIMUTH)[None, :],
                   np.sin(_POLAR)[:, None] * np.sin(_AZIMUTH)[None, :]], axis=-1)  # (polar, azimuth, 3)
 
 
-def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float) -> np.ndarray | None:
+def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, grid_mm: float) -> np.ndarray | None:
     """Centre (canonical mm) of the hip joint sphere near ``start`` on the coarse image ``x``.
 
     The joint space between the femoral head and the acetabulum is a thin dark
@@ -196,9 +196,9 @@ def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float
     voxel (2 mm) up, enough to flatten the joint dip of :func:`_joint_radius`
     (head radius 27 instead of 20 mm).
     """
-    half = int(round(40.0 / g))
+    half = int(round(40.0 / grid_mm))
     reach = int(np.ceil(GAUSS_TRUNCATE * HESSIAN_SIGMA))
-    i0 = np.round((start - offset) / g).astype(int)
+    i0 = np.round((start - offset) / grid_mm).astype(int)
     lo = np.maximum(i0 - half, 0)
     hi = np.minimum(i0 + half + 1, np.array(x.shape))
     if np.any(hi - lo < 8):
@@ -207,7 +207,7 @@ def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float
     lo_r = np.maximum(lo - reach, 0)
     hi_r = np.minimum(hi + reach, np.array(x.shape))
     around = x[lo_r[0]:hi_r[0], lo_r[1]:hi_r[1], lo_r[2]:hi_r[2]]
-    inner = tuple(slice(a - b, c - b) for a, b, c in zip(lo, lo_r, hi))
+    inner = tuple(slice(box_lo - around_lo, box_hi - around_lo) for box_lo, around_lo, box_hi in zip(lo, lo_r, hi))
     crop = around[inner]
     near = ndi.maximum_filter(around, size=5)[inner] > 200.0
     hess = np.empty((int(near.sum()), 3, 3), np.float32)
@@ -217,7 +217,7 @@ def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float
             order[i] += 1
             order[j] += 1
             hess[:, i, j] = hess[:, j, i] = ndi.gaussian_filter(around, HESSIAN_SIGMA, order=order,
-                                                                truncate=GAUSS_TRUNCATE)[inner][near] / g ** 2
+                                                                truncate=GAUSS_TRUNCATE)[inner][near] / grid_mm ** 2
     vals, vecs = np.linalg.eigh(hess)
     other = np.maximum(np.abs(vals[:, 0]), np.abs(vals[:, 1]))
     sheet = (vals[:, 2] > 5.0) & (vals[:, 2] > other)
@@ -229,13 +229,13 @@ def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, g: float
     acc = np.zeros(crop.size)
     for r in np.arange(HEAD_RADIUS_MM[0] + 1.0, HEAD_RADIUS_MM[1] - 1.0, 2.0):
         for sign in (1.0, -1.0):
-            q = np.round(pos + sign * normal * (r / g)).astype(int)
+            q = np.round(pos + sign * normal * (r / grid_mm)).astype(int)
             ok = np.all((q >= 0) & (q < np.array(crop.shape)), axis=1)
             acc += np.bincount(np.ravel_multi_index(q[ok].T, crop.shape), weights=weight[ok],
                                minlength=crop.size) / (r * r)
     acc = ndi.gaussian_filter(acc.reshape(crop.shape), 1.0)
     k = np.unravel_index(int(np.argmax(acc)), crop.shape)
-    return (np.asarray(k) + lo) * g + offset
+    return (np.asarray(k) + lo) * grid_mm + offset
 
 
 def _neck_axis(lateral: float) -> np.ndarray:
@@ -280,7 +280,7 @@ def _joint_radius(profiles: np.ndarray, radii: np.ndarray) -> float | None:
     return float(radii[np.argmax(dip)]) if dip.any() else None
 
 
-def _hip_head(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, neck: np.ndarray
+def _hip_head(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, grid_mm: float, neck: np.ndarray
               ) -> _Head | None:
     """The femoral head at the joint centre ``centre``: its joint radius and how many rays see the joint.
 
@@ -295,7 +295,7 @@ def _hip_head(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, 
     """
     radii = np.arange(8.0, 41.0, 1.0)
     pts = centre + _RAYS[:, :, None, :] * radii[None, None, :, None]
-    prof = ndi.map_coordinates(sm, ((pts - offset) / g).reshape(-1, 3).T, order=1, mode="nearest")
+    prof = ndi.map_coordinates(sm, ((pts - offset) / grid_mm).reshape(-1, 3).T, order=1, mode="nearest")
     prof = prof.reshape(_RAYS.shape[:2] + (len(radii),))
     before = ndi.maximum_filter1d(prof, 7, axis=-1, origin=3)  # max over [r - 6, r]
     after = ndi.maximum_filter1d(prof, 8, axis=-1, origin=-4)  # max over [r, r + 7]
@@ -327,14 +327,14 @@ def _hip_head(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, g: float, 
     return _Head(centre=centre, radius=radius, support=float(good.sum()) / float(outside.sum()))
 
 
-def _head_candidates(smooth: np.ndarray, offset: np.ndarray, g: float, midline_mm: float
+def _head_candidates(smooth: np.ndarray, offset: np.ndarray, grid_mm: float, midline_mm: float
                      ) -> dict[Side, list[np.ndarray]]:
     """Distance-transform maxima of the filled bone mask, per side, thickest first (canonical mm).
 
     ``smooth`` is the smoothed coarse image; the distance transform runs on
     every other coarse voxel (4 mm), which is enough to place a 28 mm ball.
     """
-    step = 2.0 * g
+    step = 2.0 * grid_mm
     bone = ndi.binary_fill_holes(smooth[::2, ::2, ::2] > BONE_HU, structure=IN_PLANE)
     dist = np.zeros(bone.shape, np.float32)
     if bone.any():
@@ -350,9 +350,9 @@ def _head_candidates(smooth: np.ndarray, offset: np.ndarray, g: float, midline_m
     return out
 
 
-def _metal_components(hc: np.ndarray, spacing: np.ndarray) -> list[tuple[np.ndarray, float]]:
+def _metal_components(canonical_hu: np.ndarray, spacing: np.ndarray) -> list[tuple[np.ndarray, float]]:
     """Metal components ``(centroid canonical mm, volume cm3)`` of at least ``MIN_METAL_CM3``."""
-    metal = hc > METAL_HU
+    metal = canonical_hu > METAL_HU
     if not metal.any():
         return []
     box = bounding_box(metal, 0)
@@ -528,22 +528,22 @@ def _femur_side(image: np.ndarray, bone: np.ndarray, dist: np.ndarray, cos_neck:
     return sitk.GetArrayViewFromImage(basins) == 1
 
 
-def _segment_side(c: np.ndarray, in_view: np.ndarray, offset: np.ndarray, g: float, head: _Head, side: Side
+def _segment_side(coarse: np.ndarray, in_view: np.ndarray, offset: np.ndarray, grid_mm: float, head: _Head, side: Side
                   ) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Segment one proximal femur on the coarse grid in a crop around ``head``.
 
-    ``in_view`` (shape of ``c``) is the reconstructed patient: the rest is out
+    ``in_view`` (shape of ``coarse``) is the reconstructed patient: the rest is out
     of the field of view.
 
     Returns the mask and its crop (coarse canonical indices).
     """
     centre = head.centre
     lateral_lo, lateral_hi = (110.0, 60.0) if side == "right" else (60.0, 110.0)
-    lo = (np.array([centre[0] - 130.0, centre[1] - 80.0, centre[2] - lateral_lo]) - offset) / g
-    hi = (np.array([centre[0] + head.radius + 15.0, centre[1] + 70.0, centre[2] + lateral_hi]) - offset) / g
-    sl = tuple(slice(max(0, int(np.floor(a))), min(n, int(np.ceil(b)) + 1)) for a, b, n in zip(lo, hi, c.shape))
-    crop = _edge_restored(c[sl], in_view[sl])
-    axes = [np.arange(s.start, s.stop) * g + o - cc for s, o, cc in zip(sl, offset, centre)]
+    lo = (np.array([centre[0] - 130.0, centre[1] - 80.0, centre[2] - lateral_lo]) - offset) / grid_mm
+    hi = (np.array([centre[0] + head.radius + 15.0, centre[1] + 70.0, centre[2] + lateral_hi]) - offset) / grid_mm
+    sl = tuple(slice(max(0, int(np.floor(a))), min(n, int(np.ceil(b)) + 1)) for a, b, n in zip(lo, hi, coarse.shape))
+    crop = _edge_restored(coarse[sl], in_view[sl])
+    axes = [np.arange(s.start, s.stop) * grid_mm + o - centre_mm for s, o, centre_mm in zip(sl, offset, centre)]
     S, A, L = np.meshgrid(*axes, indexing="ij", sparse=True)
     dist = np.sqrt(S ** 2 + A ** 2 + L ** 2)
     core = dist <= 0.5 * head.radius
@@ -565,17 +565,17 @@ def _segment_side(c: np.ndarray, in_view: np.ndarray, offset: np.ndarray, g: flo
         # the ischial tuberosity is in view when the hip bone ends at least 10 mm above
         # the bottom of the field of view and at least 40 mm below the head centre
         s_lowest = int(np.nonzero(pelvis.any(axis=(1, 2)))[0][0])
-        z_lowest = (sl[0].start + s_lowest) * g + offset[0]
+        z_lowest = (sl[0].start + s_lowest) * grid_mm + offset[0]
         if z_lowest >= offset[0] + 10.0 and z_lowest <= centre[0] - 40.0:
             femur[:s_lowest] = False
-    edges = tuple((s.start == 0, s.stop == n) for s, n in zip(sl, c.shape))
-    femur = _solid(femur, np.full(3, g), ~in_view[sl], edges) & femur_side
+    edges = tuple((s.start == 0, s.stop == n) for s, n in zip(sl, coarse.shape))
+    femur = _solid(femur, np.full(3, grid_mm), ~in_view[sl], edges) & femur_side
     log.debug("%s femur: head r=%.1f mm (joint seen on %.0f%% of rays), threshold %.0f HU, %d voxels",
               side, head.radius, 100 * head.support, thr, int(femur.sum()))
     return femur, sl
 
 
-def _interpolated_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.ndarray, g: float,
+def _interpolated_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.ndarray, grid_mm: float,
                             spacing: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Copy of a coarse crop ``mask`` onto the canonical native grid by linear interpolation (>= 0.5).
 
@@ -590,7 +590,7 @@ def _interpolated_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.
     out = mask.astype(np.float32)
     native = []
     for ax in range(3):
-        x = (np.arange(shape[ax]) * spacing[ax] - offset[ax]) / g - sl[ax].start  # coarse crop index
+        x = (np.arange(shape[ax]) * spacing[ax] - offset[ax]) / grid_mm - sl[ax].start  # coarse crop index
         inside = np.nonzero((x >= -0.5) & (x <= mask.shape[ax] - 0.5))[0]
         native.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
         out = linear_along(out, np.clip(x[inside], 0.0, mask.shape[ax] - 1.0), ax)
@@ -631,31 +631,31 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
     for every rule.
     """
     view = view or canonical_view(volume)
-    frame, hc, sp = view.frame, view.hc, view.frame.spacing
+    frame, canonical_hu, spacing = view.frame, view.canonical_hu, view.frame.spacing
     labels, labels_c = frame.zeros(volume.shape)
-    g, c, offset = COARSE_MM, view.coarse, view.offset
+    grid_mm, coarse, offset = COARSE_MM, view.coarse, view.offset
     sides: dict[Side, FemurSide] = {}
-    if min(c.shape) < 8:
+    if min(coarse.shape) < 8:
         too_small = "the volume is too small to contain a hip"
         return FemurSegmentation(labels, {"right": FemurSide("not_in_view", too_small),
                                           "left": FemurSide("not_in_view", too_small)})
     cols = view.patient.sum(axis=(0, 1)).astype(float)
-    midline = float((cols * np.arange(c.shape[2])).sum() / max(cols.sum(), 1.0)) * g + offset[2]
-    clipped = np.clip(c, -100.0, 700.0)
+    midline = float((cols * np.arange(coarse.shape[2])).sum() / max(cols.sum(), 1.0)) * grid_mm + offset[2]
+    clipped = np.clip(coarse, -100.0, 700.0)
     smooth = ndi.gaussian_filter(clipped, 0.7)
     heads: dict[Side, _Head] = {}
-    candidates = _head_candidates(smooth, offset, g, midline)
+    candidates = _head_candidates(smooth, offset, grid_mm, midline)
     for side, cands in candidates.items():
         lateral = 1.0 if side == "left" else -1.0
         for cand in cands[:3]:
-            centre = _joint_centre(clipped, cand, offset, g)
+            centre = _joint_centre(clipped, cand, offset, grid_mm)
             if centre is None or (centre[2] - midline) * lateral < 40.0:
                 continue
-            head = _hip_head(smooth, centre, offset, g, _neck_axis(lateral))
+            head = _hip_head(smooth, centre, offset, grid_mm, _neck_axis(lateral))
             if head is not None and head.support >= MIN_JOINT_SUPPORT:
                 heads[side] = head
                 break
-    metal = _metal_components(hc, sp)
+    metal = _metal_components(canonical_hu, spacing)
     for side, fid in (("right", FEMUR_RIGHT), ("left", FEMUR_LEFT)):
         sign = 1.0 if side == "left" else -1.0
         head = heads.get(side)
@@ -677,12 +677,12 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
         if head is None:
             sides[side] = FemurSide("not_in_view", f"no {side} femoral head found in the field of view")
             continue
-        coarse_mask, coarse_sl = _segment_side(c, view.patient, offset, g, head, side)
-        mask, sl = _interpolated_to_native(coarse_mask, coarse_sl, offset, g, sp, hc.shape)
+        coarse_mask, coarse_sl = _segment_side(coarse, view.patient, offset, grid_mm, head, side)
+        mask, sl = _interpolated_to_native(coarse_mask, coarse_sl, offset, grid_mm, spacing, canonical_hu.shape)
         reason: str | None = None
         if head.centre[0] - 0.5 * head.radius < offset[0]:
             reason = "only the femoral head is in the field of view (neck and trochanters cut off)"
-        elif mask.sum() * np.prod(sp) < MIN_FEMUR_CM3 * 1000.0:
+        elif mask.sum() * np.prod(spacing) < MIN_FEMUR_CM3 * 1000.0:
             reason = f"less than {MIN_FEMUR_CM3:.0f} cm3 of the proximal femur is in the field of view"
         if reason is not None:
             sides[side] = FemurSide("not_in_view", reason, *_head_geometry(head, frame, volume))

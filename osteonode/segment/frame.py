@@ -100,10 +100,10 @@ class CanonicalView:
     ----------
     frame : CanonicalFrame
         Native ``(z, y, x)`` -> canonical ``(s, a, l)`` mapping.
-    hc : numpy.ndarray
+    canonical_hu : numpy.ndarray
         Canonical view (no copy) of the volume's HU.
     coarse : numpy.ndarray
-        ``COARSE_MM`` isotropic copy of ``hc`` (HU), smoothed down to
+        ``COARSE_MM`` isotropic copy of ``canonical_hu`` (HU), smoothed down to
         ``NOISE_TARGET_HU`` of noise when the image is noisier.
     offset : numpy.ndarray
         Canonical mm of coarse index 0 (coarse index ``j`` lies at ``j * COARSE_MM + offset``).
@@ -115,7 +115,7 @@ class CanonicalView:
     """
 
     frame: CanonicalFrame
-    hc: np.ndarray
+    canonical_hu: np.ndarray
     coarse: np.ndarray
     offset: np.ndarray
     patient: np.ndarray
@@ -127,19 +127,19 @@ class CanonicalView:
         ``thin_mm`` on axes finer than 1.5 mm (thin slices and pixels), and at
         least what brings the noise down to ``NOISE_TARGET_HU``.
         """
-        sp = self.frame.spacing
-        return np.maximum(np.where(sp < 1.5, thin_mm, 0.0), denoising_sigma(self.noise_hu) * sp)
+        spacing = self.frame.spacing
+        return np.maximum(np.where(spacing < 1.5, thin_mm, 0.0), denoising_sigma(self.noise_hu) * spacing)
 
 
 def canonical_view(volume: Volume) -> CanonicalView:
     """Compute the :class:`CanonicalView` of ``volume`` (``(z, y, x)`` HU)."""
     frame = CanonicalFrame.from_volume(volume)
-    hc = frame.to_canonical(volume.hu)
-    coarse, offset = coarse_copy(hc, frame.spacing, COARSE_MM)
+    canonical_hu = frame.to_canonical(volume.hu)
+    coarse, offset = coarse_copy(canonical_hu, frame.spacing, COARSE_MM)
     sigma = denoising_sigma(noise_hu(coarse))
     if sigma > 0.0:  # noisy (e.g. low-dose) images: the detection steps see the same noise as usual
         coarse = ndi.gaussian_filter(coarse, sigma)
-    return CanonicalView(frame, hc, coarse, offset, patient_mask(coarse), noise_hu(volume.hu))
+    return CanonicalView(frame, canonical_hu, coarse, offset, patient_mask(coarse), noise_hu(volume.hu))
 
 
 def denoising_sigma(noise_hu: float) -> float:
@@ -162,15 +162,16 @@ def noise_hu(hu: np.ndarray) -> float:
     return float(1.4826 * np.median(np.abs(diff - np.median(diff))) / np.sqrt(2.0))
 
 
-def coarse_copy(hc: np.ndarray, spacing: np.ndarray, grid: float = COARSE_MM) -> tuple[np.ndarray, np.ndarray]:
+def coarse_copy(canonical_hu: np.ndarray, spacing: np.ndarray, grid: float = COARSE_MM
+                ) -> tuple[np.ndarray, np.ndarray]:
     """Block-average then linearly resample the canonical array to ``grid`` mm.
 
     Returns the coarse array and the offset (mm) such that coarse index ``j``
     lies at canonical position ``j * grid + offset`` mm.
     """
     k = [max(1, int(grid / s)) for s in spacing]
-    n = [(hc.shape[i] // k[i]) * k[i] for i in range(3)]
-    blocks = hc[:n[0], :n[1], :n[2]]
+    n = [(canonical_hu.shape[i] // k[i]) * k[i] for i in range(3)]
+    blocks = canonical_hu[:n[0], :n[1], :n[2]]
     # block mean, one axis at a time with strided sums (cheap on non-contiguous views)
     for ax, ki in enumerate(k):
         if ki > 1:
@@ -216,8 +217,8 @@ def shift_along(a: np.ndarray, off: int, axis: int, fill: float) -> np.ndarray:
     return out
 
 
-def patient_mask(c: np.ndarray) -> np.ndarray:
-    return largest_component_filled(c > -400)
+def patient_mask(coarse: np.ndarray) -> np.ndarray:
+    return largest_component_filled(coarse > -400)
 
 
 def largest_component_filled(mask: np.ndarray) -> np.ndarray:
@@ -237,11 +238,11 @@ def ellipsoid(rad: np.ndarray, spacing: np.ndarray) -> np.ndarray:
     return inside
 
 
-def coarse_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.ndarray, g: float,
+def coarse_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.ndarray, grid_mm: float,
                      spacing: np.ndarray, shape: tuple[int, ...]) -> tuple[np.ndarray, tuple[slice, ...]]:
     """Nearest-neighbour copy of a coarse crop ``mask`` onto the canonical native grid.
 
-    ``mask`` is the crop ``sl`` of a coarse ``(s, a, l)`` array with spacing ``g``
+    ``mask`` is the crop ``sl`` of a coarse ``(s, a, l)`` array with spacing ``grid_mm``
     mm and origin ``offset`` (canonical mm); ``spacing`` and ``shape`` are those
     of the canonical native array. Returns the native mask and its crop
     (canonical native indices).
@@ -249,7 +250,7 @@ def coarse_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.ndarray
     index, native = [], []
     for ax in range(3):
         j = np.arange(shape[ax])
-        k = np.round((j * spacing[ax] - offset[ax]) / g).astype(int)
+        k = np.round((j * spacing[ax] - offset[ax]) / grid_mm).astype(int)
         inside = np.nonzero((k >= sl[ax].start) & (k < sl[ax].stop))[0]
         native.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
         index.append(k[inside] - sl[ax].start)

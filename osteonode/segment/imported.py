@@ -200,10 +200,10 @@ def _centroids_lps(labels: np.ndarray, present: set[int], volume: Volume) -> dic
     if not ids:
         return {}
     index = ndi.center_of_mass(np.ones(labels.shape), labels, ids)
-    return {i: volume.index_to_lps(c) for i, c in zip(ids, index)}
+    return {i: volume.index_to_lps(centre_index) for i, centre_index in zip(ids, index)}
 
 
-def _bodies_and_rois(whole: np.ndarray, hc: np.ndarray, spacing: np.ndarray
+def _bodies_and_rois(whole: np.ndarray, canonical_hu: np.ndarray, spacing: np.ndarray
                      ) -> tuple[np.ndarray, np.ndarray, set[int]]:
     """Bodies and trabecular ROIs from whole vertebrae, all canonical ``(s, a, l)``.
 
@@ -217,8 +217,8 @@ def _bodies_and_rois(whole: np.ndarray, hc: np.ndarray, spacing: np.ndarray
         mask = whole == vid
         sl = bounding_box(mask, 2)
         vert = mask[sl]
-        coords = tuple(np.arange(s.start, s.stop) * sp for s, sp in zip(sl, spacing))
-        body = _body_of(vert, np.asarray(hc[sl], dtype=np.float32), coords)
+        coords = tuple(np.arange(s.start, s.stop) * step_mm for s, step_mm in zip(sl, spacing))
+        body = _body_of(vert, np.asarray(canonical_hu[sl], dtype=np.float32), coords)
         if not body.any():
             log.info("%s: no body found anterior to the spinal canal", VERTEBRA_NAMES[vid])
             continue
@@ -260,7 +260,7 @@ def _body_of(vert: np.ndarray, hu: np.ndarray, coords: tuple[np.ndarray, ...]) -
 
 def _height_axis(body: np.ndarray, coords: tuple[np.ndarray, ...]) -> np.ndarray:
     """Unit vector of the body's height (its thinnest principal axis), pointing superior."""
-    pts = np.column_stack([c[i] for c, i in zip(coords, np.nonzero(body))])
+    pts = np.column_stack([axis_mm[i] for axis_mm, i in zip(coords, np.nonzero(body))])
     _, vecs = np.linalg.eigh(np.cov(pts.T))
     axis = vecs[:, 0]
     return axis if axis[0] >= 0 else -axis
@@ -271,7 +271,7 @@ def _order_confidence(bodies: np.ndarray, spacing: np.ndarray) -> tuple[float, s
     ids = [int(v) for v in np.unique(bodies) if v]
     if not ids:
         return IMPORTED_CONFIDENCE, ""
-    heights = [c[0] * spacing[0] for c in ndi.center_of_mass(np.ones(bodies.shape), bodies, ids)]
+    heights = [centroid[0] * spacing[0] for centroid in ndi.center_of_mass(np.ones(bodies.shape), bodies, ids)]
     if all(h1 > h2 for h1, h2 in zip(heights, heights[1:])):  # VerSe IDs grow caudally
         return IMPORTED_CONFIDENCE, ""
     return 0.5, "; CAUTION: the named vertebrae are not in cranio-caudal order"

@@ -125,26 +125,26 @@ def open_segment_extent(extent_mm: float, reference_mm: float) -> str:
 SACRUM_TEST_DEPTH_MM = 40.0
 
 
-def has_sacrum(c: np.ndarray, path: np.ndarray, disc: Disc, g: float = COARSE_MM) -> bool:
+def has_sacrum(coarse: np.ndarray, path: np.ndarray, disc: Disc, grid_mm: float = COARSE_MM) -> bool:
     """Whether the bone below ``disc`` is the sacrum (see module docstring)."""
     z = int(disc.z)
-    z_lo = z - int(round(SACRUM_TEST_DEPTH_MM / g))
+    z_lo = z - int(round(SACRUM_TEST_DEPTH_MM / grid_mm))
     if z_lo < 0:
         return False
     # both iliac bones flank the bone below the disc: thick bone (an 8 mm disc survives an
     # opening; ribs and transverse processes do not) lateral to the body on each side
-    zs = np.arange(z - int(round(30.0 / g)), z - int(round(8.0 / g)))
-    bone = ndi.uniform_filter(c[zs], size=(1, 3, 3)) > 120.0
+    zs = np.arange(z - int(round(30.0 / grid_mm)), z - int(round(8.0 / grid_mm)))
+    bone = ndi.uniform_filter(coarse[zs], size=(1, 3, 3)) > 120.0
     bone = ndi.binary_fill_holes(bone, structure=IN_PLANE)
-    r = int(round(4.0 / g))
+    r = int(round(4.0 / grid_mm))
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     thick = ndi.binary_opening(bone, structure=(yy ** 2 + xx ** 2 <= r * r)[None])
     both = 0
     for i, zz in enumerate(zs):
         y, x = int(path[zz, 0]), int(path[zz, 1])
-        ya, yb = max(0, y - int(45 / g)), min(c.shape[1], y + int(15 / g))
-        lw = thick[i, ya:yb, max(0, x - int(110 / g)):max(0, x - int(24 / g))]
-        rw = thick[i, ya:yb, x + int(24 / g):x + int(110 / g)]
+        ya, yb = max(0, y - int(45 / grid_mm)), min(coarse.shape[1], y + int(15 / grid_mm))
+        lw = thick[i, ya:yb, max(0, x - int(110 / grid_mm)):max(0, x - int(24 / grid_mm))]
+        rw = thick[i, ya:yb, x + int(24 / grid_mm):x + int(110 / grid_mm)]
         if lw.size and rw.size and min(lw.mean(), rw.mean()) >= 0.06:
             both += 1
     frac = both / max(len(zs), 1)
@@ -207,12 +207,12 @@ def caudal_anchor(below_lowest: bool | None, below_next: bool | None, agrees: di
     return (1, False) if below_next else (None, False)
 
 
-def rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[float]:
+def rib_levels(coarse: np.ndarray, path: np.ndarray, grid_mm: float = COARSE_MM) -> list[float]:
     """Coarse z of the medial ends of rib-like bone components."""
-    bone = ndi.uniform_filter(c, size=(1, 2, 2)) > RIB_BONE_HU
-    nz, ny, nx = c.shape
+    bone = ndi.uniform_filter(coarse, size=(1, 2, 2)) > RIB_BONE_HU
+    nz, ny, nx = coarse.shape
     xs = np.arange(nx)
-    dist_x = np.abs(xs[None, :] - path[:, 1:2]) * g  # (nz, nx)
+    dist_x = np.abs(xs[None, :] - path[:, 1:2]) * grid_mm  # (nz, nx)
     bone &= (dist_x >= 22.0)[:, None, :]
     lab, n = ndi.label(bone, structure=np.ones((3, 3, 3), bool))
     ends = []
@@ -220,29 +220,29 @@ def rib_levels(c: np.ndarray, path: np.ndarray, g: float = COARSE_MM) -> list[fl
         if sl is None:
             continue
         m = lab[sl] == i + 1
-        vol_cm3 = m.sum() * g ** 3 / 1000.0
+        vol_cm3 = m.sum() * grid_mm ** 3 / 1000.0
         if vol_cm3 < 0.3 or vol_cm3 > 40.0:
             continue
         zz, yy, xx = np.nonzero(m)
         zz = zz + sl[0].start
         yy = yy + sl[1].start
         xx = xx + sl[2].start
-        dx = np.abs(xx - path[zz, 1]) * g
-        dy = (yy - path[zz, 0]) * g
-        if dx.min() > 26.0 or dx.max() < RIB_REACH_MM or (zz.max() - zz.min() + 1) * g < 16.0:
+        dx = np.abs(xx - path[zz, 1]) * grid_mm
+        dy = (yy - path[zz, 0]) * grid_mm
+        if dx.min() > 26.0 or dx.max() < RIB_REACH_MM or (zz.max() - zz.min() + 1) * grid_mm < 16.0:
             continue
         if zz.min() == 0:  # cut by the bottom of the field of view (e.g. an iliac crest): cannot be told
             continue
         medial = dx < dx.min() + 8.0
         if not (-60.0 < dy[medial].mean() < 15.0):
             continue
-        if (zz[medial].max() - zz[medial].min() + 1) * g > RIB_HEAD_SPAN_MM:  # merged with a transverse process
+        if (zz[medial].max() - zz[medial].min() + 1) * grid_mm > RIB_HEAD_SPAN_MM:  # merged with a transverse process
             continue
         ends.append(float(zz[medial].mean()))
     return ends
 
 
-def ribs_observable(path: np.ndarray, nx: int, z_lo: float, z_hi: float, g: float = COARSE_MM) -> bool:
+def ribs_observable(path: np.ndarray, nx: int, z_lo: float, z_hi: float, grid_mm: float = COARSE_MM) -> bool:
     """Whether a rib could be seen beside the column between coarse slices ``z_lo`` and ``z_hi``.
 
     A rib reaches :data:`RIB_REACH_MM` from the midline (:func:`rib_levels`);
@@ -252,7 +252,7 @@ def ribs_observable(path: np.ndarray, nx: int, z_lo: float, z_hi: float, g: floa
     detected rib may still bear one, so it cannot tell the lowest
     rib-bearing vertebra.
     """
-    reach = (RIB_REACH_MM + 10.0) / g
+    reach = (RIB_REACH_MM + 10.0) / grid_mm
     rows = path[int(max(0, np.floor(z_lo))):int(min(len(path), np.ceil(z_hi) + 1)), 1]
     return bool(rows.size) and bool(np.all((rows - reach >= 0) & (rows + reach <= nx - 1)))
 

@@ -119,7 +119,7 @@ DISC_TILT_DEADBAND_DEG = 8.0
 
 
 
-def _segments(discs: list, in_view: tuple[int, int], g: float) -> list[tuple]:
+def _segments(discs: list, in_view: tuple[int, int], grid_mm: float) -> list[tuple]:
     """Segments between the discs, caudal to cranial: ``(lower disc or None, upper disc or None)``.
 
     Segment ``i`` lies above disc ``i - 1``; an open-ended segment with less
@@ -127,9 +127,9 @@ def _segments(discs: list, in_view: tuple[int, int], g: float) -> list[tuple]:
     beyond its disc cannot hold a body and is dropped.
     """
     segments = [(None, discs[0]), *zip(discs[:-1], discs[1:]), (discs[-1], None)]
-    if (discs[0].lower - in_view[0]) * g < 8.0:
+    if (discs[0].lower - in_view[0]) * grid_mm < 8.0:
         segments.pop(0)
-    if (in_view[1] - discs[-1].upper) * g < 8.0:
+    if (in_view[1] - discs[-1].upper) * grid_mm < 8.0:
         segments.pop()
     return segments
 
@@ -156,40 +156,41 @@ class _Anchors:
     lowest: int
 
 
-def _anchor(discs: list, c: np.ndarray, path: np.ndarray, in_view: tuple[int, int], rib_z_all: list[float],
-            g: float) -> _Anchors:
+def _anchor(discs: list, coarse: np.ndarray, path: np.ndarray, in_view: tuple[int, int], rib_z_all: list[float],
+            grid_mm: float) -> _Anchors:
     """Find the sacrum (caudal anchor) and the lowest rib-bearing vertebra (cranial anchor) on a disc chain.
 
     The sacrum lies below the lowest disc, or below the next one, the lowest
     notch then being a residual S1/S2 disc inside the sacrum (common; its
     iliac-bone test, 8-30 mm below, falls on S2-S3); the cranial anchor decides
-    when both tests pass. ``c``: the coarse canonical copy (HU), ``path`` the
+    when both tests pass. ``coarse``: the coarse canonical copy (HU), ``path`` the
     centreline (:func:`~osteonode.segment.column.track_column`), ``in_view``
     the first and last coarse slices in view, ``rib_z_all`` the rib ends
-    (:func:`~osteonode.segment.levels.rib_levels`), ``g`` the coarse spacing (mm).
+    (:func:`~osteonode.segment.levels.rib_levels`), ``grid_mm`` the coarse spacing (mm).
     """
 
     def anchors(lowest: int, sacrum: bool) -> tuple[list, list, int | None, list[float]]:
         """Segments, lowest rib-bearing segment and rib ends with the chain from ``discs[lowest]``."""
         kept = discs[lowest:]
-        segments = _segments(kept, in_view, g)
+        segments = _segments(kept, in_view, grid_mm)
         # rib-like bone at the top of the sacrum is an iliac crest
-        rib_z = [z for z in rib_z_all if z > kept[0].z + 10.0 / g] if sacrum else rib_z_all
+        rib_z = [z for z in rib_z_all if z > kept[0].z + 10.0 / grid_mm] if sacrum else rib_z_all
         rib_segs = sorted({i for z in rib_z for i, (lo, hi) in enumerate(segments)
                            if (lo.z if lo is not None else -np.inf) <= z < (hi.z if hi is not None else np.inf)})
         if not rib_segs:
             return kept, segments, None, rib_z
         below = [i for i in range(rib_segs[0]) if segments[i][0] is not None and not (sacrum and i == 0)]
         # the vertebrae below must be seen to bear no rib: the field of view reaches where a rib would be
-        if below and all(ribs_observable(path, c.shape[2], segments[i][0].z, segments[i][1].z, g) for i in below):
+        if below and all(ribs_observable(path, coarse.shape[2], segments[i][0].z, segments[i][1].z, grid_mm)
+                         for i in below):
             return kept, segments, rib_segs[0], rib_z
         return kept, segments, None, rib_z
 
     tests: list[bool | None] = [None, None]
-    if discs[0].lower * g >= 8.0 and discs[0].z * g >= SACRUM_TEST_DEPTH_MM:
-        tests[0] = has_sacrum(c, path, discs[0], g)
+    if discs[0].lower * grid_mm >= 8.0 and discs[0].z * grid_mm >= SACRUM_TEST_DEPTH_MM:
+        tests[0] = has_sacrum(coarse, path, discs[0], grid_mm)
         if len(discs) > 1:
-            tests[1] = has_sacrum(c, path, discs[1], g)
+            tests[1] = has_sacrum(coarse, path, discs[1], grid_mm)
     options = {k: anchors(k, True) for k in (0, 1) if tests[k]}
     # the sacrum tops segment 0 of either option
     spacings = [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:3])]
@@ -206,7 +207,7 @@ def _anchor(discs: list, c: np.ndarray, path: np.ndarray, in_view: tuple[int, in
 class _StagedBody:
     """One labelled body between the centring pass and the final pass of :func:`segment_spine`: its
     canonical crop (HU) and its slices ``sl`` of the canonical volume, the crop's canonical mm
-    ``native_coords``, its smoothed (``hs``) and raw working copies (at most 1 mm, HU) with their
+    ``native_coords``, its smoothed (``smoothed``) and raw working copies (at most 1 mm, HU) with their
     canonical mm ``coords`` and the slices ``back`` to the crop's grid, its planes (top, bottom, outer
     top, outer bottom: (point, unit normal)), centre (canonical mm), the centreline's unit tangent
     there and the centring pass's centroid (canonical mm; None when that pass found nothing)."""
@@ -215,7 +216,7 @@ class _StagedBody:
     sl: tuple[slice, ...]
     crop: np.ndarray
     native_coords: tuple[np.ndarray, np.ndarray, np.ndarray]
-    hs: np.ndarray
+    smoothed: np.ndarray
     raw: np.ndarray
     coords: tuple[np.ndarray, np.ndarray, np.ndarray]
     back: tuple
@@ -313,7 +314,7 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     Quantitative CT (2018).
     """
     view = view or canonical_view(volume)
-    frame, hc, sp = view.frame, view.hc, view.frame.spacing
+    frame, canonical_hu, spacing = view.frame, view.canonical_hu, view.frame.spacing
     bodies, bodies_c = frame.zeros(volume.shape)
     trabecular, trab_c = frame.zeros(volume.shape)
 
@@ -321,40 +322,40 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         return SpineSegmentation(bodies=bodies, trabecular=trabecular, confidence=confidence, method=method,
                                  not_evaluable_reason=reason, whole=whole)
 
-    g, c, offset = COARSE_MM, view.coarse, view.offset
-    if min(c.shape) < 8:
+    grid_mm, coarse, offset = COARSE_MM, view.coarse, view.offset
+    if min(coarse.shape) < 8:
         return result({}, "", "the volume is too small to contain a vertebra")
-    path, valid = track_column(c, view.patient, g)
-    profile = plane_profile(c, path)
+    path, valid = track_column(coarse, view.patient, grid_mm)
+    profile = plane_profile(coarse, path)
     pts, tangent = profile.pts, profile.tangent
-    candidates = disc_candidates(profile, valid, g)
-    discs = choose_discs(candidates, g)
-    log.info("column tracked over %d coarse slices; %d disc(s) found", c.shape[0], len(discs))
+    candidates = disc_candidates(profile, valid, grid_mm)
+    discs = choose_discs(candidates, grid_mm)
+    log.info("column tracked over %d coarse slices; %d disc(s) found", coarse.shape[0], len(discs))
     no_anchor = ("neither the sacrum nor the lowest rib-bearing vertebra (T12) is in the field of view; "
                  "lumbar levels cannot be identified")
     if not discs:
         return result({}, "", "no intervertebral disc found; " + no_anchor)
 
-    nz = c.shape[0]
-    partial = partial_end_slices(view.patient.sum(axis=(1, 2)), g)
+    nz = coarse.shape[0]
+    partial = partial_end_slices(view.patient.sum(axis=(1, 2)), grid_mm)
     in_view = (int(np.argmin(partial)), int(nz - 1 - np.argmin(partial[::-1])))
-    rib_z_all = rib_levels(c, path, g)
-    anchored = _anchor(discs, c, path, in_view, rib_z_all, g)
+    rib_z_all = rib_levels(coarse, path, grid_mm)
+    anchored = _anchor(discs, coarse, path, in_view, rib_z_all, grid_mm)
     if anchored.rib_z:
         # no disc at the lowest rib's head, and T12/L1 just below it (a disc between two dark bodies)
         checked = below_lowest_rib(candidates, min(anchored.rib_z))
-        again_discs = choose_discs(checked, g) if checked.z != candidates.z else []
+        again_discs = choose_discs(checked, grid_mm) if checked.z != candidates.z else []
         if again_discs:
             log.info("disc candidates checked against the lowest rib: %d -> %d", len(candidates.z), len(checked.z))
             candidates, discs = checked, again_discs
-            anchored = _anchor(discs, c, path, in_view, rib_z_all, g)
+            anchored = _anchor(discs, coarse, path, in_view, rib_z_all, grid_mm)
     rib_guided = False
     if (anchored.sacrum_seg is not None and anchored.t12_seg is not None
             and anchored.t12_seg - anchored.sacrum_seg < ANCHOR_SEGMENTS):
         # a vertebra too few between the anchors: a segment holds two vertebrae, most often a crushed one
         # and its neighbour; the best chain with the discs the anchors ask for below the lowest rib
-        retry = choose_discs(candidates, g, below=(min(anchored.rib_z), anchored.lowest + ANCHOR_SEGMENTS))
-        again = _anchor(retry, c, path, in_view, rib_z_all, g) if len(retry) > len(discs) else None
+        retry = choose_discs(candidates, grid_mm, below=(min(anchored.rib_z), anchored.lowest + ANCHOR_SEGMENTS))
+        again = _anchor(retry, coarse, path, in_view, rib_z_all, grid_mm) if len(retry) > len(discs) else None
         if again is not None and again.sacrum_seg is not None and anchors_agree(again.sacrum_seg, again.t12_seg):
             log.info("the anchors agree with %d more disc(s) below the lowest rib (a crushed vertebra)",
                      len(retry) - len(discs))
@@ -374,13 +375,13 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     confidence: dict[int, float] = {}
 
     # --- native segmentation of each labelled body
-    zmm = np.arange(hc.shape[0]) * sp[0]
-    ymm = np.arange(hc.shape[1]) * sp[1]
-    xmm = np.arange(hc.shape[2]) * sp[2]
-    pts_mm = pts * g + offset  # coarse index -> canonical mm
-    sigma = view.smoothing_mm() / sp
-    log.info("image noise %.0f HU: smoothing sigma %s mm", view.noise_hu, np.round(sigma * sp, 2))
-    work_sp = np.maximum(sp, WORK_MM)
+    zmm = np.arange(canonical_hu.shape[0]) * spacing[0]
+    ymm = np.arange(canonical_hu.shape[1]) * spacing[1]
+    xmm = np.arange(canonical_hu.shape[2]) * spacing[2]
+    pts_mm = pts * grid_mm + offset  # coarse index -> canonical mm
+    sigma = view.smoothing_mm() / spacing
+    log.info("image noise %.0f HU: smoothing sigma %s mm", view.noise_hu, np.round(sigma * spacing, 2))
+    work_spacing = np.maximum(spacing, WORK_MM)
 
     def smooth(crop: np.ndarray) -> np.ndarray:
         return ndi.gaussian_filter(crop, sigma) if sigma.any() else crop
@@ -391,10 +392,10 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         if abs(tilt_deg) < DISC_TILT_DEADBAND_DEG:
             tilt_deg = 0.0  # within the noise of the estimate (a dark, osteoporotic body's planes)
         normal = tangent[i] - perpendicular_frame(tangent[i])[0] * np.tan(np.radians(tilt_deg))
-        return pts_mm[i] + (zc_idx - i) * g * tangent[i], normal / np.linalg.norm(normal)
+        return pts_mm[i] + (zc_idx - i) * grid_mm * tangent[i], normal / np.linalg.norm(normal)
 
     complete: set[int] = set()
-    heights = [(hi.lower - lo.upper) * g if lo is not None and hi is not None else None for lo, hi in segments]
+    heights = [(hi.lower - lo.upper) * grid_mm if lo is not None and hi is not None else None for lo, hi in segments]
     # first stage, per body: crop, working copies and a centring pass along the centreline's tangent
     staged: dict[int, _StagedBody] = {}
     for i, vid in sorted(labels.items()):
@@ -403,8 +404,8 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         z_top = hi.lower if hi is not None else float(in_view[1])
         if vid == SACRUM:
             z_top = hi.lower
-            z_bot = max(0.0, z_top - 30.0 / g)  # S1 body
-        extent = open_segment_extent((z_top - z_bot) * g, reference_height(heights, i))
+            z_bot = max(0.0, z_top - 30.0 / grid_mm)  # S1 body
+        extent = open_segment_extent((z_top - z_bot) * grid_mm, reference_height(heights, i))
         if (lo is not None and hi is not None) or vid == SACRUM:
             complete.add(vid)  # the S1 body (30 mm below L5/S1) is in view by the sacrum test
         elif extent == "more than one vertebra":
@@ -427,55 +428,57 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
         ylo, yhi = centre[1] - 50.0, centre[1] + 40.0
         xlo, xhi = centre[2] - 40.0, centre[2] + 40.0
         sl = tuple(slice(max(0, int(np.floor(a / s))), min(n, int(np.ceil(b / s)) + 1))
-                   for (a, b), s, n in zip((zr, (ylo, yhi), (xlo, xhi)), sp, hc.shape))
-        crop = np.asarray(hc[sl], dtype=np.float32)
+                   for (a, b), s, n in zip((zr, (ylo, yhi), (xlo, xhi)), spacing, canonical_hu.shape))
+        crop = np.asarray(canonical_hu[sl], dtype=np.float32)
         if crop.size == 0:
             continue
         native_coords = (zmm[sl[0]], ymm[sl[1]], xmm[sl[2]])
-        hs, coords, back = working_grid(smooth(crop), native_coords, sp, work_sp)
-        raw = working_grid(crop, native_coords, sp, work_sp)[0]
+        smoothed, coords, back = working_grid(smooth(crop), native_coords, spacing, work_spacing)
+        raw = working_grid(crop, native_coords, spacing, work_spacing)[0]
         planes = (top, bottom, outer_top, outer_bottom)
         # centring pass on the smoothed copy: the final pass is centred on this body's centroid
         # (the tracked centre leans towards the canal because the tracking score rewards it)
-        body = segment_body(hs, hs, raw, coords, centre, tangent[im], top, bottom, work_sp, outer_top,
-                            outer_bottom, trabecular_core_hu(hs, coords, centre, (top, bottom)),
+        body = segment_body(smoothed, smoothed, raw, coords, centre, tangent[im], top, bottom, work_spacing, outer_top,
+                            outer_bottom, trabecular_core_hu(smoothed, coords, centre, (top, bottom)),
                             fill_shell=vid != SACRUM)
         centroid = None
         if body.any():
-            centroid = np.array([float(np.average(cc, weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
-                                 for ax, cc in enumerate(coords)])
+            centroid = np.array([float(np.average(axis_mm,
+                                                  weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
+                                 for ax, axis_mm in enumerate(coords)])
             shift = centroid - centre
             shift -= tangent[im] * float(shift @ tangent[im])
             if np.linalg.norm(shift) > 1.0:
                 centre = centre + shift
-        staged[i] = _StagedBody(vid, sl, crop, native_coords, hs, raw, coords, back, planes, centre, tangent[im],
+        staged[i] = _StagedBody(vid, sl, crop, native_coords, smoothed, raw, coords, back, planes, centre, tangent[im],
                                 centroid)
     # second stage: each body's axis runs through its neighbours' centroids (the centreline's tangent
     # can be 15 degrees off at the thoracolumbar junction, and the posterior wall cut along it took the
     # posterior-superior corner of L1), then the final pass
     for i, stage in staged.items():
-        vid, coords, hs, centre = stage.vid, stage.coords, stage.hs, stage.centre
+        vid, coords, smoothed, centre = stage.vid, stage.coords, stage.smoothed, stage.centre
         top, bottom, outer_top, outer_bottom = stage.planes
         axis = body_axis(stage.tangent, *(staged[j].centroid if j in staged else None for j in (i + 1, i - 1)))
-        core_hu = trabecular_core_hu(hs, coords, centre, (top, bottom))
+        core_hu = trabecular_core_hu(smoothed, coords, centre, (top, bottom))
         # clipped before smoothing, so that the dense cortex cannot spread above the threshold
         clip = core_hu + body_threshold(core_hu) - SOFT_TISSUE_HU
-        hb = working_grid(smooth(np.minimum(stage.crop, clip)), stage.native_coords, sp, work_sp)[0]
+        outline_hu = working_grid(smooth(np.minimum(stage.crop, clip)), stage.native_coords, spacing, work_spacing)[0]
         # the disc planes are still searched along the tangent: along the turned axis, the search
         # filled the wedge of a 45 % wedge-compressed L2 (graded 1 instead of 3). The posterior wall is
         # cut at its half-maximum edge here only: in the centring pass too, it made L1's ROI 16-20 %
         # smaller than the unedited L1's on copies whose cores (edited along that code's own bodies) were
         # 90-120 HU darker (bench/README.md, "Session 16")
-        body = segment_body(hs, hb, stage.raw, coords, centre, stage.tangent, top, bottom, work_sp, outer_top,
-                            outer_bottom, core_hu, fill_shell=vid != SACRUM, frame_axis=axis,
+        body = segment_body(smoothed, outline_hu, stage.raw, coords, centre, stage.tangent, top, bottom, work_spacing,
+                            outer_top, outer_bottom, core_hu, fill_shell=vid != SACRUM, frame_axis=axis,
                             wall_edge=True)
         discs_mm = None
         if segments[i][0] is not None and segments[i][1] is not None:
             discs_mm = (float(outer_bottom[0] @ stage.tangent), float(outer_top[0] @ stage.tangent))
-        roi = trabecular_roi(body, coords, work_sp, stage.tangent, discs_mm) if vid != SACRUM else np.zeros_like(body)
+        roi = (trabecular_roi(body, coords, work_spacing, stage.tangent, discs_mm) if vid != SACRUM
+               else np.zeros_like(body))
         body, roi = body[stage.back], roi[stage.back]
         body &= bodies_c[stage.sl] == 0
-        if body.sum() * np.prod(sp) < 2000.0:  # < 2 cm3: not a body
+        if body.sum() * np.prod(spacing) < 2000.0:  # < 2 cm3: not a body
             log.info("segment %d (%s): body too small, skipped", i, VERTEBRA_NAMES[vid])
             continue
         bodies_c[stage.sl][body] = vid
@@ -486,9 +489,9 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     done = [i for i, vid in labels.items() if vid in confidence and vid != SACRUM]
     above = below = None
     if done and segments[max(done)][1] is not None:
-        above = segments[max(done)][1].z * g + offset[0] + 8.0  # superior articular processes rise ~ 8 mm
+        above = segments[max(done)][1].z * grid_mm + offset[0] + 8.0  # superior articular processes rise ~ 8 mm
     if done and segments[min(done)][0] is not None and labels.get(min(done) - 1) != SACRUM:
-        below = segments[min(done)][0].z * g + offset[0] - 15.0  # inferior ones reach ~ 15 mm below the disc
+        below = segments[min(done)][0].z * grid_mm + offset[0] - 15.0  # inferior ones reach ~ 15 mm below the disc
     whole = bodies.copy()
     add_posterior_elements(view, frame.to_canonical(whole), above, below)
     log.info("spine levels: %s (%s)", [VERTEBRA_NAMES[v] for v in sorted(confidence)], method)
