@@ -4,7 +4,9 @@ Everything is found from structures that survive osteoporosis -- the cortical
 shell, the endplates, the spinal canal, the ribs and the sacrum -- so that
 bodies with trabecular bone from -50 to +400 HU (fatty, osteoporotic, normal,
 sclerotic), on every level or on one alone, are found, labelled and measured
-alike. :func:`segment_spine` runs these steps; each lives in its own module:
+alike. :func:`segment_spine` runs these steps (steps 2 and 3 in :func:`_identify_levels`,
+the two passes of step 4 in :func:`_centring_pass` and :func:`_final_pass`); each lives in its
+own module:
 
 1. **Canonical frame** (:mod:`osteonode.segment.frame`): the ``(z, y, x)``
    array is viewed (no copy) with its axes pointing superior, anterior and
@@ -78,6 +80,7 @@ from osteonode.segment import SpineSegmentation
 from osteonode.segment.body import (
     SOFT_TISSUE_HU,
     WORK_MM,
+    Plane,
     add_posterior_elements,
     body_threshold,
     segment_body,
@@ -268,6 +271,209 @@ def body_axis(tangent: np.ndarray, above: np.ndarray | None, below: np.ndarray |
     return line if float(line @ tangent) >= np.cos(np.radians(MAX_AXIS_TURN_DEG)) else tangent
 
 
+@dataclass(frozen=True)
+class _Levels:
+    """The named segments of the column (:func:`_identify_levels`): ``segments`` the (lower disc,
+    upper disc) of each segment (None: open at the field of view), ``labels`` segment index -> VerSe
+    ID, the naming's ``confidence`` and ``method``, the coarse slices ``in_view`` (first, last) and the
+    centreline's ``planes``."""
+
+    segments: list
+    labels: dict[int, int]
+    confidence: float
+    method: str
+    in_view: tuple[int, int]
+    planes: _ColumnPlanes
+
+
+@dataclass(frozen=True)
+class _ColumnPlanes:
+    """Planes across the tracked column: the smoothed centreline ``pts_mm`` (canonical mm) and its
+    ``tangent`` per coarse slice, ``(nz, 3)`` each, on a grid of ``grid_mm``."""
+
+    pts_mm: np.ndarray
+    tangent: np.ndarray
+    grid_mm: float
+
+    def at(self, zc_idx: float, tilt_deg: float = 0.0) -> Plane:
+        """(point, unit normal) of the plane across the column at coarse index ``zc_idx``, tilted like a disc."""
+        i = int(np.clip(round(zc_idx), 0, self.pts_mm.shape[0] - 1))
+        if abs(tilt_deg) < DISC_TILT_DEADBAND_DEG:
+            tilt_deg = 0.0  # within the noise of the estimate (a dark, osteoporotic body's planes)
+        normal = self.tangent[i] - perpendicular_frame(self.tangent[i])[0] * np.tan(np.radians(tilt_deg))
+        return self.pts_mm[i] + (zc_idx - i) * self.grid_mm * self.tangent[i], normal / np.linalg.norm(normal)
+
+
+@dataclass(frozen=True)
+class _NativeGrid:
+    """The canonical native grid the bodies are segmented on: ``canonical_hu`` (HU), its voxel
+    ``spacing`` (mm), the positions along each axis (``axes_mm``, canonical mm), the Gaussian
+    ``sigma`` (voxels) of the smoothed copies and the ``work_spacing`` (mm, at most 1 mm finer than
+    native) of the working copies."""
+
+    canonical_hu: np.ndarray
+    spacing: np.ndarray
+    axes_mm: tuple[np.ndarray, np.ndarray, np.ndarray]
+    sigma: np.ndarray
+    work_spacing: np.ndarray
+
+    @classmethod
+    def of(cls, view: CanonicalView) -> _NativeGrid:
+        spacing = view.frame.spacing
+        axes = tuple(np.arange(n) * step for n, step in zip(view.canonical_hu.shape, spacing))
+        sigma = view.smoothing_mm() / spacing
+        log.info("image noise %.0f HU: smoothing sigma %s mm", view.noise_hu, np.round(sigma * spacing, 2))
+        return cls(view.canonical_hu, spacing, (axes[0], axes[1], axes[2]), sigma, np.maximum(spacing, WORK_MM))
+
+    def smooth(self, crop: np.ndarray) -> np.ndarray:
+        return ndi.gaussian_filter(crop, self.sigma) if self.sigma.any() else crop
+
+
+def _identify_levels(view: CanonicalView) -> _Levels | str:
+    """Track the column on the coarse copy, find its discs, anchor and name the levels.
+
+    Returns the named segments, or the reason (str) why the levels cannot be
+    identified.
+    """
+    grid_mm, coarse = COARSE_MM, view.coarse
+    if min(coarse.shape) < 8:
+        return "the volume is too small to contain a vertebra"
+    path, valid = track_column(coarse, view.patient, grid_mm)
+    profile = plane_profile(coarse, path)
+    candidates = disc_candidates(profile, valid, grid_mm)
+    discs = choose_discs(candidates, grid_mm)
+    log.info("column tracked over %d coarse slices; %d disc(s) found", coarse.shape[0], len(discs))
+    no_anchor = ("neither the sacrum nor the lowest rib-bearing vertebra (T12) is in the field of view; "
+                 "lumbar levels cannot be identified")
+    if not discs:
+        return "no intervertebral disc found; " + no_anchor
+    nz = coarse.shape[0]
+    partial = partial_end_slices(view.patient.sum(axis=(1, 2)), grid_mm)
+    in_view = (int(np.argmin(partial)), int(nz - 1 - np.argmin(partial[::-1])))
+    rib_z_all = rib_levels(coarse, path, grid_mm)
+    anchored = _anchor(discs, coarse, path, in_view, rib_z_all, grid_mm)
+    if anchored.rib_z:
+        # no disc at the lowest rib's head, and T12/L1 just below it (a disc between two dark bodies)
+        checked = below_lowest_rib(candidates, min(anchored.rib_z))
+        again_discs = choose_discs(checked, grid_mm) if checked.z != candidates.z else []
+        if again_discs:
+            log.info("disc candidates checked against the lowest rib: %d -> %d", len(candidates.z), len(checked.z))
+            candidates, discs = checked, again_discs
+            anchored = _anchor(discs, coarse, path, in_view, rib_z_all, grid_mm)
+    rib_guided = False
+    if (anchored.sacrum_seg is not None and anchored.t12_seg is not None
+            and anchored.t12_seg - anchored.sacrum_seg < ANCHOR_SEGMENTS):
+        # a vertebra too few between the anchors: a segment holds two vertebrae, most often a crushed one
+        # and its neighbour; the best chain with the discs the anchors ask for below the lowest rib
+        retry = choose_discs(candidates, grid_mm, below=(min(anchored.rib_z), anchored.lowest + ANCHOR_SEGMENTS))
+        again = _anchor(retry, coarse, path, in_view, rib_z_all, grid_mm) if len(retry) > len(discs) else None
+        if again is not None and again.sacrum_seg is not None and anchors_agree(again.sacrum_seg, again.t12_seg):
+            log.info("the anchors agree with %d more disc(s) below the lowest rib (a crushed vertebra)",
+                     len(retry) - len(discs))
+            anchored, rib_guided = again, True
+    discs, segments, sacrum_seg, t12_seg = anchored.discs, anchored.segments, anchored.sacrum_seg, anchored.t12_seg
+    log.info("anchors: sacrum segment %s, lowest rib-bearing segment %s (rib ends at coarse z %s)",
+             sacrum_seg, t12_seg, [round(z) for z in anchored.rib_z])
+    named = name_levels(len(segments), sacrum_seg, t12_seg, anchored.ambiguous,
+                        [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:])],
+                        fracture_ambiguous=any(d.ambiguous for d in discs), rib_guided=rib_guided,
+                        rib_placed=any(d.by_rib for d in discs))
+    if named is None:
+        return no_anchor
+    labels, confidence, method = named
+    planes = _ColumnPlanes(profile.pts * grid_mm + view.offset, profile.tangent, grid_mm)  # coarse index -> mm
+    return _Levels(segments, labels, confidence, method, in_view, planes)
+
+
+def _segment_extent(levels: _Levels, i: int, vid: int, heights: list) -> tuple[float, float, bool] | None:
+    """Coarse slices (bottom, top) of segment ``i`` (VerSe ID ``vid``) and whether its body is
+    completely in view; None when it is open and taller than one vertebra (a disc not found)."""
+    lo, hi = levels.segments[i]
+    z_bot = lo.upper if lo is not None else float(levels.in_view[0])
+    z_top = hi.lower if hi is not None else float(levels.in_view[1])
+    if vid == SACRUM:
+        z_top = hi.lower
+        z_bot = max(0.0, z_top - 30.0 / COARSE_MM)  # S1 body
+    extent = open_segment_extent((z_top - z_bot) * COARSE_MM, reference_height(heights, i))
+    if (lo is not None and hi is not None) or vid == SACRUM:
+        return z_bot, z_top, True  # the S1 body (30 mm below L5/S1) is in view by the sacrum test
+    if extent == "more than one vertebra":
+        log.info("segment %d (%s): open and longer than one vertebra (a disc not found), not segmented",
+                 i, VERTEBRA_NAMES[vid])
+        return None
+    return z_bot, z_top, extent == "whole"  # one disc cut off, but as tall as its neighbours: in view
+
+
+def _centring_pass(grid: _NativeGrid, levels: _Levels, i: int, vid: int, z_bot: float, z_top: float
+                   ) -> _StagedBody | None:
+    """First stage for the body of segment ``i``: its crop and working copies, and a segmentation along
+    the centreline's tangent whose centroid centres the final pass. None when the crop is empty."""
+    lo, hi = levels.segments[i]
+    planes = levels.planes
+    im = int(np.clip(round(0.5 * (z_bot + z_top)), 0, planes.pts_mm.shape[0] - 1))
+    centre, tangent = planes.pts_mm[im], planes.tangent[im]
+    # the body's planes are tilted like its discs (lordosis; the endplate of a wedge-compressed body);
+    # not the sacrum's: S1 is not measured, and tilted it would take the articular processes above
+    top = planes.at(z_top, hi.tilt_deg if (hi is not None and vid != SACRUM) else 0.0)
+    bottom = planes.at(z_bot, lo.tilt_deg if (lo is not None and vid != SACRUM) else 0.0)
+    outer_top = planes.at(hi.z, hi.tilt_deg if vid != SACRUM else 0.0) if hi is not None else top
+    outer_bottom = planes.at(lo.z, lo.tilt_deg) if (lo is not None and vid != SACRUM) else bottom
+    # crop (canonical native indices)
+    zr = (min(outer_bottom[0][0], outer_top[0][0]) - 25.0, max(outer_bottom[0][0], outer_top[0][0]) + 25.0)
+    yr, xr = (centre[1] - 50.0, centre[1] + 40.0), (centre[2] - 40.0, centre[2] + 40.0)
+    sl = tuple(slice(max(0, int(np.floor(a / step))), min(n, int(np.ceil(b / step)) + 1))
+               for (a, b), step, n in zip((zr, yr, xr), grid.spacing, grid.canonical_hu.shape))
+    crop = np.asarray(grid.canonical_hu[sl], dtype=np.float32)
+    if crop.size == 0:
+        return None
+    native_coords = (grid.axes_mm[0][sl[0]], grid.axes_mm[1][sl[1]], grid.axes_mm[2][sl[2]])
+    smoothed, coords, back = working_grid(grid.smooth(crop), native_coords, grid.spacing, grid.work_spacing)
+    raw = working_grid(crop, native_coords, grid.spacing, grid.work_spacing)[0]
+    # centring pass on the smoothed copy: the final pass is centred on this body's centroid
+    # (the tracked centre leans towards the canal because the tracking score rewards it)
+    body = segment_body(smoothed, smoothed, raw, coords, centre, tangent, top, bottom, grid.work_spacing, outer_top,
+                        outer_bottom, trabecular_core_hu(smoothed, coords, centre, (top, bottom)),
+                        fill_shell=vid != SACRUM)
+    centroid = None
+    if body.any():
+        centroid = np.array([float(np.average(axis_mm,
+                                              weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
+                             for ax, axis_mm in enumerate(coords)])
+        shift = centroid - centre
+        shift -= tangent * float(shift @ tangent)
+        if np.linalg.norm(shift) > 1.0:
+            centre = centre + shift
+    return _StagedBody(vid, sl, crop, native_coords, smoothed, raw, coords, back,
+                       (top, bottom, outer_top, outer_bottom), centre, tangent, centroid)
+
+
+def _final_pass(grid: _NativeGrid, stage: _StagedBody, axis: np.ndarray, both_discs: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Second stage: the body of ``stage`` in the frame of ``axis`` (:func:`body_axis`) and its
+    trabecular ROI, both boolean on the crop's grid (``both_discs``: the segment has both discs)."""
+    vid, coords, smoothed, centre = stage.vid, stage.coords, stage.smoothed, stage.centre
+    top, bottom, outer_top, outer_bottom = stage.planes
+    core_hu = trabecular_core_hu(smoothed, coords, centre, (top, bottom))
+    # clipped before smoothing, so that the dense cortex cannot spread above the threshold
+    clip = core_hu + body_threshold(core_hu) - SOFT_TISSUE_HU
+    outline_hu = working_grid(grid.smooth(np.minimum(stage.crop, clip)), stage.native_coords, grid.spacing,
+                              grid.work_spacing)[0]
+    # the disc planes are still searched along the tangent: along the turned axis, the search
+    # filled the wedge of a 45 % wedge-compressed L2 (graded 1 instead of 3). The posterior wall is
+    # cut at its half-maximum edge here only: in the centring pass too, it made L1's ROI 16-20 %
+    # smaller than the unedited L1's on copies whose cores (edited along that code's own bodies) were
+    # 90-120 HU darker (bench/README.md, "Session 16")
+    body = segment_body(smoothed, outline_hu, stage.raw, coords, centre, stage.tangent, top, bottom,
+                        grid.work_spacing, outer_top, outer_bottom, core_hu, fill_shell=vid != SACRUM,
+                        frame_axis=axis, wall_edge=True)
+    discs_mm = None
+    if both_discs:
+        discs_mm = (float(outer_bottom[0] @ stage.tangent), float(outer_top[0] @ stage.tangent))
+    roi = (trabecular_roi(body, coords, grid.work_spacing, stage.tangent, discs_mm) if vid != SACRUM
+           else np.zeros_like(body))
+    return body[stage.back], roi[stage.back]
+
+
 def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSegmentation:
     """Segment and label the vertebral bodies T12-L5 and the sacrum of a CT volume.
 
@@ -314,187 +520,55 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
     Quantitative CT (2018).
     """
     view = view or canonical_view(volume)
-    frame, canonical_hu, spacing = view.frame, view.canonical_hu, view.frame.spacing
+    frame = view.frame
     bodies, bodies_c = frame.zeros(volume.shape)
     trabecular, trab_c = frame.zeros(volume.shape)
-
-    def result(confidence, method, reason, whole=bodies):
-        return SpineSegmentation(bodies=bodies, trabecular=trabecular, confidence=confidence, method=method,
-                                 not_evaluable_reason=reason, whole=whole)
-
-    grid_mm, coarse, offset = COARSE_MM, view.coarse, view.offset
-    if min(coarse.shape) < 8:
-        return result({}, "", "the volume is too small to contain a vertebra")
-    path, valid = track_column(coarse, view.patient, grid_mm)
-    profile = plane_profile(coarse, path)
-    pts, tangent = profile.pts, profile.tangent
-    candidates = disc_candidates(profile, valid, grid_mm)
-    discs = choose_discs(candidates, grid_mm)
-    log.info("column tracked over %d coarse slices; %d disc(s) found", coarse.shape[0], len(discs))
-    no_anchor = ("neither the sacrum nor the lowest rib-bearing vertebra (T12) is in the field of view; "
-                 "lumbar levels cannot be identified")
-    if not discs:
-        return result({}, "", "no intervertebral disc found; " + no_anchor)
-
-    nz = coarse.shape[0]
-    partial = partial_end_slices(view.patient.sum(axis=(1, 2)), grid_mm)
-    in_view = (int(np.argmin(partial)), int(nz - 1 - np.argmin(partial[::-1])))
-    rib_z_all = rib_levels(coarse, path, grid_mm)
-    anchored = _anchor(discs, coarse, path, in_view, rib_z_all, grid_mm)
-    if anchored.rib_z:
-        # no disc at the lowest rib's head, and T12/L1 just below it (a disc between two dark bodies)
-        checked = below_lowest_rib(candidates, min(anchored.rib_z))
-        again_discs = choose_discs(checked, grid_mm) if checked.z != candidates.z else []
-        if again_discs:
-            log.info("disc candidates checked against the lowest rib: %d -> %d", len(candidates.z), len(checked.z))
-            candidates, discs = checked, again_discs
-            anchored = _anchor(discs, coarse, path, in_view, rib_z_all, grid_mm)
-    rib_guided = False
-    if (anchored.sacrum_seg is not None and anchored.t12_seg is not None
-            and anchored.t12_seg - anchored.sacrum_seg < ANCHOR_SEGMENTS):
-        # a vertebra too few between the anchors: a segment holds two vertebrae, most often a crushed one
-        # and its neighbour; the best chain with the discs the anchors ask for below the lowest rib
-        retry = choose_discs(candidates, grid_mm, below=(min(anchored.rib_z), anchored.lowest + ANCHOR_SEGMENTS))
-        again = _anchor(retry, coarse, path, in_view, rib_z_all, grid_mm) if len(retry) > len(discs) else None
-        if again is not None and again.sacrum_seg is not None and anchors_agree(again.sacrum_seg, again.t12_seg):
-            log.info("the anchors agree with %d more disc(s) below the lowest rib (a crushed vertebra)",
-                     len(retry) - len(discs))
-            anchored, rib_guided = again, True
-    discs, segments, sacrum_seg, t12_seg = anchored.discs, anchored.segments, anchored.sacrum_seg, anchored.t12_seg
-    log.info("anchors: sacrum segment %s, lowest rib-bearing segment %s (rib ends at coarse z %s)",
-             sacrum_seg, t12_seg, [round(z) for z in anchored.rib_z])
-
-    # --- labelling
-    named = name_levels(len(segments), sacrum_seg, t12_seg, anchored.ambiguous,
-                        [b.arc_mm - a.arc_mm for a, b in zip(discs, discs[1:])],
-                        fracture_ambiguous=any(d.ambiguous for d in discs), rib_guided=rib_guided,
-                        rib_placed=any(d.by_rib for d in discs))
-    if named is None:
-        return result({}, "", no_anchor)
-    labels, conf, method = named
-    confidence: dict[int, float] = {}
-
-    # --- native segmentation of each labelled body
-    zmm = np.arange(canonical_hu.shape[0]) * spacing[0]
-    ymm = np.arange(canonical_hu.shape[1]) * spacing[1]
-    xmm = np.arange(canonical_hu.shape[2]) * spacing[2]
-    pts_mm = pts * grid_mm + offset  # coarse index -> canonical mm
-    sigma = view.smoothing_mm() / spacing
-    log.info("image noise %.0f HU: smoothing sigma %s mm", view.noise_hu, np.round(sigma * spacing, 2))
-    work_spacing = np.maximum(spacing, WORK_MM)
-
-    def smooth(crop: np.ndarray) -> np.ndarray:
-        return ndi.gaussian_filter(crop, sigma) if sigma.any() else crop
-
-    def plane_at(zc_idx: float, tilt_deg: float = 0.0):
-        """(point, unit normal) of the plane across the column at coarse index ``zc_idx``, tilted like a disc."""
-        i = int(np.clip(round(zc_idx), 0, nz - 1))
-        if abs(tilt_deg) < DISC_TILT_DEADBAND_DEG:
-            tilt_deg = 0.0  # within the noise of the estimate (a dark, osteoporotic body's planes)
-        normal = tangent[i] - perpendicular_frame(tangent[i])[0] * np.tan(np.radians(tilt_deg))
-        return pts_mm[i] + (zc_idx - i) * grid_mm * tangent[i], normal / np.linalg.norm(normal)
-
+    levels = _identify_levels(view)
+    if isinstance(levels, str):
+        return SpineSegmentation(bodies=bodies, trabecular=trabecular, confidence={}, method="",
+                                 not_evaluable_reason=levels, whole=bodies)
+    segments, labels = levels.segments, levels.labels
+    grid = _NativeGrid.of(view)
     complete: set[int] = set()
-    heights = [(hi.lower - lo.upper) * grid_mm if lo is not None and hi is not None else None for lo, hi in segments]
+    confidence: dict[int, float] = {}
+    heights = [(hi.lower - lo.upper) * COARSE_MM if lo is not None and hi is not None else None
+               for lo, hi in segments]
     # first stage, per body: crop, working copies and a centring pass along the centreline's tangent
     staged: dict[int, _StagedBody] = {}
     for i, vid in sorted(labels.items()):
-        lo, hi = segments[i]
-        z_bot = lo.upper if lo is not None else float(in_view[0])
-        z_top = hi.lower if hi is not None else float(in_view[1])
-        if vid == SACRUM:
-            z_top = hi.lower
-            z_bot = max(0.0, z_top - 30.0 / grid_mm)  # S1 body
-        extent = open_segment_extent((z_top - z_bot) * grid_mm, reference_height(heights, i))
-        if (lo is not None and hi is not None) or vid == SACRUM:
-            complete.add(vid)  # the S1 body (30 mm below L5/S1) is in view by the sacrum test
-        elif extent == "more than one vertebra":
-            log.info("segment %d (%s): open and longer than one vertebra (a disc not found), not segmented",
-                     i, VERTEBRA_NAMES[vid])
+        extent = _segment_extent(levels, i, vid, heights)
+        if extent is None:
             continue
-        elif extent == "whole":
-            complete.add(vid)  # one disc cut off, but the body is as tall as its neighbours': in view
-        z_mid = 0.5 * (z_bot + z_top)
-        im = int(np.clip(round(z_mid), 0, nz - 1))
-        centre = pts_mm[im]
-        # the body's planes are tilted like its discs (lordosis; the endplate of a wedge-compressed body);
-        # not the sacrum's: S1 is not measured, and tilted it would take the articular processes above
-        top = plane_at(z_top, hi.tilt_deg if (hi is not None and vid != SACRUM) else 0.0)
-        bottom = plane_at(z_bot, lo.tilt_deg if (lo is not None and vid != SACRUM) else 0.0)
-        outer_top = plane_at(hi.z, hi.tilt_deg if vid != SACRUM else 0.0) if hi is not None else top
-        outer_bottom = plane_at(lo.z, lo.tilt_deg) if (lo is not None and vid != SACRUM) else bottom
-        # crop (canonical native indices)
-        zr = (min(outer_bottom[0][0], outer_top[0][0]) - 25.0, max(outer_bottom[0][0], outer_top[0][0]) + 25.0)
-        ylo, yhi = centre[1] - 50.0, centre[1] + 40.0
-        xlo, xhi = centre[2] - 40.0, centre[2] + 40.0
-        sl = tuple(slice(max(0, int(np.floor(a / s))), min(n, int(np.ceil(b / s)) + 1))
-                   for (a, b), s, n in zip((zr, (ylo, yhi), (xlo, xhi)), spacing, canonical_hu.shape))
-        crop = np.asarray(canonical_hu[sl], dtype=np.float32)
-        if crop.size == 0:
-            continue
-        native_coords = (zmm[sl[0]], ymm[sl[1]], xmm[sl[2]])
-        smoothed, coords, back = working_grid(smooth(crop), native_coords, spacing, work_spacing)
-        raw = working_grid(crop, native_coords, spacing, work_spacing)[0]
-        planes = (top, bottom, outer_top, outer_bottom)
-        # centring pass on the smoothed copy: the final pass is centred on this body's centroid
-        # (the tracked centre leans towards the canal because the tracking score rewards it)
-        body = segment_body(smoothed, smoothed, raw, coords, centre, tangent[im], top, bottom, work_spacing, outer_top,
-                            outer_bottom, trabecular_core_hu(smoothed, coords, centre, (top, bottom)),
-                            fill_shell=vid != SACRUM)
-        centroid = None
-        if body.any():
-            centroid = np.array([float(np.average(axis_mm,
-                                                  weights=body.sum(axis=tuple(j for j in range(3) if j != ax))))
-                                 for ax, axis_mm in enumerate(coords)])
-            shift = centroid - centre
-            shift -= tangent[im] * float(shift @ tangent[im])
-            if np.linalg.norm(shift) > 1.0:
-                centre = centre + shift
-        staged[i] = _StagedBody(vid, sl, crop, native_coords, smoothed, raw, coords, back, planes, centre, tangent[im],
-                                centroid)
+        z_bot, z_top, in_view = extent
+        if in_view:
+            complete.add(vid)
+        stage = _centring_pass(grid, levels, i, vid, z_bot, z_top)
+        if stage is not None:
+            staged[i] = stage
     # second stage: each body's axis runs through its neighbours' centroids (the centreline's tangent
     # can be 15 degrees off at the thoracolumbar junction, and the posterior wall cut along it took the
     # posterior-superior corner of L1), then the final pass
     for i, stage in staged.items():
-        vid, coords, smoothed, centre = stage.vid, stage.coords, stage.smoothed, stage.centre
-        top, bottom, outer_top, outer_bottom = stage.planes
         axis = body_axis(stage.tangent, *(staged[j].centroid if j in staged else None for j in (i + 1, i - 1)))
-        core_hu = trabecular_core_hu(smoothed, coords, centre, (top, bottom))
-        # clipped before smoothing, so that the dense cortex cannot spread above the threshold
-        clip = core_hu + body_threshold(core_hu) - SOFT_TISSUE_HU
-        outline_hu = working_grid(smooth(np.minimum(stage.crop, clip)), stage.native_coords, spacing, work_spacing)[0]
-        # the disc planes are still searched along the tangent: along the turned axis, the search
-        # filled the wedge of a 45 % wedge-compressed L2 (graded 1 instead of 3). The posterior wall is
-        # cut at its half-maximum edge here only: in the centring pass too, it made L1's ROI 16-20 %
-        # smaller than the unedited L1's on copies whose cores (edited along that code's own bodies) were
-        # 90-120 HU darker (bench/README.md, "Session 16")
-        body = segment_body(smoothed, outline_hu, stage.raw, coords, centre, stage.tangent, top, bottom, work_spacing,
-                            outer_top, outer_bottom, core_hu, fill_shell=vid != SACRUM, frame_axis=axis,
-                            wall_edge=True)
-        discs_mm = None
-        if segments[i][0] is not None and segments[i][1] is not None:
-            discs_mm = (float(outer_bottom[0] @ stage.tangent), float(outer_top[0] @ stage.tangent))
-        roi = (trabecular_roi(body, coords, work_spacing, stage.tangent, discs_mm) if vid != SACRUM
-               else np.zeros_like(body))
-        body, roi = body[stage.back], roi[stage.back]
+        body, roi = _final_pass(grid, stage, axis, segments[i][0] is not None and segments[i][1] is not None)
         body &= bodies_c[stage.sl] == 0
-        if body.sum() * np.prod(spacing) < 2000.0:  # < 2 cm3: not a body
-            log.info("segment %d (%s): body too small, skipped", i, VERTEBRA_NAMES[vid])
+        if body.sum() * np.prod(grid.spacing) < 2000.0:  # < 2 cm3: not a body
+            log.info("segment %d (%s): body too small, skipped", i, VERTEBRA_NAMES[stage.vid])
             continue
-        bodies_c[stage.sl][body] = vid
-        trab_c[stage.sl][roi & body] = vid
-        confidence[vid] = conf if vid in complete else conf * 0.5
+        bodies_c[stage.sl][body] = stage.vid
+        trab_c[stage.sl][roi & body] = stage.vid
+        confidence[stage.vid] = levels.confidence if stage.vid in complete else levels.confidence * 0.5
 
     # whole vertebrae: bone beyond the discs next to the outermost labelled vertebrae is a neighbour's
     done = [i for i, vid in labels.items() if vid in confidence and vid != SACRUM]
     above = below = None
     if done and segments[max(done)][1] is not None:
-        above = segments[max(done)][1].z * grid_mm + offset[0] + 8.0  # superior articular processes rise ~ 8 mm
+        above = segments[max(done)][1].z * COARSE_MM + view.offset[0] + 8.0  # superior articular processes ~ 8 mm
     if done and segments[min(done)][0] is not None and labels.get(min(done) - 1) != SACRUM:
-        below = segments[min(done)][0].z * grid_mm + offset[0] - 15.0  # inferior ones reach ~ 15 mm below the disc
+        below = segments[min(done)][0].z * COARSE_MM + view.offset[0] - 15.0  # inferior ones ~ 15 mm below the disc
     whole = bodies.copy()
     add_posterior_elements(view, frame.to_canonical(whole), above, below)
-    log.info("spine levels: %s (%s)", [VERTEBRA_NAMES[v] for v in sorted(confidence)], method)
-    out = result(confidence, method, missing_levels_reason(complete, confidence), whole)
-    out.cut_by_field_of_view = {vid for vid in confidence if vid not in complete}
-    return out
+    log.info("spine levels: %s (%s)", [VERTEBRA_NAMES[v] for v in sorted(confidence)], levels.method)
+    return SpineSegmentation(bodies=bodies, trabecular=trabecular, confidence=confidence, method=levels.method,
+                             not_evaluable_reason=missing_levels_reason(complete, confidence), whole=whole,
+                             cut_by_field_of_view={vid for vid in confidence if vid not in complete})
