@@ -257,10 +257,10 @@ def trabecular_core_hu(smoothed: np.ndarray, coords_mm: tuple[np.ndarray, np.nda
 
 def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
                  coords_mm: tuple[np.ndarray, np.ndarray, np.ndarray],
-                  centre: np.ndarray, axis: np.ndarray, top: Plane, bottom: Plane, spacing: np.ndarray,
-                  outer_top: Plane, outer_bottom: Plane, core_hu: float, fill_shell: bool = True,
-                  frame_axis: np.ndarray | None = None, wall_edge: bool = False) -> np.ndarray:
-    """Segment one vertebral body inside a canonical crop (module docstring, step 5).
+                 centre: np.ndarray, axis: np.ndarray, top: Plane, bottom: Plane, spacing: np.ndarray,
+                 outer_top: Plane, outer_bottom: Plane, core_hu: float, fill_shell: bool = True,
+                 frame_axis: np.ndarray | None = None, wall_edge: bool = False) -> np.ndarray:
+    """Segment one vertebral body inside a canonical crop (every rule: the module docstring).
 
     Parameters
     ----------
@@ -334,66 +334,9 @@ def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
     lr = rel[0] * w[0] + rel[1] * w[1] + rel[2] * w[2]
     # posterior wall: AP profile through the centre (|along| < 4 mm, |lr| < 6 mm), 1 mm bins
     ap_band = inner & (np.abs(lr) < 6.0) & (np.abs(along) < 4.0)
-    a_band = np.broadcast_to(a, outline_hu.shape)[ap_band]
-    bins = np.arange(-35.5, 0.0, 1.0)
-    idx = np.digitize(a_band, bins) - 1
-    ok = (idx >= 0) & (idx < len(bins) - 1)
-    centres = bins[:-1] + 0.5
-    counts = np.bincount(idx[ok], minlength=len(bins) - 1)
-    good = counts > 0
-
-    def ap_profile(image: np.ndarray) -> np.ndarray:  # bin k centred at -35 + k mm
-        sums = np.bincount(idx[ok], weights=image[ap_band][ok], minlength=len(bins) - 1)
-        prof = np.full(len(centres), np.nan)
-        prof[good] = sums[good] / counts[good]
-        if good.sum() >= 2:  # bins between voxel rows stay empty on coarse grids: interpolate
-            prof = np.interp(centres, centres[good], prof[good])
-        return prof
-
-    prof, shell_prof = ap_profile(outline_hu), ap_profile(smoothed)
-    # the cortical shell: clearly denser than the core (a thin, partial-volume cortex of an
-    # osteoporotic body is 100-200 HU at 3 mm), clearly denser than soft tissue
-    shell_thr = float(np.clip(core_hu + SHELL_ABOVE_CORE_HU, SHELL_MIN_HU, SHELL_HU))
-    order = [k for k in range(len(centres) - 1, -1, -1) if centres[k] <= -4.0]
-
-    # the spinal canal: the longest run of fluid/fat bins (CSF, epidural fat: < CANAL_MAX_HU)
-    # 10-32 mm behind the centre; the posterior wall is the first bin in front of it that is
-    # denser than the body threshold (the posterior cortex, however thin), within 6 mm and at least
-    # MIN_WALL_DEPTH_MM behind the centre
-    fluid = (shell_prof < CANAL_MAX_HU) & (centres >= -32.0) & (centres <= -10.0)
-    runs, start = [], None
-    for k in range(len(centres) + 1):
-        if k < len(centres) and fluid[k]:
-            start = k if start is None else start
-        elif start is not None:
-            runs.append((start, k - 1))
-            start = None
-    k_wall = None
-    if runs:
-        # the most posterior long run: in front of it, the interior of a body as dark as the canal makes
-        # a second run, as long when a bone island draws the centre forwards (L1 at -90 HU lost)
-        long = [r for r in runs if r[1] - r[0] + 1 >= CANAL_MIN_RUN_MM]
-        back, front = long[0] if long else max(runs, key=lambda r: (r[1] - r[0], r[1]))
-        last = int(np.searchsorted(centres, -MIN_WALL_DEPTH_MM, "right")) - 1
-        k_wall = next((k for k in range(front + 1, min(front + 7, last + 1, len(centres)))
-                      if shell_prof[k] > thr + 15.0), None)
-        if k_wall is None:
-            k_wall = _faint_wall(shell_prof, back, front, last)
-    wall = -30.0
-    if k_wall is not None:
-        if wall_edge:
-            wall = _wall_edge(shell_prof, centres, back, front, k_wall, last) + WALL_EDGE_INSET_MM
-        else:
-            wall = float(centres[k_wall]) + 0.5  # the posterior cortex inside the envelope (1 mm bins)
-    else:
-        # no clear cortex: the canal is the first fluid/fat-density point walking posteriorly,
-        # and the wall is where the profile, coming back anteriorly, rises above the threshold
-        k_canal = next((k for k in order if prof[k] < 50.0), None)
-        if k_canal is not None:
-            j = k_canal
-            while j + 1 < len(centres) and prof[j] < thr:
-                j += 1
-            wall = float(centres[j]) - 0.5
+    centres, (prof, shell_prof) = _ap_profiles(np.broadcast_to(a, outline_hu.shape)[ap_band],
+                                               (outline_hu[ap_band], smoothed[ap_band]))
+    wall = _posterior_wall(centres, prof, shell_prof, thr, wall_edge)
     # the posterior wall is concave: lateral to the canal the body reaches a little further back
     behind = np.where(np.abs(lr) >= CANAL_HALF_WIDTH_MM, POSTERIOR_CONCAVITY_MM, 0.0)
     envelope = ((lr / 32.0) ** 2 + (a / 32.0) ** 2 <= 1.0) & (a >= wall - behind)
@@ -412,6 +355,9 @@ def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
     # what the cortical shell encloses, whatever its density (osteoporotic or fatty marrow darker
     # than the threshold), in axial, coronal or sagittal planes; closed behind the posterior wall
     if fill_shell:
+        # the cortical shell: clearly denser than the core (a thin, partial-volume cortex of an
+        # osteoporotic body is 100-200 HU at 3 mm), clearly denser than soft tissue
+        shell_thr = float(np.clip(core_hu + SHELL_ABOVE_CORE_HU, SHELL_MIN_HU, SHELL_HU))
         shell = _without_specks((raw > shell_thr) & np.broadcast_to(envelope, outline_hu.shape), SPECK_MM3, spacing)
         shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), outline_hu.shape)
         # between the inner boundaries only: reaching 2 or 4 mm past them brought back the endplates
@@ -435,7 +381,14 @@ def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
         full = _within_endplates(full, plates & (height >= 1.0 - PLATE_ZONE), plates & (height <= PLATE_ZONE))
     log.debug("body at %s mm: core %.0f HU, threshold %.0f HU, disc %.0f HU, posterior wall %.0f mm",
               np.round(centre), core_hu, thr, disc_hu, wall)
-    out = np.zeros(outline_hu.shape, bool)
+    return _cleaned(full, np.broadcast_to(slab & envelope, outline_hu.shape), spacing)
+
+
+def _cleaned(full: np.ndarray, keep: np.ndarray, spacing: np.ndarray) -> np.ndarray:
+    """The body from its candidate voxels ``full`` (boolean ``(s, a, l)``): opened with a 2 mm ball,
+    its largest component with holes filled, closed with the same ball within ``keep`` (same shape),
+    and holes filled slice by slice; ``spacing`` (mm) of the grid. All false when nothing is left."""
+    out = np.zeros(full.shape, bool)
     if not full.any():
         return out
     rad = np.maximum(1, np.round(2.0 / spacing)).astype(int)
@@ -446,10 +399,87 @@ def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
     if not mask.any():
         return out
     mask = largest_component_filled(mask)  # the largest component is the body
-    keep = np.broadcast_to(slab & envelope, outline_hu.shape)[box]
-    mask = ndi.binary_closing(mask, structure=ball) & keep
+    mask = ndi.binary_closing(mask, structure=ball) & keep[box]
     out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
     return out
+
+
+#: Bins (mm along the anterior axis from the body centre, 1 mm wide) of the anterior-posterior profile.
+AP_BINS_MM = np.arange(-35.5, 0.0, 1.0)
+
+
+def _ap_profiles(a_mm: np.ndarray, values: tuple[np.ndarray, ...]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Anterior-posterior profiles: the mean of each of ``values`` (HU, one per voxel at ``a_mm``, mm
+    along the anterior axis from the body centre) in 1 mm bins centred at -35 .. -1 mm (``AP_BINS_MM``).
+
+    Bins between voxel rows stay empty on coarse grids and are interpolated
+    (left NaN when fewer than two bins hold a voxel). Returns the bin centres (mm)
+    and the profiles (HU).
+    """
+    idx = np.digitize(a_mm, AP_BINS_MM) - 1
+    ok = (idx >= 0) & (idx < len(AP_BINS_MM) - 1)
+    centres = AP_BINS_MM[:-1] + 0.5
+    counts = np.bincount(idx[ok], minlength=len(AP_BINS_MM) - 1)
+    good = counts > 0
+    profiles = []
+    for image in values:
+        sums = np.bincount(idx[ok], weights=image[ok], minlength=len(AP_BINS_MM) - 1)
+        prof = np.full(len(centres), np.nan)
+        prof[good] = sums[good] / counts[good]
+        if good.sum() >= 2:
+            prof = np.interp(centres, centres[good], prof[good])
+        profiles.append(prof)
+    return centres, profiles
+
+
+def _posterior_wall(centres: np.ndarray, prof: np.ndarray, shell_prof: np.ndarray, thr: float,
+                    wall_edge: bool) -> float:
+    """Position (mm along the anterior axis from the body centre, negative: behind it) of the body's
+    posterior cut, from the anterior-posterior profiles of :func:`_ap_profiles`.
+
+    ``prof``: the profile of the clipped copy the outline is thresholded on;
+    ``shell_prof``: of the smoothed copy; ``thr``: the body threshold (HU).
+    The spinal canal is the longest run of fluid/fat bins (CSF, epidural fat:
+    < ``CANAL_MAX_HU``) 10-32 mm behind the centre; the posterior wall is the
+    first bin in front of it denser than the threshold (the posterior cortex,
+    however thin), within 6 mm and at least ``MIN_WALL_DEPTH_MM`` behind the
+    centre, or a faint wall (:func:`_faint_wall`). ``wall_edge``: the cut lies
+    ``WALL_EDGE_INSET_MM`` in front of the wall's half-maximum edge
+    (:func:`_wall_edge`), else at the wall's first dense bin. Without a canal
+    run, the cut is where the profile, coming back anteriorly from the first
+    fluid/fat bin, rises above the threshold; -30 mm without either.
+    """
+    fluid = (shell_prof < CANAL_MAX_HU) & (centres >= -32.0) & (centres <= -10.0)
+    runs, start = [], None
+    for k in range(len(centres) + 1):
+        if k < len(centres) and fluid[k]:
+            start = k if start is None else start
+        elif start is not None:
+            runs.append((start, k - 1))
+            start = None
+    if runs:
+        # the most posterior long run: in front of it, the interior of a body as dark as the canal makes
+        # a second run, as long when a bone island draws the centre forwards (L1 at -90 HU lost)
+        long = [r for r in runs if r[1] - r[0] + 1 >= CANAL_MIN_RUN_MM]
+        back, front = long[0] if long else max(runs, key=lambda r: (r[1] - r[0], r[1]))
+        last = int(np.searchsorted(centres, -MIN_WALL_DEPTH_MM, "right")) - 1
+        k_wall = next((k for k in range(front + 1, min(front + 7, last + 1, len(centres)))
+                      if shell_prof[k] > thr + 15.0), None)
+        if k_wall is None:
+            k_wall = _faint_wall(shell_prof, back, front, last)
+        if k_wall is not None:
+            if wall_edge:
+                return _wall_edge(shell_prof, centres, back, front, k_wall, last) + WALL_EDGE_INSET_MM
+            return float(centres[k_wall]) + 0.5  # the posterior cortex inside the envelope (1 mm bins)
+    # no clear cortex: the canal is the first fluid/fat-density point walking posteriorly,
+    # and the wall is where the profile, coming back anteriorly, rises above the threshold
+    k_canal = next((k for k in range(len(centres) - 1, -1, -1) if centres[k] <= -4.0 and prof[k] < 50.0), None)
+    if k_canal is None:
+        return -30.0
+    j = k_canal
+    while j + 1 < len(centres) and prof[j] < thr:
+        j += 1
+    return float(centres[j]) - 0.5
 
 
 def _signed(plane: Plane, coords_mm: Coords) -> np.ndarray:
