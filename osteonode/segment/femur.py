@@ -153,6 +153,8 @@ PELVIS_SEED_MARGIN_MM = 2.0
 CLOSING_MM = 6.0
 #: Fraction of the rays outside the neck cone that must see the joint space for a hip to be accepted.
 MIN_JOINT_SUPPORT = 0.25
+#: Each side and its label in the femur label map.
+SIDE_LABELS: tuple[tuple[Side, int], ...] = (("right", FEMUR_RIGHT), ("left", FEMUR_LEFT))
 
 
 @dataclass(frozen=True)
@@ -597,6 +599,48 @@ def _interpolated_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.
     return out >= 0.5, tuple(native)
 
 
+def _find_heads(coarse: np.ndarray, offset: np.ndarray, midline: float) -> dict[Side, _Head]:
+    """The femoral head of each side whose joint is found (steps 1-3 of the module docstring).
+
+    ``coarse``: the coarse canonical copy (HU), ``offset`` its canonical mm
+    at index 0, ``midline`` the patient's left-right midline (canonical mm).
+    Of each side's three thickest candidates, the first whose joint centre
+    lies at least 40 mm from the midline and whose joint is seen on at least
+    ``MIN_JOINT_SUPPORT`` of the rays.
+    """
+    clipped = np.clip(coarse, -100.0, 700.0)
+    smooth = ndi.gaussian_filter(clipped, 0.7)
+    heads: dict[Side, _Head] = {}
+    for side, cands in _head_candidates(smooth, offset, COARSE_MM, midline).items():
+        lateral = 1.0 if side == "left" else -1.0
+        for cand in cands[:3]:
+            centre = _joint_centre(clipped, cand, offset, COARSE_MM)
+            if centre is None or (centre[2] - midline) * lateral < 40.0:
+                continue
+            head = _hip_head(smooth, centre, offset, COARSE_MM, _neck_axis(lateral))
+            if head is not None and head.support >= MIN_JOINT_SUPPORT:
+                heads[side] = head
+                break
+    return heads
+
+
+def _metal_near_hip(metal: list[tuple[np.ndarray, float]], side: Side, heads: dict[Side, _Head],
+                    midline: float) -> float:
+    """Metal (cm3, :func:`_metal_components`) in ``side``'s hip region: on that side of the midline (more
+    than 30 mm from it) and within 80 mm of its head centre, or of the mirror image of the other side's
+    head centre when this side has no head; 0 without any head (module docstring, step 6)."""
+    head, other = heads.get(side), heads.get("left" if side == "right" else "right")
+    if head is not None:
+        ref = head.centre
+    elif other is not None:
+        ref = other.centre * [1, 1, 0] + [0, 0, 2 * midline - other.centre[2]]
+    else:
+        return 0.0
+    sign = 1.0 if side == "left" else -1.0
+    return float(sum(cm3 for centre, cm3 in metal
+                     if (centre[2] - midline) * sign > 30.0 and np.linalg.norm(centre - ref) <= 80.0))
+
+
 def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -> FemurSegmentation:
     """Segment the right and left proximal femur, excluding a side with metal.
 
@@ -641,34 +685,11 @@ def segment_proximal_femurs(volume: Volume, view: CanonicalView | None = None) -
                                           "left": FemurSide("not_in_view", too_small)})
     cols = view.patient.sum(axis=(0, 1)).astype(float)
     midline = float((cols * np.arange(coarse.shape[2])).sum() / max(cols.sum(), 1.0)) * grid_mm + offset[2]
-    clipped = np.clip(coarse, -100.0, 700.0)
-    smooth = ndi.gaussian_filter(clipped, 0.7)
-    heads: dict[Side, _Head] = {}
-    candidates = _head_candidates(smooth, offset, grid_mm, midline)
-    for side, cands in candidates.items():
-        lateral = 1.0 if side == "left" else -1.0
-        for cand in cands[:3]:
-            centre = _joint_centre(clipped, cand, offset, grid_mm)
-            if centre is None or (centre[2] - midline) * lateral < 40.0:
-                continue
-            head = _hip_head(smooth, centre, offset, grid_mm, _neck_axis(lateral))
-            if head is not None and head.support >= MIN_JOINT_SUPPORT:
-                heads[side] = head
-                break
+    heads = _find_heads(coarse, offset, midline)
     metal = _metal_components(canonical_hu, spacing)
-    for side, fid in (("right", FEMUR_RIGHT), ("left", FEMUR_LEFT)):
-        sign = 1.0 if side == "left" else -1.0
+    for side, fid in SIDE_LABELS:
         head = heads.get(side)
-        other = heads.get("left" if side == "right" else "right")
-        # the hip region: this side's head, or the mirror image of the other side's head
-        if head is not None:
-            ref = head.centre
-        elif other is not None:
-            ref = other.centre * [1, 1, 0] + [0, 0, 2 * midline - other.centre[2]]
-        else:
-            ref = None
-        metal_cm3 = 0.0 if ref is None else float(sum(
-            v for cen, v in metal if (cen[2] - midline) * sign > 30.0 and np.linalg.norm(cen - ref) <= 80.0))
+        metal_cm3 = _metal_near_hip(metal, side, heads, midline)
         if metal_cm3 >= MIN_METAL_CM3:
             sides[side] = FemurSide("excluded", f"metal in the {side} hip region ({metal_cm3:.1f} cm3 above "
                                     f"{METAL_HU:.0f} HU; probable arthroplasty or osteosynthesis)",

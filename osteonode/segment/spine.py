@@ -308,8 +308,8 @@ class _ColumnPlanes:
 class _NativeGrid:
     """The canonical native grid the bodies are segmented on: ``canonical_hu`` (HU), its voxel
     ``spacing`` (mm), the positions along each axis (``axes_mm``, canonical mm), the Gaussian
-    ``sigma`` (voxels) of the smoothed copies and the ``work_spacing`` (mm, at most 1 mm finer than
-    native) of the working copies."""
+    ``sigma`` (voxels) of the smoothed copies and the ``work_spacing`` of the working copies (mm: the
+    native spacing, coarsened to ``WORK_MM`` where it is finer)."""
 
     canonical_hu: np.ndarray
     spacing: np.ndarray
