@@ -177,8 +177,8 @@ _RAYS = np.stack([np.cos(_POLAR)[:, None] * np.ones_like(_AZIMUTH)[None, :],
                   np.sin(_POLAR)[:, None] * np.sin(_AZIMUTH)[None, :]], axis=-1)  # (polar, azimuth, 3)
 
 
-def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, grid_mm: float) -> np.ndarray | None:
-    """Centre (canonical mm) of the hip joint sphere near ``start`` on the coarse image ``x``.
+def _joint_centre(clipped: np.ndarray, start: np.ndarray, offset: np.ndarray, grid_mm: float) -> np.ndarray | None:
+    """Centre (canonical mm) of the hip joint sphere near ``start`` on the coarse image ``clipped`` (HU).
 
     The joint space between the femoral head and the acetabulum is a thin dark
     sheet between two bright ones, on a sphere. Dark-sheet voxels are found from
@@ -202,13 +202,13 @@ def _joint_centre(x: np.ndarray, start: np.ndarray, offset: np.ndarray, grid_mm:
     reach = int(np.ceil(GAUSS_TRUNCATE * HESSIAN_SIGMA))
     i0 = np.round((start - offset) / grid_mm).astype(int)
     lo = np.maximum(i0 - half, 0)
-    hi = np.minimum(i0 + half + 1, np.array(x.shape))
+    hi = np.minimum(i0 + half + 1, np.array(clipped.shape))
     if np.any(hi - lo < 8):
         return None
     # the box with the filters' reach around it (where the image has it); ``inner`` is the box in it
     lo_r = np.maximum(lo - reach, 0)
-    hi_r = np.minimum(hi + reach, np.array(x.shape))
-    around = x[lo_r[0]:hi_r[0], lo_r[1]:hi_r[1], lo_r[2]:hi_r[2]]
+    hi_r = np.minimum(hi + reach, np.array(clipped.shape))
+    around = clipped[lo_r[0]:hi_r[0], lo_r[1]:hi_r[1], lo_r[2]:hi_r[2]]
     inner = tuple(slice(box_lo - around_lo, box_hi - around_lo) for box_lo, around_lo, box_hi in zip(lo, lo_r, hi))
     crop = around[inner]
     near = ndi.maximum_filter(around, size=5)[inner] > 200.0
@@ -282,12 +282,12 @@ def _joint_radius(profiles: np.ndarray, radii: np.ndarray) -> float | None:
     return float(radii[np.argmax(dip)]) if dip.any() else None
 
 
-def _hip_head(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, grid_mm: float, neck: np.ndarray
+def _hip_head(smooth: np.ndarray, centre: np.ndarray, offset: np.ndarray, grid_mm: float, neck: np.ndarray
               ) -> _Head | None:
     """The femoral head at the joint centre ``centre``: its joint radius and how many rays see the joint.
 
     On each ray outside ``NECK_CONE_DEG`` of the neck (1 mm radial samples,
-    8-40 mm, of the smoothed coarse image ``sm``) the joint space is a valley
+    8-40 mm, of the smoothed coarse image ``smooth``) the joint space is a valley
     12-40 mm out with bone before it (>= 25 HU higher within 6 mm) and after it
     (>= 35 HU higher within 7 mm: the acetabulum), before the ray reaches soft
     tissue (< 80 HU). The radius is that of :func:`_joint_radius`, or when it
@@ -297,7 +297,7 @@ def _hip_head(sm: np.ndarray, centre: np.ndarray, offset: np.ndarray, grid_mm: f
     """
     radii = np.arange(8.0, 41.0, 1.0)
     pts = centre + _RAYS[:, :, None, :] * radii[None, None, :, None]
-    prof = ndi.map_coordinates(sm, ((pts - offset) / grid_mm).reshape(-1, 3).T, order=1, mode="nearest")
+    prof = ndi.map_coordinates(smooth, ((pts - offset) / grid_mm).reshape(-1, 3).T, order=1, mode="nearest")
     prof = prof.reshape(_RAYS.shape[:2] + (len(radii),))
     before = ndi.maximum_filter1d(prof, 7, axis=-1, origin=3)  # max over [r - 6, r]
     after = ndi.maximum_filter1d(prof, 8, axis=-1, origin=-4)  # max over [r, r + 7]
@@ -592,10 +592,10 @@ def _interpolated_to_native(mask: np.ndarray, sl: tuple[slice, ...], offset: np.
     out = mask.astype(np.float32)
     native = []
     for ax in range(3):
-        x = (np.arange(shape[ax]) * spacing[ax] - offset[ax]) / grid_mm - sl[ax].start  # coarse crop index
-        inside = np.nonzero((x >= -0.5) & (x <= mask.shape[ax] - 0.5))[0]
+        crop_index = (np.arange(shape[ax]) * spacing[ax] - offset[ax]) / grid_mm - sl[ax].start  # coarse crop index
+        inside = np.nonzero((crop_index >= -0.5) & (crop_index <= mask.shape[ax] - 0.5))[0]
         native.append(slice(int(inside[0]), int(inside[-1]) + 1) if inside.size else slice(0, 0))
-        out = linear_along(out, np.clip(x[inside], 0.0, mask.shape[ax] - 1.0), ax)
+        out = linear_along(out, np.clip(crop_index[inside], 0.0, mask.shape[ax] - 1.0), ax)
     return out >= 0.5, tuple(native)
 
 
