@@ -5,10 +5,14 @@ import pytest
 from scipy import ndimage as ndi
 
 from osteonode.segment.body import (
+    AP_BINS_MM,
     CANAL_MAX_HU,
+    _ap_profiles,
     _disc_plane,
     _faint_wall,
+    _posterior_wall,
     _wall_edge,
+    body_threshold,
     searched_plane_replaces,
     trabecular_core_hu,
 )
@@ -193,3 +197,42 @@ def test_wall_edge_ignores_a_dip_between_the_first_dense_bin_and_the_peak():
 def test_wall_edge_without_a_rise_through_half_way_is_the_first_wall_bin():
     prof = np.array([40.0] * 12 + [45.0, 41.0, 44.0, 42.0])  # a "wall" no higher than the canal
     assert _wall_edge(prof, np.arange(len(prof), dtype=float), 0, 11, 12, last=15) == 11.5
+
+
+def test_ap_profiles_average_each_image_per_1_mm_bin_and_fill_empty_bins():
+    # voxels every 3 mm (a 3 mm grid): the bins between them are interpolated
+    a_mm = np.repeat(np.arange(-34.0, 0.0, 3.0), 2)
+    first, second = a_mm * 2.0, np.full(a_mm.shape, 7.0)
+    centres, (prof_first, prof_second) = _ap_profiles(a_mm, (first, second))
+    assert np.array_equal(centres, AP_BINS_MM[:-1] + 0.5)
+    assert np.allclose(prof_first, 2.0 * np.clip(centres, -34.0, -1.0))
+    assert np.allclose(prof_second, 7.0)
+
+
+def _canal_and_body(interior_hu: float) -> np.ndarray:
+    """An anterior-posterior profile on the bins of ``_ap_profiles`` (-35 .. -1 mm): the arch (300 HU)
+    behind -30 mm, the canal (20 HU) from -30 to -18 mm, the posterior cortex (300 HU) at -17 and -16 mm,
+    the body's interior (``interior_hu``) in front of it."""
+    centres = AP_BINS_MM[:-1] + 0.5
+    return np.where(centres < -30.0, 300.0, np.where(centres <= -18.0, 20.0,
+                    np.where(centres <= -16.0, 300.0, interior_hu)))
+
+
+@pytest.mark.parametrize("wall_edge", [False, True])
+def test_posterior_wall_does_not_move_with_the_marrow(wall_edge):
+    # normal marrow, and fatty marrow darker than the canal (its interior makes a second fluid run in
+    # front of the wall): the cut is where the cortex is, either way
+    centres = AP_BINS_MM[:-1] + 0.5
+    walls = [_posterior_wall(centres, prof, prof, body_threshold(interior), wall_edge)
+             for interior, prof in ((150.0, _canal_and_body(150.0)), (-20.0, _canal_and_body(-20.0)))]
+    assert abs(walls[0] - walls[1]) <= 0.25
+    if wall_edge:
+        assert -18.0 <= walls[0] <= -15.0
+    else:
+        assert walls[0] == -16.5  # the first cortex bin (-17 mm), to its front
+
+
+def test_posterior_wall_without_a_canal_or_a_fluid_bin_is_30_mm_behind_the_centre():
+    centres = AP_BINS_MM[:-1] + 0.5
+    flat = np.full(centres.shape, 150.0)
+    assert _posterior_wall(centres, flat, flat, body_threshold(150.0), wall_edge=True) == -30.0
