@@ -59,7 +59,7 @@ from osteonode.segment.levels import (
     unexplained_spacing_jump,
 )
 from osteonode.segment.roi import trabecular_roi
-from osteonode.segment.spine import segment_spine
+from osteonode.segment.spine import DISC_TILT_DEADBAND_DEG, _ColumnPlanes, segment_spine
 from osteonode.volume import Volume, load_series
 from tests.conftest import DATA, require_data
 
@@ -886,3 +886,17 @@ def test_a_fracture_left_out_that_a_chain_with_it_nearly_explains_flags_the_leve
     unedited = [117.0, 140.0, 177.0, 211.0, 231.0, 251.0, 287.0, 305.0, 321.0, 328.0]
     unedited_depths = [36.0, 90.0, 145.0, 158.0, 38.0, 120.0, 126.0, 27.0, 60.0, 35.0]
     assert ambiguous_fracture_discs(unedited, unedited_depths) == set()
+
+
+def test_column_planes_lie_across_the_centreline_and_tilt_like_a_disc_beyond_the_deadband():
+    # a straight column along canonical s, one centreline point per 2 mm slice
+    pts_mm = np.column_stack([np.arange(20) * 2.0, np.full(20, 50.0), np.full(20, 60.0)])
+    tangent = np.tile([1.0, 0.0, 0.0], (20, 1))
+    planes = _ColumnPlanes(pts_mm, tangent, 2.0)
+    point, normal = planes.at(3.4)
+    assert np.allclose(point, [6.8, 50.0, 60.0]) and np.allclose(normal, [1.0, 0.0, 0.0])
+    _, small = planes.at(3.4, 0.5 * DISC_TILT_DEADBAND_DEG)
+    assert np.allclose(small, [1.0, 0.0, 0.0])  # within the estimate's noise: flat
+    _, tilted = planes.at(3.4, 20.0)
+    assert np.isclose(np.linalg.norm(tilted), 1.0)
+    assert np.isclose(np.degrees(np.arccos(tilted @ tangent[3])), 20.0)
