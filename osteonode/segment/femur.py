@@ -240,6 +240,11 @@ def _joint_centre(clipped: np.ndarray, start: np.ndarray, offset: np.ndarray, gr
     return (np.asarray(k) + lo) * grid_mm + offset
 
 
+def _lateral(side: Side) -> float:
+    """Sign of the canonical left axis that points from the midline to ``side``: +1 left, -1 right."""
+    return 1.0 if side == "left" else -1.0
+
+
 def _neck_axis(lateral: float) -> np.ndarray:
     """Unit vector of the femoral neck from the head centre (canonical s, a, l).
 
@@ -552,7 +557,7 @@ def _segment_side(coarse: np.ndarray, in_view: np.ndarray, offset: np.ndarray, g
     head_hu = float(np.median(crop[np.broadcast_to(core, crop.shape)]))
     thr = float(np.clip(SOFT_TISSUE_HU + FEMUR_BONE_FRACTION * (head_hu - SOFT_TISSUE_HU), 100.0, 180.0))
     bone = ndi.binary_fill_holes(crop > thr, structure=IN_PLANE)
-    neck = _neck_axis(1.0 if side == "left" else -1.0)
+    neck = _neck_axis(_lateral(side))
     cos_neck = (S * neck[0] + A * neck[1] + L * neck[2]) / np.maximum(dist, 1e-6)
     femur_side = _femur_side(crop, bone, dist, cos_neck, head.radius)
     lab, _ = ndi.label(bone & femur_side)
@@ -612,7 +617,7 @@ def _find_heads(coarse: np.ndarray, offset: np.ndarray, midline: float) -> dict[
     smooth = ndi.gaussian_filter(clipped, 0.7)
     heads: dict[Side, _Head] = {}
     for side, cands in _head_candidates(smooth, offset, COARSE_MM, midline).items():
-        lateral = 1.0 if side == "left" else -1.0
+        lateral = _lateral(side)
         for cand in cands[:3]:
             centre = _joint_centre(clipped, cand, offset, COARSE_MM)
             if centre is None or (centre[2] - midline) * lateral < 40.0:
@@ -636,7 +641,7 @@ def _metal_near_hip(metal: list[tuple[np.ndarray, float]], side: Side, heads: di
         ref = other.centre * [1, 1, 0] + [0, 0, 2 * midline - other.centre[2]]
     else:
         return 0.0
-    sign = 1.0 if side == "left" else -1.0
+    sign = _lateral(side)
     return float(sum(cm3 for centre, cm3 in metal
                      if (centre[2] - midline) * sign > 30.0 and np.linalg.norm(centre - ref) <= 80.0))
 
