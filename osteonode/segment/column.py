@@ -121,6 +121,12 @@ LATERAL_STIFFNESS = 4.0
 
 #: Notch depth (HU) of the disc profile for a candidate disc.
 MIN_NOTCH_HU = 12.0
+#: Half-thickness (mm) of a disc on a side where the profile does not rise by ``MIN_NOTCH_HU``
+#: (:func:`choose_discs`): the walk to the half-way level then crossed a dark body, which it has no edge to
+#: stop at. Lumbar discs are 6-12 mm thick; with bench/beyond.py's crush45_L1 in a spine 80 HU darker the
+#: T12/L1 disc's lower boundary lay 9 mm inside the crushed L1 (the profile rose 2 HU), whose 6 mm
+#: between its discs made a body of 0.2 cm3, and L1 was neither measured nor graded.
+FLAT_DISC_HALF_MM = 3.0
 
 
 #: Distance (mm) between consecutive disc centres: one vertebral body and one disc, T11 to S1.
@@ -737,7 +743,10 @@ def choose_discs(candidates: DiscCandidates, grid_mm: float = COARSE_MM,
     ``below``: ``(coarse z, count)``, at least ``count`` discs asked for below
     that slice (:func:`disc_chain`). Each disc's boundaries lie half-way
     between the profile's minimum at the disc and its maxima within 10 mm on
-    either side. Returns the discs caudal first.
+    either side; on a side where the profile rises less than
+    ``MIN_NOTCH_HU`` within those 10 mm (the body there as dark as the disc),
+    ``FLAT_DISC_HALF_MM`` from the disc's centre. Returns the discs caudal
+    first.
     """
     cands, arc_mm, p = candidates.z, candidates.arc_mm, candidates.hu
     nz = len(p)
@@ -759,6 +768,13 @@ def choose_discs(candidates: DiscCandidates, grid_mm: float = COARSE_MM,
         za = z
         while za < above_max and p[za + 1] < lvl_a:
             za += 1
+        # a side where the profile rises less than a disc's notch (a body as dark as its disc) has no
+        # edge to stop the walk: the boundary lies FLAT_DISC_HALF_MM from the disc's centre there
+        half = int(round(FLAT_DISC_HALF_MM / grid_mm - 0.5))
+        if p[below_max] - p[z] < MIN_NOTCH_HU:
+            zb = max(zb, z - half)
+        if p[above_max] - p[z] < MIN_NOTCH_HU:
+            za = min(za, z + half)
         discs.append(Disc(z=float(z), depth=float(candidates.notch[z]), upper=float(za) + 0.5,
                           lower=float(zb) - 0.5, tilt_deg=float(candidates.tilt_deg[z]), arc_mm=float(arc_mm[z]),
                           ambiguous=z in doubtful, by_rib=z in candidates.by_rib))

@@ -9,6 +9,8 @@ variants and the measures are those of ``bench/segmentation.py``.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -33,6 +35,8 @@ from osteonode.measure.genant import grade_levels
 from osteonode.segment import FemurSegmentation, SpineSegmentation
 from osteonode.segment.body import _star_fill
 from osteonode.segment.column import (
+    FLAT_DISC_HALF_MM,
+    MIN_NOTCH_HU,
     PROFILE_TILTS_DEG,
     DiscCandidates,
     _beside_foramina,
@@ -47,7 +51,7 @@ from osteonode.segment.column import (
     partial_end_slices,
     without_focal_dense,
 )
-from osteonode.segment.frame import CanonicalFrame, canonical_view
+from osteonode.segment.frame import COARSE_MM, CanonicalFrame, canonical_view
 from osteonode.segment.levels import (
     UNCERTAIN_CONFIDENCE,
     caudal_anchor,
@@ -788,6 +792,22 @@ def _candidates(z: list[int], notch: dict[int, float], n: int = 60,
         depth[k] = v
     return DiscCandidates(z=z, arc_mm=np.arange(n) * 2.0, notch=depth, hu=np.zeros(n), tilt_deg=np.zeros(n),
                           cranial_end_mm=(n - 1) * 2.0, pedicles=pedicles)
+
+
+def test_disc_boundary_on_a_side_as_dark_as_the_disc_keeps_a_disc_half_thickness():
+    """Below the disc at slice 20 a crushed body is as dark as the disc: the profile rises 8 HU within
+    10 mm, and the walk to the half-way level would end 9 mm inside the body (bench/beyond.py's
+    crush45_L1 with T12-L5 80 HU darker)."""
+    hu = np.full(44, 150.0)
+    hu[[2, 38]] = 90.0
+    hu[15:21] = (108.0, 101.0, 102.0, 103.0, 102.0, 100.0)
+    candidates = replace(_candidates([2, 20, 38], {2: 60, 20: 40, 38: 60}, n=44), hu=hu)
+    disc = next(d for d in choose_discs(candidates) if d.z == 20)
+    assert disc.lower == 20 - FLAT_DISC_HALF_MM / COARSE_MM and disc.upper == 20.5  # above: the body at 150 HU
+    # a body that stands a disc's notch above the disc: the half-way walk (to 104 HU) stands
+    hu[15] = 108.0 + MIN_NOTCH_HU
+    disc = next(d for d in choose_discs(replace(candidates, hu=hu)) if d.z == 20)
+    assert disc.lower == 15.5
 
 
 def test_below_lowest_rib_drops_a_dip_at_the_rib_head_and_places_the_disc_below_it():
