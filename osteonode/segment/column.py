@@ -745,8 +745,8 @@ def choose_discs(candidates: DiscCandidates, grid_mm: float = COARSE_MM,
     between the profile's minimum at the disc and its maxima within 10 mm on
     either side; on a side where the profile rises less than
     ``MIN_NOTCH_HU`` within those 10 mm (the body there as dark as the disc),
-    ``FLAT_DISC_HALF_MM`` from the disc's centre. Returns the discs caudal
-    first.
+    at most ``FLAT_DISC_HALF_MM`` from the disc's centre. Returns the discs
+    caudal first.
     """
     cands, arc_mm, p = candidates.z, candidates.arc_mm, candidates.hu
     nz = len(p)
@@ -769,7 +769,8 @@ def choose_discs(candidates: DiscCandidates, grid_mm: float = COARSE_MM,
         while za < above_max and p[za + 1] < lvl_a:
             za += 1
         # a side where the profile rises less than a disc's notch (a body as dark as its disc) has no
-        # edge to stop the walk: the boundary lies FLAT_DISC_HALF_MM from the disc's centre there
+        # edge to stop the walk: there the boundary, half a slice beyond the disc's last slice, lies at
+        # most FLAT_DISC_HALF_MM from the disc's centre
         half = int(round(FLAT_DISC_HALF_MM / grid_mm - 0.5))
         if p[below_max] - p[z] < MIN_NOTCH_HU:
             zb = max(zb, z - half)
