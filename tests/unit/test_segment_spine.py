@@ -804,7 +804,7 @@ def test_disc_boundary_on_a_side_as_dark_as_the_disc_keeps_a_disc_half_thickness
     candidates = replace(_candidates([2, 20, 38], {2: 60, 20: 40, 38: 60}, n=44), hu=hu)
     disc = next(d for d in choose_discs(candidates) if d.z == 20)
     assert disc.lower == 20 - FLAT_DISC_HALF_MM / COARSE_MM and disc.upper == 20.5  # above: the body at 150 HU
-    # a body that stands a disc's notch above the disc: the half-way walk (to 104 HU) stands
+    # a body that stands a disc's notch above the disc: the walk to the half-way level (110 HU) stands
     hu[15] = 108.0 + MIN_NOTCH_HU
     disc = next(d for d in choose_discs(replace(candidates, hu=hu)) if d.z == 20)
     assert disc.lower == 15.5
