@@ -754,32 +754,33 @@ def choose_discs(candidates: DiscCandidates, grid_mm: float = COARSE_MM,
     limit = None if below is None else (float(np.interp(below[0], np.arange(nz), arc_mm)), below[1])
     chosen = [cands[i] for i in disc_chain(positions, depths, candidates.cranial_end_mm, limit)]
     doubtful = {cands[i] for i in ambiguous_fracture_discs(positions, depths)}
+    # a flat side's boundary lies half a slice beyond the disc's last slice, FLAT_DISC_HALF_MM from its centre
+    flat_half = int(round(FLAT_DISC_HALF_MM / grid_mm - 0.5))
+    reach = int(10 / grid_mm)
     discs = []
     for z in sorted(chosen):
-        lo = max(0, z - int(10 / grid_mm))
-        hi = min(nz - 1, z + int(10 / grid_mm))
-        below_max = lo + int(np.argmax(p[lo:z + 1]))
-        above_max = z + int(np.argmax(p[z:hi + 1]))
-        lvl_b = 0.5 * (p[z] + p[below_max])
-        lvl_a = 0.5 * (p[z] + p[above_max])
-        zb = z
-        while zb > below_max and p[zb - 1] < lvl_b:
-            zb -= 1
-        za = z
-        while za < above_max and p[za + 1] < lvl_a:
-            za += 1
-        # a side where the profile rises less than a disc's notch (a body as dark as its disc) has no
-        # edge to stop the walk: there the boundary, half a slice beyond the disc's last slice, lies at
-        # most FLAT_DISC_HALF_MM from the disc's centre
-        half = int(round(FLAT_DISC_HALF_MM / grid_mm - 0.5))
-        if p[below_max] - p[z] < MIN_NOTCH_HU:
-            zb = max(zb, z - half)
-        if p[above_max] - p[z] < MIN_NOTCH_HU:
-            za = min(za, z + half)
+        lo, hi = max(0, z - reach), min(nz - 1, z + reach)
+        zb = _disc_side(p, z, lo + int(np.argmax(p[lo:z + 1])), flat_half)
+        za = _disc_side(p, z, z + int(np.argmax(p[z:hi + 1])), flat_half)
         discs.append(Disc(z=float(z), depth=float(candidates.notch[z]), upper=float(za) + 0.5,
                           lower=float(zb) - 0.5, tilt_deg=float(candidates.tilt_deg[z]), arc_mm=float(arc_mm[z]),
                           ambiguous=z in doubtful, by_rib=z in candidates.by_rib))
     return discs
+
+
+def _disc_side(p: np.ndarray, z: int, peak: int, flat_half: int) -> int:
+    """The disc's last slice on the side of ``peak`` (the profile's maximum within 10 mm of the disc centre
+    ``z``): the walk from ``z`` while the profile stays below half-way to ``peak``; where it rises less than
+    ``MIN_NOTCH_HU`` (a body as dark as its disc, no edge to stop the walk), at most ``flat_half`` slices
+    from ``z``."""
+    step = 1 if peak > z else -1
+    level = 0.5 * (p[z] + p[peak])
+    side = z
+    while side != peak and p[side + step] < level:
+        side += step
+    if p[peak] - p[z] < MIN_NOTCH_HU:
+        side = z + step * min(abs(side - z), flat_half)
+    return side
 
 
 def foramen_depth(pedicles: np.ndarray, z: int, grid_mm: float = COARSE_MM) -> float | None:
