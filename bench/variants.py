@@ -13,6 +13,10 @@ by each commit, the edits followed that commit's body outlines, and a change
 that moved the posterior wall of the unedited bodies by under 1 mm changed
 the images enough that four of the 108 ``bench/beyond.py`` variants were
 mislabelled, by the code before the change as by the code after it.
+So are the Genant heights of those bodies (:class:`BodyHeights`, measured by
+:func:`osteonode.measure.genant.grade_levels` at commit 3d35ab6), from which
+a deformity is sized: measured afresh, a change to the height measurement
+would change the deformed images it is scored on.
 
 Each body's **trabecular core** is the body minus a thin cortical shell,
 with partial-volume weights: a voxel of size ``s`` (the finest spacing)
@@ -105,6 +109,34 @@ EXAMPLE_BODIES = Path(__file__).resolve().parent / "data" / "example_bodies.npz"
 
 
 @dataclass(frozen=True)
+class BodyHeights:
+    """Genant heights (mm) of an unmodified body, from which :func:`deform` sizes a deformity.
+
+    Attributes
+    ----------
+    anterior_mm, middle_mm, posterior_mm : float
+        ``Ha``, ``Hm``, ``Hp`` of :mod:`osteonode.measure.genant`, mm.
+    reference_posterior_mm : float or None
+        Mean posterior height of the neighbours (``Hp_ref``), mm; ``None`` without one.
+    """
+
+    anterior_mm: float
+    middle_mm: float
+    posterior_mm: float
+    reference_posterior_mm: float | None
+
+    @classmethod
+    def measured(cls, measurements: dict[str, GenantMeasurement]) -> dict[str, BodyHeights]:
+        """The heights of every measured level of :func:`osteonode.measure.genant.grade_levels`'s result
+        (a level cut by the field of view has none and is left out)."""
+        return {name: cls(m.height_anterior_mm, m.height_middle_mm, m.height_posterior_mm,
+                          m.reference_posterior_mm)
+                for name, m in measurements.items()
+                if m.height_anterior_mm is not None and m.height_middle_mm is not None
+                and m.height_posterior_mm is not None}
+
+
+@dataclass(frozen=True)
 class Anatomy:
     """Where the vertebral bodies of the unmodified CT are, from the image alone.
 
@@ -116,33 +148,35 @@ class Anatomy:
     cores : dict[str, numpy.ndarray]
         Level name -> ``(z, y, x)`` float32 core weight in ``[0, 1]`` (see the
         module docstring).
-    heights : dict[str, GenantMeasurement]
-        Anterior, middle, posterior and reference posterior heights (mm) of
-        these bodies, measured by :func:`osteonode.measure.genant.grade_levels`.
+    heights : dict[str, BodyHeights]
+        Level name -> Genant heights of these bodies (mm); stored with the
+        example CT's bodies (module docstring).
     """
 
     bodies: np.ndarray
     cores: dict[str, np.ndarray]
-    heights: dict[str, GenantMeasurement]
+    heights: dict[str, BodyHeights]
 
     @classmethod
     def of_example(cls, volume: Volume) -> Anatomy:
-        """The example CT's anatomy from its stored bodies (``EXAMPLE_BODIES``, module docstring).
+        """The example CT's anatomy from its stored bodies and heights (``EXAMPLE_BODIES``, module docstring).
 
         Raises
         ------
         ValueError
             If ``volume`` is not on the grid of the stored bodies.
         """
-        with np.load(EXAMPLE_BODIES) as stored:
-            bodies, affine = stored["bodies"], stored["affine"]
-        if bodies.shape != volume.shape or not np.allclose(affine, volume.affine):
-            raise ValueError(f"{EXAMPLE_BODIES.name} holds bodies on another grid than this volume's")
-        return cls.from_bodies(volume, bodies)
+        stored = _stored_example(volume)
+        heights = {str(name): BodyHeights(ha, hm, hp, None if math.isnan(ref) else ref)
+                   for name, (ha, hm, hp, ref) in zip(stored["height_levels"].tolist(),
+                                                       stored["heights_mm"].tolist())}
+        return cls.from_bodies(volume, stored["bodies"], heights)
 
     @classmethod
-    def from_bodies(cls, volume: Volume, bodies: np.ndarray) -> Anatomy:
-        """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid).
+    def from_bodies(cls, volume: Volume, bodies: np.ndarray,
+                    heights: dict[str, BodyHeights] | None = None) -> Anatomy:
+        """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid); their
+        heights ``heights``, or measured by :func:`bench.segmentation.grade_label_map` when ``None``.
 
         Raises
         ------
@@ -159,8 +193,18 @@ class Anatomy:
             cores[name] = np.where(body, np.clip((depth - SHELL_MM) / step, 0.0, 1.0), 0.0).astype(np.float32)
         if not cores:
             raise ValueError("the bodies hold no vertebral body T12-L5")
-        heights = grade_label_map(volume, bodies)
+        if heights is None:
+            heights = BodyHeights.measured(grade_label_map(volume, bodies))
         return cls(bodies=bodies, cores=cores, heights=heights)
+
+
+def _stored_example(volume: Volume) -> dict[str, np.ndarray]:
+    """The arrays of ``EXAMPLE_BODIES``; ``ValueError`` if ``volume`` is not on the grid of its bodies."""
+    with np.load(EXAMPLE_BODIES) as stored:
+        arrays = dict(stored)
+    if arrays["bodies"].shape != volume.shape or not np.allclose(arrays["affine"], volume.affine):
+        raise ValueError(f"{EXAMPLE_BODIES.name} holds bodies on another grid than this volume's")
+    return arrays
 
 
 @dataclass(frozen=True)
@@ -400,7 +444,7 @@ def _shortening(anatomy: Anatomy, level: str, kind: str, loss: float, limit: flo
     is left as it is).
     """
     m = anatomy.heights[level]
-    ha, hm, hp = m.height_anterior_mm, m.height_middle_mm, m.height_posterior_mm
+    ha, hm, hp = m.anterior_mm, m.middle_mm, m.posterior_mm
     own, target = {"wedge": (ha, hp), "biconcave": (hm, hp), "crush": (hp, m.reference_posterior_mm or hp)}[kind]
     return float(np.clip(own - (1.0 - loss) * target, 0.0, limit))
 
@@ -629,18 +673,36 @@ def add_noise(variant: Variant, sigma: float, seed: int = 0) -> Variant:
                    truth=_truth(variant, noise_sigma=float(np.hypot(variant.truth["noise_sigma"], sigma))))
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``--store-example-bodies``: segment the example CT and write ``EXAMPLE_BODIES``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--store-example-bodies", action="store_true",
-                        help=f"segment the example CT with this code and write {EXAMPLE_BODIES}")
-    args = parser.parse_args(argv)
-    if not args.store_example_bodies:
-        parser.print_help()
-        return 2
-    volume = Volume.from_sitk(example_image())
+def store_example(volume: Volume, bodies: np.ndarray) -> None:
+    """Write ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid) and their heights, measured by this
+    code, to ``EXAMPLE_BODIES``."""
+    heights = BodyHeights.measured(grade_label_map(volume, bodies))
     EXAMPLE_BODIES.parent.mkdir(exist_ok=True)
-    np.savez_compressed(EXAMPLE_BODIES, bodies=builtin(volume).bodies, affine=volume.affine)
+    np.savez_compressed(EXAMPLE_BODIES, bodies=bodies, affine=volume.affine,
+                        height_levels=np.array(list(heights)),
+                        heights_mm=np.array([[h.anterior_mm, h.middle_mm, h.posterior_mm,
+                                              math.nan if h.reference_posterior_mm is None
+                                              else h.reference_posterior_mm] for h in heights.values()]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``--store-example-bodies``: segment the example CT and write ``EXAMPLE_BODIES``;
+    ``--store-example-heights``: measure the stored bodies again and write their heights."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    store = parser.add_mutually_exclusive_group(required=True)
+    store.add_argument("--store-example-bodies", action="store_true",
+                       help=f"segment the example CT with this code and write the bodies and their heights to "
+                            f"{EXAMPLE_BODIES}")
+    store.add_argument("--store-example-heights", action="store_true",
+                       help=f"measure the heights of the bodies stored in {EXAMPLE_BODIES} with this code and "
+                            "write them there")
+    args = parser.parse_args(argv)
+    volume = Volume.from_sitk(example_image())
+    if args.store_example_bodies:
+        bodies = builtin(volume).bodies
+    else:
+        bodies = _stored_example(volume)["bodies"]
+    store_example(volume, bodies)
     return 0
 
 

@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from bench.variants import Anatomy, baseline, deform
+from bench.variants import Anatomy, BodyHeights, baseline, deform
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.genant import grade_levels
 from osteonode.segment import SpineSegmentation
@@ -55,8 +55,8 @@ def phantom():
     volume, labels = _phantom()
     refs = References(volume.to_sitk(labels), labels.copy(), (labels > 0).astype(np.uint8),
                       np.zeros(labels.shape, bool))
-    heights = grade_levels(volume, SpineSegmentation(bodies=labels, trabecular=np.zeros_like(labels)))
-    return volume, labels, refs, Anatomy(bodies=labels, cores={}, heights=heights)
+    measured = grade_levels(volume, SpineSegmentation(bodies=labels, trabecular=np.zeros_like(labels)))
+    return volume, labels, refs, Anatomy(bodies=labels, cores={}, heights=BodyHeights.measured(measured)), measured
 
 
 def _labels_on_image(variant) -> np.ndarray:
@@ -69,16 +69,16 @@ def _labels_on_image(variant) -> np.ndarray:
 def test_phantom_heights_agree_between_levels(phantom):
     """Identical bodies at different positions relative to the slices measure alike (the edge is not
     quantised to the slices)."""
-    _, _, _, anatomy = phantom
-    posterior = [anatomy.heights[n].height_posterior_mm for n in ("L1", "L2", "L3", "L4")]
+    *_, anatomy, measured = phantom
+    posterior = [anatomy.heights[n].posterior_mm for n in ("L1", "L2", "L3", "L4")]
     assert max(posterior) - min(posterior) <= 0.6
-    assert all(anatomy.heights[n].genant_grade == 0 for n in ("L1", "L2", "L3", "L4"))
+    assert all(measured[n].genant_grade == 0 for n in ("L1", "L2", "L3", "L4"))
 
 
 @pytest.mark.parametrize("kind", ["wedge", "biconcave", "crush"])
 @pytest.mark.parametrize("loss", [0.2, 0.3, 0.45])
 def test_deformity_is_measured(phantom, kind, loss):
-    volume, _, refs, anatomy = phantom
+    volume, _, refs, anatomy, _ = phantom
     variant = deform(baseline(volume, refs), anatomy, "L2", kind, loss)
     labels = _labels_on_image(variant)
     measured = grade_levels(variant.volume, SpineSegmentation(bodies=labels, trabecular=np.zeros_like(labels)))
@@ -100,7 +100,7 @@ def _superior_edge_mm(profile: np.ndarray, near: int) -> float:
 def test_crush_lowers_the_endplate_by_the_shortening(phantom):
     """The superior endplate's edge moves down by exactly the shortening (it moves rigidly: no stretch
     or compression of the slices across it widens its blur), the inferior one stays."""
-    volume, labels, refs, anatomy = phantom
+    volume, labels, refs, anatomy, _ = phantom
     variant = deform(baseline(volume, refs), anatomy, "L2", "crush", 0.3)
     shortening = variant.truth["deformity"]["shortening_mm"]
     column = (slice(None), 45, 45)
