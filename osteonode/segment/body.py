@@ -26,7 +26,11 @@ the Gaussian that brings the noise to 12 HU), in the frame of the spine axis:
   cortex and the endplates stay brighter than the core. The shell (unsmoothed
   HU above the core + 60 HU, 90-150 HU; noise specks dropped) is closed
   behind the posterior wall, gaps up to ``SHELL_GAP_MM`` are bridged, and its
-  interior in axial, coronal or sagittal planes joins the body;
+  interior in axial, coronal or sagittal planes joins the body, between the
+  planes through the disc boundaries; for a body darker than its threshold
+  (whose marrow the outline leaves out), in the final pass up to an
+  endplate's concavity depth past them (``ENDPLATE_CONCAVITY_MM``: the rim of
+  a concave endplate stands beyond a plane through it);
 * **posterior wall**: on the anterior-posterior profile through the centre,
   the spinal canal is the longest fluid/fat run (< 60 HU) 10-32 mm behind
   the centre, and the wall the first bin denser than the threshold in front
@@ -125,6 +129,14 @@ SPECK_MM3 = 30.0
 
 #: Gaps (mm) in the cortical shell of a body that are bridged before its interior is filled.
 SHELL_GAP_MM = 6.0
+
+
+#: How far (mm) what the shell of a dark body encloses may reach past the boundary plane of its superior
+#: and of its inferior endplate (:func:`segment_body`): the mean concavity depth of a lumbar endplate,
+#: 0.7 mm for the superior endplate of a body and 1.5 mm for the inferior (the caudal and the cranial
+#: endplate of a disc; Wang Y, Battie MC, Videman T, Eur Spine J 2012;21:2316-2323). A plane through a
+#: concave endplate leaves its rim beyond, by up to that depth.
+ENDPLATE_CONCAVITY_MM = {"superior": 0.7, "inferior": 1.5}
 
 
 #: Angular sectors of :func:`_star_fill` (10 degrees each: 2.6 mm of a 15 mm radius, one voxel
@@ -360,10 +372,17 @@ def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
         shell_thr = float(np.clip(core_hu + SHELL_ABOVE_CORE_HU, SHELL_MIN_HU, SHELL_HU))
         shell = _without_specks((raw > shell_thr) & np.broadcast_to(envelope, outline_hu.shape), SPECK_MM3, spacing)
         shell |= np.broadcast_to((a < wall - behind) & (np.abs(lr) < 32.0), outline_hu.shape)
-        # between the inner boundaries only: reaching 2 or 4 mm past them brought back the endplates
-        # of dark L1 bodies (core_L1-70 Dice 0.86 -> 0.91) but graded undeformed dark L1 bodies 2
-        # (core_all-110, core_L1-120) and lost L1 of the -60 HU wedge (session 8)
-        region = np.broadcast_to(envelope & inner, outline_hu.shape)
+        # between the inner boundaries (reaching 2 or 4 mm past them brought back the endplates of dark
+        # L1 bodies, core_L1-70 Dice 0.86 -> 0.91, but graded undeformed dark L1 bodies 2 and lost L1 of
+        # the -60 HU wedge, session 8); in the final pass of a dark body, up to the endplates'
+        # concavity past them: the rim of a concave endplate, whose marrow no threshold outline keeps
+        # (the centring pass stays within them: the centroid it gives places the final pass's
+        # posterior-wall profile, and a dark L4 moved by it had its wall found 6 mm further forward)
+        between = inner
+        if wall_edge and core_hu < thr:
+            between = slab & (s_top <= ENDPLATE_CONCAVITY_MM["superior"]) \
+                & (s_bottom >= -ENDPLATE_CONCAVITY_MM["inferior"])
+        region = np.broadcast_to(envelope & between, outline_hu.shape)
         enclosed = np.zeros(outline_hu.shape, bool)
         if region.any():  # fill within the envelope's box only (padded by the widest gap)
             box = bounding_box(region, np.ceil(SHELL_GAP_MM / spacing).astype(int) + 1)
@@ -372,10 +391,9 @@ def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
         if core_hu < thr:
             # a core below the outline threshold (osteoporotic, below about 100 HU, or fatty marrow):
             # the threshold outline leaves the core out and a cortex thinned by partial volume (or
-            # blurred by resampling) leaves gaps wider than SHELL_GAP_MM; between the inner
-            # boundaries only, as rays would cross the disc's annulus beyond them
-            within = np.broadcast_to(envelope & inner, outline_hu.shape)
-            full = full | (_star_fill(shell & within, coords_mm, centre) & within)
+            # blurred by resampling) leaves gaps wider than SHELL_GAP_MM; in the same region, as rays
+            # would cross the disc's annulus further out
+            full = full | (_star_fill(shell & region, coords_mm, centre) & region)
         height = np.broadcast_to(s_bottom / np.maximum(s_bottom - s_top, 1e-3), outline_hu.shape)
         plates = shell & full
         full = _within_endplates(full, plates & (height >= 1.0 - PLATE_ZONE), plates & (height <= PLATE_ZONE))

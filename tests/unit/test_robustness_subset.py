@@ -14,8 +14,9 @@ test saying how: crushed vertebrae at the top of the scan and in very dark
 spines, crushes of 65-75 % (down to a vertebra plana), a residual S1/S2
 disc under a dark L5, T12/L1 between two dark bodies (plain, and with L1
 wedged or crushed), a crushed L1 as dark as its discs, a bone island's halo taken for a dark body's
-posterior wall, a trabecular ROI that shrank with a thinned posterior wall, and
-thin ribs broken into pieces by a scaled, tilted copy.
+posterior wall, a trabecular ROI that shrank with a thinned posterior wall,
+thin ribs broken into pieces by a scaled, tilted copy, and the rims of a dark
+body's endplates left out (a false fracture, and a biconcave one missed).
 """
 
 from __future__ import annotations
@@ -284,3 +285,21 @@ def test_crushed_l1_as_dark_as_its_discs_keeps_its_body(start, anatomy, base):
     assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
     assert row["dice"]["L1"] > 0.7, row["dice"]  # 0.74 now: the crushed body's edges in a dark spine
     assert row["grades"]["L1"] in (2, 3), row["grades"]  # nominal 3, the reference body deformed alike 3
+
+
+def test_fatty_level_keeps_the_rims_of_its_endplates_and_is_no_fracture(start, anatomy, base):
+    """L2 alone at -120 HU (fatty marrow, darker than its discs): the planes through its disc boundaries
+    cut the rims of its concave endplates, whose marrow no threshold keeps, and the label map lost its
+    corners; L2 was graded 2, a moderate fracture of an undeformed body. What the shell of a dark body
+    encloses now reaches the endplates' concavity depth past the planes."""
+    row = _row(offset_cores(start, anatomy, {"L2": -120.0}), base)
+    assert row["grades"]["L2"] == 0, row["grades"]
+
+
+def test_biconcave_fracture_in_a_dark_spine_is_graded(start, anatomy, base):
+    """L1-L4 at -90 HU and L1 biconcave by 35 % (nominal grade 2): the label map lost L1's
+    posterior-inferior corner, its posterior height read 26.9 mm (the reference body's 31.8 mm) and the
+    fracture was graded 0. With the endplate rims, it is graded within one of nominal."""
+    variant = deform(offset_cores(start, anatomy, dict.fromkeys(LEVELS, -90.0)), anatomy, "L1", "biconcave", 0.35)
+    row = _row(variant, base)
+    assert row["grades"]["L1"] in (1, 2, 3), row["grades"]  # 2 now; the reference body deformed alike 3
