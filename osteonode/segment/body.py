@@ -310,9 +310,11 @@ def segment_body(smoothed: np.ndarray, outline_hu: np.ndarray, raw: np.ndarray,
         the envelope, the anterior-posterior profile and the posterior-wall
         cut lie perpendicular to it. ``None``: ``axis``.
     wall_edge : bool
-        Cut ``WALL_EDGE_INSET_MM`` in front of the posterior wall's half-maximum
-        edge (:func:`_wall_edge`; the final pass) instead of at the wall's
-        first dense bin (the centring pass).
+        The final pass: cut ``WALL_EDGE_INSET_MM`` in front of the posterior
+        wall's half-maximum edge (:func:`_wall_edge`) instead of at the wall's
+        first dense bin (the centring pass), and let what the shell of a body
+        darker than its threshold encloses reach ``ENDPLATE_CONCAVITY_MM`` past
+        the planes ``top`` and ``bottom``.
 
     Returns
     -------
