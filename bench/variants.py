@@ -173,10 +173,9 @@ class Anatomy:
         return cls.from_bodies(volume, stored["bodies"], heights)
 
     @classmethod
-    def from_bodies(cls, volume: Volume, bodies: np.ndarray,
-                    heights: dict[str, BodyHeights] | None = None) -> Anatomy:
-        """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid); their
-        heights ``heights``, or measured by :func:`bench.segmentation.grade_label_map` when ``None``.
+    def from_bodies(cls, volume: Volume, bodies: np.ndarray, heights: dict[str, BodyHeights]) -> Anatomy:
+        """Cores of the bodies in ``bodies`` (``(z, y, x)`` VerSe IDs on ``volume``'s grid), with their
+        ``heights``.
 
         Raises
         ------
@@ -193,8 +192,6 @@ class Anatomy:
             cores[name] = np.where(body, np.clip((depth - SHELL_MM) / step, 0.0, 1.0), 0.0).astype(np.float32)
         if not cores:
             raise ValueError("the bodies hold no vertebral body T12-L5")
-        if heights is None:
-            heights = BodyHeights.measured(grade_label_map(volume, bodies))
         return cls(bodies=bodies, cores=cores, heights=heights)
 
 
