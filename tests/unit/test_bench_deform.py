@@ -16,7 +16,7 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from bench.variants import Anatomy, BodyHeights, baseline, deform
+from bench.variants import Anatomy, BodyHeights, _pull_labels, baseline, deform
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.measure.genant import grade_levels
 from osteonode.segment import SpineSegmentation
@@ -111,3 +111,24 @@ def test_crush_lowers_the_endplate_by_the_shortening(phantom):
     assert moved == pytest.approx(shortening, abs=0.5)
     below = _superior_edge_mm(before, body.min() - 3) - _superior_edge_mm(after, body.min() - 3)
     assert below == pytest.approx(0.0, abs=0.2)
+
+
+def test_reference_voxel_takes_the_label_of_most_of_its_sub_points():
+    """A warped reference voxel is labelled by what most of its 27 sub-points come from, not by its centre
+    alone (``bench.variants._pull_labels``); the identity keeps every label, background included."""
+    labels = np.zeros((10, 4, 4), np.uint8)
+    labels[5:] = 7
+    labels[8:, :2] = 9
+    grid = Volume(hu=np.zeros(labels.shape, np.float32), affine=np.diag([3.0, 1.0, 1.0, 1.0])[[2, 1, 0, 3]])
+    (same,) = _pull_labels([labels], grid, lambda points, spacing: points)
+    assert np.array_equal(same, labels)
+
+    def off_centre_from_two_slices_up(points, spacing):
+        # the sub-points off the voxel centres in x come from 2 slices (6 mm) higher; the centres stay
+        index = grid.lps_to_index(points)
+        off_centre = np.abs(index[..., 2] - np.round(index[..., 2])) > 0.2
+        return points + np.where(off_centre, 6.0, 0.0)[..., None] * np.array([0.0, 0.0, 1.0])
+
+    (moved,) = _pull_labels([labels], grid, off_centre_from_two_slices_up)
+    assert (moved[3] == 7).all()  # 2 of 3 sub-points per row come from slice 5: the label, not its centre's
+    assert (moved[2] == 0).all()  # slices 2 and 4: background
