@@ -428,16 +428,16 @@ def _pull_labels(arrays: list[np.ndarray], grid: Volume, source_mm) -> list[np.n
         lookup = np.zeros(int(values.max()) + 1, np.intp)
         lookup[values] = np.arange(values.size)
         tables.append((values, lookup, np.zeros((values.size, array.size), np.uint8)))
-    index = np.moveaxis(np.indices(grid.shape, dtype=np.float64), 0, -1)
+    centres = _points_mm(grid)
+    air = _beyond(np.moveaxis(grid.lps_to_index(source_mm(centres, grid.spacing)), -1, 0), grid.shape, 0.0)
     offsets = (np.arange(REFERENCE_SUBSAMPLES) + 0.5) / REFERENCE_SUBSAMPLES - 0.5
     for sub in np.stack(np.meshgrid(offsets, offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 3):
-        coords = np.moveaxis(grid.lps_to_index(source_mm(grid.index_to_lps(index + sub), grid.spacing)), -1, 0)
+        step = grid.index_to_lps(sub) - grid.index_to_lps(np.zeros(3))  # the sub-point's offset, LPS mm
+        coords = np.moveaxis(grid.lps_to_index(source_mm(centres + step, grid.spacing)), -1, 0)
         voting = np.flatnonzero(~_beyond(coords, grid.shape, 0.5))
         for array, (_, lookup, counts) in zip(arrays, tables):
             found = ndi.map_coordinates(array, coords, order=0, mode="nearest", prefilter=False)
             counts[lookup[found.ravel()[voting]], voting] += 1
-    coords = np.moveaxis(grid.lps_to_index(source_mm(grid.index_to_lps(index), grid.spacing)), -1, 0)
-    air = _beyond(coords, grid.shape, 0.0)
     return [np.where(air, 0, values[np.argmax(counts, axis=0)].reshape(grid.shape)).astype(array.dtype)
             for array, (values, _, counts) in zip(arrays, tables)]
 
@@ -461,8 +461,7 @@ def _resample(variant: Variant, source_mm, crop: bool = False) -> Variant:
     refs = variant.refs
     ref_vol = Volume.from_sitk(refs.image)  # only its grid is used
     masks = _pull_labels([refs.vertebrae, refs.body, refs.femur_right.astype(np.uint8)], ref_vol, source_mm)
-    moved = References(refs.image, masks[0].astype(refs.vertebrae.dtype), masks[1].astype(refs.body.dtype),
-                       masks[2] > 0)
+    moved = References(refs.image, masks[0], masks[1], masks[2] > 0)
     return replace(variant, volume=moved_vol, refs=moved, warped=True)
 
 
