@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -26,10 +27,16 @@ log = logging.getLogger(__name__)
 
 
 def builtin(volume: Volume) -> SpineSegmentation:
-    """Built-in spine and proximal-femur segmentation of ``volume`` ((z, y, x) HU)."""
+    """Built-in spine and proximal-femur segmentation of ``volume`` ((z, y, x) HU).
+
+    The femurs are segmented in a thread of their own while the spine is (its bodies on
+    :data:`osteonode.segment.SEGMENTATION_THREADS`); the result does not depend on the threads.
+    """
     view = canonical_view(volume)
-    segmentation = segment_spine(volume, view)
-    segmentation.femurs = segment_proximal_femurs(volume, view)
+    with ThreadPoolExecutor(1) as pool:
+        femurs = pool.submit(segment_proximal_femurs, volume, view)
+        segmentation = segment_spine(volume, view)
+        segmentation.femurs = femurs.result()
     return segmentation
 
 

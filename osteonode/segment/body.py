@@ -74,6 +74,7 @@ from osteonode.segment.frame import (
     Coords,
     coarse_to_native,
     ellipsoid,
+    fill_holes,
     largest_component_filled,
     linear_along,
     perpendicular_frame,
@@ -420,7 +421,7 @@ def _cleaned(full: np.ndarray, keep: np.ndarray, spacing: np.ndarray) -> np.ndar
         return out
     mask = largest_component_filled(mask)  # the largest component is the body
     mask = ndi.binary_closing(mask, structure=ball) & keep[box]
-    out[box] = ndi.binary_fill_holes(mask, structure=IN_PLANE)
+    out[box] = fill_holes(mask, IN_PLANE)
     return out
 
 
@@ -871,7 +872,7 @@ def _enclosed(shell: np.ndarray, gap_mm: float, spacing: np.ndarray) -> np.ndarr
         plane[tuple(1 if ax == normal else slice(None) for ax in range(3))] = \
             ndi.generate_binary_structure(2, 1)
         grown = ndi.binary_dilation(shell, structure=disk)
-        filled = ndi.binary_fill_holes(grown, structure=plane)
+        filled = fill_holes(grown, plane)
         out |= ndi.binary_erosion(filled, structure=disk, border_value=1)
     return out
 

@@ -130,6 +130,7 @@ from osteonode.segment.frame import (
     CanonicalView,
     canonical_view,
     ellipsoid,
+    fill_holes,
     linear_along,
 )
 from osteonode.volume import Volume, bounding_box
@@ -358,7 +359,7 @@ def _head_candidates(smooth: np.ndarray, offset: np.ndarray, grid_mm: float, mid
     every other coarse voxel (4 mm), which is enough to place a 28 mm ball.
     """
     step = 2.0 * grid_mm
-    bone = ndi.binary_fill_holes(smooth[::2, ::2, ::2] > BONE_HU, structure=IN_PLANE)
+    bone = fill_holes(smooth[::2, ::2, ::2] > BONE_HU, IN_PLANE)
     dist = np.zeros(bone.shape, np.float32)
     if bone.any():
         box = bounding_box(bone, 1)
@@ -431,7 +432,7 @@ def _solid(mask: np.ndarray, spacing: np.ndarray, out_of_view: np.ndarray,
     for axis in range(3):
         plane = np.zeros((3, 3, 3), bool)
         plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndi.generate_binary_structure(2, 1)
-        sub = ndi.binary_fill_holes(sub, structure=plane)
+        sub = fill_holes(sub, plane)
     out = mask.copy()
     inner = tuple(slice(r, -r) for r in rad)
     out[box] |= sub[inner] & ~out_of_view[box]
@@ -643,7 +644,7 @@ def _segment_side(coarse: np.ndarray, in_view: np.ndarray, offset: np.ndarray, g
     core = dist <= 0.5 * head.radius
     head_hu = float(np.median(crop[np.broadcast_to(core, crop.shape)]))
     thr = float(np.clip(SOFT_TISSUE_HU + FEMUR_BONE_FRACTION * (head_hu - SOFT_TISSUE_HU), 100.0, 180.0))
-    bone = ndi.binary_fill_holes(crop > thr, structure=IN_PLANE)
+    bone = fill_holes(crop > thr, IN_PLANE)
     neck = _neck_axis(_lateral(side))
     cos_neck = (S * neck[0] + A * neck[1] + L * neck[2]) / np.maximum(dist, 1e-6)
     femur_side = _femur_side(crop, bone, dist, cos_neck, head.radius)

@@ -228,7 +228,40 @@ def largest_component_filled(mask: np.ndarray) -> np.ndarray:
         return mask
     sizes = ndi.sum_labels(mask, lab, index=np.arange(1, n + 1))
     largest = lab == (1 + int(np.argmax(sizes)))
-    return ndi.binary_fill_holes(largest, structure=IN_PLANE)
+    return fill_holes(largest, IN_PLANE)
+
+
+def fill_holes(mask: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    """``mask`` with its holes filled: :func:`scipy.ndimage.binary_fill_holes`, the same result faster.
+
+    A hole is a connected component of the background (connectivity
+    ``structure``, default face-connected) that does not reach beyond the
+    array's edge through ``structure``; with :data:`IN_PLANE` that is slice by
+    slice. The background is labelled once with one voxel of background padded
+    around it, where scipy dilates the outside step by step: segmenting the
+    512 x 512 x 300 grid, the fills took 0.42 s instead of 0.88 s (cProfile,
+    ``bench/README.md``, "Session 27"). Same output:
+    ``tests/unit/test_segment_frame.py``.
+
+    Parameters
+    ----------
+    mask : numpy.ndarray
+        Boolean array of any shape and axis order.
+    structure : numpy.ndarray, optional
+        Boolean connectivity of the background, ``(3,) * mask.ndim``.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean, the shape of ``mask``.
+    """
+    connectivity = ndi.generate_binary_structure(mask.ndim, 1) if structure is None else structure
+    labels, n = ndi.label(np.pad(~mask, 1, constant_values=True), connectivity)
+    outside = np.zeros(n + 1, bool)
+    for ax in range(mask.ndim):
+        outside[np.take(labels, [0, -1], axis=ax)] = True
+    inner = labels[(slice(1, -1),) * mask.ndim]
+    return mask | ((inner > 0) & ~outside[inner])
 
 
 def ellipsoid(rad: np.ndarray, spacing: np.ndarray) -> np.ndarray:

@@ -67,7 +67,7 @@ from scipy import ndimage as ndi
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT, VERTEBRA_IDS, VERTEBRA_NAMES
 from osteonode.segment import FemurSegmentation, FemurSide, Side, SpineSegmentation
 from osteonode.segment.femur import METAL_HU, MIN_FEMUR_CM3, MIN_METAL_CM3, metal_cm3_near
-from osteonode.segment.frame import CanonicalFrame, largest_component_filled
+from osteonode.segment.frame import CanonicalFrame, fill_holes, largest_component_filled
 from osteonode.segment.levels import missing_levels_reason
 from osteonode.segment.roi import trabecular_roi
 from osteonode.volume import Volume, bounding_box
@@ -240,7 +240,7 @@ def _body_of(vert: np.ndarray, hu: np.ndarray, coords: tuple[np.ndarray, ...]) -
     for k in range(vert.shape[0]):
         if not vert[k].any():
             continue
-        hole = ndi.binary_fill_holes(vert[k]) & ~vert[k]
+        hole = fill_holes(vert[k]) & ~vert[k]
         hole[:, ~near_mid] = False
         if hole.any():
             canal_front[k] = a_mm[np.nonzero(hole.any(axis=1))[0].max()]

@@ -37,7 +37,7 @@ from scipy import ndimage as ndi
 
 from osteonode.anatomy import REQUIRED_LEVELS, VERTEBRA_IDS, VERTEBRA_NAMES
 from osteonode.segment.column import Disc
-from osteonode.segment.frame import COARSE_MM, IN_PLANE
+from osteonode.segment.frame import COARSE_MM, IN_PLANE, fill_holes
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def has_sacrum(coarse: np.ndarray, path: np.ndarray, disc: Disc, grid_mm: float 
     # opening; ribs and transverse processes do not) lateral to the body on each side
     zs = np.arange(z - int(round(30.0 / grid_mm)), z - int(round(8.0 / grid_mm)))
     bone = ndi.uniform_filter(coarse[zs], size=(1, 3, 3)) > 120.0
-    bone = ndi.binary_fill_holes(bone, structure=IN_PLANE)
+    bone = fill_holes(bone, IN_PLANE)
     r = int(round(4.0 / grid_mm))
     yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
     thick = ndi.binary_opening(bone, structure=(yy ** 2 + xx ** 2 <= r * r)[None])

@@ -40,7 +40,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from osteonode.segment.frame import perpendicular_frame
+from osteonode.segment.frame import IN_PLANE, fill_holes, perpendicular_frame
 from osteonode.volume import bounding_box
 
 #: Distance (mm) of the trabecular ROI from the anterior and lateral body surface.
@@ -115,9 +115,7 @@ def trabecular_roi(body: np.ndarray, coords_mm: tuple[np.ndarray, np.ndarray, np
         inside = along[body]
         below, above = float(inside.min()), float(inside.max())
     slab = _slab(along, 0.5 * (below + above), float(spacing[0]), float(spacing[0] * abs(axis[0])))
-    filled = body.copy()
-    for k in np.flatnonzero(filled.any(axis=(1, 2))):  # trabecular holes of a dark body
-        filled[k] = ndi.binary_fill_holes(filled[k])
+    filled = fill_holes(body, IN_PLANE)  # trabecular holes of a dark body
     section = filled & slab
     if not section.any():
         return section

@@ -70,13 +70,15 @@ not independently validated.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from scipy import ndimage as ndi
 
 from osteonode.anatomy import VERTEBRA_NAMES
-from osteonode.segment import SpineSegmentation
+from osteonode.segment import SEGMENTATION_THREADS, SpineSegmentation
 from osteonode.segment.body import (
     SOFT_TISSUE_HU,
     WORK_MM,
@@ -529,28 +531,25 @@ def segment_spine(volume: Volume, view: CanonicalView | None = None) -> SpineSeg
                                  not_evaluable_reason=levels, whole=bodies)
     segments, labels = levels.segments, levels.labels
     grid = _NativeGrid.of(view)
-    complete: set[int] = set()
     confidence: dict[int, float] = {}
     heights = [(hi.lower - lo.upper) * COARSE_MM if lo is not None and hi is not None else None
                for lo, hi in segments]
-    # first stage, per body: crop, working copies and a centring pass along the centreline's tangent
-    staged: dict[int, _StagedBody] = {}
-    for i, vid in sorted(labels.items()):
-        extent = _segment_extent(levels, i, vid, heights)
-        if extent is None:
-            continue
-        z_bot, z_top, in_view = extent
-        if in_view:
-            complete.add(vid)
-        stage = _centring_pass(grid, levels, i, vid, z_bot, z_top)
-        if stage is not None:
-            staged[i] = stage
-    # second stage: each body's axis runs through its neighbours' centroids (the centreline's tangent
-    # can be 15 degrees off at the thoracolumbar junction, and the posterior wall cut along it took the
-    # posterior-superior corner of L1), then the final pass
-    for i, stage in staged.items():
-        axis = body_axis(stage.tangent, *(staged[j].centroid if j in staged else None for j in (i + 1, i - 1)))
-        body, roi = _final_pass(grid, stage, axis, segments[i][0] is not None and segments[i][1] is not None)
+    extents = {i: extent for i, vid in sorted(labels.items())
+               if (extent := _segment_extent(levels, i, vid, heights)) is not None}
+    complete = {labels[i] for i, (_, _, in_view) in extents.items() if in_view}
+    with ThreadPoolExecutor(SEGMENTATION_THREADS) as pool:  # the bodies are independent until assembled below
+        # first stage, per body: crop, working copies and a centring pass along the centreline's tangent
+        stages = pool.map(partial(_centring_pass, grid, levels), extents, [labels[i] for i in extents],
+                          [z_bot for z_bot, _, _ in extents.values()], [z_top for _, z_top, _ in extents.values()])
+        staged = {i: stage for i, stage in zip(extents, stages, strict=True) if stage is not None}
+        # second stage: each body's axis runs through its neighbours' centroids (the centreline's tangent
+        # can be 15 degrees off at the thoracolumbar junction, and the posterior wall cut along it took the
+        # posterior-superior corner of L1), then the final pass
+        axes = [body_axis(stage.tangent, *(staged[j].centroid if j in staged else None for j in (i + 1, i - 1)))
+                for i, stage in staged.items()]
+        both_discs = [segments[i][0] is not None and segments[i][1] is not None for i in staged]
+        finals = list(pool.map(partial(_final_pass, grid), staged.values(), axes, both_discs))
+    for (i, stage), (body, roi) in zip(staged.items(), finals, strict=True):
         body &= bodies_c[stage.sl] == 0
         if body.sum() * np.prod(grid.spacing) < 2000.0:  # < 2 cm3: not a body
             log.info("segment %d (%s): body too small, skipped", i, VERTEBRA_NAMES[stage.vid])

@@ -94,6 +94,14 @@ def test_real_ct_levels_are_correct(refs, volume, seg):
     assert seg.bodies.shape == volume.shape and seg.bodies.dtype == np.uint8
 
 
+def test_real_ct_bodies_do_not_depend_on_the_threads(volume, seg, monkeypatch):
+    monkeypatch.setattr("osteonode.segment.spine.SEGMENTATION_THREADS", 1)
+    one_thread = segment_spine(volume)
+    for name in ("bodies", "trabecular", "whole"):
+        np.testing.assert_array_equal(getattr(one_thread, name), getattr(seg, name))
+    assert one_thread.confidence == seg.confidence
+
+
 def test_real_ct_body_dice(refs, volume, seg):
     result = evaluate(volume, seg, _no_femurs(volume), refs)
     for name in ("L1", "L2", "L3", "L4"):
