@@ -436,8 +436,12 @@ class Settings(BaseSettings):
 
 def default_analysis_concurrency() -> int:
     """Analyses to run at once: the usable cores, at most one per ``GIB_PER_ANALYSIS`` GiB available, at least 1."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(cores, available_memory_bytes() // (GIB_PER_ANALYSIS * 1024**3)))
+    return max(1, min(usable_cores(), available_memory_bytes() // (GIB_PER_ANALYSIS * 1024**3)))
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system has one), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def available_memory_bytes() -> int:

@@ -8,13 +8,13 @@ default (:mod:`osteonode.segment.spine` for the spine,
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
 
+from osteonode.config import usable_cores
 from osteonode.volume import Volume
 
 Side = Literal["right", "left"]
@@ -22,7 +22,7 @@ Side = Literal["right", "left"]
 #: Vertebral bodies the built-in segmentation works on at once, in threads (the scipy.ndimage filters and
 #: numpy release the GIL). At most two: the node's target machine has two cores (issue 10), and
 #: ``analysis_concurrency`` runs one analysis per core under load, so more would only take turns.
-SEGMENTATION_THREADS = max(1, min(2, len(os.sched_getaffinity(0))))
+SEGMENTATION_THREADS = min(2, usable_cores())
 
 
 @dataclass(frozen=True)

@@ -553,8 +553,8 @@ def _femur_side(image: np.ndarray, bone: np.ndarray, dist: np.ndarray, cos_neck:
     return sitk.GetArrayViewFromImage(basins) == 1
 
 
-def _head_ball(femur: np.ndarray, coords: tuple[np.ndarray, ...], cos_neck: np.ndarray, radius: float
-               ) -> np.ndarray | None:
+def _head_ball(femur: np.ndarray, coords: tuple[np.ndarray, ...], dist: np.ndarray, cos_neck: np.ndarray,
+               radius: float) -> np.ndarray | None:
     """The femoral head as a ball, fitted to the head's surface on ``femur``; ``None`` without a good fit.
 
     The watershed of :func:`_femur_side` cuts the head where the joint space
@@ -579,6 +579,8 @@ def _head_ball(femur: np.ndarray, coords: tuple[np.ndarray, ...], cos_neck: np.n
         Coarse canonical ``(s, a, l)`` boolean femur of one side.
     coords : tuple of numpy.ndarray
         Its voxels' ``(s, a, l)`` positions (mm) from the joint centre, broadcastable to its shape.
+    dist : numpy.ndarray
+        Their distance (mm) from the joint centre, broadcastable alike.
     cos_neck : numpy.ndarray
         Cosine of each voxel's angle to the neck axis, seen from the joint centre.
     radius : float
@@ -601,7 +603,6 @@ def _head_ball(femur: np.ndarray, coords: tuple[np.ndarray, ...], cos_neck: np.n
     0.856-0.861 on the -10 degree coronal tilt (bench/README.md, "Session 26").
     """
     coords = np.broadcast_arrays(*coords, femur)[:3]
-    dist = np.sqrt(sum(c * c for c in coords))
     surface = femur & ~ndi.binary_erosion(femur)
     surface &= (dist <= radius + 10.0) & (cos_neck < np.cos(np.radians(NECK_CONE_DEG)))
     if surface.sum() < 30:
@@ -665,7 +666,7 @@ def _segment_side(coarse: np.ndarray, in_view: np.ndarray, offset: np.ndarray, g
             femur[:s_lowest] = False
     edges = tuple((s.start == 0, s.stop == n) for s, n in zip(sl, coarse.shape))
     femur = _solid(femur, np.full(3, grid_mm), ~in_view[sl], edges) & femur_side
-    ball = _head_ball(femur, (S, A, L), cos_neck, head.radius)
+    ball = _head_ball(femur, (S, A, L), dist, cos_neck, head.radius)
     if ball is not None:
         femur |= ball & in_view[sl]
     log.debug("%s femur: head r=%.1f mm (joint seen on %.0f%% of rays), threshold %.0f HU, %d voxels",

@@ -226,18 +226,19 @@ def test_head_ball_gives_back_part_of_a_missing_inferomedial_head_and_nothing_be
     img = _synthetic_hip()
     off = HIP_CENTRE + 6.0 * _unit(1.0, 0.0, 1.0)
     d = np.indices(img.shape).astype(float) * 2.0 - off[:, None, None, None]
-    cos_neck = np.tensordot(_neck_axis(-1.0), d, axes=1) / np.maximum(np.sqrt((d ** 2).sum(axis=0)), 1e-6)
+    r = np.sqrt((d ** 2).sum(axis=0))
+    cos_neck = np.tensordot(_neck_axis(-1.0), d, axes=1) / np.maximum(r, 1e-6)
     true = np.indices(img.shape) * 2.0 - HIP_CENTRE[:, None, None, None]
     r_true = np.sqrt((true ** 2).sum(axis=0))
     neck = np.tensordot(_neck_axis(-1.0), true, axes=1) > 0
     femur = (img == 300.0) & ((r_true <= HEAD_MM) | neck)
     missing = (np.tensordot(_unit(-1.0, 0.0, 1.0), true, axes=1) > 0.6 * r_true) & (r_true > HEAD_MM - 6.0)
     lost = femur & missing & (r_true <= HEAD_MM)
-    ball = _head_ball(femur & ~missing, tuple(d), cos_neck, HEAD_MM + JOINT_MM / 2.0)
+    ball = _head_ball(femur & ~missing, tuple(d), r, cos_neck, HEAD_MM + JOINT_MM / 2.0)
     assert ball is not None and lost.sum() > 500
     assert (ball & lost).sum() >= lost.sum() / 3
     assert (ball & (r_true > HEAD_MM + 2.0)).sum() <= 0.01 * ball.sum()
-    assert _head_ball(np.zeros(img.shape, bool), tuple(d), cos_neck, HEAD_MM) is None
+    assert _head_ball(np.zeros(img.shape, bool), tuple(d), r, cos_neck, HEAD_MM) is None
 
 
 def test_joint_centre_finds_a_synthetic_hip_from_an_offset_start():
