@@ -457,6 +457,11 @@ def genant_lines(rows: list[dict]) -> list[tuple[str, bool, str]]:
              if isinstance(r["grades"][n], int) and r["grades"][n] >= 1 and n not in r["truth"]["expected_grade"]]
     out.append(("(no target) false grades: 1 or more on a level not deformed", not false,
                 f"{len(false)}" + (f": {', '.join(false)}" if false else "")))
+    ungraded = [f"{r['variant']} {n}" for r in rows for n in LEVELS
+                if r["grades"][n] is None and n not in r["truth"]["expected_grade"]]
+    out.append(("(no target) levels not deformed, found but not graded (cut by the field of view, heights implausible)",
+                not ungraded,
+                f"{len(ungraded)}" + (f": {', '.join(ungraded)}" if ungraded else "")))
     return out
 
 

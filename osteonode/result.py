@@ -17,8 +17,8 @@ from osteonode.config import ContrastPhaseName
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
-QualityFlag = Literal["cut_by_field_of_view", "genant_borderline", "heterogeneous", "mean_median_discordant",
-                      "focal_lesion_excluded", "excluded_over_limit"]
+QualityFlag = Literal["cut_by_field_of_view", "heights_implausible", "genant_borderline", "heterogeneous",
+                      "mean_median_discordant", "focal_lesion_excluded", "excluded_over_limit"]
 
 class LevelResult(BaseModel):
     """Measurements of one vertebral level (trabecular ROI of the body)."""

@@ -16,7 +16,7 @@ from pydicom.valuerep import PersonName
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import BORDERLINE_LOSS, GRADE_LIMITS
+from osteonode.measure.genant import BORDERLINE_LOSS, GRADE_LIMITS, MAX_POSTERIOR_EXCESS
 from osteonode.measure.hu import DISCORDANT_HU, HETEROGENEOUS_SD_HU, MAX_EXCLUDED_FRACTION
 from osteonode.result import AnalysisResult, LevelResult, QualityFlag
 
@@ -27,6 +27,8 @@ NA = "n/a"
 #: of the measurement that sets the flag (:mod:`osteonode.measure.genant`, :mod:`osteonode.measure.hu`).
 QUALITY_FLAG_TEXT: dict[QualityFlag, str] = {
     "cut_by_field_of_view": "cut by the edge of the scan: heights not reported",
+    "heights_implausible": (f"posterior height over {100 * MAX_POSTERIOR_EXCESS:g} % above the neighbouring levels' "
+                            "(measured beyond the endplates): heights not reported, not graded"),
     "genant_borderline": (f"height loss within {100 * BORDERLINE_LOSS:g} points of a Genant grade limit "
                           f"({', '.join(f'{100 * limit:g}' for limit in GRADE_LIMITS)} %): "
                           "the grade may be one higher or lower"),
@@ -40,7 +42,7 @@ QUALITY_FLAG_TEXT: dict[QualityFlag, str] = {
 #: Genant et al. 1993 semi-quantitative grades.
 GENANT_GRADES = {0: "normal", 1: "mild", 2: "moderate", 3: "severe"}
 #: Quality flags about the vertebral body as a whole (its heights); the others concern the trabecular ROI.
-BODY_FLAGS = frozenset({"cut_by_field_of_view", "genant_borderline"})
+BODY_FLAGS = frozenset({"cut_by_field_of_view", "heights_implausible", "genant_borderline"})
 #: Said of a level whose ``used_for_bone_status`` is False (unless a flag's words already say it).
 NOT_USED = "not used for the bone status"
 #: Marks after a level name in the tables: not used for the bone status / other notes (listed below the table).

@@ -78,6 +78,21 @@ for its neighbours, and :func:`apply_genant` sets its ``cut_by_field_of_view``
 and adds the quality flag ``"cut_by_field_of_view"``
 (:data:`osteonode.dicom_out.summary.QUALITY_FLAG_TEXT`).
 
+Implausible heights
+-------------------
+A fracture lowers a body; it does not make it taller than its neighbours. A
+graded body whose posterior height exceeds its reference posterior height
+(:func:`reference_posterior`) by more than :data:`MAX_POSTERIOR_EXCESS` (20 %,
+Genant's own smallest deformity) has been measured beyond its endplates, not
+on the vertebra: on the bench's copies of the example CT with dark marrow, the
+endplate followed outward from L1's label map reached T12's endplate across the
+disc (posterior heights 36-39 mm against 31-32 mm for the reference body), and
+the short anterior height against that posterior one was graded 2 or 3. Such a
+body gets no heights, ratios or grade (reason :data:`IMPLAUSIBLE_REASON`), is
+no reference for its neighbours, and :func:`apply_genant` adds the quality
+flag ``"heights_implausible"``. On the unedited example CT the reference
+bodies' posterior heights are 0.90-1.03 of their reference, ours 0.89-1.08.
+
 Grades near a limit
 -------------------
 A graded body whose height loss lies within :data:`BORDERLINE_LOSS` (4
@@ -141,6 +156,12 @@ CUT_REASON = "not measured: the body reaches the edge of the volume (cut by the 
 REFERENCE_REACH = 2
 #: Height-loss limits of grades 1, 2, 3 (Genant et al. 1993).
 GRADE_LIMITS = (0.20, 0.25, 0.40)
+#: A posterior height more than this fraction above the reference posterior height is implausible (module
+#: docstring, "Implausible heights"): the smallest deformity Genant's method grades, the other way.
+MAX_POSTERIOR_EXCESS = GRADE_LIMITS[0]
+#: Reason of a level whose heights are implausible.
+IMPLAUSIBLE_REASON = (f"not graded: posterior height over {100 * MAX_POSTERIOR_EXCESS:g} % above the neighbouring "
+                      "levels' (measured beyond the endplates)")
 GENANT_CITATION = "Genant HK et al., J Bone Miner Res 1993;8:1137-1148"
 #: A height loss this close (fraction of the height) to one of :data:`GRADE_LIMITS` is flagged
 #: ``genant_borderline``: twice the largest standard deviation of the height loss of L2-L4 over the
@@ -173,6 +194,9 @@ class GenantMeasurement:
         Why the level was not graded.
     cut_by_field_of_view : bool
         The body is (possibly) cut by the edge of the scan: not measured.
+    heights_implausible : bool
+        The posterior height exceeds the neighbours' by more than :data:`MAX_POSTERIOR_EXCESS`: no heights
+        are reported.
     """
 
     height_anterior_mm: float | None
@@ -185,6 +209,7 @@ class GenantMeasurement:
     fracture_suspected: bool | None
     reason: str | None = None
     cut_by_field_of_view: bool = False
+    heights_implausible: bool = False
 
 
 def near_grade_limit(height_loss: float) -> bool:
@@ -553,7 +578,19 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
         cut_by_field_of_view=True) for vid in cut}
     posterior = {vid: heights["posterior"] for vid, (heights, reason) in raw.items() if reason is None}
     deformed = _deformed(raw, posterior)
+    implausible = {vid for vid, hp in posterior.items()
+                   if hp > (1.0 + MAX_POSTERIOR_EXCESS) * (reference_posterior(vid, posterior, deformed) or np.inf)}
+    deformed |= implausible
+    for vid in implausible:
+        log.info("%s: posterior height %.1f mm, implausible against its neighbours': not graded",
+                 VERTEBRA_NAMES[vid], posterior[vid])
+        out[VERTEBRA_NAMES[vid]] = GenantMeasurement(
+            height_anterior_mm=None, height_middle_mm=None, height_posterior_mm=None, reference_posterior_mm=None,
+            height_ratios={}, height_loss=None, genant_grade=None, fracture_suspected=None,
+            reason=IMPLAUSIBLE_REASON, heights_implausible=True)
     for vid, (heights, reason) in raw.items():
+        if vid in implausible:
+            continue
         reference = reference_posterior(vid, posterior, deformed)
         ha, hm, hp = heights["anterior"], heights["middle"], heights["posterior"]
         ratios = {"anterior_posterior": round(ha / hp, 3), "middle_posterior": round(hm / hp, 3)}
@@ -569,8 +606,9 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
             height_ratios=ratios, height_loss=round(loss, 3), genant_grade=grade,
             fracture_suspected=None if grade is None else grade >= 1,
             reason=reason)
-    log.info("Genant grades: %s; cut by the field of view: %s", {k: m.genant_grade for k, m in out.items()},
-             [VERTEBRA_NAMES[vid] for vid in cut])
+    log.info("Genant grades: %s; cut by the field of view: %s; heights implausible: %s",
+             {k: m.genant_grade for k, m in out.items()}, [VERTEBRA_NAMES[vid] for vid in cut],
+             [VERTEBRA_NAMES[vid] for vid in implausible])
     return {name: out[name] for name in REPORTED_LEVELS if name in out}
 
 
@@ -591,7 +629,8 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
         Copies of ``levels``; a level without a measurement is unchanged. A
         level whose body is cut by the field of view gets no heights, ratios,
         grade or fracture flag, ``cut_by_field_of_view=True`` and the quality
-        flag ``"cut_by_field_of_view"`` (added once). A graded level whose height
+        flag ``"cut_by_field_of_view"`` (added once); one with implausible
+        heights the same without heights and with ``"heights_implausible"``. A graded level whose height
         loss is near a grade limit (:func:`near_grade_limit`) gets the quality
         flag ``"genant_borderline"`` (added once).
     """
@@ -608,6 +647,8 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
         if m.cut_by_field_of_view:
             update["cut_by_field_of_view"] = True
             flags = flags if "cut_by_field_of_view" in flags else ["cut_by_field_of_view", *flags]
+        elif m.heights_implausible:
+            flags = flags if "heights_implausible" in flags else ["heights_implausible", *flags]
         elif (m.genant_grade is not None and m.height_loss is not None and near_grade_limit(m.height_loss)
               and "genant_borderline" not in flags):
             flags.append("genant_borderline")

@@ -23,6 +23,7 @@ def test_genant_lines_count_grades_against_nominal_reference_and_false_ones():
              loss=0.45, offset=-80.0),
         _row("crush20_L3", {"L1": 0, "L2": 0, "L3": 0, "L4": 0}, {"L3": 1}, reference=1, loss=0.2),
         _row("core_L2-60", {"L1": 0, "L2": 1, "L3": 0, "L4": "."}, {}),
+        _row("core_T12-L5-70", {"L1": None, "L2": 0, "L3": 0, "L4": 0}, {}),
     ]
     lines = {title: (ok, detail) for title, ok, detail in genant_lines(rows)}
     exact = next(v for k, v in lines.items() if k.startswith("Genant grade exact"))
@@ -39,7 +40,9 @@ def test_genant_lines_count_grades_against_nominal_reference_and_false_ones():
     assert flagged[1].startswith("1/4; not: wedge45_L3 L3, crush20_L3 L3, core_L2-60 L2")
     false = next(v for k, v in lines.items() if "false grades" in k)
     assert false == (False, "2: wedge45_L3 L1=2, core_L2-60 L2=1")
-    assert labels_line(rows)[1:] == (True, "5/5")
-    assert labels_line(rows + [_row("x", {}, {}, labels="L2")])[1:] == (False, "5/6; wrong: x (confident)")
+    ungraded = next(v for k, v in lines.items() if "not graded" in k)
+    assert ungraded == (False, "1: core_T12-L5-70 L1")
+    assert labels_line(rows)[1:] == (True, "6/6")
+    assert labels_line(rows + [_row("x", {}, {}, labels="L2")])[1:] == (False, "6/7; wrong: x (confident)")
     assert labels_line(rows + [_row("y", {}, {}, labels="<50%", confidence=0.4)])[1:] == (
-        False, "5/6; wrong: y (uncertain)")
+        False, "6/7; wrong: y (uncertain)")

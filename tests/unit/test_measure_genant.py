@@ -18,6 +18,7 @@ import SimpleITK as sitk
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.dicom_out.summary import QUALITY_FLAG_TEXT, level_notes
 from osteonode.measure.genant import (
+    IMPLAUSIBLE_REASON,
     GenantMeasurement,
     apply_genant,
     endplate_edge,
@@ -279,6 +280,29 @@ def test_posterior_height_short_on_its_own_is_no_crush():
     assert l2.genant_grade == 0
     crushed = grade_levels(*_spine(lambda a, r: np.full(a.shape, 0.7 * HEIGHT)))["L2"]
     assert crushed.genant_grade == 2
+
+
+def test_posterior_height_far_above_the_neighbours_is_implausible_not_a_fracture():
+    """L1 25 % taller than its neighbours at its posterior margin and 15 % shorter at its anterior one (its
+    endplate followed into the disc above): by its own ratios a grade-2 wedge, but no vertebra's shape. It
+    gets no heights, ratios or grade, the flag once, and is no reference for L2's crush ratio."""
+    volume, seg = _spine(lambda a, r: HEIGHT * (1.25 - 0.40 * (a + RADIUS) / (2 * RADIUS)),
+                         deformed=("L1",))
+    seg.trabecular[seg.bodies > 0] = seg.bodies[seg.bodies > 0]
+    measurements = grade_levels(volume, seg)
+    l1 = measurements["L1"]
+    assert l1.heights_implausible and l1.genant_grade is None and l1.height_posterior_mm is None
+    assert l1.reason == IMPLAUSIBLE_REASON
+    assert measurements["L2"].reference_posterior_mm == pytest.approx(HEIGHT, abs=0.6)  # T12 and L3, not L1
+    assert [measurements[name].genant_grade for name in ("T12", "L2", "L3", "L4")] == [0, 0, 0, 0]
+    applied = apply_genant(measure_levels(volume, seg), measurements)
+    assert applied["L1"].quality_flags == ["heights_implausible"]
+    assert apply_genant(applied, measurements)["L1"].quality_flags == ["heights_implausible"]  # once
+    assert (applied["L1"].height_posterior_mm, applied["L1"].genant_grade) == (None, None)
+    assert QUALITY_FLAG_TEXT["heights_implausible"] in level_notes(applied["L1"])
+    # 15 % taller all over: within what a vertebra may be, graded (0)
+    taller = grade_levels(*_spine(lambda a, r: np.full(a.shape, 1.15 * HEIGHT), deformed=("L1",)))["L1"]
+    assert not taller.heights_implausible and taller.genant_grade == 0
 
 
 def test_reference_posterior_nearest_undeformed_level_per_side():
