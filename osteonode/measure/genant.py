@@ -83,15 +83,22 @@ Implausible heights
 A fracture lowers a body; it does not make it taller than its neighbours. A
 graded body whose posterior height exceeds its reference posterior height
 (:func:`reference_posterior`) by more than :data:`MAX_POSTERIOR_EXCESS` (20 %,
-Genant's own smallest deformity) has been measured beyond its endplates, not
-on the vertebra: on the bench's copies of the example CT with dark marrow, the
-endplate followed outward from L1's label map reached T12's endplate across the
-disc (posterior heights 36-39 mm against 31-32 mm for the reference body), and
-the short anterior height against that posterior one was graded 2 or 3. Such a
-body gets no heights, ratios or grade (reason :data:`IMPLAUSIBLE_REASON`), is
-no reference for its neighbours, and :func:`apply_genant` adds the quality
-flag ``"heights_implausible"``. On the unedited example CT the reference
-bodies' posterior heights are 0.90-1.03 of their reference, ours 0.89-1.08.
+Genant's own smallest deformity) and whose grade would rest on that posterior
+height (a wedge or biconcave loss of 20 % or more against it) has been
+measured beyond its endplates, not on the vertebra: on the bench's copies of
+the example CT with dark marrow, the endplate followed outward from L1's label
+map reached T12's endplate across the disc (posterior heights 36-39 mm
+against 31-32 mm for the reference body), and the anterior height against
+that posterior one was graded 2 or 3. Such a body gets no heights, ratios or
+grade (reason :data:`IMPLAUSIBLE_REASON`) and :func:`apply_genant` adds the
+quality flag ``"heights_implausible"``; its loss already makes it no reference
+for its neighbours (:func:`_deformed`). A tall posterior height without a
+short anterior or middle one is not enough: next to a crushed neighbour that
+is not recognised as deformed, the reference itself is too low (a 30 % crush
+of L2 in a dark spine of the bench, measured on the reference bodies: L1 and
+L3 at 1.37 and 1.22 of their reference). On the unedited example CT the
+reference bodies' posterior heights are 0.90-1.03 of their reference, ours
+0.89-1.08.
 
 Grades near a limit
 -------------------
@@ -195,8 +202,8 @@ class GenantMeasurement:
     cut_by_field_of_view : bool
         The body is (possibly) cut by the edge of the scan: not measured.
     heights_implausible : bool
-        The posterior height exceeds the neighbours' by more than :data:`MAX_POSTERIOR_EXCESS`: no heights
-        are reported.
+        The posterior height exceeds the neighbours' by more than :data:`MAX_POSTERIOR_EXCESS` and the
+        grade would rest on it: no heights are reported.
     """
 
     height_anterior_mm: float | None
@@ -579,8 +586,8 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
     posterior = {vid: heights["posterior"] for vid, (heights, reason) in raw.items() if reason is None}
     deformed = _deformed(raw, posterior)
     implausible = {vid for vid, hp in posterior.items()
-                   if hp > (1.0 + MAX_POSTERIOR_EXCESS) * (reference_posterior(vid, posterior, deformed) or np.inf)}
-    deformed |= implausible
+                   if _shape_loss(raw[vid][0]) >= GRADE_LIMITS[0]
+                   and hp > (1.0 + MAX_POSTERIOR_EXCESS) * (reference_posterior(vid, posterior, deformed) or np.inf)}
     for vid in implausible:
         log.info("%s: posterior height %.1f mm, implausible against its neighbours': not graded",
                  VERTEBRA_NAMES[vid], posterior[vid])

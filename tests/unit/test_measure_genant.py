@@ -285,7 +285,8 @@ def test_posterior_height_short_on_its_own_is_no_crush():
 def test_posterior_height_far_above_the_neighbours_is_implausible_not_a_fracture():
     """L1 25 % taller than its neighbours at its posterior margin and 15 % shorter at its anterior one (its
     endplate followed into the disc above): by its own ratios a grade-2 wedge, but no vertebra's shape. It
-    gets no heights, ratios or grade, the flag once, and is no reference for L2's crush ratio."""
+    gets no heights, ratios or grade, the flag once, and is no reference for L2's crush ratio. Taller without
+    a short anterior height, it is graded."""
     volume, seg = _spine(lambda a, r: HEIGHT * (1.25 - 0.40 * (a + RADIUS) / (2 * RADIUS)),
                          deformed=("L1",))
     seg.trabecular[seg.bodies > 0] = seg.bodies[seg.bodies > 0]
@@ -300,9 +301,9 @@ def test_posterior_height_far_above_the_neighbours_is_implausible_not_a_fracture
     assert apply_genant(applied, measurements)["L1"].quality_flags == ["heights_implausible"]  # once
     assert (applied["L1"].height_posterior_mm, applied["L1"].genant_grade) == (None, None)
     assert QUALITY_FLAG_TEXT["heights_implausible"] in level_notes(applied["L1"])
-    # 15 % taller all over: within what a vertebra may be, graded (0)
-    taller = grade_levels(*_spine(lambda a, r: np.full(a.shape, 1.15 * HEIGHT), deformed=("L1",)))["L1"]
-    assert not taller.heights_implausible and taller.genant_grade == 0
+    for factor in (1.15, 1.25):  # taller all over: graded 0 (the grade would not rest on the tall back)
+        taller = grade_levels(*_spine(lambda a, r, f=factor: np.full(a.shape, f * HEIGHT), deformed=("L1",)))["L1"]
+        assert not taller.heights_implausible and taller.genant_grade == 0
 
 
 def test_reference_posterior_nearest_undeformed_level_per_side():
