@@ -203,3 +203,25 @@ def test_levels_with_the_same_notes_share_a_line_and_the_pdf_keeps_one_page(case
     assert pdf_pages(document, tmp_path) == 1
     text = " ".join(pdf_text(document, tmp_path).split())
     assert "Fractures, metal, sclerotic lesions and surgery" in text  # the caveats still fit on the page
+
+
+@pytest.mark.integration
+def test_sr_and_pdf_say_why_a_level_with_implausible_heights_is_not_graded(case, tmp_path):
+    """L3 measured beyond its endplates (osteonode.measure.genant, "Implausible heights"): no heights, no
+    ratios, no fracture call in the SR; the reason on its body group and in the PDF's notes."""
+    result = flagged_result(case.series)
+    result.levels["L3"] = result.levels["L3"].model_copy(update={
+        "quality_flags": ["heights_implausible"], "height_anterior_mm": None, "height_middle_mm": None,
+        "height_posterior_mm": None, "height_ratios": None, "genant_grade": None, "fracture_suspected": None,
+        "excluded_focal_volume_mm3": 0.0, "excluded_fraction": 0.0, "used_for_bone_status": True})
+    seg = build_seg(case.series, case.segmentation)
+    dataset = build_sr(case.series, result, seg)
+    assert_valid(dataset, tmp_path / "sr.dcm")
+    report = hd.sr.Comprehensive3DSR.from_dataset(round_trip(dataset))
+    _, _, (l3_body, l3_roi) = level_groups(report)
+    assert _comments(l3_body) == [summary.QUALITY_FLAG_TEXT["heights_implausible"]] and _comments(l3_roi) == []
+    assert l3_body.get_measurements(name=HEIGHT) == [] and l3_body.get_measurements(name=RATIO) == []
+    assert not any(_code(item) == ("125605004", "SCT") for item in l3_body[0].ContentSequence)
+    document = pdf_document(build_pdf_report(case.series, result, banner=BANNER))
+    text = " ".join(pdf_text(document, tmp_path).split())
+    assert f"L3*: {summary.QUALITY_FLAG_TEXT['heights_implausible']}." in text
