@@ -186,7 +186,7 @@ class AnalysisResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = 3
+    schema_version: int = 4
     osteonode_version: str = __version__
     status: Literal["ok", "not_evaluable", "failed"]
     reason: str | None = None
