@@ -97,8 +97,8 @@ short anterior or middle one is not enough: next to a crushed neighbour that
 is not recognised as deformed, the reference itself is too low (a 30 % crush
 of L2 in a dark spine of the bench, measured on the reference bodies: L1 and
 L3 at 1.37 and 1.22 of their reference). On the unedited example CT the
-reference bodies' posterior heights are 0.90-1.03 of their reference, ours
-0.89-1.08.
+reference bodies' posterior heights of L1-L4 are 0.90-1.03 of their
+reference, ours 0.90-1.07.
 
 Grades near a limit
 -------------------
