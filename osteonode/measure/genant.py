@@ -218,6 +218,15 @@ class GenantMeasurement:
     cut_by_field_of_view: bool = False
     heights_implausible: bool = False
 
+    @classmethod
+    def without_heights(cls, reason: str, *, cut_by_field_of_view: bool = False, heights_implausible: bool = False
+                        ) -> GenantMeasurement:
+        """A level reported without heights, ratios or grade, and ``reason``."""
+        return cls(height_anterior_mm=None, height_middle_mm=None, height_posterior_mm=None,
+                   reference_posterior_mm=None, height_ratios={}, height_loss=None, genant_grade=None,
+                   fracture_suspected=None, reason=reason, cut_by_field_of_view=cut_by_field_of_view,
+                   heights_implausible=heights_implausible)
+
 
 def near_grade_limit(height_loss: float) -> bool:
     """Whether a relative height loss (0..1) lies within :data:`BORDERLINE_LOSS` of a Genant grade limit.
@@ -579,10 +588,8 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
         if name not in GRADED_LEVELS:
             reason = f"{name} not graded: wedge-shaped in health (Genant's method grades T4-L4)"
         raw[vid] = (heights, reason)
-    out = {VERTEBRA_NAMES[vid]: GenantMeasurement(
-        height_anterior_mm=None, height_middle_mm=None, height_posterior_mm=None, reference_posterior_mm=None,
-        height_ratios={}, height_loss=None, genant_grade=None, fracture_suspected=None, reason=CUT_REASON,
-        cut_by_field_of_view=True) for vid in cut}
+    out = {VERTEBRA_NAMES[vid]: GenantMeasurement.without_heights(CUT_REASON, cut_by_field_of_view=True)
+           for vid in cut}
     posterior = {vid: heights["posterior"] for vid, (heights, reason) in raw.items() if reason is None}
     deformed = _deformed(raw, posterior)
     implausible = {vid for vid, hp in posterior.items()
@@ -591,10 +598,7 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
     for vid in implausible:
         log.info("%s: posterior height %.1f mm, implausible against its neighbours': not graded",
                  VERTEBRA_NAMES[vid], posterior[vid])
-        out[VERTEBRA_NAMES[vid]] = GenantMeasurement(
-            height_anterior_mm=None, height_middle_mm=None, height_posterior_mm=None, reference_posterior_mm=None,
-            height_ratios={}, height_loss=None, genant_grade=None, fracture_suspected=None,
-            reason=IMPLAUSIBLE_REASON, heights_implausible=True)
+        out[VERTEBRA_NAMES[vid]] = GenantMeasurement.without_heights(IMPLAUSIBLE_REASON, heights_implausible=True)
     for vid, (heights, reason) in raw.items():
         if vid in implausible:
             continue
