@@ -453,33 +453,81 @@ def sagittal_planes(volume: Volume, centre: np.ndarray, axes: tuple[np.ndarray, 
     return a, h, indices
 
 
+def _plane_windows(inside: np.ndarray, h: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """The body's columns on one sampling plane and which of them lie in each of :data:`WINDOWS`.
+
+    ``inside`` and ``h`` are ``(n, n)`` (anterior, height) samples of
+    :func:`sagittal_planes`: the body's samples and their height position
+    (mm). Returns ``(cols, windows)``: indices of the body's columns into
+    ``PLANE_GRID_MM`` and, per window name, a boolean over ``cols``; ``None``
+    when the plane holds fewer than two columns or a window is empty.
+    """
+    cols = np.nonzero(inside.any(axis=1))[0]
+    if cols.size < 2:
+        return None
+    top = np.where(inside[cols], h[cols], -np.inf).max(axis=1)
+    bottom = np.where(inside[cols], h[cols], np.inf).min(axis=1)
+    col_height = top - bottom + STEP_MM
+    pos = PLANE_GRID_MM[cols]
+    # the margins are those of the body proper: columns at least MARGIN_HEIGHT_FRACTION of the
+    # median column height (a thin protrusion -- osteophyte, pedicle base, a voxel of the
+    # posterior wall at mid-height -- would otherwise move a margin and its 5-15 % window)
+    proper = col_height >= MARGIN_HEIGHT_FRACTION * float(np.median(col_height))
+    front, back = pos[proper].max(), pos[proper].min()
+    depth = front - back
+    windows = {name: (pos <= front - f0 * depth + 1e-9) & (pos >= front - f1 * depth - 1e-9)
+               for name, (f0, f1) in WINDOWS.items()}
+    return (cols, windows) if all(sel.any() for sel in windows.values()) else None
+
+
+def measurement_windows(volume: Volume, bodies: np.ndarray, vid: int) -> list[tuple[float, dict[str, np.ndarray]]]:
+    """Where :func:`grade_levels` measures the anterior, middle and posterior heights of body ``vid``.
+
+    Parameters
+    ----------
+    volume : Volume
+        Only its grid is used.
+    bodies : numpy.ndarray
+        ``(z, y, x)`` body label map (VerSe IDs) on the volume's grid.
+    vid : int
+        VerSe ID of the body.
+
+    Returns
+    -------
+    list of (float, dict[str, numpy.ndarray])
+        One item per sampling plane that holds all three windows: the plane's
+        offset along the body frame's left axis (mm, :data:`PLANE_OFFSETS_MM`)
+        and, per window name (``anterior``, ``middle``, ``posterior``), the
+        anterior positions (mm from the body's centroid along the frame's
+        anterior axis) of its columns. Empty when the body is absent.
+    """
+    centres = body_centres_mm(volume, bodies)
+    if vid not in centres:
+        return []
+    a, h, indices = sagittal_planes(volume, centres[vid], _frame(centres, vid))
+    out = []
+    for offset, index in zip(PLANE_OFFSETS_MM, indices):
+        inside = ndi.map_coordinates(bodies, index, order=0, mode="constant", cval=0).reshape(a.shape) == vid
+        found = _plane_windows(inside, h)
+        if found is not None:
+            cols, windows = found
+            out.append((offset, {name: PLANE_GRID_MM[cols[sel]] for name, sel in windows.items()}))
+    return out
+
+
 def _heights(volume: Volume, bodies: np.ndarray, vid: int, centre: np.ndarray,
              axes: tuple[np.ndarray, np.ndarray, np.ndarray]) -> dict[str, float] | None:
     """Anterior, middle and posterior heights (mm) of body ``vid`` of the label map on the mid-sagittal planes."""
     a, h, indices = sagittal_planes(volume, centre, axes)
-    grid = PLANE_GRID_MM
     per_plane = []
     for index in indices:
         labels = ndi.map_coordinates(bodies, index, order=0, mode="constant", cval=0).reshape(a.shape)
         inside, other = labels == vid, (labels != 0) & (labels != vid)
-        cols = np.nonzero(inside.any(axis=1))[0]
-        if cols.size < 2:
+        found = _plane_windows(inside, h)
+        if found is None:
             continue
+        cols, windows = found
         hu = ndi.map_coordinates(volume.hu, index, order=1, mode="nearest").reshape(a.shape)
-        top = np.where(inside[cols], h[cols], -np.inf).max(axis=1)
-        bottom = np.where(inside[cols], h[cols], np.inf).min(axis=1)
-        col_height = top - bottom + STEP_MM
-        pos = grid[cols]
-        # the margins are those of the body proper: columns at least MARGIN_HEIGHT_FRACTION of the
-        # median column height (a thin protrusion -- osteophyte, pedicle base, a voxel of the
-        # posterior wall at mid-height -- would otherwise move a margin and its 5-15 % window)
-        proper = col_height >= MARGIN_HEIGHT_FRACTION * float(np.median(col_height))
-        front, back = pos[proper].max(), pos[proper].min()
-        depth = front - back
-        windows = {name: (pos <= front - f0 * depth + 1e-9) & (pos >= front - f1 * depth - 1e-9)
-                   for name, (f0, f1) in WINDOWS.items()}
-        if not all(sel.any() for sel in windows.values()):
-            continue
         per_plane.append({name: float(np.median([_column_height(hu[col], inside[col], other[col])
                                                  for col in cols[sel]])) for name, sel in windows.items()})
     if not per_plane:

@@ -19,11 +19,14 @@ from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.dicom_out.summary import QUALITY_FLAG_TEXT, level_notes
 from osteonode.measure.genant import (
     IMPLAUSIBLE_REASON,
+    PLANE_OFFSETS_MM,
+    WINDOWS,
     GenantMeasurement,
     apply_genant,
     endplate_edge,
     genant_grade,
     grade_levels,
+    measurement_windows,
     near_grade_limit,
     reference_posterior,
 )
@@ -304,6 +307,21 @@ def test_posterior_height_far_above_the_neighbours_is_implausible_not_a_fracture
     for factor in (1.15, 1.25):  # taller all over: graded 0 (the grade would not rest on the tall back)
         taller = grade_levels(*_spine(lambda a, r, f=factor: np.full(a.shape, f * HEIGHT), deformed=("L1",)))["L1"]
         assert not taller.heights_implausible and taller.genant_grade == 0
+
+
+def test_measurement_windows_are_where_the_heights_are_taken():
+    """On each plane the windows lie 5-15 %, 45-55 % and 85-95 % of the body's depth behind its anterior
+    margin (the cylinder's depth on a plane beside the centroid is its chord); an absent body has none."""
+    volume, seg = _spine()
+    planes = measurement_windows(volume, seg.bodies, VERTEBRA_IDS["L2"])
+    assert [offset for offset, _ in planes] == list(PLANE_OFFSETS_MM)
+    for offset, windows in planes:
+        half = np.sqrt(RADIUS ** 2 - offset ** 2)
+        for name, (near, far) in WINDOWS.items():
+            assert windows[name].size >= 2
+            assert windows[name].max() <= half - near * 2 * half + 0.6
+            assert windows[name].min() >= half - far * 2 * half - 0.6
+    assert measurement_windows(volume, seg.bodies, VERTEBRA_IDS["L5"] + 1) == []
 
 
 def test_reference_posterior_nearest_undeformed_level_per_side():
