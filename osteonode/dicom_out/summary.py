@@ -16,7 +16,7 @@ from pydicom.valuerep import PersonName
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import BORDERLINE_LOSS, GRADE_LIMITS, MAX_POSTERIOR_EXCESS
+from osteonode.measure.genant import BORDERLINE_LOSS, GRADE_LIMITS, MAX_MIDDLE_EXCESS, MAX_POSTERIOR_EXCESS
 from osteonode.measure.hu import DISCORDANT_HU, HETEROGENEOUS_SD_HU, MAX_EXCLUDED_FRACTION
 from osteonode.result import AnalysisResult, LevelResult, QualityFlag
 
@@ -27,8 +27,10 @@ NA = "n/a"
 #: of the measurement that sets the flag (:mod:`osteonode.measure.genant`, :mod:`osteonode.measure.hu`).
 QUALITY_FLAG_TEXT: dict[QualityFlag, str] = {
     "cut_by_field_of_view": "cut by the edge of the scan: heights not reported",
-    "heights_implausible": (f"posterior height over {100 * MAX_POSTERIOR_EXCESS:g} % above the neighbouring levels' "
-                            "(measured beyond the endplates): heights not reported, not graded"),
+    "heights_implausible": (f"heights implausible (posterior height over {100 * MAX_POSTERIOR_EXCESS:g} % above the "
+                            f"neighbouring levels', or middle height over {100 * MAX_MIDDLE_EXCESS:g} % above both "
+                            "the anterior and the posterior height: an endplate edge not found on the vertebra): "
+                            "heights not reported, not graded"),
     "genant_borderline": (f"height loss within {100 * BORDERLINE_LOSS:g} points of a Genant grade limit "
                           f"({', '.join(f'{100 * limit:g}' for limit in GRADE_LIMITS)} %): "
                           "the grade may be one higher or lower"),

@@ -90,7 +90,7 @@ the example CT with dark marrow, the endplate followed outward from L1's label
 map reached T12's endplate across the disc (posterior heights 36-39 mm
 against 31-32 mm for the reference body), and the anterior height against
 that posterior one was graded 2 or 3. Such a body gets no heights, ratios or
-grade (reason :data:`IMPLAUSIBLE_REASON`) and :func:`apply_genant` adds the
+grade (reason :data:`IMPLAUSIBLE_POSTERIOR_REASON`) and :func:`apply_genant` adds the
 quality flag ``"heights_implausible"``; its loss already makes it no reference
 for its neighbours (:func:`_deformed`). A tall posterior height without a
 short anterior or middle one is not enough: next to a crushed neighbour that
@@ -99,6 +99,28 @@ of L2 in a dark spine of the bench, measured on the reference bodies: L1 and
 L3 at 1.37 and 1.22 of their reference). On the unedited example CT the
 reference bodies' posterior heights of L1-L4 are 0.90-1.03 of their
 reference, ours 0.90-1.07.
+
+Nor does a fracture raise a body's middle above both its margins: a wedge
+lowers the anterior height, a biconcave deformity the middle one, a crush
+all three, and in health the middle height is the lowest (the endplates are
+concave; on the reference bodies of 34 of the bench's copies, 0.71-1.00 of
+the taller margin on the 110 undeformed levels, 0.27-0.80 on the 27
+deformed ones). A graded body (grade 1 or more) whose middle height exceeds
+both its anterior and its posterior height by more than
+:data:`MAX_MIDDLE_EXCESS` (10 %) has an endplate edge missed at a margin:
+on nine of the bench's copies with a 45-65 % wedge of L2-L4 (eight with
+marrow 90-120 HU darker), the label map of the undeformed L1 lacked a
+corner, and its anterior height of 8.5-20 mm or posterior height of
+17.7-23.6 mm (the reference body's 27-31 and 31-33 mm) was graded 1-3. Such a body likewise gets no
+heights, ratios or grade (reason :data:`IMPLAUSIBLE_MIDDLE_REASON`) and the
+quality flag ``"heights_implausible"``; it stays a reference for its
+neighbours only if neither its own ratios nor its posterior height make it
+deformed (:func:`_deformed`). Graded as measured are such a body whose
+middle height itself lies 20 % or more below its reference posterior height
+(a crush, whichever margin is short: on the bench, a 30 % crush of L1 and a
+45 % crush of L2 in spines 100-120 HU dark read middle heights of 19.2 and
+21.5 mm, 1.2 times their margins', against references of 29.9 and 27.3 mm),
+and one graded 0 (the grade does not rest on the short margin).
 
 Grades near a limit
 -------------------
@@ -166,9 +188,16 @@ GRADE_LIMITS = (0.20, 0.25, 0.40)
 #: A posterior height more than this fraction above the reference posterior height is implausible (module
 #: docstring, "Implausible heights"): the smallest deformity Genant's method grades, the other way.
 MAX_POSTERIOR_EXCESS = GRADE_LIMITS[0]
-#: Reason of a level whose heights are implausible.
-IMPLAUSIBLE_REASON = (f"not graded: posterior height over {100 * MAX_POSTERIOR_EXCESS:g} % above the neighbouring "
-                      "levels' (measured beyond the endplates)")
+#: Reason of a level whose posterior height is implausible.
+IMPLAUSIBLE_POSTERIOR_REASON = (f"not graded: posterior height over {100 * MAX_POSTERIOR_EXCESS:g} % above the "
+                                "neighbouring levels' (measured beyond the endplates)")
+#: A middle height more than this fraction above the taller of the anterior and posterior heights is
+#: implausible (module docstring, "Implausible heights"): about twice the largest standard deviation of the
+#: height loss over the slice phase on 3 mm slices (L1's 0.043, ``bench/genant_precision.py``).
+MAX_MIDDLE_EXCESS = 0.10
+#: Reason of a level whose middle height is implausible.
+IMPLAUSIBLE_MIDDLE_REASON = (f"not graded: middle height over {100 * MAX_MIDDLE_EXCESS:g} % above both the anterior "
+                             "and the posterior height (an endplate missed at a margin)")
 GENANT_CITATION = "Genant HK et al., J Bone Miner Res 1993;8:1137-1148"
 #: A height loss this close (fraction of the height) to one of :data:`GRADE_LIMITS` is flagged
 #: ``genant_borderline``: twice the largest standard deviation of the height loss of L2-L4 over the
@@ -202,8 +231,9 @@ class GenantMeasurement:
     cut_by_field_of_view : bool
         The body is (possibly) cut by the edge of the scan: not measured.
     heights_implausible : bool
-        The posterior height exceeds the neighbours' by more than :data:`MAX_POSTERIOR_EXCESS` and the
-        grade would rest on it: no heights are reported.
+        The posterior height exceeds the neighbours' by more than :data:`MAX_POSTERIOR_EXCESS`, or the middle
+        height both margins' by more than :data:`MAX_MIDDLE_EXCESS`, and the grade would rest on it: no heights
+        are reported (module docstring, "Implausible heights").
     """
 
     height_anterior_mm: float | None
@@ -646,7 +676,8 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
     for vid in implausible:
         log.info("%s: posterior height %.1f mm, implausible against its neighbours': not graded",
                  VERTEBRA_NAMES[vid], posterior[vid])
-        out[VERTEBRA_NAMES[vid]] = GenantMeasurement.without_heights(IMPLAUSIBLE_REASON, heights_implausible=True)
+        out[VERTEBRA_NAMES[vid]] = GenantMeasurement.without_heights(IMPLAUSIBLE_POSTERIOR_REASON,
+                                                                     heights_implausible=True)
     for vid, (heights, reason) in raw.items():
         if vid in implausible:
             continue
@@ -659,6 +690,13 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
             losses.append(1.0 - max(hp, min(ha, hm)) / reference)
         loss = max(0.0, max(losses))
         grade = None if reason else genant_grade(loss)
+        if (grade and hm > (1.0 + MAX_MIDDLE_EXCESS) * max(ha, hp)
+                and (reference is None or hm > (1.0 - GRADE_LIMITS[0]) * reference)):
+            log.info("%s: middle height %.1f mm, implausible against its anterior and posterior heights (%.1f, "
+                     "%.1f mm): not graded", VERTEBRA_NAMES[vid], hm, ha, hp)
+            out[VERTEBRA_NAMES[vid]] = GenantMeasurement.without_heights(IMPLAUSIBLE_MIDDLE_REASON,
+                                                                         heights_implausible=True)
+            continue
         out[VERTEBRA_NAMES[vid]] = GenantMeasurement(
             height_anterior_mm=round(ha, 1), height_middle_mm=round(hm, 1), height_posterior_mm=round(hp, 1),
             reference_posterior_mm=None if reference is None else round(reference, 1),
@@ -667,7 +705,7 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
             reason=reason)
     log.info("Genant grades: %s; cut by the field of view: %s; heights implausible: %s",
              {k: m.genant_grade for k, m in out.items()}, [VERTEBRA_NAMES[vid] for vid in cut],
-             [VERTEBRA_NAMES[vid] for vid in implausible])
+             [name for name, m in out.items() if m.heights_implausible])
     return {name: out[name] for name in REPORTED_LEVELS if name in out}
 
 

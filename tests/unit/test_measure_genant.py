@@ -18,7 +18,8 @@ import SimpleITK as sitk
 from osteonode.anatomy import VERTEBRA_IDS
 from osteonode.dicom_out.summary import QUALITY_FLAG_TEXT, level_notes
 from osteonode.measure.genant import (
-    IMPLAUSIBLE_REASON,
+    IMPLAUSIBLE_MIDDLE_REASON,
+    IMPLAUSIBLE_POSTERIOR_REASON,
     PLANE_OFFSETS_MM,
     WINDOWS,
     GenantMeasurement,
@@ -296,7 +297,7 @@ def test_posterior_height_far_above_the_neighbours_is_implausible_not_a_fracture
     measurements = grade_levels(volume, seg)
     l1 = measurements["L1"]
     assert l1.heights_implausible and l1.genant_grade is None and l1.height_posterior_mm is None
-    assert l1.reason == IMPLAUSIBLE_REASON
+    assert l1.reason == IMPLAUSIBLE_POSTERIOR_REASON
     assert measurements["L2"].reference_posterior_mm == pytest.approx(HEIGHT, abs=0.6)  # T12 and L3, not L1
     assert [measurements[name].genant_grade for name in ("T12", "L2", "L3", "L4")] == [0, 0, 0, 0]
     applied = apply_genant(measure_levels(volume, seg), measurements)
@@ -307,6 +308,29 @@ def test_posterior_height_far_above_the_neighbours_is_implausible_not_a_fracture
     for factor in (1.15, 1.25):  # taller all over: graded 0 (the grade would not rest on the tall back)
         taller = grade_levels(*_spine(lambda a, r, f=factor: np.full(a.shape, f * HEIGHT), deformed=("L1",)))["L1"]
         assert not taller.heights_implausible and taller.genant_grade == 0
+
+
+def test_middle_height_above_both_margins_is_implausible_not_a_fracture():
+    """L1 with its anterior window 40 % short and its middle 20 % taller than its posterior margin (an endplate
+    missed at the anterior margin of a dark body): by its own ratios a grade-2 wedge, but no vertebra's shape
+    (a fracture lowers the middle, it never raises it above both margins). It gets no heights, ratios or grade
+    and the flag. The same middle with both margins intact is graded 0; a middle between the margins (a wedge)
+    is graded; so is a body whose middle, though taller than its margins, lies 30 % below the neighbours' (a
+    crush, whichever margin is short)."""
+    def bulging(anterior):
+        return lambda a, r: HEIGHT * np.where(a > 0.5 * RADIUS, anterior, np.where(np.abs(a) < 0.4 * RADIUS, 1.2, 1.0))
+
+    l1 = grade_levels(*_spine(bulging(0.6), deformed=("L1",)))["L1"]
+    assert l1.heights_implausible and l1.reason == IMPLAUSIBLE_MIDDLE_REASON
+    assert (l1.genant_grade, l1.height_anterior_mm, l1.height_middle_mm, l1.height_ratios) == (None, None, None, {})
+    intact = grade_levels(*_spine(bulging(1.0), deformed=("L1",)))["L1"]
+    assert not intact.heights_implausible and intact.genant_grade == 0
+    assert intact.height_middle_mm == pytest.approx(1.2 * HEIGHT, abs=0.6)
+    wedge = grade_levels(*_spine(_wedge(0.6), deformed=("L1",)))["L1"]
+    assert not wedge.heights_implausible and wedge.genant_grade == 2
+    crushed = grade_levels(*_spine(lambda a, r: HEIGHT * np.where(np.abs(a) < 0.4 * RADIUS, 0.7, 0.55),
+                                   deformed=("L1",)))["L1"]
+    assert not crushed.heights_implausible and crushed.genant_grade == 3
 
 
 def test_measurement_windows_are_where_the_heights_are_taken():
