@@ -50,7 +50,9 @@ Edits (each a function ``Variant -> Variant``; :func:`baseline` starts a chain):
 * :func:`add_island`: a sphere of ``ISLAND_HU`` (a bone island, enostosis),
   partial-volume blended, in the anterior half of a core at mid-height;
 * :func:`deform`: a wedge, biconcave or crush deformity of one level by a
-  cranio-caudal displacement field along the local spine axis that shortens its interior;
+  cranio-caudal displacement field along the local spine axis that shortens its interior,
+  sized so that the stored heights, shortened as Genant's windows on the unmodified body
+  receive the field, have the height loss asked;
 * :func:`transform`: isotropic scaling about the spine centre and rotation
   about the left-right and/or anterior-posterior axis;
 * :func:`add_noise`: white Gaussian noise with a fixed seed.
@@ -71,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -79,7 +82,7 @@ from scipy import ndimage as ndi
 
 from bench.segmentation import References, example_image, grade_label_map
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import GenantMeasurement, genant_grade
+from osteonode.measure.genant import GenantMeasurement, genant_grade, height_loss, measurement_windows
 from osteonode.measure.tissues import body_centres_mm
 from osteonode.segment.backends import builtin
 from osteonode.volume import Volume
@@ -465,19 +468,58 @@ def _resample(variant: Variant, source_mm, crop: bool = False) -> Variant:
     return replace(variant, volume=moved_vol, refs=moved, warped=True)
 
 
-def _shortening(anatomy: Anatomy, level: str, kind: str, loss: float, limit: float) -> float:
-    """Shortening ``D`` (mm) of the measured height of ``level`` that brings Genant's ratio to ``loss``.
+def _shortening(anatomy: Anatomy, level: str, loss: float, limit: float, fractions: dict[str, float]) -> float:
+    """Shortening ``D`` (mm) of ``level`` that brings its Genant height loss to ``loss``.
 
-    From the heights of the unmodified body: wedge ``Ha - D = (1 - loss)
-    Hp``, biconcave ``Hm - D = (1 - loss) Hp``, crush ``Hp - D = (1 - loss)
-    Hp_ref`` (``Hp_ref``: mean posterior height of the neighbours; ``Hp`` when
-    there is none). Clipped to ``0..limit`` (a body already shorter than asked
-    is left as it is).
+    The smallest ``D`` at which :func:`osteonode.measure.genant.height_loss`
+    of the unmodified body's heights, each shortened by the fraction of ``D``
+    that its window receives (``fractions``, :func:`_window_fractions`:
+    ``Ha - fa D``, ``Hm - fm D``, ``Hp - fp D``; the neighbours' reference
+    posterior height unchanged), reaches ``loss`` (bisection: the loss grows
+    with ``D``). So a wedge of 30 % leaves ``Ha = 0.7 Hp`` where Genant
+    measures them, even if ``Ha`` was larger than ``Hp`` before, or less
+    where the middle height, which a wedge lowers by about half as much,
+    reaches the loss first; a crush ``Hp - D = (1 - loss) Hp_ref``. Clipped to
+    ``0..limit``: 0 for a body already at the loss, ``limit`` when it is not
+    reached.
     """
     m = anatomy.heights[level]
-    ha, hm, hp = m.anterior_mm, m.middle_mm, m.posterior_mm
-    own, target = {"wedge": (ha, hp), "biconcave": (hm, hp), "crush": (hp, m.reference_posterior_mm or hp)}[kind]
-    return float(np.clip(own - (1.0 - loss) * target, 0.0, limit))
+
+    def after(shortening: float) -> float:
+        return height_loss(m.anterior_mm - fractions["anterior"] * shortening,
+                           m.middle_mm - fractions["middle"] * shortening,
+                           m.posterior_mm - fractions["posterior"] * shortening, m.reference_posterior_mm)
+
+    if after(0.0) >= loss:
+        return 0.0
+    if after(limit) < loss:
+        return limit
+    low, high = 0.0, limit
+    for _ in range(60):
+        mid = 0.5 * (low + high)
+        low, high = (mid, high) if after(mid) < loss else (low, mid)
+    return high
+
+
+def _window_fractions(volume: Volume, anatomy: Anatomy, level: str,
+                      local: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> dict[str, float]:
+    """Fraction of the shortening that Genant's anterior, middle and posterior windows receive.
+
+    ``local(a, l)`` is the deformity's local shortening per mm of ``D`` at
+    anterior and left positions (mm, the body's frame). Evaluated at the
+    columns where :func:`osteonode.measure.genant.measurement_windows` measures
+    the unmodified body, as that measurement takes them: the median over the
+    planes of the median over each window's columns. The wedge's ramp runs
+    between the body's extreme voxels, which lie beyond the planes' margins,
+    so its anterior window receives less than the whole shortening and its
+    posterior window some of it.
+    """
+    planes = measurement_windows(volume, anatomy.bodies, VERTEBRA_IDS[level])
+    if not planes:
+        raise ValueError(f"{level}: Genant's windows are not found on the unmodified body")
+    return {name: float(np.median([np.median(local(windows[name], np.full(windows[name].shape, offset)))
+                                   for offset, windows in planes]))
+            for name in ("anterior", "middle", "posterior")}
 
 
 def _column_extents(h: np.ndarray, a: np.ndarray, lateral: np.ndarray, half_step: float, voxel_mm: float):
@@ -540,9 +582,11 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     across an endplate would widen or narrow the blur of its edge and move
     the measured edge by up to 2 mm, a third of a Genant grade; so would a
     smoothed displacement field.) With the shortening ``S``
-    (:func:`_shortening`, mm, from the heights of the unmodified body, so
-    that e.g. a wedge of 30 % leaves ``Ha = 0.7 Hp`` even if ``Ha`` was larger
-    than ``Hp`` before):
+    (:func:`_shortening`, mm, from the heights of the unmodified body and the
+    fraction of ``S`` that each of Genant's windows receives,
+    :func:`_window_fractions`, so that e.g. a wedge of 30 % leaves ``Ha = 0.7
+    Hp`` where Genant measures them, even if ``Ha`` was larger than ``Hp``
+    before):
 
     * ``wedge``: the local shortening is ``S`` at and in front of 10 % of ``D``
       behind the anterior margin, 0 at and behind 10 % of ``D`` in front of
@@ -586,7 +630,8 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     Raises
     ------
     ValueError
-        If ``kind`` is not one of ``DEFORMITIES`` or ``loss`` not in (0, 1).
+        If ``kind`` is not one of ``DEFORMITIES``, ``loss`` not in (0, 1), or
+        Genant's windows are not found on the unmodified body.
     """
     if kind not in DEFORMITIES or not 0.0 < loss < 1.0:
         raise ValueError(f"bad deformity {kind!r} {loss}")
@@ -599,24 +644,33 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     l_half = 0.5 * ((rel @ left).max() - (rel @ left).min())
     depth, rigid = a_ant - a_post, ENDPLATE_MM
     bottom, top, column = _column_extents(rel @ up, rel @ ant, rel @ left, half_step, max(vol.spacing))
+
+    def local(a: np.ndarray, lateral: np.ndarray) -> np.ndarray:
+        """Local shortening per mm of the shortening (the whole height loss, both endplates)."""
+        if kind == "crush":
+            return np.ones_like(a)
+        if kind == "wedge":
+            return np.clip((a - (a_post + 0.1 * depth)) / (0.8 * depth), 0.0, 1.0)
+        r = np.hypot((a - 0.5 * (a_post + a_ant)) / (depth / 2), lateral / l_half)
+        return 0.5 * (1.0 + np.cos(np.pi * np.clip((r - 0.15) / 0.5, 0.0, 1.0)))
+
     # the interior of a typical column keeps at least MIN_INTERIOR_MM
-    shortening = _shortening(anatomy, level, kind, loss,
-                             limit=float(np.median(top - bottom)) - 2 * rigid - MIN_INTERIOR_MM)
+    shortening = _shortening(anatomy, level, loss,
+                             limit=float(np.median(top - bottom)) - 2 * rigid - MIN_INTERIOR_MM,
+                             fractions=_window_fractions(vol, anatomy, level, local))
 
     def source(points: np.ndarray, spacing) -> np.ndarray:
         p = points - centre
         h, a = p @ up, p @ ant
         where = column(a, p @ left)
         hb, ht = bottom[where], top[where]
+        s = shortening * local(a, p @ left)
         if kind == "biconcave":
-            r = np.hypot((a - 0.5 * (a_post + a_ant)) / (depth / 2), (p @ left) / l_half)
-            dent = shortening / 2 * 0.5 * (1.0 + np.cos(np.pi * np.clip((r - 0.15) / 0.5, 0.0, 1.0)))
+            dent = s / 2
             band = shortening / 2 + rigid + 4.0
             out = [hb - band, hb + dent - rigid, hb + dent + rigid, ht - dent - rigid, ht - dent + rigid, ht + band]
             src = [hb - band, hb - rigid, hb + rigid, ht - rigid, ht + rigid, ht + band]
         else:
-            s = shortening * (np.ones_like(a) if kind == "crush" else
-                              np.clip((a - (a_post + 0.1 * depth)) / (0.8 * depth), 0.0, 1.0))
             # below hb + E unmoved; above ht - E - s down by s; the interior between compressed
             far = float(np.abs(h).max() + np.abs(top).max() + 1.0)
             out = [hb + rigid, ht - rigid - s, np.full_like(h, far)]

@@ -572,6 +572,20 @@ def _shape_loss(heights: dict[str, float]) -> float:
     return 1.0 - min(heights["anterior"], heights["middle"]) / heights["posterior"]
 
 
+def height_loss(anterior_mm: float, middle_mm: float, posterior_mm: float,
+                reference_posterior_mm: float | None = None) -> float:
+    """Genant height loss (0..1) of a body from its heights (mm): the module docstring's "Grading".
+
+    The largest of the wedge ``1 - Ha/Hp`` and biconcave ``1 - Hm/Hp`` losses
+    and, with a reference posterior height ``Hp_ref``, the crush loss ``1 -
+    max(Hp, min(Ha, Hm))/Hp_ref``; 0 when none is positive (Genant et al. 1993).
+    """
+    losses = [_shape_loss({"anterior": anterior_mm, "middle": middle_mm, "posterior": posterior_mm})]
+    if reference_posterior_mm is not None:
+        losses.append(1.0 - max(posterior_mm, min(anterior_mm, middle_mm)) / reference_posterior_mm)
+    return max(0.0, max(losses))
+
+
 def _deformed(raw: dict[int, tuple[dict[str, float], str | None]], posterior: dict[int, float]) -> set[int]:
     """Graded levels that are no reference for their neighbours' crush ratio: deformed by their own
     ratios (a wedge or biconcave loss of :data:`GRADE_LIMITS` ``[0]``), or a posterior height that much below
@@ -684,11 +698,9 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
         reference = reference_posterior(vid, posterior, deformed)
         ha, hm, hp = heights["anterior"], heights["middle"], heights["posterior"]
         ratios = {"anterior_posterior": round(ha / hp, 3), "middle_posterior": round(hm / hp, 3)}
-        losses = [_shape_loss(heights)]
         if reference is not None:
             ratios["posterior_reference"] = round(hp / reference, 3)
-            losses.append(1.0 - max(hp, min(ha, hm)) / reference)
-        loss = max(0.0, max(losses))
+        loss = height_loss(ha, hm, hp, reference)
         grade = None if reason else genant_grade(loss)
         if (grade and hm > (1.0 + MAX_MIDDLE_EXCESS) * max(ha, hp)
                 and (reference is None or hm > (1.0 - GRADE_LIMITS[0]) * reference)):

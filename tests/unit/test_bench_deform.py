@@ -16,9 +16,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage as ndi
 
-from bench.variants import Anatomy, BodyHeights, _pull_labels, baseline, deform
+from bench.variants import Anatomy, BodyHeights, _pull_labels, _shortening, baseline, deform
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import grade_levels
+from osteonode.measure.genant import grade_levels, height_loss
 from osteonode.segment import SpineSegmentation
 from osteonode.volume import Volume
 from tests.ctdata import References
@@ -84,6 +84,37 @@ def test_deformity_is_measured(phantom, kind, loss):
     measured = grade_levels(variant.volume, SpineSegmentation(bodies=labels, trabecular=np.zeros_like(labels)))
     assert measured["L2"].height_loss == pytest.approx(loss, abs=0.05)
     assert all(measured[n].genant_grade == 0 for n in ("L1", "L3", "L4"))
+
+
+def _stored(ha: float, hm: float, hp: float, reference: float) -> Anatomy:
+    return Anatomy(bodies=np.zeros((1, 1, 1), np.uint8), cores={}, heights={"L2": BodyHeights(ha, hm, hp, reference)})
+
+
+@pytest.mark.parametrize("loss", [0.2, 0.3, 0.45])
+def test_shortening_brings_genants_loss_where_genant_measures(loss):
+    """The shortening is the smallest at which the stored heights, each shortened by the fraction of it that
+    its window receives, have Genant's loss ``loss``. A wedge whose windows receive 92 % in front and 6 %
+    behind needs more than the old ``Ha - (1 - loss) Hp`` (the whole shortening in front, none behind), which
+    that formula still gives for such fractions."""
+    wedge = {"anterior": 0.92, "middle": 0.5, "posterior": 0.06}
+    shortening = _shortening(_stored(30.0, 28.0, 31.0, 30.5), "L2", loss, 100.0, wedge)
+    ha, hm, hp = 30.0 - 0.92 * shortening, 28.0 - 0.5 * shortening, 31.0 - 0.06 * shortening
+    assert height_loss(ha, hm, hp, 30.5) == pytest.approx(loss, abs=1e-6)
+    assert ha / hp == pytest.approx(1.0 - loss, abs=1e-6)  # the anterior height reaches it: a wedge
+    whole = _shortening(_stored(30.0, 28.0, 31.0, 30.5), "L2", loss, 100.0,
+                        {"anterior": 1.0, "middle": 0.0, "posterior": 0.0})
+    assert whole == pytest.approx(30.0 - (1.0 - loss) * 31.0, abs=1e-6) and shortening > whole
+    assert _shortening(_stored(30.0, 28.0, 31.0, 30.5), "L2", loss, 2.0, wedge) == 2.0  # clipped to the limit
+
+
+def test_shortening_stops_where_the_first_height_reaches_the_loss():
+    """A body whose middle height is short reaches a 20 % loss by its middle height first (a wedge lowers it by
+    half its anterior shortening): the shortening stops there; a body already at the loss is not shortened."""
+    wedge = {"anterior": 0.92, "middle": 0.5, "posterior": 0.06}
+    shortening = _shortening(_stored(30.0, 25.5, 31.0, 30.5), "L2", 0.2, 100.0, wedge)
+    assert (25.5 - 0.5 * shortening) / (31.0 - 0.06 * shortening) == pytest.approx(0.8, abs=1e-6)
+    assert shortening < _shortening(_stored(30.0, 28.0, 31.0, 30.5), "L2", 0.2, 100.0, wedge)
+    assert _shortening(_stored(24.0, 28.0, 31.0, 30.5), "L2", 0.2, 100.0, wedge) == 0.0
 
 
 def _superior_edge_mm(profile: np.ndarray, near: int) -> float:

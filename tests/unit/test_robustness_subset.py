@@ -251,16 +251,17 @@ def test_thin_ribs_of_a_scaled_tilted_copy_anchor_t12(start, anatomy, base):
 
 
 def test_l1_above_a_wedged_l2_in_a_dark_spine_keeps_its_body(start, anatomy, base):
-    """L1-L4 at -110 HU (T12 normal) and L2 wedged by 45 %: no notch lies below the lowest rib, and the disc
+    """L1-L4 at -110 HU (T12 normal) and L2 wedged by 45 %: no notch lay below the lowest rib, and the disc
     placed from the rib at the deepest notch lay inside the dark L1, 4 mm above its mid-body dip, which the
     rib-guided chain then took for a crushed vertebra's disc: L1 kept a sliver (Dice 0.07, not measured).
-    The disc is placed at the T12/L1 neural foramen, flagged uncertain."""
+    The disc was then placed at the T12/L1 neural foramen, flagged uncertain. Since the bench sizes a wedge
+    where Genant measures it (session 28: 0.4 mm deeper here), the anchors agree on this copy without that
+    placement (which test_disc_between_a_dark_t12_and_a_dark_l1_is_found_below_the_lowest_rib and
+    tests/unit/test_segment_spine.py cover); L1 keeps its body either way."""
     variant = deform(offset_cores(start, anatomy, dict.fromkeys(LEVELS, -110.0)), anatomy, "L2", "wedge", 0.45)
-    result = analyse(variant.volume)
-    row = score(variant, result, base)
+    row = score(variant, analyse(variant.volume), base)
     assert row["labels"] == dict.fromkeys(LEVELS, "ok"), row["labels"]
-    assert row["dice"]["L1"] > 0.8, row["dice"]  # 0.83 now
-    assert "placed from the rib" in result.seg.method
+    assert row["dice"]["L1"] > 0.8, row["dice"]  # 0.84 now
 
 
 def test_crushed_vertebra_in_a_dark_spine_is_never_confidently_one_body_off(start, anatomy, base):
