@@ -90,8 +90,8 @@ the example CT with dark marrow, the endplate followed outward from L1's label
 map reached T12's endplate across the disc (posterior heights 36-39 mm
 against 31-32 mm for the reference body), and the anterior height against
 that posterior one was graded 2 or 3. Such a body gets no heights, ratios or
-grade (reason :data:`IMPLAUSIBLE_POSTERIOR_REASON`) and :func:`apply_genant` adds the
-quality flag ``"heights_implausible"``; its loss already makes it no reference
+grade (reason :data:`IMPLAUSIBLE_POSTERIOR_REASON`) and :func:`apply_genant`
+adds the quality flag ``"heights_implausible"``; its loss already makes it no reference
 for its neighbours (:func:`_deformed`). A tall posterior height without a
 short anterior or middle one is not enough: next to a crushed neighbour that
 is not recognised as deformed, the reference itself is too low (a 30 % crush
@@ -111,11 +111,12 @@ both its anterior and its posterior height by more than
 on nine of the bench's copies with a 45-65 % wedge of L2-L4 (eight with
 marrow 90-120 HU darker), the label map of the undeformed L1 lacked a
 corner, and its anterior height of 8.5-20 mm or posterior height of
-17.7-23.6 mm (the reference body's 27-31 and 31-33 mm) was graded 1-3. Such a body likewise gets no
-heights, ratios or grade (reason :data:`IMPLAUSIBLE_MIDDLE_REASON`) and the
-quality flag ``"heights_implausible"``; it stays a reference for its
-neighbours only if neither its own ratios nor its posterior height make it
-deformed (:func:`_deformed`). Graded as measured are such a body whose
+17.7-23.6 mm (the reference body's 27-31 and 31-33 mm) was graded 1-3.
+Such a body likewise gets no heights, ratios or grade (reason
+:data:`IMPLAUSIBLE_MIDDLE_REASON`) and the quality flag
+``"heights_implausible"``; it stays a reference for its neighbours only if
+neither its own ratios nor its posterior height make it deformed
+(:func:`_deformed`). Graded as measured are such a body whose
 middle height itself lies 20 % or more below its reference posterior height
 (a crush, whichever margin is short: on the bench, a 30 % crush of L1 and a
 45 % crush of L2 in spines 100-120 HU dark read middle heights of 19.2 and
