@@ -41,7 +41,7 @@ def wall_tilts(volume: Volume, bodies: np.ndarray, name: str) -> list[tuple[floa
     """(posterior, anterior) wall tilt (degrees) of body ``name`` on each plane of ``genant.PLANE_OFFSETS_MM``."""
     vid = VERTEBRA_IDS[name]
     centres = body_centres_mm(volume, bodies)
-    a, _, indices = genant.sagittal_planes(volume, centres[vid], genant._frame(centres, vid))
+    a, _, indices = genant.sagittal_planes(volume, centres[vid], genant.body_frame(centres, vid))
     grid = genant.PLANE_GRID_MM
     out = []
     for index in indices:

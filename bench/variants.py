@@ -82,7 +82,13 @@ from scipy import ndimage as ndi
 
 from bench.segmentation import References, example_image, grade_label_map
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import GenantMeasurement, genant_grade, height_loss, measurement_windows
+from osteonode.measure.genant import (
+    GenantMeasurement,
+    body_frame,
+    genant_grade,
+    height_loss,
+    measurement_windows,
+)
 from osteonode.measure.tissues import body_centres_mm
 from osteonode.segment.backends import builtin
 from osteonode.volume import Volume
@@ -388,19 +394,13 @@ def _spine_frame(volume: Volume, anatomy: Anatomy, level: str) -> tuple[np.ndarr
     """Centre, height (superior), anterior and left unit axes (LPS) of ``level``'s body.
 
     The height axis is the spine axis through the centroids of the
-    neighbouring bodies, the frame in which :mod:`osteonode.measure.genant`
-    measures heights (its rule, restated here: that frame is not public).
+    neighbouring bodies: the frame in which :mod:`osteonode.measure.genant`
+    measures heights (:func:`osteonode.measure.genant.body_frame`), so that
+    a deformity and its :func:`_window_fractions` share it.
     """
     vid = VERTEBRA_IDS[level]
     centres = body_centres_mm(volume, anatomy.bodies)
-    here = centres[vid]
-    axis = centres.get(vid - 1, here) - centres.get(vid + 1, here)
-    if np.linalg.norm(axis) < 1e-6:
-        axis = np.array([0.0, 0.0, 1.0])
-    height = axis / np.linalg.norm(axis) * (1.0 if axis[2] >= 0 else -1.0)
-    left = np.array([1.0, 0.0, 0.0]) - height * height[0]
-    left /= np.linalg.norm(left)
-    return here, height, np.cross(left, height), left
+    return (centres[vid], *body_frame(centres, vid))
 
 
 def _beyond(coords: np.ndarray, shape: tuple[int, ...], margin: float) -> np.ndarray:

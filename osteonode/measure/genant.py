@@ -278,8 +278,13 @@ def genant_grade(height_loss: float) -> int:
     return 2 if height_loss <= GRADE_LIMITS[2] else 3
 
 
-def _frame(centres: dict[int, np.ndarray], vid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unit height (superior), anterior and left axes (LPS) of body ``vid``."""
+def body_frame(centres: dict[int, np.ndarray], vid: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Unit height (superior), anterior and left axes (LPS) of body ``vid``, in which its heights are measured.
+
+    ``centres``: VerSe ID -> body centroid (LPS mm, :func:`osteonode.measure.tissues.body_centres_mm`).
+    The height axis runs through the centroids of the neighbouring bodies (module docstring,
+    "Measurement"). Raises ``KeyError`` if ``vid`` has no centroid.
+    """
     above, below = centres.get(vid - 1), centres.get(vid + 1)
     here = centres[vid]
     axis = (above if above is not None else here) - (below if below is not None else here)
@@ -464,7 +469,7 @@ def sagittal_planes(volume: Volume, centre: np.ndarray, axes: tuple[np.ndarray, 
     centre : numpy.ndarray
         ``(3,)`` body centroid, LPS mm.
     axes : tuple of numpy.ndarray
-        Unit height, anterior and left axes (:func:`_frame`).
+        Unit height, anterior and left axes (:func:`body_frame`).
 
     Returns
     -------
@@ -535,7 +540,7 @@ def measurement_windows(volume: Volume, bodies: np.ndarray, vid: int) -> list[tu
     centres = body_centres_mm(volume, bodies)
     if vid not in centres:
         return []
-    a, h, indices = sagittal_planes(volume, centres[vid], _frame(centres, vid))
+    a, h, indices = sagittal_planes(volume, centres[vid], body_frame(centres, vid))
     out = []
     for offset, index in zip(PLANE_OFFSETS_MM, indices):
         inside = ndi.map_coordinates(bodies, index, order=0, mode="constant", cval=0).reshape(a.shape) == vid
@@ -674,7 +679,7 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
                 mask.take(np.r_[0:m, n - m:n], axis=ax).any() for ax, (m, n) in enumerate(zip(margin, mask.shape))):
             cut.append(vid)
             continue
-        heights = _heights(volume, bodies, vid, centres[vid], _frame(centres, vid))
+        heights = _heights(volume, bodies, vid, centres[vid], body_frame(centres, vid))
         if heights is None:
             continue
         reason = None
