@@ -22,7 +22,8 @@ the shared 2 mm copy of :class:`CanonicalView`, denoised like the spine's)
    transform for spheres, normalised by the sphere area) within 40 mm of the
    candidate. The Hessian there is taken with the image around that box: its
    faces cut through bone, and the image mirrored at them had dark sheets that
-   are no anatomy.
+   are no anatomy. The best three centres (10 mm apart at least) are tried in
+   turn, and the first whose joint is seen (step 3) is the hip's.
 3. **Joint radius**: on 1860 rays (6 degree grid) the joint space is a
    valley with bone before (>= 25 HU higher within 6 mm) and after it (>= 35
    HU higher within 7 mm: the acetabulum). The joint radius (17-32 mm: adult
@@ -194,15 +195,29 @@ _RAYS = np.stack([np.cos(_POLAR)[:, None] * np.ones_like(_AZIMUTH)[None, :],
                   np.sin(_POLAR)[:, None] * np.sin(_AZIMUTH)[None, :]], axis=-1)  # (polar, azimuth, 3)
 
 
-def _joint_centre(clipped: np.ndarray, start: np.ndarray, offset: np.ndarray, grid_mm: float) -> np.ndarray | None:
-    """Centre (canonical mm) of the hip joint sphere near ``start`` on the coarse image ``clipped`` (HU).
+#: The best this many centres of the joint sphere's Hough transform, at least ``JOINT_PEAK_SEPARATION_MM``
+#: apart, are tried in turn (:func:`_joint_centres`): on a 6 degree coronally tilted copy of the example CT
+#: the best was 32 mm above the right hip's joint, which the second found.
+JOINT_PEAKS = 3
+#: ... (mm).
+JOINT_PEAK_SEPARATION_MM = 10.0
+
+
+def _joint_centres(clipped: np.ndarray, start: np.ndarray, offset: np.ndarray, grid_mm: float) -> list[np.ndarray]:
+    """Candidate centres (canonical mm) of the hip joint sphere near ``start`` on the coarse image ``clipped`` (HU).
 
     The joint space between the femoral head and the acetabulum is a thin dark
     sheet between two bright ones, on a sphere. Dark-sheet voxels are found from
     the Hessian of the image smoothed at 2 mm (largest eigenvalue > 5 HU/mm^2 and
     larger than the other two in magnitude); each votes, along its sheet normal
     and on both sides, for the centres 18-30 mm away (a Hough transform for
-    spheres, votes normalised by the sphere area). The best centre wins.
+    spheres, votes normalised by the sphere area). The best ``JOINT_PEAKS``
+    local maxima of the votes at least ``JOINT_PEAK_SEPARATION_MM`` apart are
+    returned, best first (empty when the box is too small or holds fewer than
+    50 dark-sheet voxels): the caller takes the first whose joint is seen
+    (:func:`_hip_head`), as the best one can lie on another sheet (the
+    acetabular roof or the sacroiliac joint) when the candidate ``start`` lies
+    far from the joint.
 
     The voters lie within 40 mm of ``start``; the filters see the image up to
     their reach (``GAUSS_TRUNCATE * HESSIAN_SIGMA`` voxels) beyond that box, so
@@ -221,7 +236,7 @@ def _joint_centre(clipped: np.ndarray, start: np.ndarray, offset: np.ndarray, gr
     lo = np.maximum(i0 - half, 0)
     hi = np.minimum(i0 + half + 1, np.array(clipped.shape))
     if np.any(hi - lo < 8):
-        return None
+        return []
     # the box with the filters' reach around it (where the image has it); ``inner`` is the box in it
     lo_r = np.maximum(lo - reach, 0)
     hi_r = np.minimum(hi + reach, np.array(clipped.shape))
@@ -241,7 +256,7 @@ def _joint_centre(clipped: np.ndarray, start: np.ndarray, offset: np.ndarray, gr
     other = np.maximum(np.abs(vals[:, 0]), np.abs(vals[:, 1]))
     sheet = (vals[:, 2] > 5.0) & (vals[:, 2] > other)
     if sheet.sum() < 50:
-        return None
+        return []
     weight = (vals[sheet, 2] - other[sheet]).astype(float)
     pos = np.argwhere(near)[sheet].astype(float)
     normal = vecs[sheet][:, :, 2]
@@ -253,8 +268,10 @@ def _joint_centre(clipped: np.ndarray, start: np.ndarray, offset: np.ndarray, gr
             acc += np.bincount(np.ravel_multi_index(q[ok].T, crop.shape), weights=weight[ok],
                                minlength=crop.size) / (r * r)
     acc = ndi.gaussian_filter(acc.reshape(crop.shape), 1.0)
-    k = np.unravel_index(int(np.argmax(acc)), crop.shape)
-    return (np.asarray(k) + lo) * grid_mm + offset
+    window = 2 * int(round(JOINT_PEAK_SEPARATION_MM / grid_mm)) + 1
+    peaks = np.argwhere((acc == ndi.maximum_filter(acc, size=window)) & (acc > 0))
+    best = sorted(peaks.tolist(), key=lambda k: -acc[tuple(k)])[:JOINT_PEAKS]
+    return [(np.asarray(k) + lo) * grid_mm + offset for k in best]
 
 
 def _lateral(side: Side) -> float:
@@ -701,8 +718,9 @@ def _find_heads(coarse: np.ndarray, offset: np.ndarray, midline: float) -> dict[
 
     ``coarse``: the coarse canonical copy (HU), ``offset`` its canonical mm
     at index 0, ``midline`` the patient's left-right midline (canonical mm).
-    Of each side's three thickest candidates, the first whose joint centre
-    lies at least 40 mm from the midline and whose joint is seen on at least
+    Of each side's three thickest candidates and of each candidate's joint
+    centres (:func:`_joint_centres`, best first), the first centre that lies
+    at least 40 mm from the midline and whose joint is seen on at least
     ``MIN_JOINT_SUPPORT`` of the rays.
     """
     clipped = np.clip(coarse, -100.0, 700.0)
@@ -711,12 +729,14 @@ def _find_heads(coarse: np.ndarray, offset: np.ndarray, midline: float) -> dict[
     for side, cands in _head_candidates(smooth, offset, COARSE_MM, midline).items():
         lateral = _lateral(side)
         for cand in cands[:3]:
-            centre = _joint_centre(clipped, cand, offset, COARSE_MM)
-            if centre is None or (centre[2] - midline) * lateral < 40.0:
-                continue
-            head = _hip_head(smooth, centre, offset, COARSE_MM, _neck_axis(lateral))
-            if head is not None and head.support >= MIN_JOINT_SUPPORT:
-                heads[side] = head
+            for centre in _joint_centres(clipped, cand, offset, COARSE_MM):
+                if (centre[2] - midline) * lateral < 40.0:
+                    continue
+                head = _hip_head(smooth, centre, offset, COARSE_MM, _neck_axis(lateral))
+                if head is not None and head.support >= MIN_JOINT_SUPPORT:
+                    heads[side] = head
+                    break
+            if side in heads:
                 break
     return heads
 

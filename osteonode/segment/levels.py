@@ -242,6 +242,36 @@ def rib_levels(coarse: np.ndarray, path: np.ndarray, grid_mm: float = COARSE_MM)
     return ends
 
 
+def rib_segment(rib_z: list[float], bounds: list[tuple[float | None, float | None]]) -> int | None:
+    """Index of the lowest segment that holds a rib end (a pure function).
+
+    Parameters
+    ----------
+    rib_z : list of float
+        Coarse z of the rib ends (:func:`rib_levels`).
+    bounds : list of tuple
+        Per segment, caudal to cranial, the coarse z of its lower and upper
+        disc; ``None`` for an open end (the segment below the lowest disc, or
+        above the highest).
+
+    Returns
+    -------
+    int or None
+        The lowest segment with a rib end between its discs. A rib end above
+        the upper disc of the last segment, when that segment is closed (the
+        one above its disc held too little of the field of view for a body
+        and was left out), belongs to that left-out segment: ``len(bounds)``
+        (the 12th rib of a 6 degree sagittally tilted copy of the example CT,
+        whose T12 the tilt cut). None without a rib end in or above them.
+    """
+    held = [i for z in rib_z for i, (lo, hi) in enumerate(bounds)
+            if (-np.inf if lo is None else lo) <= z < (np.inf if hi is None else hi)]
+    if held:
+        return min(held)
+    top = bounds[-1][1] if bounds else None
+    return len(bounds) if top is not None and any(z >= top for z in rib_z) else None
+
+
 def ribs_observable(path: np.ndarray, nx: int, z_lo: float, z_hi: float, grid_mm: float = COARSE_MM) -> bool:
     """Whether a rib could be seen beside the column between coarse slices ``z_lo`` and ``z_hi``.
 

@@ -111,6 +111,7 @@ from osteonode.segment.levels import (
     open_segment_extent,
     reference_height,
     rib_levels,
+    rib_segment,
     ribs_observable,
 )
 from osteonode.segment.roi import trabecular_roi
@@ -180,15 +181,15 @@ def _anchor(discs: list, coarse: np.ndarray, path: np.ndarray, in_view: tuple[in
         segments = _segments(kept, in_view, grid_mm)
         # rib-like bone at the top of the sacrum is an iliac crest
         rib_z = [z for z in rib_z_all if z > kept[0].z + 10.0 / grid_mm] if sacrum else rib_z_all
-        rib_segs = sorted({i for z in rib_z for i, (lo, hi) in enumerate(segments)
-                           if (lo.z if lo is not None else -np.inf) <= z < (hi.z if hi is not None else np.inf)})
-        if not rib_segs:
+        lowest_rib = rib_segment(rib_z, [(None if lo is None else lo.z, None if hi is None else hi.z)
+                                         for lo, hi in segments])
+        if lowest_rib is None:
             return kept, segments, None, rib_z
-        below = [i for i in range(rib_segs[0]) if segments[i][0] is not None and not (sacrum and i == 0)]
+        below = [i for i in range(lowest_rib) if segments[i][0] is not None and not (sacrum and i == 0)]
         # the vertebrae below must be seen to bear no rib: the field of view reaches where a rib would be
         if below and all(ribs_observable(path, coarse.shape[2], segments[i][0].z, segments[i][1].z, grid_mm)
                          for i in below):
-            return kept, segments, rib_segs[0], rib_z
+            return kept, segments, lowest_rib, rib_z
         return kept, segments, None, rib_z
 
     tests: list[bool | None] = [None, None]

@@ -16,6 +16,8 @@ from bench.segmentation import crop_below, dice, example_image, noisy, on_refere
 from osteonode.anatomy import FEMUR_LEFT, FEMUR_RIGHT
 from osteonode.segment import FemurSegmentation
 from osteonode.segment.femur import (
+    JOINT_PEAK_SEPARATION_MM,
+    JOINT_PEAKS,
     METAL_HU,
     MIN_JOINT_SUPPORT,
     _edge_restored,
@@ -23,7 +25,7 @@ from osteonode.segment.femur import (
     _head_ball,
     _hip_head,
     _interpolated_to_native,
-    _joint_centre,
+    _joint_centres,
     _joint_radius,
     _neck_axis,
     _solid,
@@ -241,11 +243,14 @@ def test_head_ball_gives_back_part_of_a_missing_inferomedial_head_and_nothing_be
     assert _head_ball(np.zeros(img.shape, bool), tuple(d), r, cos_neck, HEAD_MM) is None
 
 
-def test_joint_centre_finds_a_synthetic_hip_from_an_offset_start():
+def test_joint_centres_find_a_synthetic_hip_from_an_offset_start():
     img = _synthetic_hip()
-    centre = _joint_centre(np.clip(img, -100.0, 700.0), HIP_CENTRE + [10.0, -8.0, 6.0], np.zeros(3), 2.0)
-    assert centre is not None
-    assert np.linalg.norm(centre - HIP_CENTRE) <= 2.0
+    centres = _joint_centres(np.clip(img, -100.0, 700.0), HIP_CENTRE + [10.0, -8.0, 6.0], np.zeros(3), 2.0)
+    assert 1 <= len(centres) <= JOINT_PEAKS
+    assert np.linalg.norm(centres[0] - HIP_CENTRE) <= 2.0  # the best first
+    # the others lie apart from it: candidates elsewhere, not the same peak again
+    assert all(np.linalg.norm(c - centres[0]) >= JOINT_PEAK_SEPARATION_MM - 1e-6 for c in centres[1:])
+    assert _joint_centres(np.zeros((4, 40, 40)), HIP_CENTRE, np.zeros(3), 2.0) == []  # no room for a hip
 
 
 def test_interpolated_to_native_follows_the_boundary_for_any_grid_phase():

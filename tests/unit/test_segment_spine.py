@@ -59,6 +59,7 @@ from osteonode.segment.levels import (
     open_segment_extent,
     reference_height,
     rib_levels,
+    rib_segment,
     ribs_observable,
     unexplained_spacing_jump,
 )
@@ -850,6 +851,19 @@ def test_below_lowest_rib_keeps_a_disc_found_below_it_and_places_none_without_a_
     assert shallow.z == [10, 28, 45] and shallow.by_rib == (45,)
     near = below_lowest_rib(_candidates([10, 28, 47], {10: 80, 28: 60, 47: 40}), 50.0)  # 6 mm below: a disc
     assert near.z == [10, 28, 47] and near.by_rib == ()
+
+
+def test_rib_segment_is_the_lowest_holding_a_rib_end_or_the_one_left_out_above_the_last_disc():
+    bounds = [(None, 10.0), (10.0, 28.0), (28.0, 45.0), (45.0, None)]
+    assert rib_segment([50.0, 47.0], bounds) == 3
+    assert rib_segment([30.0, 50.0], bounds) == 2  # the lowest of two
+    assert rib_segment([], bounds) is None
+    # the segment above the disc at 45 held too little of the field of view for a body and was left out
+    closed = bounds[:3]
+    assert rib_segment([47.0], closed) == 3
+    assert rib_segment([40.0, 47.0], closed) == 2
+    assert rib_segment([5.0], [(10.0, 28.0)]) is None  # below the lowest disc of a chain without that segment
+    assert rib_segment([5.0], []) is None
 
 
 def test_caudal_anchor_between_a_residual_s1_s2_disc_and_the_lumbosacral_disc():
