@@ -14,7 +14,9 @@ dark levels, deformities of 25, 35 and 40 % in dark spines, tilted and scaled
 dark spines; and (session 14) crushes of 55-75 % (down to a vertebra plana), at base density
 and in spines at -80 HU (L1-L4, or T12-L5), and a wedge of 65 %; and (session 15) spines dark
 from T12 to L5 with noise, an island, tilts, scales and deformities of 30-45 %; and (session 16)
-45 % crushes and wedges of L2-L4 in spines 80-120 HU dark (L1-L4 or T12-L5). It prints the table
+45 % crushes and wedges of L2-L4 in spines 80-120 HU dark (L1-L4 or T12-L5); and (session 29) tilts of
+6 degrees, tilts with scales, plain and in spines 100-110 HU dark, noise with a tilt on a dark spine,
+and a 35 % crush of L1 in a dark spine. It prints the table
 of ``bench/robustness.py`` (same
 columns, same scoring) and, without PASS/FAIL (these rows have no targets of
 their own, they say where the method still fails), the counts of its label
@@ -173,6 +175,22 @@ def specs() -> list[Spec]:
     out += [_deformed_dark(k, n, 0.45, o, spine)
             for n in ("L2", "L3", "L4") for k in ("crush", "wedge") for o in (-80, -90, -110, -120)
             for spine in ("all", "T12-L5")]
+    # added in session 29: tilts of 6 degrees and tilts with scales, plain and in dark spines, from a probe of
+    # parameter values in neither bench (bench/README.md, "Session 29"), a crush of 35 % in a dark spine, and
+    # noise with a tilt on a dark spine
+    out += [
+        Spec("tilt_lr+6", "geometry", lambda b, a: transform(b, a, tilt_lr_deg=6)),
+        Spec("tilt_ap+6", "geometry", lambda b, a: transform(b, a, tilt_ap_deg=6)),
+        Spec("scale1.09+tilt_lr-6", "geometry", lambda b, a: transform(b, a, scale=1.09, tilt_lr_deg=-6)),
+        Spec("scale0.95+tilt_ap+6", "geometry", lambda b, a: transform(b, a, scale=0.95, tilt_ap_deg=6)),
+        Spec("tilt_lr-5+scale0.95+core_T12-L5-100", "geometry",
+             lambda b, a: transform(_dark(-100)(b, a), a, scale=0.95, tilt_lr_deg=-5)),
+        Spec("tilt_lr+4+tilt_ap+4+core_T12-L5-110", "geometry",
+             lambda b, a: transform(_dark(-110)(b, a), a, tilt_lr_deg=4, tilt_ap_deg=4)),
+        Spec("tilt_lr+6+core_all-65+noise18", "combination",
+             lambda b, a: transform(add_noise(_all(-65)(b, a), 18, seed=18), a, tilt_lr_deg=6)),
+        _deformed_dark("crush", "L1", 0.35, -60),
+    ]
     return out
 
 
