@@ -728,15 +728,13 @@ def _find_heads(coarse: np.ndarray, offset: np.ndarray, midline: float) -> dict[
     heads: dict[Side, _Head] = {}
     for side, cands in _head_candidates(smooth, offset, COARSE_MM, midline).items():
         lateral = _lateral(side)
-        for cand in cands[:3]:
-            for centre in _joint_centres(clipped, cand, offset, COARSE_MM):
-                if (centre[2] - midline) * lateral < 40.0:
-                    continue
-                head = _hip_head(smooth, centre, offset, COARSE_MM, _neck_axis(lateral))
-                if head is not None and head.support >= MIN_JOINT_SUPPORT:
-                    heads[side] = head
-                    break
-            if side in heads:
+        # lazily: a candidate's centres are only computed when the previous candidate's found no joint
+        centres = (centre for cand in cands[:3] for centre in _joint_centres(clipped, cand, offset, COARSE_MM)
+                   if (centre[2] - midline) * lateral >= 40.0)
+        for centre in centres:
+            head = _hip_head(smooth, centre, offset, COARSE_MM, _neck_axis(lateral))
+            if head is not None and head.support >= MIN_JOINT_SUPPORT:
+                heads[side] = head
                 break
     return heads
 
