@@ -5,11 +5,14 @@ For every deformity variant of ``bench/robustness.py`` and ``bench/beyond.py``
 segmentation, measures the deformed level with :func:`osteonode.measure.genant.grade_levels`
 on our label map and on the reference body moved with the deformation, and
 prints per variant the nominal loss and the shortening the bench applied
-(mm), then for ours and the reference body: the anterior/posterior,
+(mm), the heights the deformity was sized to leave (``sized for``: the
+stored heights of the unmodified body, each window shortened by its share,
+:func:`bench.variants.deform`), then for ours and the reference body: the anterior/posterior,
 middle/posterior and posterior/reference ratios, the height loss, the grade
 and the heights Ha, Hm, Hp and the neighbours' reference posterior height
 (mm): whether a grade other than the nominal one is our measurement's or
-the deformity the bench made.
+the deformity the bench made, and whether the bench made the deformity it
+was sized for.
 
 Usage: python bench/deformity_heights.py [--only PATTERN]
 """
@@ -23,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import beyond, robustness  # noqa: E402
 from bench.segmentation import grade_label_map, reference_bodies  # noqa: E402
-from osteonode.measure.genant import GenantMeasurement, grade_levels  # noqa: E402
+from bench.variants import BodyHeights  # noqa: E402
+from osteonode.measure.genant import GenantMeasurement, grade_levels, height_loss  # noqa: E402
 from osteonode.segment.backends import builtin  # noqa: E402
 
 
@@ -38,6 +42,13 @@ def _line(m: GenantMeasurement | None) -> str:
             f"ref {'-' if m.reference_posterior_mm is None else f'{m.reference_posterior_mm:.1f}'} mm)")
 
 
+def _sized(heights: BodyHeights) -> str:
+    ref = heights.reference_posterior_mm
+    return (f"loss {height_loss(heights.anterior_mm, heights.middle_mm, heights.posterior_mm, ref):.3f}  "
+            f"(Ha {heights.anterior_mm:.1f}, Hm {heights.middle_mm:.1f}, Hp {heights.posterior_mm:.1f}, "
+            f"ref {'-' if ref is None else f'{ref:.1f}'} mm)")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", metavar="PATTERN", help=robustness.ONLY_HELP)
@@ -50,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         ours = grade_levels(variant.volume, builtin(variant.volume)).get(level)
         theirs = grade_label_map(variant.volume, reference_bodies(variant.volume, variant.refs))
         print(f"{variant.name}: {level} nominal loss {deformity['loss']:.2f}, shortening "
-              f"{deformity['shortening_mm']:.1f} mm\n  ours       {_line(ours)}\n"
+              f"{deformity['shortening_mm']:.1f} mm\n  sized for  {_sized(deformity['predicted'])}\n"
+              f"  ours       {_line(ours)}\n"
               f"  reference  {_line(theirs.get(level))}", flush=True)
     return 0
 

@@ -483,12 +483,9 @@ def _shortening(anatomy: Anatomy, level: str, loss: float, limit: float, fractio
     ``0..limit``: 0 for a body already at the loss, ``limit`` when it is not
     reached.
     """
-    m = anatomy.heights[level]
-
     def after(shortening: float) -> float:
-        return height_loss(m.anterior_mm - fractions["anterior"] * shortening,
-                           m.middle_mm - fractions["middle"] * shortening,
-                           m.posterior_mm - fractions["posterior"] * shortening, m.reference_posterior_mm)
+        m = _shortened(anatomy.heights[level], fractions, shortening)
+        return height_loss(m.anterior_mm, m.middle_mm, m.posterior_mm, m.reference_posterior_mm)
 
     if after(0.0) >= loss:
         return 0.0
@@ -499,6 +496,14 @@ def _shortening(anatomy: Anatomy, level: str, loss: float, limit: float, fractio
         mid = 0.5 * (low + high)
         low, high = (mid, high) if after(mid) < loss else (low, mid)
     return high
+
+
+def _shortened(heights: BodyHeights, fractions: dict[str, float], shortening: float) -> BodyHeights:
+    """``heights`` with each of Genant's windows shortened by its fraction (``fractions``) of
+    ``shortening`` (mm); the neighbours' reference posterior height unchanged."""
+    return BodyHeights(heights.anterior_mm - fractions["anterior"] * shortening,
+                       heights.middle_mm - fractions["middle"] * shortening,
+                       heights.posterior_mm - fractions["posterior"] * shortening, heights.reference_posterior_mm)
 
 
 def _window_fractions(volume: Volume, anatomy: Anatomy, level: str,
@@ -623,7 +628,9 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     Variant
         Image resampled (linear), possibly with fewer slices; reference masks
         resampled on their grid (:func:`_pull_labels`). Truth ``deformity = {"level",
-        "kind", "loss", "shortening_mm"}`` and ``expected_grade`` of that level
+        "kind", "loss", "shortening_mm", "predicted"}`` (``predicted``: the
+        :class:`BodyHeights` the deformity was sized to leave, those of the
+        unmodified body shortened as its windows receive the field) and ``expected_grade`` of that level
         ``= genant_grade(loss)`` (Genant 1993: < 20 % 0, 20-25 % 1, 25-40 %
         2, > 40 % 3).
 
@@ -655,9 +662,9 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
         return 0.5 * (1.0 + np.cos(np.pi * np.clip((r - 0.15) / 0.5, 0.0, 1.0)))
 
     # the interior of a typical column keeps at least MIN_INTERIOR_MM
+    fractions = _window_fractions(vol, anatomy, level, local)
     shortening = _shortening(anatomy, level, loss,
-                             limit=float(np.median(top - bottom)) - 2 * rigid - MIN_INTERIOR_MM,
-                             fractions=_window_fractions(vol, anatomy, level, local))
+                             limit=float(np.median(top - bottom)) - 2 * rigid - MIN_INTERIOR_MM, fractions=fractions)
 
     def source(points: np.ndarray, spacing) -> np.ndarray:
         p = points - centre
@@ -681,7 +688,9 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     moved = _resample(variant, source, crop=True)
     grades = {**variant.truth["expected_grade"], level: genant_grade(loss)}
     return replace(moved, truth=_truth(variant, deformity={"level": level, "kind": kind, "loss": loss,
-                                                           "shortening_mm": round(shortening, 2)},
+                                                           "shortening_mm": round(shortening, 2),
+                                                           "predicted": _shortened(anatomy.heights[level], fractions,
+                                                                                   shortening)},
                                        expected_grade=grades))
 
 

@@ -84,6 +84,14 @@ def test_deformity_is_measured(phantom, kind, loss):
     measured = grade_levels(variant.volume, SpineSegmentation(bodies=labels, trabecular=np.zeros_like(labels)))
     assert measured["L2"].height_loss == pytest.approx(loss, abs=0.05)
     assert all(measured[n].genant_grade == 0 for n in ("L1", "L3", "L4"))
+    # the heights the deformity was sized for have the loss asked, and the deformed body measures them to
+    # within 2 mm (1.3-1.6 mm off for the 30 % and 45 % wedges and the 45 % biconcave: the window fractions
+    # are taken on the unmodified body, whose margins the deformity moves); the loss itself within 0.05, above
+    sized, body = variant.truth["deformity"]["predicted"], measured["L2"]
+    assert height_loss(sized.anterior_mm, sized.middle_mm, sized.posterior_mm,
+                       sized.reference_posterior_mm) == pytest.approx(loss, abs=1e-6)
+    assert [body.height_anterior_mm, body.height_middle_mm, body.height_posterior_mm] == \
+        pytest.approx([sized.anterior_mm, sized.middle_mm, sized.posterior_mm], abs=2.0)
 
 
 def _stored(ha: float, hm: float, hp: float, reference: float) -> Anatomy:
