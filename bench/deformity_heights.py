@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = grade_levels(variant.volume, builtin(variant.volume)).get(level)
         theirs = grade_label_map(variant.volume, reference_bodies(variant.volume, variant.refs))
         print(f"{variant.name}: {level} nominal loss {deformity['loss']:.2f}, shortening "
-              f"{deformity['shortening_mm']:.1f} mm\n  sized for  {_sized(deformity['predicted'])}\n"
+              f"{deformity['shortening_mm']:.1f} mm\n  sized for  {_sized(deformity['sized_for'])}\n"
               f"  ours       {_line(ours)}\n"
               f"  reference  {_line(theirs.get(level))}", flush=True)
     return 0

@@ -628,7 +628,7 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     Variant
         Image resampled (linear), possibly with fewer slices; reference masks
         resampled on their grid (:func:`_pull_labels`). Truth ``deformity = {"level",
-        "kind", "loss", "shortening_mm", "predicted"}`` (``predicted``: the
+        "kind", "loss", "shortening_mm", "sized_for"}`` (``sized_for``: the
         :class:`BodyHeights` the deformity was sized to leave, those of the
         unmodified body shortened as its windows receive the field) and ``expected_grade`` of that level
         ``= genant_grade(loss)`` (Genant 1993: < 20 % 0, 20-25 % 1, 25-40 %
@@ -689,7 +689,7 @@ def deform(variant: Variant, anatomy: Anatomy, level: str, kind: str, loss: floa
     grades = {**variant.truth["expected_grade"], level: genant_grade(loss)}
     return replace(moved, truth=_truth(variant, deformity={"level": level, "kind": kind, "loss": loss,
                                                            "shortening_mm": round(shortening, 2),
-                                                           "predicted": _shortened(anatomy.heights[level], fractions,
+                                                           "sized_for": _shortened(anatomy.heights[level], fractions,
                                                                                    shortening)},
                                        expected_grade=grades))
 
