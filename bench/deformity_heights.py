@@ -27,8 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import beyond, robustness  # noqa: E402
 from bench.segmentation import grade_label_map, reference_bodies  # noqa: E402
 from bench.variants import BodyHeights  # noqa: E402
-from osteonode.measure.genant import GenantMeasurement, grade_levels, height_loss  # noqa: E402
+from osteonode.measure.genant import GenantMeasurement, grade_levels  # noqa: E402
 from osteonode.segment.backends import builtin  # noqa: E402
+
+
+def _heights(anterior: float, middle: float, posterior: float, reference: float | None) -> str:
+    return (f"(Ha {anterior:.1f}, Hm {middle:.1f}, Hp {posterior:.1f}, "
+            f"ref {'-' if reference is None else f'{reference:.1f}'} mm)")
 
 
 def _line(m: GenantMeasurement | None) -> str:
@@ -38,15 +43,12 @@ def _line(m: GenantMeasurement | None) -> str:
     ref = r.get("posterior_reference")
     return (f"A/P {r['anterior_posterior']:.3f}  M/P {r['middle_posterior']:.3f}  "
             f"P/R {'-' if ref is None else f'{ref:.3f}'}  loss {m.height_loss:.3f}  grade {m.genant_grade}  "
-            f"(Ha {m.height_anterior_mm:.1f}, Hm {m.height_middle_mm:.1f}, Hp {m.height_posterior_mm:.1f}, "
-            f"ref {'-' if m.reference_posterior_mm is None else f'{m.reference_posterior_mm:.1f}'} mm)")
+            + _heights(m.height_anterior_mm, m.height_middle_mm, m.height_posterior_mm, m.reference_posterior_mm))
 
 
 def _sized(heights: BodyHeights) -> str:
-    ref = heights.reference_posterior_mm
-    return (f"loss {height_loss(heights.anterior_mm, heights.middle_mm, heights.posterior_mm, ref):.3f}  "
-            f"(Ha {heights.anterior_mm:.1f}, Hm {heights.middle_mm:.1f}, Hp {heights.posterior_mm:.1f}, "
-            f"ref {'-' if ref is None else f'{ref:.1f}'} mm)")
+    return (f"loss {heights.loss():.3f}  "
+            + _heights(heights.anterior_mm, heights.middle_mm, heights.posterior_mm, heights.reference_posterior_mm))
 
 
 def main(argv: list[str] | None = None) -> int:

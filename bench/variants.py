@@ -134,6 +134,10 @@ class BodyHeights:
     posterior_mm: float
     reference_posterior_mm: float | None
 
+    def loss(self) -> float:
+        """Genant's height loss of these heights (:func:`osteonode.measure.genant.height_loss`), 0..1."""
+        return height_loss(self.anterior_mm, self.middle_mm, self.posterior_mm, self.reference_posterior_mm)
+
     @classmethod
     def measured(cls, measurements: dict[str, GenantMeasurement]) -> dict[str, BodyHeights]:
         """The heights of every measured level of :func:`osteonode.measure.genant.grade_levels`'s result
@@ -484,8 +488,7 @@ def _shortening(anatomy: Anatomy, level: str, loss: float, limit: float, fractio
     reached.
     """
     def after(shortening: float) -> float:
-        m = _shortened(anatomy.heights[level], fractions, shortening)
-        return height_loss(m.anterior_mm, m.middle_mm, m.posterior_mm, m.reference_posterior_mm)
+        return _shortened(anatomy.heights[level], fractions, shortening).loss()
 
     if after(0.0) >= loss:
         return 0.0

@@ -88,8 +88,7 @@ def test_deformity_is_measured(phantom, kind, loss):
     # within 2 mm (1.3-1.6 mm off for the 30 % and 45 % wedges and the 45 % biconcave: the window fractions
     # are taken on the unmodified body, whose margins the deformity moves); the loss itself within 0.05, above
     sized, body = variant.truth["deformity"]["sized_for"], measured["L2"]
-    assert height_loss(sized.anterior_mm, sized.middle_mm, sized.posterior_mm,
-                       sized.reference_posterior_mm) == pytest.approx(loss, abs=1e-6)
+    assert sized.loss() == pytest.approx(loss, abs=1e-6)
     assert [body.height_anterior_mm, body.height_middle_mm, body.height_posterior_mm] == \
         pytest.approx([sized.anterior_mm, sized.middle_mm, sized.posterior_mm], abs=2.0)
 
