@@ -12,6 +12,8 @@ import SimpleITK as sitk
 from osteonode.ctseries import read_image, write_ct_series
 
 EXAMPLE_CT = Path(__file__).resolve().parents[1].parent / "shared/data/ct/totalseg-example-abdomen/example_ct.nii.gz"
+#: The 1.5 mm thoracic CTA with its reference T12 mask (``ct_cropped.nii.gz``, ``ref_vertebrae_T12.nii.gz``).
+THORACIC_CTA = EXAMPLE_CT.parents[1] / "totalseg-thoracic-cta-crop"
 GRID = (512, 512, 300)  # x, y, z
 
 

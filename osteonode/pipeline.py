@@ -297,10 +297,12 @@ def _analyze_series(files: Sequence[Path], settings: AnalysisSettings, segmentat
         with _timed(timings, "calibrate"):
             tissues = measure_reference_tissues(series.volume, segmentation)
             contrast = detect_contrast(series.volume, segmentation, tissues)
-            calibration = calibrate(series.volume, segmentation, contrast, kvp=_kvp(headers), tissues=tissues)
+            calibration = calibrate(series.volume, segmentation, contrast, kvp=_header_value(headers, "KVP"),
+                                    tissues=tissues)
             levels = apply_calibration(levels, calibration, contrast)
         with _timed(timings, "genant"):
-            levels = apply_genant(levels, grade_levels(series.volume, segmentation))
+            levels = apply_genant(levels, grade_levels(series.volume, segmentation,
+                                                       _header_value(headers, "SliceThickness")))
             if any(level.fracture_suspected for level in levels.values()):
                 from osteonode.measure.radiomics import add_fracture_texture
                 levels = add_fracture_texture(levels, series.volume, segmentation, settings.radiomics_processes)
@@ -404,10 +406,13 @@ def _write_follow_up(analysis: _Analysis, out_dir: Path, settings: AnalysisSetti
     return written
 
 
-def _kvp(headers: Sequence[pydicom.Dataset]) -> float | None:
-    """Peak kilovoltage (0018,0060) of the series, if recorded."""
-    value = headers[0].get("KVP")
-    return float(value) if value not in (None, "") else None
+def _header_value(headers: Sequence[pydicom.Dataset], keyword: str) -> float | None:
+    """A numeric attribute of the series' first header (e.g. KVP (0018,0060), Slice Thickness (0018,0050));
+    None when it is absent, empty or not one number."""
+    try:
+        return float(headers[0].get(keyword))
+    except (TypeError, ValueError):
+        return None
 
 
 @contextmanager

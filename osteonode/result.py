@@ -17,8 +17,8 @@ from osteonode.config import ContrastPhaseName
 
 BoneCategory = Literal["normal", "osteopenia", "osteoporosis", "indeterminate"]
 
-QualityFlag = Literal["cut_by_field_of_view", "heights_implausible", "genant_borderline", "heterogeneous",
-                      "mean_median_discordant", "focal_lesion_excluded", "excluded_over_limit"]
+QualityFlag = Literal["cut_by_field_of_view", "heights_implausible", "slices_too_thick", "genant_borderline",
+                      "heterogeneous", "mean_median_discordant", "focal_lesion_excluded", "excluded_over_limit"]
 
 class LevelResult(BaseModel):
     """Measurements of one vertebral level (trabecular ROI of the body)."""
@@ -186,7 +186,7 @@ class AnalysisResult(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: int = 4
+    schema_version: int = 5
     osteonode_version: str = __version__
     status: Literal["ok", "not_evaluable", "failed"]
     reason: str | None = None

@@ -16,7 +16,13 @@ from pydicom.valuerep import PersonName
 import dicom_templates
 from osteonode import __version__
 from osteonode.anatomy import VERTEBRA_IDS
-from osteonode.measure.genant import BORDERLINE_LOSS, GRADE_LIMITS, MAX_MIDDLE_EXCESS, MAX_POSTERIOR_EXCESS
+from osteonode.measure.genant import (
+    BORDERLINE_LOSS,
+    GRADE_LIMITS,
+    MAX_MIDDLE_EXCESS,
+    MAX_POSTERIOR_EXCESS,
+    MAX_SLICE_MM,
+)
 from osteonode.measure.hu import DISCORDANT_HU, HETEROGENEOUS_SD_HU, MAX_EXCLUDED_FRACTION
 from osteonode.result import AnalysisResult, LevelResult, QualityFlag
 
@@ -31,6 +37,8 @@ QUALITY_FLAG_TEXT: dict[QualityFlag, str] = {
                             f"neighbouring levels', or middle height over {100 * MAX_MIDDLE_EXCESS:g} % above both "
                             "the anterior and the posterior height: an endplate edge not found on the vertebra): "
                             "heights not reported, not graded"),
+    "slices_too_thick": (f"slices thicker than {MAX_SLICE_MM:g} mm: heights not measured, not graded (an endplate's "
+                         "edge moves by up to a slice with the slice position)"),
     "genant_borderline": (f"height loss within {100 * BORDERLINE_LOSS:g} points of a Genant grade limit "
                           f"({', '.join(f'{100 * limit:g}' for limit in GRADE_LIMITS)} %): "
                           "the grade may be one higher or lower"),
@@ -44,7 +52,7 @@ QUALITY_FLAG_TEXT: dict[QualityFlag, str] = {
 #: Genant et al. 1993 semi-quantitative grades.
 GENANT_GRADES = {0: "normal", 1: "mild", 2: "moderate", 3: "severe"}
 #: Quality flags about the vertebral body as a whole (its heights); the others concern the trabecular ROI.
-BODY_FLAGS = frozenset({"cut_by_field_of_view", "heights_implausible", "genant_borderline"})
+BODY_FLAGS = frozenset({"cut_by_field_of_view", "heights_implausible", "slices_too_thick", "genant_borderline"})
 #: Said of a level whose ``used_for_bone_status`` is False (unless a flag's words already say it).
 NOT_USED = "not used for the bone status"
 #: Marks after a level name in the tables: not used for the bone status / other notes (listed below the table).

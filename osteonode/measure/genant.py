@@ -78,6 +78,21 @@ for its neighbours, and :func:`apply_genant` sets its ``cut_by_field_of_view``
 and adds the quality flag ``"cut_by_field_of_view"``
 (:data:`osteonode.dicom_out.summary.QUALITY_FLAG_TEXT`).
 
+Slices too thick
+----------------
+On slices thicker than :data:`MAX_SLICE_MM` (3 mm) no heights are measured
+and no level is graded: an endplate thinner than the slice is averaged into
+whichever slice holds it, and its edge moves by up to a slice with the slice
+position. T12 of a 1.5 mm CTA, its slices averaged by threes (4.5 mm) at the
+three phases, read height losses of 0.000, 0.150 and 0.176, and by fours
+(6 mm) 0.000 and 0.500, graded 3; by twos (3 mm) 0.111 at both phases
+(``bench/edge_phase.py``). The benches of issue 10 measure 3 mm slices.
+The thickness is the larger of the slice spacing and the nominal Slice
+Thickness (0018,0050) when given (an overlapping reconstruction's slices
+are thicker than their spacing). Every level gets the reason
+:data:`THICK_SLICE_REASON` and, from :func:`apply_genant`, the quality flag
+``"slices_too_thick"``; the trabecular HU is measured as on any slices.
+
 Implausible heights
 -------------------
 A fracture lowers a body; it does not make it taller than its neighbours. A
@@ -176,6 +191,12 @@ PLATEAU_FRACTION = 0.95
 MIN_EDGE_DROP_HU = 30.0
 #: ... and this many when followed beyond the label map (a dark body's endplate, dimmed by its marrow).
 CLIMB_DROP_HU = 20.0
+#: Heights are measured, and levels graded, on slices no thicker than this (mm; module docstring, "Slices too
+#: thick").
+MAX_SLICE_MM = 3.0
+#: Reason of every level on slices thicker than :data:`MAX_SLICE_MM`.
+THICK_SLICE_REASON = (f"not measured: slices thicker than {MAX_SLICE_MM:g} mm (an endplate's edge moves by up to a "
+                      "slice with the slice position)")
 #: Levels graded (Genant et al. 1993 grade T4-L4; L5 is measured only).
 GRADED_LEVELS = ("T12", "L1", "L2", "L3", "L4")
 #: A body closer than this (mm) to the edge of the volume may be cut by the field of view.
@@ -235,6 +256,8 @@ class GenantMeasurement:
         The posterior height exceeds the neighbours' by more than :data:`MAX_POSTERIOR_EXCESS`, or the middle
         height both margins' by more than :data:`MAX_MIDDLE_EXCESS`, and the grade would rest on it: no heights
         are reported (module docstring, "Implausible heights").
+    slices_too_thick : bool
+        The slices are thicker than :data:`MAX_SLICE_MM`: not measured (module docstring, "Slices too thick").
     """
 
     height_anterior_mm: float | None
@@ -248,15 +271,16 @@ class GenantMeasurement:
     reason: str | None = None
     cut_by_field_of_view: bool = False
     heights_implausible: bool = False
+    slices_too_thick: bool = False
 
     @classmethod
-    def without_heights(cls, reason: str, *, cut_by_field_of_view: bool = False, heights_implausible: bool = False
-                        ) -> GenantMeasurement:
+    def without_heights(cls, reason: str, *, cut_by_field_of_view: bool = False, heights_implausible: bool = False,
+                        slices_too_thick: bool = False) -> GenantMeasurement:
         """A level reported without heights, ratios or grade, and ``reason``."""
         return cls(height_anterior_mm=None, height_middle_mm=None, height_posterior_mm=None,
                    reference_posterior_mm=None, height_ratios={}, height_loss=None, genant_grade=None,
                    fracture_suspected=None, reason=reason, cut_by_field_of_view=cut_by_field_of_view,
-                   heights_implausible=heights_implausible)
+                   heights_implausible=heights_implausible, slices_too_thick=slices_too_thick)
 
 
 def near_grade_limit(height_loss: float) -> bool:
@@ -309,7 +333,14 @@ def endplate_edge(profile: np.ndarray, start: int, limit: int | None = None) -> 
     across 3 mm slices is linear between the slice centres, so its steepest
     fall spans a whole interval, and taking its first sample would move the
     edge by up to a slice with the position of the slices), else refined
-    between samples by a parabola. The steepest fall
+    between samples by a parabola. The centre of that run is itself a slice
+    midpoint, so the edge still moves in steps of a slice with the slice
+    position: on T12 of a 1.5 mm CTA averaged to 3 mm at two phases 1.5 mm
+    apart, the middle height read 27.0 and 24.0 mm (the height loss 0.111 at
+    both, as both margins moved alike; ``bench/edge_phase.py``, whose model
+    finds the edge's offset varying by a whole slice). The edge half-way down
+    the fall on a cubic B-spline profile moved about half as much, but graded
+    more undeformed dark levels (``bench/README.md``, session 32). The steepest fall
     marks a blurred step where it is, whatever the blur of the scanner, the
     density of the trabecular bone (the endplate stays brighter than the disc
     in osteoporosis and in a sclerotic body alike) or the thinness of the
@@ -639,7 +670,8 @@ def reference_posterior(vid: int, posterior: dict[int, float], deformed: set[int
     return float(np.mean(found)) if found else None
 
 
-def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, GenantMeasurement]:
+def grade_levels(volume: Volume, segmentation: SpineSegmentation, slice_thickness_mm: float | None = None
+                 ) -> dict[str, GenantMeasurement]:
     """Measure body heights and grade every reported level (T12-L5) by Genant's method.
 
     Parameters
@@ -649,6 +681,10 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
     segmentation : SpineSegmentation
         ``bodies`` ``(z, y, x)`` label map, VerSe IDs, on the volume's grid;
         ``cut_by_field_of_view``: VerSe IDs of bodies cut by the edge of the scan.
+    slice_thickness_mm : float or None
+        Nominal Slice Thickness (0018,0050), mm, when known; the slices are
+        taken as thick as the larger of it and the spacing of the volume's
+        axis 0.
 
     Returns
     -------
@@ -657,7 +693,10 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
         missing or too small to sample are absent. A body within
         :data:`EDGE_MARGIN_MM` of the edge of the volume or in
         ``segmentation.cut_by_field_of_view`` has a measurement without heights
-        (``cut_by_field_of_view=True``, reason :data:`CUT_REASON`).
+        (``cut_by_field_of_view=True``, reason :data:`CUT_REASON`). On slices
+        thicker than :data:`MAX_SLICE_MM` every level present has a
+        measurement without heights (``slices_too_thick=True``, reason
+        :data:`THICK_SLICE_REASON`).
 
     Raises
     ------
@@ -667,6 +706,11 @@ def grade_levels(volume: Volume, segmentation: SpineSegmentation) -> dict[str, G
     bodies = segmentation.bodies
     volume.require_grid(bodies, "body label map")
     centres = body_centres_mm(volume, bodies)
+    thickness = max(volume.spacing[0], slice_thickness_mm or 0.0)
+    if thickness > MAX_SLICE_MM + 1e-3:
+        log.info("slices of %.2f mm: heights not measured, no level graded", thickness)
+        return {name: GenantMeasurement.without_heights(THICK_SLICE_REASON, slices_too_thick=True)
+                for name in REPORTED_LEVELS if VERTEBRA_IDS[name] in centres}
     raw: dict[int, tuple[dict[str, float], str | None]] = {}
     margin = [1 + int(np.ceil(EDGE_MARGIN_MM / sp)) for sp in volume.spacing]  # edge voxel + 3 mm
     cut: list[int] = []
@@ -745,7 +789,8 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
         level whose body is cut by the field of view gets no heights, ratios,
         grade or fracture flag, ``cut_by_field_of_view=True`` and the quality
         flag ``"cut_by_field_of_view"`` (added once); one with implausible
-        heights the same without heights and with ``"heights_implausible"``. A graded level whose height
+        heights the same without heights and with ``"heights_implausible"``;
+        one on slices too thick likewise with ``"slices_too_thick"``. A graded level whose height
         loss is near a grade limit (:func:`near_grade_limit`) gets the quality
         flag ``"genant_borderline"`` (added once).
     """
@@ -764,6 +809,8 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
             flags = flags if "cut_by_field_of_view" in flags else ["cut_by_field_of_view", *flags]
         elif m.heights_implausible:
             flags = flags if "heights_implausible" in flags else ["heights_implausible", *flags]
+        elif m.slices_too_thick:
+            flags = flags if "slices_too_thick" in flags else ["slices_too_thick", *flags]
         elif (m.genant_grade is not None and m.height_loss is not None and near_grade_limit(m.height_loss)
               and "genant_borderline" not in flags):
             flags.append("genant_borderline")

@@ -164,6 +164,26 @@ def test_pdf_report_is_reproducible(case):
     assert pdf_document(first) == pdf_document(second)
 
 
+def test_slices_thicker_than_3_mm_get_no_heights_and_say_why(abdomen_series, tmp_path):
+    """The real CT with a nominal Slice Thickness of 5 mm (its spacing stays 3 mm): the trabecular HU is
+    measured, no level gets heights or a Genant grade, and the SR says why for every level."""
+    thick = []
+    for n, path in enumerate(abdomen_series):
+        ds = pydicom.dcmread(path)
+        ds.SliceThickness = "5"
+        thick.append(tmp_path / "in" / f"{n}.dcm")
+        thick[-1].parent.mkdir(exist_ok=True)
+        ds.save_as(thick[-1])
+    result = analyze_files(thick, tmp_path / "out")
+    assert result.status == "ok"
+    for level in result.levels.values():
+        assert level.trabecular_hu_mean > 0 and level.genant_grade is None and level.height_anterior_mm is None
+        assert "slices_too_thick" in level.quality_flags
+    proc = subprocess.run([require_tool(DSRDUMP), "+Pt", str(tmp_path / "out" / "sr.dcm")], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0 and "slices thicker than 3 mm" in proc.stdout, proc.stderr
+
+
 def test_pdf_report_rejects_a_result_of_another_series(case):
     other = make_result(case.series).model_copy(update={"series_instance_uid": "1.2.3"})
     with pytest.raises(ValueError, match="does not belong"):

@@ -20,7 +20,9 @@ from osteonode.dicom_out.summary import QUALITY_FLAG_TEXT, level_notes
 from osteonode.measure.genant import (
     IMPLAUSIBLE_MIDDLE_REASON,
     IMPLAUSIBLE_POSTERIOR_REASON,
+    MAX_SLICE_MM,
     PLANE_OFFSETS_MM,
+    THICK_SLICE_REASON,
     WINDOWS,
     GenantMeasurement,
     apply_genant,
@@ -429,6 +431,28 @@ def test_apply_genant_fills_level_results():
     assert levels["L2"].genant_grade == 3 and levels["L2"].fracture_suspected is True
     assert levels["L2"].height_ratios["anterior_posterior"] < 0.6
     assert levels["L1"].genant_grade == 0 and levels["L1"].height_posterior_mm == pytest.approx(HEIGHT, abs=0.6)
+
+
+def test_thick_slices_are_not_measured():
+    """On slices thicker than MAX_SLICE_MM (the spacing of axis 0, or the nominal Slice Thickness when larger)
+    no level gets heights or a grade, and the level results say why."""
+    volume, seg = _spine(_wedge(0.45))
+    assert grade_levels(volume, seg, slice_thickness_mm=MAX_SLICE_MM)["L2"].genant_grade == 3
+    nominal = grade_levels(volume, seg, slice_thickness_mm=4.0)
+    affine = volume.affine.copy()
+    affine[:3, 0] *= 8  # every 8th sample of axis 0: 4 mm apart
+    spaced = grade_levels(Volume(hu=volume.hu[::8], affine=affine),
+                          SpineSegmentation(bodies=seg.bodies[::8], trabecular=seg.trabecular[::8]))
+    for measured in (nominal, spaced):
+        assert tuple(measured) == NAMES
+        for m in measured.values():
+            assert m.slices_too_thick and m.reason == THICK_SLICE_REASON
+            assert m.genant_grade is None and m.height_anterior_mm is None and not m.height_ratios
+    seg.trabecular[seg.bodies > 0] = seg.bodies[seg.bodies > 0]
+    levels = apply_genant(measure_levels(volume, seg), nominal)
+    assert levels["L2"].genant_grade is None and levels["L2"].fracture_suspected is None
+    assert levels["L2"].quality_flags[0] == "slices_too_thick"
+    assert level_notes(levels["L2"], "body") == [QUALITY_FLAG_TEXT["slices_too_thick"]]
 
 
 @pytest.mark.integration
