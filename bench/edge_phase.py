@@ -28,11 +28,11 @@ Then the same on real CT without resampling: T12 of the 1.5 mm thoracic CTA
 of ``../shared/data/ct/totalseg-thoracic-cta-crop`` (its reference mask of
 the whole vertebra, cut in front of the spinal canal where the arch encloses
 it), measured by :func:`osteonode.measure.genant.grade_levels` at 1.5 mm and
-on the two 3 mm series made by averaging pairs of its slices (slices 0+1,
-2+3, ... and 1+2, 3+4, ...: a 3 mm box, the two phases 1.5 mm apart; the
-label map likewise, a voxel of the body where either slice is, on the pair
-that starts at the phase's first slice). The heights of the two phases
-differ only by where the slices lie.
+on the series made by averaging every 2, 3 or 4 of its slices (3, 4.5 and
+6 mm boxes) from each possible first slice (the phases, 1.5 mm apart; the
+label map likewise, a voxel of the body where at least half of the group's
+slices hold it). It prints the heights, the height loss and the Genant
+grade: those of one thickness differ only by where the slices lie.
 
 Usage: python bench/edge_phase.py [--thickness 1,2,3,5] [--marrow -20,40,120,320] [--sigma-mm 0.6]
 """
