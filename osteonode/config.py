@@ -237,7 +237,7 @@ class SelectionSettings(_Strict):
         description="largest angle between the slice normal and the patient's feet-head axis, degrees "
                     "(PS3.3 C.7.6.2 Image Orientation (Patient))")
     max_slice_thickness_mm: float = Field(
-        default=5.0, gt=0.0, description="Slice Thickness (0018,0050) limit, mm (over 3 mm no vertebral heights "
+        default=5.0, gt=0.0, description="Slice Thickness (0018,0050) limit, mm (over 3.5 mm no vertebral heights "
                                          "and no Genant grades: osteonode.measure.genant.MAX_SLICE_MM)")
     max_gantry_tilt_deg: float = Field(default=0.5, ge=0.0, description="Gantry/Detector Tilt (0018,1120) limit")
     min_slices: int = Field(default=8, ge=1, description="fewer slices cannot hold the lumbar vertebrae")
