@@ -164,7 +164,7 @@ from scipy import ndimage as ndi
 
 from osteonode.anatomy import REPORTED_LEVELS, VERTEBRA_IDS, VERTEBRA_NAMES
 from osteonode.measure.tissues import body_centres_mm
-from osteonode.result import LevelResult
+from osteonode.result import LevelResult, QualityFlag
 from osteonode.segment import SpineSegmentation
 from osteonode.segment.column import FOCAL_DENSE_HU
 from osteonode.volume import Volume
@@ -811,11 +811,12 @@ def apply_genant(levels: dict[str, LevelResult], measurements: dict[str, GenantM
         flags = list(level.quality_flags)
         if m.cut_by_field_of_view:
             update["cut_by_field_of_view"] = True
-            flags = flags if "cut_by_field_of_view" in flags else ["cut_by_field_of_view", *flags]
-        elif m.heights_implausible:
-            flags = flags if "heights_implausible" in flags else ["heights_implausible", *flags]
-        elif m.slices_too_thick:
-            flags = flags if "slices_too_thick" in flags else ["slices_too_thick", *flags]
+        # why the body has no heights (the three are exclusive), first among the flags
+        unmeasured: QualityFlag | None = ("cut_by_field_of_view" if m.cut_by_field_of_view
+                                          else "heights_implausible" if m.heights_implausible
+                                          else "slices_too_thick" if m.slices_too_thick else None)
+        if unmeasured is not None:
+            flags = flags if unmeasured in flags else [unmeasured, *flags]
         elif (m.genant_grade is not None and m.height_loss is not None and near_grade_limit(m.height_loss)
               and "genant_borderline" not in flags):
             flags.append("genant_borderline")
