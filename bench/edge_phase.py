@@ -32,7 +32,9 @@ on the series made by averaging every 2, 3 or 4 of its slices (3, 4.5 and
 6 mm boxes) from each possible first slice (the phases, 1.5 mm apart; the
 label map likewise, a voxel of the body where at least half of the group's
 slices hold it). It prints the heights, the height loss and the Genant
-grade: those of one thickness differ only by where the slices lie.
+grade: those of one thickness differ only by where the slices lie. They are
+measured with :data:`osteonode.measure.genant.MAX_SLICE_MM` lifted: series
+over 3.5 mm are what that limit keeps from being graded, and this shows why.
 
 Usage: python bench/edge_phase.py [--thickness 1,2,3,5] [--marrow -20,40,120,320] [--sigma-mm 0.6]
 """
@@ -40,9 +42,11 @@ Usage: python bench/edge_phase.py [--thickness 1,2,3,5] [--marrow -20,40,120,320
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import SimpleITK as sitk
@@ -52,6 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import THORACIC_CTA  # noqa: E402
 from bench.segmentation import grade_label_map  # noqa: E402
 from osteonode.anatomy import VERTEBRA_IDS  # noqa: E402
+from osteonode.measure import genant  # noqa: E402
 from osteonode.measure.genant import STEP_MM, GenantMeasurement, endplate_edge  # noqa: E402
 from osteonode.volume import Volume  # noqa: E402
 
@@ -126,11 +131,12 @@ def real_phases(groups: tuple[int, ...] = (1, 2, 3, 4)) -> list[tuple[str, Genan
     hu = sitk.GetArrayFromImage(image)
     body = t12_body(sitk.GetArrayFromImage(sitk.ReadImage(str(THORACIC_CTA / "ref_vertebrae_T12.nii.gz"))) > 0)
     out = []
-    for group in groups:
-        for first in range(group):
-            volume, mask = slabs(image, hu, body, group, first)
-            measured = grade_label_map(volume, np.where(mask, VERTEBRA_IDS["T12"], 0).astype(np.uint8))["T12"]
-            out.append((f"{group * image.GetSpacing()[2]:g} mm, phase {first}", measured))
+    with mock.patch.object(genant, "MAX_SLICE_MM", math.inf):  # the thick series are measured (docstring)
+        for group in groups:
+            for first in range(group):
+                volume, mask = slabs(image, hu, body, group, first)
+                measured = grade_label_map(volume, np.where(mask, VERTEBRA_IDS["T12"], 0).astype(np.uint8))["T12"]
+                out.append((f"{group * image.GetSpacing()[2]:g} mm, phase {first}", measured))
     return out
 
 
