@@ -136,12 +136,12 @@ def test_label_map_lacking_a_corner_on_two_planes_is_outvoted():
     assert m.genant_grade == 0
 
 
-#: Tolerance (mm) of a height measured on the image: the steepest fall of a thin (1.5 mm) endplate
-#: blurred by 1 mm lies up to about half a millimetre outside its true edge, on both endplates.
-EDGE_MM = 1.0
-#: The label map holds both ends of each body (|sup - centre| <= height / 2 on a 0.5 mm grid): its
-#: bodies, and the endplates drawn from them, are one sample taller than the nominal height.
-SAMPLE_MM = 0.5
+#: Tolerance (mm) of a height measured on the image. The label map's voxel centres lie a quarter sample
+#: off each body's centre (the array's centre falls between two samples), so its bodies, and the
+#: endplates drawn from them, are the nominal height. The steepest fall of a thin (1.5 mm) endplate
+#: blurred by 1 mm lies up to about 0.55 mm outside its true edge (over fatty marrow), on both endplates:
+#: heights up to 1.1 mm tall.
+EDGE_MM = 1.2
 
 
 def _with_image(volume, seg, core_hu, focus=False, mask_change=0):
@@ -179,13 +179,13 @@ def test_heights_follow_the_endplates_on_the_image(core_hu, mask_change):
     result = grade_levels(volume, seg)
     h = _wedge(0.65)
     l2 = result["L2"]
-    assert l2.height_posterior_mm == pytest.approx(h(-0.8 * RADIUS, 0.0) + SAMPLE_MM, abs=EDGE_MM)
-    assert l2.height_anterior_mm == pytest.approx(h(0.8 * RADIUS, 0.0) + SAMPLE_MM, abs=EDGE_MM)
+    assert l2.height_posterior_mm == pytest.approx(h(-0.8 * RADIUS, 0.0), abs=EDGE_MM)
+    assert l2.height_anterior_mm == pytest.approx(h(0.8 * RADIUS, 0.0), abs=EDGE_MM)
     assert l2.height_ratios["anterior_posterior"] == pytest.approx(h(0.8 * RADIUS, 0.0) / h(-0.8 * RADIUS, 0.0),
                                                                    abs=0.03)
     assert l2.genant_grade == 2
     for name in ("T12", "L1", "L3", "L4"):
-        assert result[name].height_middle_mm == pytest.approx(HEIGHT + SAMPLE_MM, abs=EDGE_MM)
+        assert result[name].height_middle_mm == pytest.approx(HEIGHT, abs=EDGE_MM)
         assert result[name].genant_grade == 0
 
 
@@ -197,17 +197,17 @@ def test_dark_body_label_map_short_of_its_endplates(core_hu):
     volume, seg = _with_image(*_spine(), core_hu, mask_change=-12)
     result = grade_levels(volume, seg)
     for name in ("L1", "L2", "L3"):  # a body on either side
-        assert result[name].height_middle_mm == pytest.approx(HEIGHT + SAMPLE_MM, abs=EDGE_MM)
-        assert result[name].height_anterior_mm == pytest.approx(HEIGHT + SAMPLE_MM, abs=EDGE_MM)
+        assert result[name].height_middle_mm == pytest.approx(HEIGHT, abs=EDGE_MM)
+        assert result[name].height_anterior_mm == pytest.approx(HEIGHT, abs=EDGE_MM)
         assert result[name].genant_grade == 0
     # no body beyond the top of T12 and the bottom of L4: there the label map's boundary stays (6 mm short)
-    assert result["T12"].height_middle_mm == pytest.approx(HEIGHT + SAMPLE_MM - 6.0, abs=EDGE_MM)
+    assert result["T12"].height_middle_mm == pytest.approx(HEIGHT - 6.0, abs=EDGE_MM)
 
 
 def test_bone_island_below_an_endplate_is_not_taken_for_it():
     volume, seg = _with_image(*_spine(), 60.0, focus=True, mask_change=-3)
     l2 = grade_levels(volume, seg)["L2"]
-    assert l2.height_middle_mm == pytest.approx(HEIGHT + SAMPLE_MM, abs=EDGE_MM)
+    assert l2.height_middle_mm == pytest.approx(HEIGHT, abs=EDGE_MM)
     assert l2.genant_grade == 0
 
 
